@@ -1,0 +1,53 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "swift-nbd",
+    platforms: [.macOS(.v13)],
+    products: [
+        .library(name: "NBD", targets: ["NBD"]),
+        .executable(name: "nbd-example", targets: ["nbd-example"]),
+        .executable(name: "nbd-bench", targets: ["nbd-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // Sans-IO protocol core: wire types and state machines, no sockets.
+        .target(
+            name: "NBDCore",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // The async/await client over SwiftNIO.
+        .target(
+            name: "NBD",
+            dependencies: [
+                "NBDCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(name: "nbd-example", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
+        .executableTarget(name: "nbd-bench", dependencies: ["NBD"]),
+        .testTarget(
+            name: "NBDCoreTests",
+            dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
+            name: "NBDTests",
+            dependencies: [
+                "NBD",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
+            name: "InteropTests",
+            dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+    ]
+)

@@ -1,0 +1,82 @@
+import NBDCore
+
+/// The answer to `NBD_CMD_BLOCK_STATUS`: for each negotiated metadata context, consecutive
+/// extents starting at the requested offset ("Metadata querying").
+public struct NBDBlockStatus: Hashable, Sendable {
+    /// Where the first extent of every context starts.
+    public var offset: UInt64
+    /// Extents by context name.
+    public var contexts: [String: [NBDExtent]]
+
+    public init(offset: UInt64, contexts: [String: [NBDExtent]]) {
+        self.offset = offset
+        self.contexts = contexts
+    }
+
+    /// The extents of one context, e.g. `status["base:allocation"]`.
+    public subscript(context: String) -> [NBDExtent]? { contexts[context] }
+
+    init(offset: UInt64, descriptors: [UInt32: [BlockDescriptor]], metaContexts: [NBDMetaContext]) {
+        var contexts: [String: [NBDExtent]] = [:]
+        for context in metaContexts {
+            guard let list = descriptors[context.id] else { continue }
+            var position = offset
+            contexts[context.name] = list.map { descriptor in
+                defer { position += UInt64(descriptor.length) }
+                return NBDExtent(offset: position, length: UInt64(descriptor.length), flags: descriptor.flags, context: context.name)
+            }
+        }
+        self.init(offset: offset, contexts: contexts)
+    }
+}
+
+/// One extent of a metadata context, its flags decoded by what the context means.
+public struct NBDExtent: Hashable, Sendable {
+    public var offset: UInt64
+    public var length: UInt64
+    /// The raw status flags.
+    public var flags: UInt32
+    /// The flags decoded according to the context they came from.
+    public var status: Status
+
+    public init(offset: UInt64, length: UInt64, flags: UInt32, context: String) {
+        self.offset = offset
+        self.length = length
+        self.flags = flags
+        self.status = Status(flags: flags, context: context)
+    }
+
+    /// What an extent's flags mean in the contexts this library knows.
+    public enum Status: Hashable, Sendable {
+        /// `base:allocation`: `NBD_STATE_HOLE` and `NBD_STATE_ZERO`.
+        case allocation(BaseAllocation)
+        /// `qemu:dirty-bitmap:NAME`: bit 0 set means dirty.
+        case dirtyBitmap(dirty: Bool)
+        /// `qemu:allocation-depth`: 0 unallocated, 1 in the top layer, n in the n-th backing layer.
+        case allocationDepth(UInt32)
+        /// Any other context: the raw flags.
+        case other(UInt32)
+
+        init(flags: UInt32, context: String) {
+            if context == NBDMetaContext.baseAllocation {
+                self = .allocation(BaseAllocation(rawValue: flags))
+            } else if context.hasPrefix("qemu:dirty-bitmap:") {
+                self = .dirtyBitmap(dirty: flags & 1 != 0)
+            } else if context == "qemu:allocation-depth" {
+                self = .allocationDepth(flags)
+            } else {
+                self = .other(flags)
+            }
+        }
+    }
+
+    /// The flags of `base:allocation` ("`base:allocation` metadata context").
+    public struct BaseAllocation: OptionSet, Hashable, Sendable {
+        public var rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// `NBD_STATE_HOLE`: not allocated.
+        public static let hole = BaseAllocation(rawValue: 1 << 0)
+        /// `NBD_STATE_ZERO`: reads as zeroes.
+        public static let zero = BaseAllocation(rawValue: 1 << 1)
+    }
+}

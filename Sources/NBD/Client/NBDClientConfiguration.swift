@@ -1,0 +1,28 @@
+import Logging
+import NIOCore
+import NIOPosix
+import NBDCore
+
+/// How a client connects and what it negotiates. The defaults suit most servers.
+public struct NBDClientConfiguration: Sendable {
+    /// Ask for structured replies (`NBD_OPT_STRUCTURED_REPLY`): sparse reads and block status.
+    public var structuredReplies = true
+    /// Metadata contexts the one-call ``NBDExport/connect(to:configuration:)`` selects.
+    public var metaContexts: [String] = [NBDMetaContext.baseAllocation]
+    /// The `NBD_INFO_*` items asked for with INFO and GO. The export item always comes.
+    public var infoRequests: [InfoType] = [.name, .description, .blockSize]
+    /// Requests on the wire at once; more wait their turn (back-pressure).
+    public var maximumRequestsInFlight = 64
+    /// How long to wait for the socket to connect.
+    public var connectTimeout: TimeAmount = .seconds(10)
+    /// How long each negotiation step (greeting, each option's replies) may take.
+    public var negotiationTimeout: TimeAmount = .seconds(30)
+    /// Bounds on what the server may send during negotiation.
+    public var negotiationLimits = NegotiationStateMachine.Limits()
+    /// Where debug and trace messages go; by default nowhere.
+    public var logger = Logger(label: "nbd", factory: { _ in SwiftLogNoOpLogHandler() })
+    /// The event loops that run the connection.
+    public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+
+    public init() {}
+}

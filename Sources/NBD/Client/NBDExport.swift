@@ -1,0 +1,186 @@
+import NIOCore
+import NBDCore
+
+/// An export in the transmission phase: the only type that can read, write and query.
+///
+/// Obtained from ``NBDConnection/go(_:requests:)``, ``NBDConnection/exportName(_:)`` or the
+/// one-call ``connect(to:configuration:)``. `Sendable` and safe to use from many tasks at once:
+/// requests are pipelined with unique cookies, replies matched in any order, and at most
+/// ``NBDClientConfiguration/maximumRequestsInFlight`` are on the wire at a time.
+///
+/// Every request is checked before it is sent (libnbd's "strict mode"): a command or flag the
+/// export did not advertise, a zero length, a range past the end or one not aligned to the
+/// minimum block size fails with ``NBDError`` and nothing is sent. Reads and writes larger than
+/// the maximum payload are split into several requests.
+///
+/// End it with ``disconnect()`` (soft: in-flight requests finish, then `NBD_CMD_DISC`).
+/// An export dropped without it is disconnected softly in the background.
+public final class NBDExport: Sendable {
+    /// The export's name, size, flags and block sizes.
+    public let info: NBDExportInfo
+    /// Whether replies are structured (sparse reads, block status, error messages).
+    public let structuredReplies: Bool
+    /// The metadata contexts usable with ``blockStatus(at:length:flags:)``.
+    public let metaContexts: [NBDMetaContext]
+
+    let channel: Channel
+    let handler: NIOLoopBound<NBDClientChannelHandler>
+    private let validator: RequestValidator
+
+    init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, info: NBDExportInfo, structuredReplies: Bool,
+         metaContexts: [NBDMetaContext], configuration: NBDClientConfiguration) {
+        self.channel = channel
+        self.handler = handler
+        self.info = info
+        self.structuredReplies = structuredReplies
+        self.metaContexts = metaContexts
+        self.validator = RequestValidator(export: info, structuredReplies: structuredReplies, hasMetaContexts: !metaContexts.isEmpty)
+    }
+
+    deinit {
+        let handler = self.handler
+        channel.eventLoop.execute { _ = handler.value.disconnect() }
+    }
+
+    /// The export's size in bytes.
+    public var size: UInt64 { info.size }
+
+    // MARK: Commands
+
+    /// `NBD_CMD_READ`: returns `length` bytes from `offset` in a new buffer.
+    /// Holes in a structured reply read as zeroes. `flags` may hold `.dontFragment`.
+    public func read(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> ByteBuffer {
+        var buffer = channel.allocator.buffer(capacity: length)
+        try await read(into: &buffer, at: offset, length: length, flags: flags)
+        return buffer
+    }
+
+    /// `NBD_CMD_READ` into a buffer the caller owns: `length` bytes from `offset` are appended
+    /// to `buffer`, written in place as they arrive. Reusing one buffer (`clear()` between reads)
+    /// avoids an allocation per read. On failure `buffer` is left as it was.
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, flags: CommandFlags = []) async throws {
+        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
+        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        var taken = ByteBuffer()
+        swap(&taken, &buffer)
+        let destination = ReadDestination(appendingTo: taken, exportOffset: offset, length: length)
+        let requests = pieces(offset: offset, length: UInt64(length), limit: UInt64(info.maximumPayload)).map { piece in
+            PendingRequest(.read, flags: flags, offset: piece.offset, length: piece.length, destination: destination,
+                           promise: channel.eventLoop.makePromise())
+        }
+        do {
+            _ = try await perform(requests)
+            buffer = destination.buffer
+        } catch {
+            buffer = destination.buffer
+            buffer.moveWriterIndex(to: destination.start)
+            throw error
+        }
+    }
+
+    /// `NBD_CMD_WRITE`: writes the readable bytes of `data` at `offset`. `flags` may hold `.fua`.
+    public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
+        try validator.validate(.write, flags: flags, offset: offset, length: UInt64(data.readableBytes))
+        let requests = pieces(offset: offset, length: UInt64(data.readableBytes), limit: UInt64(info.maximumPayload)).map { piece in
+            let slice = data.getSlice(at: data.readerIndex + Int(piece.offset - offset), length: Int(piece.length))!
+            return PendingRequest(.write, flags: flags, offset: piece.offset, length: piece.length, payload: slice,
+                                  promise: channel.eventLoop.makePromise())
+        }
+        _ = try await perform(requests)
+    }
+
+    /// `NBD_CMD_FLUSH`: every write already answered reaches permanent storage.
+    public func flush() async throws {
+        try validator.validate(.flush, flags: [], offset: 0, length: 0)
+        _ = try await perform([PendingRequest(.flush, flags: [], offset: 0, length: 0, promise: channel.eventLoop.makePromise())])
+    }
+
+    /// `NBD_CMD_TRIM`: the range is no longer needed; the server may discard it.
+    public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        try await effect(.trim, offset: offset, length: length, flags: flags)
+    }
+
+    /// `NBD_CMD_CACHE`: the range will be read soon.
+    public func cache(at offset: UInt64, length: UInt64) async throws {
+        try await effect(.cache, offset: offset, length: length, flags: [])
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES`: the range reads as zeroes afterwards. `flags` may hold `.fua`,
+    /// `.noHole` (keep it allocated) and `.fastZero` (fail with `ENOTSUP` unless it is fast).
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        try await effect(.writeZeroes, offset: offset, length: length, flags: flags)
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS`: the status of the range in every negotiated metadata context.
+    /// The server may describe less than asked (or, for the last extent, more); ask again from
+    /// the end of what came back. `flags` may hold `.requestOne`.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
+        try validator.validate(.blockStatus, flags: flags, offset: offset, length: length)
+        let asked = UInt32(min(length, Self.largestEffectLength))
+        let descriptors = try await perform([PendingRequest(.blockStatus, flags: flags, offset: offset, length: asked,
+                                                            promise: channel.eventLoop.makePromise())])
+        return NBDBlockStatus(offset: offset, descriptors: descriptors, metaContexts: metaContexts)
+    }
+
+    // MARK: Ends
+
+    /// Soft disconnect: waits for the requests in flight, sends `NBD_CMD_DISC`, closes.
+    /// Requests made afterwards fail.
+    public func disconnect() async {
+        let handler = self.handler
+        try? await channel.eventLoop.flatSubmit { handler.value.disconnect() }.get()
+    }
+
+    /// Hard disconnect: closes the socket now; requests in flight fail. Prefer ``disconnect()``.
+    public func close() async {
+        try? await channel.close()
+    }
+
+    // MARK: Internals
+
+    /// Largest length of one request without payload: 2^32 less 64 KiB, a multiple of any
+    /// minimum block size.
+    static let largestEffectLength: UInt64 = 0xFFFF_0000
+
+    private func effect(_ type: CommandType, offset: UInt64, length: UInt64, flags: CommandFlags) async throws {
+        try validator.validate(type, flags: flags, offset: offset, length: length)
+        let requests = pieces(offset: offset, length: length, limit: Self.largestEffectLength).map { piece in
+            PendingRequest(type, flags: flags, offset: piece.offset, length: piece.length, promise: channel.eventLoop.makePromise())
+        }
+        _ = try await perform(requests)
+    }
+
+    private func pieces(offset: UInt64, length: UInt64, limit: UInt64) -> [(offset: UInt64, length: UInt32)] {
+        stride(from: UInt64(0), to: length, by: Int(limit)).map { start in
+            (offset + start, UInt32(min(limit, length - start)))
+        }
+    }
+
+    /// Sends the requests and waits for all of them: a failure is thrown only once every piece
+    /// has finished, so no reply still writes into a buffer handed back to the caller.
+    private func perform(_ requests: [PendingRequest]) async throws -> [UInt32: [BlockDescriptor]] {
+        try Task.checkCancellation()
+        let handler = self.handler
+        let loop = channel.eventLoop
+        return try await withTaskCancellationHandler {
+            loop.execute {
+                for request in requests { handler.value.submit(request) }
+            }
+            var firstError: (any Error)?
+            var result: [UInt32: [BlockDescriptor]] = [:]
+            for request in requests {
+                do {
+                    result = try await request.future.get()
+                } catch {
+                    if firstError == nil { firstError = error }
+                }
+            }
+            if let firstError { throw firstError }
+            return result
+        } onCancel: {
+            loop.execute {
+                for request in requests { handler.value.cancel(request) }
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+import NIOCore
+import NIOPosix
+import NBDCore
+
+/// Opens the socket and installs the client handler.
+enum Dialer {
+    static func dial(_ address: NBDAddress, configuration: NBDClientConfiguration) async throws -> (Channel, NIOLoopBound<NBDClientChannelHandler>) {
+        let limits = configuration.negotiationLimits
+        let inFlight = max(1, configuration.maximumRequestsInFlight)
+        let timeout = configuration.negotiationTimeout
+        let logger = configuration.logger
+        let bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
+            .connectTimeout(configuration.connectTimeout)
+            .channelOption(.socketOption(.so_keepalive), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout, logger: logger)
+                    try channel.pipeline.syncOperations.addHandler(handler)
+                }
+            }
+        logger.debug("dialing", metadata: ["address": "\(address)"])
+        let channel: Channel
+        do {
+            switch address {
+            case .tcp(let host, let port):
+                channel = try await bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1).connect(host: host, port: port).get()
+            case .unix(let path):
+                channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
+            case .abstractUnix(let name):
+                channel = try await bootstrap.withConnectedSocket(try AbstractSocket.connect(name)).get()
+            }
+        } catch let error as NBDError {
+            throw error
+        } catch {
+            throw NBDError(.connectionClosed, "cannot connect to \(address)", connectionUsable: false, underlying: error)
+        }
+        let handler = try await channel.eventLoop.submit {
+            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: NBDClientChannelHandler.self), eventLoop: channel.eventLoop)
+        }.get()
+        return (channel, handler)
+    }
+}

@@ -1,0 +1,90 @@
+/// The one error type of the library.
+///
+/// It says what failed (``code`` and ``message``), carries what the server said when it said
+/// anything (``serverErrno`` for a command, ``optionReply`` for an option, ``serverMessage``),
+/// and tells whether the connection can still be used (``connectionUsable``): a server error on
+/// one command fails that command only; a protocol violation or a lost connection fails every
+/// request in flight and closes the connection.
+public struct NBDError: Error, Sendable, CustomStringConvertible {
+    /// What kind of failure this is. Open-ended: new codes can be added without breaking users.
+    public struct Code: Hashable, Sendable, CustomStringConvertible {
+        private let name: String
+        private init(_ name: String) { self.name = name }
+        public var description: String { name }
+
+        /// The server failed a command with an NBD error value (see ``NBDError/serverErrno``).
+        public static let serverError = Code("serverError")
+        /// The server refused an option with an `NBD_REP_ERR_*` reply (see ``NBDError/optionReply``).
+        public static let optionRejected = Code("optionRejected")
+        /// The server broke a MUST of the protocol; the connection was closed.
+        public static let protocolViolation = Code("protocolViolation")
+        /// The connection closed or failed, or was closed by this client.
+        public static let connectionClosed = Code("connectionClosed")
+        /// The server is not a fixed-newstyle NBD server (oldstyle, non-fixed newstyle, not NBD).
+        public static let unsupportedServer = Code("unsupportedServer")
+        /// The server requires TLS, or the caller asked for TLS.
+        public static let tlsRequired = Code("tlsRequired")
+        /// The export does not support what was asked (not advertised in its flags).
+        public static let unsupportedByServer = Code("unsupportedByServer")
+        /// The caller asked for something invalid (range, alignment, flags); nothing was sent.
+        public static let invalidArgument = Code("invalidArgument")
+        /// An NBD URI could not be parsed.
+        public static let invalidURI = Code("invalidURI")
+        /// The server did not answer within the configured time.
+        public static let timedOut = Code("timedOut")
+    }
+
+    /// What kind of failure this is.
+    public var code: Code
+    /// A sentence saying what failed.
+    public var message: String
+    /// The server's error value for a failed command, by POSIX name.
+    public var serverErrno: NBDErrno?
+    /// The server's `NBD_REP_ERR_*` reply for a refused option.
+    public var optionReply: OptionReplyType?
+    /// The text the server sent with its error, if any.
+    public var serverMessage: String?
+    /// True when the connection can still be used after this error.
+    public var connectionUsable: Bool
+    /// The error underneath, for example the socket error.
+    public var underlying: (any Error & Sendable)?
+
+    public init(
+        _ code: Code, _ message: String, serverErrno: NBDErrno? = nil, optionReply: OptionReplyType? = nil,
+        serverMessage: String? = nil, connectionUsable: Bool, underlying: (any Error & Sendable)? = nil
+    ) {
+        self.code = code
+        self.message = message
+        self.serverErrno = serverErrno
+        self.optionReply = optionReply
+        self.serverMessage = serverMessage
+        self.connectionUsable = connectionUsable
+        self.underlying = underlying
+    }
+
+    public var description: String {
+        var text = message
+        if let serverErrno { text += " (\(serverErrno.posixName): \(serverErrno.explanation))" }
+        if let optionReply { text += " (\(optionReply))" }
+        if let serverMessage, !serverMessage.isEmpty { text += ": server says \"\(serverMessage)\"" }
+        if let underlying { text += ": \(underlying)" }
+        return text
+    }
+}
+
+extension NBDError {
+    /// A broken MUST of the protocol: the connection cannot be trusted any more.
+    public static func violation(_ message: String) -> NBDError {
+        NBDError(.protocolViolation, "protocol violation by the server: \(message)", connectionUsable: false)
+    }
+
+    /// A request refused before anything was sent.
+    public static func invalidArgument(_ message: String) -> NBDError {
+        NBDError(.invalidArgument, message, connectionUsable: true)
+    }
+
+    /// A request for something the export did not advertise; nothing was sent.
+    public static func unsupported(_ message: String) -> NBDError {
+        NBDError(.unsupportedByServer, message, connectionUsable: true)
+    }
+}

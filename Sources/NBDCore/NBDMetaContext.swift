@@ -1,0 +1,16 @@
+/// A metadata context, such as `base:allocation` or `qemu:dirty-bitmap:NAME`
+/// ("Metadata querying"), with the id the server gave it.
+public struct NBDMetaContext: Hashable, Sendable {
+    /// The id the server assigned with `NBD_OPT_SET_META_CONTEXT`; 0 (meaningless) in a list.
+    public var id: UInt32
+    /// The full name, namespace and leaf, e.g. `base:allocation`.
+    public var name: String
+
+    public init(id: UInt32, name: String) {
+        self.id = id
+        self.name = name
+    }
+
+    /// The context every server with block status offers.
+    public static let baseAllocation = "base:allocation"
+}

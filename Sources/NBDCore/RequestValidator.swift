@@ -1,0 +1,83 @@
+/// libnbd's "strict mode": the checks a request passes before anything reaches the wire.
+///
+/// The spec puts these duties on the client: "The client MUST NOT use a feature documented as
+/// 'exposed' by a flag unless that flag was set", "Clients MUST NOT set a command flag bit that
+/// is not documented for the particular command", "the client MUST ensure that offset and length
+/// are integer multiples of any advertised minimum block size" and "MUST NOT use a length which,
+/// when added to offset, would exceed the export size".
+public struct RequestValidator: Sendable {
+    public var export: NBDExportInfo
+    public var structuredReplies: Bool
+    public var hasMetaContexts: Bool
+
+    public init(export: NBDExportInfo, structuredReplies: Bool, hasMetaContexts: Bool) {
+        self.export = export
+        self.structuredReplies = structuredReplies
+        self.hasMetaContexts = hasMetaContexts
+    }
+
+    /// Throws an ``NBDError`` with code `invalidArgument` or `unsupportedByServer` when the
+    /// request must not be sent. `length` is the whole range, before any splitting.
+    public func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
+        let allowed: CommandFlags
+        switch command {
+        case .read:
+            allowed = [.dontFragment]
+        case .write:
+            try requireWritable(command)
+            allowed = [.fua]
+        case .flush:
+            try require(.sendFlush, "NBD_FLAG_SEND_FLUSH", for: command)
+            allowed = []
+        case .trim:
+            try require(.sendTrim, "NBD_FLAG_SEND_TRIM", for: command)
+            try requireWritable(command)
+            allowed = [.fua]
+        case .cache:
+            try require(.sendCache, "NBD_FLAG_SEND_CACHE", for: command)
+            allowed = []
+        case .writeZeroes:
+            try require(.sendWriteZeroes, "NBD_FLAG_SEND_WRITE_ZEROES", for: command)
+            try requireWritable(command)
+            allowed = [.fua, .noHole, .fastZero]
+        case .blockStatus:
+            guard structuredReplies, hasMetaContexts else {
+                throw .unsupported("NBD_CMD_BLOCK_STATUS needs structured replies and at least one metadata context selected with NBD_OPT_SET_META_CONTEXT")
+            }
+            allowed = [.requestOne]
+        default:
+            throw .invalidArgument("\(command) cannot be sent as a request here")
+        }
+        let extra = flags.subtracting(allowed)
+        guard extra.isEmpty else {
+            throw .invalidArgument("flags 0x\(String(extra.rawValue, radix: 16)) are not valid for \(command)")
+        }
+        if flags.contains(.fua) { try require(.sendFUA, "NBD_FLAG_SEND_FUA", for: "NBD_CMD_FLAG_FUA") }
+        if flags.contains(.fastZero) { try require(.sendFastZero, "NBD_FLAG_SEND_FAST_ZERO", for: "NBD_CMD_FLAG_FAST_ZERO") }
+        if flags.contains(.dontFragment) {
+            guard structuredReplies else { throw .unsupported("NBD_CMD_FLAG_DF needs structured replies") }
+            try require(.sendDF, "NBD_FLAG_SEND_DF", for: "NBD_CMD_FLAG_DF")
+        }
+        guard command != .flush else {
+            guard offset == 0, length == 0 else { throw .invalidArgument("NBD_CMD_FLUSH takes no offset or length") }
+            return
+        }
+        guard length > 0 else { throw .invalidArgument("\(command) of length 0") }
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= export.size else {
+            throw .invalidArgument("\(command) of \(length) bytes at offset \(offset) runs past the end of the export (\(export.size) bytes)")
+        }
+        let minimum = UInt64(export.blockSizes.minimum)
+        guard offset % minimum == 0, length % minimum == 0 || end == export.size else {
+            throw .invalidArgument("\(command) at offset \(offset) length \(length) is not aligned to the minimum block size \(minimum)")
+        }
+    }
+
+    private func require(_ flag: TransmissionFlags, _ name: String, for what: CustomStringConvertible) throws(NBDError) {
+        guard export.flags.contains(flag) else { throw .unsupported("\(what) is not supported by this export (no \(name))") }
+    }
+
+    private func requireWritable(_ command: CommandType) throws(NBDError) {
+        guard !export.isReadOnly else { throw .unsupported("\(command) on a read-only export") }
+    }
+}

@@ -1,0 +1,31 @@
+/// The byte ranges of a reply covered so far, kept merged and sorted, so that overlapping
+/// chunks are caught ("MUST NOT send content chunks that overlap") and exact coverage checked.
+struct RangeCoverage: Sendable {
+    private var ranges: [Range<UInt64>] = []
+    /// Total bytes covered.
+    private(set) var total: UInt64 = 0
+
+    /// Adds `range`; false (and nothing added) when it overlaps what is covered.
+    mutating func insert(_ range: Range<UInt64>) -> Bool {
+        // First stored range that ends after the new one starts.
+        var low = 0, high = ranges.count
+        while low < high {
+            let mid = (low + high) / 2
+            if ranges[mid].upperBound <= range.lowerBound { low = mid + 1 } else { high = mid }
+        }
+        if low < ranges.count, ranges[low].lowerBound < range.upperBound { return false }
+        var merged = range
+        var removeFrom = low, removeTo = low
+        if low > 0, ranges[low - 1].upperBound == range.lowerBound {
+            merged = ranges[low - 1].lowerBound..<merged.upperBound
+            removeFrom = low - 1
+        }
+        if low < ranges.count, ranges[low].lowerBound == range.upperBound {
+            merged = merged.lowerBound..<ranges[low].upperBound
+            removeTo = low + 1
+        }
+        ranges.replaceSubrange(removeFrom..<removeTo, with: [merged])
+        total += UInt64(range.count)
+        return true
+    }
+}

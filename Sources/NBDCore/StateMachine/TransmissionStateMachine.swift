@@ -1,0 +1,306 @@
+import NIOCore
+
+/// The client side of the transmission phase, without I/O.
+///
+/// It owns the table of requests in flight (cookie → request and a caller `Context`, such as
+/// a promise), hands out cookies, and parses the server's replies. Only the table knows how
+/// many data bytes follow a simple READ reply, so the parser lives here. Every reply is checked
+/// against its request (chunk types, ranges, overlap, exact coverage, metadata context ids);
+/// a breach of a MUST yields ``Action/fatal(_:_:)`` with every pending context, and the machine
+/// accepts nothing more.
+///
+/// OFFSET_DATA and simple-reply data are not buffered: they come out as slices of the bytes
+/// fed in, as soon as they arrive, so a caller can copy them straight to their destination.
+public struct TransmissionStateMachine<Context> {
+    public struct Configuration: Sendable {
+        /// Whether `NBD_OPT_STRUCTURED_REPLY` was negotiated.
+        public var structuredReplies: Bool
+        /// The ids of the metadata contexts `NBD_OPT_SET_META_CONTEXT` selected.
+        public var metaContextIDs: Set<UInt32>
+        /// Largest payload accepted for a chunk that is buffered whole (block status, errors).
+        /// The spec says servers "SHOULD NOT send more than 2^20 extents in a single reply chunk".
+        public var maximumBufferedChunkLength: Int
+
+        public init(structuredReplies: Bool, metaContextIDs: Set<UInt32> = [], maximumBufferedChunkLength: Int = 4 + 8 * (1 << 21)) {
+            self.structuredReplies = structuredReplies
+            self.metaContextIDs = metaContextIDs
+            self.maximumBufferedChunkLength = maximumBufferedChunkLength
+        }
+    }
+
+    public enum Action {
+        /// Data for a READ: `bytes` belong at absolute export `offset`.
+        case data(Context, offset: UInt64, bytes: ByteBuffer)
+        /// A hole in a READ: `length` zero bytes at absolute export `offset`.
+        case hole(Context, offset: UInt64, length: UInt32)
+        /// The extents of one metadata context for a BLOCK_STATUS.
+        case blockStatus(Context, contextID: UInt32, descriptors: [BlockDescriptor])
+        /// The request is finished: successfully when `error` is nil.
+        case complete(Context, error: NBDError?)
+        /// The server broke the protocol or the connection ended: fail every context given,
+        /// and close the connection.
+        case fatal(NBDError, [Context])
+    }
+
+    struct InFlight {
+        var header: RequestHeader
+        var context: Context
+        var coverage = RangeCoverage()
+        var contentChunks = 0
+        var contextsSeen: Set<UInt32> = []
+        var error: NBDError?
+
+        var range: Range<UInt64> { header.offset..<(header.offset + UInt64(header.length)) }
+    }
+
+    enum ParseState {
+        case header
+        /// Streaming `remaining` data bytes for `cookie`, the next at `offset`.
+        case data(cookie: UInt64, offset: UInt64, remaining: Int, done: Bool)
+        case failed
+    }
+
+    public var configuration: Configuration
+    private var inFlight: [UInt64: InFlight] = [:]
+    private var nextCookie: UInt64 = 1
+    private var parseState = ParseState.header
+    private var input = ByteBuffer()
+    private var queued: [Action] = []
+
+    public init(configuration: Configuration) {
+        self.configuration = configuration
+    }
+
+    /// How many requests await their reply.
+    public var inFlightCount: Int { inFlight.count }
+
+    /// True once a fatal error was reported.
+    public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
+
+    /// Registers a request and returns its header, with a fresh cookie, to send.
+    /// `NBD_CMD_DISC` gets no reply and is not registered.
+    public mutating func startRequest(_ type: CommandType, flags: CommandFlags = [], offset: UInt64, length: UInt32, context: Context) -> RequestHeader {
+        let cookie = nextCookie
+        nextCookie &+= 1
+        let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
+        if type != .disconnect {
+            inFlight[cookie] = InFlight(header: header, context: context)
+        }
+        return header
+    }
+
+    /// Appends bytes from the server. Bytes after a fatal error are ignored.
+    public mutating func feed(_ bytes: ByteBuffer) {
+        guard !hasFailed else { return }
+        if input.readableBytes == 0 {
+            input = bytes
+        } else {
+            var bytes = bytes
+            input.writeBuffer(&bytes)
+        }
+    }
+
+    /// The connection ended: every request in flight fails with `error`.
+    public mutating func connectionClosed(_ error: NBDError) -> Action? {
+        guard !hasFailed else { return nil }
+        return fail(error)
+    }
+
+    /// The next thing to do with what was fed, or nil when more bytes are needed.
+    public mutating func next() -> Action? {
+        if !queued.isEmpty { return queued.removeFirst() }
+        do {
+            return try parse()
+        } catch {
+            return fail(error)
+        }
+    }
+
+    private mutating func fail(_ error: NBDError) -> Action {
+        parseState = .failed
+        input = ByteBuffer()
+        queued = []
+        let contexts = inFlight.values.map(\.context)
+        inFlight = [:]
+        return .fatal(error, contexts)
+    }
+
+    private mutating func parse() throws(NBDError) -> Action? {
+        switch parseState {
+        case .failed:
+            return nil
+        case .data(let cookie, let offset, let remaining, let done):
+            guard input.readableBytes > 0 else { return nil }
+            let count = min(remaining, input.readableBytes)
+            let bytes = input.readSlice(length: count)!
+            let context = inFlight[cookie]!.context
+            if count == remaining {
+                parseState = .header
+                if done { queued.append(try finish(cookie)) }
+            } else {
+                parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, done: done)
+            }
+            return .data(context, offset: offset, bytes: bytes)
+        case .header:
+            return try parseReply()
+        }
+    }
+
+    private mutating func parseReply() throws(NBDError) -> Action? {
+        let start = input.readerIndex
+        guard let header = try ReplyHeader.decode(from: &input) else { return nil }
+        guard var request = inFlight[header.cookie] else {
+            throw .violation("reply with cookie \(header.cookie), which matches no request in flight")
+        }
+        switch header {
+        case .simple(let simple):
+            return try simpleReply(simple, request: request)
+        case .structured(let chunk):
+            guard configuration.structuredReplies else {
+                throw .violation("structured reply chunk although structured replies were not negotiated")
+            }
+            if chunk.type == .offsetData {
+                guard request.header.type == .read else { throw .violation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)") }
+                guard chunk.length >= 9 else { throw .violation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9") }
+                guard let offset = input.readInteger(as: UInt64.self) else {
+                    input.moveReaderIndex(to: start)
+                    return nil
+                }
+                let length = UInt64(chunk.length - 8)
+                try recordContent(&request, offset: offset, length: length, kind: "NBD_REPLY_TYPE_OFFSET_DATA")
+                inFlight[chunk.cookie] = request
+                parseState = .data(cookie: chunk.cookie, offset: offset, remaining: Int(length), done: chunk.flags.contains(.done))
+                return try parse()
+            }
+            guard chunk.length <= configuration.maximumBufferedChunkLength else {
+                throw .violation("\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)")
+            }
+            guard var payload = input.readSlice(length: Int(chunk.length)) else {
+                input.moveReaderIndex(to: start)
+                return nil
+            }
+            let body = try ReplyChunk.decode(type: chunk.type, payload: &payload)
+            let action = try structuredChunk(body, request: &request)
+            inFlight[chunk.cookie] = request
+            if chunk.flags.contains(.done) {
+                let completion = try finish(chunk.cookie)
+                guard let action else { return completion }
+                queued.append(completion)
+                return action
+            }
+            if case .none = body { throw .violation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }
+            if let action { return action }
+            return try parse()
+        }
+    }
+
+    private mutating func simpleReply(_ reply: SimpleReplyHeader, request: InFlight) throws(NBDError) -> Action? {
+        let cookie = reply.cookie
+        if reply.error.rawValue != 0 {
+            inFlight[cookie]!.error = Self.serverError(reply.error, message: nil, command: request.header.type)
+            return try finish(cookie)
+        }
+        if request.header.type == .read {
+            // "MUST NOT use a simple reply for NBD_CMD_READ" once structured replies are on.
+            guard !configuration.structuredReplies else {
+                throw .violation("successful simple reply to NBD_CMD_READ although structured replies were negotiated")
+            }
+            inFlight[cookie]!.coverage = RangeCoverage()
+            _ = inFlight[cookie]!.coverage.insert(request.range)
+            parseState = .data(cookie: cookie, offset: request.header.offset, remaining: Int(request.header.length), done: true)
+            return try parse()
+        }
+        guard request.header.type != .blockStatus else {
+            throw .violation("successful simple reply to NBD_CMD_BLOCK_STATUS, which needs a structured reply")
+        }
+        return try finish(cookie)
+    }
+
+    private mutating func structuredChunk(_ chunk: ReplyChunk, request: inout InFlight) throws(NBDError) -> Action? {
+        switch chunk {
+        case .none:
+            return nil
+        case .offsetHole(let offset, let length):
+            guard request.header.type == .read else { throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE in reply to \(request.header.type)") }
+            try recordContent(&request, offset: offset, length: UInt64(length), kind: "NBD_REPLY_TYPE_OFFSET_HOLE")
+            return .hole(request.context, offset: offset, length: length)
+        case .blockStatus(let contextID, let descriptors):
+            guard request.header.type == .blockStatus else {
+                throw .violation("NBD_REPLY_TYPE_BLOCK_STATUS in reply to \(request.header.type)")
+            }
+            guard configuration.metaContextIDs.contains(contextID) else {
+                throw .violation("block status for metadata context id \(contextID), which was not negotiated")
+            }
+            guard request.contextsSeen.insert(contextID).inserted else {
+                throw .violation("two block status chunks for metadata context id \(contextID) in one reply")
+            }
+            if request.header.flags.contains(.requestOne) {
+                // "each chunk contains exactly one descriptor where the length ... MUST NOT be greater than the length of the request"
+                guard descriptors.count == 1, descriptors[0].length <= request.header.length else {
+                    throw .violation("block status with NBD_CMD_FLAG_REQ_ONE must carry one extent within the request")
+                }
+            } else {
+                // "the sum of the length fields of the first N-1 extents (if any) MUST be less than the requested length"
+                let leading = descriptors.dropLast().reduce(UInt64(0)) { $0 + UInt64($1.length) }
+                guard descriptors.count == 1 || leading < UInt64(request.header.length) else {
+                    throw .violation("block status extents run past the requested length")
+                }
+            }
+            return .blockStatus(request.context, contextID: contextID, descriptors: descriptors)
+        case .error(let type, let errno, let message, let offset):
+            if let offset {
+                guard request.header.type != .flush, request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset) else {
+                    throw .violation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
+                }
+            }
+            _ = type
+            if request.error == nil {
+                request.error = Self.serverError(errno, message: message, command: request.header.type)
+            }
+            return nil
+        }
+    }
+
+    /// Checks a content chunk ("MUST lie within the bounds of the original offset and length
+    /// of the client's request, and MUST NOT overlap with the bounds of any earlier content chunk").
+    private func recordContent(_ request: inout InFlight, offset: UInt64, length: UInt64, kind: String) throws(NBDError) {
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, offset >= request.range.lowerBound, end <= request.range.upperBound else {
+            throw .violation("\(kind) for bytes \(offset)..<\(offset &+ length), outside the request \(request.range)")
+        }
+        guard request.coverage.insert(offset..<end) else {
+            throw .violation("\(kind) for bytes \(offset)..<\(end) overlaps an earlier chunk")
+        }
+        request.contentChunks += 1
+        if request.header.flags.contains(.dontFragment), request.contentChunks > 1 {
+            throw .violation("more than one content chunk although NBD_CMD_FLAG_DF was set")
+        }
+    }
+
+    /// The request's last reply arrived: check it is whole, and report it.
+    private mutating func finish(_ cookie: UInt64) throws(NBDError) -> Action {
+        let request = inFlight.removeValue(forKey: cookie)!
+        if request.error == nil {
+            switch request.header.type {
+            case .read where request.coverage.total != UInt64(request.header.length):
+                // libnbd's EPROTO: "When no error is detected, the server MUST send enough data
+                // chunks to cover the entire region".
+                throw .violation("read of \(request.header.length) bytes answered with only \(request.coverage.total)")
+            case .blockStatus where request.contextsSeen != configuration.metaContextIDs:
+                throw .violation("successful block status without a chunk for every negotiated context")
+            default:
+                break
+            }
+        }
+        return .complete(request.context, error: request.error)
+    }
+
+    static func serverError(_ errno: NBDErrno, message: String?, command: CommandType) -> NBDError {
+        NBDError(.serverError, "the server failed \(command)", serverErrno: errno, serverMessage: message, connectionUsable: true)
+    }
+}
+
+extension TransmissionStateMachine: Sendable where Context: Sendable {}
+extension TransmissionStateMachine.InFlight: Sendable where Context: Sendable {}
+extension TransmissionStateMachine.ParseState: Sendable {}
+extension TransmissionStateMachine.Action: Sendable where Context: Sendable {}

@@ -1,0 +1,86 @@
+import NIOCore
+
+/// The payload of a structured reply chunk other than the data of `NBD_REPLY_TYPE_OFFSET_DATA`
+/// ("Structured reply types"). OFFSET_DATA's data is streamed, not decoded here.
+public enum ReplyChunk: Hashable, Sendable {
+    /// `NBD_REPLY_TYPE_NONE`: length MUST be 0.
+    case none
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`: `length` bytes at `offset` read as zeroes (length MUST be 12).
+    case offsetHole(offset: UInt64, length: UInt32)
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: a context id and at least one descriptor.
+    case blockStatus(contextID: UInt32, descriptors: [BlockDescriptor])
+    /// `NBD_REPLY_TYPE_ERROR` / `_ERROR_OFFSET` or an unknown error type: 32 bits error,
+    /// 16 bits message length, message, then (ERROR_OFFSET) 64 bits offset.
+    case error(ReplyChunkType, errno: NBDErrno, message: String, offset: UInt64?)
+
+    /// Decodes a complete payload of a chunk of type `type`.
+    public static func decode(type: ReplyChunkType, payload: inout ByteBuffer) throws(NBDError) -> ReplyChunk {
+        let length = payload.readableBytes
+        switch type {
+        case .none:
+            guard length == 0 else { throw .violation("NBD_REPLY_TYPE_NONE with length \(length), MUST be 0") }
+            return .none
+        case .offsetHole:
+            guard length == 12, let (offset, holeLength) = payload.readMultipleIntegers(as: (UInt64, UInt32).self) else {
+                throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE with length \(length), MUST be 12")
+            }
+            guard holeLength > 0 else { throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE of size 0") }
+            return .offsetHole(offset: offset, length: holeLength)
+        case .blockStatus:
+            guard length >= 12, (length - 4) % 8 == 0, let contextID = payload.readInteger(as: UInt32.self) else {
+                throw .violation("NBD_REPLY_TYPE_BLOCK_STATUS with length \(length), MUST be 4 + a positive multiple of 8")
+            }
+            var descriptors: [BlockDescriptor] = []
+            descriptors.reserveCapacity((length - 4) / 8)
+            while let (extentLength, flags) = payload.readMultipleIntegers(as: (UInt32, UInt32).self) {
+                guard extentLength > 0 else { throw .violation("block status descriptor of length 0") }
+                descriptors.append(BlockDescriptor(length: extentLength, flags: flags))
+            }
+            return .blockStatus(contextID: contextID, descriptors: descriptors)
+        default:
+            guard type.isError else { throw .violation("unknown structured reply type \(type.rawValue)") }
+            let fixed = type == .errorOffset ? 14 : 6
+            guard length >= fixed, let (errno, messageLength) = payload.readMultipleIntegers(as: (UInt32, UInt16).self) else {
+                throw .violation("\(type) with length \(length), MUST be at least \(fixed)")
+            }
+            guard Int(messageLength) <= length - fixed else {
+                throw .violation("\(type) message length \(messageLength) does not fit in the chunk")
+            }
+            guard messageLength <= nbdMaximumStringLength else { throw .violation("\(type) message exceeds 4096 bytes") }
+            guard errno != 0 else { throw .violation("\(type) with error value 0, MUST be nonzero") }
+            let message = payload.readNBDString(length: Int(messageLength))!
+            var offset: UInt64?
+            if type == .errorOffset {
+                guard payload.readableBytes == 8 else { throw .violation("NBD_REPLY_TYPE_ERROR_OFFSET has trailing bytes") }
+                offset = payload.readInteger(as: UInt64.self)
+            }
+            return .error(type, errno: NBDErrno(rawValue: errno), message: message, offset: offset)
+        }
+    }
+
+    /// Encodes the payload only (for servers and tests).
+    public func encode(into buffer: inout ByteBuffer) {
+        switch self {
+        case .none: break
+        case .offsetHole(let offset, let length): buffer.writeMultipleIntegers(offset, length)
+        case .blockStatus(let contextID, let descriptors):
+            buffer.writeInteger(contextID)
+            for descriptor in descriptors { buffer.writeMultipleIntegers(descriptor.length, descriptor.flags) }
+        case .error(_, let errno, let message, let offset):
+            buffer.writeMultipleIntegers(errno.rawValue, UInt16(message.utf8.count))
+            buffer.writeString(message)
+            if let offset { buffer.writeInteger(offset) }
+        }
+    }
+}
+
+/// One block status descriptor: an extent's length and its status flags, whose meaning
+/// depends on the metadata context.
+public struct BlockDescriptor: Hashable, Sendable {
+    public var length: UInt32
+    public var flags: UInt32
+    public init(length: UInt32, flags: UInt32) {
+        self.length = length
+        self.flags = flags
+    }
+}

@@ -1,0 +1,68 @@
+import NIOCore
+
+/// The header of a transmission-phase reply: either a simple reply ("Simple reply message":
+/// magic, 32 bits error, 64 bits cookie) or a structured reply chunk ("Structured reply chunk
+/// message": magic, 16 bits flags, 16 bits type, 64 bits cookie, 32 bits payload length).
+public enum ReplyHeader: Hashable, Sendable {
+    case simple(SimpleReplyHeader)
+    case structured(StructuredReplyHeader)
+
+    /// The cookie of the request this answers.
+    public var cookie: UInt64 {
+        switch self {
+        case .simple(let header): header.cookie
+        case .structured(let header): header.cookie
+        }
+    }
+
+    /// Decodes a header by its magic; nil when more bytes are needed.
+    public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ReplyHeader? {
+        guard let magic = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
+        switch magic {
+        case NBDMagic.simpleReply:
+            guard let (_, error, cookie) = buffer.readMultipleIntegers(as: (UInt32, UInt32, UInt64).self) else { return nil }
+            return .simple(SimpleReplyHeader(error: NBDErrno(rawValue: error), cookie: cookie))
+        case NBDMagic.structuredReply:
+            guard let (_, flags, type, cookie, length) = buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt32).self) else { return nil }
+            return .structured(StructuredReplyHeader(flags: ReplyFlags(rawValue: flags), type: ReplyChunkType(rawValue: type), cookie: cookie, length: length))
+        default:
+            throw .violation("reply with unknown magic 0x\(String(magic, radix: 16))")
+        }
+    }
+
+    public func encode(into buffer: inout ByteBuffer) {
+        switch self {
+        case .simple(let header):
+            buffer.writeMultipleIntegers(NBDMagic.simpleReply, header.error.rawValue, header.cookie)
+        case .structured(let header):
+            buffer.writeMultipleIntegers(NBDMagic.structuredReply, header.flags.rawValue, header.type.rawValue, header.cookie, header.length)
+        }
+    }
+}
+
+/// A simple reply; a successful READ's data follows it.
+public struct SimpleReplyHeader: Hashable, Sendable {
+    /// Zero for success.
+    public var error: NBDErrno
+    public var cookie: UInt64
+    public init(error: NBDErrno = NBDErrno(rawValue: 0), cookie: UInt64) {
+        self.error = error
+        self.cookie = cookie
+    }
+    public static let size = 16
+}
+
+/// The header of one structured reply chunk; `length` bytes of payload follow.
+public struct StructuredReplyHeader: Hashable, Sendable {
+    public var flags: ReplyFlags
+    public var type: ReplyChunkType
+    public var cookie: UInt64
+    public var length: UInt32
+    public init(flags: ReplyFlags, type: ReplyChunkType, cookie: UInt64, length: UInt32) {
+        self.flags = flags
+        self.type = type
+        self.cookie = cookie
+        self.length = length
+    }
+    public static let size = 20
+}
