@@ -279,7 +279,8 @@ public struct TransmissionStateMachine<Context> {
 
     /// The request's last reply arrived: check it is whole, and report it.
     private mutating func finish(_ cookie: UInt64) throws(NBDError) -> Action {
-        let request = inFlight.removeValue(forKey: cookie)!
+        // Checked while still in the table, so that a violation fails this request too.
+        let request = inFlight[cookie]!
         if request.error == nil {
             switch request.header.type {
             case .read where request.coverage.total != UInt64(request.header.length):
@@ -292,6 +293,7 @@ public struct TransmissionStateMachine<Context> {
                 break
             }
         }
+        inFlight[cookie] = nil
         return .complete(request.context, error: request.error)
     }
 

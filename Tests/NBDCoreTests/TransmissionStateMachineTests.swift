@@ -1,0 +1,241 @@
+import NIOCore
+import Testing
+@testable import NBDCore
+
+@Suite("Transmission state machine")
+struct TransmissionStateMachineTests {
+    typealias Machine = TransmissionStateMachine<String>
+
+    /// What the machine did, flattened for comparison.
+    enum Event: Hashable {
+        case data(String, UInt64, [UInt8])
+        case hole(String, UInt64, UInt32)
+        case status(String, UInt32, [BlockDescriptor])
+        case complete(String, NBDErrno?)
+        case fatal([String])
+    }
+
+    func drain(_ machine: inout Machine) -> [Event] {
+        var events: [Event] = []
+        while let action = machine.next() {
+            switch action {
+            case .data(let c, let offset, let bytes): events.append(.data(c, offset, Array(bytes.readableBytesView)))
+            case .hole(let c, let offset, let length): events.append(.hole(c, offset, length))
+            case .blockStatus(let c, let id, let d): events.append(.status(c, id, d))
+            case .complete(let c, let error): events.append(.complete(c, error?.serverErrno))
+            case .fatal(_, let contexts): events.append(.fatal(contexts.sorted()))
+            }
+        }
+        return events
+    }
+
+    func chunk(_ cookie: UInt64, _ type: ReplyChunkType, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
+        encoded {
+            ReplyHeader.structured(StructuredReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, length: UInt32(payload.count))).encode(into: &$0)
+            $0.writeBytes(payload)
+        }
+    }
+
+    func data(_ cookie: UInt64, offset: UInt64, _ bytes: [UInt8], done: Bool = true) -> [UInt8] {
+        chunk(cookie, .offsetData, done: done, encoded { $0.writeInteger(offset) } + bytes)
+    }
+
+    func simple(_ cookie: UInt64, error: UInt32 = 0) -> [UInt8] {
+        encoded { ReplyHeader.simple(SimpleReplyHeader(error: NBDErrno(rawValue: error), cookie: cookie)).encode(into: &$0) }
+    }
+
+    func feed(_ machine: inout Machine, _ bytes: [UInt8]) { machine.feed(ByteBuffer(bytes: bytes)) }
+
+    @Test func cookiesAreUniqueAndCountUp() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        let cookies = (0..<3).map { machine.startRequest(.read, offset: 0, length: 1, context: "\($0)").cookie }
+        #expect(cookies == [1, 2, 3])
+        #expect(machine.inFlightCount == 3)
+    }
+
+    @Test func simpleReadDataIsStreamedAsItArrives() {
+        var machine = Machine(configuration: .init(structuredReplies: false))
+        _ = machine.startRequest(.read, offset: 100, length: 6, context: "r")
+        feed(&machine, simple(1) + [1, 2])
+        #expect(drain(&machine) == [.data("r", 100, [1, 2])])
+        feed(&machine, [3, 4, 5])
+        #expect(drain(&machine) == [.data("r", 102, [3, 4, 5])])
+        feed(&machine, [6])
+        #expect(drain(&machine) == [.data("r", 105, [6]), .complete("r", nil)])
+    }
+
+    @Test func repliesAreMatchedOutOfOrder() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 2, context: "first")
+        _ = machine.startRequest(.write, offset: 0, length: 2, context: "second")
+        _ = machine.startRequest(.read, offset: 10, length: 2, context: "third")
+        feed(&machine, data(3, offset: 10, [9, 9]) + simple(2) + data(1, offset: 0, [7, 7]))
+        #expect(drain(&machine) == [
+            .data("third", 10, [9, 9]), .complete("third", nil),
+            .complete("second", nil),
+            .data("first", 0, [7, 7]), .complete("first", nil),
+        ])
+        #expect(machine.inFlightCount == 0)
+    }
+
+    @Test func structuredReadInChunksHolesAndAnyOrder() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        let hole = chunk(1, .offsetHole, done: false, encoded { $0.writeMultipleIntegers(UInt64(0), UInt32(4)) })
+        feed(&machine, data(1, offset: 4, [1, 2, 3, 4], done: false) + hole + chunk(1, .none, []))
+        #expect(drain(&machine) == [.data("r", 4, [1, 2, 3, 4]), .hole("r", 0, 4), .complete("r", nil)])
+    }
+
+    @Test func byteAtATimeGivesTheSameResult() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 4, context: "r")
+        var events: [Event] = []
+        for byte in data(1, offset: 0, [1, 2, 3, 4]) {
+            feed(&machine, [byte])
+            events += drain(&machine)
+        }
+        #expect(events == [.data("r", 0, [1]), .data("r", 1, [2]), .data("r", 2, [3]), .data("r", 3, [4]), .complete("r", nil)])
+    }
+
+    @Test func unknownCookieFailsEverything() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 4, context: "a")
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "b")
+        feed(&machine, simple(99))
+        #expect(drain(&machine) == [.fatal(["a", "b"])])
+        #expect(machine.hasFailed)
+        feed(&machine, simple(2))
+        #expect(drain(&machine).isEmpty)
+    }
+
+    @Test func overlappingChunksAreAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        feed(&machine, data(1, offset: 0, [1, 2, 3, 4], done: false) + data(1, offset: 2, [5, 6, 7, 8, 9, 9]))
+        #expect(drain(&machine).last == .fatal(["r"]))
+    }
+
+    @Test func chunkOutsideTheRequestIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 100, length: 8, context: "r")
+        feed(&machine, data(1, offset: 104, [1, 2, 3, 4, 5, 6, 7, 8]))
+        #expect(drain(&machine) == [.fatal(["r"])])
+    }
+
+    @Test func readThatIsNotFullyCoveredIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        feed(&machine, data(1, offset: 0, [1, 2, 3, 4]))
+        #expect(drain(&machine).last == .fatal(["r"]))
+    }
+
+    @Test func errorChunkFailsOnlyItsRequest() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
+        let error = chunk(1, .errorOffset, encoded { $0.writeMultipleIntegers(UInt32(5), UInt16(2)); $0.writeString("io"); $0.writeInteger(UInt64(4)) })
+        feed(&machine, error + simple(2))
+        #expect(drain(&machine) == [.complete("r", .EIO), .complete("f", nil)])
+        #expect(!machine.hasFailed)
+    }
+
+    @Test func simpleErrorReplyFailsTheCommand() {
+        var machine = Machine(configuration: .init(structuredReplies: false))
+        _ = machine.startRequest(.write, offset: 0, length: 8, context: "w")
+        feed(&machine, simple(1, error: 28))
+        #expect(drain(&machine) == [.complete("w", .ENOSPC)])
+    }
+
+    @Test func successfulSimpleReplyToAStructuredReadIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        feed(&machine, simple(1))
+        #expect(drain(&machine) == [.fatal(["r"])])
+    }
+
+    @Test func structuredChunkWithoutNegotiationIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: false))
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
+        feed(&machine, chunk(1, .none, []))
+        #expect(drain(&machine) == [.fatal(["f"])])
+    }
+
+    @Test func blockStatusIsRoutedByContextID() {
+        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1, 2]))
+        _ = machine.startRequest(.blockStatus, offset: 0, length: 8192, context: "b")
+        let first = chunk(1, .blockStatus, done: false, encoded { $0.writeMultipleIntegers(UInt32(2), UInt32(8192), UInt32(1)) })
+        let second = chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(4096), UInt32(3), UInt32(4096), UInt32(0)) })
+        feed(&machine, first + second)
+        #expect(drain(&machine) == [
+            .status("b", 2, [BlockDescriptor(length: 8192, flags: 1)]),
+            .status("b", 1, [BlockDescriptor(length: 4096, flags: 3), BlockDescriptor(length: 4096, flags: 0)]),
+            .complete("b", nil),
+        ])
+    }
+
+    @Test func blockStatusForAnUnknownContextIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
+        feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(7), UInt32(4096), UInt32(0)) }))
+        #expect(drain(&machine) == [.fatal(["b"])])
+    }
+
+    @Test func blockStatusMissingAContextIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1, 2]))
+        _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
+        feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(4096), UInt32(0)) }))
+        #expect(drain(&machine).last == .fatal(["b"]))
+    }
+
+    @Test func requestOneAllowsExactlyOneExtent() {
+        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        _ = machine.startRequest(.blockStatus, flags: .requestOne, offset: 0, length: 4096, context: "b")
+        feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(0), UInt32(512), UInt32(1)) }))
+        #expect(drain(&machine) == [.fatal(["b"])])
+    }
+
+    @Test func oversizedChunkIsRefusedFromItsHeaderAlone() {
+        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
+        // Only the 20-byte header of a 2 GiB block status chunk: no waiting for 2 GiB.
+        feed(&machine, encoded { ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: 1, length: 1 << 31)).encode(into: &$0) })
+        #expect(drain(&machine) == [.fatal(["b"])])
+    }
+
+    @Test func dataChunkLargerThanTheRequestIsRefusedFromItsHeader() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 512, context: "r")
+        feed(&machine, encoded {
+            ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetData, cookie: 1, length: 0xFFFF_FFF0)).encode(into: &$0)
+            $0.writeInteger(UInt64(0))
+        })
+        #expect(drain(&machine) == [.fatal(["r"])])
+    }
+
+    @Test func connectionClosedMidReplyFailsEveryRequest() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+        _ = machine.startRequest(.write, offset: 0, length: 8, context: "w")
+        feed(&machine, data(1, offset: 0, [1, 2, 3], done: true).dropLast(2))
+        _ = drain(&machine)
+        guard case .fatal(let error, let contexts)? = machine.connectionClosed(NBDError(.connectionClosed, "gone", connectionUsable: false)) else {
+            Issue.record("no fatal action"); return
+        }
+        #expect(contexts.sorted() == ["r", "w"])
+        #expect(error.code == .connectionClosed)
+    }
+
+    @Test func noneWithoutDoneIsAViolation() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
+        feed(&machine, chunk(1, .none, done: false, []))
+        #expect(drain(&machine) == [.fatal(["f"])])
+    }
+
+    @Test func dontFragmentAllowsOneContentChunk() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, flags: .dontFragment, offset: 0, length: 4, context: "r")
+        feed(&machine, data(1, offset: 0, [1, 2], done: false) + data(1, offset: 2, [3, 4]))
+        #expect(drain(&machine).last == .fatal(["r"]))
+    }
+}
