@@ -1,0 +1,161 @@
+import Foundation
+import NBD
+import NIOCore
+import Testing
+
+// Serialized: the helpers block a thread while a tool runs, and the machine has two cores.
+@Suite("Interop: nbdkit", .serialized)
+struct NBDKitTests {
+    @Test func memoryWalkthrough() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "64M"])
+        try await walkthrough(server, uri, listed: [""])
+    }
+
+    @Test func tcpOverIPv4AndIPv6() async throws {
+        for host in ["127.0.0.1", "::1"] {
+            let server = try ServerProcess()
+            defer { server.stop() }
+            let port = ServerProcess.freePort()
+            let log = server.path("nbdkit.pid")
+            try await server.start("nbdkit", ["--foreground", "--exit-with-parent", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"], waitFor: log)
+            let uri = try NBDURI(host.contains(":") ? "nbd://[\(host)]:\(port)/" : "nbd://\(host):\(port)")
+            let export = try await NBDExport.connect(to: uri)
+            let data = pattern(65536, seed: 3)
+            try await export.write(data, at: 0)
+            #expect(try await export.read(at: 0, length: 65536) == data)
+            await export.disconnect()
+        }
+    }
+
+    @Test func holesReadAsZeroesAndMapLikeNbdinfo() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["sparse-random", "32M", "seed=42", "percent=30", "runlength=65536"])
+        let export = try await NBDExport.connect(to: uri)
+        defer { Task { await export.disconnect() } }
+        let ours = try await mapExport(export, context: "base:allocation")
+        #expect(ours == (try nbdinfoMap(server, uri)))
+        #expect(ours.contains { $0.type & 1 != 0 } && ours.contains { $0.type == 0 })
+        // The whole export by content, beside nbdcopy's copy of it.
+        let copy = server.path("copy.raw")
+        _ = try server.run("nbdcopy", [uri.description, copy])
+        let expected = try Data(contentsOf: URL(fileURLWithPath: copy))
+        let actual = try await export.read(at: 0, length: Int(export.size))
+        #expect(Data(actual.readableBytesView) == expected)
+        await export.disconnect()
+    }
+
+    @Test func serverErrorFailsOneCommandAndKeepsTheConnection() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=100%"])
+        let export = try await NBDExport.connect(to: uri)
+        do {
+            _ = try await export.read(at: 0, length: 4096)
+            Issue.record("read should fail")
+        } catch let error as NBDError {
+            #expect(error.code == .serverError)
+            #expect(error.serverErrno == .EIO)
+            #expect(error.connectionUsable)
+        }
+        try await export.write(pattern(4096, seed: 1), at: 0)
+        await export.disconnect()
+    }
+
+    @Test func blockSizeConstraintsAreHonoured() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=blocksize-policy", "memory", "16M", "blocksize-minimum=4096",
+                                           "blocksize-preferred=65536", "blocksize-maximum=1048576", "blocksize-error-policy=error"])
+        let export = try await NBDExport.connect(to: uri)
+        #expect(export.info.advertisedBlockSizes == BlockSizeConstraints(minimum: 4096, preferred: 65536, maximum: 1 << 20))
+        // Unaligned: refused locally, nothing sent.
+        await #expect { _ = try await export.read(at: 512, length: 4096) } throws: { ($0 as? NBDError)?.code == .invalidArgument }
+        // Larger than the maximum payload: split into 1 MiB requests transparently.
+        let data = pattern(4 << 20, seed: 9)
+        try await export.write(data, at: 0)
+        #expect(try await export.read(at: 0, length: 4 << 20) == data)
+        await export.disconnect()
+    }
+
+    @Test func readOnlyExportRefusesWritesLocally() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["-r", "pattern", "16M"])
+        let export = try await NBDExport.connect(to: uri)
+        #expect(export.info.isReadOnly)
+        await #expect { try await export.write(pattern(512, seed: 1), at: 0) } throws: { ($0 as? NBDError)?.code == .unsupportedByServer }
+        await #expect { try await export.trim(at: 0, length: 512) } throws: { ($0 as? NBDError)?.code == .unsupportedByServer }
+        // The pattern plugin: each 8-byte word holds its own offset, big-endian.
+        var data = try await export.read(at: 8 << 20, length: 64)
+        #expect(data.readInteger(as: UInt64.self) == 8 << 20)
+        await export.disconnect()
+    }
+
+    @Test func abstractUnixSocket() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "16M"])
+        let name = "swift-nbd-test-\(UUID().uuidString.prefix(8))"
+        try await server.start("socat", ["ABSTRACT-LISTEN:\(name),fork", "UNIX-CONNECT:\(uri.socket!)"])
+        try await Task.sleep(for: .milliseconds(300))
+        let export = try await NBDExport.connect(to: NBDURI("nbd+unix:///?socket=%00\(name)"))
+        let data = pattern(8192, seed: 5)
+        try await export.write(data, at: 4096)
+        #expect(try await export.read(at: 4096, length: 8192) == data)
+        await export.disconnect()
+    }
+
+    @Test func thousandRequestsFromSixteenTasksOnOneConnection() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "64M"])
+        let export = try await NBDExport.connect(to: uri)
+        let block = 16384
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for task in 0..<16 {
+                group.addTask {
+                    // Each task owns its slots: write 32 blocks, then read each back and compare.
+                    for round in 0..<32 {
+                        let slot = task * 32 + round
+                        try await export.write(pattern(block, seed: UInt8(truncatingIfNeeded: slot)), at: UInt64(slot * block))
+                    }
+                    for round in 0..<32 {
+                        let slot = task * 32 + round
+                        let back = try await export.read(at: UInt64(slot * block), length: block)
+                        #expect(back == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await export.disconnect()
+    }
+
+    @Test func cancelledReadLeavesTheConnectionUsable() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=delay", "memory", "16M", "delay-read=3"])
+        let export = try await NBDExport.connect(to: uri)
+        let slow = Task { try await export.read(at: 0, length: 4096) }
+        try await Task.sleep(for: .milliseconds(200))
+        slow.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await slow.value }
+        let data = pattern(4096, seed: 2)
+        try await export.write(data, at: 8192)
+        #expect(try await export.read(at: 8192, length: 4096) == data)
+        await export.disconnect()
+    }
+
+    @Test func infoThenAbort() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "16M"])
+        let connection = try await NBDConnection.connect(to: uri.address)
+        let info = try await connection.info("", requests: [.name, .description, .blockSize])
+        #expect(info.size == 16 << 20)
+        await connection.abort()
+    }
+}

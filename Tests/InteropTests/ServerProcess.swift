@@ -1,0 +1,152 @@
+import Foundation
+import NBD
+import NIOCore
+import Testing
+
+/// A real NBD server (or helper) started for one test in a temporary folder, and stopped after.
+/// A missing binary is a test failure that names the Debian package to install.
+final class ServerProcess: @unchecked Sendable {
+    let directory: URL
+    private var processes: [Process] = []
+
+    init() throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-interop-\(UUID().uuidString.prefix(8))")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+    }
+
+    deinit { stop() }
+
+    func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
+
+    /// Which Debian package provides each tool the tests run.
+    static let packages = [
+        "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
+        "nbd-server": "nbd-server", "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "socat": "socat",
+    ]
+
+    static func executable(_ tool: String) throws -> String {
+        for folder in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
+            let candidate = "\(folder)/\(tool)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        throw InteropError("\(tool) is not installed: apt-get install \(packages[tool] ?? tool)")
+    }
+
+    /// Starts `tool` in the background; with `waitFor`, waits until that path exists.
+    @discardableResult
+    func start(_ tool: String, _ arguments: [String], waitFor socket: String? = nil) async throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        let log = FileHandle(forWritingAtPath: path("\(tool).log")) ?? {
+            _ = FileManager.default.createFile(atPath: path("\(tool).log"), contents: nil)
+            return FileHandle(forWritingAtPath: path("\(tool).log"))!
+        }()
+        process.standardOutput = log
+        process.standardError = log
+        try process.run()
+        processes.append(process)
+        if let socket {
+            for _ in 0..<200 {
+                if FileManager.default.fileExists(atPath: socket) { return process }
+                guard process.isRunning else { break }
+                try await Task.sleep(for: .milliseconds(25))
+            }
+            let output = (try? String(contentsOfFile: path("\(tool).log"), encoding: .utf8)) ?? ""
+            throw InteropError("\(tool) did not create \(socket): \(output)")
+        }
+        return process
+    }
+
+    /// Starts nbdkit on a Unix socket with the given plugin, filters and parameters.
+    func nbdkit(_ arguments: [String]) async throws -> NBDURI {
+        let socket = path("nbdkit.sock")
+        try await start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + arguments, waitFor: socket)
+        return NBDURI(socket: socket)
+    }
+
+    /// Runs a tool to completion and returns its standard output; fails on a non-zero exit.
+    func run(_ tool: String, _ arguments: [String]) throws -> Data {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
+        process.arguments = arguments
+        process.currentDirectoryURL = directory
+        let output = Pipe()
+        let errors = Pipe()
+        process.standardOutput = output
+        process.standardError = errors
+        try process.run()
+        let data = output.fileHandleForReading.readDataToEndOfFile()
+        let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        while process.isRunning { usleep(1000) }
+        guard process.terminationStatus == 0 else {
+            throw InteropError("\(tool) \(arguments.joined(separator: " ")) failed (\(process.terminationStatus)): \(errorText)")
+        }
+        return data
+    }
+
+    func stop() {
+        for process in processes where process.isRunning {
+            process.terminate()
+            // Not waitUntilExit(): it can hang when called from a Swift concurrency thread.
+            for _ in 0..<200 where process.isRunning { usleep(10_000) }
+            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        }
+        processes = []
+        try? FileManager.default.removeItem(at: directory)
+    }
+
+    /// A TCP port free right now on loopback.
+    static func freePort() -> Int { Int.random(in: 20000..<60000) }
+}
+
+struct InteropError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Deterministic non-zero test data.
+func pattern(_ count: Int, seed: UInt8) -> ByteBuffer {
+    var buffer = ByteBuffer()
+    buffer.reserveCapacity(count)
+    var value = UInt32(seed) | 1
+    for _ in 0..<count {
+        value = value &* 1_664_525 &+ 1_013_904_223
+        buffer.writeInteger(UInt8(truncatingIfNeeded: value >> 24))
+    }
+    return buffer
+}
+
+/// One line of `nbdinfo --map --json`.
+struct MapEntry: Decodable, Hashable {
+    var offset: UInt64
+    var length: UInt64
+    var type: UInt32
+}
+
+/// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does.
+func mapExport(_ export: NBDExport, context: String) async throws -> [MapEntry] {
+    var entries: [MapEntry] = []
+    var offset: UInt64 = 0
+    while offset < export.size {
+        let status = try await export.blockStatus(at: offset, length: export.size - offset)
+        let extents = try #require(status[context])
+        for extent in extents {
+            let length = min(extent.length, export.size - extent.offset)
+            if let last = entries.last, last.type == extent.flags, last.offset + last.length == extent.offset {
+                entries[entries.count - 1].length += length
+            } else {
+                entries.append(MapEntry(offset: extent.offset, length: length, type: extent.flags))
+            }
+        }
+        offset = extents.last.map { $0.offset + $0.length } ?? export.size
+    }
+    return entries
+}
+
+/// `nbdinfo --map --json` on the same export.
+func nbdinfoMap(_ server: ServerProcess, _ uri: NBDURI, context: String = "base:allocation") throws -> [MapEntry] {
+    let data = try server.run("nbdinfo", ["--map=\(context)", "--json", uri.description])
+    return try JSONDecoder().decode([MapEntry].self, from: data)
+}
