@@ -11,6 +11,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private var negotiation: NegotiationStateMachine
+    /// Bytes of the negotiation phase not yet parsed (a reply split across reads).
+    private var unparsed = ByteBuffer()
     private var transmission: TransmissionStateMachine<PendingRequest>?
     private var context: ChannelHandlerContext?
     private let logger: Logger
@@ -65,9 +67,18 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         if transmission == nil {
+            // Negotiation messages may arrive split across reads: keep what is not yet whole.
+            if unparsed.readableBytes > 0 {
+                unparsed.writeBuffer(&bytes)
+                swap(&bytes, &unparsed)
+            }
             negotiate(&bytes)
+            if transmission == nil {
+                unparsed = bytes
+                return
+            }
         }
-        if transmission != nil, bytes.readableBytes > 0 {
+        if bytes.readableBytes > 0 {
             transmission!.feed(bytes)
             runTransmission()
         }

@@ -1,0 +1,360 @@
+import Foundation
+import NBD
+import NIOCore
+import Testing
+
+/// The client against a server that misbehaves on purpose: every case ends in a typed error,
+/// promptly, with nothing allocated on the server's say-so.
+@Suite("Client against a scripted server")
+struct HostileServerTests {
+    func withServer(_ body: (FakeServer) async throws -> Void) async throws {
+        let server = try await FakeServer()
+        do {
+            try await body(server)
+        } catch {
+            await server.stop()
+            throw error
+        }
+        await server.stop()
+    }
+
+    func code(_ expected: NBDError.Code) -> @Sendable (any Error) -> Bool {
+        { ($0 as? NBDError)?.code == expected }
+    }
+
+    @Test func notAnNBDServer() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in _ = try await NBDConnection.connect(to: server.address) }
+            let peer = await server.nextPeer()
+            try await peer.send { $0.writeString("SSH-2.0-OpenSSH_9.2\r\n\r\n") }
+            await #expect(performing: { try await client.value }, throws: code(.unsupportedServer))
+        }
+    }
+
+    @Test func oldstyleServerIsNamed() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in _ = try await NBDConnection.connect(to: server.address) }
+            let peer = await server.nextPeer()
+            try await peer.send { ServerGreeting.oldstyle.encode(into: &$0) }
+            await #expect(performing: { try await client.value }, throws: { error in
+                (error as? NBDError)?.code == .unsupportedServer && "\(error)".contains("oldstyle")
+            })
+        }
+    }
+
+    @Test func silentServerTimesOut() async throws {
+        try await withServer { server in
+            var configuration = NBDClientConfiguration()
+            configuration.negotiationTimeout = .milliseconds(300)
+            await #expect(performing: { _ = try await NBDConnection.connect(to: server.address, configuration: configuration) },
+                          throws: code(.timedOut))
+        }
+    }
+
+    @Test func hugeOptionReplyIsRefusedWithoutWaitingForIt() async throws {
+        try await withServer { server in
+            let client = Task { () -> [NBDExportListing] in
+                let connection = try await NBDConnection.connect(to: server.address)
+                return try await connection.list()
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            #expect(try await peer.readOption() == .list)
+            // A SERVER reply announcing 3 GiB of data, of which nothing follows.
+            try await peer.send { $0.writeMultipleIntegers(NBDMagic.optionReply, OptionCode.list.rawValue, OptionReplyType.server.rawValue, UInt32(3 << 30)) }
+            await #expect(performing: { _ = try await client.value }, throws: code(.protocolViolation))
+        }
+    }
+
+    @Test func optionErrorCarriesTheServersMessage() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                do {
+                    _ = try await connection.info("secret")
+                    Issue.record("INFO should fail")
+                } catch let error as NBDError {
+                    #expect(error.code == .optionRejected)
+                    #expect(error.optionReply == .errPolicy)
+                    #expect(error.serverMessage == "not for you")
+                    #expect(error.connectionUsable)
+                }
+                await connection.abort()
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.info, .error(.errPolicy, message: "not for you"))
+            // ABORT is sent, then awaited.
+            #expect(try await peer.readOption() == .abort)
+            try await peer.reply(.abort, .ack)
+            try await client.value
+        }
+    }
+
+    @Test func tlsRequiredReplyTellsToUseNbds() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in _ = try await NBDExport.connect(to: NBDURI(socket: server.path)) }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.structuredReply, .error(.errTLSRequired, message: "TLS required"))
+            await #expect(performing: { try await client.value }, throws: { error in
+                (error as? NBDError)?.code == .tlsRequired && "\(error)".contains("nbds://")
+            })
+        }
+    }
+
+    @Test func tlsURIIsRefusedBeforeAnythingIsSent() async throws {
+        try await withServer { server in
+            let uri = try NBDURI("nbds+unix:///disk?socket=\(server.path)")
+            await #expect(performing: { _ = try await NBDExport.connect(to: uri) }, throws: code(.tlsRequired))
+            try await Task.sleep(for: .milliseconds(100))
+            #expect(server.connectionCount == 0)
+        }
+    }
+
+    @Test func shutdownReplyLeadsToASoftDisconnect() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                _ = try await connection.list()
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.list, .error(.errShutdown, message: "going down"))
+            // "If the client receives NBD_REP_ERR_SHUTDOWN it MUST initiate a soft disconnect."
+            #expect(try await peer.readOption() == .abort)
+            try await peer.reply(.abort, .ack)
+            await #expect(performing: { try await client.value }, throws: { ($0 as? NBDError)?.optionReply == .errShutdown })
+        }
+    }
+
+    @Test func goRefusedAsUnsupportedFallsBackToExportName() async throws {
+        try await withServer { server in
+            let client = Task { () -> ByteBuffer in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go("disk")
+                #expect(export.size == 4096)
+                let data = try await export.read(at: 0, length: 512)
+                await export.disconnect()
+                return data
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.go, .error(.errUnsupported, message: ""))
+            #expect(try await peer.readOption() == .exportName("disk"))
+            // NO_ZEROES was agreed: size and flags only.
+            try await peer.send { ExportNameReply(size: 4096, flags: [.hasFlags]).encode(into: &$0, noZeroes: true) }
+            let request = try await peer.readRequest()
+            #expect(request.type == .read && request.length == 512)
+            try await peer.send {
+                ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &$0)
+                $0.writeRepeatingByte(0xAB, count: 512)
+            }
+            #expect(try await peer.readRequest().type == .disconnect)
+            #expect(try await client.value == ByteBuffer(repeating: 0xAB, count: 512))
+        }
+    }
+
+    @Test func serverClosingMidReplyFailsEveryRequestPromptly() async throws {
+        try await withServer { server in
+            let client = Task { () -> [Result<ByteBuffer, any Error>] in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go()
+                return await withTaskGroup(of: Result<ByteBuffer, any Error>.self) { group in
+                    for index in 0..<3 {
+                        group.addTask {
+                            do { return .success(try await export.read(at: UInt64(index) * 4096, length: 4096)) } catch { return .failure(error) }
+                        }
+                    }
+                    return await group.reduce(into: []) { $0.append($1) }
+                }
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo()
+            var requests: [RequestHeader] = []
+            for _ in 0..<3 { requests.append(try await peer.readRequest()) }
+            // Half of a reply, then gone.
+            try await peer.send {
+                ReplyHeader.simple(SimpleReplyHeader(cookie: requests[0].cookie)).encode(into: &$0)
+                $0.writeRepeatingByte(1, count: 100)
+            }
+            await peer.close()
+            let results = try await client.value
+            #expect(results.count == 3)
+            for result in results {
+                #expect(throws: NBDError.self) { try result.get() }
+                if case .failure(let error as NBDError) = result {
+                    #expect(error.code == .connectionClosed)
+                    #expect(!error.connectionUsable)
+                }
+            }
+        }
+    }
+
+    @Test func unknownCookieIsAViolationThatClosesTheConnection() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go()
+                await #expect(performing: { try await export.flush() }, throws: { ($0 as? NBDError)?.code == .protocolViolation })
+                // Afterwards every request fails at once.
+                await #expect(throws: NBDError.self) { try await export.flush() }
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo()
+            let request = try await peer.readRequest()
+            try await peer.send { ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie &+ 1000)).encode(into: &$0) }
+            try await client.value
+            // Hard disconnect: the client closed its side.
+            for _ in 0..<100 where !peer.isClosed { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(peer.isClosed)
+        }
+    }
+
+    @Test func requestsInFlightAreCappedAndMatchedOutOfOrder() async throws {
+        try await withServer { server in
+            var configuration = NBDClientConfiguration()
+            configuration.maximumRequestsInFlight = 4
+            let client = Task { () -> [ByteBuffer] in
+                let connection = try await NBDConnection.connect(to: server.address, configuration: configuration)
+                let export = try await connection.go()
+                let results = try await withThrowingTaskGroup(of: (Int, ByteBuffer).self) { group in
+                    for index in 0..<12 {
+                        group.addTask { (index, try await export.read(at: UInt64(index) * 512, length: 512)) }
+                    }
+                    return try await group.reduce(into: [:]) { $0[$1.0] = $1.1 }
+                }
+                await export.disconnect()
+                return (0..<12).map { results[$0]! }
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo(size: 12 * 512)
+            var answered = 0
+            while answered < 12 {
+                var batch: [RequestHeader] = []
+                for _ in 0..<min(4, 12 - answered) { batch.append(try await peer.readRequest()) }
+                // The cap: nothing more arrives while 4 are unanswered.
+                try await Task.sleep(for: .milliseconds(100))
+                #expect(peer.available == 0)
+                for request in batch.reversed() {
+                    try await peer.send {
+                        ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &$0)
+                        $0.writeRepeatingByte(UInt8(request.offset / 512), count: 512)
+                    }
+                }
+                answered += batch.count
+            }
+            #expect(try await peer.readRequest().type == .disconnect)
+            let results = try await client.value
+            for (index, data) in results.enumerated() { #expect(data == ByteBuffer(repeating: UInt8(index), count: 512)) }
+        }
+    }
+
+    @Test func strictModeSendsNothing() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go()
+                await #expect(performing: { try await export.trim(at: 0, length: 512) }, throws: code(.unsupportedByServer))
+                await #expect(performing: { try await export.write(ByteBuffer(repeating: 1, count: 512), at: 0, flags: .fua) },
+                              throws: code(.unsupportedByServer))
+                await #expect(performing: { _ = try await export.read(at: 1 << 20, length: 1) }, throws: code(.invalidArgument))
+                await #expect(performing: { _ = try await export.read(at: 0, length: 0) }, throws: code(.invalidArgument))
+                await #expect(performing: { _ = try await export.blockStatus(at: 0, length: 512) }, throws: code(.unsupportedByServer))
+                await #expect(performing: { try await export.cache(at: 0, length: 512) }, throws: code(.unsupportedByServer))
+                await export.disconnect()
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo(flags: [.hasFlags])
+            // The first thing after GO is the disconnect: none of the refused requests went out.
+            #expect(try await peer.readRequest().type == .disconnect)
+            try await client.value
+        }
+    }
+
+    @Test func cancelledRequestIsDroppedAndItsLateReplyDiscarded() async throws {
+        try await withServer { server in
+            let peerTask = Task { () -> Void in
+                let peer = await server.nextPeer()
+                try await peer.handshake()
+                try await peer.acceptGo()
+                let slow = try await peer.readRequest()
+                let next = try await peer.readRequest()
+                // The cancelled read's reply comes late, then the next one's.
+                for request in [slow, next] {
+                    try await peer.send {
+                        ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &$0)
+                        $0.writeRepeatingByte(request == slow ? 0xEE : 0x11, count: Int(request.length))
+                    }
+                }
+                #expect(try await peer.readRequest().type == .disconnect)
+            }
+            let connection = try await NBDConnection.connect(to: server.address)
+            let export = try await connection.go()
+            let slow = Task { try await export.read(at: 0, length: 4096) }
+            try await Task.sleep(for: .milliseconds(100))
+            slow.cancel()
+            await #expect(throws: CancellationError.self) { _ = try await slow.value }
+            #expect(try await export.read(at: 4096, length: 512) == ByteBuffer(repeating: 0x11, count: 512))
+            await export.disconnect()
+            try await peerTask.value
+        }
+    }
+}
+
+extension HostileServerTests {
+    @Test func everyReplyDrippedOneByteAtATime() async throws {
+        try await withServer { server in
+            let client = Task { () -> ([NBDExportListing], ByteBuffer) in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let list = try await connection.list()
+                _ = try await connection.enableStructuredReplies()
+                let export = try await connection.go("b")
+                let data = try await export.read(at: 0, length: 8)
+                await export.disconnect()
+                return (list, data)
+            }
+            let peer = await server.nextPeer()
+            func drip(_ encode: (inout ByteBuffer) -> Void) async throws {
+                var buffer = ByteBuffer()
+                encode(&buffer)
+                for byte in buffer.readableBytesView { try await peer.send { $0.writeInteger(byte) } }
+            }
+            try await drip { ServerGreeting.newstyle([.fixedNewstyle, .noZeroes]).encode(into: &$0) }
+            _ = try await peer.read(4)
+            _ = try await peer.readOption()
+            try await drip {
+                OptionReply(option: .list, body: .server(name: "a", description: "first")).encode(into: &$0)
+                OptionReply(option: .list, body: .server(name: "b", description: "")).encode(into: &$0)
+                OptionReply(option: .list, body: .ack).encode(into: &$0)
+            }
+            _ = try await peer.readOption()
+            try await drip { OptionReply(option: .structuredReply, body: .ack).encode(into: &$0) }
+            _ = try await peer.readOption()
+            try await drip {
+                OptionReply(option: .go, body: .info(.export(size: 4096, flags: [.hasFlags]))).encode(into: &$0)
+                OptionReply(option: .go, body: .ack).encode(into: &$0)
+            }
+            let request = try await peer.readRequest()
+            try await drip {
+                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: 12)).encode(into: &$0)
+                $0.writeInteger(UInt64(4))
+                $0.writeBytes([5, 6, 7, 8])
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetHole, cookie: request.cookie, length: 12)).encode(into: &$0)
+                $0.writeMultipleIntegers(UInt64(0), UInt32(4))
+            }
+            #expect(try await peer.readRequest().type == .disconnect)
+            let (list, data) = try await client.value
+            #expect(list == [NBDExportListing(name: "a", description: "first"), NBDExportListing(name: "b", description: "")])
+            #expect(data == ByteBuffer(bytes: [0, 0, 0, 0, 5, 6, 7, 8]))
+        }
+    }
+}
