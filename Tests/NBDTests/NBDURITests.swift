@@ -1,0 +1,90 @@
+import NBD
+import Testing
+
+@Suite("NBD URIs")
+struct NBDURITests {
+    @Test(arguments: [
+        // The spec's export-name table.
+        ("nbd://example.com/disk", "disk"),
+        ("nbd+unix:///disk?socket=sock", "disk"),
+        ("nbd://example.com/", ""),
+        ("nbd://example.com", ""),
+        ("nbd://example.com//disk", "/disk"),
+        ("nbd://example.com/hello%20world", "hello world"),
+    ])
+    func exportNameFromThePath(uri: String, name: String) throws {
+        #expect(try NBDURI(uri).exportName == name)
+    }
+
+    @Test func tcpDefaultsAndSchemeCase() throws {
+        let uri = try NBDURI("NBD://example.com/x")
+        #expect(uri.address == .tcp(host: "example.com", port: 10809))
+        #expect(!uri.requiresTLS)
+        #expect(try NBDURI("nbd://example.com:1234").address == .tcp(host: "example.com", port: 1234))
+        #expect(try NBDURI("nbd:///").address == .tcp(host: "localhost", port: 10809))
+    }
+
+    @Test func ipv6Literals() throws {
+        #expect(try NBDURI("nbd://[::1]:10810/e").address == .tcp(host: "::1", port: 10810))
+        #expect(try NBDURI("nbd://[fe80::1]/").address == .tcp(host: "fe80::1", port: 10809))
+        #expect(try NBDURI("nbd://[::1]:10810/e").description == "nbd://[::1]:10810/e")
+    }
+
+    @Test func unixSocketsIncludingAbstract() throws {
+        #expect(try NBDURI("nbd+unix:///e?socket=/tmp/s.sock").address == .unix(path: "/tmp/s.sock"))
+        #expect(try NBDURI("nbd+unix:///?socket=%00/abstract").address == .abstractUnix(name: "/abstract"))
+    }
+
+    @Test func tlsSchemesAndParameters() throws {
+        let uri = try NBDURI("nbds+unix://alice@/e?socket=s&tls-type=psk&tls-hostname=h&tls-verify-peer=0&tls-psk-file=/k&tls-certificates=/c&tls-username=bob")
+        #expect(uri.requiresTLS && uri.isUnix)
+        #expect(uri.user == "alice")
+        #expect(uri.tlsType == "psk")
+        #expect(uri.tlsHostname == "h")
+        #expect(uri.tlsVerifyPeer == false)
+        #expect(uri.tlsPSKFile == "/k")
+        #expect(uri.tlsCertificates == "/c")
+        #expect(uri.tlsUsername == "bob")
+        #expect(try NBDURI("nbds://h/").requiresTLS)
+    }
+
+    @Test(arguments: [
+        ("http://example.com/", "unknown scheme"),
+        ("nbd+unix:///disk", "socket"),
+        ("nbd://example.com/?socket=/s", "socket"),
+        ("nbd://example.com:99999/", "port"),
+        ("nbd://example.com:-1/", "port"),
+        ("nbd://example.com/?frobnicate=1&tls-type=x509", "frobnicate"),
+        ("nbd://example.com/?tls-verify-peer=maybe", "tls-verify-peer"),
+        ("nbd://[::1/", "IPv6"),
+        ("nbd://h/%zz", "percent"),
+        ("nbd+unix://host/?socket=s", "host"),
+    ])
+    func badURIsNameTheProblem(uri: String, mentions: String) {
+        #expect { try NBDURI(uri) } throws: { error in
+            guard let error = error as? NBDError else { return false }
+            return error.code == .invalidURI && error.message.contains(mentions)
+        }
+    }
+
+    @Test(arguments: [
+        "nbd://example.com/disk",
+        "nbds://user@example.com:1234/a%20b?tls-verify-peer=1",
+        "nbd+unix:///e?socket=/tmp/x%26y.sock",
+        "nbds+unix:///?socket=%00abs&tls-type=x509&tls-hostname=srv",
+        "nbd://[2001:db8::1]:10809/%2Fslash",
+        "nbd://h/caf%C3%A9",
+    ])
+    func printsBackAnEquivalentURI(text: String) throws {
+        let uri = try NBDURI(text)
+        let again = try NBDURI(uri.description)
+        #expect(again == uri)
+    }
+
+    @Test func builtURIsParseBack() throws {
+        let unix = NBDURI(socket: "/run/n bd.sock", exportName: "a/b")
+        #expect(try NBDURI(unix.description) == unix)
+        let tcp = NBDURI(host: "::1", port: 5000, exportName: "x")
+        #expect(try NBDURI(tcp.description) == tcp)
+    }
+}
