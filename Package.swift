@@ -31,7 +31,7 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "nbd-example", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
-        .executableTarget(name: "nbd-bench", dependencies: ["NBD"]),
+        .executableTarget(name: "nbd-bench", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "NBDCoreTests",
             dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]

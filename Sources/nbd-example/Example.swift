@@ -33,13 +33,16 @@ struct Example {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             process.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", socket, "--export-name", "demo",
                                  "memory", "64M"]
+            process.standardOutput = FileHandle.nullDevice
+            process.standardError = FileHandle.nullDevice
             do { try process.run() } catch { throw ExampleError("cannot start nbdkit (apt-get install nbdkit): \(error)") }
             server = process
             for _ in 0..<100 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(50)) }
             uri = NBDURI(socket: socket, exportName: "demo")
             print("started nbdkit memory 64M at \(uri)")
         }
-        defer { server?.terminate() }
+        // SIGKILL: children of Swift concurrency threads inherit a mask that blocks SIGTERM.
+        defer { if let server { kill(server.processIdentifier, SIGKILL) } }
 
         // 1. Dial and handshake: the connection is in the negotiation phase.
         let connection = try await NBDConnection.connect(to: uri.address)

@@ -88,10 +88,11 @@ final class ServerProcess: @unchecked Sendable {
 
     func stop() {
         for process in processes where process.isRunning {
-            process.terminate()
-            // Not waitUntilExit(): it can hang when called from a Swift concurrency thread.
-            for _ in 0..<200 where process.isRunning { usleep(10_000) }
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+            // SIGKILL, not terminate(): a child spawned from a Swift concurrency thread inherits
+            // its blocked signal mask, SIGTERM included. And not waitUntilExit(), which can hang
+            // on such a thread.
+            kill(process.processIdentifier, SIGKILL)
+            for _ in 0..<500 where process.isRunning { usleep(2_000) }
         }
         processes = []
         try? FileManager.default.removeItem(at: directory)

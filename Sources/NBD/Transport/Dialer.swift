@@ -12,6 +12,9 @@ enum Dialer {
         let bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .connectTimeout(configuration.connectTimeout)
             .channelOption(.socketOption(.so_keepalive), value: 1)
+            // Large reads: data replies are big, and each read costs a syscall and a pass
+            // through the state machine.
+            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout, logger: logger)

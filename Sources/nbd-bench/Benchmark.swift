@@ -1,0 +1,188 @@
+// Throughput benchmark: sequential reads of a 4 GiB export, beside nbdcopy in the same run.
+//
+//     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64]
+//
+// Starts `nbdkit memory SIZE` on a temporary Unix socket, fills it with non-zero data (so no
+// hole is skipped), then reads it all over one connection with 64 requests of 256 KiB in
+// flight into reused buffers, and runs `nbdcopy --connections=1 --no-extents URI null:` on the
+// same export. Prints MiB/s and peak memory of both, and the ratio.
+import Foundation
+import NBD
+import NIOCore
+
+@main
+struct Benchmark {
+    static func main() async {
+        do {
+            try await run(Options(CommandLine.arguments.dropFirst()))
+        } catch {
+            FileHandle.standardError.write(Data("nbd-bench: \(error)\n".utf8))
+            exit(1)
+        }
+    }
+
+    struct Options {
+        var size: UInt64 = 4 << 30
+        var requestSize = 256 << 10
+        var inFlight = 64
+
+        init<S: Sequence>(_ arguments: S) throws where S.Element == String {
+            var iterator = arguments.makeIterator()
+            while let flag = iterator.next() {
+                guard let value = iterator.next() else { throw BenchError("\(flag) needs a value") }
+                switch flag {
+                case "--size": size = try Self.bytes(value)
+                case "--request-size": requestSize = Int(try Self.bytes(value))
+                case "--in-flight": inFlight = Int(value) ?? 0
+                default: throw BenchError("unknown option \(flag)")
+                }
+            }
+            guard requestSize > 0, inFlight > 0, size >= UInt64(requestSize) else { throw BenchError("bad sizes") }
+        }
+
+        static func bytes(_ text: String) throws -> UInt64 {
+            let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+            if let last = text.last, let unit = units[last], let number = UInt64(text.dropLast()) { return number * unit }
+            guard let number = UInt64(text) else { throw BenchError("not a size: \(text)") }
+            return number
+        }
+    }
+
+    static func run(_ options: Options) async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-bench-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let socket = directory.appendingPathComponent("nbdkit.sock").path
+        let server = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket, "memory", "\(options.size)"])
+        // SIGKILL: children of Swift concurrency threads inherit a mask that blocks SIGTERM.
+        defer { kill(server.processIdentifier, SIGKILL) }
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+        let uri = NBDURI(socket: socket)
+
+        print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
+        try await fill(uri, options)
+
+        var configuration = NBDClientConfiguration()
+        configuration.maximumRequestsInFlight = options.inFlight
+        resetPeakMemory()
+        let ours = try await readAll(uri, options, configuration: configuration)
+        let ourPeak = peakMemory(of: "self")
+
+        let copy = try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"])
+
+        let mib = Double(options.size) / Double(1 << 20)
+        let ourRate = mib / ours
+        let theirRate = mib / copy.seconds
+        print("")
+        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket")
+        print(String(format: "  swift-nbd  %8.1f MiB/s   peak RSS %6.1f MiB", ourRate, Double(ourPeak) / 1024))
+        print(String(format: "  nbdcopy    %8.1f MiB/s   peak RSS %6.1f MiB", theirRate, Double(copy.peakKiB) / 1024))
+        print(String(format: "  ratio (swift-nbd / nbdcopy): %.2f", ourRate / theirRate))
+    }
+
+    static func fill(_ uri: NBDURI, _ options: Options) async throws {
+        let export = try await NBDExport.connect(to: uri)
+        let block = ByteBuffer(bytes: (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) })
+        let counter = Counter(limit: options.size, step: UInt64(block.readableBytes))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<16 {
+                group.addTask {
+                    while let offset = counter.next() { try await export.write(block, at: offset) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await export.disconnect()
+    }
+
+    /// Reads the whole export; returns the seconds taken.
+    static func readAll(_ uri: NBDURI, _ options: Options, configuration: NBDClientConfiguration) async throws -> Double {
+        let export = try await NBDExport.connect(to: uri, configuration: configuration)
+        let counter = Counter(limit: options.size, step: UInt64(options.requestSize))
+        let start = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for _ in 0..<options.inFlight {
+                group.addTask {
+                    var buffer = ByteBuffer()
+                    buffer.reserveCapacity(options.requestSize)
+                    while let offset = counter.next() {
+                        buffer.clear()
+                        try await export.read(into: &buffer, at: offset, length: Int(min(UInt64(options.requestSize), options.size - offset)))
+                        // The data is real: a zero byte here would mean a hole was read.
+                        guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let elapsed = ContinuousClock.now - start
+        await export.disconnect()
+        return Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+    }
+
+    // MARK: Processes and memory
+
+    static func start(_ tool: String, _ arguments: [String]) throws -> Process {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = [tool] + arguments
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        do { try process.run() } catch { throw BenchError("cannot run \(tool) (apt-get install nbdkit libnbd-bin): \(error)") }
+        return process
+    }
+
+    /// Runs a tool to the end, sampling its peak RSS.
+    static func measure(_ tool: String, _ arguments: [String]) throws -> (seconds: Double, peakKiB: Int) {
+        let process = try start(tool, arguments)
+        let start = Date()
+        var peak = 0
+        while process.isRunning {
+            peak = max(peak, peakMemory(of: "\(process.processIdentifier)"))
+            usleep(20_000)
+        }
+        let seconds = Date().timeIntervalSince(start)
+        guard process.terminationStatus == 0 else { throw BenchError("\(tool) failed with status \(process.terminationStatus)") }
+        return (seconds, peak)
+    }
+
+    /// VmHWM (peak resident set) in KiB from /proc.
+    static func peakMemory(of pid: String) -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
+        for line in status.split(separator: "\n") where line.hasPrefix("VmHWM:") {
+            return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+        }
+        return 0
+    }
+
+    /// Writing 5 to clear_refs resets VmHWM, so the read phase is measured alone.
+    static func resetPeakMemory() {
+        try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)
+    }
+}
+
+/// Hands out offsets in order to many tasks.
+final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var position: UInt64 = 0
+    private let limit: UInt64
+    private let step: UInt64
+
+    init(limit: UInt64, step: UInt64) {
+        self.limit = limit
+        self.step = step
+    }
+
+    func next() -> UInt64? {
+        lock.lock()
+        defer { lock.unlock() }
+        guard position < limit else { return nil }
+        defer { position += step }
+        return position
+    }
+}
+
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
