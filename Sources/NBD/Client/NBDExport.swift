@@ -61,9 +61,10 @@ public final class NBDExport: Sendable {
     public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, flags: CommandFlags = []) async throws {
         guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
         try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
         swap(&taken, &buffer)
-        let destination = ReadDestination(appendingTo: taken, exportOffset: offset, length: length)
+        let destination = ReadDestination(appendingTo: consume taken, exportOffset: offset, length: length)
         let requests = pieces(offset: offset, length: UInt64(length), limit: UInt64(info.maximumPayload)).map { piece in
             PendingRequest(.read, flags: flags, offset: piece.offset, length: piece.length, destination: destination,
                            promise: channel.eventLoop.makePromise())
