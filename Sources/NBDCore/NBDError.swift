@@ -10,6 +10,7 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
     public struct Code: Hashable, Sendable, CustomStringConvertible {
         private let name: String
         private init(_ name: String) { self.name = name }
+        /// The code's name.
         public var description: String { name }
 
         /// The server failed a command with an NBD error value (see ``NBDError/serverErrno``).
@@ -49,6 +50,7 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
     /// The error underneath, for example the socket error.
     public var underlying: (any Error & Sendable)?
 
+    /// Makes an error; the library makes these, tests and servers may too.
     public init(
         _ code: Code, _ message: String, serverErrno: NBDErrno? = nil, optionReply: OptionReplyType? = nil,
         serverMessage: String? = nil, connectionUsable: Bool, underlying: (any Error & Sendable)? = nil
@@ -62,6 +64,7 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
         self.underlying = underlying
     }
 
+    /// The message, with the server's error value, reply and text when there are any.
     public var description: String {
         var text = message
         if let serverErrno { text += " (\(serverErrno.posixName): \(serverErrno.explanation))" }

@@ -13,6 +13,7 @@ public struct NBDExportInfo: Hashable, Sendable {
     /// Size constraints, when the server advertised them (`NBD_INFO_BLOCK_SIZE`).
     public var advertisedBlockSizes: BlockSizeConstraints?
 
+    /// A description with the given fields.
     public init(name: String, description: String? = nil, size: UInt64, flags: TransmissionFlags, advertisedBlockSizes: BlockSizeConstraints? = nil) {
         self.name = name
         self.description = description
@@ -54,14 +55,24 @@ public struct NBDExportInfo: Hashable, Sendable {
         return min(aligned, 64 * 1024 * 1024)
     }
 
+    /// `NBD_FLAG_READ_ONLY`: writes are refused.
     public var isReadOnly: Bool { flags.contains(.readOnly) }
+    /// `NBD_FLAG_ROTATIONAL`: behaves like a spinning disk.
     public var isRotational: Bool { flags.contains(.rotational) }
+    /// `NBD_FLAG_SEND_FLUSH`: ``NBDCore/CommandType/flush`` is supported.
     public var canFlush: Bool { flags.contains(.sendFlush) }
+    /// `NBD_FLAG_SEND_FUA`: the FUA flag is supported.
     public var canFUA: Bool { flags.contains(.sendFUA) }
+    /// `NBD_FLAG_SEND_TRIM`: trim is supported.
     public var canTrim: Bool { flags.contains(.sendTrim) }
+    /// `NBD_FLAG_SEND_WRITE_ZEROES`: write zeroes is supported.
     public var canZero: Bool { flags.contains(.sendWriteZeroes) }
+    /// `NBD_FLAG_SEND_FAST_ZERO`: the FAST_ZERO flag is supported.
     public var canFastZero: Bool { flags.contains(.sendFastZero) }
+    /// `NBD_FLAG_SEND_CACHE`: cache is supported.
     public var canCache: Bool { flags.contains(.sendCache) }
+    /// `NBD_FLAG_SEND_DF`: the don't-fragment flag is supported on reads.
     public var canDF: Bool { flags.contains(.sendDF) }
+    /// `NBD_FLAG_CAN_MULTI_CONN`: several connections see each other's flushed writes.
     public var canMultiConn: Bool { flags.contains(.canMultiConn) }
 }

@@ -6,6 +6,7 @@ public struct NBDMetaContext: Hashable, Sendable {
     /// The full name, namespace and leaf, e.g. `base:allocation`.
     public var name: String
 
+    /// A context with its id and name.
     public init(id: UInt32, name: String) {
         self.id = id
         self.name = name

@@ -6,10 +6,14 @@
 /// are integer multiples of any advertised minimum block size" and "MUST NOT use a length which,
 /// when added to offset, would exceed the export size".
 public struct RequestValidator: Sendable {
+    /// The export requests go to.
     public var export: NBDExportInfo
+    /// Whether structured replies were negotiated.
     public var structuredReplies: Bool
+    /// Whether at least one metadata context was selected for this export.
     public var hasMetaContexts: Bool
 
+    /// A validator for `export` with what was negotiated.
     public init(export: NBDExportInfo, structuredReplies: Bool, hasMetaContexts: Bool) {
         self.export = export
         self.structuredReplies = structuredReplies

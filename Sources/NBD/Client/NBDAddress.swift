@@ -10,6 +10,7 @@ public enum NBDAddress: Hashable, Sendable, CustomStringConvertible {
     /// The port IANA assigned to NBD.
     public static let defaultPort = 10809
 
+    /// The address as `host:port`, `[v6]:port`, `unix:PATH` or `unix:@NAME`.
     public var description: String {
         switch self {
         case .tcp(let host, let port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"

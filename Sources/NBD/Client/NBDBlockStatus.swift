@@ -8,6 +8,7 @@ public struct NBDBlockStatus: Hashable, Sendable {
     /// Extents by context name.
     public var contexts: [String: [NBDExtent]]
 
+    /// A status with the given extents.
     public init(offset: UInt64, contexts: [String: [NBDExtent]]) {
         self.offset = offset
         self.contexts = contexts
@@ -32,13 +33,16 @@ public struct NBDBlockStatus: Hashable, Sendable {
 
 /// One extent of a metadata context, its flags decoded by what the context means.
 public struct NBDExtent: Hashable, Sendable {
+    /// Where the extent starts in the export.
     public var offset: UInt64
+    /// Length of the extent in bytes.
     public var length: UInt64
     /// The raw status flags.
     public var flags: UInt32
     /// The flags decoded according to the context they came from.
     public var status: Status
 
+    /// An extent whose flags are decoded for `context`.
     public init(offset: UInt64, length: UInt64, flags: UInt32, context: String) {
         self.offset = offset
         self.length = length

@@ -24,5 +24,6 @@ public struct NBDClientConfiguration: Sendable {
     /// The event loops that run the connection.
     public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
 
+    /// The defaults.
     public init() {}
 }

@@ -197,9 +197,11 @@ public struct NBDConnection: ~Copyable, Sendable {
 
 /// One export of an `NBD_OPT_LIST` reply.
 public struct NBDExportListing: Hashable, Sendable {
+    /// The export name, as GO or EXPORT_NAME expect it.
     public var name: String
     /// The server's description; empty when it gave none.
     public var description: String
+    /// A listing entry.
     public init(name: String, description: String) {
         self.name = name
         self.description = description

@@ -166,6 +166,7 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         return .tcp(host: host ?? "localhost", port: port ?? NBDAddress.defaultPort)
     }
 
+    /// The URI as text, percent-encoded: parsing it gives back an equal ``NBDURI``.
     public var description: String {
         var text = (requiresTLS ? "nbds" : "nbd") + (isUnix ? "+unix" : "") + "://"
         if let user { text += Self.percentEncode(user, keeping: Self.subDelimiters) + "@" }

@@ -7,14 +7,17 @@ import NIOCore
 /// client MUST NOT send any option until it has received a final reply to any option it has
 /// sent") and checks each reply against the option it answers.
 public struct NegotiationStateMachine: Sendable {
+    /// Bounds on what a server may send while negotiating.
     public struct Limits: Hashable, Sendable {
         /// Largest single option reply accepted.
         public var maximumReplyLength: Int = OptionReply.defaultMaximumLength
         /// Largest total of the replies to one option (for example a long `NBD_OPT_LIST`).
         public var maximumRepliesLength: Int = 16 * 1024 * 1024
+        /// The default bounds.
         public init() {}
     }
 
+    /// What the caller does next.
     public enum Action: Hashable, Sendable {
         /// More bytes are needed.
         case wait
@@ -42,6 +45,7 @@ public struct NegotiationStateMachine: Sendable {
     public private(set) var clientFlags: ClientFlags = []
     private let limits: Limits
 
+    /// A machine waiting for the server's greeting.
     public init(limits: Limits = Limits()) {
         self.limits = limits
     }
@@ -58,6 +62,7 @@ public struct NegotiationStateMachine: Sendable {
         public var structuredReplies = false
         /// The contexts the last `NBD_OPT_SET_META_CONTEXT` selected, and for which export.
         public var metaContexts: [NBDMetaContext] = []
+        /// The export the last `NBD_OPT_SET_META_CONTEXT` named.
         public var metaContextExport: String?
         /// The export named by the last INFO, GO or EXPORT_NAME.
         public var export: String?

@@ -12,6 +12,7 @@ import NIOCore
 /// OFFSET_DATA and simple-reply data are not buffered: they come out as slices of the bytes
 /// fed in, as soon as they arrive, so a caller can copy them straight to their destination.
 public struct TransmissionStateMachine<Context> {
+    /// What negotiation agreed, and the bounds applied to replies.
     public struct Configuration: Sendable {
         /// Whether `NBD_OPT_STRUCTURED_REPLY` was negotiated.
         public var structuredReplies: Bool
@@ -21,6 +22,7 @@ public struct TransmissionStateMachine<Context> {
         /// The spec says servers "SHOULD NOT send more than 2^20 extents in a single reply chunk".
         public var maximumBufferedChunkLength: Int
 
+        /// A configuration with the given settings.
         public init(structuredReplies: Bool, metaContextIDs: Set<UInt32> = [], maximumBufferedChunkLength: Int = 4 + 8 * (1 << 21)) {
             self.structuredReplies = structuredReplies
             self.metaContextIDs = metaContextIDs
@@ -28,6 +30,7 @@ public struct TransmissionStateMachine<Context> {
         }
     }
 
+    /// What the caller does next.
     public enum Action {
         /// Data for a READ: `bytes` belong at absolute export `offset`.
         case data(Context, offset: UInt64, bytes: ByteBuffer)
@@ -60,6 +63,7 @@ public struct TransmissionStateMachine<Context> {
         case failed
     }
 
+    /// What negotiation agreed.
     public var configuration: Configuration
     private var inFlight: [UInt64: InFlight] = [:]
     private var nextCookie: UInt64 = 1
@@ -67,6 +71,7 @@ public struct TransmissionStateMachine<Context> {
     private var input = ByteBuffer()
     private var queued: [Action] = []
 
+    /// A machine with no request in flight.
     public init(configuration: Configuration) {
         self.configuration = configuration
     }

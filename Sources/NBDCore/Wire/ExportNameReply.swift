@@ -3,9 +3,12 @@ import NIOCore
 /// The server's answer to `NBD_OPT_EXPORT_NAME` ("Newstyle negotiation"): 64 bits size,
 /// 16 bits transmission flags, then 124 zero bytes unless `NBD_FLAG_C_NO_ZEROES` was agreed.
 public struct ExportNameReply: Hashable, Sendable {
+    /// Export size in bytes.
     public var size: UInt64
+    /// Transmission flags.
     public var flags: TransmissionFlags
 
+    /// A reply with the given size and flags.
     public init(size: UInt64, flags: TransmissionFlags) {
         self.size = size
         self.flags = flags
@@ -21,6 +24,7 @@ public struct ExportNameReply: Hashable, Sendable {
         return ExportNameReply(size: size, flags: TransmissionFlags(rawValue: flags))
     }
 
+    /// Encodes the reply, with the 124 zero bytes unless `noZeroes`.
     public func encode(into buffer: inout ByteBuffer, noZeroes: Bool) {
         buffer.writeMultipleIntegers(size, flags.rawValue)
         if !noZeroes { buffer.writeRepeatingByte(0, count: Self.zeroes) }

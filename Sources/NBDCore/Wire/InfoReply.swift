@@ -67,6 +67,7 @@ public struct BlockSizeConstraints: Hashable, Sendable {
     /// Largest payload the server accepts in one request.
     public var maximum: UInt32
 
+    /// Constraints with the given sizes.
     public init(minimum: UInt32, preferred: UInt32, maximum: UInt32) {
         self.minimum = minimum
         self.preferred = preferred

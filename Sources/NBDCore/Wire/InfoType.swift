@@ -12,6 +12,7 @@ public struct InfoType: WireCode {
     /// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes.
     public static let blockSize = InfoType(rawValue: 3)
 
+    /// The spec's name of each value this library knows.
     public static let names: [UInt16: String] = [
         0: "NBD_INFO_EXPORT", 1: "NBD_INFO_NAME", 2: "NBD_INFO_DESCRIPTION", 3: "NBD_INFO_BLOCK_SIZE",
     ]

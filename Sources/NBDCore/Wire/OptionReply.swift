@@ -8,6 +8,7 @@ public struct OptionReply: Hashable, Sendable {
     /// The decoded reply.
     public var body: Body
 
+    /// What a reply says, by reply type.
     public enum Body: Hashable, Sendable {
         /// `NBD_REP_ACK`.
         case ack
@@ -21,6 +22,7 @@ public struct OptionReply: Hashable, Sendable {
         case error(OptionReplyType, message: String)
     }
 
+    /// A reply to `option`.
     public init(option: OptionCode, body: Body) {
         self.option = option
         self.body = body

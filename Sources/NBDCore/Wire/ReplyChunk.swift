@@ -77,8 +77,11 @@ public enum ReplyChunk: Hashable, Sendable {
 /// One block status descriptor: an extent's length and its status flags, whose meaning
 /// depends on the metadata context.
 public struct BlockDescriptor: Hashable, Sendable {
+    /// Length of the extent in bytes (MUST be nonzero).
     public var length: UInt32
+    /// Status flags, meaning set by the metadata context.
     public var flags: UInt32
+    /// A descriptor with the given length and flags.
     public init(length: UInt32, flags: UInt32) {
         self.length = length
         self.flags = flags

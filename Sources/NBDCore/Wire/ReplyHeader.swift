@@ -30,6 +30,7 @@ public enum ReplyHeader: Hashable, Sendable {
         }
     }
 
+    /// Encodes the header (16 bytes simple, 20 bytes structured).
     public func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .simple(let header):
@@ -44,25 +45,34 @@ public enum ReplyHeader: Hashable, Sendable {
 public struct SimpleReplyHeader: Hashable, Sendable {
     /// Zero for success.
     public var error: NBDErrno
+    /// The cookie of the request answered.
     public var cookie: UInt64
+    /// A simple reply header; `error` 0 means success.
     public init(error: NBDErrno = NBDErrno(rawValue: 0), cookie: UInt64) {
         self.error = error
         self.cookie = cookie
     }
+    /// Bytes on the wire.
     public static let size = 16
 }
 
 /// The header of one structured reply chunk; `length` bytes of payload follow.
 public struct StructuredReplyHeader: Hashable, Sendable {
+    /// Chunk flags (`NBD_REPLY_FLAG_DONE`).
     public var flags: ReplyFlags
+    /// The chunk type.
     public var type: ReplyChunkType
+    /// The cookie of the request answered.
     public var cookie: UInt64
+    /// Length of the payload that follows.
     public var length: UInt32
+    /// A chunk header with the given fields.
     public init(flags: ReplyFlags, type: ReplyChunkType, cookie: UInt64, length: UInt32) {
         self.flags = flags
         self.type = type
         self.cookie = cookie
         self.length = length
     }
+    /// Bytes on the wire.
     public static let size = 20
 }
