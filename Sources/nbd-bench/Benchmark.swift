@@ -1,11 +1,12 @@
 // Throughput benchmark: sequential reads of a 4 GiB export, beside nbdcopy in the same run.
 //
-//     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64]
+//     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3]
 //
 // Starts `nbdkit memory SIZE` on a temporary Unix socket, fills it with non-zero data (so no
 // hole is skipped), then reads it all over one connection with 64 requests of 256 KiB in
 // flight into reused buffers, and runs `nbdcopy --connections=1 --no-extents URI null:` on the
-// same export. Prints MiB/s and peak memory of both, and the ratio.
+// same export, alternating the two for a few rounds. Prints the median MiB/s and the peak
+// memory of both, and the ratio.
 import Foundation
 import NBD
 import NIOCore
@@ -25,6 +26,7 @@ struct Benchmark {
         var size: UInt64 = 4 << 30
         var requestSize = 256 << 10
         var inFlight = 64
+        var rounds = 3
 
         init<S: Sequence>(_ arguments: S) throws where S.Element == String {
             var iterator = arguments.makeIterator()
@@ -34,10 +36,11 @@ struct Benchmark {
                 case "--size": size = try Self.bytes(value)
                 case "--request-size": requestSize = Int(try Self.bytes(value))
                 case "--in-flight": inFlight = Int(value) ?? 0
+                case "--rounds": rounds = Int(value) ?? 0
                 default: throw BenchError("unknown option \(flag)")
                 }
             }
-            guard requestSize > 0, inFlight > 0, size >= UInt64(requestSize) else { throw BenchError("bad sizes") }
+            guard requestSize > 0, inFlight > 0, rounds > 0, size >= UInt64(requestSize) else { throw BenchError("bad sizes") }
         }
 
         static func bytes(_ text: String) throws -> UInt64 {
@@ -64,20 +67,30 @@ struct Benchmark {
 
         var configuration = NBDClientConfiguration()
         configuration.maximumRequestsInFlight = options.inFlight
-        resetPeakMemory()
-        let ours = try await readAll(uri, options, configuration: configuration)
-        let ourPeak = peakMemory(of: "self")
-
-        let copy = try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"])
+        // Alternate the two readers and keep each one's median, so that a disturbance of the
+        // machine during one run does not decide the ratio.
+        var ours: [(seconds: Double, peakKiB: Int)] = []
+        var theirs: [(seconds: Double, peakKiB: Int)] = []
+        for round in 1...options.rounds {
+            resetPeakMemory()
+            ours.append((try await readAll(uri, options, configuration: configuration), peakMemory(of: "self")))
+            theirs.append(try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"]))
+            print(String(format: "round %d: swift-nbd %.2f s, nbdcopy %.2f s", round, ours.last!.seconds, theirs.last!.seconds))
+        }
 
         let mib = Double(options.size) / Double(1 << 20)
-        let ourRate = mib / ours
-        let theirRate = mib / copy.seconds
+        let ourRate = mib / median(ours.map(\.seconds))
+        let theirRate = mib / median(theirs.map(\.seconds))
         print("")
-        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket")
-        print(String(format: "  swift-nbd  %8.1f MiB/s   peak RSS %6.1f MiB", ourRate, Double(ourPeak) / 1024))
-        print(String(format: "  nbdcopy    %8.1f MiB/s   peak RSS %6.1f MiB", theirRate, Double(copy.peakKiB) / 1024))
+        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket, median of \(options.rounds)")
+        print(String(format: "  swift-nbd  %8.1f MiB/s   peak RSS %6.1f MiB", ourRate, Double(ours.map(\.peakKiB).max()!) / 1024))
+        print(String(format: "  nbdcopy    %8.1f MiB/s   peak RSS %6.1f MiB", theirRate, Double(theirs.map(\.peakKiB).max()!) / 1024))
         print(String(format: "  ratio (swift-nbd / nbdcopy): %.2f", ourRate / theirRate))
+    }
+
+    static func median(_ values: [Double]) -> Double {
+        let sorted = values.sorted()
+        return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
     }
 
     static func fill(_ uri: NBDURI, _ options: Options) async throws {
