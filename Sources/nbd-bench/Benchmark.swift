@@ -71,6 +71,7 @@ struct Benchmark {
         // machine during one run does not decide the ratio.
         var ours: [(seconds: Double, peakKiB: Int)] = []
         var theirs: [(seconds: Double, peakKiB: Int)] = []
+        print("resident before reading: \(residentKiB() >> 10) MiB")
         for round in 1...options.rounds {
             resetPeakMemory()
             ours.append((try await readAll(uri, options, configuration: configuration), peakMemory(of: "self")))
@@ -163,6 +164,15 @@ struct Benchmark {
     static func peakMemory(of pid: String) -> Int {
         guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return 0 }
         for line in status.split(separator: "\n") where line.hasPrefix("VmHWM:") {
+            return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
+        }
+        return 0
+    }
+
+    /// VmRSS (current resident set) in KiB.
+    static func residentKiB() -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return 0 }
+        for line in status.split(separator: "\n") where line.hasPrefix("VmRSS:") {
             return Int(line.split(separator: " ").dropFirst().first ?? "") ?? 0
         }
         return 0

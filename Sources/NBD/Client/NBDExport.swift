@@ -71,9 +71,9 @@ public final class NBDExport: Sendable {
         }
         do {
             _ = try await perform(requests)
-            buffer = destination.buffer
+            buffer = destination.take()
         } catch {
-            buffer = destination.buffer
+            buffer = destination.take()
             buffer.moveWriterIndex(to: destination.start)
             throw error
         }

@@ -271,9 +271,9 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         while let action = transmission!.next() {
             switch action {
             case .data(let request, let offset, let bytes):
-                if !request.isAbandoned { request.destination?.write(bytes, at: offset) }
+                request.destination?.write(bytes, at: offset)  // nil once the caller stopped waiting
             case .hole(let request, let offset, let length):
-                if !request.isAbandoned { request.destination?.zero(at: offset, length: Int(length)) }
+                request.destination?.zero(at: offset, length: Int(length))
             case .blockStatus(let request, let id, let descriptors):
                 request.extents[id] = descriptors
             case .complete(let request, let error):

@@ -11,8 +11,9 @@ final class PendingRequest: @unchecked Sendable {
     let length: UInt32
     /// A WRITE's data.
     let payload: ByteBuffer?
-    /// Where a READ's data lands.
-    let destination: ReadDestination?
+    /// Where a READ's data lands; dropped before the caller is answered, so that the caller
+    /// holds the only reference to its buffer and can reuse it without a copy.
+    private(set) var destination: ReadDestination?
     /// A BLOCK_STATUS's extents, by context id.
     var extents: [UInt32: [BlockDescriptor]] = [:]
     /// The caller's answer: the extents of a BLOCK_STATUS by context id, empty for the rest.
@@ -32,15 +33,14 @@ final class PendingRequest: @unchecked Sendable {
         self.future = promise.futureResult
     }
 
-    /// True when the caller no longer waits (cancelled): late data is read and dropped.
-    var isAbandoned: Bool { promise == nil }
-
     func succeed() {
+        destination = nil
         promise?.succeed(extents)
         promise = nil
     }
 
     func fail(_ error: any Error) {
+        destination = nil
         promise?.fail(error)
         promise = nil
     }
@@ -68,6 +68,13 @@ final class ReadDestination: @unchecked Sendable {
 
     func write(_ bytes: ByteBuffer, at offset: UInt64) {
         buffer.setBuffer(bytes, at: start + Int(offset - exportOffset))
+    }
+
+    /// Moves the buffer out, leaving this object empty.
+    func take() -> ByteBuffer {
+        var taken = ByteBuffer()
+        swap(&taken, &buffer)
+        return taken
     }
 
     func zero(at offset: UInt64, length: Int) {
