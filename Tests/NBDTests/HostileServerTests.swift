@@ -358,3 +358,62 @@ extension HostileServerTests {
         }
     }
 }
+
+extension HostileServerTests {
+    @Test func shutdownErrorInTransmissionLeadsToASoftDisconnect() async throws {
+        try await withServer { server in
+            let client = Task { () -> NBDError? in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go()
+                do {
+                    try await export.flush()
+                    return nil
+                } catch let error as NBDError {
+                    return error
+                }
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo()
+            let request = try await peer.readRequest()
+            try await peer.send { ReplyHeader.simple(SimpleReplyHeader(error: .ESHUTDOWN, cookie: request.cookie)).encode(into: &$0) }
+            // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
+            #expect(try await peer.readRequest().type == .disconnect)
+            let error = try await client.value
+            #expect(error?.serverErrno == .ESHUTDOWN)
+        }
+    }
+
+    @Test func largeReadIsSplitAtTheMaximumPayload() async throws {
+        try await withServer { server in
+            let client = Task { () -> ByteBuffer in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go(requests: [.blockSize])
+                let data = try await export.read(at: 0, length: 3 * 4096 + 512)
+                await export.disconnect()
+                return data
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.go, .info(.export(size: 1 << 20, flags: [.hasFlags])))
+            try await peer.reply(.go, .info(.blockSize(BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 4096))))
+            try await peer.reply(.go, .ack)
+            var lengths: [UInt32] = []
+            for _ in 0..<4 {
+                let request = try await peer.readRequest()
+                lengths.append(request.length)
+                try await peer.send {
+                    ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &$0)
+                    $0.writeRepeatingByte(UInt8(request.offset / 4096 + 1), count: Int(request.length))
+                }
+            }
+            #expect(lengths == [4096, 4096, 4096, 512])
+            #expect(try await peer.readRequest().type == .disconnect)
+            var expected = ByteBuffer()
+            for piece in 0..<3 { expected.writeRepeatingByte(UInt8(piece + 1), count: 4096) }
+            expected.writeRepeatingByte(4, count: 512)
+            #expect(try await client.value == expected)
+        }
+    }
+}

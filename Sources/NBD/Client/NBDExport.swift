@@ -164,9 +164,7 @@ public final class NBDExport: Sendable {
         let handler = self.handler
         let loop = channel.eventLoop
         return try await withTaskCancellationHandler {
-            loop.execute {
-                for request in requests { handler.value.submit(request) }
-            }
+            loop.execute { handler.value.submit(requests) }
             var firstError: (any Error)?
             var result: [UInt32: [BlockDescriptor]] = [:]
             for request in requests {

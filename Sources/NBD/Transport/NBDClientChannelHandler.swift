@@ -178,18 +178,23 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     // MARK: Transmission
 
-    /// Sends a request now, or queues it while `maximumInFlight` requests are out.
-    func submit(_ request: PendingRequest) {
-        if let closedError {
-            request.fail(closedError)
-        } else if disconnectRequested != nil {
-            request.fail(NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false))
-        } else if transmission!.inFlightCount < maximumInFlight && queued.isEmpty {
-            send(request)
-            context?.flush()
-        } else {
-            queued.append(request)
+    /// Sends requests now, or queues them while `maximumInFlight` requests are out; one flush
+    /// for all that were sent.
+    func submit(_ requests: [PendingRequest]) {
+        var sent = false
+        for request in requests {
+            if let closedError {
+                request.fail(closedError)
+            } else if disconnectRequested != nil {
+                request.fail(NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false))
+            } else if transmission!.inFlightCount < maximumInFlight && queued.isEmpty {
+                send(request)
+                sent = true
+            } else {
+                queued.append(request)
+            }
         }
+        if sent { context?.flush() }
     }
 
     /// The caller stopped waiting: an unsent request is dropped, a sent one answered now
