@@ -239,3 +239,38 @@ struct TransmissionStateMachineTests {
         #expect(drain(&machine).last == .fatal(["r"]))
     }
 }
+
+extension TransmissionStateMachineTests {
+    /// Every chunk type, fed one byte at a time, gives what it gives all at once.
+    @Test func everyChunkTypeDrippedGivesTheSameEvents() {
+        let hole = chunk(1, .offsetHole, done: false, encoded { $0.writeMultipleIntegers(UInt64(0), UInt32(4)) })
+        let error = chunk(1, .errorOffset, done: false, encoded { $0.writeMultipleIntegers(UInt32(5), UInt16(1)); $0.writeString("e"); $0.writeInteger(UInt64(6)) })
+        let status = chunk(2, .blockStatus, done: true, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(3)) })
+        let stream = hole + data(1, offset: 4, [1, 2, 3, 4], done: false) + error + status + chunk(1, .none, []) + simple(3)
+        func run(_ pieces: [[UInt8]]) -> [Event] {
+            var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+            _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
+            _ = machine.startRequest(.blockStatus, offset: 0, length: 512, context: "b")
+            _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
+            var events: [Event] = []
+            for piece in pieces {
+                feed(&machine, piece)
+                events += drain(&machine)
+            }
+            return events
+        }
+        let whole = run([stream])
+        #expect(whole == [.hole("r", 0, 4), .data("r", 4, [1, 2, 3, 4]), .status("b", 1, [BlockDescriptor(length: 512, flags: 3)]),
+                          .complete("b", nil), .complete("r", .EIO), .complete("f", nil)])
+        // Data comes in smaller slices when dripped; everything else is identical.
+        var merged: [Event] = []
+        for event in run(stream.map { [$0] }) {
+            if case .data(let c, _, let bytes) = event, case .data(c, let start, let earlier)? = merged.last {
+                merged[merged.count - 1] = .data(c, start, earlier + bytes)
+            } else {
+                merged.append(event)
+            }
+        }
+        #expect(merged == whole)
+    }
+}
