@@ -6,12 +6,14 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .library(name: "NBD", targets: ["NBD"]),
+        .executable(name: "nbd", targets: ["nbd"]),
         .executable(name: "nbd-example", targets: ["nbd-example"]),
         .executable(name: "nbd-bench", targets: ["nbd-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
         // Sans-IO protocol core: wire types and state machines, no sockets.
@@ -27,6 +29,15 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        // The command-line tool: nbdinfo-style `info` (more subcommands to come).
+        .executableTarget(
+            name: "nbd",
+            dependencies: [
+                "NBD",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -48,7 +59,7 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBD", "nbd", .product(name: "NIOCore", package: "swift-nio")]
         ),
     ]
 )

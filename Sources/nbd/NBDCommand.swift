@@ -1,0 +1,71 @@
+import ArgumentParser
+import Foundation
+import Logging
+import NBD
+
+/// `nbd`: the command-line tool. Errors are one line on stderr starting with `nbd: `, exit 1;
+/// exit 2 is kept for the false answers of `info --can` / `--is`.
+@main
+struct NBDCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nbd",
+        abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo.",
+        discussion: """
+            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
+            (nbds:// and nbds+unix:// for TLS, not supported yet).
+
+            Examples:
+              nbd info nbd://localhost/disk
+              nbd info --json nbd+unix:///?socket=/tmp/nbd.sock
+              nbd info --map nbd://localhost/disk
+            """,
+        subcommands: [Info.self]
+    )
+
+    static func main() async {
+        do {
+            var command = try parseAsRoot(rewritingOptionalValues(Array(CommandLine.arguments.dropFirst())))
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch let exit as ExitCode {
+            Foundation.exit(exit.rawValue)
+        } catch {
+            let code = exitCode(for: error)
+            guard code != .success else { NBDCommand.exit(withError: error) }
+            let message = error is NBDError || error is CommandError ? "\(error)" : fullMessage(for: error)
+            let line = message.split(separator: "\n").first { !$0.trimmingCharacters(in: .whitespaces).isEmpty } ?? "failed"
+            FileHandle.standardError.write(Data("nbd: \(line.replacingOccurrences(of: "Error: ", with: ""))\n".utf8))
+            Foundation.exit(1)
+        }
+    }
+
+    /// nbdinfo's `--map` takes an optional value (`--map` or `--map=CONTEXT`), which
+    /// ArgumentParser cannot express: a bare `--map` becomes `--map=base:allocation`.
+    static func rewritingOptionalValues(_ arguments: [String]) -> [String] {
+        arguments.map { $0 == "--map" ? "--map=\(NBDMetaContext.baseAllocation)" : $0 }
+    }
+}
+
+/// A failure of the tool itself (bad input), printed as one line.
+struct CommandError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Options every subcommand that connects shares.
+struct ConnectionOptions: ParsableArguments {
+    @Flag(name: .long, help: "Print the library's debug log on stderr.")
+    var verbose = false
+
+    func configuration() -> NBDClientConfiguration {
+        var configuration = NBDClientConfiguration()
+        if verbose {
+            configuration.logger = Logger(label: "nbd") { StreamLogHandler.standardError(label: $0) }
+            configuration.logger.logLevel = .trace
+        }
+        return configuration
+    }
+}

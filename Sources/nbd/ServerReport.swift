@@ -1,0 +1,123 @@
+import Foundation
+import NBD
+
+/// What `nbd info` learns about a server and its exports during negotiation, and how it
+/// prints it: as nbdinfo's text, or as JSON with nbdinfo's keys in nbdinfo's order.
+struct ServerReport: Sendable {
+    struct Export: Sendable {
+        var uri: NBDURI
+        var info: NBDExportInfo
+        var contexts: [String]
+    }
+
+    var structuredReplies: Bool
+    var exports: [Export]
+
+    /// Connects, negotiates structured replies, and describes one export (or, with `listing`,
+    /// every export the server lists), then ends the negotiation with NBD_OPT_ABORT.
+    static func gather(_ uri: NBDURI, listing: Bool, configuration: NBDClientConfiguration) async throws -> ServerReport {
+        if uri.requiresTLS {
+            throw NBDError(.tlsRequired, "\(uri) requires TLS, which this version does not support yet; nothing was sent", connectionUsable: false)
+        }
+        let connection = try await NBDConnection.connect(to: uri.address, configuration: configuration)
+        let structured = try await connection.enableStructuredReplies()
+        let names = listing ? try await connection.list().map(\.name) : [uri.exportName]
+        var exports: [Export] = []
+        for name in names {
+            var contexts: [String] = []
+            if structured {
+                contexts = (try? await connection.listMetaContexts(for: name).map(\.name)) ?? []
+            }
+            var exportURI = uri
+            exportURI.exportName = name
+            do {
+                let info = try await connection.info(name)
+                exports.append(Export(uri: exportURI, info: info, contexts: contexts))
+            } catch let error as NBDError where error.optionReply == .errUnsupported && !listing {
+                // A server without NBD_OPT_INFO: enter transmission to learn size and flags.
+                let export = try await connection.go(name)
+                let info = export.info
+                await export.disconnect()
+                return ServerReport(structuredReplies: structured, exports: [Export(uri: exportURI, info: info, contexts: contexts)])
+            }
+        }
+        await connection.abort()
+        return ServerReport(structuredReplies: structured, exports: exports)
+    }
+
+    /// nbdinfo's boolean fields, in its order.
+    static func flags(_ info: NBDExportInfo) -> [(String, Bool)] {
+        [("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly), ("can_cache", info.canCache),
+         ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
+         ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_trim", info.canTrim),
+         ("can_zero", info.canZero)]
+    }
+
+    static func blockSizes(_ info: NBDExportInfo) -> [(String, UInt32)] {
+        guard let sizes = info.advertisedBlockSizes else { return [] }
+        return [("block_size_minimum", sizes.minimum), ("block_size_preferred", sizes.preferred), ("block_size_maximum", sizes.maximum)]
+    }
+
+    var text: String {
+        var out = "protocol: newstyle-fixed without TLS, using \(structuredReplies ? "structured" : "simple") packets\n"
+        for export in exports {
+            out += "export=\(JSON.quote(export.info.name)):\n"
+            if let description = export.info.description { out += "\tdescription: \(description)\n" }
+            out += "\texport-size: \(export.info.size) (\(Self.humanSize(export.info.size)))\n"
+            out += "\turi: \(export.uri)\n"
+            out += "\tcontexts:\n"
+            for context in export.contexts { out += "\t\t\(context)\n" }
+            for (key, value) in Self.flags(export.info) { out += "\t\(key): \(value)\n" }
+            for (key, value) in Self.blockSizes(export.info) { out += "\t\(key): \(value)\n" }
+        }
+        return out
+    }
+
+    var json: String {
+        var out = "{\n\"protocol\": \"newstyle-fixed\",\n\"TLS\": false,\n\"structured\": \(structuredReplies),\n\"exports\": ["
+        out += exports.map { export in
+            var fields = ["\t\"export-name\": \(JSON.quote(export.info.name)),"]
+            if let description = export.info.description { fields.append("\t\"description\": \(JSON.quote(description)),") }
+            fields.append("\t\"uri\": \(JSON.quote(export.uri.description)),")
+            fields.append("\t\"contexts\": [\n" + export.contexts.map { "\t\t\(JSON.quote($0))" }.joined(separator: ",\n") + "\n\t],")
+            for (key, value) in Self.flags(export.info) { fields.append("\t\"\(key)\": \(value),") }
+            for (key, value) in Self.blockSizes(export.info) { fields.append("\t\"\(key)\": \(value),") }
+            fields.append("\t\"export-size\": \(export.info.size),")
+            fields.append("\t\"export-size-str\": \(JSON.quote(Self.humanSize(export.info.size)))")
+            return "\n\t{\n" + fields.joined(separator: "\n") + "\n\t}"
+        }.joined(separator: ",")
+        out += " ]\n}\n"
+        return out
+    }
+
+    /// Sizes as nbdinfo prints them: the largest unit that divides exactly (`64M`), else bytes.
+    static func humanSize(_ bytes: UInt64) -> String {
+        var value = bytes
+        var unit = 0
+        let units = ["", "K", "M", "G", "T", "P", "E"]
+        while value != 0, value % 1024 == 0, unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return "\(value)\(units[unit])"
+    }
+}
+
+/// Just enough JSON writing for nbdinfo's layout.
+enum JSON {
+    static func quote(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\t": out += "\\t"
+            case "\r": out += "\\r"
+            case _ where scalar.value < 0x20: out += String(format: "\\u%04x", scalar.value)
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}
