@@ -63,10 +63,13 @@ struct ServerReport: Sendable {
         for export in exports {
             out += "export=\(JSON.quote(export.info.name)):\n"
             if let description = export.info.description { out += "\tdescription: \(description)\n" }
-            out += "\texport-size: \(export.info.size) (\(Self.humanSize(export.info.size)))\n"
+            let human = Self.humanSize(export.info.size)
+            out += "\texport-size: \(export.info.size)" + (human == "\(export.info.size)" ? "\n" : " (\(human))\n")
             out += "\turi: \(export.uri)\n"
-            out += "\tcontexts:\n"
-            for context in export.contexts { out += "\t\t\(context)\n" }
+            if !export.contexts.isEmpty {
+                out += "\tcontexts:\n"
+                for context in export.contexts { out += "\t\t\(context)\n" }
+            }
             for (key, value) in Self.flags(export.info) { out += "\t\(key): \(value)\n" }
             for (key, value) in Self.blockSizes(export.info) { out += "\t\(key): \(value)\n" }
         }
@@ -79,7 +82,9 @@ struct ServerReport: Sendable {
             var fields = ["\t\"export-name\": \(JSON.quote(export.info.name)),"]
             if let description = export.info.description { fields.append("\t\"description\": \(JSON.quote(description)),") }
             fields.append("\t\"uri\": \(JSON.quote(export.uri.description)),")
-            fields.append("\t\"contexts\": [\n" + export.contexts.map { "\t\t\(JSON.quote($0))" }.joined(separator: ",\n") + "\n\t],")
+            if !export.contexts.isEmpty {
+                fields.append("\t\"contexts\": [\n" + export.contexts.map { "\t\t\(JSON.quote($0))" }.joined(separator: ",\n") + "\n\t],")
+            }
             for (key, value) in Self.flags(export.info) { fields.append("\t\"\(key)\": \(value),") }
             for (key, value) in Self.blockSizes(export.info) { fields.append("\t\"\(key)\": \(value),") }
             fields.append("\t\"export-size\": \(export.info.size),")

@@ -1,0 +1,135 @@
+import Foundation
+import NBD
+import Testing
+
+/// `nbd info` beside `nbdinfo` on the same exports: identical output, but for nbdinfo's
+/// `content` line (it runs file(1) on the first sector, which `nbd info` does not).
+@Suite("nbd info beside nbdinfo", .serialized)
+struct InfoCommandTests {
+    /// The `nbd` executable built beside the test bundle.
+    static let tool: String = {
+        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("nbd").path
+    }()
+
+    /// Runs `nbd` and returns its exit status, standard output and standard error.
+    func nbd(_ arguments: [String]) throws -> (status: Int32, output: String, error: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: Self.tool)
+        process.arguments = arguments
+        let output = Pipe(), error = Pipe()
+        process.standardOutput = output
+        process.standardError = error
+        try process.run()
+        let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        let err = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        while process.isRunning { usleep(1000) }
+        return (process.terminationStatus, out, err)
+    }
+
+    func nbdinfo(_ server: ServerProcess, _ arguments: [String]) throws -> String {
+        String(decoding: try server.run("nbdinfo", arguments), as: UTF8.self)
+            .split(separator: "\n", omittingEmptySubsequences: false)
+            .filter { !$0.contains("content") }.joined(separator: "\n")
+    }
+
+    func expectSame(_ server: ServerProcess, _ arguments: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let ours = try nbd(["info"] + arguments)
+        #expect(ours.status == 0, "\(ours.error)", sourceLocation: sourceLocation)
+        #expect(ours.output == (try nbdinfo(server, arguments)), sourceLocation: sourceLocation)
+    }
+
+    @Test func nbdkitMemoryAndReadOnly() async throws {
+        for extra in [[], ["-r"]] {
+            let server = try ServerProcess()
+            defer { server.stop() }
+            let uri = try await server.nbdkit(extra + ["memory", "64M"]).description
+            try expectSame(server, [uri])
+            try expectSame(server, ["--json", uri])
+            try expectSame(server, ["--size", uri])
+        }
+    }
+
+    @Test func mapOfASparseExport() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["sparse-random", "64M", "seed=7", "percent=20"]).description
+        for arguments in [["--map"], ["--map", "--json"], ["--map", "--totals"], ["--map", "--totals", "--json"]] {
+            try expectSame(server, arguments + [uri])
+        }
+    }
+
+    @Test func mapOverFourGiB() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["sparse-random", "6G", "seed=3", "percent=5", "runlength=1048576"]).description
+        try expectSame(server, ["--map", uri])
+    }
+
+    @Test func qemuQcow2WithADirtyBitmap() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        _ = try server.run("qemu-img", ["create", "-f", "qcow2", "disk.qcow2", "64M"])
+        _ = try server.run("qemu-img", ["bitmap", "--add", "disk.qcow2", "b0"])
+        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 2M 256k", "disk.qcow2"])
+        let socket = server.path("qemu.sock")
+        try await server.start("qemu-nbd", ["-f", "qcow2", "-k", socket, "-x", "disk", "-t", "-e", "4", "-B", "b0", server.path("disk.qcow2")], waitFor: socket)
+        let uri = NBDURI(socket: socket, exportName: "disk").description
+        try expectSame(server, [uri])
+        try expectSame(server, ["--json", uri])
+        try expectSame(server, ["--map", uri])
+        try expectSame(server, ["--map=qemu:dirty-bitmap:b0", uri])
+        try expectSame(server, ["--map=qemu:dirty-bitmap:b0", "--json", uri])
+    }
+
+    @Test func nbdServerList() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let socket = server.path("nbd-server.sock")
+        let image = server.path("disk.raw")
+        _ = FileManager.default.createFile(atPath: image, contents: Data(count: 1 << 20))
+        try """
+        [generic]
+            unixsock = \(socket)
+            allowlist = true
+        [one]
+            exportname = \(image)
+        [two]
+            exportname = \(image)
+            readonly = true
+        """.write(toFile: server.path("config"), atomically: true, encoding: .utf8)
+        try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket)
+        let uri = NBDURI(socket: socket, exportName: "one").description
+        try expectSame(server, ["--list", uri])
+        try expectSame(server, ["--list", "--json", uri])
+    }
+
+    @Test func canAndIsAnswerWithTheExitStatus() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["-r", "memory", "16M"]).description
+        #expect(try nbd(["info", "--is", "read-only", uri]).status == 0)
+        #expect(try nbd(["info", "--isnt", "read-only", uri]).status == 2)
+        #expect(try nbd(["info", "--can", "flush", uri]).status == 0)
+        #expect(try nbd(["info", "--can", "trim", uri]).status == 2)
+        #expect(try nbd(["info", "--cannot", "trim", uri]).status == 0)
+        #expect(try nbd(["info", "--can", "connect", uri]).status == 0)
+    }
+
+    @Test(arguments: [
+        ["info", "http://example.com/"],                  // unknown scheme
+        ["info", "nbd+unix:///disk"],                     // missing socket parameter
+        ["info", "--frobnicate", "nbd://localhost/"],     // unknown flag
+        ["info", "--can", "teleport", "nbd://localhost/"], // unknown feature
+        ["info", "--totals", "nbd://localhost/"],         // --totals without --map
+        ["info", "nbd+unix:///?socket=/nonexistent/nbd.sock"], // nothing listening
+        ["info", "nbds://localhost/"],                    // TLS not yet supported
+    ])
+    func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
+        let result = try nbd(arguments)
+        #expect(result.status == 1)
+        #expect(result.error.hasPrefix("nbd: "))
+        #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
+        #expect(result.output.isEmpty)
+    }
+}
