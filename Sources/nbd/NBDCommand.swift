@@ -19,7 +19,7 @@ struct NBDCommand: AsyncParsableCommand {
               nbd info --json nbd+unix:///?socket=/tmp/nbd.sock
               nbd info --map nbd://localhost/disk
             """,
-        subcommands: [Info.self]
+        subcommands: [Info.self, Dump.self]
     )
 
     static func main() async {

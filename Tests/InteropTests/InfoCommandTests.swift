@@ -6,27 +6,6 @@ import Testing
 /// `content` line (it runs file(1) on the first sector, which `nbd info` does not).
 @Suite("nbd info beside nbdinfo", .serialized)
 struct InfoCommandTests {
-    /// The `nbd` executable built beside the test bundle.
-    static let tool: String = {
-        let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
-        return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("nbd").path
-    }()
-
-    /// Runs `nbd` and returns its exit status, standard output and standard error.
-    func nbd(_ arguments: [String]) throws -> (status: Int32, output: String, error: String) {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.tool)
-        process.arguments = arguments
-        let output = Pipe(), error = Pipe()
-        process.standardOutput = output
-        process.standardError = error
-        try process.run()
-        let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        let err = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        while process.isRunning { usleep(1000) }
-        return (process.terminationStatus, out, err)
-    }
-
     func nbdinfo(_ server: ServerProcess, _ arguments: [String]) throws -> String {
         String(decoding: try server.run("nbdinfo", arguments), as: UTF8.self)
             .split(separator: "\n", omittingEmptySubsequences: false)
@@ -34,7 +13,7 @@ struct InfoCommandTests {
     }
 
     func expectSame(_ server: ServerProcess, _ arguments: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
-        let ours = try nbd(["info"] + arguments)
+        let ours = try runNBD(["info"] + arguments)
         #expect(ours.status == 0, "\(ours.error)", sourceLocation: sourceLocation)
         #expect(ours.output == (try nbdinfo(server, arguments)), sourceLocation: sourceLocation)
     }
@@ -108,12 +87,12 @@ struct InfoCommandTests {
         let server = try ServerProcess()
         defer { server.stop() }
         let uri = try await server.nbdkit(["-r", "memory", "16M"]).description
-        #expect(try nbd(["info", "--is", "read-only", uri]).status == 0)
-        #expect(try nbd(["info", "--isnt", "read-only", uri]).status == 2)
-        #expect(try nbd(["info", "--can", "flush", uri]).status == 0)
-        #expect(try nbd(["info", "--can", "trim", uri]).status == 2)
-        #expect(try nbd(["info", "--cannot", "trim", uri]).status == 0)
-        #expect(try nbd(["info", "--can", "connect", uri]).status == 0)
+        #expect(try runNBD(["info", "--is", "read-only", uri]).status == 0)
+        #expect(try runNBD(["info", "--isnt", "read-only", uri]).status == 2)
+        #expect(try runNBD(["info", "--can", "flush", uri]).status == 0)
+        #expect(try runNBD(["info", "--can", "trim", uri]).status == 2)
+        #expect(try runNBD(["info", "--cannot", "trim", uri]).status == 0)
+        #expect(try runNBD(["info", "--can", "connect", uri]).status == 0)
     }
 
     @Test(arguments: [
@@ -126,7 +105,7 @@ struct InfoCommandTests {
         ["info", "nbds://localhost/"],                    // TLS not yet supported
     ])
     func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
-        let result = try nbd(arguments)
+        let result = try runNBD(arguments)
         #expect(result.status == 1)
         #expect(result.error.hasPrefix("nbd: "))
         #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")

@@ -151,3 +151,25 @@ func nbdinfoMap(_ server: ServerProcess, _ uri: NBDURI, context: String = "base:
     let data = try server.run("nbdinfo", ["--map=\(context)", "--json", uri.description])
     return try JSONDecoder().decode([MapEntry].self, from: data)
 }
+
+/// The `nbd` executable built beside the test bundle.
+let nbdTool: String = {
+    let executable = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+    return URL(fileURLWithPath: executable).deletingLastPathComponent().appendingPathComponent("nbd").path
+}()
+
+/// Runs `nbd` and returns its exit status, standard output and standard error.
+func runNBD(_ arguments: [String]) throws -> (status: Int32, output: String, error: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: nbdTool)
+    process.arguments = arguments
+    let output = Pipe(), error = Pipe()
+    process.standardOutput = output
+    process.standardError = error
+    try process.run()
+    let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let err = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    while process.isRunning { usleep(1000) }
+    return (process.terminationStatus, out, err)
+}
+

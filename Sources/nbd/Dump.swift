@@ -1,0 +1,151 @@
+import ArgumentParser
+import Foundation
+import NBD
+import NIOCore
+
+/// `nbd dump`: a hexdump of an export, in nbddump's format.
+struct Dump: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Hexdump an export (like nbddump): offsets, hex, ASCII; repeated lines as *.",
+        discussion: """
+            Areas that block status reports as zero are not read at all.
+
+            Examples:
+              nbd dump nbd://localhost/disk
+              nbd dump --offset 4096 --length 512 nbd+unix:///?socket=/tmp/nbd.sock
+            """
+    )
+
+    @Argument(help: "The export, as an NBD URI.")
+    var uri: String
+
+    @Option(name: .long, help: "Where to start, in bytes.")
+    var offset: UInt64 = 0
+
+    @Option(name: [.customShort("n"), .long], help: "How many bytes to dump (default: to the end).")
+    var length: UInt64?
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        let uri = try NBDURI(self.uri)
+        try await NBDExport.withExport(uri, configuration: connection.configuration()) { export in
+            guard offset <= export.size else { throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)") }
+            let end = length.map { min(export.size, offset + $0) } ?? export.size
+            var dumper = HexDumper()
+            var output = FileHandle.standardOutput
+            let reader = AlignedReader(export: export)
+            var zeroes = ZeroExtents(export: export)
+            var position = offset
+            while position < end {
+                // Whole lines inside an area known to read as zeroes: not read at all.
+                let zeroEnd = min(end, try await zeroes.end(ofZeroAreaAt: position))
+                let zeroLines = (zeroEnd - position) / 16
+                if zeroLines > 0 {
+                    dumper.zeroLines(from: position, count: zeroLines, into: &output)
+                    position += zeroLines * 16
+                    continue
+                }
+                let chunkEnd = min(end, position + (1 << 20))
+                let bytes = try await reader.read(from: position, to: chunkEnd)
+                var index = 0
+                while index < bytes.count {
+                    let lineEnd = min(bytes.count, index + 16)
+                    dumper.line(offset: position + UInt64(index), bytes: bytes[index..<lineEnd], into: &output)
+                    index = lineEnd
+                }
+                position = chunkEnd
+            }
+            dumper.finish(into: &output)
+        }
+    }
+}
+
+/// Turns 16-byte lines into nbddump's text, collapsing repeats into one `*`.
+struct HexDumper {
+    private var previous: [UInt8]?
+    private var collapsed: (offset: UInt64, bytes: [UInt8])?
+
+    mutating func line(offset: UInt64, bytes: ArraySlice<UInt8>, into output: inout FileHandle) {
+        let content = Array(bytes)
+        if content == previous, content.count == 16 {
+            if collapsed == nil { write("*\n", to: &output) }
+            collapsed = (offset, content)
+            return
+        }
+        collapsed = nil
+        previous = content
+        write(Self.format(offset: offset, bytes: content), to: &output)
+    }
+
+    /// `count` lines of 16 zero bytes from `offset`, without building each one.
+    mutating func zeroLines(from offset: UInt64, count: UInt64, into output: inout FileHandle) {
+        let zero = [UInt8](repeating: 0, count: 16)
+        line(offset: offset, bytes: zero[...], into: &output)
+        if count > 1 { line(offset: offset + (count - 1) * 16, bytes: zero[...], into: &output) }
+    }
+
+    /// Like nbddump, the last line is shown even when it repeats the one before.
+    mutating func finish(into output: inout FileHandle) {
+        if let collapsed { write(Self.format(offset: collapsed.offset, bytes: collapsed.bytes), to: &output) }
+    }
+
+    static func format(offset: UInt64, bytes: [UInt8]) -> String {
+        var text = String(format: "%010llx: ", offset)
+        for index in 0..<16 {
+            text += index < bytes.count ? String(format: "%02x ", bytes[index]) : "   "
+            if index == 7 { text += " " }
+        }
+        text += "|"
+        for index in 0..<16 {
+            guard index < bytes.count else { text += " "; continue }
+            let byte = bytes[index]
+            text += (0x20..<0x7f).contains(byte) ? String(UnicodeScalar(byte)) : "."
+        }
+        return text + "|\n"
+    }
+
+    private func write(_ text: String, to output: inout FileHandle) {
+        output.write(Data(text.utf8))
+    }
+}
+
+/// Reads any byte range, widening it to the export's minimum block size as strict mode requires.
+struct AlignedReader: Sendable {
+    let export: NBDExport
+
+    func read(from start: UInt64, to end: UInt64) async throws -> [UInt8] {
+        let block = UInt64(export.info.blockSizes.minimum)
+        let alignedStart = start / block * block
+        let alignedEnd = min(export.size, (end + block - 1) / block * block)
+        let buffer = try await export.read(at: alignedStart, length: Int(alignedEnd - alignedStart))
+        let skip = Int(start - alignedStart)
+        return Array(buffer.readableBytesView.dropFirst(skip).prefix(Int(end - start)))
+    }
+}
+
+/// Where the areas that read as zeroes are, from `base:allocation`, fetched as needed.
+struct ZeroExtents {
+    let export: NBDExport
+    private var extents: [NBDExtent] = []
+    private let available: Bool
+
+    init(export: NBDExport) {
+        self.export = export
+        available = export.metaContexts.contains { $0.name == NBDMetaContext.baseAllocation }
+    }
+
+    /// The end of the zero area containing `offset`, or `offset` itself when it holds data.
+    mutating func end(ofZeroAreaAt offset: UInt64) async throws -> UInt64 {
+        guard available else { return offset }
+        if !extents.contains(where: { $0.offset <= offset && offset < $0.offset + $0.length }) {
+            extents = try await export.blockStatus(at: offset, length: export.size - offset)[NBDMetaContext.baseAllocation] ?? []
+        }
+        var position = offset
+        for extent in extents where extent.offset + extent.length > position {
+            guard extent.offset <= position, case .allocation(let flags) = extent.status, flags.contains(.zero) else { break }
+            position = extent.offset + extent.length
+        }
+        return position
+    }
+}
