@@ -9,7 +9,7 @@ import NBD
 struct NBDCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "nbd",
-        abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo.",
+        abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo, nbdcopy and nbddump.",
         discussion: """
             Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
             (nbds:// and nbds+unix:// for TLS, not supported yet).
@@ -18,8 +18,10 @@ struct NBDCommand: AsyncParsableCommand {
               nbd info nbd://localhost/disk
               nbd info --json nbd+unix:///?socket=/tmp/nbd.sock
               nbd info --map nbd://localhost/disk
+              nbd copy nbd://localhost/disk disk.raw --progress
+              nbd dump nbd://localhost/disk
             """,
-        subcommands: [Info.self, Dump.self]
+        subcommands: [Info.self, Copy.self, Dump.self]
     )
 
     static func main() async {
@@ -42,10 +44,17 @@ struct NBDCommand: AsyncParsableCommand {
         }
     }
 
-    /// nbdinfo's `--map` takes an optional value (`--map` or `--map=CONTEXT`), which
-    /// ArgumentParser cannot express: a bare `--map` becomes `--map=base:allocation`.
+    /// nbdinfo's `--map` and nbdcopy's `--progress` take an optional value (`--map` or
+    /// `--map=CONTEXT`), which ArgumentParser cannot express: a bare `--map` becomes
+    /// `--map=base:allocation`, a bare `--progress` becomes `--progress=auto`.
     static func rewritingOptionalValues(_ arguments: [String]) -> [String] {
-        arguments.map { $0 == "--map" ? "--map=\(NBDMetaContext.baseAllocation)" : $0 }
+        arguments.map { argument in
+            switch argument {
+            case "--map": "--map=\(NBDMetaContext.baseAllocation)"
+            case "--progress": "--progress=auto"
+            default: argument
+            }
+        }
     }
 }
 

@@ -1,0 +1,190 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Dispatch
+import Foundation
+import NBD
+import NIOCore
+
+/// `nbd copy`: copies between NBD exports, files, stdin/stdout and synthetic sources, like nbdcopy.
+struct Copy: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Copy between NBD exports, local files and streams (like nbdcopy).",
+        discussion: """
+            SOURCE: an NBD URI, a file or block device, - (stdin), pattern:SIZE or zero:SIZE.
+            DESTINATION: an NBD URI, a file or block device, - (stdout), or null: (discard).
+
+            Sparse by default: zero areas of the source (from block status) are never read, and
+            blocks that read as zeroes are zeroed, not written. Several connections are used
+            when the server allows multi-conn.
+
+            Examples:
+              nbd copy nbd://localhost/disk disk.raw
+              nbd copy disk.raw nbd+unix:///?socket=/tmp/nbd.sock --flush
+              nbd copy nbd://src/disk nbd://dst/disk --progress
+              nbd copy pattern:1G nbd://localhost/disk
+              nbd copy nbd://localhost/disk null:
+            """
+    )
+
+    @Argument(help: "Where to read.")
+    var source: String
+
+    @Argument(help: "Where to write.")
+    var destination: String
+
+    @Option(help: "Connections per NBD export, when the server allows multi-conn.")
+    var connections = 4
+
+    @Option(help: "Requests in flight per connection.")
+    var requests = 64
+
+    @Option(help: ArgumentHelp("Bytes per request (K, M, G suffixes); raised to the preferred block size.", valueName: "size"),
+            transform: Sizes.parse)
+    var requestSize: UInt64 = 256 << 10
+
+    @Option(help: ArgumentHelp("Blocks of this many zero bytes are zeroed, not written; 0 turns it off.", valueName: "bytes"),
+            transform: Sizes.parse)
+    var sparse: UInt64 = 4096
+
+    @Flag(help: "The destination already reads as zeroes: write nothing for zero areas.")
+    var destinationIsZero = false
+
+    @Flag(help: "Flush the destination at the end.")
+    var flush = false
+
+    @Option(help: ArgumentHelp("Show progress: --progress alone on stderr, --progress=FD as N/100 lines.", valueName: "fd"))
+    var progress: String?
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func validate() throws {
+        guard connections > 0, requests > 0, requestSize > 0 else {
+            throw ValidationError("--connections, --requests and --request-size must be positive")
+        }
+        guard requestSize <= 32 << 20 else { throw ValidationError("--request-size must be at most 32M") }
+        if let progress, progress != "auto", Int32(progress) == nil {
+            throw ValidationError("--progress takes a file descriptor number, not \"\(progress)\"")
+        }
+    }
+
+    func run() async throws {
+        let configuration = connection.configuration()
+        let source = try await Endpoints.source(self.source, connections: connections, requests: requests, configuration: configuration)
+        let destination: any CopyDestination
+        do {
+            destination = try await Endpoints.destination(self.destination, size: source.size, connections: connections, requests: requests,
+                                                          destinationIsZero: destinationIsZero, configuration: configuration)
+        } catch {
+            await source.close()
+            throw error
+        }
+        if let needed = source.size, let available = destination.size, available < needed {
+            await source.close()
+            await destination.close()
+            throw CommandError("the destination (\(available) bytes) is smaller than the source (\(needed) bytes)")
+        }
+        let preferred = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports[0].info.blockSizes.preferred }.max() ?? 0
+        let copier = Copier(source: source, destination: destination, requestSize: max(requestSize, UInt64(preferred)),
+                            workers: workers(source, destination), sparse: Int(sparse), progress: try Progress(progress, total: source.size))
+        let interrupt = Interrupt()
+        var failure: (any Error)?
+        do {
+            try await copier.run(interrupt: interrupt)
+            if flush && !interrupt.happened { try await destination.flush() }
+        } catch {
+            failure = error
+        }
+        copier.progress.finish()
+        await source.close()
+        await destination.close()
+        if let failure { throw failure }
+        if interrupt.happened { throw CommandError("interrupted; requests in flight were completed and the connections closed") }
+    }
+
+    /// One worker per request in flight, over every connection actually opened.
+    private func workers(_ source: any CopySource, _ destination: any CopyDestination) -> Int {
+        let connections = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports.count }.max() ?? 1
+        return connections * requests
+    }
+}
+
+/// Parses a source or destination argument.
+enum Endpoints {
+    static func isURI(_ text: String) -> Bool {
+        guard let colon = text.firstIndex(of: ":") else { return false }
+        return ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(text[..<colon].lowercased())
+    }
+
+    static func source(_ text: String, connections: Int, requests: Int, configuration: NBDClientConfiguration) async throws -> any CopySource {
+        if isURI(text) {
+            return try await NBDEndpoint.open(NBDURI(text), connections: connections, requests: requests, destinationIsZero: false, configuration: configuration)
+        }
+        for (prefix, zero) in [("pattern:", false), ("zero:", true)] where text.hasPrefix(prefix) {
+            return SyntheticSource(size: try Sizes.parse(String(text.dropFirst(prefix.count))), isZero: zero)
+        }
+        if text == "null:" { throw CommandError("null: can only be a destination") }
+        if text.contains("://") { throw CommandError("unknown scheme in \"\(text)\" (expected nbd, nbds, nbd+unix or nbds+unix)") }
+        return try FileEndpoint.source(text)
+    }
+
+    static func destination(_ text: String, size: UInt64?, connections: Int, requests: Int, destinationIsZero: Bool,
+                            configuration: NBDClientConfiguration) async throws -> any CopyDestination {
+        if isURI(text) {
+            return try await NBDEndpoint.open(NBDURI(text), connections: connections, requests: requests, destinationIsZero: destinationIsZero,
+                                              configuration: configuration)
+        }
+        if text == "null:" { return NullDestination() }
+        if text.hasPrefix("pattern:") || text.hasPrefix("zero:") { throw CommandError("\(text) can only be a source") }
+        if text.contains("://") { throw CommandError("unknown scheme in \"\(text)\" (expected nbd, nbds, nbd+unix or nbds+unix)") }
+        return try FileEndpoint.destination(text, size: size, destinationIsZero: destinationIsZero)
+    }
+}
+
+/// Byte counts with K, M, G, T suffixes.
+enum Sizes {
+    static func parse(_ text: String) throws -> UInt64 {
+        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40]
+        var digits = Substring(text)
+        var unit: UInt64 = 1
+        if let last = text.last, let multiplier = units[last] {
+            unit = multiplier
+            digits = text.dropLast()
+        }
+        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let number = UInt64(digits) else {
+            throw CommandError("not a size: \"\(text)\" (use a number of bytes, optionally with K, M, G or T)")
+        }
+        let (bytes, overflow) = number.multipliedReportingOverflow(by: unit)
+        guard !overflow else { throw CommandError("size \"\(text)\" is too large") }
+        return bytes
+    }
+}
+
+/// SIGINT: stop taking new work, let requests in flight finish.
+final class Interrupt: @unchecked Sendable {
+    private let lock = NSLock()
+    private var flag = false
+    private let source: DispatchSourceSignal
+
+    init() {
+        signal(SIGINT, SIG_IGN)
+        source = DispatchSource.makeSignalSource(signal: SIGINT)
+        source.setEventHandler { [unowned self] in self.set() }
+        source.resume()
+    }
+
+    deinit { source.cancel() }
+
+    func set() {
+        lock.lock()
+        flag = true
+        lock.unlock()
+    }
+
+    var happened: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return flag
+    }
+}

@@ -1,0 +1,256 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import NBD
+import NIOCore
+
+/// Where `nbd copy` reads from.
+protocol CopySource: Sendable {
+    /// Size in bytes, or nil for a stream (stdin) read until its end.
+    var size: UInt64? { get }
+    /// Ranges known to read as zeroes, within `offset..<offset+length`, in order.
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
+    /// Up to `length` bytes at `offset` (fewer only at the end of a stream).
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer
+    func close() async
+}
+
+/// Where `nbd copy` writes to.
+protocol CopyDestination: Sendable {
+    /// Size in bytes, or nil when any size fits (a stream, `null:`, a file that grows).
+    var size: UInt64? { get }
+    /// True when the destination reads as zeroes where nothing was written.
+    var startsZeroed: Bool { get }
+    /// True when writes must come in order (stdout).
+    var isSequential: Bool { get }
+    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
+    func flush() async throws
+    func close() async
+}
+
+extension CopySource {
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
+    func close() async {}
+}
+
+// MARK: NBD
+
+/// One export opened over several connections (multi-conn) when the server allows it.
+final class NBDEndpoint: CopySource, CopyDestination {
+    let exports: [NBDExport]
+    let startsZeroed: Bool
+    var isSequential: Bool { false }
+    var size: UInt64? { exports[0].size }
+
+    static func open(_ uri: NBDURI, connections: Int, requests: Int, destinationIsZero: Bool,
+                     configuration base: NBDClientConfiguration) async throws -> NBDEndpoint {
+        var configuration = base
+        configuration.maximumRequestsInFlight = requests
+        let first = try await NBDExport.connect(to: uri, configuration: configuration)
+        var exports = [first]
+        // "In the absence of this flag, clients SHOULD NOT multiplex their commands over more than one connection".
+        if first.info.canMultiConn {
+            for _ in 1..<max(1, connections) { exports.append(try await NBDExport.connect(to: uri, configuration: configuration)) }
+        }
+        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero)
+    }
+
+    private init(exports: [NBDExport], startsZeroed: Bool) {
+        self.exports = exports
+        self.startsZeroed = startsZeroed
+    }
+
+    private func export(_ worker: Int) -> NBDExport { exports[worker % exports.count] }
+
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        let export = exports[0]
+        guard export.metaContexts.contains(where: { $0.name == NBDMetaContext.baseAllocation }) else { return [] }
+        var ranges: [Range<UInt64>] = []
+        var position = offset
+        let end = offset + length
+        while position < end {
+            let extents = try await export.blockStatus(at: position, length: end - position)[NBDMetaContext.baseAllocation] ?? []
+            guard let last = extents.last else { break }
+            for extent in extents {
+                guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
+                let range = max(extent.offset, offset)..<min(extent.offset + extent.length, end)
+                if !range.isEmpty { ranges.append(range) }
+            }
+            position = last.offset + last.length
+        }
+        return ranges
+    }
+
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+        try await export(worker).read(at: offset, length: length)
+    }
+
+    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
+        try await export(worker).write(data, at: offset)
+    }
+
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+        let export = export(worker)
+        if export.info.canZero {
+            try await export.writeZeroes(at: offset, length: length)
+        } else {
+            try await export.write(ByteBuffer(repeating: 0, count: Int(length)), at: offset)
+        }
+    }
+
+    func flush() async throws {
+        for export in exports where export.info.canFlush { try await export.flush() }
+    }
+
+    func close() async {
+        for export in exports { await export.disconnect() }
+    }
+}
+
+// MARK: Files, block devices, stdin and stdout
+
+/// A local file or block device, read and written with pread/pwrite from many tasks.
+final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
+    let descriptor: Int32
+    let size: UInt64?
+    let startsZeroed: Bool
+    let isSequential: Bool
+    private let isStream: Bool
+
+    /// Opens `path` to read.
+    static func source(_ path: String) throws -> FileEndpoint {
+        if path == "-" { return FileEndpoint(descriptor: 0, size: nil, startsZeroed: false, stream: true) }
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw CommandError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        return FileEndpoint(descriptor: fd, size: UInt64(max(0, lseek(fd, 0, SEEK_END))), startsZeroed: false, stream: false)
+    }
+
+    /// Opens `path` to write `size` bytes: a new file is created and a short regular file extended
+    /// (both then read as zeroes where nothing is written); a smaller block device is an error.
+    static func destination(_ path: String, size: UInt64?, destinationIsZero: Bool) throws -> FileEndpoint {
+        if path == "-" { return FileEndpoint(descriptor: 1, size: nil, startsZeroed: false, stream: true) }
+        let existed = FileManager.default.fileExists(atPath: path)
+        let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw CommandError("cannot open \(path): \(String(cString: strerror(errno)))") }
+        var info = stat()
+        fstat(fd, &info)
+        let isRegular = (info.st_mode & S_IFMT) == S_IFREG
+        let current = UInt64(max(0, lseek(fd, 0, SEEK_END)))
+        var zeroed = destinationIsZero || !existed
+        if let size, current < size {
+            guard isRegular else {
+                Glibc.close(fd)
+                throw CommandError("the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
+            }
+            guard ftruncate(fd, off_t(size)) == 0 else {
+                Glibc.close(fd)
+                throw CommandError("cannot extend \(path): \(String(cString: strerror(errno)))")
+            }
+            zeroed = zeroed || current == 0
+        }
+        return FileEndpoint(descriptor: fd, size: nil, startsZeroed: zeroed, stream: false)
+    }
+
+    private init(descriptor: Int32, size: UInt64?, startsZeroed: Bool, stream: Bool) {
+        self.descriptor = descriptor
+        self.size = size
+        self.startsZeroed = startsZeroed
+        self.isStream = stream
+        self.isSequential = stream
+    }
+
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        var done = 0
+        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
+            while done < length {
+                let count = isStream
+                    ? Glibc.read(descriptor, pointer.baseAddress! + done, length - done)
+                    : pread(descriptor, pointer.baseAddress! + done, length - done, off_t(offset) + off_t(done))
+                if count < 0 && errno == EINTR { continue }
+                guard count >= 0 else { throw CommandError("read failed: \(String(cString: strerror(errno)))") }
+                if count == 0 { break }
+                done += count
+            }
+            return done
+        }
+        return buffer
+    }
+
+    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
+        try data.withUnsafeReadableBytes { pointer in
+            var done = 0
+            while done < pointer.count {
+                let count = isStream
+                    ? Glibc.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
+                    : pwrite(descriptor, pointer.baseAddress! + done, pointer.count - done, off_t(offset) + off_t(done))
+                if count < 0 && errno == EINTR { continue }
+                guard count > 0 else { throw CommandError("write failed: \(String(cString: strerror(errno)))") }
+                done += count
+            }
+        }
+    }
+
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+        // Only for a destination that did not start zeroed (an existing file, stdout): new and
+        // extended files are left with holes by not writing at all.
+        var position = offset
+        let block = ByteBuffer(repeating: 0, count: Int(min(length, 1 << 20)))
+        while position < offset + length {
+            let count = min(UInt64(block.readableBytes), offset + length - position)
+            try await write(block.getSlice(at: 0, length: Int(count))!, at: position, worker: worker)
+            position += count
+        }
+    }
+
+    func flush() async throws {
+        guard isStream || fsync(descriptor) == 0 else { throw CommandError("fsync failed: \(String(cString: strerror(errno)))") }
+    }
+
+    func close() async {
+        if !isStream { Glibc.close(descriptor) }
+    }
+}
+
+// MARK: Synthetic endpoints
+
+/// `null:`: discards everything.
+struct NullDestination: CopyDestination {
+    var size: UInt64? { nil }
+    var startsZeroed: Bool { true }
+    var isSequential: Bool { false }
+    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {}
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {}
+    func flush() async throws {}
+    func close() async {}
+}
+
+/// `pattern:SIZE` (every 8-byte word holds its own offset, big-endian, like nbdkit's pattern
+/// plugin) and `zero:SIZE` (all zeroes, known as such).
+struct SyntheticSource: CopySource {
+    let size: UInt64?
+    let isZero: Bool
+
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        isZero ? [offset..<(offset + length)] : []
+    }
+
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        buffer.reserveCapacity(length + 16)
+        if isZero {
+            buffer.writeRepeatingByte(0, count: length)
+            return buffer
+        }
+        let first = offset / 8 * 8
+        var word = first
+        while word < offset + UInt64(length) {
+            buffer.writeInteger(word)
+            word += 8
+        }
+        buffer.moveReaderIndex(forwardBy: Int(offset - first))
+        return buffer.readSlice(length: length)!
+    }
+}
