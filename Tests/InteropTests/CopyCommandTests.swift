@@ -1,0 +1,120 @@
+import Foundation
+import NBD
+import NIOCore
+import Testing
+
+@Suite("nbd copy", .serialized)
+struct CopyCommandTests {
+    func contents(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
+
+    /// Writes `count` bytes of a deterministic pattern, with a hole in the middle, to `path`.
+    func makeImage(_ path: String, count: Int) throws -> Data {
+        var data = Data(pattern(count, seed: 42).readableBytesView)
+        data.replaceSubrange((count / 4)..<(count / 2), with: Data(count: count / 4))
+        try data.write(to: URL(fileURLWithPath: path))
+        return data
+    }
+
+    func expectSuccess(_ arguments: [String], sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let result = try runNBD(["copy"] + arguments)
+        #expect(result.status == 0, "\(result.error)", sourceLocation: sourceLocation)
+    }
+
+    @Test func fileToNBDToFileAndNBDToNBD() async throws {
+        let one = try ServerProcess()
+        let two = try ServerProcess()
+        defer { one.stop(); two.stop() }
+        let first = try await one.nbdkit(["memory", "32M"]).description
+        let second = try await two.nbdkit(["memory", "32M"]).description
+        let original = try makeImage(one.path("in.raw"), count: 32 << 20)
+        try expectSuccess([one.path("in.raw"), first, "--flush"])
+        try expectSuccess([first, second])
+        try expectSuccess([second, one.path("out.raw")])
+        #expect(try contents(one.path("out.raw")) == original)
+        // And nbdcopy agrees on what the second server holds.
+        _ = try one.run("nbdcopy", [second, one.path("check.raw")])
+        #expect(try contents(one.path("check.raw")) == original)
+    }
+
+    @Test func stdinAndStdout() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "8M"]).description
+        let original = try makeImage(server.path("in.raw"), count: 8 << 20)
+        let shell = "'\(nbdTool)' copy - '\(uri)' < '\(server.path("in.raw"))' && '\(nbdTool)' copy '\(uri)' - > '\(server.path("out.raw"))'"
+        _ = try server.run("sh", ["-c", shell])
+        #expect(try contents(server.path("out.raw")) == original)
+    }
+
+    @Test func patternSourceReadsBackThroughTheLibrary() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "16M"])
+        try expectSuccess(["pattern:16M", uri.description])
+        let export = try await NBDExport.connect(to: uri)
+        var data = try await export.read(at: (8 << 20) + 8, length: 16)
+        #expect(data.readInteger(as: UInt64.self) == (8 << 20) + 8)
+        #expect(data.readInteger(as: UInt64.self) == (8 << 20) + 16)
+        await export.disconnect()
+    }
+
+    @Test func sparseGibibyteGivesASparseFile() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["sparse-random", "1G", "seed=9", "percent=1"]).description
+        try expectSuccess([uri, server.path("out.raw")])
+        _ = try server.run("nbdcopy", [uri, server.path("check.raw")])
+        #expect(try contents(server.path("out.raw")) == (try contents(server.path("check.raw"))))
+        let attributes = try FileManager.default.attributesOfItem(atPath: server.path("out.raw"))
+        #expect((attributes[.size] as? UInt64) == 1 << 30)
+        // Allocated blocks (du): about 1% of the size, far from all of it.
+        let usage = String(decoding: try server.run("du", ["-k", server.path("out.raw")]), as: UTF8.self)
+        let kib = Int(usage.split(separator: "\t").first ?? "") ?? .max
+        #expect(kib < 100 * 1024, "the copy is not sparse: \(usage)")
+    }
+
+    @Test func sourceErrorFailsTheCopy() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=error", "pattern", "8M", "error-pread=EIO", "error-pread-rate=100%"]).description
+        let result = try runNBD(["copy", uri, server.path("out.raw")])
+        #expect(result.status == 1)
+        #expect(result.error.hasPrefix("nbd: ") && result.error.contains("EIO"), "\(result.error)")
+    }
+
+    @Test func smallerDestinationIsRefusedBeforeCopying() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "1M"]).description
+        let result = try runNBD(["copy", "pattern:2M", uri])
+        #expect(result.status == 1)
+        #expect(result.error.contains("smaller"))
+    }
+
+    @Test func progressOnADescriptor() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "8M"]).description
+        let result = try runNBD(["copy", "pattern:8M", uri, "--progress=1"])
+        #expect(result.status == 0)
+        let lines = result.output.split(separator: "\n")
+        #expect(lines.last == "100/100")
+        #expect(lines.allSatisfy { $0.hasSuffix("/100") })
+    }
+
+    @Test(arguments: [
+        ["copy", "ftp://host/x", "null:"],                 // unknown scheme
+        ["copy", "nbd+unix:///disk", "null:"],             // missing socket parameter
+        ["copy", "pattern:-1", "null:"],                   // negative size
+        ["copy", "--frobnicate", "pattern:1M", "null:"],   // unknown flag
+        ["copy", "pattern:1M", "zero:1M"],                 // synthetic destination
+        ["copy", "null:", "pattern:1M"],                   // null: as a source
+        ["copy", "/nonexistent/file", "null:"],            // missing file
+    ])
+    func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
+        let result = try runNBD(arguments)
+        #expect(result.status == 1)
+        #expect(result.error.hasPrefix("nbd: "))
+        #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
+    }
+}
