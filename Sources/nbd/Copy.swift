@@ -100,7 +100,11 @@ struct Copy: AsyncParsableCommand {
         await source.close()
         await destination.close()
         if let failure { throw failure }
-        if interrupt.happened { throw CommandError("interrupted; requests in flight were completed and the connections closed") }
+        if interrupt.happened {
+            // 128 + SIGINT, as shells report a command ended by Ctrl-C.
+            FileHandle.standardError.write(Data("nbd: interrupted: requests in flight were completed and the connections closed\n".utf8))
+            throw ExitCode(130)
+        }
     }
 
     /// One worker per request in flight, over every connection actually opened.
@@ -168,6 +172,12 @@ final class Interrupt: @unchecked Sendable {
     private let source: DispatchSourceSignal
 
     init() {
+        // A parent may have started us with SIGINT blocked (children of Swift concurrency
+        // threads inherit such a mask): unblock it, or Ctrl-C would never arrive.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         signal(SIGINT, SIG_IGN)
         source = DispatchSource.makeSignalSource(signal: SIGINT)
         source.setEventHandler { [unowned self] in self.set() }

@@ -118,3 +118,24 @@ struct CopyCommandTests {
         #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
     }
 }
+
+extension CopyCommandTests {
+    @Test func interruptDrainsAndSaysSo() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        // Every read takes half a second: the copy is still running when Ctrl-C comes.
+        let uri = try await server.nbdkit(["--filter=delay", "pattern", "64M", "delay-read=500ms"]).description
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: nbdTool)
+        process.arguments = ["copy", uri, "null:"]
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        try await Task.sleep(for: .milliseconds(1500))
+        kill(process.processIdentifier, SIGINT)
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        while process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(process.terminationStatus == 130)
+        #expect(message.hasPrefix("nbd: interrupted"), "\(message)")
+    }
+}
