@@ -1,12 +1,18 @@
-// Throughput benchmark: sequential reads of a 4 GiB export, beside nbdcopy in the same run.
+// Throughput benchmarks, each beside libnbd's tool in the same run.
 //
 //     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3]
+//     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
 //
+// The first (the library):
 // Starts `nbdkit memory SIZE` on a temporary Unix socket, fills it with non-zero data (so no
 // hole is skipped), then reads it all over one connection with 64 requests of 256 KiB in
 // flight into reused buffers, and runs `nbdcopy --connections=1 --no-extents URI null:` on the
 // same export, alternating the two for a few rounds. Prints the median MiB/s and the peak
 // memory of both, and the ratio.
+//
+// `copy` (the `nbd` tool, built beside this executable): `nbd copy` and `nbdcopy`, both with
+// their defaults, from a filled `nbdkit memory SIZE` to null:, from it to a second nbdkit memory
+// server, and from `nbdkit sparse-random 16G` to null:.
 import Foundation
 import NBD
 import NIOCore
@@ -15,7 +21,13 @@ import NIOCore
 struct Benchmark {
     static func main() async {
         do {
-            try await run(Options(CommandLine.arguments.dropFirst()))
+            var arguments = Array(CommandLine.arguments.dropFirst())
+            if arguments.first == "copy" {
+                arguments.removeFirst()
+                try await runCopy(Options(arguments))
+            } else {
+                try await run(Options(arguments))
+            }
         } catch {
             FileHandle.standardError.write(Data("nbd-bench: \(error)\n".utf8))
             exit(1)
@@ -94,6 +106,48 @@ struct Benchmark {
         return sorted.count % 2 == 1 ? sorted[sorted.count / 2] : (sorted[sorted.count / 2 - 1] + sorted[sorted.count / 2]) / 2
     }
 
+    static func runCopy(_ options: Options) async throws {
+        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+        guard FileManager.default.isExecutableFile(atPath: tool) else {
+            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
+        }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-bench-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        var servers: [Process] = []
+        defer { for server in servers { kill(server.processIdentifier, SIGKILL) } }
+        func serve(_ name: String, _ plugin: [String]) async throws -> NBDURI {
+            let socket = directory.appendingPathComponent("\(name).sock").path
+            servers.append(try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + plugin))
+            for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+            return NBDURI(socket: socket)
+        }
+        let source = try await serve("source", ["memory", "\(options.size)"])
+        let destination = try await serve("destination", ["memory", "\(options.size)"])
+        let sparse = try await serve("sparse", ["sparse-random", "16G"])
+        print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
+        try await fill(source, options)
+
+        let cases: [(String, [String], UInt64)] = [
+            ("memory \(options.size >> 30)G -> null:", [source.description, "null:"], options.size),
+            ("memory -> memory", [source.description, destination.description], options.size),
+            ("sparse-random 16G -> null:", [sparse.description, "null:"], 16 << 30),
+        ]
+        print("")
+        for (name, arguments, bytes) in cases {
+            var ours: [Double] = []
+            var theirs: [Double] = []
+            for _ in 0..<options.rounds {
+                ours.append(try measure(tool, ["copy"] + arguments).seconds)
+                theirs.append(try measure("nbdcopy", arguments).seconds)
+            }
+            let mib = Double(bytes) / Double(1 << 20)
+            let ourRate = mib / median(ours), theirRate = mib / median(theirs)
+            print(name.padding(toLength: 28, withPad: " ", startingAt: 0)
+                  + String(format: "nbd copy %8.1f MiB/s   nbdcopy %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate))
+        }
+    }
+
     static func fill(_ uri: NBDURI, _ options: Options) async throws {
         let export = try await NBDExport.connect(to: uri)
         let block = ByteBuffer(bytes: (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) })
@@ -138,8 +192,8 @@ struct Benchmark {
 
     static func start(_ tool: String, _ arguments: [String]) throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = [tool] + arguments
+        process.executableURL = URL(fileURLWithPath: tool.hasPrefix("/") ? tool : "/usr/bin/env")
+        process.arguments = tool.hasPrefix("/") ? arguments : [tool] + arguments
         process.standardOutput = FileHandle.nullDevice
         process.standardError = FileHandle.nullDevice
         do { try process.run() } catch { throw BenchError("cannot run \(tool) (apt-get install nbdkit libnbd-bin): \(error)") }

@@ -84,7 +84,7 @@ final class Copier: Sendable {
 
     /// Writes `data`, but zeroes (or, on a zeroed destination, skips) runs of all-zero blocks.
     private func writeSparsely(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
-        guard sparse > 0 else {
+        guard sparse > 0, !destination.discards else {
             try await destination.write(data, at: offset, worker: worker)
             return
         }
@@ -144,6 +144,8 @@ actor Cursor {
     private var position: UInt64 = 0
     private var window: Range<UInt64> = 0..<0
     private var zeroes: [Range<UInt64>] = []
+    private var zeroIndex = 0
+    private var fetching: (start: UInt64, task: Task<[Range<UInt64>], any Error>)?
     /// Block status is asked for this much at a time.
     private static let windowSize: UInt64 = 1 << 30
 
@@ -156,24 +158,38 @@ actor Cursor {
     func next() async throws -> Piece? {
         // An actor is reentrant across `await`: another worker may move `position` while this one
         // waits for block status, so the answer is kept only if it still describes `position`.
+        // Workers arriving meanwhile wait for the same answer instead of asking again.
         while position < size, !window.contains(position) {
             let start = position
             let end = min(size, start + Self.windowSize)
-            let fetched = try await source.zeroRanges(from: start, length: end - start)
-            if position == start {
+            let task: Task<[Range<UInt64>], any Error>
+            if let fetching, fetching.start == start {
+                task = fetching.task
+            } else {
+                let source = self.source
+                task = Task { try await source.zeroRanges(from: start, length: end - start) }
+                fetching = (start, task)
+            }
+            let fetched = try await task.value
+            if position == start, !window.contains(position) {
                 zeroes = fetched
+                zeroIndex = 0
                 window = start..<end
+                fetching = nil
             }
         }
         guard position < size else { return nil }
+        // `position` only grows: drop the zero areas behind it, so each piece costs O(1).
+        while zeroIndex < zeroes.count, zeroes[zeroIndex].upperBound <= position { zeroIndex += 1 }
+        let nextZero = zeroIndex < zeroes.count ? zeroes[zeroIndex] : nil
         // A whole zero area is one piece, however large: nothing is read for it.
-        if let zero = zeroes.first(where: { $0.contains(position) }) {
+        if let zero = nextZero, zero.contains(position) {
             let piece = Piece(parts: [(position..<zero.upperBound, true)])
             position = zero.upperBound
             return piece
         }
         var end = min(window.upperBound, position + pieceSize)
-        if let nextZero = zeroes.first(where: { $0.lowerBound > position }), nextZero.lowerBound < end { end = nextZero.lowerBound }
+        if let zero = nextZero, zero.lowerBound < end { end = zero.lowerBound }
         let piece = Piece(parts: [(position..<end, false)])
         position = end
         return piece

@@ -24,10 +24,16 @@ protocol CopyDestination: Sendable {
     var startsZeroed: Bool { get }
     /// True when writes must come in order (stdout).
     var isSequential: Bool { get }
+    /// True when what is written is thrown away (`null:`): no point looking for zeroes.
+    var discards: Bool { get }
     func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
     func flush() async throws
     func close() async
+}
+
+extension CopyDestination {
+    var discards: Bool { false }
 }
 
 extension CopySource {
@@ -218,6 +224,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
 
 /// `null:`: discards everything.
 struct NullDestination: CopyDestination {
+    var discards: Bool { true }
     var size: UInt64? { nil }
     var startsZeroed: Bool { true }
     var isSequential: Bool { false }
