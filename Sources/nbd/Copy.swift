@@ -15,9 +15,7 @@ struct Copy: AsyncParsableCommand {
             SOURCE: an NBD URI, a file or block device, - (stdin), pattern:SIZE or zero:SIZE.
             DESTINATION: an NBD URI, a file or block device, - (stdout), or null: (discard).
 
-            Sparse by default: zero areas of the source (from block status) are never read, and
-            blocks that read as zeroes are zeroed, not written. Several connections are used
-            when the server allows multi-conn.
+            Sparse by default: zero areas of the source (from block status) are never read, and blocks that read as zeroes are zeroed, not written. Several connections are used when the server allows multi-conn.
 
             Examples:
               nbd copy nbd://localhost/disk disk.raw

@@ -11,8 +11,7 @@ struct NBDCommand: AsyncParsableCommand {
         commandName: "nbd",
         abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo, nbdcopy and nbddump.",
         discussion: """
-            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH
-            (nbds:// and nbds+unix:// for TLS, not supported yet).
+            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS, not supported yet).
 
             Examples:
               nbd info nbd://localhost/disk
@@ -68,6 +67,25 @@ struct CommandError: Error, CustomStringConvertible {
 struct ConnectionOptions: ParsableArguments {
     @Flag(name: .long, help: "Print the library's debug log on stderr.")
     var verbose = false
+
+    @Flag(name: .long, help: "Require TLS, as nbds:// does (not supported yet).")
+    var tls = false
+
+    @Option(name: .long, help: ArgumentHelp("Directory with ca-cert.pem, client-cert.pem, client-key.pem (not supported yet).", valueName: "dir"))
+    var tlsCertificates: String?
+
+    @Option(name: .long, help: ArgumentHelp("TLS-PSK key file in psktool format (not supported yet).", valueName: "file"))
+    var tlsPSKFile: String?
+
+    @Flag(name: .long, inversion: .prefixedNo, help: "Verify the server's certificate (not supported yet).")
+    var tlsVerifyPeer: Bool?
+
+    func validate() throws {
+        // The TLS flags are part of the interface now; they work once the library speaks TLS.
+        if tls || tlsCertificates != nil || tlsPSKFile != nil || tlsVerifyPeer != nil {
+            throw CommandError("TLS is not supported yet by this version; nothing was sent")
+        }
+    }
 
     func configuration() -> NBDClientConfiguration {
         var configuration = NBDClientConfiguration()

@@ -103,6 +103,7 @@ struct InfoCommandTests {
         ["info", "--totals", "nbd://localhost/"],         // --totals without --map
         ["info", "nbd+unix:///?socket=/nonexistent/nbd.sock"], // nothing listening
         ["info", "nbds://localhost/"],                    // TLS not yet supported
+        ["info", "--tls", "nbd://localhost/"],            // nor its flags
     ])
     func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
         let result = try runNBD(arguments)
