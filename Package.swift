@@ -6,6 +6,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .library(name: "NBD", targets: ["NBD"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
         .executable(name: "nbd", targets: ["nbd"]),
         .executable(name: "nbd-example", targets: ["nbd-example"]),
         .executable(name: "nbd-bench", targets: ["nbd-bench"]),
@@ -33,10 +34,22 @@ let package = Package(
             ]
         ),
         // The command-line tool: nbdinfo-style `info` (more subcommands to come).
+        // The built-in server: backends, connections, listener.
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDCore",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .executableTarget(
             name: "nbd",
             dependencies: [
                 "NBD",
+                "NBDServer",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

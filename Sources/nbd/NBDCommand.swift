@@ -20,7 +20,7 @@ struct NBDCommand: AsyncParsableCommand {
               nbd copy nbd://localhost/disk disk.raw --progress
               nbd dump nbd://localhost/disk
             """,
-        subcommands: [Info.self, Copy.self, Dump.self]
+        subcommands: [Info.self, Copy.self, Dump.self, Serve.self]
     )
 
     static func main() async {

@@ -1,0 +1,185 @@
+import NIOCore
+
+/// The server side of the handshake and negotiation phases, without I/O.
+///
+/// It sends the fixed-newstyle greeting, checks the client flags ("the server MUST close the
+/// TCP connection if it does not recognize the client's flags"), and answers every option;
+/// unknown options get `NBD_REP_ERR_UNSUP` and negotiation goes on.
+public struct ServerNegotiationStateMachine: Sendable {
+    /// What the server offers for one export.
+    public struct Export: Hashable, Sendable {
+        public var name: String
+        public var description: String
+        public var size: UInt64
+        public var flags: TransmissionFlags
+        public var blockSizes: BlockSizeConstraints
+
+        /// An export description.
+        public init(name: String, description: String = "", size: UInt64, flags: TransmissionFlags, blockSizes: BlockSizeConstraints) {
+            self.name = name
+            self.description = description
+            self.size = size
+            self.flags = flags
+            self.blockSizes = blockSizes
+        }
+    }
+
+    /// What was agreed when transmission starts.
+    public struct Agreement: Hashable, Sendable {
+        public var export: Export
+        /// The transmission flags sent, which depend on structured replies (`NBD_FLAG_SEND_DF`).
+        public var flags: TransmissionFlags
+        public var structuredReplies: Bool
+        /// The metadata contexts selected for this export, by id.
+        public var metaContexts: [NBDMetaContext]
+    }
+
+    public enum Action: Sendable {
+        /// More bytes are needed.
+        case wait
+        /// Send these bytes and go on.
+        case send(ByteBuffer)
+        /// Send these bytes, then transmission starts.
+        case enterTransmission(ByteBuffer, Agreement)
+        /// Send these bytes (possibly none), then close the connection.
+        case close(ByteBuffer)
+    }
+
+    enum State: Sendable { case awaitingClientFlags, negotiating, done }
+
+    /// The id of `base:allocation`, the one context this server offers.
+    public static let baseAllocationID: UInt32 = 1
+
+    private let exports: [String: Export]
+    private let exportOrder: [String]
+    private let maximumOptionLength: Int
+    private var state = State.awaitingClientFlags
+    private var noZeroes = false
+    private var structuredReplies = false
+    private var selected: (export: String, contexts: [NBDMetaContext])?
+
+    /// A machine serving `exports`; options longer than `maximumOptionLength` end the session.
+    public init(exports: [Export], maximumOptionLength: Int = 64 * 1024) {
+        self.exports = Dictionary(exports.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
+        self.exportOrder = exports.map(\.name)
+        self.maximumOptionLength = maximumOptionLength
+    }
+
+    /// The greeting to send first: fixed newstyle, with NO_ZEROES offered.
+    public func greeting() -> ByteBuffer {
+        var buffer = ByteBuffer()
+        ServerGreeting.newstyle([.fixedNewstyle, .noZeroes]).encode(into: &buffer)
+        return buffer
+    }
+
+    /// Consumes what it can of `buffer` and says what to do.
+    public mutating func receive(_ buffer: inout ByteBuffer) throws(NBDError) -> Action {
+        switch state {
+        case .done:
+            return .wait
+        case .awaitingClientFlags:
+            guard let raw = buffer.readInteger(as: UInt32.self) else { return .wait }
+            let flags = ClientFlags(rawValue: raw)
+            guard flags.subtracting([.fixedNewstyle, .noZeroes]).isEmpty else {
+                state = .done
+                return .close(ByteBuffer())
+            }
+            noZeroes = flags.contains(.noZeroes)
+            state = .negotiating
+            return try receive(&buffer)
+        case .negotiating:
+            let request: OptionRequest?
+            do {
+                request = try OptionRequest.decode(from: &buffer, maximumLength: maximumOptionLength)
+            } catch {
+                state = .done
+                throw error
+            }
+            guard let request else { return .wait }
+            return answer(request)
+        }
+    }
+
+    private mutating func answer(_ request: OptionRequest) -> Action {
+        let code = request.code
+        var out = ByteBuffer()
+        func reply(_ body: OptionReply.Body) { OptionReply(option: code, body: body).encode(into: &out) }
+
+        switch request {
+        case .exportName(let name):
+            guard let export = exports[name] else {
+                // "If the server is unwilling to allow the export, it MUST terminate the session."
+                state = .done
+                return .close(out)
+            }
+            let agreement = agree(export)
+            ExportNameReply(size: export.size, flags: agreement.flags).encode(into: &out, noZeroes: noZeroes)
+            state = .done
+            return .enterTransmission(out, agreement)
+        case .abort:
+            // "The server MUST reply with NBD_REP_ACK."
+            reply(.ack)
+            state = .done
+            return .close(out)
+        case .list:
+            for name in exportOrder { reply(.server(name: name, description: exports[name]!.description)) }
+            reply(.ack)
+        case .info(let name, let requests), .go(let name, let requests):
+            guard let export = exports[name] else {
+                reply(.error(.errUnknown, message: "no export named \"\(name)\""))
+                return .send(out)
+            }
+            let agreement = agree(export)
+            reply(.info(.export(size: export.size, flags: agreement.flags)))
+            if requests.contains(.name) { reply(.info(.name(export.name))) }
+            if requests.contains(.description), !export.description.isEmpty { reply(.info(.description(export.description))) }
+            if requests.contains(.blockSize) { reply(.info(.blockSize(export.blockSizes))) }
+            reply(.ack)
+            if code == .go {
+                state = .done
+                return .enterTransmission(out, agreement)
+            }
+        case .structuredReply:
+            if structuredReplies {
+                reply(.error(.errInvalid, message: "structured replies are already on"))
+            } else {
+                structuredReplies = true
+                reply(.ack)
+            }
+        case .listMetaContext(let name, let queries), .setMetaContext(let name, let queries):
+            let isSet = code == .setMetaContext
+            if isSet { selected = nil }
+            guard structuredReplies else {
+                // "This option MUST NOT be requested unless structured replies have been negotiated first."
+                reply(.error(.errInvalid, message: "negotiate structured replies first"))
+                return .send(out)
+            }
+            guard exports[name] != nil else {
+                reply(.error(.errUnknown, message: "no export named \"\(name)\""))
+                return .send(out)
+            }
+            let matches = queries.isEmpty ? !isSet : queries.contains { $0 == NBDMetaContext.baseAllocation || (!isSet && $0 == "base:") }
+            var contexts: [NBDMetaContext] = []
+            if matches {
+                contexts = [NBDMetaContext(id: isSet ? Self.baseAllocationID : 0, name: NBDMetaContext.baseAllocation)]
+                reply(.metaContext(id: contexts[0].id, name: contexts[0].name))
+            }
+            if isSet { selected = (name, contexts) }
+            reply(.ack)
+        case .startTLS:
+            // The seam for TLS: a server without it refuses the option.
+            reply(.error(.errUnsupported, message: "this server does not offer TLS"))
+        case .extendedHeaders, .other:
+            reply(.error(.errUnsupported, message: "\(code) is not supported"))
+        }
+        return .send(out)
+    }
+
+    private func agree(_ export: Export) -> Agreement {
+        var flags = export.flags.union(.hasFlags)
+        // "MUST leave this flag clear if structured replies have not been negotiated."
+        if structuredReplies { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
+        let contexts = selected?.export == export.name && structuredReplies ? selected!.contexts : []
+        return Agreement(export: export, flags: flags, structuredReplies: structuredReplies, metaContexts: contexts)
+    }
+}

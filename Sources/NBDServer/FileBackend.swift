@@ -1,0 +1,123 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import NIOCore
+import NIOPosix
+import NBDCore
+
+/// A file or block device: reads and writes with pread/pwrite on NIO's thread pool, FLUSH as
+/// fsync, holes found with SEEK_DATA/SEEK_HOLE.
+public final class FileBackend: NBDServerBackend {
+    public let size: UInt64
+    public let isReadOnly: Bool
+    public var flushCoversAllConnections: Bool { true }
+    /// Zeroes are written as data here, so a fast zero is refused.
+    public var zeroIsFast: Bool { false }
+    private let descriptor: Int32
+
+    /// Opens `path` (for reading only with `readOnly`).
+    public init(path: String, readOnly: Bool = false) throws {
+        let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        guard fd >= 0 else { throw NBDServerError(.EIO, "cannot open \(path): \(String(cString: strerror(errno)))") }
+        let end = lseek(fd, 0, SEEK_END)
+        guard end >= 0 else {
+            close(fd)
+            throw NBDServerError(.EIO, "cannot size \(path)")
+        }
+        descriptor = fd
+        size = UInt64(end)
+        isReadOnly = readOnly
+    }
+
+    deinit { close(descriptor) }
+
+    private func blocking<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await NIOThreadPool.singleton.runIfActive(body)
+    }
+
+    public func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
+        let fd = descriptor
+        return try await blocking {
+            var buffer = ByteBuffer()
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
+                var done = 0
+                while done < length {
+                    let count = pread(fd, pointer.baseAddress! + done, length - done, off_t(offset) + off_t(done))
+                    if count < 0 && errno == EINTR { continue }
+                    guard count > 0 else { throw NBDServerError(.EIO, "read failed at \(offset + UInt64(done))") }
+                    done += count
+                }
+                return length
+            }
+            return buffer
+        }
+    }
+
+    public func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws {
+        let fd = descriptor
+        try await blocking {
+            try data.withUnsafeReadableBytes { pointer in
+                var done = 0
+                while done < pointer.count {
+                    let count = pwrite(fd, pointer.baseAddress! + done, pointer.count - done, off_t(offset) + off_t(done))
+                    if count < 0 && errno == EINTR { continue }
+                    guard count > 0 else { throw NBDServerError(errno == ENOSPC ? .ENOSPC : .EIO, "write failed at \(offset + UInt64(done))") }
+                    done += count
+                }
+            }
+            if fua { fsync(fd) }
+        }
+    }
+
+    public func flush() async throws {
+        let fd = descriptor
+        try await blocking {
+            guard fsync(fd) == 0 else { throw NBDServerError(.EIO, "fsync failed") }
+        }
+    }
+
+    /// A hint only: the data stays (punching holes needs fallocate, which Swift's libc module
+    /// does not expose).
+    public func trim(at offset: UInt64, length: UInt64) async throws {}
+
+    public func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+        let block = ByteBuffer(repeating: 0, count: Int(min(length, 1 << 20)))
+        var position = offset
+        while position < offset + length {
+            let count = Int(min(UInt64(block.readableBytes), offset + length - position))
+            try await write(block.getSlice(at: 0, length: count)!, at: position, fua: false)
+            position += UInt64(count)
+        }
+    }
+
+    public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
+        let fd = descriptor
+        let end = min(size, offset + min(length, 1 << 30))
+        return try await blocking {
+            #if os(Linux)
+            let seekData: Int32 = 3, seekHole: Int32 = 4
+            #else
+            let seekData = SEEK_DATA, seekHole = SEEK_HOLE
+            #endif
+            var result: [BlockDescriptor] = []
+            var position = offset
+            while position < end {
+                let data = lseek(fd, off_t(position), seekData)
+                // No data from here on (ENXIO): the rest is a hole.
+                let dataStart = data < 0 ? end : min(end, UInt64(data))
+                if dataStart > position {
+                    result.append(BlockDescriptor(length: UInt32(min(dataStart - position, UInt64(UInt32.max) & ~4095)), flags: 3))
+                    position += UInt64(result.last!.length)
+                    continue
+                }
+                let hole = lseek(fd, off_t(position), seekHole)
+                let holeStart = hole < 0 ? end : min(end, UInt64(hole))
+                result.append(BlockDescriptor(length: UInt32(min(max(holeStart, position + 1) - position, UInt64(UInt32.max) & ~4095)), flags: 0))
+                position += UInt64(result.last!.length)
+            }
+            return result
+        }
+    }
+}

@@ -1,0 +1,97 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NBDCore
+
+/// A sparse in-memory disk: only pages that were written hold memory, so a 1 TiB export costs
+/// nothing until used. Block status reports unwritten pages as holes that read as zeroes.
+public final class MemoryBackend: NBDServerBackend {
+    public let size: UInt64
+    public let isReadOnly: Bool
+    public var flushCoversAllConnections: Bool { true }
+    public var zeroIsFast: Bool { true }
+
+    /// Page size: the granularity of allocation and of block status.
+    public static let pageSize = 64 * 1024
+    private let pages = NIOLockedValueBox<[UInt64: [UInt8]]>([:])
+
+    /// A disk of `size` bytes, all zeroes.
+    public init(size: UInt64, readOnly: Bool = false) {
+        self.size = size
+        self.isReadOnly = readOnly
+    }
+
+    public func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        buffer.reserveCapacity(length)
+        pages.withLockedValue { pages in
+            forEachPage(offset, UInt64(length)) { page, start, count in
+                if let bytes = pages[page] {
+                    buffer.writeBytes(bytes[start..<(start + count)])
+                } else {
+                    buffer.writeRepeatingByte(0, count: count)
+                }
+            }
+        }
+        return buffer
+    }
+
+    public func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws {
+        pages.withLockedValue { pages in
+            var position = data.readerIndex
+            forEachPage(offset, UInt64(data.readableBytes)) { page, start, count in
+                let slice = data.getBytes(at: position, length: count)!
+                pages[page, default: [UInt8](repeating: 0, count: Self.pageSize)].replaceSubrange(start..<(start + count), with: slice)
+                position += count
+            }
+        }
+    }
+
+    public func flush() async throws {}
+
+    public func trim(at offset: UInt64, length: UInt64) async throws {
+        try await zero(at: offset, length: length, noHole: false)
+    }
+
+    public func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+        pages.withLockedValue { pages in
+            forEachPage(offset, length) { page, start, count in
+                if count == Self.pageSize && !noHole {
+                    pages[page] = nil
+                } else if pages[page] != nil || noHole {
+                    pages[page, default: [UInt8](repeating: 0, count: Self.pageSize)].replaceSubrange(start..<(start + count), with: repeatElement(0, count: count))
+                }
+            }
+        }
+    }
+
+    public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
+        // Flags of base:allocation: NBD_STATE_HOLE | NBD_STATE_ZERO for pages never written.
+        // At most 1 GiB per answer: the client asks again from where it ends.
+        var result: [BlockDescriptor] = []
+        pages.withLockedValue { pages in
+            forEachPage(offset, min(length, 1 << 30)) { page, _, count in
+                let flags: UInt32 = pages[page] == nil ? 3 : 0
+                if let last = result.last, last.flags == flags, UInt64(last.length) + UInt64(count) <= UInt64(UInt32.max) {
+                    result[result.count - 1].length += UInt32(count)
+                } else {
+                    result.append(BlockDescriptor(length: UInt32(count), flags: flags))
+                }
+            }
+        }
+        return result
+    }
+
+    /// Calls `body` with each page touched by the range: page number, start in page, byte count.
+    private func forEachPage(_ offset: UInt64, _ length: UInt64, _ body: (UInt64, Int, Int) -> Void) {
+        var position = offset
+        let end = offset + length
+        let pageSize = UInt64(Self.pageSize)
+        while position < end {
+            let page = position / pageSize
+            let start = Int(position % pageSize)
+            let count = Int(min(pageSize - UInt64(start), end - position))
+            body(page, start, count)
+            position += UInt64(count)
+        }
+    }
+}

@@ -1,0 +1,41 @@
+import NIOCore
+import NBDCore
+
+/// The storage behind an export: what `NBDServer` needs to serve it.
+///
+/// Implement it to serve anything over NBD; ``MemoryBackend`` is one. Every method may be
+/// called from many tasks at once. Ranges are already checked against ``size`` and
+/// ``isReadOnly`` when they arrive here.
+public protocol NBDServerBackend: Sendable {
+    /// Size in bytes.
+    var size: UInt64 { get }
+    /// Writes, trims and zeroes are refused with `EPERM`.
+    var isReadOnly: Bool { get }
+    /// A flush on one connection covers writes made on any other (advertises multi-conn).
+    var flushCoversAllConnections: Bool { get }
+    /// Reads `length` bytes at `offset`.
+    func read(at offset: UInt64, length: Int) async throws -> ByteBuffer
+    /// Writes `data` at `offset`; with `fua`, it is durable before returning.
+    func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws
+    /// Zeroing is faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO` succeeds).
+    var zeroIsFast: Bool { get }
+    /// Makes every completed write durable.
+    func flush() async throws
+    /// The range is no longer needed (it may read back as anything until written).
+    func trim(at offset: UInt64, length: UInt64) async throws
+    /// The range reads as zeroes afterwards; with `noHole`, it stays allocated.
+    func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws
+    /// Consecutive extents from `offset` covering at least one byte, as `base:allocation` flags.
+    func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor]
+}
+
+/// An error a backend throws to send a particular NBD error value to the client.
+public struct NBDServerError: Error, Sendable {
+    public var errno: NBDErrno
+    public var message: String
+    /// An error with its value and a message for the client.
+    public init(_ errno: NBDErrno, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+}

@@ -1,0 +1,304 @@
+import Logging
+import NIOCore
+import NBDCore
+
+/// One client connection: negotiation through ``ServerNegotiationStateMachine``, then requests
+/// handled concurrently, each answered as soon as its backend call completes.
+final class NBDServerConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var negotiation: ServerNegotiationStateMachine
+    private var agreement: ServerNegotiationStateMachine.Agreement?
+    private var backend: (any NBDServerBackend)?
+    private let backends: [String: any NBDServerBackend]
+    private let limits: NBDServer.Configuration
+    private let logger: Logger
+    private var input = ByteBuffer()
+    /// A WRITE whose header arrived and whose data has not yet.
+    private var pendingWrite: RequestHeader?
+    private var inFlight = 0
+    private var disconnecting = false
+
+    init(exports: [NBDServerExport], configuration: NBDServer.Configuration, logger: Logger) {
+        negotiation = ServerNegotiationStateMachine(
+            exports: exports.map { export in
+                var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+                if export.backend.isReadOnly { flags.insert(.readOnly) } else { flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero]) }
+                if export.backend.flushCoversAllConnections { flags.insert(.canMultiConn) }
+                return .init(name: export.name, description: export.description, size: export.backend.size, flags: flags,
+                             blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(configuration.maximumPayload)))
+            },
+            maximumOptionLength: configuration.maximumOptionLength)
+        backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
+        limits = configuration
+        self.logger = logger
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        logger.info("client connected", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
+        context.writeAndFlush(wrapOutboundOut(negotiation.greeting()), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        logger.info("client disconnected")
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        logger.warning("connection error", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        input.writeBuffer(&bytes)
+        do {
+            if agreement == nil { try negotiate(context: context) }
+            if agreement != nil { try transmit(context: context) }
+        } catch {
+            // A client that breaks the protocol gets a hard disconnect, and nothing else.
+            logger.warning("closing a misbehaving client", metadata: ["error": "\(error)"])
+            context.close(promise: nil)
+        }
+        input.discardReadBytes()
+    }
+
+    // MARK: Negotiation
+
+    private func negotiate(context: ChannelHandlerContext) throws {
+        while agreement == nil {
+            switch try negotiation.receive(&input) {
+            case .wait:
+                return
+            case .send(let bytes):
+                context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+            case .close(let bytes):
+                let channel = context.channel
+                context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
+                return
+            case .enterTransmission(let bytes, let agreed):
+                context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+                agreement = agreed
+                backend = backends[agreed.export.name]
+                logger.info("export opened", metadata: ["export": "\(agreed.export.name)", "structured": "\(agreed.structuredReplies)"])
+            }
+        }
+    }
+
+    // MARK: Transmission
+
+    private func transmit(context: ChannelHandlerContext) throws {
+        while true {
+            let header: RequestHeader
+            if let pending = pendingWrite {
+                header = pending
+            } else {
+                guard let decoded = try RequestHeader.decode(from: &input) else { return }
+                header = decoded
+                if disconnecting { throw NBDError.violation("request after NBD_CMD_DISC") }
+            }
+            if header.type == .write {
+                // Beyond the maximum payload the data cannot be waited for: hard disconnect.
+                guard Int(header.length) <= limits.maximumPayload else {
+                    throw NBDError.violation("write of \(header.length) bytes exceeds the maximum payload")
+                }
+                guard let data = input.readSlice(length: Int(header.length)) else {
+                    pendingWrite = header
+                    return
+                }
+                pendingWrite = nil
+                handle(header, data: data, context: context)
+            } else {
+                handle(header, data: nil, context: context)
+            }
+        }
+    }
+
+    private func handle(_ request: RequestHeader, data: ByteBuffer?, context: ChannelHandlerContext) {
+        if request.type == .disconnect {
+            // "The server MUST handle all outstanding requests ... and close the TCP session."
+            disconnecting = true
+            closeIfDone(context: context)
+            return
+        }
+        if let error = check(request) {
+            reply(request, .failure(error), context: context)
+            return
+        }
+        guard inFlight < limits.maximumRequestsInFlight else {
+            logger.warning("client exceeded \(limits.maximumRequestsInFlight) requests in flight; closing")
+            context.close(promise: nil)
+            return
+        }
+        inFlight += 1
+        let backend = self.backend!
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
+        let structured = agreement!.structuredReplies
+        Task {
+            let result = await RequestPerformer.run(request, data: data, backend: backend, structured: structured)
+            handler.eventLoop.execute {
+                handler.value.finish(request, result, context: boundContext.value)
+            }
+        }
+    }
+
+    private func finish(_ request: RequestHeader, _ result: Result<RequestPerformer.Reply, NBDServerError>, context: ChannelHandlerContext) {
+        inFlight -= 1
+        reply(request, result, context: context)
+        closeIfDone(context: context)
+    }
+
+    private func closeIfDone(context: ChannelHandlerContext) {
+        if disconnecting && inFlight == 0 { context.close(promise: nil) }
+    }
+
+    /// The spec's checks on a request; an error value to answer with, or nil to go ahead.
+    private func check(_ request: RequestHeader) -> NBDServerError? {
+        let agreement = self.agreement!
+        let allowed: CommandFlags
+        switch request.type {
+        case .read: allowed = [.fua, .dontFragment]
+        case .write, .trim: allowed = [.fua]
+        case .flush, .cache: allowed = [.fua]
+        case .writeZeroes: allowed = [.fua, .noHole, .fastZero]
+        case .blockStatus: allowed = [.fua, .requestOne]
+        default: return NBDServerError(.EINVAL, "unknown command \(request.type.rawValue)")
+        }
+        guard request.flags.subtracting(allowed).isEmpty else {
+            return NBDServerError(.EINVAL, "flags 0x\(String(request.flags.rawValue, radix: 16)) are not valid for \(request.type)")
+        }
+        if [.write, .trim, .writeZeroes].contains(request.type), agreement.flags.contains(.readOnly) {
+            return NBDServerError(.EPERM, "the export is read-only")
+        }
+        if request.type == .read, Int(request.length) > limits.maximumPayload {
+            return NBDServerError(.EOVERFLOW, "read of \(request.length) bytes exceeds the maximum payload")
+        }
+        if request.type == .blockStatus, agreement.metaContexts.isEmpty {
+            return NBDServerError(.EINVAL, "no metadata context was selected")
+        }
+        if request.type != .flush {
+            let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
+            guard !overflow, end <= agreement.export.size else {
+                return NBDServerError([.write, .writeZeroes].contains(request.type) ? .ENOSPC : .EINVAL, "range past the end of the export")
+            }
+        }
+        return nil
+    }
+
+    private func reply(_ request: RequestHeader, _ result: Result<RequestPerformer.Reply, NBDServerError>, context: ChannelHandlerContext) {
+        let structured = agreement!.structuredReplies
+        var header = context.channel.allocator.buffer(capacity: 64)
+        var payload: ByteBuffer?
+        switch result {
+        case .failure(let error):
+            logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(error.errno)"])
+            if structured {
+                let chunk = ReplyChunk.error(.error, errno: error.errno, message: String(error.message.utf8.prefix(nbdMaximumStringLength))!, offset: nil)
+                Self.chunk(chunk, type: .error, cookie: request.cookie, done: true, into: &header)
+            } else {
+                ReplyHeader.simple(SimpleReplyHeader(error: error.errno, cookie: request.cookie)).encode(into: &header)
+            }
+        case .success(.done):
+            ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
+        case .success(.extents(let extents)):
+            Self.chunk(.blockStatus(contextID: ServerNegotiationStateMachine.baseAllocationID, descriptors: extents), type: .blockStatus,
+                       cookie: request.cookie, done: true, into: &header)
+        case .success(.data(let bytes, let holes)):
+            if !structured {
+                ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
+                payload = bytes
+            } else {
+                Self.structuredRead(request, bytes: bytes, extents: holes, into: &header)
+            }
+        }
+        context.write(wrapOutboundOut(header), promise: nil)
+        if let payload { context.write(wrapOutboundOut(payload), promise: nil) }
+        context.flush()
+    }
+
+    /// A structured READ: data chunks for data, hole chunks where the backend reports zeroes,
+    /// then NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE.
+    private static func structuredRead(_ request: RequestHeader, bytes: ByteBuffer, extents: [BlockDescriptor], into out: inout ByteBuffer) {
+        var position = 0
+        var regions = extents.isEmpty ? [BlockDescriptor(length: request.length, flags: 0)] : extents
+        if request.length == 0 { regions = [] }
+        for region in regions where position < Int(request.length) {
+            let count = min(Int(region.length), Int(request.length) - position)
+            let offset = request.offset + UInt64(position)
+            if region.flags & 2 != 0 {
+                chunk(.offsetHole(offset: offset, length: UInt32(count)), type: .offsetHole, cookie: request.cookie, done: false, into: &out)
+            } else {
+                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + count))).encode(into: &out)
+                out.writeInteger(offset)
+                out.writeImmutableBuffer(bytes.getSlice(at: bytes.readerIndex + position, length: count)!)
+            }
+            position += count
+        }
+        chunk(.none, type: .none, cookie: request.cookie, done: true, into: &out)
+    }
+
+    private static func chunk(_ chunk: ReplyChunk, type: ReplyChunkType, cookie: UInt64, done: Bool, into out: inout ByteBuffer) {
+        var payload = ByteBuffer()
+        chunk.encode(into: &payload)
+        ReplyHeader.structured(StructuredReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, length: UInt32(payload.readableBytes))).encode(into: &out)
+        out.writeBuffer(&payload)
+    }
+}
+
+/// Runs one request against a backend, off the event loop.
+enum RequestPerformer {
+    static func run(_ request: RequestHeader, data: ByteBuffer?, backend: any NBDServerBackend, structured: Bool) async -> Result<Reply, NBDServerError> {
+        do {
+            return .success(try await perform(request, data: data, backend: backend, structured: structured))
+        } catch let error as NBDServerError {
+            return .failure(error)
+        } catch {
+            return .failure(NBDServerError(.EIO, "\(error)"))
+        }
+    }
+
+    enum Reply: Sendable {
+        case done
+        case data(ByteBuffer, holes: [BlockDescriptor])
+        case extents([BlockDescriptor])
+    }
+
+    static func perform(_ request: RequestHeader, data: ByteBuffer?, backend: any NBDServerBackend, structured: Bool) async throws -> Reply {
+        let fua = request.flags.contains(.fua)
+        switch request.type {
+        case .read:
+            let bytes = request.length == 0 ? ByteBuffer() : try await backend.read(at: request.offset, length: Int(request.length))
+            // With structured replies, holes go out as NBD_REPLY_TYPE_OFFSET_HOLE.
+            let holes = structured && !request.flags.contains(.dontFragment) && request.length > 0
+                ? try await backend.extents(at: request.offset, length: UInt64(request.length)) : []
+            return .data(bytes, holes: holes)
+        case .write:
+            try await backend.write(data!, at: request.offset, fua: fua)
+        case .flush:
+            try await backend.flush()
+        case .trim:
+            try await backend.trim(at: request.offset, length: UInt64(request.length))
+            if fua { try await backend.flush() }
+        case .cache:
+            break
+        case .writeZeroes:
+            // "MUST fail quickly with NBD_ENOTSUP unless the request can be serviced in less time than a corresponding NBD_CMD_WRITE"
+            if request.flags.contains(.fastZero), !backend.zeroIsFast { throw NBDServerError(.ENOTSUP, "zeroing is not faster than writing here") }
+            try await backend.zero(at: request.offset, length: UInt64(request.length), noHole: request.flags.contains(.noHole))
+            if fua { try await backend.flush() }
+        case .blockStatus:
+            var extents = try await backend.extents(at: request.offset, length: max(1, UInt64(request.length)))
+            if request.flags.contains(.requestOne), let first = extents.first {
+                extents = [BlockDescriptor(length: min(first.length, max(1, request.length)), flags: first.flags)]
+            }
+            return .extents(extents)
+        default:
+            break
+        }
+        return .done
+    }
+
+}
