@@ -54,7 +54,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .executableTarget(name: "nbd-example", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
+        .executableTarget(name: "nbd-example", dependencies: ["NBD", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]),
         .executableTarget(name: "nbd-bench", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "NBDCoreTests",
@@ -72,7 +72,7 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["NBD", "nbd", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBD", "NBDServer", "nbd", .product(name: "NIOCore", package: "swift-nio")]
         ),
     ]
 )

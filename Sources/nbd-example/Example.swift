@@ -1,11 +1,12 @@
-// A walk through the client API, phase by phase, against a real server.
+// A walk through the client API, phase by phase, against a real server over a real socket.
 //
-//     swift run nbd-example                      # starts `nbdkit memory 64M` on a temporary socket
+//     swift run nbd-example                      # starts the built-in server in this process
 //     swift run nbd-example nbd://host/export    # or any writable server you name
 //
 // Exits non-zero if any step fails.
 import Foundation
 import NBD
+import NBDServer
 import NIOCore
 
 @main
@@ -21,28 +22,17 @@ struct Example {
     }
 
     static func run() async throws {
-        var server: Process?
+        var server: NBDServer?
         let uri: NBDURI
         if CommandLine.arguments.count > 1 {
             uri = try NBDURI(CommandLine.arguments[1])
         } else {
-            let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-example-\(getpid())")
-            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-            let socket = directory.appendingPathComponent("nbd.sock").path
-            let process = Process()
-            process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            process.arguments = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", socket, "--export-name", "demo",
-                                 "memory", "64M"]
-            process.standardOutput = FileHandle.nullDevice
-            process.standardError = FileHandle.nullDevice
-            do { try process.run() } catch { throw ExampleError("cannot start nbdkit (apt-get install nbdkit): \(error)") }
-            server = process
-            for _ in 0..<100 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(50)) }
+            let socket = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-example-\(getpid()).sock").path
+            let export = NBDServerExport(name: "demo", description: "a 64 MiB disk in memory", backend: MemoryBackend(size: 64 << 20))
+            server = try await NBDServer.start(exports: [export], on: .unix(path: socket))
             uri = NBDURI(socket: socket, exportName: "demo")
-            print("started nbdkit memory 64M at \(uri)")
+            print("started the built-in server with a 64 MiB memory export at \(uri)")
         }
-        // SIGKILL: children of Swift concurrency threads inherit a mask that blocks SIGTERM.
-        defer { if let server { kill(server.processIdentifier, SIGKILL) } }
 
         // 1. Dial and handshake: the connection is in the negotiation phase.
         let connection = try await NBDConnection.connect(to: uri.address)
@@ -77,6 +67,10 @@ struct Example {
         // 5. Disconnect: requests in flight drain, NBD_CMD_DISC, close.
         await export.disconnect()
         print("disconnected")
+        if let server {
+            await server.shutdown()
+            try? FileManager.default.removeItem(atPath: uri.socket!)
+        }
     }
 }
 

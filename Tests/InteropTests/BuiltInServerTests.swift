@@ -1,0 +1,147 @@
+import Foundation
+import NBD
+import NBDServer
+import NIOCore
+import NIOPosix
+import Testing
+
+/// The built-in server against libnbd's tools, qemu-img and our own client.
+@Suite("Built-in server", .serialized)
+struct BuiltInServerTests {
+    /// Serves `exports` on a Unix socket in the test's folder.
+    func serve(_ folder: ServerProcess, _ exports: [NBDServerExport]) async throws -> (NBDServer, String) {
+        let socket = folder.path("builtin.sock")
+        return (try await NBDServer.start(exports: exports, on: .unix(path: socket)), socket)
+    }
+
+    @Test func nbdinfoSeesWhatWasWrittenAndItsHoles() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [
+            NBDServerExport(name: "a", description: "first", backend: MemoryBackend(size: 64 << 20)),
+            NBDServerExport(name: "b", backend: MemoryBackend(size: 1 << 40, readOnly: true)),
+        ])
+        let uri = NBDURI(socket: socket, exportName: "a")
+        let export = try await NBDExport.connect(to: uri)
+        try await export.write(pattern(1 << 20, seed: 1), at: 8 << 20)
+        await export.disconnect()
+        let list = String(decoding: try folder.run("nbdinfo", ["--list", "--json", uri.description]), as: UTF8.self)
+        #expect(list.contains("\"export-name\": \"a\"") && list.contains("\"export-name\": \"b\""))
+        #expect(list.contains("\"description\": \"first\""))
+        #expect(try nbdinfoMap(folder, uri) == [
+            MapEntry(offset: 0, length: 8 << 20, type: 3), MapEntry(offset: 8 << 20, length: 1 << 20, type: 0),
+            MapEntry(offset: 9 << 20, length: 55 << 20, type: 3),
+        ])
+        // 1 TiB in memory costs nothing until written.
+        let huge = String(decoding: try folder.run("nbdinfo", ["--json", NBDURI(socket: socket, exportName: "b").description]), as: UTF8.self)
+        #expect(huge.contains("\"export-size\": 1099511627776") && huge.contains("\"is_read_only\": true"))
+        await server.shutdown()
+    }
+
+    @Test func nbdcopyBothWaysByContent() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 32 << 20))])
+        let uri = NBDURI(socket: socket).description
+        var original = Data(pattern(32 << 20, seed: 3).readableBytesView)
+        original.replaceSubrange((4 << 20)..<(12 << 20), with: Data(count: 8 << 20))
+        try original.write(to: URL(fileURLWithPath: folder.path("in.raw")))
+        _ = try folder.run("nbdcopy", [folder.path("in.raw"), uri])
+        _ = try folder.run("nbdcopy", [uri, folder.path("out.raw")])
+        #expect(try Data(contentsOf: URL(fileURLWithPath: folder.path("out.raw"))) == original)
+        await server.shutdown()
+    }
+
+    @Test func qemuImgInfoAndConvert() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(name: "disk", backend: MemoryBackend(size: 16 << 20))])
+        let uri = NBDURI(socket: socket, exportName: "disk").description
+        let info = String(decoding: try folder.run("qemu-img", ["info", uri]), as: UTF8.self)
+        #expect(info.contains("16 MiB"))
+        _ = try folder.run("qemu-img", ["create", "-f", "qcow2", folder.path("src.qcow2"), "16M"])
+        _ = try folder.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 1M 2M", folder.path("src.qcow2")])
+        _ = try folder.run("qemu-img", ["convert", "-n", "-f", "qcow2", "-O", "raw", folder.path("src.qcow2"), uri])
+        _ = try folder.run("qemu-img", ["convert", "-f", "raw", "-O", "raw", uri, folder.path("back.raw")])
+        let back = try Data(contentsOf: URL(fileURLWithPath: folder.path("back.raw")))
+        #expect(back.count == 16 << 20)
+        #expect(back[(1 << 20)..<(3 << 20)].allSatisfy { $0 == 0x5a })
+        #expect(back[0..<(1 << 20)].allSatisfy { $0 == 0 })
+        await server.shutdown()
+    }
+
+    @Test func ourClientWithSixteenTasksEveryByteVerified() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 64 << 20))])
+        try await walkthrough(folder, NBDURI(socket: socket), listed: [""])
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for task in 0..<16 {
+                group.addTask {
+                    for round in 0..<32 {
+                        let slot = UInt64(task * 32 + round)
+                        try await export.write(pattern(16384, seed: UInt8(truncatingIfNeeded: slot)), at: slot * 16384)
+                    }
+                    for round in 0..<32 {
+                        let slot = UInt64(task * 32 + round)
+                        #expect(try await export.read(at: slot * 16384, length: 16384) == pattern(16384, seed: UInt8(truncatingIfNeeded: slot)))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await export.disconnect()
+        await server.shutdown()
+    }
+
+    @Test func fileBackendMapsItsHolesLikeNbdinfo() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        _ = try folder.run("truncate", ["-s", "32M", folder.path("disk.raw")])
+        _ = try folder.run("dd", ["if=/dev/urandom", "of=\(folder.path("disk.raw"))", "bs=1M", "seek=5", "count=2", "conv=notrunc", "status=none"])
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: try FileBackend(path: folder.path("disk.raw")))])
+        let uri = NBDURI(socket: socket)
+        let map = try nbdinfoMap(folder, uri)
+        #expect(map.contains { $0.type == 0 && $0.offset <= 5 << 20 && $0.offset + $0.length >= 7 << 20 })
+        #expect(map.contains { $0.type == 3 })
+        let export = try await NBDExport.connect(to: uri)
+        #expect(try await mapExport(export, context: "base:allocation") == map)
+        let data = pattern(65536, seed: 8)
+        try await export.write(data, at: 20 << 20)
+        try await export.flush()
+        #expect(try await export.read(at: 20 << 20, length: 65536) == data)
+        await export.disconnect()
+        await server.shutdown()
+    }
+
+    @Test func badClientsAreDisconnectedAndOthersGoOn() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let good = try await NBDExport.connect(to: NBDURI(socket: socket))
+        // Garbage instead of client flags, an oversized option, an oversized write: each closed.
+        let garbage = ByteBuffer(bytes: [0xff, 0xff, 0xff, 0xff])
+        var hugeOption = ByteBuffer()
+        hugeOption.writeMultipleIntegers(UInt32(1), NBDMagic.haveOption, OptionCode.list.rawValue, UInt32(1 << 30))
+        for bytes in [garbage, hugeOption] {
+            #expect(try await rawSessionIsClosed(socket: socket, sending: bytes))
+        }
+        // The good client was not disturbed.
+        let data = pattern(4096, seed: 4)
+        try await good.write(data, at: 0)
+        #expect(try await good.read(at: 0, length: 4096) == data)
+        await good.disconnect()
+        await server.shutdown()
+    }
+
+    /// Connects, reads the greeting, sends `bytes`, and tells whether the server then closes.
+    func rawSessionIsClosed(socket: String, sending bytes: ByteBuffer) async throws -> Bool {
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(unixDomainSocketPath: socket).get()
+        try await channel.writeAndFlush(bytes)
+        for _ in 0..<200 where channel.isActive { try await Task.sleep(for: .milliseconds(10)) }
+        let closed = !channel.isActive
+        try? await channel.close()
+        return closed
+    }
+}
