@@ -16,10 +16,7 @@ struct ServerReport: Sendable {
     /// Connects, negotiates structured replies, and describes one export (or, with `listing`,
     /// every export the server lists), then ends the negotiation with NBD_OPT_ABORT.
     static func gather(_ uri: NBDURI, listing: Bool, configuration: NBDClientConfiguration) async throws -> ServerReport {
-        if uri.requiresTLS {
-            throw NBDError(.tlsRequired, "\(uri) requires TLS, which this version does not support yet; nothing was sent", connectionUsable: false)
-        }
-        let connection = try await NBDConnection.connect(to: uri.address, configuration: configuration)
+        let connection = try await NBDConnection.connect(to: uri, configuration: configuration)
         let structured = try await connection.enableStructuredReplies()
         let names = listing ? try await connection.list().map(\.name) : [uri.exportName]
         var exports: [Export] = []

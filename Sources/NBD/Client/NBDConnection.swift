@@ -38,6 +38,19 @@ public struct NBDConnection: ~Copyable, Sendable {
         }
     }
 
+    /// Dials the server a URI names and completes the handshake. A URI that requires TLS
+    /// (`nbds://`, `nbds+unix://`) is refused before anything is sent, since this version does
+    /// not speak TLS yet.
+    public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
+        if uri.requiresTLS {
+            // "If encryption cannot be negotiated then the connection MUST fail": refuse before
+            // anything is sent in clear.
+            throw NBDError(.tlsRequired, "\(uri) requires TLS, which this version of the client does not support yet; nothing was sent",
+                           connectionUsable: false)
+        }
+        return try await connect(to: uri.address, configuration: configuration)
+    }
+
     private init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, configuration: NBDClientConfiguration, serverFlags: HandshakeFlags) {
         self.channel = channel
         self.handler = handler

@@ -11,13 +11,7 @@ extension NBDExport {
     /// await export.disconnect()
     /// ```
     public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDExport {
-        if uri.requiresTLS {
-            // "If encryption cannot be negotiated then the connection MUST fail": refuse before
-            // anything is sent in clear.
-            throw NBDError(.tlsRequired, "\(uri) requires TLS, which this version of the client does not support yet; nothing was sent",
-                           connectionUsable: false)
-        }
-        let connection = try await NBDConnection.connect(to: uri.address, configuration: configuration)
+        let connection = try await NBDConnection.connect(to: uri, configuration: configuration)
         if configuration.structuredReplies, try await connection.enableStructuredReplies(), !configuration.metaContexts.isEmpty {
             do {
                 try await connection.setMetaContexts(for: uri.exportName, queries: configuration.metaContexts)
