@@ -78,11 +78,13 @@ public final class FileBackend: NBDServerBackend {
         }
     }
 
-    /// A hint only: the data stays (punching holes needs fallocate, which Swift's libc module
-    /// does not expose).
-    public func trim(at offset: UInt64, length: UInt64) async throws {}
+    /// Punches a hole where the system can; otherwise a hint with no effect.
+    public func trim(at offset: UInt64, length: UInt64) async throws {
+        _ = try await punchHole(at: offset, length: length)
+    }
 
     public func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+        if !noHole, try await punchHole(at: offset, length: length) { return }
         let block = ByteBuffer(repeating: 0, count: Int(min(length, 1 << 20)))
         var position = offset
         while position < offset + length {
@@ -90,6 +92,16 @@ public final class FileBackend: NBDServerBackend {
             try await write(block.getSlice(at: 0, length: count)!, at: position, fua: false)
             position += UInt64(count)
         }
+    }
+
+    /// FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the range reads as zeroes and frees its blocks.
+    private func punchHole(at offset: UInt64, length: UInt64) async throws -> Bool {
+        #if os(Linux)
+        let fd = descriptor
+        return try await blocking { linuxFallocate(fd, 0x02 | 0x01, Int64(offset), Int64(length)) == 0 }
+        #else
+        return false
+        #endif
     }
 
     public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
@@ -121,3 +133,9 @@ public final class FileBackend: NBDServerBackend {
         }
     }
 }
+
+#if os(Linux)
+/// glibc's `fallocate(2)`, which Swift's Glibc module does not import (it needs _GNU_SOURCE).
+@_silgen_name("fallocate")
+private func linuxFallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
+#endif

@@ -1,4 +1,5 @@
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NBDCore
@@ -36,6 +37,8 @@ public final class NBDServer: Sendable {
         public var maximumPayload = 32 * 1024 * 1024
         /// Requests one client may have in flight; more ends its session.
         public var maximumRequestsInFlight = 1024
+        /// Clients connected at once; more are closed as they arrive.
+        public var maximumConnections = 256
         /// Where connection and error logs go; by default nowhere.
         public var logger = Logger(label: "nbd-server", factory: { _ in SwiftLogNoOpLogHandler() })
         /// The defaults.
@@ -43,21 +46,48 @@ public final class NBDServer: Sendable {
     }
 
     private let channel: Channel
+    private let connections: Connections
 
     /// The address the server listens on (with the port chosen when 0 was asked for).
     public var localAddress: SocketAddress? { channel.localAddress }
 
-    private init(channel: Channel) {
+    private init(channel: Channel, connections: Connections) {
         self.channel = channel
+        self.connections = connections
+    }
+
+    /// The client connections open now.
+    final class Connections: Sendable {
+        private let channels = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+
+        /// Adds `channel` unless `limit` are open already.
+        func admit(_ channel: Channel, limit: Int) -> Bool {
+            let admitted = channels.withLockedValue { channels in
+                guard channels.count < limit else { return false }
+                channels[ObjectIdentifier(channel)] = channel
+                return true
+            }
+            if admitted {
+                channel.closeFuture.whenComplete { [self] _ in _ = channels.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) } }
+            }
+            return admitted
+        }
+
+        var all: [Channel] { channels.withLockedValue { Array($0.values) } }
     }
 
     /// Starts serving `exports` on `address` and returns once the socket listens.
     public static func start(exports: [NBDServerExport], on address: NBDAddress, configuration: Configuration = Configuration()) async throws -> NBDServer {
+        let connections = Connections()
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
             .childChannelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+                guard connections.admit(channel, limit: configuration.maximumConnections) else {
+                    configuration.logger.warning("refusing a client: \(configuration.maximumConnections) connections are open")
+                    return channel.close()
+                }
+                return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
                         NBDServerConnectionHandler(exports: exports, configuration: configuration, logger: configuration.logger))
                 }
@@ -72,12 +102,26 @@ public final class NBDServer: Sendable {
             throw NBDError.invalidArgument("the server does not listen on abstract sockets")
         }
         configuration.logger.info("listening", metadata: ["address": "\(address)"])
-        return NBDServer(channel: channel)
+        return NBDServer(channel: channel, connections: connections)
     }
 
-    /// Stops listening. Connections already open finish on their own.
+    /// Stops listening, then ends every connection cleanly: requests in flight finish and are
+    /// answered, new ones get `NBD_ESHUTDOWN` (as the spec asks of a server shutting down),
+    /// clients still negotiating are closed. Returns when every connection is closed.
     public func shutdown() async {
         try? await channel.close()
+        for connection in connections.all {
+            let drained = connection.eventLoop.flatSubmit {
+                guard let handler = try? connection.pipeline.syncOperations.handler(type: NBDServerConnectionHandler.self),
+                      let context = try? connection.pipeline.syncOperations.context(handlerType: NBDServerConnectionHandler.self) else {
+                    return connection.close()
+                }
+                handler.shutDown(context: context)
+                return connection.eventLoop.makeSucceededVoidFuture()
+            }
+            try? await drained.get()
+            try? await connection.closeFuture.get()
+        }
     }
 
     /// Waits until the listening socket closes.

@@ -19,6 +19,7 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
     private var pendingWrite: RequestHeader?
     private var inFlight = 0
     private var disconnecting = false
+    private var shuttingDown = false
 
     init(exports: [NBDServerExport], configuration: NBDServer.Configuration, logger: Logger) {
         negotiation = ServerNegotiationStateMachine(
@@ -123,6 +124,10 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
             closeIfDone(context: context)
             return
         }
+        if shuttingDown {
+            reply(request, .failure(NBDServerError(.ESHUTDOWN, "the server is shutting down")), context: context)
+            return
+        }
         if let error = check(request) {
             reply(request, .failure(error), context: context)
             return
@@ -152,7 +157,13 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
     }
 
     private func closeIfDone(context: ChannelHandlerContext) {
-        if disconnecting && inFlight == 0 { context.close(promise: nil) }
+        if (disconnecting || shuttingDown) && inFlight == 0 { context.close(promise: nil) }
+    }
+
+    /// The server is stopping: finish what is in flight, refuse the rest, then close.
+    func shutDown(context: ChannelHandlerContext) {
+        shuttingDown = true
+        if agreement == nil { context.close(promise: nil) } else { closeIfDone(context: context) }
     }
 
     /// The spec's checks on a request; an error value to answer with, or nil to go ahead.

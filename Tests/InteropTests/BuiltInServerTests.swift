@@ -145,3 +145,134 @@ struct BuiltInServerTests {
         return closed
     }
 }
+
+extension BuiltInServerTests {
+    @Test func badRequestsGetTheSpecsErrorsAndTheConnectionGoesOn() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let client = try await RawClient(socket: socket)
+        try await client.enterTransmission()
+        // Past the end: EINVAL. Unknown flags: EINVAL. Unknown command: EINVAL.
+        #expect(try await client.request(RequestHeader(type: .read, cookie: 1, offset: 1 << 20, length: 512)) == NBDErrno.EINVAL.rawValue)
+        #expect(try await client.request(RequestHeader(flags: CommandFlags(rawValue: 0x40), type: .flush, cookie: 2, offset: 0, length: 0)) == NBDErrno.EINVAL.rawValue)
+        #expect(try await client.request(RequestHeader(type: CommandType(rawValue: 99), cookie: 3, offset: 0, length: 0)) == NBDErrno.EINVAL.rawValue)
+        // Still usable: a write and a flush succeed.
+        #expect(try await client.request(RequestHeader(type: .write, cookie: 4, offset: 0, length: 4), payload: [1, 2, 3, 4]) == 0)
+        #expect(try await client.request(RequestHeader(type: .flush, cookie: 5, offset: 0, length: 0)) == 0)
+        // A write larger than the maximum payload cannot be waited for: hard disconnect.
+        try await client.send { RequestHeader(type: .write, cookie: 6, offset: 0, length: 64 << 20).encode(into: &$0) }
+        #expect(try await client.isClosedByServer())
+        await server.shutdown()
+    }
+
+    @Test func clientVanishingMidWriteDisturbsNobody() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let good = try await NBDExport.connect(to: NBDURI(socket: socket))
+        let rude = try await RawClient(socket: socket)
+        try await rude.enterTransmission()
+        try await rude.send {
+            RequestHeader(type: .write, cookie: 1, offset: 0, length: 65536).encode(into: &$0)
+            $0.writeRepeatingByte(9, count: 1000)
+        }
+        await rude.close()
+        let data = pattern(65536, seed: 6)
+        try await good.write(data, at: 0)
+        #expect(try await good.read(at: 0, length: 65536) == data)
+        await good.disconnect()
+        await server.shutdown()
+    }
+
+    @Test func shutdownFinishesRequestsInFlight() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 64 << 20))])
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        let writes = Task {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for index in 0..<32 { group.addTask { try await export.write(pattern(1 << 20, seed: UInt8(index)), at: UInt64(index) << 20) } }
+                try await group.waitForAll()
+            }
+        }
+        try await Task.sleep(for: .milliseconds(5))
+        await server.shutdown()
+        // Every write either completed or was refused with ESHUTDOWN / a closed connection:
+        // none is left hanging.
+        _ = await writes.result
+        #expect(!(try await RawClientProbe.canConnect(socket)))
+    }
+
+    @Test func nbdshScriptedSession() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 16 << 20))])
+        let script = """
+        h.pwrite(b"A" * 65536, 1048576)
+        assert h.pread(65536, 1048576) == b"A" * 65536
+        h.zero(4096, 1048576)
+        assert h.pread(4096, 1048576) == bytes(4096)
+        h.trim(65536, 2097152)
+        h.flush()
+        seen = []
+        def extent(metacontext, offset, entries, err):
+            seen.extend(entries)
+        h.block_status(16777216, 0, extent)
+        assert seen[0] == 1048576 and seen[1] & 3 == 3, seen
+        print("ok")
+        """
+        let uri = NBDURI(socket: socket).description
+        // nbdsh imports Debian's python3 module: Debian's python3 goes first on PATH.
+        let output = try folder.run("env", ["PATH=/usr/bin:/bin", try ServerProcess.executable("nbdsh"), "--base-allocation", "-u", uri, "-c", script])
+        #expect(String(decoding: output, as: UTF8.self).contains("ok"))
+        await server.shutdown()
+    }
+
+    @Test func qemuIoWritesAndVerifies() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 16 << 20))])
+        let uri = NBDURI(socket: socket).description
+        let output = String(decoding: try folder.run("qemu-io", ["-f", "raw", "-c", "write -P 0x33 64k 128k", "-c", "read -P 0x33 64k 128k",
+                                                                "-c", "read -P 0 0 64k", uri]), as: UTF8.self)
+        #expect(!output.contains("fail"), "\(output)")
+        #expect(output.contains("read 131072/131072 bytes"))
+        await server.shutdown()
+    }
+
+    @Test func serveCommandWithSeveralExportsStopsCleanly() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        _ = try folder.run("truncate", ["-s", "8M", folder.path("disk.raw")])
+        let socket = folder.path("serve.sock")
+        let process = try await folder.start(nbdTool, ["serve", "--memory", "16M", "--name", "a", "--description", "first",
+                                                       "--export", "b=memory:1M", "--export", "c=\(folder.path("disk.raw"))",
+                                                       "--socket", socket], waitFor: socket)
+        let list = String(decoding: try folder.run("nbdinfo", ["--list", NBDURI(socket: socket).description]), as: UTF8.self)
+        #expect(list.contains("export=\"a\"") && list.contains("export=\"b\"") && list.contains("export=\"c\""))
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket, exportName: "c"))
+        let data = pattern(65536, seed: 2)
+        try await export.write(data, at: 0)
+        await export.disconnect()
+        kill(process.processIdentifier, SIGTERM)
+        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(!process.isRunning)
+        #expect(process.terminationStatus == 0)
+        let written = try Data(contentsOf: URL(fileURLWithPath: folder.path("disk.raw")))
+        #expect(written.prefix(65536) == Data(data.readableBytesView))
+    }
+}
+
+enum RawClientProbe {
+    /// Whether anything still listens on `socket`.
+    static func canConnect(_ socket: String) async throws -> Bool {
+        do {
+            let client = try await RawClient(socket: socket)
+            await client.close()
+            return true
+        } catch {
+            return false
+        }
+    }
+}

@@ -21,10 +21,12 @@ final class ServerProcess: @unchecked Sendable {
     /// Which Debian package provides each tool the tests run.
     static let packages = [
         "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
-        "nbd-server": "nbd-server", "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "socat": "socat",
+        "nbd-server": "nbd-server", "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbddump": "libnbd-bin",
+        "nbdsh": "python3-libnbd", "socat": "socat",
     ]
 
     static func executable(_ tool: String) throws -> String {
+        if tool.hasPrefix("/") { return tool }
         for folder in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
             let candidate = "\(folder)/\(tool)"
             if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
@@ -39,10 +41,9 @@ final class ServerProcess: @unchecked Sendable {
         process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
         process.arguments = arguments
         process.currentDirectoryURL = directory
-        let log = FileHandle(forWritingAtPath: path("\(tool).log")) ?? {
-            _ = FileManager.default.createFile(atPath: path("\(tool).log"), contents: nil)
-            return FileHandle(forWritingAtPath: path("\(tool).log"))!
-        }()
+        let logPath = path("\(URL(fileURLWithPath: tool).lastPathComponent).log")
+        if !FileManager.default.fileExists(atPath: logPath) { _ = FileManager.default.createFile(atPath: logPath, contents: nil) }
+        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         process.standardOutput = log
         process.standardError = log
         try process.run()
@@ -53,7 +54,7 @@ final class ServerProcess: @unchecked Sendable {
                 guard process.isRunning else { break }
                 try await Task.sleep(for: .milliseconds(25))
             }
-            let output = (try? String(contentsOfFile: path("\(tool).log"), encoding: .utf8)) ?? ""
+            let output = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
             throw InteropError("\(tool) did not create \(socket): \(output)")
         }
         return process

@@ -1,0 +1,83 @@
+import Foundation
+import NBD
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// A client that sends whatever bytes a test wants, to check how a server treats bad clients.
+final class RawClient: Sendable {
+    let channel: Channel
+    private let received: NIOLockedValueBox<ByteBuffer>
+
+    init(socket: String) async throws {
+        // Collected from the first byte on: the greeting may come before connect() returns.
+        let received = NIOLockedValueBox(ByteBuffer())
+        self.received = received
+        channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(Collector { bytes in
+                        var bytes = bytes
+                        _ = received.withLockedValue { $0.writeBuffer(&bytes) }
+                    })
+                }
+            }
+            .connect(unixDomainSocketPath: socket).get()
+    }
+
+    func send(_ encode: (inout ByteBuffer) -> Void) async throws {
+        var buffer = ByteBuffer()
+        encode(&buffer)
+        try await channel.writeAndFlush(buffer)
+    }
+
+    /// Waits (up to 2 s) for `count` bytes and takes them.
+    func read(_ count: Int) async throws -> ByteBuffer {
+        for _ in 0..<200 {
+            if let bytes = received.withLockedValue({ $0.readableBytes >= count ? $0.readSlice(length: count) : nil }) { return bytes }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        throw InteropError("the server sent fewer than \(count) bytes")
+    }
+
+    /// Waits (up to 2 s) for the server to close the connection.
+    func isClosedByServer() async throws -> Bool {
+        for _ in 0..<200 where channel.isActive { try await Task.sleep(for: .milliseconds(10)) }
+        return !channel.isActive
+    }
+
+    /// Handshake and GO on the default export, with simple replies.
+    func enterTransmission() async throws {
+        _ = try await read(18)
+        try await send { $0.writeInteger(UInt32(3)) }
+        try await send { OptionRequest.go(export: "", requests: []).encode(into: &$0) }
+        while true {
+            var header = try await read(20)
+            let length = header.getInteger(at: 16, as: UInt32.self)!
+            let type = header.getInteger(at: 12, as: UInt32.self)!
+            _ = try await read(Int(length))
+            header.clear()
+            if type == OptionReplyType.ack.rawValue { return }
+        }
+    }
+
+    /// Sends a request header and returns the simple reply's error value.
+    func request(_ header: RequestHeader, payload: [UInt8] = []) async throws -> UInt32 {
+        try await send {
+            header.encode(into: &$0)
+            $0.writeBytes(payload)
+        }
+        var reply = try await read(16)
+        _ = reply.readInteger(as: UInt32.self)
+        return reply.readInteger(as: UInt32.self)!
+    }
+
+    func close() async { try? await channel.close() }
+}
+
+private final class Collector: ChannelInboundHandler, Sendable {
+    typealias InboundIn = ByteBuffer
+    let onBytes: @Sendable (ByteBuffer) -> Void
+    init(_ onBytes: @escaping @Sendable (ByteBuffer) -> Void) { self.onBytes = onBytes }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) { onBytes(unwrapInboundIn(data)) }
+}
