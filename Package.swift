@@ -55,7 +55,7 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "nbd-example", dependencies: ["NBD", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]),
-        .executableTarget(name: "nbd-bench", dependencies: ["NBD", .product(name: "NIOCore", package: "swift-nio")]),
+        .executableTarget(name: "nbd-bench", dependencies: ["NBD", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]),
         .testTarget(
             name: "NBDCoreTests",
             dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]

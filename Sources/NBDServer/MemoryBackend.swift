@@ -35,6 +35,32 @@ public final class MemoryBackend: NBDServerBackend {
         return buffer
     }
 
+    /// Data and holes in one pass under the lock: pages never written are holes.
+    public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
+        var parts: [NBDServerReadPart] = []
+        pages.withLockedValue { pages in
+            forEachPage(offset, UInt64(length)) { page, start, count in
+                if let bytes = pages[page] {
+                    if case .data(var buffer)? = parts.last {
+                        parts.removeLast()
+                        buffer.writeBytes(bytes[start..<(start + count)])
+                        parts.append(.data(buffer))
+                    } else {
+                        var buffer = ByteBuffer()
+                        buffer.reserveCapacity(length)
+                        buffer.writeBytes(bytes[start..<(start + count)])
+                        parts.append(.data(buffer))
+                    }
+                } else if case .hole(let earlier)? = parts.last {
+                    parts[parts.count - 1] = .hole(earlier + count)
+                } else {
+                    parts.append(.hole(count))
+                }
+            }
+        }
+        return parts
+    }
+
     public func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws {
         pages.withLockedValue { pages in
             var position = data.readerIndex

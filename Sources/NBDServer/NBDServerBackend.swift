@@ -27,6 +27,23 @@ public protocol NBDServerBackend: Sendable {
     func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws
     /// Consecutive extents from `offset` covering at least one byte, as `base:allocation` flags.
     func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor]
+    /// Reads `length` bytes at `offset` as data and holes in order, so that a structured reply
+    /// can skip the holes. The default reads everything as data.
+    func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart]
+}
+
+/// One part of a sparse read, in order.
+public enum NBDServerReadPart: Sendable {
+    /// Bytes of data.
+    case data(ByteBuffer)
+    /// This many bytes that read as zeroes.
+    case hole(Int)
+}
+
+extension NBDServerBackend {
+    public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
+        [.data(try await read(at: offset, length: length))]
+    }
 }
 
 /// An error a backend throws to send a particular NBD error value to the client.

@@ -202,7 +202,6 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
     private func reply(_ request: RequestHeader, _ result: Result<RequestPerformer.Reply, NBDServerError>, context: ChannelHandlerContext) {
         let structured = agreement!.structuredReplies
         var header = context.channel.allocator.buffer(capacity: 64)
-        var payload: ByteBuffer?
         switch result {
         case .failure(let error):
             logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(error.errno)"])
@@ -217,38 +216,44 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         case .success(.extents(let extents)):
             Self.chunk(.blockStatus(contextID: ServerNegotiationStateMachine.baseAllocationID, descriptors: extents), type: .blockStatus,
                        cookie: request.cookie, done: true, into: &header)
-        case .success(.data(let bytes, let holes)):
+        case .success(.data(let parts)):
             if !structured {
                 ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
-                payload = bytes
+                context.write(wrapOutboundOut(header), promise: nil)
+                for case .data(let bytes) in parts { context.write(wrapOutboundOut(bytes), promise: nil) }
             } else {
-                Self.structuredRead(request, bytes: bytes, extents: holes, into: &header)
+                // Headers go in small buffers; the data itself is written as it is, not copied.
+                for part in Self.structuredRead(request, parts: parts) { context.write(wrapOutboundOut(part), promise: nil) }
             }
+            context.flush()
+            return
         }
-        context.write(wrapOutboundOut(header), promise: nil)
-        if let payload { context.write(wrapOutboundOut(payload), promise: nil) }
-        context.flush()
+        context.writeAndFlush(wrapOutboundOut(header), promise: nil)
     }
 
-    /// A structured READ: data chunks for data, hole chunks where the backend reports zeroes,
-    /// then NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE.
-    private static func structuredRead(_ request: RequestHeader, bytes: ByteBuffer, extents: [BlockDescriptor], into out: inout ByteBuffer) {
-        var position = 0
-        var regions = extents.isEmpty ? [BlockDescriptor(length: request.length, flags: 0)] : extents
-        if request.length == 0 { regions = [] }
-        for region in regions where position < Int(request.length) {
-            let count = min(Int(region.length), Int(request.length) - position)
-            let offset = request.offset + UInt64(position)
-            if region.flags & 2 != 0 {
+    /// A structured READ: a data chunk per data part, a hole chunk per hole, then
+    /// NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE. Returns the buffers to write in order.
+    private static func structuredRead(_ request: RequestHeader, parts: [NBDServerReadPart]) -> [ByteBuffer] {
+        var buffers: [ByteBuffer] = []
+        var out = ByteBuffer()
+        var offset = request.offset
+        for part in parts {
+            switch part {
+            case .hole(let count):
                 chunk(.offsetHole(offset: offset, length: UInt32(count)), type: .offsetHole, cookie: request.cookie, done: false, into: &out)
-            } else {
-                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + count))).encode(into: &out)
+                offset += UInt64(count)
+            case .data(let bytes):
+                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + bytes.readableBytes))).encode(into: &out)
                 out.writeInteger(offset)
-                out.writeImmutableBuffer(bytes.getSlice(at: bytes.readerIndex + position, length: count)!)
+                buffers.append(out)
+                out = ByteBuffer()
+                buffers.append(bytes)
+                offset += UInt64(bytes.readableBytes)
             }
-            position += count
         }
         chunk(.none, type: .none, cookie: request.cookie, done: true, into: &out)
+        buffers.append(out)
+        return buffers
     }
 
     private static func chunk(_ chunk: ReplyChunk, type: ReplyChunkType, cookie: UInt64, done: Bool, into out: inout ByteBuffer) {
@@ -273,7 +278,7 @@ enum RequestPerformer {
 
     enum Reply: Sendable {
         case done
-        case data(ByteBuffer, holes: [BlockDescriptor])
+        case data([NBDServerReadPart])
         case extents([BlockDescriptor])
     }
 
@@ -281,11 +286,13 @@ enum RequestPerformer {
         let fua = request.flags.contains(.fua)
         switch request.type {
         case .read:
-            let bytes = request.length == 0 ? ByteBuffer() : try await backend.read(at: request.offset, length: Int(request.length))
-            // With structured replies, holes go out as NBD_REPLY_TYPE_OFFSET_HOLE.
-            let holes = structured && !request.flags.contains(.dontFragment) && request.length > 0
-                ? try await backend.extents(at: request.offset, length: UInt64(request.length)) : []
-            return .data(bytes, holes: holes)
+            guard request.length > 0 else { return .data([]) }
+            // With structured replies holes go out as NBD_REPLY_TYPE_OFFSET_HOLE; with simple
+            // replies, or when the client asked not to fragment, as zero bytes.
+            if structured && !request.flags.contains(.dontFragment) {
+                return .data(try await backend.readSparse(at: request.offset, length: Int(request.length)))
+            }
+            return .data([.data(try await backend.read(at: request.offset, length: Int(request.length)))])
         case .write:
             try await backend.write(data!, at: request.offset, fua: fua)
         case .flush:

@@ -15,6 +15,7 @@
 // server, and from `nbdkit sparse-random 16G` to null:.
 import Foundation
 import NBD
+import NBDServer
 import NIOCore
 
 @main
@@ -25,6 +26,9 @@ struct Benchmark {
             if arguments.first == "copy" {
                 arguments.removeFirst()
                 try await runCopy(Options(arguments))
+            } else if arguments.first == "server" {
+                arguments.removeFirst()
+                try await runServer(Options(arguments))
             } else {
                 try await run(Options(arguments))
             }
@@ -146,6 +150,40 @@ struct Benchmark {
             print(name.padding(toLength: 28, withPad: " ", startingAt: 0)
                   + String(format: "nbd copy %8.1f MiB/s   nbdcopy %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate))
         }
+    }
+
+    /// nbdcopy writing SIZE to, then reading it from, the built-in memory server and
+    /// `nbdkit memory`, same data, same run.
+    static func runServer(_ options: Options) async throws {
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-bench-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let ourSocket = directory.appendingPathComponent("ours.sock").path
+        let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: options.size))], on: .unix(path: ourSocket))
+        let theirSocket = directory.appendingPathComponent("nbdkit.sock").path
+        let nbdkit = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", theirSocket, "memory", "\(options.size)"])
+        defer { kill(nbdkit.processIdentifier, SIGKILL) }
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: theirSocket) { try await Task.sleep(for: .milliseconds(25)) }
+        // The data to write comes from nbdkit's pattern plugin (non-zero, so nothing is skipped).
+        let patternSocket = directory.appendingPathComponent("pattern.sock").path
+        let pattern = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", patternSocket, "pattern", "\(options.size)"])
+        defer { kill(pattern.processIdentifier, SIGKILL) }
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: patternSocket) { try await Task.sleep(for: .milliseconds(25)) }
+        let ours = NBDURI(socket: ourSocket).description, theirs = NBDURI(socket: theirSocket).description
+        let source = NBDURI(socket: patternSocket).description
+        let mib = Double(options.size) / Double(1 << 20)
+        print("nbdcopy against the built-in server and nbdkit memory, \(Int(mib)) MiB, median of \(options.rounds)")
+        for (name, toOurs, toTheirs) in [("write", [source, ours], [source, theirs]), ("read", [ours, "null:"], [theirs, "null:"])] {
+            var our: [Double] = [], their: [Double] = []
+            for _ in 0..<options.rounds {
+                our.append(try measure("nbdcopy", toOurs).seconds)
+                their.append(try measure("nbdcopy", toTheirs).seconds)
+            }
+            let ourRate = mib / median(our), theirRate = mib / median(their)
+            print(name.padding(toLength: 8, withPad: " ", startingAt: 0)
+                  + String(format: "built-in %8.1f MiB/s   nbdkit %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate))
+        }
+        await server.shutdown()
     }
 
     static func fill(_ uri: NBDURI, _ options: Options) async throws {

@@ -276,3 +276,23 @@ enum RawClientProbe {
         }
     }
 }
+
+extension BuiltInServerTests {
+    @Test func structuredReadsSendHolesAsHoleChunks() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        #expect(export.structuredReplies)
+        let data = pattern(65536, seed: 12)
+        try await export.write(data, at: 65536)
+        // A hole page, a data page, a hole page: zero-filled by the client from hole chunks.
+        let back = try await export.read(at: 0, length: 3 * 65536)
+        var expected = ByteBuffer(repeating: 0, count: 65536)
+        expected.writeImmutableBuffer(data)
+        expected.writeRepeatingByte(0, count: 65536)
+        #expect(back == expected)
+        await export.disconnect()
+        await server.shutdown()
+    }
+}
