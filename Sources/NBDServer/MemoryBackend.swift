@@ -12,7 +12,9 @@ public final class MemoryBackend: NBDServerBackend {
 
     /// Page size: the granularity of allocation and of block status.
     public static let pageSize = 64 * 1024
-    private let pages = NIOLockedValueBox<[UInt64: [UInt8]]>([:])
+    /// Written pages. ByteBuffers, so that reads hand out slices without copying; a page that
+    /// is written while a reply still holds a slice of it is copied first (copy on write).
+    private let pages = NIOLockedValueBox<[UInt64: ByteBuffer]>([:])
 
     /// A disk of `size` bytes, all zeroes.
     public init(size: UInt64, readOnly: Bool = false) {
@@ -26,7 +28,7 @@ public final class MemoryBackend: NBDServerBackend {
         pages.withLockedValue { pages in
             forEachPage(offset, UInt64(length)) { page, start, count in
                 if let bytes = pages[page] {
-                    buffer.writeBytes(bytes[start..<(start + count)])
+                    buffer.writeImmutableBuffer(bytes.getSlice(at: start, length: count)!)
                 } else {
                     buffer.writeRepeatingByte(0, count: count)
                 }
@@ -35,22 +37,14 @@ public final class MemoryBackend: NBDServerBackend {
         return buffer
     }
 
-    /// Data and holes in one pass under the lock: pages never written are holes.
+    /// Data and holes in one pass under the lock: pages never written are holes, and data goes
+    /// out as slices of the pages themselves.
     public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
         var parts: [NBDServerReadPart] = []
         pages.withLockedValue { pages in
             forEachPage(offset, UInt64(length)) { page, start, count in
                 if let bytes = pages[page] {
-                    if case .data(var buffer)? = parts.last {
-                        parts.removeLast()
-                        buffer.writeBytes(bytes[start..<(start + count)])
-                        parts.append(.data(buffer))
-                    } else {
-                        var buffer = ByteBuffer()
-                        buffer.reserveCapacity(length)
-                        buffer.writeBytes(bytes[start..<(start + count)])
-                        parts.append(.data(buffer))
-                    }
+                    parts.append(.data(bytes.getSlice(at: start, length: count)!))
                 } else if case .hole(let earlier)? = parts.last {
                     parts[parts.count - 1] = .hole(earlier + count)
                 } else {
@@ -65,8 +59,8 @@ public final class MemoryBackend: NBDServerBackend {
         pages.withLockedValue { pages in
             var position = data.readerIndex
             forEachPage(offset, UInt64(data.readableBytes)) { page, start, count in
-                let slice = data.getBytes(at: position, length: count)!
-                pages[page, default: [UInt8](repeating: 0, count: Self.pageSize)].replaceSubrange(start..<(start + count), with: slice)
+                pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)]
+                    .setBuffer(data.getSlice(at: position, length: count)!, at: start)
                 position += count
             }
         }
@@ -84,7 +78,7 @@ public final class MemoryBackend: NBDServerBackend {
                 if count == Self.pageSize && !noHole {
                     pages[page] = nil
                 } else if pages[page] != nil || noHole {
-                    pages[page, default: [UInt8](repeating: 0, count: Self.pageSize)].replaceSubrange(start..<(start + count), with: repeatElement(0, count: count))
+                    pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)].setRepeatingByte(0, count: count, at: start)
                 }
             }
         }
