@@ -252,13 +252,13 @@ public struct TransmissionStateMachine<Context> {
                 }
             }
             return .blockStatus(request.context, contextID: contextID, descriptors: descriptors)
-        case .error(let type, let errno, let message, let offset):
+        case .error(_, let errno, let message, let offset):
             if let offset {
                 guard request.header.type != .flush, request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset) else {
                     throw .violation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
                 }
             }
-            _ = type
+            // An unknown error type still errs the reply: "it MUST consider the current reply as errored".
             if request.error == nil {
                 request.error = Self.serverError(errno, message: message, command: request.header.type)
             }
