@@ -23,8 +23,10 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
         public static let connectionClosed = Code("connectionClosed")
         /// The server is not a fixed-newstyle NBD server (oldstyle, non-fixed newstyle, not NBD).
         public static let unsupportedServer = Code("unsupportedServer")
-        /// The server requires TLS, or the caller asked for TLS.
+        /// The server requires TLS, or the caller asked for TLS and the server refused it.
         public static let tlsRequired = Code("tlsRequired")
+        /// The TLS handshake failed: an untrusted or expired certificate, a wrong name, ...
+        public static let tlsFailed = Code("tlsFailed")
         /// The export does not support what was asked (not advertised in its flags).
         public static let unsupportedByServer = Code("unsupportedByServer")
         /// The caller asked for something invalid (range, alignment, flags); nothing was sent.

@@ -104,7 +104,7 @@ struct Info: AsyncParsableCommand {
     /// `--can` features, named as nbdinfo names them.
     static let features: [String: Question] = [
         "connect": { _, _ in true },
-        "tls": { _, _ in false },
+        "tls": { report, _ in report.tls },
         "structured-reply": { report, _ in report.structuredReplies },
         "flush": { $1.info.canFlush }, "fua": { $1.info.canFUA }, "trim": { $1.info.canTrim },
         "zero": { $1.info.canZero }, "fast-zero": { $1.info.canFastZero }, "df": { $1.info.canDF },
@@ -114,6 +114,6 @@ struct Info: AsyncParsableCommand {
 
     /// `--is` properties.
     static let properties: [String: Question] = [
-        "read-only": { $1.info.isReadOnly }, "rotational": { $1.info.isRotational }, "tls": { _, _ in false },
+        "read-only": { $1.info.isReadOnly }, "rotational": { $1.info.isRotational }, "tls": { report, _ in report.tls },
     ]
 }

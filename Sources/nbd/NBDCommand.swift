@@ -68,27 +68,37 @@ struct ConnectionOptions: ParsableArguments {
     @Flag(name: .long, help: "Print the library's debug log on stderr.")
     var verbose = false
 
-    @Flag(name: .long, help: "Require TLS, as nbds:// does (not supported yet).")
+    @Flag(name: .long, help: "Require TLS, as nbds:// does.")
     var tls = false
 
-    @Option(name: .long, help: ArgumentHelp("Directory with ca-cert.pem, client-cert.pem, client-key.pem (not supported yet).", valueName: "dir"))
+    @Option(name: .long, help: ArgumentHelp("Directory with ca-cert.pem, and client-cert.pem and client-key.pem for client authentication.", valueName: "dir"))
     var tlsCertificates: String?
 
     @Option(name: .long, help: ArgumentHelp("TLS-PSK key file in psktool format (not supported yet).", valueName: "file"))
     var tlsPSKFile: String?
 
-    @Flag(name: .long, inversion: .prefixedNo, help: "Verify the server's certificate (not supported yet).")
-    var tlsVerifyPeer: Bool?
+    @Flag(name: .long, inversion: .prefixedNo, help: "Verify the server's certificate (default: on).")
+    var tlsVerifyPeer = true
 
     func validate() throws {
-        // The TLS flags are part of the interface now; they work once the library speaks TLS.
-        if tls || tlsCertificates != nil || tlsPSKFile != nil || tlsVerifyPeer != nil {
-            throw CommandError("TLS is not supported yet by this version; nothing was sent")
-        }
+        if tlsPSKFile != nil { throw CommandError("TLS-PSK is not supported yet; use X.509 certificates (--tls-certificates)") }
     }
 
     func configuration() -> NBDClientConfiguration {
         var configuration = NBDClientConfiguration()
+        // nbds:// and the URI's tls-* parameters apply too; these flags are for nbd:// URIs.
+        if tls || tlsCertificates != nil {
+            configuration.tls = NBDTLSConfiguration(policy: .require)
+            if let tlsCertificates {
+                let file = { (name: String) in URL(fileURLWithPath: tlsCertificates).appendingPathComponent(name).path }
+                configuration.tls.caCertificateFile = file("ca-cert.pem")
+                if FileManager.default.fileExists(atPath: file("client-cert.pem")) {
+                    configuration.tls.clientCertificateFile = file("client-cert.pem")
+                    configuration.tls.clientKeyFile = file("client-key.pem")
+                }
+            }
+        }
+        configuration.tls.verifyPeer = tlsVerifyPeer
         if verbose {
             configuration.logger = Logger(label: "nbd") { StreamLogHandler.standardError(label: $0) }
             configuration.logger.logLevel = .trace

@@ -11,12 +11,14 @@ struct ServerReport: Sendable {
     }
 
     var structuredReplies: Bool
+    var tls: Bool
     var exports: [Export]
 
     /// Connects, negotiates structured replies, and describes one export (or, with `listing`,
     /// every export the server lists), then ends the negotiation with NBD_OPT_ABORT.
     static func gather(_ uri: NBDURI, listing: Bool, configuration: NBDClientConfiguration) async throws -> ServerReport {
         let connection = try await NBDConnection.connect(to: uri, configuration: configuration)
+        let tls = await connection.isTLS
         let structured = try await connection.enableStructuredReplies()
         let names = listing ? try await connection.list().map(\.name) : [uri.exportName]
         var exports: [Export] = []
@@ -35,11 +37,11 @@ struct ServerReport: Sendable {
                 let export = try await connection.go(name)
                 let info = export.info
                 await export.disconnect()
-                return ServerReport(structuredReplies: structured, exports: [Export(uri: exportURI, info: info, contexts: contexts)])
+                return ServerReport(structuredReplies: structured, tls: tls, exports: [Export(uri: exportURI, info: info, contexts: contexts)])
             }
         }
         await connection.abort()
-        return ServerReport(structuredReplies: structured, exports: exports)
+        return ServerReport(structuredReplies: structured, tls: tls, exports: exports)
     }
 
     /// nbdinfo's boolean fields, in its order.
@@ -56,7 +58,7 @@ struct ServerReport: Sendable {
     }
 
     var text: String {
-        var out = "protocol: newstyle-fixed without TLS, using \(structuredReplies ? "structured" : "simple") packets\n"
+        var out = "protocol: newstyle-fixed \(tls ? "with" : "without") TLS, using \(structuredReplies ? "structured" : "simple") packets\n"
         for export in exports {
             out += "export=\(JSON.quote(export.info.name)):\n"
             if let description = export.info.description { out += "\tdescription: \(description)\n" }
@@ -74,7 +76,7 @@ struct ServerReport: Sendable {
     }
 
     var json: String {
-        var out = "{\n\"protocol\": \"newstyle-fixed\",\n\"TLS\": false,\n\"structured\": \(structuredReplies),\n\"exports\": ["
+        var out = "{\n\"protocol\": \"newstyle-fixed\",\n\"TLS\": \(tls),\n\"structured\": \(structuredReplies),\n\"exports\": ["
         out += exports.map { export in
             var fields = ["\t\"export-name\": \(JSON.quote(export.info.name)),"]
             if let description = export.info.description { fields.append("\t\"description\": \(JSON.quote(description)),") }

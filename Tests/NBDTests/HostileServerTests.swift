@@ -105,12 +105,35 @@ struct HostileServerTests {
         }
     }
 
-    @Test func tlsURIIsRefusedBeforeAnythingIsSent() async throws {
+    @Test func requiredTLSRefusedByTheServerSendsNothingMore() async throws {
         try await withServer { server in
             let uri = try NBDURI("nbds+unix:///disk?socket=\(server.path)")
-            await #expect(performing: { _ = try await NBDExport.connect(to: uri) }, throws: code(.tlsRequired))
-            try await Task.sleep(for: .milliseconds(100))
-            #expect(server.connectionCount == 0)
+            let client = Task { () -> Void in _ = try await NBDExport.connect(to: uri) }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            // The first option is STARTTLS; refused, the client hangs up without another word.
+            #expect(try await peer.readOption() == .startTLS)
+            try await peer.reply(.startTLS, .error(.errUnsupported, message: "no TLS here"))
+            await #expect(performing: { try await client.value }, throws: code(.tlsRequired))
+            for _ in 0..<100 where !peer.isClosed { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(peer.isClosed)
+            #expect(peer.available == 0)
+        }
+    }
+
+    @Test func bytesInClearAfterTheStartTLSAcknowledgementAreRefused() async throws {
+        try await withServer { server in
+            let uri = try NBDURI("nbds+unix:///disk?socket=\(server.path)")
+            let client = Task { () -> Void in _ = try await NBDExport.connect(to: uri) }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            // An injected reply rides along with the ACK, in clear: a downgrade attempt.
+            try await peer.send {
+                OptionReply(option: .startTLS, body: .ack).encode(into: &$0)
+                OptionReply(option: .structuredReply, body: .ack).encode(into: &$0)
+            }
+            await #expect(throws: NBDError.self) { try await client.value }
         }
     }
 

@@ -19,6 +19,8 @@ public struct NBDClientConfiguration: Sendable {
     public var negotiationTimeout: TimeAmount = .seconds(30)
     /// Bounds on what the server may send during negotiation.
     public var negotiationLimits = NegotiationStateMachine.Limits()
+    /// TLS: off by default; `NBDConnection.connect(to: NBDURI)` takes it from the URI.
+    public var tls = NBDTLSConfiguration()
     /// Where debug and trace messages go; by default nowhere.
     public var logger = Logger(label: "nbd", factory: { _ in SwiftLogNoOpLogHandler() })
     /// The event loops that run the connection.

@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOSSL
 import NBDCore
 
 /// A connection in the negotiation phase: handshake done, options can be sent.
@@ -29,24 +30,78 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// ``NBDError/Code-swift.struct/unsupportedServer``.
     public static func connect(to address: NBDAddress, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
         let (channel, handler) = try await Dialer.dial(address, configuration: configuration)
+        let flags: HandshakeFlags
         do {
-            let flags = try await channel.eventLoop.flatSubmit { handler.value.handshake.futureResult }.get()
-            return NBDConnection(channel: channel, handler: handler, configuration: configuration, serverFlags: flags)
+            flags = try await channel.eventLoop.flatSubmit { handler.value.handshake.futureResult }.get()
+        } catch {
+            try? await channel.close()
+            throw error
+        }
+        let connection = NBDConnection(channel: channel, handler: handler, configuration: configuration, serverFlags: flags)
+        if configuration.tls.policy != .disable {
+            var hostname = configuration.tls.hostname
+            if hostname == nil, case .tcp(let host, _) = address { hostname = host }
+            try await connection.startTLS(configuration.tls, hostname: hostname)
+        }
+        return connection
+    }
+
+    /// `NBD_OPT_STARTTLS` and the TLS handshake on the same connection. Under `.require` a
+    /// refusal or a failed handshake ends the connection (hard disconnect, as the spec requires
+    /// after a failed TLS negotiation) with nothing else sent; under `.allow` a server without
+    /// TLS is used in clear.
+    private func startTLS(_ tls: NBDTLSConfiguration, hostname: String?) async throws {
+        let handler = self.handler
+        let sslContext: NIOSSLContext
+        do {
+            sslContext = try tls.makeContext()
+        } catch {
+            try? await channel.close()
+            throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
+        }
+        let replies: [OptionReply.Body]
+        do {
+            replies = try await channel.eventLoop.flatSubmit { handler.value.send(.startTLS) }.get()
+        } catch {
+            try? await channel.close()
+            throw error
+        }
+        if case .error(let type, let message) = replies.last {
+            if tls.policy == .allow && [.errUnsupported, .errPolicy, .errPlatform].contains(type) {
+                configuration.logger.debug("no TLS on this server; going on in clear", metadata: ["reply": "\(type)"])
+                return
+            }
+            try? await channel.close()
+            throw NBDError(.tlsRequired, "the server refused STARTTLS and TLS is required; nothing else was sent", optionReply: type,
+                           serverMessage: message, connectionUsable: false)
+        }
+        do {
+            try await channel.eventLoop.flatSubmit { handler.value.upgradeToTLS(sslContext, hostname: hostname) }.get()
         } catch {
             try? await channel.close()
             throw error
         }
     }
 
-    /// Dials the server a URI names and completes the handshake. A URI that requires TLS
-    /// (`nbds://`, `nbds+unix://`) is refused before anything is sent, since this version does
-    /// not speak TLS yet.
+    /// Whether the connection is encrypted (STARTTLS succeeded).
+    public var isTLS: Bool {
+        get async {
+            let handler = self.handler
+            return (try? await channel.eventLoop.submit { handler.value.isTLS }.get()) ?? false
+        }
+    }
+
+    /// Dials the server a URI names, completes the handshake and, for `nbds://` (or when the
+    /// configuration asks), negotiates TLS with the URI's `tls-*` parameters.
     public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
-        if uri.requiresTLS {
-            // "If encryption cannot be negotiated then the connection MUST fail": refuse before
-            // anything is sent in clear.
-            throw NBDError(.tlsRequired, "\(uri) requires TLS, which this version of the client does not support yet; nothing was sent",
-                           connectionUsable: false)
+        var configuration = configuration
+        let fromURI = try NBDTLSConfiguration(uri: uri)
+        // "If encryption cannot be negotiated then the connection MUST fail": nbds:// requires TLS
+        // whatever the configuration says; otherwise the configuration's policy stands.
+        if uri.requiresTLS || uri.tlsCertificates != nil || uri.tlsHostname != nil || uri.tlsVerifyPeer != nil {
+            let policy = uri.requiresTLS ? .require : configuration.tls.policy
+            configuration.tls = fromURI
+            configuration.tls.policy = policy
         }
         return try await connect(to: uri.address, configuration: configuration)
     }

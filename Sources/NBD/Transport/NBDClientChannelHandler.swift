@@ -1,5 +1,7 @@
 import Logging
 import NIOCore
+import NIOSSL
+import NIOTLS
 import NBDCore
 
 /// The one channel handler of a client connection. It feeds the server's bytes to the
@@ -29,6 +31,10 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     /// Why the connection ended, once it has.
     private var closedError: NBDError?
     private var isShutDown = false
+    /// The TLS handshake under way after STARTTLS, if any.
+    private var tlsHandshake: EventLoopPromise<Void>?
+    /// Whether the connection is encrypted.
+    private(set) var isTLS = false
 
     private let negotiationTimeout: TimeAmount
     private var timeout: Scheduled<Void>?
@@ -90,8 +96,50 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        shutDown(NBDError(.connectionClosed, "the connection failed", connectionUsable: false, underlying: error))
+        if tlsHandshake != nil {
+            shutDown(NBDError(.tlsFailed, "the TLS handshake failed (certificate not trusted, wrong name, expired, or no TLS on the server)",
+                              connectionUsable: false, underlying: error))
+        } else {
+            shutDown(NBDError(.connectionClosed, "the connection failed", connectionUsable: false, underlying: error))
+        }
         context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted = event as? TLSUserEvent {
+            isTLS = true
+            let promise = tlsHandshake
+            tlsHandshake = nil
+            disarmTimeout()
+            promise?.succeed(())
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    /// After STARTTLS was acknowledged: TLS on the same connection, then negotiation goes on
+    /// encrypted. Bytes that arrived in clear after the ACK would be an injection: refused.
+    func upgradeToTLS(_ sslContext: NIOSSLContext, hostname: String?) -> EventLoopFuture<Void> {
+        let promise = handshake.futureResult.eventLoop.makePromise(of: Void.self)
+        guard let context, closedError == nil else {
+            promise.fail(closedError ?? NBDError(.connectionClosed, "the connection is closed", connectionUsable: false))
+            return promise.futureResult
+        }
+        guard unparsed.readableBytes == 0 else {
+            fatal(.violation("bytes sent in clear after the STARTTLS acknowledgement"))
+            promise.fail(closedError!)
+            return promise.futureResult
+        }
+        do {
+            let handler = try NIOSSLClientHandler(context: sslContext, serverHostname: hostname.flatMap { $0.isIPAddress ? nil : $0 })
+            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+        } catch {
+            fatal(NBDError(.tlsFailed, "cannot start TLS", connectionUsable: false, underlying: error))
+            promise.fail(closedError!)
+            return promise.futureResult
+        }
+        tlsHandshake = promise
+        armTimeout("the TLS handshake did not complete")
+        return promise.futureResult
     }
 
     // MARK: Negotiation
@@ -327,6 +375,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         pendingOption = nil
         pendingExportName?.fail(error)
         pendingExportName = nil
+        tlsHandshake?.fail(error)
+        tlsHandshake = nil
         if case .fatal(_, let requests)? = transmission?.connectionClosed(error) {
             fail(requests, error)
         }
@@ -344,4 +394,9 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         encode(&buffer)
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
     }
+}
+
+extension String {
+    /// An IPv4 or IPv6 literal, which is no name for SNI.
+    var isIPAddress: Bool { (try? SocketAddress(ipAddress: self, port: 0)) != nil }
 }

@@ -1,0 +1,188 @@
+import Foundation
+import NBD
+import NIOCore
+import Testing
+
+/// TLS (X.509) against nbdkit, with certificates made by the test with openssl.
+@Suite("TLS against nbdkit", .serialized)
+struct TLSTests {
+    /// A CA, a server certificate for `localhost` signed by it, and client folders in the layout
+    /// nbdkit, qemu and libnbd share. `other` holds a CA that signed nothing here.
+    func makeCertificates(_ folder: ServerProcess) throws -> (server: String, client: String, other: String) {
+        try makeAllCertificates(folder).base
+    }
+
+    /// Also an expired server certificate (`expired/`) and a client identity (`identity/`).
+    func makeAllCertificates(_ folder: ServerProcess) throws -> (base: (server: String, client: String, other: String), expired: String, identity: String) {
+        let script = """
+        set -e
+        mkdir -p server client other
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=Test CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server/server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+        printf "subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n" > ext.cnf
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server/server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
+        cp ca-cert.pem server/ca-cert.pem
+        cp ca-cert.pem client/ca-cert.pem
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout other-key.pem -out other/ca-cert.pem -days 2 -subj "/CN=Other CA" 2>/dev/null
+        mkdir -p expired identity
+        cp ca-cert.pem expired/ca-cert.pem
+        cp server/server-key.pem expired/server-key.pem
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out expired/server-cert.pem -days -1 -extfile ext.cnf 2>/dev/null
+        cp ca-cert.pem identity/ca-cert.pem
+        openssl req -newkey rsa:2048 -nodes -keyout identity/client-key.pem -out client.csr -subj "/CN=swift-nbd test client" 2>/dev/null
+        openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out identity/client-cert.pem -days 2 2>/dev/null
+        """
+        _ = try folder.run("sh", ["-c", script])
+        return ((folder.path("server"), folder.path("client"), folder.path("other")), folder.path("expired"), folder.path("identity"))
+    }
+
+    func tlsURI(_ socket: String, certificates: String, hostname: String = "localhost") throws -> NBDURI {
+        try NBDURI("nbds+unix:///?socket=\(socket)&tls-certificates=\(certificates)&tls-hostname=\(hostname)")
+    }
+
+    @Test func requiredTLSRoundTripAndBlockStatus() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        let uri = try tlsURI(plain.socket!, certificates: certificates.client)
+        let connection = try await NBDConnection.connect(to: uri)
+        #expect(await connection.isTLS)
+        await connection.abort()
+        let export = try await NBDExport.connect(to: uri)
+        let data = pattern(1 << 20, seed: 21)
+        try await export.write(data, at: 65536)
+        #expect(try await export.read(at: 65536, length: 1 << 20) == data)
+        let status = try await export.blockStatus(at: 0, length: 16 << 20)
+        #expect(status["base:allocation"]?.isEmpty == false)
+        await export.disconnect()
+    }
+
+    @Test func untrustedCertificateIsRefused() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.other)) }
+            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+    }
+
+    @Test func wrongHostnameIsRefused() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client, hostname: "example.com")) }
+            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+    }
+
+    @Test func requiredTLSAgainstAServerWithoutItSendsNothingInClear() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--verbose", "memory", "16M"])
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client)) }
+            throws: { ($0 as? NBDError)?.code == .tlsRequired }
+        try await Task.sleep(for: .milliseconds(200))
+        let log = try String(contentsOfFile: folder.path("nbdkit.log"), encoding: .utf8)
+        #expect(log.contains("STARTTLS"))
+        #expect(!log.contains("NBD_OPT_GO") && !log.contains("NBD_OPT_EXPORT_NAME") && !log.contains("NBD_OPT_INFO"))
+    }
+
+    @Test func allowUsesTLSWhenOfferedAndClearOtherwise() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        var configuration = NBDClientConfiguration()
+        configuration.tls = NBDTLSConfiguration(policy: .allow)
+        configuration.tls.caCertificateFile = certificates.client + "/ca-cert.pem"
+        configuration.tls.hostname = "localhost"
+        let offered = try await folder.nbdkit(["--tls=on", "--tls-certificates", certificates.server, "memory", "16M"])
+        let encrypted = try await NBDConnection.connect(to: offered.address, configuration: configuration)
+        #expect(await encrypted.isTLS)
+        await encrypted.abort()
+
+        let other = try ServerProcess()
+        defer { other.stop() }
+        let clear = try await other.nbdkit(["memory", "16M"])
+        let connection = try await NBDConnection.connect(to: clear.address, configuration: configuration)
+        #expect(!(await connection.isTLS))
+        let export = try await connection.go()
+        #expect(export.size == 16 << 20)
+        await export.disconnect()
+    }
+}
+
+extension TLSTests {
+    @Test func expiredCertificateIsRefused() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeAllCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.expired, "memory", "16M"])
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.base.client)) }
+            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+    }
+
+    @Test func serverThatVerifiesClientsNeedsAClientCertificate() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeAllCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-verify-peer", "--tls-certificates", certificates.base.server, "memory", "16M"])
+        let export = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.identity))
+        try await export.write(pattern(4096, seed: 1), at: 0)
+        await export.disconnect()
+        await #expect(throws: NBDError.self) { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.base.client)) }
+    }
+
+    @Test func qemuNbdWithX509() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        _ = try folder.run("qemu-img", ["create", "-f", "raw", folder.path("disk.raw"), "16M"])
+        let socket = folder.path("qemu.sock")
+        try await folder.start("qemu-nbd", ["--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=\(certificates.server)", "--tls-creds", "tls0",
+                                            "-f", "raw", "-k", socket, "-x", "disk", "-t", folder.path("disk.raw")], waitFor: socket)
+        let uri = try NBDURI("nbds+unix:///disk?socket=\(socket)&tls-certificates=\(certificates.client)&tls-hostname=localhost")
+        let export = try await NBDExport.connect(to: uri)
+        let data = pattern(1 << 20, seed: 30)
+        try await export.write(data, at: 1 << 20)
+        #expect(try await export.read(at: 1 << 20, length: 1 << 20) == data)
+        await export.disconnect()
+    }
+
+    @Test func thousandConcurrentRequestsOverTLS() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "64M"])
+        let export = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for task in 0..<16 {
+                group.addTask {
+                    for round in 0..<32 {
+                        let slot = UInt64(task * 32 + round)
+                        try await export.write(pattern(16384, seed: UInt8(truncatingIfNeeded: slot)), at: slot * 16384)
+                    }
+                    for round in 0..<32 {
+                        let slot = UInt64(task * 32 + round)
+                        #expect(try await export.read(at: slot * 16384, length: 16384) == pattern(16384, seed: UInt8(truncatingIfNeeded: slot)))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+        await export.disconnect()
+    }
+
+    @Test func nbdInfoOverTLS() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        let uri = try tlsURI(plain.socket!, certificates: certificates.client).description
+        let result = try runNBD(["info", "--json", uri])
+        #expect(result.status == 0, "\(result.error)")
+        #expect(result.output.contains("\"TLS\": true"))
+        #expect(try runNBD(["info", "--is", "tls", uri]).status == 0)
+    }
+}
