@@ -1,6 +1,6 @@
 // Throughput benchmarks, each beside libnbd's tool in the same run.
 //
-//     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3]
+//     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3] [--tls]
 //     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
 //
 // The first (the library):
@@ -43,10 +43,15 @@ struct Benchmark {
         var requestSize = 256 << 10
         var inFlight = 64
         var rounds = 3
+        var tls = false
 
         init<S: Sequence>(_ arguments: S) throws where S.Element == String {
             var iterator = arguments.makeIterator()
             while let flag = iterator.next() {
+                if flag == "--tls" {
+                    tls = true
+                    continue
+                }
                 guard let value = iterator.next() else { throw BenchError("\(flag) needs a value") }
                 switch flag {
                 case "--size": size = try Self.bytes(value)
@@ -72,11 +77,19 @@ struct Benchmark {
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let socket = directory.appendingPathComponent("nbdkit.sock").path
-        let server = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket, "memory", "\(options.size)"])
+        var tlsArguments: [String] = []
+        var uri = NBDURI(socket: socket)
+        if options.tls {
+            // Over TLS: a CA and a server certificate made here; both readers trust the CA.
+            let pki = directory.appendingPathComponent("pki").path
+            try makeCertificates(in: pki)
+            tlsArguments = ["--tls=require", "--tls-certificates", pki]
+            uri = try NBDURI("nbds+unix:///?socket=\(socket)&tls-certificates=\(pki)&tls-hostname=localhost")
+        }
+        let server = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + tlsArguments + ["memory", "\(options.size)"])
         // SIGKILL: children of Swift concurrency threads inherit a mask that blocks SIGTERM.
         defer { kill(server.processIdentifier, SIGKILL) }
         for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
-        let uri = NBDURI(socket: socket)
 
         print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
         try await fill(uri, options)
@@ -99,7 +112,7 @@ struct Benchmark {
         let ourRate = mib / median(ours.map(\.seconds))
         let theirRate = mib / median(theirs.map(\.seconds))
         print("")
-        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket, median of \(options.rounds)")
+        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket\(options.tls ? " with TLS" : ""), median of \(options.rounds)")
         print(String(format: "  swift-nbd  %8.1f MiB/s   peak RSS %6.1f MiB", ourRate, Double(ours.map(\.peakKiB).max()!) / 1024))
         print(String(format: "  nbdcopy    %8.1f MiB/s   peak RSS %6.1f MiB", theirRate, Double(theirs.map(\.peakKiB).max()!) / 1024))
         print(String(format: "  ratio (swift-nbd / nbdcopy): %.2f", ourRate / theirRate))
@@ -184,6 +197,21 @@ struct Benchmark {
                   + String(format: "built-in %8.1f MiB/s   nbdkit %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate))
         }
         await server.shutdown()
+    }
+
+    /// A CA and a certificate for localhost, in the directory layout nbdkit and libnbd share.
+    static func makeCertificates(in directory: String) throws {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let script = """
+        set -e; cd '\(directory)'
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=bench CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+        printf "subjectAltName=DNS:localhost\\n" > ext.cnf
+        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
+        """
+        let process = try start("/bin/sh", ["-c", script])
+        while process.isRunning { usleep(10_000) }
+        guard process.terminationStatus == 0 else { throw BenchError("openssl could not make the test certificates") }
     }
 
     static func fill(_ uri: NBDURI, _ options: Options) async throws {
