@@ -85,9 +85,14 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// Whether the connection is encrypted (STARTTLS succeeded).
     public var isTLS: Bool {
+        get async { await tlsVersion != nil }
+    }
+
+    /// The TLS version agreed (for example `tlsv13`), or nil in clear.
+    public var tlsVersion: String? {
         get async {
             let handler = self.handler
-            return (try? await channel.eventLoop.submit { handler.value.isTLS }.get()) ?? false
+            return try? await channel.eventLoop.submit { handler.value.tlsVersion }.get()
         }
     }
 
@@ -209,11 +214,11 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     private func makeExport(_ info: NBDExportInfo) async throws -> NBDExport {
         let handler = self.handler
-        let negotiated = try await channel.eventLoop.submit { handler.value.negotiated }.get()
+        let (negotiated, tlsVersion) = try await channel.eventLoop.submit { (handler.value.negotiated, handler.value.tlsVersion) }.get()
         let contexts = negotiated.metaContextExport == negotiated.export && negotiated.structuredReplies ? negotiated.metaContexts : []
         guardian.release()
         return NBDExport(channel: channel, handler: handler, info: info, structuredReplies: negotiated.structuredReplies,
-                         metaContexts: contexts, configuration: configuration)
+                         metaContexts: contexts, tlsVersion: tlsVersion, configuration: configuration)
     }
 
     /// Sends an option and returns its replies; an error reply becomes a thrown ``NBDError``.

@@ -22,18 +22,21 @@ public final class NBDExport: Sendable {
     public let structuredReplies: Bool
     /// The metadata contexts usable with ``blockStatus(at:length:flags:)``.
     public let metaContexts: [NBDMetaContext]
+    /// The TLS version in use (for example `tlsv13`), or nil when the connection is in clear.
+    public let tlsVersion: String?
 
     let channel: Channel
     let handler: NIOLoopBound<NBDClientChannelHandler>
     private let validator: RequestValidator
 
     init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, info: NBDExportInfo, structuredReplies: Bool,
-         metaContexts: [NBDMetaContext], configuration: NBDClientConfiguration) {
+         metaContexts: [NBDMetaContext], tlsVersion: String?, configuration: NBDClientConfiguration) {
         self.channel = channel
         self.handler = handler
         self.info = info
         self.structuredReplies = structuredReplies
         self.metaContexts = metaContexts
+        self.tlsVersion = tlsVersion
         self.validator = RequestValidator(export: info, structuredReplies: structuredReplies, hasMetaContexts: !metaContexts.isEmpty)
     }
 

@@ -35,6 +35,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     private var tlsHandshake: EventLoopPromise<Void>?
     /// Whether the connection is encrypted.
     private(set) var isTLS = false
+    /// The TLS version agreed, e.g. "TLSv1.3".
+    private(set) var tlsVersion: String?
 
     private let negotiationTimeout: TimeAmount
     private var timeout: Scheduled<Void>?
@@ -108,6 +110,9 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case .handshakeCompleted = event as? TLSUserEvent {
             isTLS = true
+            if let version = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).tlsVersion {
+                tlsVersion = "\(version)"
+            }
             let promise = tlsHandshake
             tlsHandshake = nil
             disarmTimeout()
