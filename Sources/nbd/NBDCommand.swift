@@ -74,21 +74,22 @@ struct ConnectionOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("Directory with ca-cert.pem, and client-cert.pem and client-key.pem for client authentication.", valueName: "dir"))
     var tlsCertificates: String?
 
-    @Option(name: .long, help: ArgumentHelp("TLS-PSK key file in psktool format (not supported yet).", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("TLS-PSK key file in psktool format (username:hexkey lines).", valueName: "file"))
     var tlsPSKFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The PSK user name (default: your login name).", valueName: "name"))
+    var tlsUsername: String?
 
     @Flag(name: .long, inversion: .prefixedNo, help: "Verify the server's certificate (default: on).")
     var tlsVerifyPeer = true
 
-    func validate() throws {
-        if tlsPSKFile != nil { throw CommandError("TLS-PSK is not supported yet; use X.509 certificates (--tls-certificates)") }
-    }
-
     func configuration() -> NBDClientConfiguration {
         var configuration = NBDClientConfiguration()
         // nbds:// and the URI's tls-* parameters apply too; these flags are for nbd:// URIs.
-        if tls || tlsCertificates != nil {
+        if tls || tlsCertificates != nil || tlsPSKFile != nil {
             configuration.tls = NBDTLSConfiguration(policy: .require)
+            configuration.tls.pskFile = tlsPSKFile
+            configuration.tls.pskUsername = tlsUsername
             if let tlsCertificates {
                 let file = { (name: String) in URL(fileURLWithPath: tlsCertificates).appendingPathComponent(name).path }
                 configuration.tls.caCertificateFile = file("ca-cert.pem")

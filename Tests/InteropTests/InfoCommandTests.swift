@@ -102,7 +102,7 @@ struct InfoCommandTests {
         ["info", "--can", "teleport", "nbd://localhost/"], // unknown feature
         ["info", "--totals", "nbd://localhost/"],         // --totals without --map
         ["info", "nbd+unix:///?socket=/nonexistent/nbd.sock"], // nothing listening
-        ["info", "--tls-psk-file", "/k", "nbd://localhost/"], // TLS-PSK not supported yet
+        ["info", "--tls-psk-file", "/nonexistent.psk", "nbd+unix:///?socket=/nonexistent/s"], // no PSK file
     ])
     func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
         let result = try runNBD(arguments)

@@ -187,3 +187,57 @@ extension TLSTests {
         #expect(try runNBD(["info", "--is", "tls", uri]).status == 0)
     }
 }
+
+extension TLSTests {
+    @Test func pskWorksWithTheRightKeyOnly() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        try "alice:\(key)\n".write(toFile: folder.path("server.psk"), atomically: true, encoding: .utf8)
+        try "alice:ff\(key.dropFirst(2))\nbob:\(key)\n".write(toFile: folder.path("wrong.psk"), atomically: true, encoding: .utf8)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-psk", folder.path("server.psk"), "memory", "16M"])
+        let socket = plain.socket!
+        let export = try await NBDExport.connect(to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))"))
+        #expect(export.tlsVersion != nil)
+        let data = pattern(65536, seed: 44)
+        try await export.write(data, at: 0)
+        #expect(try await export.read(at: 0, length: 65536) == data)
+        await export.disconnect()
+        // A wrong key, and a user the server does not know: both refused by the handshake.
+        for user in ["alice", "bob"] {
+            let uri = try NBDURI("nbds+unix:///?socket=\(socket)&tls-psk-file=\(folder.path("wrong.psk"))&tls-username=\(user)")
+            await #expect { _ = try await NBDExport.connect(to: uri) } throws: { ($0 as? NBDError)?.code == .tlsFailed }
+        }
+    }
+}
+
+extension TLSTests {
+    @Test func verificationCanBeTurnedOffExplicitly() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        // Signed by a CA we do not trust: refused unless tls-verify-peer=0.
+        let uri = try NBDURI("nbds+unix:///?socket=\(plain.socket!)&tls-certificates=\(certificates.other)&tls-verify-peer=0")
+        let export = try await NBDExport.connect(to: uri)
+        #expect(export.tlsVersion != nil)
+        await export.disconnect()
+    }
+
+    @Test func tlsFallbackFilterServesRealDataOnlyOverTLS() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=on", "--tls-certificates", certificates.server, "--filter=tls-fallback", "memory", "16M"])
+        // In clear, the filter answers with its small read-only notice instead of the disk.
+        let clear = try await NBDExport.connect(to: plain)
+        #expect(clear.size < 16 << 20)
+        #expect(clear.info.isReadOnly)
+        await clear.disconnect()
+        // Required TLS reaches the disk.
+        let secure = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client))
+        #expect(secure.size == 16 << 20)
+        #expect(!secure.info.isReadOnly)
+        await secure.disconnect()
+    }
+}

@@ -103,7 +103,7 @@ public struct NBDConnection: ~Copyable, Sendable {
         let fromURI = try NBDTLSConfiguration(uri: uri)
         // "If encryption cannot be negotiated then the connection MUST fail": nbds:// requires TLS
         // whatever the configuration says; otherwise the configuration's policy stands.
-        if uri.requiresTLS || uri.tlsCertificates != nil || uri.tlsHostname != nil || uri.tlsVerifyPeer != nil {
+        if uri.requiresTLS || uri.tlsCertificates != nil || uri.tlsHostname != nil || uri.tlsVerifyPeer != nil || uri.tlsPSKFile != nil {
             let policy = uri.requiresTLS ? .require : configuration.tls.policy
             configuration.tls = fromURI
             configuration.tls.policy = policy

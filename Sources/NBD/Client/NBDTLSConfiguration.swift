@@ -4,9 +4,10 @@ import NBDCore
 
 /// How a client uses TLS (`NBD_OPT_STARTTLS`, "TLS support"), with libnbd's three policies.
 ///
-/// X.509 is supported: the server certificate is verified by default (against the system trust
-/// store, or the CA you give) for the host name of the URI or ``hostname``; a client
-/// certificate can be presented. TLS-PSK is not supported yet.
+/// X.509: the server certificate is verified by default (against the system trust store, or
+/// the CA you give) for the host name of the URI or ``hostname``; a client certificate can be
+/// presented. TLS-PSK: a key file in psktool's format (`username:hexkey` lines), as nbdkit and
+/// qemu use; with swift-nio-ssl (BoringSSL) PSK runs over TLS 1.2.
 public struct NBDTLSConfiguration: Sendable {
     /// Whether TLS is used.
     public enum Policy: Sendable, Hashable {
@@ -29,6 +30,10 @@ public struct NBDTLSConfiguration: Sendable {
     public var hostname: String?
     /// Verify the server's certificate and name (on by default).
     public var verifyPeer = true
+    /// A PSK file (`username:hexkey` lines): TLS-PSK instead of certificates.
+    public var pskFile: String?
+    /// The PSK identity to use from ``pskFile``; nil takes the local user name.
+    public var pskUsername: String?
 
     /// A configuration with `policy` and default verification.
     public init(policy: Policy = .disable) {
@@ -40,9 +45,8 @@ public struct NBDTLSConfiguration: Sendable {
     /// nbdkit, qemu and libnbd share; `tls-hostname` and `tls-verify-peer` as named.
     public init(uri: NBDURI) throws {
         self.init(policy: uri.requiresTLS ? .require : .disable)
-        if uri.tlsPSKFile != nil || uri.tlsType == "psk" {
-            throw NBDError(.tlsRequired, "TLS-PSK is not supported yet; use X.509 certificates", connectionUsable: false)
-        }
+        pskFile = uri.tlsPSKFile
+        pskUsername = uri.tlsUsername ?? uri.user
         if let directory = uri.tlsCertificates {
             let file = { (name: String) in URL(fileURLWithPath: directory).appendingPathComponent(name).path }
             caCertificateFile = file("ca-cert.pem")
@@ -58,6 +62,16 @@ public struct NBDTLSConfiguration: Sendable {
     func makeContext() throws -> NIOSSLContext {
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
+        if let pskFile {
+            let (identity, key) = try Self.loadPSK(pskFile, username: pskUsername ?? NSUserName())
+            tls.pskClientProvider = { _ in PSKClientIdentityResponse(key: NIOSSLSecureBytes(key), identity: identity) }
+            // BoringSSL offers PSK only with the TLS 1.2 PSK cipher suites.
+            tls.maximumTLSVersion = .tlsv12
+            tls.cipherSuiteValues = [.TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA, .TLS_ECDHE_PSK_WITH_AES_256_CBC_SHA,
+                                     .TLS_PSK_WITH_AES_128_CBC_SHA, .TLS_PSK_WITH_AES_256_CBC_SHA]
+            tls.certificateVerification = .none
+            return try NIOSSLContext(configuration: tls)
+        }
         tls.certificateVerification = verifyPeer ? .fullVerification : .none
         if let caCertificateFile {
             tls.trustRoots = .file(caCertificateFile)
@@ -67,5 +81,30 @@ public struct NBDTLSConfiguration: Sendable {
             tls.privateKey = .privateKey(try NIOSSLPrivateKey(file: clientKeyFile, format: .pem))
         }
         return try NIOSSLContext(configuration: tls)
+    }
+
+    /// Reads the key of `username` from a psktool file.
+    static func loadPSK(_ path: String, username: String) throws -> (String, [UInt8]) {
+        let text: String
+        do {
+            text = try String(contentsOfFile: path, encoding: .utf8)
+        } catch {
+            throw NBDError(.tlsFailed, "cannot read the PSK file \(path)", connectionUsable: false, underlying: error)
+        }
+        for line in text.split(whereSeparator: \.isNewline) {
+            let parts = line.split(separator: ":", maxSplits: 1)
+            guard parts.count == 2, parts[0] == username else { continue }
+            let hex = Array(parts[1].utf8)
+            guard hex.count % 2 == 0, !hex.isEmpty else { break }
+            var key: [UInt8] = []
+            for index in stride(from: 0, to: hex.count, by: 2) {
+                guard let byte = UInt8(String(decoding: hex[index..<(index + 2)], as: UTF8.self), radix: 16) else {
+                    throw NBDError(.tlsFailed, "the PSK of \(username) in \(path) is not hexadecimal", connectionUsable: false)
+                }
+                key.append(byte)
+            }
+            return (username, key)
+        }
+        throw NBDError(.tlsFailed, "no PSK for user \(username) in \(path)", connectionUsable: false)
     }
 }

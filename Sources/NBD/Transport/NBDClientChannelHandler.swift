@@ -99,7 +99,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if tlsHandshake != nil {
-            shutDown(NBDError(.tlsFailed, "the TLS handshake failed (certificate not trusted, wrong name, expired, or no TLS on the server)",
+            shutDown(NBDError(.tlsFailed, "the TLS handshake failed (certificate not trusted, wrong name or expired; wrong PSK or user; or no TLS on the server)",
                               connectionUsable: false, underlying: error))
         } else {
             shutDown(NBDError(.connectionClosed, "the connection failed", connectionUsable: false, underlying: error))
