@@ -90,14 +90,7 @@ struct ConnectionOptions: ParsableArguments {
             configuration.tls = NBDTLSConfiguration(policy: .require)
             configuration.tls.pskFile = tlsPSKFile
             configuration.tls.pskUsername = tlsUsername
-            if let tlsCertificates {
-                let file = { (name: String) in URL(fileURLWithPath: tlsCertificates).appendingPathComponent(name).path }
-                configuration.tls.caCertificateFile = file("ca-cert.pem")
-                if FileManager.default.fileExists(atPath: file("client-cert.pem")) {
-                    configuration.tls.clientCertificateFile = file("client-cert.pem")
-                    configuration.tls.clientKeyFile = file("client-key.pem")
-                }
-            }
+            if let tlsCertificates { configuration.tls.useCertificates(in: tlsCertificates) }
         }
         configuration.tls.verifyPeer = tlsVerifyPeer
         if verbose {

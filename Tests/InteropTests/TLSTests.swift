@@ -241,3 +241,18 @@ extension TLSTests {
         await secure.disconnect()
     }
 }
+
+extension TLSTests {
+    @Test func nbdToolFlagsForTLS() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        // nbd:// with --tls-certificates: TLS required; the Unix socket needs tls-hostname.
+        let uri = "nbd+unix:///?socket=\(plain.socket!)&tls-hostname=localhost"
+        let result = try runNBD(["info", "--is", "tls", "--tls-certificates", certificates.client, uri])
+        #expect(result.status == 0, "\(result.error)")
+        let copy = try runNBD(["copy", "pattern:1M", uri, "--tls", "--tls-certificates", certificates.client])
+        #expect(copy.status == 0, "\(copy.error)")
+    }
+}

@@ -100,14 +100,9 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// configuration asks), negotiates TLS with the URI's `tls-*` parameters.
     public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
         var configuration = configuration
-        let fromURI = try NBDTLSConfiguration(uri: uri)
         // "If encryption cannot be negotiated then the connection MUST fail": nbds:// requires TLS
-        // whatever the configuration says; otherwise the configuration's policy stands.
-        if uri.requiresTLS || uri.tlsCertificates != nil || uri.tlsHostname != nil || uri.tlsVerifyPeer != nil || uri.tlsPSKFile != nil {
-            let policy = uri.requiresTLS ? .require : configuration.tls.policy
-            configuration.tls = fromURI
-            configuration.tls.policy = policy
-        }
+        // whatever the configuration says; the URI's tls-* parameters override the rest.
+        configuration.tls.apply(uri)
         return try await connect(to: uri.address, configuration: configuration)
     }
 

@@ -42,21 +42,32 @@ public struct NBDTLSConfiguration: Sendable {
 
     /// What a URI asks for: `nbds://` requires TLS; `tls-certificates=DIR` names a directory
     /// with `ca-cert.pem` (and `client-cert.pem`, `client-key.pem` when present), the layout
-    /// nbdkit, qemu and libnbd share; `tls-hostname` and `tls-verify-peer` as named.
-    public init(uri: NBDURI) throws {
-        self.init(policy: uri.requiresTLS ? .require : .disable)
-        pskFile = uri.tlsPSKFile
-        pskUsername = uri.tlsUsername ?? uri.user
-        if let directory = uri.tlsCertificates {
-            let file = { (name: String) in URL(fileURLWithPath: directory).appendingPathComponent(name).path }
-            caCertificateFile = file("ca-cert.pem")
-            if FileManager.default.fileExists(atPath: file("client-cert.pem")) {
-                clientCertificateFile = file("client-cert.pem")
-                clientKeyFile = file("client-key.pem")
-            }
+    /// nbdkit, qemu and libnbd share; `tls-hostname`, `tls-verify-peer`, `tls-psk-file` and
+    /// `tls-username` (or the URI's user) as named.
+    public init(uri: NBDURI) {
+        self.init()
+        apply(uri)
+    }
+
+    /// Applies what a URI says on top of this configuration: only the parameters it names change.
+    public mutating func apply(_ uri: NBDURI) {
+        if uri.requiresTLS { policy = .require }
+        if let directory = uri.tlsCertificates { useCertificates(in: directory) }
+        if let name = uri.tlsHostname { hostname = name }
+        if let verify = uri.tlsVerifyPeer { verifyPeer = verify }
+        if let file = uri.tlsPSKFile { pskFile = file }
+        if let user = uri.tlsUsername ?? uri.user { pskUsername = user }
+    }
+
+    /// Takes the certificates from a directory in the layout nbdkit, qemu and libnbd share:
+    /// `ca-cert.pem` to trust, and `client-cert.pem` with `client-key.pem` when they exist.
+    public mutating func useCertificates(in directory: String) {
+        let file = { (name: String) in URL(fileURLWithPath: directory).appendingPathComponent(name).path }
+        caCertificateFile = file("ca-cert.pem")
+        if FileManager.default.fileExists(atPath: file("client-cert.pem")) {
+            clientCertificateFile = file("client-cert.pem")
+            clientKeyFile = file("client-key.pem")
         }
-        hostname = uri.tlsHostname ?? (uri.isUnix ? nil : uri.host)
-        verifyPeer = uri.tlsVerifyPeer ?? true
     }
 
     func makeContext() throws -> NIOSSLContext {
