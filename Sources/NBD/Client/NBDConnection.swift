@@ -56,14 +56,14 @@ public struct NBDConnection: ~Copyable, Sendable {
         do {
             sslContext = try tls.makeContext()
         } catch {
-            try? await channel.close()
+            await hardClose()
             throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
         }
         let replies: [OptionReply.Body]
         do {
             replies = try await channel.eventLoop.flatSubmit { handler.value.send(.startTLS) }.get()
         } catch {
-            try? await channel.close()
+            await hardClose()
             throw error
         }
         if case .error(let type, let message) = replies.last {
@@ -71,16 +71,23 @@ public struct NBDConnection: ~Copyable, Sendable {
                 configuration.logger.debug("no TLS on this server; going on in clear", metadata: ["reply": "\(type)"])
                 return
             }
-            try? await channel.close()
+            await hardClose()
             throw NBDError(.tlsRequired, "the server refused STARTTLS and TLS is required; nothing else was sent", optionReply: type,
                            serverMessage: message, connectionUsable: false)
         }
         do {
             try await channel.eventLoop.flatSubmit { handler.value.upgradeToTLS(sslContext, hostname: hostname) }.get()
         } catch {
-            try? await channel.close()
+            await hardClose()
             throw error
         }
+    }
+
+    /// After a failed TLS negotiation the spec wants a hard disconnect: nothing more is sent,
+    /// not even the NBD_OPT_ABORT a dropped connection otherwise gets.
+    private func hardClose() async {
+        guardian.release()
+        try? await channel.close()
     }
 
     /// Whether the connection is encrypted (STARTTLS succeeded).
