@@ -11,7 +11,7 @@ struct NBDCommand: AsyncParsableCommand {
         commandName: "nbd",
         abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo, nbdcopy and nbddump.",
         discussion: """
-            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS, not supported yet).
+            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS, with tls-certificates=DIR or tls-psk-file=FILE).
 
             Examples:
               nbd info nbd://localhost/disk
