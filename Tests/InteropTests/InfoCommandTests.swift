@@ -77,7 +77,7 @@ struct InfoCommandTests {
             exportname = \(image)
             readonly = true
         """.write(toFile: server.path("config"), atomically: true, encoding: .utf8)
-        try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket)
+        try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket, probe: false)
         let uri = NBDURI(socket: socket, exportName: "one").description
         try expectSame(server, ["--list", uri])
         try expectSame(server, ["--list", "--json", uri])

@@ -100,8 +100,13 @@ struct NBDKitTests {
         let uri = try await server.nbdkit(["memory", "16M"])
         let name = "swift-nbd-test-\(UUID().uuidString.prefix(8))"
         try await server.start("socat", ["ABSTRACT-LISTEN:\(name),fork", "UNIX-CONNECT:\(uri.socket!)"])
-        try await Task.sleep(for: .milliseconds(300))
-        let export = try await NBDExport.connect(to: NBDURI("nbd+unix:///?socket=%00\(name)"))
+        // socat listens a moment after it starts: try for up to 5 s.
+        var connected: NBDExport?
+        for _ in 0..<50 where connected == nil {
+            connected = try? await NBDExport.connect(to: NBDURI("nbd+unix:///?socket=%00\(name)"))
+            if connected == nil { try await Task.sleep(for: .milliseconds(100)) }
+        }
+        let export = try #require(connected)
         let data = pattern(8192, seed: 5)
         try await export.write(data, at: 4096)
         #expect(try await export.read(at: 4096, length: 8192) == data)

@@ -26,7 +26,7 @@ struct NBDServerTests {
             readonly = true
         """
         try config.write(toFile: server.path("config"), atomically: true, encoding: .utf8)
-        try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket)
+        try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket, probe: false)
         let uri = NBDURI(socket: socket, exportName: "disk")
         let connection = try await NBDConnection.connect(to: uri.address)
         let listing = try await connection.list().map(\.name)

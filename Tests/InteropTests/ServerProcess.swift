@@ -36,7 +36,7 @@ final class ServerProcess: @unchecked Sendable {
 
     /// Starts `tool` in the background; with `waitFor`, waits until that path exists.
     @discardableResult
-    func start(_ tool: String, _ arguments: [String], waitFor socket: String? = nil) async throws -> Process {
+    func start(_ tool: String, _ arguments: [String], waitFor socket: String? = nil, probe: Bool = true) async throws -> Process {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
         process.arguments = arguments
@@ -49,8 +49,14 @@ final class ServerProcess: @unchecked Sendable {
         try process.run()
         processes.append(process)
         if let socket {
-            for _ in 0..<200 {
-                if FileManager.default.fileExists(atPath: socket) { return process }
+            for _ in 0..<400 {
+                // A socket file exists from bind(); the server accepts only after listen(), so
+                // a socket is waited for until a connection goes through.
+                if FileManager.default.fileExists(atPath: socket) {
+                    // nbd-server -d serves one connection at a time and is not probed.
+                    if !socket.hasSuffix(".sock") || !probe { return process }
+                    if try await RawClientProbe.canConnect(socket) { return process }
+                }
                 guard process.isRunning else { break }
                 try await Task.sleep(for: .milliseconds(25))
             }
