@@ -76,21 +76,7 @@ struct BuiltInServerTests {
         let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 64 << 20))])
         try await walkthrough(folder, NBDURI(socket: socket), listed: [""])
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for task in 0..<16 {
-                group.addTask {
-                    for round in 0..<32 {
-                        let slot = UInt64(task * 32 + round)
-                        try await export.write(pattern(16384, seed: UInt8(truncatingIfNeeded: slot)), at: slot * 16384)
-                    }
-                    for round in 0..<32 {
-                        let slot = UInt64(task * 32 + round)
-                        #expect(try await export.read(at: slot * 16384, length: 16384) == pattern(16384, seed: UInt8(truncatingIfNeeded: slot)))
-                    }
-                }
-            }
-            try await group.waitForAll()
-        }
+        try await thousandRequestsFromSixteenTasks(export)
         await export.disconnect()
         await server.shutdown()
     }

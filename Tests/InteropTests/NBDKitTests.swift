@@ -118,24 +118,7 @@ struct NBDKitTests {
         defer { server.stop() }
         let uri = try await server.nbdkit(["memory", "64M"])
         let export = try await NBDExport.connect(to: uri)
-        let block = 16384
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for task in 0..<16 {
-                group.addTask {
-                    // Each task owns its slots: write 32 blocks, then read each back and compare.
-                    for round in 0..<32 {
-                        let slot = task * 32 + round
-                        try await export.write(pattern(block, seed: UInt8(truncatingIfNeeded: slot)), at: UInt64(slot * block))
-                    }
-                    for round in 0..<32 {
-                        let slot = task * 32 + round
-                        let back = try await export.read(at: UInt64(slot * block), length: block)
-                        #expect(back == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
-                    }
-                }
-            }
-            try await group.waitForAll()
-        }
+        try await thousandRequestsFromSixteenTasks(export)
         await export.disconnect()
     }
 

@@ -157,21 +157,7 @@ extension TLSTests {
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "64M"])
         let export = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client))
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for task in 0..<16 {
-                group.addTask {
-                    for round in 0..<32 {
-                        let slot = UInt64(task * 32 + round)
-                        try await export.write(pattern(16384, seed: UInt8(truncatingIfNeeded: slot)), at: slot * 16384)
-                    }
-                    for round in 0..<32 {
-                        let slot = UInt64(task * 32 + round)
-                        #expect(try await export.read(at: slot * 16384, length: 16384) == pattern(16384, seed: UInt8(truncatingIfNeeded: slot)))
-                    }
-                }
-            }
-            try await group.waitForAll()
-        }
+        try await thousandRequestsFromSixteenTasks(export)
         await export.disconnect()
     }
 

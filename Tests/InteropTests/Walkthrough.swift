@@ -56,3 +56,24 @@ func walkthrough(_ server: ServerProcess, _ uri: NBDURI, listed: [String]? = nil
     }
     await export.disconnect()
 }
+
+/// 1,024 requests from 16 tasks at once on one connection: each task writes 32 blocks of its
+/// own, then reads each back and compares every byte.
+func thousandRequestsFromSixteenTasks(_ export: NBDExport) async throws {
+    let block = 16384
+    try await withThrowingTaskGroup(of: Void.self) { group in
+        for task in 0..<16 {
+            group.addTask {
+                for round in 0..<32 {
+                    let slot = task * 32 + round
+                    try await export.write(pattern(block, seed: UInt8(truncatingIfNeeded: slot)), at: UInt64(slot * block))
+                }
+                for round in 0..<32 {
+                    let slot = task * 32 + round
+                    #expect(try await export.read(at: UInt64(slot * block), length: block) == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
+                }
+            }
+        }
+        try await group.waitForAll()
+    }
+}
