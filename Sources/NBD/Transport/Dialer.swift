@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NBDCore
@@ -9,6 +10,9 @@ enum Dialer {
         let inFlight = max(1, configuration.maximumRequestsInFlight)
         let timeout = configuration.negotiationTimeout
         let logger = configuration.logger
+        // The handler is kept as it is added: a server that misbehaves at once can close the
+        // channel, and empty its pipeline, before a lookup after connect() would run.
+        let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
         let bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .connectTimeout(configuration.connectTimeout)
             .channelOption(.socketOption(.so_keepalive), value: 1)
@@ -19,6 +23,7 @@ enum Dialer {
                 channel.eventLoop.makeCompletedFuture {
                     let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout, logger: logger)
                     try channel.pipeline.syncOperations.addHandler(handler)
+                    added.withLockedValue { $0 = NIOLoopBound(handler, eventLoop: channel.eventLoop) }
                 }
             }
         logger.debug("dialing", metadata: ["address": "\(address)"])
@@ -37,9 +42,10 @@ enum Dialer {
         } catch {
             throw NBDError(.connectionClosed, "cannot connect to \(address)", connectionUsable: false, underlying: error)
         }
-        let handler = try await channel.eventLoop.submit {
-            NIOLoopBound(try channel.pipeline.syncOperations.handler(type: NBDClientChannelHandler.self), eventLoop: channel.eventLoop)
-        }.get()
+        guard let handler = added.withLockedValue({ $0 }) else {
+            try? await channel.close()
+            throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false)
+        }
         return (channel, handler)
     }
 }
