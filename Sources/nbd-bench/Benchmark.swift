@@ -86,10 +86,9 @@ struct Benchmark {
             tlsArguments = ["--tls=require", "--tls-certificates", pki]
             uri = try NBDURI("nbds+unix:///?socket=\(socket)&tls-certificates=\(pki)&tls-hostname=localhost")
         }
-        let server = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + tlsArguments + ["memory", "\(options.size)"])
+        let server = try await startNBDKit(socket: socket, tlsArguments + ["memory", "\(options.size)"])
         // SIGKILL: children of Swift concurrency threads inherit a mask that blocks SIGTERM.
         defer { kill(server.processIdentifier, SIGKILL) }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
 
         print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
         try await fill(uri, options)
@@ -135,8 +134,7 @@ struct Benchmark {
         defer { for server in servers { kill(server.processIdentifier, SIGKILL) } }
         func serve(_ name: String, _ plugin: [String]) async throws -> NBDURI {
             let socket = directory.appendingPathComponent("\(name).sock").path
-            servers.append(try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + plugin))
-            for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+            servers.append(try await startNBDKit(socket: socket, plugin))
             return NBDURI(socket: socket)
         }
         let source = try await serve("source", ["memory", "\(options.size)"])
@@ -174,14 +172,12 @@ struct Benchmark {
         let ourSocket = directory.appendingPathComponent("ours.sock").path
         let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: options.size))], on: .unix(path: ourSocket))
         let theirSocket = directory.appendingPathComponent("nbdkit.sock").path
-        let nbdkit = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", theirSocket, "memory", "\(options.size)"])
+        let nbdkit = try await startNBDKit(socket: theirSocket, ["memory", "\(options.size)"])
         defer { kill(nbdkit.processIdentifier, SIGKILL) }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: theirSocket) { try await Task.sleep(for: .milliseconds(25)) }
         // The data to write comes from nbdkit's pattern plugin (non-zero, so nothing is skipped).
         let patternSocket = directory.appendingPathComponent("pattern.sock").path
-        let pattern = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", patternSocket, "pattern", "\(options.size)"])
+        let pattern = try await startNBDKit(socket: patternSocket, ["pattern", "\(options.size)"])
         defer { kill(pattern.processIdentifier, SIGKILL) }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: patternSocket) { try await Task.sleep(for: .milliseconds(25)) }
         let ours = NBDURI(socket: ourSocket).description, theirs = NBDURI(socket: theirSocket).description
         let source = NBDURI(socket: patternSocket).description
         let mib = Double(options.size) / Double(1 << 20)
@@ -255,6 +251,13 @@ struct Benchmark {
     }
 
     // MARK: Processes and memory
+
+    /// Starts nbdkit on a Unix socket and waits for the socket to appear.
+    static func startNBDKit(socket: String, _ arguments: [String]) async throws -> Process {
+        let process = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + arguments)
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+        return process
+    }
 
     static func start(_ tool: String, _ arguments: [String]) throws -> Process {
         let process = Process()

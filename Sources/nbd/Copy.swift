@@ -167,22 +167,11 @@ enum Sizes {
 final class Interrupt: @unchecked Sendable {
     private let lock = NSLock()
     private var flag = false
-    private let source: DispatchSourceSignal
+    private var handler: SignalHandler?
 
     init() {
-        // A parent may have started us with SIGINT blocked (children of Swift concurrency
-        // threads inherit such a mask): unblock it, or Ctrl-C would never arrive.
-        var set = sigset_t()
-        sigemptyset(&set)
-        sigaddset(&set, SIGINT)
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
-        signal(SIGINT, SIG_IGN)
-        source = DispatchSource.makeSignalSource(signal: SIGINT)
-        source.setEventHandler { [unowned self] in self.set() }
-        source.resume()
+        handler = SignalHandler([SIGINT]) { [unowned self] in self.set() }
     }
-
-    deinit { source.cancel() }
 
     func set() {
         lock.lock()

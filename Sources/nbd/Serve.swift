@@ -81,7 +81,7 @@ struct Serve: AsyncParsableCommand {
             throw CommandError("cannot listen on \(address): \(error)")
         }
         let stopped = AsyncStream<Void>.makeStream()
-        let stop = StopSignals {
+        let stop = SignalHandler([SIGINT, SIGTERM]) {
             // Stop listening, let requests in flight finish, then return from run().
             Task {
                 await server.shutdown()
@@ -100,25 +100,6 @@ struct Serve: AsyncParsableCommand {
             return try FileBackend(path: path, readOnly: readOnly)
         } catch let error as NBDServerError {
             throw CommandError(error.message)
-        }
-    }
-}
-
-/// SIGINT and SIGTERM run `action` once.
-final class StopSignals: @unchecked Sendable {
-    private var sources: [DispatchSourceSignal] = []
-
-    init(_ action: @escaping @Sendable () -> Void) {
-        for number in [SIGINT, SIGTERM] {
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, number)
-            pthread_sigmask(SIG_UNBLOCK, &set, nil)
-            signal(number, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: number)
-            source.setEventHandler(handler: action)
-            source.resume()
-            sources.append(source)
         }
     }
 }

@@ -75,22 +75,11 @@ final class ServerProcess: @unchecked Sendable {
 
     /// Runs a tool to completion and returns its standard output; fails on a non-zero exit.
     func run(_ tool: String, _ arguments: [String]) throws -> Data {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
-        process.arguments = arguments
-        process.currentDirectoryURL = directory
-        let output = Pipe()
-        let errors = Pipe()
-        process.standardOutput = output
-        process.standardError = errors
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        let errorText = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        while process.isRunning { usleep(1000) }
-        guard process.terminationStatus == 0 else {
-            throw InteropError("\(tool) \(arguments.joined(separator: " ")) failed (\(process.terminationStatus)): \(errorText)")
+        let result = try runProcess(try Self.executable(tool), arguments, in: directory)
+        guard result.status == 0 else {
+            throw InteropError("\(tool) \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.error)")
         }
-        return data
+        return result.output
     }
 
     func stop() {
@@ -168,16 +157,24 @@ let nbdTool: String = {
 
 /// Runs `nbd` and returns its exit status, standard output and standard error.
 func runNBD(_ arguments: [String]) throws -> (status: Int32, output: String, error: String) {
+    let result = try runProcess(nbdTool, arguments)
+    return (result.status, String(decoding: result.output, as: UTF8.self), result.error)
+}
+
+/// Runs a program to its end: exit status, standard output, standard error.
+func runProcess(_ executable: String, _ arguments: [String], in directory: URL? = nil) throws -> (status: Int32, output: Data, error: String) {
     let process = Process()
-    process.executableURL = URL(fileURLWithPath: nbdTool)
+    process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
+    process.currentDirectoryURL = directory
     let output = Pipe(), error = Pipe()
     process.standardOutput = output
     process.standardError = error
     try process.run()
-    let out = String(decoding: output.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    let err = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    let data = output.fileHandleForReading.readDataToEndOfFile()
+    let errorText = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+    // Not waitUntilExit(): it can hang when called from a Swift concurrency thread.
     while process.isRunning { usleep(1000) }
-    return (process.terminationStatus, out, err)
+    return (process.terminationStatus, data, errorText)
 }
 
