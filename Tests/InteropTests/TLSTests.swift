@@ -51,6 +51,9 @@ struct TLSTests {
         await connection.abort()
         let export = try await NBDExport.connect(to: uri)
         #expect(export.tlsVersion?.hasPrefix("tlsv1") == true, "\(export.tlsVersion ?? "none")")
+        // GnuTLS and BoringSSL agree on one of TLS 1.3's suites.
+        #expect(["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"].contains(export.tlsCipherSuite ?? "none"),
+                "\(export.tlsCipherSuite ?? "none")")
         let data = pattern(1 << 20, seed: 21)
         try await export.write(data, at: 65536)
         #expect(try await export.read(at: 65536, length: 1 << 20) == data)
@@ -185,6 +188,7 @@ extension TLSTests {
         let socket = plain.socket!
         let export = try await NBDExport.connect(to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))"))
         #expect(export.tlsVersion != nil)
+        #expect(export.tlsCipherSuite?.contains("_PSK_") == true, "\(export.tlsCipherSuite ?? "none")")
         let data = pattern(65536, seed: 44)
         try await export.write(data, at: 0)
         #expect(try await export.read(at: 0, length: 65536) == data)

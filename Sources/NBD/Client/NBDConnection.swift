@@ -103,6 +103,15 @@ public struct NBDConnection: ~Copyable, Sendable {
         }
     }
 
+    /// The TLS cipher suite agreed, by its IANA name (for example `TLS_AES_256_GCM_SHA384`),
+    /// or nil in clear.
+    public var tlsCipherSuite: String? {
+        get async {
+            let handler = self.handler
+            return try? await channel.eventLoop.submit { handler.value.tlsCipherSuite }.get()
+        }
+    }
+
     /// Dials the server a URI names, completes the handshake and, for `nbds://` (or when the
     /// configuration asks), negotiates TLS with the URI's `tls-*` parameters.
     public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
@@ -216,11 +225,14 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     private func makeExport(_ info: NBDExportInfo) async throws -> NBDExport {
         let handler = self.handler
-        let (negotiated, tlsVersion) = try await channel.eventLoop.submit { (handler.value.negotiated, handler.value.tlsVersion) }.get()
+        let (negotiated, tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit {
+            (handler.value.negotiated, handler.value.tlsVersion, handler.value.tlsCipherSuite)
+        }.get()
         let contexts = negotiated.metaContextExport == negotiated.export && negotiated.structuredReplies ? negotiated.metaContexts : []
         guardian.release()
         return NBDExport(channel: channel, handler: handler, info: info, structuredReplies: negotiated.structuredReplies,
-                         metaContexts: contexts, tlsVersion: tlsVersion, configuration: configuration)
+                         metaContexts: contexts, tlsVersion: tlsVersion, tlsCipherSuite: tlsCipherSuite,
+                         configuration: configuration)
     }
 
     /// Sends an option and returns its replies; an error reply becomes a thrown ``NBDError``.

@@ -35,8 +35,11 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     private var tlsHandshake: EventLoopPromise<Void>?
     /// Whether the connection is encrypted.
     private(set) var isTLS = false
-    /// The TLS version agreed, e.g. "TLSv1.3".
+    /// The TLS version agreed, e.g. "tlsv13".
     private(set) var tlsVersion: String?
+    /// The cipher suite agreed, e.g. "TLS_AES_256_GCM_SHA384".
+    private(set) var tlsCipherSuite: String?
+    private var serverHelloObserver: ServerHelloObserver?
 
     private let negotiationTimeout: TimeAmount
     private var timeout: Scheduled<Void>?
@@ -113,6 +116,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             if let version = try? context.pipeline.syncOperations.handler(type: NIOSSLClientHandler.self).tlsVersion {
                 tlsVersion = "\(version)"
             }
+            tlsCipherSuite = serverHelloObserver?.cipherSuite.map(TLSServerHello.name(of:))
+            serverHelloObserver = nil
             let promise = tlsHandshake
             tlsHandshake = nil
             disarmTimeout()
@@ -137,6 +142,10 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         do {
             let handler = try NIOSSLClientHandler(context: sslContext, serverHostname: hostname.flatMap { $0.isIPAddress ? nil : $0 })
             try context.pipeline.syncOperations.addHandler(handler, position: .first)
+            // Before the TLS handler: it sees the server's first TLS bytes as they arrive.
+            let observer = ServerHelloObserver()
+            try context.pipeline.syncOperations.addHandler(observer, position: .first)
+            serverHelloObserver = observer
         } catch {
             fatal(NBDError(.tlsFailed, "cannot start TLS", connectionUsable: false, underlying: error))
             promise.fail(closedError!)
