@@ -53,6 +53,7 @@ let package = Package(
             dependencies: [
                 "NBD",
                 "NBDServer",
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -75,7 +76,7 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["NBD", "NBDServer", "nbd", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBD", "NBDServer", "nbd", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
         ),
     ]
 )

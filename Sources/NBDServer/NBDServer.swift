@@ -82,6 +82,8 @@ public final class NBDServer: Sendable {
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
+            // Large reads: WRITE payloads are big, and each read costs a syscall.
+            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
             .childChannelInitializer { channel in
                 guard connections.admit(channel, limit: configuration.maximumConnections) else {
                     configuration.logger.warning("refusing a client: \(configuration.maximumConnections) connections are open")

@@ -6,6 +6,10 @@ import NBDCore
 /// Implement it to serve anything over NBD; ``MemoryBackend`` is one. Every method may be
 /// called from many tasks at once. Ranges are already checked against ``size`` and
 /// ``isReadOnly`` when they arrive here.
+///
+/// The methods are called on the thread of the client's connection, so that a fast backend
+/// answers without a thread hop. Do not block it: blocking I/O belongs on a thread pool, as
+/// ``FileBackend`` does with `NIOThreadPool`.
 public protocol NBDServerBackend: Sendable {
     /// Size in bytes.
     var size: UInt64 { get }

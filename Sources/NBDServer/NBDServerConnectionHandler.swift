@@ -15,9 +15,12 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
     private let limits: NBDServer.Configuration
     private let logger: Logger
     private var input = ByteBuffer()
-    /// A WRITE whose header arrived and whose data has not yet.
-    private var pendingWrite: RequestHeader?
+    /// A WRITE whose header arrived and whose data has not all arrived yet, and its data so far
+    /// (in a buffer of the payload's size, so each byte is copied once).
+    private var pendingWrite: (header: RequestHeader, data: ByteBuffer)?
     private var inFlight = 0
+    /// Requests run on the connection's own thread: a memory backend answers without a hop.
+    private var executor: EventLoopTaskExecutor?
     private var disconnecting = false
     private var shuttingDown = false
 
@@ -34,6 +37,10 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
         limits = configuration
         self.logger = logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        executor = EventLoopTaskExecutor(context.eventLoop)
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -54,7 +61,13 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
-        input.writeBuffer(&bytes)
+        // Taken as it came when nothing is left over: a WRITE's data then reaches the backend
+        // as a slice of the receive buffer, not copied.
+        if input.readableBytes == 0 {
+            input = bytes
+        } else {
+            input.writeBuffer(&bytes)
+        }
         do {
             if agreement == nil { try negotiate(context: context) }
             if agreement != nil { try transmit(context: context) }
@@ -63,7 +76,8 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
             logger.warning("closing a misbehaving client", metadata: ["error": "\(error)"])
             context.close(promise: nil)
         }
-        input.discardReadBytes()
+        // Let go of a receive buffer that is read, so that SwiftNIO can reuse it.
+        if input.readableBytes == 0 { input = ByteBuffer() }
     }
 
     // MARK: Negotiation
@@ -92,27 +106,34 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
 
     private func transmit(context: ChannelHandlerContext) throws {
         while true {
-            let header: RequestHeader
-            if let pending = pendingWrite {
-                header = pending
-            } else {
-                guard let decoded = try RequestHeader.decode(from: &input) else { return }
-                header = decoded
-                if disconnecting { throw NBDError.violation("request after NBD_CMD_DISC") }
-            }
-            if header.type == .write {
-                // Beyond the maximum payload the data cannot be waited for: hard disconnect.
-                guard Int(header.length) <= limits.maximumPayload else {
-                    throw NBDError.violation("write of \(header.length) bytes exceeds the maximum payload")
-                }
-                guard let data = input.readSlice(length: Int(header.length)) else {
-                    pendingWrite = header
+            if var pending = pendingWrite {
+                pendingWrite = nil
+                // The buffer's capacity may be rounded up: the header says how much is data.
+                let missing = Int(pending.header.length) - pending.data.readableBytes
+                var bytes = input.readSlice(length: min(input.readableBytes, missing))!
+                pending.data.writeBuffer(&bytes)
+                guard pending.data.readableBytes == Int(pending.header.length) else {
+                    pendingWrite = pending
                     return
                 }
-                pendingWrite = nil
+                handle(pending.header, data: pending.data, context: context)
+                continue
+            }
+            guard let header = try RequestHeader.decode(from: &input) else { return }
+            if disconnecting { throw NBDError.violation("request after NBD_CMD_DISC") }
+            guard header.type == .write else {
+                handle(header, data: nil, context: context)
+                continue
+            }
+            // Beyond the maximum payload the data cannot be waited for: hard disconnect.
+            guard Int(header.length) <= limits.maximumPayload else {
+                throw NBDError.violation("write of \(header.length) bytes exceeds the maximum payload")
+            }
+            if let data = input.readSlice(length: Int(header.length)) {
+                // All here: handed on as a slice of what was read, without a copy.
                 handle(header, data: data, context: context)
             } else {
-                handle(header, data: nil, context: context)
+                pendingWrite = (header, context.channel.allocator.buffer(capacity: Int(header.length)))
             }
         }
     }
@@ -142,10 +163,12 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let boundContext = NIOLoopBound(context, eventLoop: context.eventLoop)
         let structured = agreement!.structuredReplies
-        Task {
+        Task(executorPreference: executor) {
             let result = await RequestPerformer.run(request, data: data, backend: backend, structured: structured)
-            handler.eventLoop.execute {
+            if handler.eventLoop.inEventLoop {
                 handler.value.finish(request, result, context: boundContext.value)
+            } else {
+                handler.eventLoop.execute { handler.value.finish(request, result, context: boundContext.value) }
             }
         }
     }
@@ -231,28 +254,41 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         context.writeAndFlush(wrapOutboundOut(header), promise: nil)
     }
 
-    /// A structured READ: a data chunk per data part, a hole chunk per hole, then
-    /// NBD_REPLY_TYPE_NONE with NBD_REPLY_FLAG_DONE. Returns the buffers to write in order.
-    private static func structuredRead(_ request: RequestHeader, parts: [NBDServerReadPart]) -> [ByteBuffer] {
+    /// A structured READ: one data chunk per run of consecutive data parts (its payload written
+    /// as the parts themselves), a hole chunk per hole, the last chunk flagged
+    /// NBD_REPLY_FLAG_DONE. Returns the buffers to write in order.
+    static func structuredRead(_ request: RequestHeader, parts: [NBDServerReadPart]) -> [ByteBuffer] {
         var buffers: [ByteBuffer] = []
         var out = ByteBuffer()
         var offset = request.offset
-        for part in parts {
-            switch part {
+        var index = parts.startIndex
+        while index < parts.endIndex {
+            switch parts[index] {
             case .hole(let count):
-                chunk(.offsetHole(offset: offset, length: UInt32(count)), type: .offsetHole, cookie: request.cookie, done: false, into: &out)
+                let done = index == parts.endIndex - 1
+                chunk(.offsetHole(offset: offset, length: UInt32(count)), type: .offsetHole, cookie: request.cookie, done: done, into: &out)
                 offset += UInt64(count)
-            case .data(let bytes):
-                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + bytes.readableBytes))).encode(into: &out)
+                index += 1
+            case .data:
+                var run: [ByteBuffer] = []
+                while index < parts.endIndex, case .data(let bytes) = parts[index] {
+                    run.append(bytes)
+                    index += 1
+                }
+                let length = run.reduce(0) { $0 + $1.readableBytes }
+                let header = StructuredReplyHeader(flags: index == parts.endIndex ? .done : [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + length))
+                ReplyHeader.structured(header).encode(into: &out)
                 out.writeInteger(offset)
                 buffers.append(out)
                 out = ByteBuffer()
-                buffers.append(bytes)
-                offset += UInt64(bytes.readableBytes)
+                buffers.append(contentsOf: run)
+                offset += UInt64(length)
             }
         }
-        chunk(.none, type: .none, cookie: request.cookie, done: true, into: &out)
-        buffers.append(out)
+        if parts.isEmpty {
+            chunk(.none, type: .none, cookie: request.cookie, done: true, into: &out)
+        }
+        if out.readableBytes > 0 { buffers.append(out) }
         return buffers
     }
 

@@ -104,7 +104,8 @@ struct Benchmark {
             resetPeakMemory()
             ours.append((try await readAll(uri, options, configuration: configuration), peakMemory(of: "self")))
             theirs.append(try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"]))
-            print(String(format: "round %d: swift-nbd %.2f s, nbdcopy %.2f s", round, ours.last!.seconds, theirs.last!.seconds))
+            print(String(format: "round %d: swift-nbd %.2f s (peak %d MiB), nbdcopy %.2f s (peak %d MiB)", round,
+                         ours.last!.seconds, ours.last!.peakKiB >> 10, theirs.last!.seconds, theirs.last!.peakKiB >> 10))
         }
 
         let mib = Double(options.size) / Double(1 << 20)
@@ -230,7 +231,8 @@ struct Benchmark {
         let export = try await NBDExport.connect(to: uri, configuration: configuration)
         let counter = Counter(limit: options.size, step: UInt64(options.requestSize))
         let start = ContinuousClock.now
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        try await withTaskExecutorPreference(export.taskExecutor) {
+          try await withThrowingTaskGroup(of: Void.self) { group in
             for _ in 0..<options.inFlight {
                 group.addTask {
                     var buffer = ByteBuffer()
@@ -244,6 +246,7 @@ struct Benchmark {
                 }
             }
             try await group.waitForAll()
+          }
         }
         let elapsed = ContinuousClock.now - start
         await export.disconnect()
@@ -301,8 +304,12 @@ struct Benchmark {
         return 0
     }
 
-    /// Writing 5 to clear_refs resets VmHWM, so the read phase is measured alone.
+    /// Writing 5 to clear_refs resets VmHWM, so the read phase is measured alone. Memory the
+    /// previous round freed is first given back, or it would count in this round's peak.
     static func resetPeakMemory() {
+        #if os(Linux)
+        _ = mallocTrim(0)
+        #endif
         try? "5".write(toFile: "/proc/self/clear_refs", atomically: false, encoding: .utf8)
     }
 }
@@ -332,3 +339,9 @@ struct BenchError: Error, CustomStringConvertible {
     var description: String
     init(_ description: String) { self.description = description }
 }
+
+#if os(Linux)
+/// glibc's `malloc_trim`, which Swift's Glibc module does not export.
+@_silgen_name("malloc_trim")
+func mallocTrim(_ pad: Int) -> Int32
+#endif

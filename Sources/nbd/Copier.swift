@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import NBD
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// The copy itself: workers take pieces in order from a shared cursor (so reads stay
@@ -32,9 +33,12 @@ final class Copier: Sendable {
         let cursor = Cursor(source: source, size: size, pieceSize: requestSize)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
-                group.addTask {
+                let executor = source.taskExecutor(for: worker) ?? destination.taskExecutor(for: worker)
+                group.addTask(executorPreference: executor) {
+                    // One buffer per worker, reused: free again once its data is written.
+                    var buffer = ByteBuffer()
                     while !interrupt.happened, let piece = try await cursor.next() {
-                        try await self.copy(piece, worker: worker)
+                        try await self.copy(piece, worker: worker, buffer: &buffer)
                     }
                 }
             }
@@ -52,10 +56,12 @@ final class Copier: Sendable {
     /// For a stream source or destination: one piece at a time, in order.
     private func runSequentially(interrupt: Interrupt) async throws {
         var offset: UInt64 = 0
+        var data = ByteBuffer()
         while !interrupt.happened {
             let length = source.size.map { min(requestSize, $0 - offset) } ?? requestSize
             guard length > 0 else { break }
-            let data = try await source.read(at: offset, length: Int(length), worker: 0)
+            data.clear()
+            try await source.read(into: &data, at: offset, length: Int(length), worker: 0)
             guard data.readableBytes > 0 else { break }
             if let size = destination.size, offset + UInt64(data.readableBytes) > size {
                 throw CommandError("the source is larger than the destination (\(size) bytes)")
@@ -67,16 +73,17 @@ final class Copier: Sendable {
         }
     }
 
-    private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
+    private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
         for part in piece.parts {
             if part.isZero {
                 if !destination.startsZeroed { try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker) }
             } else {
-                let data = try await source.read(at: part.range.lowerBound, length: part.range.count, worker: worker)
-                guard data.readableBytes == part.range.count else {
+                buffer.clear()
+                try await source.read(into: &buffer, at: part.range.lowerBound, length: part.range.count, worker: worker)
+                guard buffer.readableBytes == part.range.count else {
                     throw CommandError("short read from the source at offset \(part.range.lowerBound)")
                 }
-                try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
+                try await writeSparsely(buffer, at: part.range.lowerBound, worker: worker)
             }
             progress.add(UInt64(part.range.count))
         }
@@ -133,19 +140,31 @@ extension Copier {
 }
 
 /// Hands out pieces in order, with the source's zero areas looked up once per large window.
-actor Cursor {
+/// A lock, not an actor: workers run on their connections' threads, and a hop to an actor and
+/// back for every piece would cost more than the piece's bookkeeping.
+final class Cursor: Sendable {
     struct Piece: Sendable {
         var parts: [(range: Range<UInt64>, isZero: Bool)]
+    }
+
+    private struct State {
+        var position: UInt64 = 0
+        var window: Range<UInt64> = 0..<0
+        var zeroes: [Range<UInt64>] = []
+        var zeroIndex = 0
+        /// The block status lookup under way, shared by the workers that need it.
+        var fetching: (start: UInt64, task: Task<[Range<UInt64>], any Error>)?
+    }
+
+    private enum Step {
+        case piece(Piece?)
+        case wait(start: UInt64, Task<[Range<UInt64>], any Error>)
     }
 
     private let source: any CopySource
     private let size: UInt64
     private let pieceSize: UInt64
-    private var position: UInt64 = 0
-    private var window: Range<UInt64> = 0..<0
-    private var zeroes: [Range<UInt64>] = []
-    private var zeroIndex = 0
-    private var fetching: (start: UInt64, task: Task<[Range<UInt64>], any Error>)?
+    private let state = NIOLockedValueBox(State())
     /// Block status is asked for this much at a time.
     private static let windowSize: UInt64 = 1 << 30
 
@@ -156,42 +175,47 @@ actor Cursor {
     }
 
     func next() async throws -> Piece? {
-        // An actor is reentrant across `await`: another worker may move `position` while this one
-        // waits for block status, so the answer is kept only if it still describes `position`.
-        // Workers arriving meanwhile wait for the same answer instead of asking again.
-        while position < size, !window.contains(position) {
-            let start = position
-            let end = min(size, start + Self.windowSize)
-            let task: Task<[Range<UInt64>], any Error>
-            if let fetching, fetching.start == start {
-                task = fetching.task
-            } else {
-                let source = self.source
-                task = Task { try await source.zeroRanges(from: start, length: end - start) }
-                fetching = (start, task)
-            }
-            let fetched = try await task.value
-            if position == start, !window.contains(position) {
-                zeroes = fetched
-                zeroIndex = 0
-                window = start..<end
-                fetching = nil
+        while true {
+            switch state.withLockedValue({ step(&$0) }) {
+            case .piece(let piece):
+                return piece
+            case .wait(let start, let task):
+                let fetched = try await task.value
+                // Another worker may have installed this window, or moved past it, meanwhile.
+                state.withLockedValue { state in
+                    guard state.position >= start, state.position < min(size, start + Self.windowSize), !state.window.contains(state.position) else { return }
+                    state.zeroes = fetched
+                    state.zeroIndex = 0
+                    state.window = start..<min(size, start + Self.windowSize)
+                    state.fetching = nil
+                }
             }
         }
-        guard position < size else { return nil }
+    }
+
+    private func step(_ state: inout State) -> Step {
+        guard state.position < size else { return .piece(nil) }
+        guard state.window.contains(state.position) else {
+            let start = state.position
+            if let fetching = state.fetching, fetching.start == start { return .wait(start: start, fetching.task) }
+            let source = self.source, length = min(size, start + Self.windowSize) - start
+            let task = Task { try await source.zeroRanges(from: start, length: length) }
+            state.fetching = (start, task)
+            return .wait(start: start, task)
+        }
         // `position` only grows: drop the zero areas behind it, so each piece costs O(1).
-        while zeroIndex < zeroes.count, zeroes[zeroIndex].upperBound <= position { zeroIndex += 1 }
-        let nextZero = zeroIndex < zeroes.count ? zeroes[zeroIndex] : nil
+        while state.zeroIndex < state.zeroes.count, state.zeroes[state.zeroIndex].upperBound <= state.position { state.zeroIndex += 1 }
+        let nextZero = state.zeroIndex < state.zeroes.count ? state.zeroes[state.zeroIndex] : nil
         // A whole zero area is one piece, however large: nothing is read for it.
-        if let zero = nextZero, zero.contains(position) {
-            let piece = Piece(parts: [(position..<zero.upperBound, true)])
-            position = zero.upperBound
-            return piece
+        if let zero = nextZero, zero.contains(state.position) {
+            let piece = Piece(parts: [(state.position..<zero.upperBound, true)])
+            state.position = zero.upperBound
+            return .piece(piece)
         }
-        var end = min(window.upperBound, position + pieceSize)
+        var end = min(state.window.upperBound, state.position + pieceSize)
         if let zero = nextZero, zero.lowerBound < end { end = zero.lowerBound }
-        let piece = Piece(parts: [(position..<end, false)])
-        position = end
-        return piece
+        let piece = Piece(parts: [(state.position..<end, false)])
+        state.position = end
+        return .piece(piece)
     }
 }

@@ -6,18 +6,18 @@ import NBD
 import NIOCore
 
 /// Where `nbd copy` reads from.
-protocol CopySource: Sendable {
+protocol CopySource: CopyEndpoint {
     /// Size in bytes, or nil for a stream (stdin) read until its end.
     var size: UInt64? { get }
     /// Ranges known to read as zeroes, within `offset..<offset+length`, in order.
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
-    /// Up to `length` bytes at `offset` (fewer only at the end of a stream).
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer
+    /// Appends up to `length` bytes at `offset` to `buffer` (fewer only at the end of a stream).
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
     func close() async
 }
 
 /// Where `nbd copy` writes to.
-protocol CopyDestination: Sendable {
+protocol CopyDestination: CopyEndpoint {
     /// Size in bytes, or nil when any size fits (a stream, `null:`, a file that grows).
     var size: UInt64? { get }
     /// True when the destination reads as zeroes where nothing was written.
@@ -30,6 +30,16 @@ protocol CopyDestination: Sendable {
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
     func flush() async throws
     func close() async
+}
+
+/// An endpoint whose I/O completes on threads of its own (an NBD connection's event loop).
+protocol CopyEndpoint: Sendable {
+    /// The executor worker `worker` runs on with the least thread hopping, if any.
+    func taskExecutor(for worker: Int) -> (any TaskExecutor)?
+}
+
+extension CopyEndpoint {
+    func taskExecutor(for worker: Int) -> (any TaskExecutor)? { nil }
 }
 
 extension CopyDestination {
@@ -54,14 +64,24 @@ final class NBDEndpoint: CopySource, CopyDestination {
                      configuration base: NBDClientConfiguration) async throws -> NBDEndpoint {
         var configuration = base
         configuration.maximumRequestsInFlight = requests
-        let first = try await NBDExport.connect(to: uri, configuration: configuration)
+        // Connection i of the source and of the destination share event loop i, so that a
+        // worker reading from one and writing to the other stays on one thread.
+        let loops = Array(base.eventLoopGroup.makeIterator())
+        func connect(_ index: Int) async throws -> NBDExport {
+            configuration.eventLoopGroup = loops[index % loops.count]
+            return try await NBDExport.connect(to: uri, configuration: configuration)
+        }
+        let first = try await connect(0)
         var exports = [first]
         // "In the absence of this flag, clients SHOULD NOT multiplex their commands over more than one connection".
         if first.info.canMultiConn {
-            for _ in 1..<max(1, connections) { exports.append(try await NBDExport.connect(to: uri, configuration: configuration)) }
+            for index in 1..<max(1, connections) { exports.append(try await connect(index)) }
         }
         return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero)
     }
+
+    /// Where worker `worker` runs best: on the thread of its connection.
+    func taskExecutor(for worker: Int) -> (any TaskExecutor)? { export(worker).taskExecutor }
 
     private init(exports: [NBDExport], startsZeroed: Bool) {
         self.exports = exports
@@ -89,8 +109,8 @@ final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
-        try await export(worker).read(at: offset, length: length)
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        try await export(worker).read(into: &buffer, at: offset, length: length)
     }
 
     func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
@@ -167,8 +187,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         self.isSequential = stream
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
-        var buffer = ByteBuffer()
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         var done = 0
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
             while done < length {
@@ -182,7 +201,6 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
             }
             return done
         }
-        return buffer
     }
 
     func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
@@ -244,20 +262,21 @@ struct SyntheticSource: CopySource {
         isZero ? [offset..<(offset + length)] : []
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.reserveCapacity(length + 16)
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         if isZero {
             buffer.writeRepeatingByte(0, count: length)
-            return buffer
+            return
         }
+        // Whole words from the one holding `offset`, trimmed to the bytes asked for.
         let first = offset / 8 * 8
+        let start = buffer.writerIndex
         var word = first
         while word < offset + UInt64(length) {
             buffer.writeInteger(word)
             word += 8
         }
-        buffer.moveReaderIndex(forwardBy: Int(offset - first))
-        return buffer.readSlice(length: length)!
+        let bytes = buffer.getSlice(at: start + Int(offset - first), length: length)!
+        buffer.moveWriterIndex(to: start)
+        buffer.writeImmutableBuffer(bytes)
     }
 }

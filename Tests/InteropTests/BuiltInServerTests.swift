@@ -171,6 +171,35 @@ extension BuiltInServerTests {
         await server.shutdown()
     }
 
+    @Test func aWriteArrivingInPiecesEndsWhereItsHeaderSays() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let client = try await RawClient(socket: socket)
+        try await client.enterTransmission()
+        // 5,000 bytes (no power of two) in two pieces; the second piece shares its packet with
+        // the next request, which must not be taken for data.
+        let payload = (0..<5000).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 1) }
+        try await client.send {
+            RequestHeader(type: .write, cookie: 1, offset: 4096, length: 5000).encode(into: &$0)
+            $0.writeBytes(payload.prefix(3000))
+        }
+        try await Task.sleep(for: .milliseconds(50))
+        try await client.send {
+            $0.writeBytes(payload.suffix(2000))
+            RequestHeader(type: .read, cookie: 2, offset: 4096, length: 5000).encode(into: &$0)
+        }
+        var writeReply = try await client.read(16)
+        #expect(writeReply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && writeReply.readInteger(as: UInt32.self) == 0)
+        #expect(writeReply.readInteger(as: UInt64.self) == 1)
+        var readReply = try await client.read(16)
+        #expect(readReply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && readReply.readInteger(as: UInt32.self) == 0)
+        #expect(readReply.readInteger(as: UInt64.self) == 2)
+        #expect(Array(try await client.read(5000).readableBytesView) == payload)
+        await client.close()
+        await server.shutdown()
+    }
+
     @Test func shutdownFinishesRequestsInFlight() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }

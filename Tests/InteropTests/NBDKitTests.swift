@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NIOCore
+import NIOPosix
 import Testing
 
 // Serialized: the helpers block a thread while a tool runs, and the machine has two cores.
@@ -119,6 +120,23 @@ struct NBDKitTests {
         let uri = try await server.nbdkit(["memory", "64M"])
         let export = try await NBDExport.connect(to: uri)
         try await thousandRequestsFromSixteenTasks(export)
+        await export.disconnect()
+    }
+
+    @Test func tasksOnTheExportsExecutorRunOnItsEventLoop() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["memory", "64M"])
+        let export = try await NBDExport.connect(to: uri)
+        try await withTaskExecutorPreference(export.taskExecutor) {
+            try await thousandRequestsFromSixteenTasks(export)
+            // Resumed after the replies on the connection's thread, not on the cooperative pool.
+            #expect(MultiThreadedEventLoopGroup.currentEventLoop != nil)
+            let data = pattern(1 << 20, seed: 99)
+            try await export.write(data, at: 0)
+            #expect(MultiThreadedEventLoopGroup.currentEventLoop != nil)
+            #expect(try await export.read(at: 0, length: 1 << 20) == data)
+        }
         await export.disconnect()
     }
 

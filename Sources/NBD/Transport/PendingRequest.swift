@@ -49,25 +49,63 @@ final class PendingRequest: @unchecked Sendable {
 /// The buffer a READ (or the pieces of a split READ) fills in place, as data arrives.
 /// Touched only on the event loop until every piece has completed.
 final class ReadDestination: @unchecked Sendable {
-    var buffer: ByteBuffer
+    private var buffer: ByteBuffer
     /// Export offset of the byte at `start`.
     let exportOffset: UInt64
     /// Index in `buffer` where the read's bytes begin.
     let start: Int
+    let length: Int
+    /// For a read into a new buffer, before any byte arrived: the room is not made yet, because
+    /// data that arrives whole can be kept as it came, without a copy.
+    private var isPending: Bool
 
     /// Appends `length` bytes of room to `buffer`, to be filled by the read at `exportOffset`.
     init(appendingTo buffer: consuming ByteBuffer, exportOffset: UInt64, length: Int) {
+        self.buffer = buffer
+        self.exportOffset = exportOffset
+        self.length = length
+        start = self.buffer.writerIndex
+        isPending = false
+        makeRoom()
+    }
+
+    /// A read of `length` bytes at `exportOffset` into a buffer of its own.
+    init(exportOffset: UInt64, length: Int, allocator: ByteBufferAllocator) {
+        self.buffer = allocator.buffer(capacity: 0)
+        self.exportOffset = exportOffset
+        self.length = length
+        start = 0
+        isPending = true
+    }
+
+    /// Smallest read whose data is kept as the slice of the receive buffer it arrived in: the
+    /// slice keeps the whole receive buffer (up to 1 MiB) alive, which small reads should not.
+    static let smallestSharedRead = 128 << 10
+
+    private func makeRoom() {
+        isPending = false
         buffer.reserveCapacity(minimumWritableBytes: length)
-        start = buffer.writerIndex
         // The room is filled exactly: the state machine checks that a successful read covers
         // every byte, and a failed read gives the buffer back without it.
         buffer.moveWriterIndex(forwardBy: length)
-        self.buffer = buffer
-        self.exportOffset = exportOffset
     }
 
     func write(_ bytes: ByteBuffer, at offset: UInt64) {
+        if isPending {
+            if offset == exportOffset, bytes.readableBytes == length, length >= Self.smallestSharedRead {
+                // The whole read in one piece: no copy.
+                isPending = false
+                buffer = bytes
+                return
+            }
+            makeRoom()
+        }
         buffer.setBuffer(bytes, at: start + Int(offset - exportOffset))
+    }
+
+    func zero(at offset: UInt64, length: Int) {
+        if isPending { makeRoom() }
+        buffer.setRepeatingByte(0, count: length, at: start + Int(offset - exportOffset))
     }
 
     /// Moves the buffer out, leaving this object empty.
@@ -75,9 +113,5 @@ final class ReadDestination: @unchecked Sendable {
         var taken = ByteBuffer()
         swap(&taken, &buffer)
         return taken
-    }
-
-    func zero(at offset: UInt64, length: Int) {
-        buffer.setRepeatingByte(0, count: length, at: start + Int(offset - exportOffset))
     }
 }

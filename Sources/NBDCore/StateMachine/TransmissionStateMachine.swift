@@ -115,7 +115,11 @@ public struct TransmissionStateMachine<Context> {
     public mutating func next() -> Action? {
         if !queued.isEmpty { return queued.removeFirst() }
         do {
-            return try parse()
+            if let action = try parse() { return action }
+            // Let go of the receive buffer once it is read: SwiftNIO reuses it for the next
+            // read only when nothing else holds it.
+            if input.readableBytes == 0 { input = ByteBuffer() }
+            return nil
         } catch {
             return fail(error)
         }
