@@ -35,10 +35,8 @@ final class Copier: Sendable {
             for worker in 0..<workers {
                 let executor = source.taskExecutor(for: worker) ?? destination.taskExecutor(for: worker)
                 group.addTask(executorPreference: executor) {
-                    // One buffer per worker, reused: free again once its data is written.
-                    var buffer = ByteBuffer()
                     while !interrupt.happened, let piece = try await cursor.next() {
-                        try await self.copy(piece, worker: worker, buffer: &buffer)
+                        try await self.copy(piece, worker: worker)
                     }
                 }
             }
@@ -56,43 +54,40 @@ final class Copier: Sendable {
     /// For a stream source or destination: one piece at a time, in order.
     private func runSequentially(interrupt: Interrupt) async throws {
         var offset: UInt64 = 0
-        var data = ByteBuffer()
         while !interrupt.happened {
             let length = source.size.map { min(requestSize, $0 - offset) } ?? requestSize
             guard length > 0 else { break }
-            data.clear()
-            try await source.read(into: &data, at: offset, length: Int(length), worker: 0)
-            guard data.readableBytes > 0 else { break }
-            if let size = destination.size, offset + UInt64(data.readableBytes) > size {
+            let data = CopyData(try await source.read(at: offset, length: Int(length), worker: 0))
+            guard data.count > 0 else { break }
+            if let size = destination.size, offset + UInt64(data.count) > size {
                 throw CommandError("the source is larger than the destination (\(size) bytes)")
             }
-            try await destination.write(data, at: offset, worker: 0)
-            offset += UInt64(data.readableBytes)
-            progress.add(UInt64(data.readableBytes))
-            if data.readableBytes < Int(length) { break }
+            try await destination.write(data.buffers, at: offset, worker: 0)
+            offset += UInt64(data.count)
+            progress.add(UInt64(data.count))
+            if data.count < Int(length) { break }
         }
     }
 
-    private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
+    private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
         for part in piece.parts {
             if part.isZero {
                 if !destination.startsZeroed { try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker) }
             } else {
-                buffer.clear()
-                try await source.read(into: &buffer, at: part.range.lowerBound, length: part.range.count, worker: worker)
-                guard buffer.readableBytes == part.range.count else {
+                let data = CopyData(try await source.read(at: part.range.lowerBound, length: part.range.count, worker: worker))
+                guard data.count == part.range.count else {
                     throw CommandError("short read from the source at offset \(part.range.lowerBound)")
                 }
-                try await writeSparsely(buffer, at: part.range.lowerBound, worker: worker)
+                try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
             }
             progress.add(UInt64(part.range.count))
         }
     }
 
     /// Writes `data`, but zeroes (or, on a zeroed destination, skips) runs of all-zero blocks.
-    private func writeSparsely(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
+    private func writeSparsely(_ data: CopyData, at offset: UInt64, worker: Int) async throws {
         guard sparse > 0, !destination.discards else {
-            try await destination.write(data, at: offset, worker: worker)
+            try await destination.write(data.buffers, at: offset, worker: worker)
             return
         }
         var runStart = 0
@@ -104,12 +99,12 @@ final class Copier: Sendable {
             if zero {
                 if !destination.startsZeroed { try await destination.zero(at: position, length: UInt64(end - runStart), worker: worker) }
             } else {
-                try await destination.write(data.getSlice(at: data.readerIndex + runStart, length: end - runStart)!, at: position, worker: worker)
+                try await destination.write(data.slices(runStart..<end), at: position, worker: worker)
             }
         }
-        while index < data.readableBytes {
-            let end = min(data.readableBytes, index + sparse)
-            let zero = Self.isZero(data, from: index, to: end)
+        while index < data.count {
+            let end = min(data.count, index + sparse)
+            let zero = data.isZero(index..<end)
             if zero != runIsZero {
                 try await flushRun(to: index)
                 runStart = index
@@ -117,25 +112,7 @@ final class Copier: Sendable {
             }
             index = end
         }
-        try await flushRun(to: data.readableBytes)
-    }
-}
-
-extension Copier {
-    /// A page of zeroes to compare against with memcmp, which is fast in any build.
-    private static let zeroPage = [UInt8](repeating: 0, count: 65536)
-
-    static func isZero(_ data: ByteBuffer, from start: Int, to end: Int) -> Bool {
-        data.withUnsafeReadableBytes { bytes in
-            var position = start
-            while position < end {
-                let count = min(end - position, zeroPage.count)
-                let same = zeroPage.withUnsafeBytes { memcmp(bytes.baseAddress! + position, $0.baseAddress!, count) == 0 }
-                guard same else { return false }
-                position += count
-            }
-            return true
-        }
+        try await flushRun(to: data.count)
     }
 }
 

@@ -11,8 +11,9 @@ protocol CopySource: CopyEndpoint {
     var size: UInt64? { get }
     /// Ranges known to read as zeroes, within `offset..<offset+length`, in order.
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
-    /// Appends up to `length` bytes at `offset` to `buffer` (fewer only at the end of a stream).
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
+    /// Up to `length` bytes at `offset` (fewer only at the end of a stream), in one buffer or
+    /// in the pieces they arrived in.
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]
     func close() async
 }
 
@@ -26,7 +27,8 @@ protocol CopyDestination: CopyEndpoint {
     var isSequential: Bool { get }
     /// True when what is written is thrown away (`null:`): no point looking for zeroes.
     var discards: Bool { get }
-    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws
+    /// Writes `data`, one buffer after another, from `offset`.
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
     func flush() async throws
     func close() async
@@ -109,12 +111,13 @@ final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
-        try await export(worker).read(into: &buffer, at: offset, length: length)
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+        // As received: to another export they go out as they came in, with no copy.
+        try await export(worker).readSegments(at: offset, length: length)
     }
 
-    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
-        try await export(worker).write(data, at: offset)
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+        try await export(worker).write(segments: data, at: offset)
     }
 
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
@@ -187,7 +190,8 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         self.isSequential = stream
     }
 
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+        var buffer = ByteBuffer()
         var done = 0
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
             while done < length {
@@ -201,19 +205,24 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
             }
             return done
         }
+        return [buffer]
     }
 
-    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {
-        try data.withUnsafeReadableBytes { pointer in
-            var done = 0
-            while done < pointer.count {
-                let count = isStream
-                    ? Glibc.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
-                    : pwrite(descriptor, pointer.baseAddress! + done, pointer.count - done, off_t(offset) + off_t(done))
-                if count < 0 && errno == EINTR { continue }
-                guard count > 0 else { throw CommandError("write failed: \(String(cString: strerror(errno)))") }
-                done += count
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+        var position = off_t(offset)
+        for buffer in data {
+            try buffer.withUnsafeReadableBytes { pointer in
+                var done = 0
+                while done < pointer.count {
+                    let count = isStream
+                        ? Glibc.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
+                        : pwrite(descriptor, pointer.baseAddress! + done, pointer.count - done, position + off_t(done))
+                    if count < 0 && errno == EINTR { continue }
+                    guard count > 0 else { throw CommandError("write failed: \(String(cString: strerror(errno)))") }
+                    done += count
+                }
             }
+            position += off_t(buffer.readableBytes)
         }
     }
 
@@ -224,7 +233,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         let block = ByteBuffer(repeating: 0, count: Int(min(length, 1 << 20)))
         while position < offset + length {
             let count = min(UInt64(block.readableBytes), offset + length - position)
-            try await write(block.getSlice(at: 0, length: Int(count))!, at: position, worker: worker)
+            try await write([block.getSlice(at: 0, length: Int(count))!], at: position, worker: worker)
             position += count
         }
     }
@@ -246,7 +255,7 @@ struct NullDestination: CopyDestination {
     var size: UInt64? { nil }
     var startsZeroed: Bool { true }
     var isSequential: Bool { false }
-    func write(_ data: ByteBuffer, at offset: UInt64, worker: Int) async throws {}
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {}
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {}
     func flush() async throws {}
     func close() async {}
@@ -262,21 +271,17 @@ struct SyntheticSource: CopySource {
         isZero ? [offset..<(offset + length)] : []
     }
 
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
-        if isZero {
-            buffer.writeRepeatingByte(0, count: length)
-            return
-        }
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+        if isZero { return [ByteBuffer(repeating: 0, count: length)] }
         // Whole words from the one holding `offset`, trimmed to the bytes asked for.
+        var buffer = ByteBuffer()
+        buffer.reserveCapacity(length + 16)
         let first = offset / 8 * 8
-        let start = buffer.writerIndex
         var word = first
         while word < offset + UInt64(length) {
             buffer.writeInteger(word)
             word += 8
         }
-        let bytes = buffer.getSlice(at: start + Int(offset - first), length: length)!
-        buffer.moveWriterIndex(to: start)
-        buffer.writeImmutableBuffer(bytes)
+        return [buffer.getSlice(at: Int(offset - first), length: length)!]
     }
 }

@@ -123,6 +123,33 @@ struct NBDKitTests {
         await export.disconnect()
     }
 
+    @Test func segmentsPassFromOneExportToAnotherAcrossRequestSplits() async throws {
+        let server = try ServerProcess(), other = try ServerProcess()
+        defer { server.stop(); other.stop() }
+        // The destination takes at most 64 KiB per request, and errs on anything larger.
+        let source = try await server.nbdkit(["memory", "16M"])
+        let destination = try await other.nbdkit(["--filter=blocksize-policy", "memory", "16M",
+                                                  "blocksize-maximum=65536", "blocksize-error-policy=error"])
+        let from = try await NBDExport.connect(to: source)
+        let to = try await NBDExport.connect(to: destination)
+        let data = pattern(3 << 20, seed: 17)
+        try await from.write(data, at: 1 << 20)
+        let segments = try await from.readSegments(at: 1 << 20, length: 3 << 20)
+        #expect(segments.reduce(0) { $0 + $1.readableBytes } == 3 << 20)
+        var joined = ByteBuffer()
+        for segment in segments { joined.writeImmutableBuffer(segment) }
+        #expect(joined == data)
+        // Uneven pieces, cut again at 64 KiB on the way out.
+        let uneven = [data.getSlice(at: 0, length: 1000)!, data.getSlice(at: 1000, length: 200_000)!,
+                      data.getSlice(at: 201_000, length: (3 << 20) - 201_000)!]
+        try await to.write(segments: uneven, at: 4096)
+        #expect(try await to.read(at: 4096, length: 3 << 20) == data)
+        try await to.write(segments: segments, at: 8 << 20)
+        #expect(try await to.read(at: 8 << 20, length: 3 << 20) == data)
+        await from.disconnect()
+        await to.disconnect()
+    }
+
     @Test func tasksOnTheExportsExecutorRunOnItsEventLoop() async throws {
         let server = try ServerProcess()
         defer { server.stop() }

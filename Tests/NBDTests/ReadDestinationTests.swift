@@ -42,6 +42,21 @@ struct ReadDestinationTests {
         #expect(!sameStorage)
     }
 
+    @Test func segmentsComeBackInExportOrderWithHolesAsZeroes() {
+        let destination = ReadDestination(segmentsOf: Self.length, exportOffset: 4096)
+        // Chunks of a structured reply may come in any order.
+        destination.write(Self.data.getSlice(at: 100_000, length: 100_000)!, at: 4096 + 100_000)
+        destination.zero(at: 4096 + 200_000, length: Self.length - 200_000)
+        destination.write(Self.data.getSlice(at: 0, length: 100_000)!, at: 4096)
+        let segments = destination.takeSegments()
+        #expect(segments.map(\.readableBytes) == [100_000, 100_000, Self.length - 200_000])
+        var joined = ByteBuffer()
+        for segment in segments { joined.writeImmutableBuffer(segment) }
+        var expected = Self.data.getSlice(at: 0, length: 200_000)!
+        expected.writeRepeatingByte(0, count: Self.length - 200_000)
+        #expect(joined == expected)
+    }
+
     @Test func readIntoAppendsAfterWhatTheBufferHolds() {
         let destination = ReadDestination(appendingTo: ByteBuffer(string: "head"), exportOffset: 0, length: Self.length)
         destination.write(Self.data, at: 0)

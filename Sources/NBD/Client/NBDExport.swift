@@ -104,6 +104,19 @@ public final class NBDExport: Sendable {
         }
     }
 
+    /// `NBD_CMD_READ` with no copy at all: the data comes back as the pieces it arrived in,
+    /// slices of the connection's receive buffers, in export order (a hole as a buffer of
+    /// zeroes). Together they hold `length` bytes. Made for passing data on, to
+    /// ``write(segments:at:flags:)`` of another export, a file or a socket: each piece keeps
+    /// its receive buffer (up to 1 MiB) alive, so hand them on and let them go.
+    public func readSegments(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> [ByteBuffer] {
+        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
+        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        let destination = ReadDestination(segmentsOf: length, exportOffset: offset)
+        _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
+        return destination.takeSegments()
+    }
+
     /// The READ requests that fill `destination`, split at the maximum payload.
     private func readRequests(offset: UInt64, length: Int, flags: CommandFlags, into destination: ReadDestination) -> [PendingRequest] {
         pieces(offset: offset, length: UInt64(length), limit: UInt64(info.maximumPayload)).map { piece in
@@ -114,13 +127,34 @@ public final class NBDExport: Sendable {
 
     /// `NBD_CMD_WRITE`: writes the readable bytes of `data` at `offset`. `flags` may hold `.fua`.
     public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
-        try validator.validate(.write, flags: flags, offset: offset, length: UInt64(data.readableBytes))
-        let requests = pieces(offset: offset, length: UInt64(data.readableBytes), limit: UInt64(info.maximumPayload)).map { piece in
-            let slice = data.getSlice(at: data.readerIndex + Int(piece.offset - offset), length: Int(piece.length))!
-            return PendingRequest(.write, flags: flags, offset: piece.offset, length: piece.length, payload: slice,
-                                  promise: channel.eventLoop.makePromise())
+        try await write(segments: [data], at: offset, flags: flags)
+    }
+
+    /// `NBD_CMD_WRITE` of the readable bytes of several buffers, one after another, at `offset`:
+    /// they are sent as they are, not gathered into one (what ``readSegments(at:length:flags:)``
+    /// returns can be passed on this way). `flags` may hold `.fua`.
+    public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
+        let length = segments.reduce(UInt64(0)) { $0 + UInt64($1.readableBytes) }
+        try validator.validate(.write, flags: flags, offset: offset, length: length)
+        var rest = segments[...]
+        let requests = pieces(offset: offset, length: length, limit: UInt64(info.maximumPayload)).map { piece in
+            PendingRequest(.write, flags: flags, offset: piece.offset, length: piece.length, payload: Self.take(Int(piece.length), from: &rest),
+                           promise: channel.eventLoop.makePromise())
         }
         _ = try await perform(requests)
+    }
+
+    /// The first `count` bytes of `buffers`, as slices; what is left stays in `buffers`.
+    private static func take(_ count: Int, from buffers: inout ArraySlice<ByteBuffer>) -> [ByteBuffer] {
+        var taken: [ByteBuffer] = []
+        var missing = count
+        while missing > 0, var first = buffers.first {
+            let slice = first.readSlice(length: min(missing, first.readableBytes))!
+            missing -= slice.readableBytes
+            if first.readableBytes == 0 { buffers.removeFirst() } else { buffers[buffers.startIndex] = first }
+            if slice.readableBytes > 0 { taken.append(slice) }
+        }
+        return taken
     }
 
     /// `NBD_CMD_FLUSH`: every write already answered reaches permanent storage.

@@ -328,8 +328,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         var buffer = context.channel.allocator.buffer(capacity: RequestHeader.size)
         header.encode(into: &buffer)
         context.write(wrapOutboundOut(buffer), promise: nil)
-        if let payload = request.payload {
-            context.write(wrapOutboundOut(payload), promise: nil)
+        for buffer in request.payload {
+            context.write(wrapOutboundOut(buffer), promise: nil)
         }
     }
 

@@ -9,8 +9,8 @@ final class PendingRequest: @unchecked Sendable {
     let flags: CommandFlags
     let offset: UInt64
     let length: UInt32
-    /// A WRITE's data.
-    let payload: ByteBuffer?
+    /// A WRITE's data, sent one buffer after another.
+    let payload: [ByteBuffer]
     /// Where a READ's data lands; dropped before the caller is answered, so that the caller
     /// holds the only reference to its buffer and can reuse it without a copy.
     private(set) var destination: ReadDestination?
@@ -21,7 +21,7 @@ final class PendingRequest: @unchecked Sendable {
     /// Nil once the caller was answered (completed, failed or cancelled).
     private(set) var promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>?
 
-    init(_ type: CommandType, flags: CommandFlags, offset: UInt64, length: UInt32, payload: ByteBuffer? = nil,
+    init(_ type: CommandType, flags: CommandFlags, offset: UInt64, length: UInt32, payload: [ByteBuffer] = [],
          destination: ReadDestination? = nil, promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>) {
         self.type = type
         self.flags = flags
@@ -58,6 +58,8 @@ final class ReadDestination: @unchecked Sendable {
     /// For a read into a new buffer, before any byte arrived: the room is not made yet, because
     /// data that arrives whole can be kept as it came, without a copy.
     private var isPending: Bool
+    /// For a read that keeps its data as it arrives: each piece by export offset.
+    private var segments: [(offset: UInt64, bytes: ByteBuffer)]?
 
     /// Appends `length` bytes of room to `buffer`, to be filled by the read at `exportOffset`.
     init(appendingTo buffer: consuming ByteBuffer, exportOffset: UInt64, length: Int) {
@@ -78,6 +80,16 @@ final class ReadDestination: @unchecked Sendable {
         isPending = true
     }
 
+    /// A read of `length` bytes at `exportOffset` whose data is kept in the pieces it arrives in.
+    init(segmentsOf length: Int, exportOffset: UInt64) {
+        self.buffer = ByteBuffer()
+        self.exportOffset = exportOffset
+        self.length = length
+        start = 0
+        isPending = false
+        segments = []
+    }
+
     /// Smallest read whose data is kept as the slice of the receive buffer it arrived in: the
     /// slice keeps the whole receive buffer (up to 1 MiB) alive, which small reads should not.
     static let smallestSharedRead = 128 << 10
@@ -91,6 +103,10 @@ final class ReadDestination: @unchecked Sendable {
     }
 
     func write(_ bytes: ByteBuffer, at offset: UInt64) {
+        if segments != nil {
+            segments!.append((offset, bytes))
+            return
+        }
         if isPending {
             if offset == exportOffset, bytes.readableBytes == length, length >= Self.smallestSharedRead {
                 // The whole read in one piece: no copy.
@@ -104,6 +120,10 @@ final class ReadDestination: @unchecked Sendable {
     }
 
     func zero(at offset: UInt64, length: Int) {
+        if segments != nil {
+            segments!.append((offset, ByteBuffer(repeating: 0, count: length)))
+            return
+        }
         if isPending { makeRoom() }
         buffer.setRepeatingByte(0, count: length, at: start + Int(offset - exportOffset))
     }
@@ -112,6 +132,14 @@ final class ReadDestination: @unchecked Sendable {
     func take() -> ByteBuffer {
         var taken = ByteBuffer()
         swap(&taken, &buffer)
+        return taken
+    }
+
+    /// Moves the pieces out in export order (a structured reply may send its chunks in any
+    /// order), leaving this object empty.
+    func takeSegments() -> [ByteBuffer] {
+        let taken = (segments ?? []).sorted { $0.offset < $1.offset }.map(\.bytes)
+        segments = []
         return taken
     }
 }
