@@ -97,25 +97,43 @@ struct Benchmark {
         configuration.maximumRequestsInFlight = options.inFlight
         // Alternate the two readers and keep each one's median, so that a disturbance of the
         // machine during one run does not decide the ratio.
-        var ours: [(seconds: Double, peakKiB: Int)] = []
-        var theirs: [(seconds: Double, peakKiB: Int)] = []
+        var ours: [Run] = [], segments: [Run] = [], theirs: [Run] = []
         print("resident before reading: \(residentKiB() >> 10) MiB")
         for round in 1...options.rounds {
-            resetPeakMemory()
-            ours.append((try await readAll(uri, options, configuration: configuration), peakMemory(of: "self")))
-            theirs.append(try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"]))
-            print(String(format: "round %d: swift-nbd %.2f s (peak %d MiB), nbdcopy %.2f s (peak %d MiB)", round,
-                         ours.last!.seconds, ours.last!.peakKiB >> 10, theirs.last!.seconds, theirs.last!.peakKiB >> 10))
+            ours.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: false) })
+            segments.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: true) })
+            let cpu = cpuSeconds(RUSAGE_CHILDREN)
+            let nbdcopy = try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"])
+            theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(RUSAGE_CHILDREN) - cpu, peakKiB: nbdcopy.peakKiB))
+            print("round \(round): read(into:) \(ours.last!), readSegments \(segments.last!), nbdcopy \(theirs.last!)")
         }
 
         let mib = Double(options.size) / Double(1 << 20)
-        let ourRate = mib / median(ours.map(\.seconds))
         let theirRate = mib / median(theirs.map(\.seconds))
         print("")
         print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket\(options.tls ? " with TLS" : ""), median of \(options.rounds)")
-        print(String(format: "  swift-nbd  %8.1f MiB/s   peak RSS %6.1f MiB", ourRate, Double(ours.map(\.peakKiB).max()!) / 1024))
-        print(String(format: "  nbdcopy    %8.1f MiB/s   peak RSS %6.1f MiB", theirRate, Double(theirs.map(\.peakKiB).max()!) / 1024))
-        print(String(format: "  ratio (swift-nbd / nbdcopy): %.2f", ourRate / theirRate))
+        for (name, runs) in [("swift-nbd read(into:)", ours), ("swift-nbd readSegments", segments), ("nbdcopy", theirs)] {
+            let rate = mib / median(runs.map(\.seconds))
+            print(name.padding(toLength: 24, withPad: " ", startingAt: 0)
+                  + String(format: "%8.1f MiB/s   CPU %5.2f s   peak RSS %6.1f MiB   ratio to nbdcopy %.2f",
+                           rate, median(runs.map(\.cpuSeconds)), Double(runs.map(\.peakKiB).max()!) / 1024, rate / theirRate))
+        }
+    }
+
+    /// One timed run: wall clock, CPU time, peak memory.
+    struct Run: CustomStringConvertible {
+        var seconds: Double
+        var cpuSeconds: Double
+        var peakKiB: Int
+        var description: String { String(format: "%.2f s (CPU %.2f s, peak %d MiB)", seconds, cpuSeconds, peakKiB >> 10) }
+    }
+
+    /// Runs `body` in this process, measuring its CPU time and peak memory.
+    static func measureSelf(_ body: () async throws -> Double) async throws -> Run {
+        resetPeakMemory()
+        let cpu = cpuSeconds(RUSAGE_SELF)
+        let seconds = try await body()
+        return Run(seconds: seconds, cpuSeconds: cpuSeconds(RUSAGE_SELF) - cpu, peakKiB: peakMemory(of: "self"))
     }
 
     static func median(_ values: [Double]) -> Double {
@@ -231,7 +249,9 @@ struct Benchmark {
     }
 
     /// Reads the whole export; returns the seconds taken.
-    static func readAll(_ uri: NBDURI, _ options: Options, configuration: NBDClientConfiguration) async throws -> Double {
+    /// With `segments`, the data is taken as it arrived (``NBDExport/readSegments``), without
+    /// the copy into the task's buffer.
+    static func readAll(_ uri: NBDURI, _ options: Options, configuration: NBDClientConfiguration, segments: Bool) async throws -> Double {
         let export = try await NBDExport.connect(to: uri, configuration: configuration)
         let counter = Counter(limit: options.size, step: UInt64(options.requestSize))
         let start = ContinuousClock.now
@@ -242,10 +262,16 @@ struct Benchmark {
                     var buffer = ByteBuffer()
                     buffer.reserveCapacity(options.requestSize)
                     while let offset = counter.next() {
-                        buffer.clear()
-                        try await export.read(into: &buffer, at: offset, length: Int(min(UInt64(options.requestSize), options.size - offset)))
-                        // The data is real: a zero byte here would mean a hole was read.
-                        guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                        let length = Int(min(UInt64(options.requestSize), options.size - offset))
+                        // The data is real: a zero byte would mean a hole was read.
+                        if segments {
+                            let first = try await export.readSegments(at: offset, length: length)[0]
+                            guard first.getInteger(at: first.readerIndex, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                        } else {
+                            buffer.clear()
+                            try await export.read(into: &buffer, at: offset, length: length)
+                            guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                        }
                     }
                 }
             }
@@ -288,6 +314,14 @@ struct Benchmark {
         let seconds = Date().timeIntervalSince(start)
         guard process.terminationStatus == 0 else { throw BenchError("\(tool) failed with status \(process.terminationStatus)") }
         return (seconds, peak)
+    }
+
+    /// User and system CPU time of this process, or of its children that were waited for.
+    static func cpuSeconds(_ who: __rusage_who) -> Double {
+        var usage = rusage()
+        getrusage(__rusage_who_t(who.rawValue), &usage)
+        func seconds(_ time: timeval) -> Double { Double(time.tv_sec) + Double(time.tv_usec) / 1e6 }
+        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
     }
 
     /// VmHWM (peak resident set) in KiB from /proc.

@@ -244,5 +244,11 @@ extension TLSTests {
         #expect(result.status == 0, "\(result.error)")
         let copy = try runNBD(["copy", "pattern:1M", uri, "--tls", "--tls-certificates", certificates.client])
         #expect(copy.status == 0, "\(copy.error)")
+        // And back, through the TLS read path of the copy, checked against the pattern itself.
+        let back = try runNBD(["copy", uri, folder.path("back.raw"), "--tls", "--tls-certificates", certificates.client])
+        #expect(back.status == 0, "\(back.error)")
+        #expect(try runNBD(["copy", "pattern:1M", folder.path("pattern.raw")]).status == 0)
+        let received = try Data(contentsOf: URL(fileURLWithPath: folder.path("back.raw")))
+        #expect(received.prefix(1 << 20) == (try Data(contentsOf: URL(fileURLWithPath: folder.path("pattern.raw")))))
     }
 }
