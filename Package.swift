@@ -76,7 +76,12 @@ let package = Package(
         ),
         .testTarget(
             name: "InteropTests",
-            dependencies: ["NBD", "NBDServer", "nbd", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+            dependencies: [
+                "NBD", "NBDServer", "nbd",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
         ),
     ]
 )

@@ -56,12 +56,21 @@ public final class MemoryBackend: NBDServerBackend {
     }
 
     public func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws {
+        try await write(segments: [data], at: offset, fua: fua)
+    }
+
+    /// Copies each piece straight into the pages: the data is never gathered first.
+    public func write(segments: [ByteBuffer], at offset: UInt64, fua: Bool) async throws {
         pages.withLockedValue { pages in
-            var position = data.readerIndex
-            forEachPage(offset, UInt64(data.readableBytes)) { page, start, count in
-                pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)]
-                    .setBuffer(data.getSlice(at: position, length: count)!, at: start)
-                position += count
+            var position = offset
+            for data in segments {
+                var index = data.readerIndex
+                forEachPage(position, UInt64(data.readableBytes)) { page, start, count in
+                    pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)]
+                        .setBuffer(data.getSlice(at: index, length: count)!, at: start)
+                    index += count
+                }
+                position += UInt64(data.readableBytes)
             }
         }
     }

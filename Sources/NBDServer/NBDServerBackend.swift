@@ -21,6 +21,10 @@ public protocol NBDServerBackend: Sendable {
     func read(at offset: UInt64, length: Int) async throws -> ByteBuffer
     /// Writes `data` at `offset`; with `fua`, it is durable before returning.
     func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws
+    /// Writes the buffers one after another from `offset`: a WRITE's data as it arrived, in
+    /// a few pieces. The default gathers them into one buffer for ``write(_:at:fua:)``; a
+    /// backend that copies the data anyway can take the pieces as they are.
+    func write(segments: [ByteBuffer], at offset: UInt64, fua: Bool) async throws
     /// Zeroing is faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO` succeeds).
     var zeroIsFast: Bool { get }
     /// Makes every completed write durable.
@@ -45,6 +49,17 @@ public enum NBDServerReadPart: Sendable {
 }
 
 extension NBDServerBackend {
+    public func write(segments: [ByteBuffer], at offset: UInt64, fua: Bool) async throws {
+        guard segments.count > 1 else {
+            try await write(segments.first ?? ByteBuffer(), at: offset, fua: fua)
+            return
+        }
+        var gathered = ByteBuffer()
+        gathered.reserveCapacity(segments.reduce(0) { $0 + $1.readableBytes })
+        for segment in segments { gathered.writeImmutableBuffer(segment) }
+        try await write(gathered, at: offset, fua: fua)
+    }
+
     public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
         [.data(try await read(at: offset, length: length))]
     }

@@ -15,9 +15,8 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
     private let limits: NBDServer.Configuration
     private let logger: Logger
     private var input = ByteBuffer()
-    /// A WRITE whose header arrived and whose data has not all arrived yet, and its data so far
-    /// (in a buffer of the payload's size, so each byte is copied once).
-    private var pendingWrite: (header: RequestHeader, data: ByteBuffer)?
+    /// A WRITE whose header arrived and whose data has not all arrived yet.
+    private var pendingWrite: PendingWrite?
     private var inFlight = 0
     /// Requests run on the connection's own thread: a memory backend answers without a hop.
     private var executor: EventLoopTaskExecutor?
@@ -108,21 +107,18 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         while true {
             if var pending = pendingWrite {
                 pendingWrite = nil
-                // The buffer's capacity may be rounded up: the header says how much is data.
-                let missing = Int(pending.header.length) - pending.data.readableBytes
-                var bytes = input.readSlice(length: min(input.readableBytes, missing))!
-                pending.data.writeBuffer(&bytes)
-                guard pending.data.readableBytes == Int(pending.header.length) else {
+                pending.append(input.readSlice(length: min(input.readableBytes, pending.missing))!, allocator: context.channel.allocator)
+                guard pending.missing == 0 else {
                     pendingWrite = pending
                     return
                 }
-                handle(pending.header, data: pending.data, context: context)
+                handle(pending.header, data: pending.segments, context: context)
                 continue
             }
             guard let header = try RequestHeader.decode(from: &input) else { return }
             if disconnecting { throw NBDError.violation("request after NBD_CMD_DISC") }
             guard header.type == .write else {
-                handle(header, data: nil, context: context)
+                handle(header, data: [], context: context)
                 continue
             }
             // Beyond the maximum payload the data cannot be waited for: hard disconnect.
@@ -131,14 +127,14 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
             }
             if let data = input.readSlice(length: Int(header.length)) {
                 // All here: handed on as a slice of what was read, without a copy.
-                handle(header, data: data, context: context)
+                handle(header, data: [data], context: context)
             } else {
-                pendingWrite = (header, context.channel.allocator.buffer(capacity: Int(header.length)))
+                pendingWrite = PendingWrite(header)
             }
         }
     }
 
-    private func handle(_ request: RequestHeader, data: ByteBuffer?, context: ChannelHandlerContext) {
+    private func handle(_ request: RequestHeader, data: [ByteBuffer], context: ChannelHandlerContext) {
         if request.type == .disconnect {
             // "The server MUST handle all outstanding requests ... and close the TCP session."
             disconnecting = true
@@ -302,7 +298,7 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
 
 /// Runs one request against a backend, off the event loop.
 enum RequestPerformer {
-    static func run(_ request: RequestHeader, data: ByteBuffer?, backend: any NBDServerBackend, structured: Bool) async -> Result<Reply, NBDServerError> {
+    static func run(_ request: RequestHeader, data: [ByteBuffer], backend: any NBDServerBackend, structured: Bool) async -> Result<Reply, NBDServerError> {
         do {
             return .success(try await perform(request, data: data, backend: backend, structured: structured))
         } catch let error as NBDServerError {
@@ -318,7 +314,7 @@ enum RequestPerformer {
         case extents([BlockDescriptor])
     }
 
-    static func perform(_ request: RequestHeader, data: ByteBuffer?, backend: any NBDServerBackend, structured: Bool) async throws -> Reply {
+    static func perform(_ request: RequestHeader, data: [ByteBuffer], backend: any NBDServerBackend, structured: Bool) async throws -> Reply {
         let fua = request.flags.contains(.fua)
         switch request.type {
         case .read:
@@ -330,7 +326,7 @@ enum RequestPerformer {
             }
             return .data([.data(try await backend.read(at: request.offset, length: Int(request.length)))])
         case .write:
-            try await backend.write(data!, at: request.offset, fua: fua)
+            try await backend.write(segments: data, at: request.offset, fua: fua)
         case .flush:
             try await backend.flush()
         case .trim:

@@ -200,6 +200,29 @@ extension BuiltInServerTests {
         await server.shutdown()
     }
 
+    @Test func aWriteSentAFewBytesAtATimeArrivesWhole() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20))])
+        let client = try await RawClient(socket: socket)
+        try await client.enterTransmission()
+        // More pieces than the server keeps as slices: it gathers them.
+        let payload = (0..<6000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 1) }
+        try await client.send { RequestHeader(type: .write, cookie: 1, offset: 0, length: 6000).encode(into: &$0) }
+        for start in stride(from: 0, to: 6000, by: 300) {
+            try await client.send { $0.writeBytes(payload[start..<(start + 300)]) }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        var reply = try await client.read(16)
+        #expect(reply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && reply.readInteger(as: UInt32.self) == 0)
+        #expect(reply.readInteger(as: UInt64.self) == 1)
+        await client.close()
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        #expect(Array(try await export.read(at: 0, length: 6000).readableBytesView) == payload)
+        await export.disconnect()
+        await server.shutdown()
+    }
+
     @Test func shutdownFinishesRequestsInFlight() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
