@@ -328,7 +328,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         var buffer = context.channel.allocator.buffer(capacity: RequestHeader.size)
         header.encode(into: &buffer)
         context.write(wrapOutboundOut(buffer), promise: nil)
-        for buffer in request.payload {
+        for buffer in request.takePayload() {
             context.write(wrapOutboundOut(buffer), promise: nil)
         }
     }

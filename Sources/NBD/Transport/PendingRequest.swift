@@ -9,8 +9,9 @@ final class PendingRequest: @unchecked Sendable {
     let flags: CommandFlags
     let offset: UInt64
     let length: UInt32
-    /// A WRITE's data, sent one buffer after another.
-    let payload: [ByteBuffer]
+    /// A WRITE's data, sent one buffer after another; let go once handed to the channel, so
+    /// that buffers are not kept until the reply.
+    private(set) var payload: [ByteBuffer]
     /// Where a READ's data lands; dropped before the caller is answered, so that the caller
     /// holds the only reference to its buffer and can reuse it without a copy.
     private(set) var destination: ReadDestination?
@@ -31,6 +32,12 @@ final class PendingRequest: @unchecked Sendable {
         self.destination = destination
         self.promise = promise
         self.future = promise.futureResult
+    }
+
+    /// The WRITE's data, for sending; the request keeps none of it.
+    func takePayload() -> [ByteBuffer] {
+        defer { payload = [] }
+        return payload
     }
 
     func succeed() {
