@@ -223,6 +223,32 @@ extension BuiltInServerTests {
         await server.shutdown()
     }
 
+    @Test func clientsPastTheConnectionLimitAreTurnedAway() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        var configuration = NBDServer.Configuration()
+        configuration.maximumConnections = 2
+        let socket = folder.path("limited.sock")
+        let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: 1 << 20))], on: .unix(path: socket),
+                                               configuration: configuration)
+        let uri = NBDURI(socket: socket)
+        let first = try await NBDExport.connect(to: uri)
+        let second = try await NBDExport.connect(to: uri)
+        await #expect { _ = try await NBDExport.connect(to: uri) } throws: { ($0 as? NBDError)?.code == .connectionClosed }
+        // The two admitted are unaffected, and a place freed is taken again.
+        #expect(try await second.read(at: 0, length: 4096) == ByteBuffer(repeating: 0, count: 4096))
+        await first.disconnect()
+        var third: NBDExport?
+        for _ in 0..<100 where third == nil {
+            third = try? await NBDExport.connect(to: uri)
+            if third == nil { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        #expect(third != nil)
+        await third?.disconnect()
+        await second.disconnect()
+        await server.shutdown()
+    }
+
     @Test func shutdownFinishesRequestsInFlight() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
