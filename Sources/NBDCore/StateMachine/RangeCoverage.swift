@@ -1,12 +1,15 @@
 /// The byte ranges of a reply covered so far, kept merged and sorted, so that overlapping
 /// chunks are caught ("MUST NOT send content chunks that overlap") and exact coverage checked.
+@usableFromInline
 struct RangeCoverage: Sendable {
-    private var ranges: [Range<UInt64>] = []
+    @usableFromInline var ranges: [Range<UInt64>] = []
     /// Total bytes covered.
-    private(set) var total: UInt64 = 0
+    @usableFromInline var total: UInt64 = 0
+
+    @inlinable init() {}
 
     /// Adds `range`; false (and nothing added) when it overlaps what is covered.
-    mutating func insert(_ range: Range<UInt64>) -> Bool {
+    @inlinable mutating func insert(_ range: Range<UInt64>) -> Bool {
         // First stored range that ends after the new one starts.
         var low = 0, high = ranges.count
         while low < high {

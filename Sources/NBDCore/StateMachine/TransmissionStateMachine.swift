@@ -11,6 +11,9 @@ import NIOCore
 ///
 /// OFFSET_DATA and simple-reply data are not buffered: they come out as slices of the bytes
 /// fed in, as soon as they arrive, so a caller can copy them straight to their destination.
+///
+/// Its code is `@inlinable`: it runs for every reply, and specialized for the caller's
+/// `Context` it costs no generic dispatch.
 public struct TransmissionStateMachine<Context> {
     /// What negotiation agreed, and the bounds applied to replies.
     public struct Configuration: Sendable {
@@ -45,17 +48,25 @@ public struct TransmissionStateMachine<Context> {
         case fatal(NBDError, [Context])
     }
 
+    @usableFromInline
     struct InFlight {
-        var header: RequestHeader
-        var context: Context
-        var coverage = RangeCoverage()
-        var contentChunks = 0
-        var contextsSeen: Set<UInt32> = []
-        var error: NBDError?
+        @usableFromInline var header: RequestHeader
+        @usableFromInline var context: Context
+        @usableFromInline var coverage = RangeCoverage()
+        @usableFromInline var contentChunks = 0
+        @usableFromInline var contextsSeen: Set<UInt32> = []
+        @usableFromInline var error: NBDError?
 
-        var range: Range<UInt64> { header.offset..<(header.offset + UInt64(header.length)) }
+        @usableFromInline var range: Range<UInt64> { header.offset..<(header.offset + UInt64(header.length)) }
+
+        @usableFromInline
+        init(header: RequestHeader, context: Context) {
+            self.header = header
+            self.context = context
+        }
     }
 
+    @usableFromInline
     enum ParseState {
         case header
         /// Streaming `remaining` data bytes for `cookie`, the next at `offset`.
@@ -65,26 +76,26 @@ public struct TransmissionStateMachine<Context> {
 
     /// What negotiation agreed.
     public var configuration: Configuration
-    private var inFlight: [UInt64: InFlight] = [:]
-    private var nextCookie: UInt64 = 1
-    private var parseState = ParseState.header
-    private var input = ByteBuffer()
-    private var queued: [Action] = []
+    @usableFromInline var inFlight: [UInt64: InFlight] = [:]
+    @usableFromInline var nextCookie: UInt64 = 1
+    @usableFromInline var parseState = ParseState.header
+    @usableFromInline var input = ByteBuffer()
+    @usableFromInline var queued: [Action] = []
 
     /// A machine with no request in flight.
-    public init(configuration: Configuration) {
+    @inlinable public init(configuration: Configuration) {
         self.configuration = configuration
     }
 
     /// How many requests await their reply.
-    public var inFlightCount: Int { inFlight.count }
+    @inlinable public var inFlightCount: Int { inFlight.count }
 
     /// True once a fatal error was reported.
-    public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
+    @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 
     /// Registers a request and returns its header, with a fresh cookie, to send.
     /// `NBD_CMD_DISC` gets no reply and is not registered.
-    public mutating func startRequest(_ type: CommandType, flags: CommandFlags = [], offset: UInt64, length: UInt32, context: Context) -> RequestHeader {
+    @inlinable public mutating func startRequest(_ type: CommandType, flags: CommandFlags = [], offset: UInt64, length: UInt32, context: Context) -> RequestHeader {
         let cookie = nextCookie
         nextCookie &+= 1
         let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
@@ -95,7 +106,7 @@ public struct TransmissionStateMachine<Context> {
     }
 
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
-    public mutating func feed(_ bytes: ByteBuffer) {
+    @inlinable public mutating func feed(_ bytes: ByteBuffer) {
         guard !hasFailed else { return }
         if input.readableBytes == 0 {
             input = bytes
@@ -106,13 +117,13 @@ public struct TransmissionStateMachine<Context> {
     }
 
     /// The connection ended: every request in flight fails with `error`.
-    public mutating func connectionClosed(_ error: NBDError) -> Action? {
+    @inlinable public mutating func connectionClosed(_ error: NBDError) -> Action? {
         guard !hasFailed else { return nil }
         return fail(error)
     }
 
     /// The next thing to do with what was fed, or nil when more bytes are needed.
-    public mutating func next() -> Action? {
+    @inlinable public mutating func next() -> Action? {
         if !queued.isEmpty { return queued.removeFirst() }
         do {
             if let action = try parse() { return action }
@@ -125,7 +136,7 @@ public struct TransmissionStateMachine<Context> {
         }
     }
 
-    private mutating func fail(_ error: NBDError) -> Action {
+    @inlinable mutating func fail(_ error: NBDError) -> Action {
         parseState = .failed
         input = ByteBuffer()
         queued = []
@@ -134,7 +145,7 @@ public struct TransmissionStateMachine<Context> {
         return .fatal(error, contexts)
     }
 
-    private mutating func parse() throws(NBDError) -> Action? {
+    @inlinable mutating func parse() throws(NBDError) -> Action? {
         switch parseState {
         case .failed:
             return nil
@@ -155,7 +166,7 @@ public struct TransmissionStateMachine<Context> {
         }
     }
 
-    private mutating func parseReply() throws(NBDError) -> Action? {
+    @inlinable mutating func parseReply() throws(NBDError) -> Action? {
         let start = input.readerIndex
         guard let header = try ReplyHeader.decode(from: &input) else { return nil }
         guard var request = inFlight[header.cookie] else {
@@ -203,7 +214,7 @@ public struct TransmissionStateMachine<Context> {
         }
     }
 
-    private mutating func simpleReply(_ reply: SimpleReplyHeader, request: InFlight) throws(NBDError) -> Action? {
+    @inlinable mutating func simpleReply(_ reply: SimpleReplyHeader, request: InFlight) throws(NBDError) -> Action? {
         let cookie = reply.cookie
         if reply.error.rawValue != 0 {
             inFlight[cookie]!.error = Self.serverError(reply.error, message: nil, command: request.header.type)
@@ -225,7 +236,7 @@ public struct TransmissionStateMachine<Context> {
         return try finish(cookie)
     }
 
-    private mutating func structuredChunk(_ chunk: ReplyChunk, request: inout InFlight) throws(NBDError) -> Action? {
+    @inlinable mutating func structuredChunk(_ chunk: ReplyChunk, request: inout InFlight) throws(NBDError) -> Action? {
         switch chunk {
         case .none:
             return nil
@@ -272,7 +283,7 @@ public struct TransmissionStateMachine<Context> {
 
     /// Checks a content chunk ("MUST lie within the bounds of the original offset and length
     /// of the client's request, and MUST NOT overlap with the bounds of any earlier content chunk").
-    private func recordContent(_ request: inout InFlight, offset: UInt64, length: UInt64, kind: String) throws(NBDError) {
+    @inlinable func recordContent(_ request: inout InFlight, offset: UInt64, length: UInt64, kind: String) throws(NBDError) {
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, offset >= request.range.lowerBound, end <= request.range.upperBound else {
             throw .violation("\(kind) for bytes \(offset)..<\(offset &+ length), outside the request \(request.range)")
@@ -287,7 +298,7 @@ public struct TransmissionStateMachine<Context> {
     }
 
     /// The request's last reply arrived: check it is whole, and report it.
-    private mutating func finish(_ cookie: UInt64) throws(NBDError) -> Action {
+    @inlinable mutating func finish(_ cookie: UInt64) throws(NBDError) -> Action {
         // Checked while still in the table, so that a violation fails this request too.
         let request = inFlight[cookie]!
         if request.error == nil {
@@ -306,7 +317,7 @@ public struct TransmissionStateMachine<Context> {
         return .complete(request.context, error: request.error)
     }
 
-    static func serverError(_ errno: NBDErrno, message: String?, command: CommandType) -> NBDError {
+    @inlinable static func serverError(_ errno: NBDErrno, message: String?, command: CommandType) -> NBDError {
         NBDError(.serverError, "the server failed \(command)", serverErrno: errno, serverMessage: message, connectionUsable: true)
     }
 }
