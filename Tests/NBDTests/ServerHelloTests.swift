@@ -1,5 +1,6 @@
 @testable import NBD
 import NIOCore
+import NIOEmbedded
 import Testing
 
 /// The cipher suite read from a server's first TLS record, which swift-nio-ssl does not report.
@@ -52,5 +53,43 @@ struct ServerHelloTests {
         shortRecord[4] = 20
         #expect(TLSServerHello.cipherSuite(in: ByteBuffer(bytes: shortRecord)) == .notServerHello)
         #expect(TLSServerHello.name(of: 0xABCD) == "0xABCD")
+    }
+}
+
+extension ServerHelloTests {
+    /// Whatever the server sends first, the parser answers without crashing.
+    @Test func randomBytesNeverCrashTheParser() {
+        var generator = SystemRandomNumberGenerator()
+        for _ in 0..<20_000 {
+            var bytes = Self.tls13
+            if Bool.random(using: &generator) {
+                bytes = (0..<Int.random(in: 0...90, using: &generator)).map { _ in UInt8.random(in: 0...255, using: &generator) }
+            } else {
+                for _ in 0..<Int.random(in: 1...4, using: &generator) {
+                    bytes[Int.random(in: 0..<bytes.count, using: &generator)] = UInt8.random(in: 0...255, using: &generator)
+                }
+                bytes = Array(bytes.prefix(Int.random(in: 0...bytes.count, using: &generator)))
+            }
+            switch TLSServerHello.cipherSuite(in: ByteBuffer(bytes: bytes)) {
+            case .found, .needMore, .notServerHello: break
+            }
+        }
+    }
+
+    /// The observer passes every byte on untouched, in the pieces they came in, finds the
+    /// suite across pieces, and leaves the pipeline.
+    @Test func observerPassesBytesThroughAndLeaves() throws {
+        let observer = ServerHelloObserver()
+        let channel = EmbeddedChannel(handler: observer)
+        let sent = Self.tls13 + [UInt8](repeating: 0xAB, count: 100)
+        for start in stride(from: 0, to: sent.count, by: 7) {
+            try channel.writeInbound(ByteBuffer(bytes: sent[start..<min(sent.count, start + 7)]))
+        }
+        var received: [UInt8] = []
+        while let piece = try channel.readInbound(as: ByteBuffer.self) { received += piece.readableBytesView }
+        #expect(received == sent)
+        #expect(observer.cipherSuite == 0x1301)
+        #expect(throws: (any Error).self) { try channel.pipeline.syncOperations.context(handlerType: ServerHelloObserver.self) }
+        _ = try channel.finish()
     }
 }
