@@ -43,7 +43,9 @@ public final class NBDExport: Sendable {
     /// ```
     ///
     /// Only code that waits on I/O belongs there: long computations would hold up the replies
-    /// of every task using the export.
+    /// of every task using the export. The executor lives as long as the event loop: with an
+    /// ``NBDClientConfiguration/eventLoopGroup`` of your own, shut the group down only once the
+    /// tasks using it have finished.
     public var taskExecutor: any TaskExecutor { executor }
 
     init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, info: NBDExportInfo, structuredReplies: Bool,
