@@ -26,6 +26,20 @@ struct NBDKitTests {
             let data = pattern(65536, seed: 3)
             try await export.write(data, at: 0)
             #expect(try await export.read(at: 0, length: 65536) == data)
+            // Large replies over TCP often arrive whole, and are then returned without a copy;
+            // every way to read gives the same bytes.
+            let large = pattern(4 << 20, seed: 4)
+            try await export.write(large, at: 1 << 20)
+            for size in [256 << 10, 1 << 20] {
+                var viaInto = ByteBuffer(), viaRead = ByteBuffer(), viaSegments = ByteBuffer()
+                for offset in stride(from: 0, to: 4 << 20, by: size) {
+                    let at = UInt64((1 << 20) + offset)
+                    try await export.read(into: &viaInto, at: at, length: size)
+                    viaRead.writeImmutableBuffer(try await export.read(at: at, length: size))
+                    for segment in try await export.readSegments(at: at, length: size) { viaSegments.writeImmutableBuffer(segment) }
+                }
+                #expect(viaInto == large && viaRead == large && viaSegments == large, "\(size)-byte reads over \(host)")
+            }
             await export.disconnect()
         }
     }
