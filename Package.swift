@@ -3,7 +3,8 @@ import PackageDescription
 
 let package = Package(
     name: "swift-nbd",
-    platforms: [.macOS(.v13)],
+    // macOS 15 for task executors (NBDExport.taskExecutor).
+    platforms: [.macOS(.v15)],
     products: [
         .library(name: "NBD", targets: ["NBD"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),

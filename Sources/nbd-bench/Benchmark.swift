@@ -102,9 +102,9 @@ struct Benchmark {
         for round in 1...options.rounds {
             ours.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: false) })
             segments.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: true) })
-            let cpu = cpuSeconds(RUSAGE_CHILDREN)
+            let cpu = cpuSeconds(.children)
             let nbdcopy = try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"])
-            theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(RUSAGE_CHILDREN) - cpu, peakKiB: nbdcopy.peakKiB))
+            theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(.children) - cpu, peakKiB: nbdcopy.peakKiB))
             print("round \(round): read(into:) \(ours.last!), readSegments \(segments.last!), nbdcopy \(theirs.last!)")
         }
 
@@ -120,6 +120,9 @@ struct Benchmark {
         }
     }
 
+    /// Whose CPU time: this process, or its children that were waited for.
+    enum CPUOf { case this, children }
+
     /// One timed run: wall clock, CPU time, peak memory.
     struct Run: CustomStringConvertible {
         var seconds: Double
@@ -131,9 +134,9 @@ struct Benchmark {
     /// Runs `body` in this process, measuring its CPU time and peak memory.
     static func measureSelf(_ body: () async throws -> Double) async throws -> Run {
         resetPeakMemory()
-        let cpu = cpuSeconds(RUSAGE_SELF)
+        let cpu = cpuSeconds(.this)
         let seconds = try await body()
-        return Run(seconds: seconds, cpuSeconds: cpuSeconds(RUSAGE_SELF) - cpu, peakKiB: peakMemory(of: "self"))
+        return Run(seconds: seconds, cpuSeconds: cpuSeconds(.this) - cpu, peakKiB: peakMemory(of: "self"))
     }
 
     static func median(_ values: [Double]) -> Double {
@@ -317,9 +320,13 @@ struct Benchmark {
     }
 
     /// User and system CPU time of this process, or of its children that were waited for.
-    static func cpuSeconds(_ who: __rusage_who) -> Double {
+    static func cpuSeconds(_ who: CPUOf) -> Double {
         var usage = rusage()
-        getrusage(__rusage_who_t(who.rawValue), &usage)
+        #if os(Linux)
+        getrusage(__rusage_who_t((who == .children ? RUSAGE_CHILDREN : RUSAGE_SELF).rawValue), &usage)
+        #else
+        getrusage(who == .children ? RUSAGE_CHILDREN : RUSAGE_SELF, &usage)
+        #endif
         func seconds(_ time: timeval) -> Double { Double(time.tv_sec) + Double(time.tv_usec) / 1e6 }
         return seconds(usage.ru_utime) + seconds(usage.ru_stime)
     }

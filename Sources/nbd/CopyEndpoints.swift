@@ -1,5 +1,7 @@
 #if canImport(Glibc)
 import Glibc
+#elseif canImport(Darwin)
+import Darwin
 #endif
 import Foundation
 import NBD
@@ -174,11 +176,11 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         var zeroed = destinationIsZero || !existed
         if let size, current < size {
             guard isRegular else {
-                Glibc.close(fd)
+                _ = CLibrary.close(fd)
                 throw CommandError("the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
             }
             guard ftruncate(fd, off_t(size)) == 0 else {
-                Glibc.close(fd)
+                _ = CLibrary.close(fd)
                 throw CommandError("cannot extend \(path): \(String(cString: strerror(errno)))")
             }
             zeroed = zeroed || current == 0
@@ -200,7 +202,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
             while done < length {
                 let count = isStream
-                    ? Glibc.read(descriptor, pointer.baseAddress! + done, length - done)
+                    ? CLibrary.read(descriptor, pointer.baseAddress! + done, length - done)
                     : pread(descriptor, pointer.baseAddress! + done, length - done, off_t(offset) + off_t(done))
                 if count < 0 && errno == EINTR { continue }
                 guard count >= 0 else { throw CommandError("read failed: \(String(cString: strerror(errno)))") }
@@ -219,7 +221,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
                 var done = 0
                 while done < pointer.count {
                     let count = isStream
-                        ? Glibc.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
+                        ? CLibrary.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
                         : pwrite(descriptor, pointer.baseAddress! + done, pointer.count - done, position + off_t(done))
                     if count < 0 && errno == EINTR { continue }
                     guard count > 0 else { throw CommandError("write failed: \(String(cString: strerror(errno)))") }
@@ -247,7 +249,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
     }
 
     func close() async {
-        if !isStream { Glibc.close(descriptor) }
+        if !isStream { _ = CLibrary.close(descriptor) }
     }
 }
 
@@ -288,4 +290,13 @@ struct SyntheticSource: CopySource {
         }
         return [buffer.getSlice(at: Int(offset - first), length: length)!]
     }
+}
+
+/// The C library's read, write and close, by names that FileEndpoint's own methods do not hide.
+private enum CLibrary {
+    #if canImport(Glibc)
+    static let read = Glibc.read, write = Glibc.write, close = Glibc.close
+    #else
+    static let read = Darwin.read, write = Darwin.write, close = Darwin.close
+    #endif
 }
