@@ -189,12 +189,8 @@ extension BuiltInServerTests {
             $0.writeBytes(payload.suffix(2000))
             RequestHeader(type: .read, cookie: 2, offset: 4096, length: 5000).encode(into: &$0)
         }
-        var writeReply = try await client.read(16)
-        #expect(writeReply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && writeReply.readInteger(as: UInt32.self) == 0)
-        #expect(writeReply.readInteger(as: UInt64.self) == 1)
-        var readReply = try await client.read(16)
-        #expect(readReply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && readReply.readInteger(as: UInt32.self) == 0)
-        #expect(readReply.readInteger(as: UInt64.self) == 2)
+        #expect(try await client.simpleReply() == SimpleReplyHeader(cookie: 1))
+        #expect(try await client.simpleReply() == SimpleReplyHeader(cookie: 2))
         #expect(Array(try await client.read(5000).readableBytesView) == payload)
         await client.close()
         await server.shutdown()
@@ -213,9 +209,7 @@ extension BuiltInServerTests {
             try await client.send { $0.writeBytes(payload[start..<(start + 300)]) }
             try await Task.sleep(for: .milliseconds(5))
         }
-        var reply = try await client.read(16)
-        #expect(reply.readInteger(as: UInt32.self) == NBDMagic.simpleReply && reply.readInteger(as: UInt32.self) == 0)
-        #expect(reply.readInteger(as: UInt64.self) == 1)
+        #expect(try await client.simpleReply() == SimpleReplyHeader(cookie: 1))
         await client.close()
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
         #expect(Array(try await export.read(at: 0, length: 6000).readableBytesView) == payload)

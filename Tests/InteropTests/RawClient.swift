@@ -67,9 +67,16 @@ final class RawClient: Sendable {
             header.encode(into: &$0)
             $0.writeBytes(payload)
         }
-        var reply = try await read(16)
-        _ = reply.readInteger(as: UInt32.self)
-        return reply.readInteger(as: UInt32.self)!
+        return try await simpleReply().error.rawValue
+    }
+
+    /// Waits for the next reply, which must be a simple one, and decodes its header.
+    func simpleReply() async throws -> SimpleReplyHeader {
+        var bytes = try await read(SimpleReplyHeader.size)
+        guard case .simple(let reply)? = try ReplyHeader.decode(from: &bytes) else {
+            throw InteropError("expected a simple reply, got \(bytes.readableBytesView.map { $0 })")
+        }
+        return reply
     }
 
     func close() async { try? await channel.close() }
