@@ -54,10 +54,7 @@ extension NBDServerBackend {
             try await write(segments.first ?? ByteBuffer(), at: offset, fua: fua)
             return
         }
-        var gathered = ByteBuffer()
-        gathered.reserveCapacity(segments.reduce(0) { $0 + $1.readableBytes })
-        for segment in segments { gathered.writeImmutableBuffer(segment) }
-        try await write(gathered, at: offset, fua: fua)
+        try await write(segments.gathered(capacity: segments.reduce(0) { $0 + $1.readableBytes }), at: offset, fua: fua)
     }
 
     public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {

@@ -107,7 +107,7 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         while true {
             if var pending = pendingWrite {
                 pendingWrite = nil
-                pending.append(input.readSlice(length: min(input.readableBytes, pending.missing))!, allocator: context.channel.allocator)
+                pending.append(input.readSlice(length: min(input.readableBytes, pending.missing))!)
                 guard pending.missing == 0 else {
                     pendingWrite = pending
                     return

@@ -22,17 +22,14 @@ struct PendingWrite {
     /// Bytes still to come.
     var missing: Int { Int(header.length) - received }
 
-    mutating func append(_ bytes: ByteBuffer, allocator: ByteBufferAllocator) {
+    mutating func append(_ bytes: ByteBuffer) {
         received += bytes.readableBytes
         if isGathered {
             segments[0].writeImmutableBuffer(bytes)
         } else if segments.count < Self.maximumSegments {
             segments.append(bytes)
         } else {
-            var gathered = allocator.buffer(capacity: Int(header.length))
-            for segment in segments { gathered.writeImmutableBuffer(segment) }
-            gathered.writeImmutableBuffer(bytes)
-            segments = [gathered]
+            segments = [(segments + [bytes]).gathered(capacity: Int(header.length))]
             isGathered = true
         }
     }

@@ -14,7 +14,7 @@ struct PendingWriteTests {
         let size = (data.readableBytes + pieces - 1) / pieces
         var rest = data
         while let piece = rest.readSlice(length: min(size, rest.readableBytes)), piece.readableBytes > 0 {
-            pending.append(piece, allocator: ByteBufferAllocator())
+            pending.append(piece)
         }
         return pending
     }

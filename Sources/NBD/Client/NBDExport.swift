@@ -79,8 +79,7 @@ public final class NBDExport: Sendable {
     /// buffers for long holds that memory too; ``read(into:at:length:flags:)`` copies into a
     /// buffer you own instead.
     public func read(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> ByteBuffer {
-        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
-        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(exportOffset: offset, length: length, allocator: channel.allocator)
         _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
         return destination.take()
@@ -90,8 +89,7 @@ public final class NBDExport: Sendable {
     /// to `buffer`, written in place as they arrive. Reusing one buffer (`clear()` between reads)
     /// avoids an allocation per read. On failure `buffer` is left as it was.
     public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, flags: CommandFlags = []) async throws {
-        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
-        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        try validateRead(at: offset, length: length, flags: flags)
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
         swap(&taken, &buffer)
@@ -112,11 +110,16 @@ public final class NBDExport: Sendable {
     /// ``write(segments:at:flags:)`` of another export, a file or a socket: each piece keeps
     /// its receive buffer (up to 1 MiB) alive, so hand them on and let them go.
     public func readSegments(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> [ByteBuffer] {
-        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
-        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+        try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(segmentsOf: length, exportOffset: offset)
         _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
         return destination.takeSegments()
+    }
+
+    /// Strict mode for the three kinds of READ: a bad one fails here and nothing is sent.
+    private func validateRead(at offset: UInt64, length: Int, flags: CommandFlags) throws {
+        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
+        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
     }
 
     /// The READ requests that fill `destination`, split at the maximum payload.
