@@ -26,8 +26,8 @@ struct NBDKitTests {
             let data = pattern(65536, seed: 3)
             try await export.write(data, at: 0)
             #expect(try await export.read(at: 0, length: 65536) == data)
-            // Large replies over TCP often arrive whole, and are then returned without a copy;
-            // every way to read gives the same bytes.
+            // Over TCP in clear, the data of large replies is read straight into place, in
+            // pieces as TCP delivers them; every way to read gives the same bytes.
             let large = pattern(4 << 20, seed: 4)
             try await export.write(large, at: 1 << 20)
             for size in [256 << 10, 1 << 20] {

@@ -273,4 +273,52 @@ extension TransmissionStateMachineTests {
         }
         #expect(merged == whole)
     }
+
+    // MARK: Data read by the caller straight from the socket
+
+    @Test func expectedDataTellsWhereTheNextBytesGoOnlyWhenNoneAreBuffered() {
+        var machine = Machine(configuration: .init(structuredReplies: true))
+        _ = machine.startRequest(.read, offset: 1000, length: 10, context: "r")
+        #expect(machine.expectedData == nil)  // a header comes first
+        // The header, the offset and 2 of 6 data bytes.
+        let reply = data(1, offset: 1004, [1, 2, 3, 4, 5, 6], done: false)
+        feed(&machine, Array(reply.prefix(reply.count - 4)))
+        #expect(drain(&machine) == [.data("r", 1004, [1, 2])])
+        let expected = machine.expectedData
+        #expect(expected?.context == "r" && expected?.offset == 1006 && expected?.count == 4)
+        // Read directly in two goes; the reply completes through next().
+        machine.dataReadDirectly(3)
+        #expect(drain(&machine) == [])
+        #expect(machine.expectedData?.offset == 1009 && machine.expectedData?.count == 1)
+        // Fed bytes take precedence: nothing is expected while some are buffered.
+        feed(&machine, [6])
+        #expect(machine.expectedData == nil)
+        #expect(drain(&machine) == [.data("r", 1009, [6])])
+        #expect(machine.inFlightCount == 1)  // more chunks to come
+        #expect(machine.expectedData == nil)
+    }
+
+    @Test func directlyReadDataCompletesAndChecksTheReply() {
+        var machine = Machine(configuration: .init(structuredReplies: false))
+        _ = machine.startRequest(.read, offset: 0, length: 8, context: "whole")
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "flush")
+        feed(&machine, simple(1))
+        #expect(drain(&machine) == [])
+        #expect(machine.expectedData?.count == 8)
+        machine.dataReadDirectly(8)
+        // Then the next reply is parsed from fed bytes as usual.
+        feed(&machine, simple(2))
+        #expect(drain(&machine) == [.complete("whole", nil), .complete("flush", nil)])
+
+        // A structured read whose directly read chunk leaves the request uncovered is a violation.
+        var structured = Machine(configuration: .init(structuredReplies: true))
+        _ = structured.startRequest(.read, offset: 0, length: 16, context: "short")
+        feed(&structured, Array(data(1, offset: 0, Array(repeating: 7, count: 8)).prefix(28)))
+        #expect(drain(&structured) == [])
+        structured.dataReadDirectly(8)
+        #expect(drain(&structured) == [.fatal(["short"])])
+        #expect(structured.hasFailed)
+        #expect(structured.expectedData == nil)
+    }
 }
+

@@ -5,21 +5,20 @@ import NIOCore
 import NIOPosix
 import Testing
 
-/// A scripted NBD server on a temporary Unix socket: each test plays the server's side byte by
-/// byte, so it can misbehave in exactly the way under test.
+/// A scripted NBD server on a temporary Unix socket (or on loopback TCP): each test plays the
+/// server's side byte by byte, so it can misbehave in exactly the way under test.
 final class FakeServer: Sendable {
     let path: String
     private let channel: Channel
     private let accepted = NIOLockedValueBox<(peers: [Peer], waiters: [CheckedContinuation<Peer, Never>])>(([], []))
-
-    var address: NBDAddress { .unix(path: path) }
+    let address: NBDAddress
     var connectionCount: Int { accepted.withLockedValue { $0.peers.count } }
 
-    init() async throws {
+    init(overTCP: Bool = false) async throws {
         let path = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-fake-\(UUID().uuidString.prefix(8)).sock").path
         self.path = path
         let box = NIOLockedValueBox<FakeServer?>(nil)
-        channel = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let peer = Peer(channel: channel)
@@ -27,7 +26,13 @@ final class FakeServer: Sendable {
                     box.withLockedValue { $0 }?.accept(peer)
                 }
             }
-            .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+        if overTCP {
+            channel = try await bootstrap.bind(host: "127.0.0.1", port: 0).get()
+            address = .tcp(host: "127.0.0.1", port: channel.localAddress!.port!)
+        } else {
+            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            address = .unix(path: path)
+        }
         box.withLockedValue { $0 = self }
     }
 

@@ -64,4 +64,59 @@ struct ReadDestinationTests {
         expected.writeImmutableBuffer(Self.data)
         #expect(destination.take() == expected)
     }
+
+    /// Reads the socket would give: `pieces` bytes of `Self.data` from `start` on, at most the room offered.
+    final class Source {
+        var position: Int
+        init(from position: Int) { self.position = position }
+        func read(into room: UnsafeMutableRawBufferPointer) -> Int {
+            let count = min(room.count, ReadDestinationTests.length - position)
+            ReadDestinationTests.data.getSlice(at: position, length: count)!.withUnsafeReadableBytes { room.copyMemory(from: $0) }
+            position += count
+            return count
+        }
+    }
+
+    @Test func directReadsFillTheBufferInPlace() {
+        // After a first piece copied from a receive buffer, the rest straight from the "socket".
+        let destination = ReadDestination(appendingTo: ByteBuffer(string: "head"), exportOffset: 8192, length: Self.length)
+        destination.write(Self.data.getSlice(at: 0, length: 1000)!, at: 8192)
+        let source = Source(from: 1000)
+        #expect(destination.receive(at: 8192 + 1000, count: 50_000, using: source.read(into:)) == 50_000)
+        #expect(destination.receive(at: 8192 + 51_000, count: Self.length - 51_000, using: source.read(into:)) == Self.length - 51_000)
+        var expected = ByteBuffer(string: "head")
+        expected.writeImmutableBuffer(Self.data)
+        #expect(destination.take() == expected)
+    }
+
+    @Test func directReadsIntoANewBufferMakeRoomFirst() {
+        let destination = ReadDestination(exportOffset: 0, length: Self.length, allocator: ByteBufferAllocator())
+        let source = Source(from: 0)
+        // A socket that has less than asked for: what it gives is all that counts.
+        #expect(destination.receive(at: 0, count: Self.length, using: { source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0.prefix(70_000))) }) == 70_000)
+        #expect(destination.receive(at: 70_000, count: Self.length - 70_000, using: { _ in 0 }) == 0)
+        #expect(destination.receive(at: 70_000, count: Self.length - 70_000, using: source.read(into:)) == Self.length - 70_000)
+        #expect(destination.take() == Self.data)
+    }
+
+    @Test func directReadsForSegmentsGetBuffersOfTheirOwnNoLargerThanAsked() {
+        let destination = ReadDestination(segmentsOf: Self.length, exportOffset: 0)
+        let source = Source(from: 0)
+        var offered: [Int] = []
+        let first = destination.receive(at: 0, count: 100_000) { room in
+            offered.append(room.count)
+            return source.read(into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(60_000)))
+        }
+        #expect(first == 60_000)
+        #expect(destination.receive(at: 60_000, count: 40_000) { room in offered.append(room.count); return -1 } <= 0)
+        #expect(destination.receive(at: 60_000, count: Self.length - 60_000) { room in offered.append(room.count); return source.read(into: room) } == Self.length - 60_000)
+        // Never more room than the bytes still due: a read must not take the next reply's bytes.
+        #expect(offered == [100_000, 40_000, Self.length - 60_000])
+        let segments = destination.takeSegments()
+        #expect(segments.map(\.readableBytes) == [60_000, Self.length - 60_000])
+        var joined = ByteBuffer()
+        for segment in segments { joined.writeImmutableBuffer(segment) }
+        #expect(joined == Self.data)
+    }
 }
+

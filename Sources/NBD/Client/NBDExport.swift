@@ -69,6 +69,11 @@ public final class NBDExport: Sendable {
     /// The export's size in bytes.
     public var size: UInt64 { info.size }
 
+    /// READ data read from the socket straight into its destination so far (see `DirectRead`).
+    var bytesReadDirectly: Int {
+        get async { (try? await channel.eventLoop.submit { [handler] in handler.value.bytesReadDirectly }.get()) ?? 0 }
+    }
+
     // MARK: Commands
 
     /// `NBD_CMD_READ`: returns `length` bytes from `offset` in a new buffer.

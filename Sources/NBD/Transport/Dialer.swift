@@ -10,42 +10,44 @@ enum Dialer {
         let inFlight = max(1, configuration.maximumRequestsInFlight)
         let timeout = configuration.negotiationTimeout
         let logger = configuration.logger
+        logger.debug("dialing", metadata: ["address": "\(address)"])
+        // Connected here, not by SwiftNIO, so that the client knows the descriptor.
+        let socket = try await SocketConnector.connect(to: address, timeout: configuration.connectTimeout)
+        let directRead = DirectRead(socket: socket)
         // The handler is kept as it is added: a server that misbehaves at once can close the
         // channel, and empty its pipeline, before a lookup after connect() would run.
         let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
-        let bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
-            .connectTimeout(configuration.connectTimeout)
+        var bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .channelOption(.socketOption(.so_keepalive), value: 1)
-            // Large reads: data replies are big, and each read costs a syscall and a pass
-            // through the state machine.
-            .channelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
+            // The client reads large READ data itself; SwiftNIO's reads are small.
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.receiveBufferSize))
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout, logger: logger)
+                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout,
+                                                         directRead: directRead, logger: logger)
                     try channel.pipeline.syncOperations.addHandler(handler)
                     added.withLockedValue { $0 = NIOLoopBound(handler, eventLoop: channel.eventLoop) }
                 }
             }
-        logger.debug("dialing", metadata: ["address": "\(address)"])
+        if case .tcp = address {
+            bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
+        }
         let channel: Channel
         do {
-            switch address {
-            case .tcp(let host, let port):
-                channel = try await bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1).connect(host: host, port: port).get()
-            case .unix(let path):
-                channel = try await bootstrap.connect(unixDomainSocketPath: path).get()
-            case .abstractUnix(let name):
-                channel = try await bootstrap.withConnectedSocket(try AbstractSocket.connect(name)).get()
-            }
-        } catch let error as NBDError {
-            throw error
+            channel = try await bootstrap.withConnectedSocket(socket).get()
         } catch {
-            throw NBDError(.connectionClosed, "cannot connect to \(address)", connectionUsable: false, underlying: error)
+            throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false, underlying: error)
         }
         guard let handler = added.withLockedValue({ $0 }) else {
             try? await channel.close()
             throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false)
         }
         return (channel, handler)
+    }
+
+    /// SwiftNIO's reads once it reads every byte (over TLS): large, because data replies are
+    /// big and each read costs a syscall and a pass through the state machine.
+    static var receiveAllocator: AdaptiveRecvByteBufferAllocator {
+        AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20)
     }
 }

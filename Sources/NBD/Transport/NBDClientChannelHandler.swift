@@ -43,9 +43,19 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     private let negotiationTimeout: TimeAmount
     private var timeout: Scheduled<Void>?
+    /// Set while the socket carries the NBD stream in clear (before TLS, or without it).
+    private var directRead: DirectRead?
+    /// Whether the last READ data read directly was large, so the next is likely large too.
+    private var largeDataFlowing = false
+    /// Where direct reads put bytes other than READ data.
+    private var batch = ByteBuffer()
+    /// READ data read straight into destinations so far.
+    private(set) var bytesReadDirectly = 0
 
-    init(eventLoop: EventLoop, limits: NegotiationStateMachine.Limits, maximumInFlight: Int, negotiationTimeout: TimeAmount, logger: Logger) {
+    init(eventLoop: EventLoop, limits: NegotiationStateMachine.Limits, maximumInFlight: Int, negotiationTimeout: TimeAmount,
+         directRead: DirectRead?, logger: Logger) {
         negotiation = NegotiationStateMachine(limits: limits)
+        self.directRead = directRead
         handshake = eventLoop.makePromise()
         self.maximumInFlight = maximumInFlight
         self.negotiationTimeout = negotiationTimeout
@@ -92,6 +102,40 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         if bytes.readableBytes > 0 {
             transmission!.feed(bytes)
             runTransmission()
+            readDirectly()
+        }
+    }
+
+    /// Reads on from the socket while it has bytes (see ``DirectRead``): a READ's data
+    /// straight into the READ's destination; replies without large data in batches, as
+    /// SwiftNIO would.
+    private func readDirectly() {
+        guard let directRead, let context else { return }
+        for _ in 0..<DirectRead.readsPerEvent {
+            // A closed channel's descriptor number may already belong to another file.
+            guard closedError == nil, context.channel.isActive, !transmission!.hasFailed else { return }
+            if let (request, offset, count) = transmission!.expectedData {
+                guard let destination = request.destination else { return }  // nobody waits: SwiftNIO reads it
+                largeDataFlowing = count >= DirectRead.receiveBufferSize
+                let received = destination.receive(at: offset, count: count, using: directRead.read(into:))
+                guard received > 0 else { return }
+                bytesReadDirectly += received
+                transmission!.dataReadDirectly(received)
+            } else {
+                // Headers next. When large data follows them, SwiftNIO's small read fetches
+                // them; otherwise many small replies are read at once.
+                guard !largeDataFlowing else { return }
+                batch.reserveCapacity(minimumWritableBytes: DirectRead.batchSize)
+                let received = batch.withUnsafeMutableWritableBytes { room in
+                    directRead.read(into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(DirectRead.batchSize)))
+                }
+                guard received > 0 else { return }
+                batch.moveWriterIndex(forwardBy: received)
+                transmission!.feed(batch)
+                // The state machine may keep slices of it; the next batch gets a buffer of its own then.
+                if batch.modifyIfUniquelyOwned({ $0.clear() }) == nil { batch = ByteBuffer() }
+            }
+            runTransmission()
         }
     }
 
@@ -133,6 +177,11 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         guard let context, closedError == nil else {
             promise.fail(closedError ?? NBDError(.connectionClosed, "the connection is closed", connectionUsable: false))
             return promise.futureResult
+        }
+        // From here the socket carries TLS records, not the NBD stream: SwiftNIO reads them all.
+        if directRead != nil {
+            directRead = nil
+            try? context.channel.syncOptions?.setOption(.recvAllocator, value: Dialer.receiveAllocator)
         }
         guard unparsed.readableBytes == 0 else {
             fatal(.violation("bytes sent in clear after the STARTTLS acknowledgement"))

@@ -126,6 +126,26 @@ final class ReadDestination: @unchecked Sendable {
         buffer.setBuffer(bytes, at: start + Int(offset - exportOffset))
     }
 
+    /// Lets `read` put up to `count` bytes, for export `offset` on, straight into place (for
+    /// segments: into a new buffer of their own). `read` answers how many it put, or 0 or less
+    /// for none; that is the answer here too.
+    func receive(at offset: UInt64, count: Int, using read: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
+        if segments != nil {
+            var piece = ByteBufferAllocator().buffer(capacity: count)
+            let received = piece.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { room in
+                // The room can be larger than asked for (capacities round up).
+                max(0, read(UnsafeMutableRawBufferPointer(rebasing: room.prefix(count))))
+            }
+            if received > 0 { segments!.append((offset, piece)) }
+            return received
+        }
+        if isPending { makeRoom() }
+        let at = start + Int(offset - exportOffset) - buffer.readerIndex
+        return buffer.withUnsafeMutableReadableBytes { readable in
+            read(UnsafeMutableRawBufferPointer(rebasing: readable[at...].prefix(count)))
+        }
+    }
+
     func zero(at offset: UInt64, length: Int) {
         if segments != nil {
             segments!.append((offset, ByteBuffer(repeating: 0, count: length)))

@@ -116,6 +116,33 @@ public struct TransmissionStateMachine<Context> {
         }
     }
 
+    /// When the next bytes from the server are READ data and none are buffered: the request,
+    /// the export offset of the next byte, and how many data bytes follow. A caller that can
+    /// read from the socket itself may put them straight where they belong and report them
+    /// with ``dataReadDirectly(_:)`` instead of feeding them.
+    @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int)? {
+        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, _) = parseState else { return nil }
+        return (inFlight[cookie]!.context, offset, remaining)
+    }
+
+    /// `count` bytes of the ``expectedData`` were read by the caller, not fed. Follow with
+    /// ``next()``: the request completes there when these were its last bytes.
+    @inlinable public mutating func dataReadDirectly(_ count: Int) {
+        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let done) = parseState, count <= remaining else {
+            preconditionFailure("dataReadDirectly(\(count)) without that much expected data")
+        }
+        if count < remaining {
+            parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, done: done)
+        } else {
+            parseState = .header
+            if done {
+                let action: Action
+                do { action = try finish(cookie) } catch { action = fail(error) }
+                queued.append(action)
+            }
+        }
+    }
+
     /// The connection ended: every request in flight fails with `error`.
     @inlinable public mutating func connectionClosed(_ error: NBDError) -> Action? {
         guard !hasFailed else { return nil }
