@@ -320,5 +320,22 @@ extension TransmissionStateMachineTests {
         #expect(structured.hasFailed)
         #expect(structured.expectedData == nil)
     }
+
+    @Test func unparsedBytesCanBeTakenAndFedAgainInFront() {
+        var machine = Machine(configuration: .init(structuredReplies: false))
+        _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
+        _ = machine.startRequest(.read, offset: 0, length: 2, context: "r")
+        let replies = simple(1) + simple(2) + [8, 9]
+        // Half of the first header: nothing to do, 7 bytes kept.
+        feed(&machine, Array(replies.prefix(7)))
+        #expect(drain(&machine) == [])
+        #expect(machine.unparsedByteCount == 7)
+        var taken = machine.takeUnparsed()
+        #expect(machine.unparsedByteCount == 0)
+        // The caller's next read lands behind them, in one buffer.
+        taken.writeBytes(replies.dropFirst(7))
+        machine.feed(taken)
+        #expect(drain(&machine) == [.complete("f", nil), .data("r", 0, [8, 9]), .complete("r", nil)])
+    }
 }
 

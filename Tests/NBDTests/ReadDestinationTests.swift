@@ -99,24 +99,11 @@ struct ReadDestinationTests {
         #expect(destination.take() == Self.data)
     }
 
-    @Test func directReadsForSegmentsGetBuffersOfTheirOwnNoLargerThanAsked() {
-        let destination = ReadDestination(segmentsOf: Self.length, exportOffset: 0)
-        let source = Source(from: 0)
-        var offered: [Int] = []
-        let first = destination.receive(at: 0, count: 100_000) { room in
-            offered.append(room.count)
-            return source.read(into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(60_000)))
-        }
-        #expect(first == 60_000)
-        #expect(destination.receive(at: 60_000, count: 40_000) { room in offered.append(room.count); return -1 } <= 0)
-        #expect(destination.receive(at: 60_000, count: Self.length - 60_000) { room in offered.append(room.count); return source.read(into: room) } == Self.length - 60_000)
-        // Never more room than the bytes still due: a read must not take the next reply's bytes.
-        #expect(offered == [100_000, 40_000, Self.length - 60_000])
-        let segments = destination.takeSegments()
-        #expect(segments.map(\.readableBytes) == [60_000, Self.length - 60_000])
-        var joined = ByteBuffer()
-        for segment in segments { joined.writeImmutableBuffer(segment) }
-        #expect(joined == Self.data)
+    @Test func onlyReadsIntoOneBufferAreFilledInPlace() {
+        // Segments are kept as they arrive (slices of batch buffers), never read into directly.
+        #expect(!ReadDestination(segmentsOf: Self.length, exportOffset: 0).fillsInPlace)
+        #expect(ReadDestination(exportOffset: 0, length: Self.length, allocator: ByteBufferAllocator()).fillsInPlace)
+        #expect(ReadDestination(appendingTo: ByteBuffer(), exportOffset: 0, length: Self.length).fillsInPlace)
     }
 }
 

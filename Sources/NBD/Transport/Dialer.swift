@@ -19,8 +19,9 @@ enum Dialer {
         let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
         var bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .channelOption(.socketOption(.so_keepalive), value: 1)
-            // The client reads large READ data itself; SwiftNIO's reads are small.
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.receiveBufferSize))
+            // The client reads itself (DirectRead): SwiftNIO reads one header's worth per wakeup.
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.headerSize))
+            .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout,
@@ -50,4 +51,7 @@ enum Dialer {
     static var receiveAllocator: AdaptiveRecvByteBufferAllocator {
         AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20)
     }
+
+    /// SwiftNIO's reads in a row per wakeup once it reads every byte.
+    static let readsPerEvent: ChannelOptions.Types.MaxMessagesPerReadOption.Value = 4
 }

@@ -4,29 +4,35 @@ import Glibc
 import Darwin
 #endif
 import NIOCore
+import NBDCore
 
 /// Reads a READ's data from the socket straight into its destination.
 ///
 /// SwiftNIO reads into buffers of its own, from which the data would be copied once more to
 /// where the caller wants it; libnbd and go-nbd `recv` straight into the caller's buffer. So
-/// when a connection carries the NBD stream in clear and the next bytes are a reply's data,
-/// the client handler reads them itself: on the event loop, inside `channelRead`, from the
-/// non-blocking socket SwiftNIO also reads. SwiftNIO's reads are kept small
-/// (``receiveBufferSize``), so they carry the headers and leave the data to direct reads.
+/// when a connection carries the NBD stream in clear, SwiftNIO only tells the client handler
+/// that the socket is readable, reading a reply header's worth (``headerSize``) itself, and
+/// the handler reads the rest: on the event loop, inside `channelRead`, from the non-blocking
+/// socket. The data of a large READ chunk goes straight into the READ's destination; other
+/// bytes go into batch buffers, parsed and copied as before.
 ///
 /// Only while the channel is open: SwiftNIO closes the descriptor on the same event loop.
 struct DirectRead {
     let socket: NIOBSDSocket.Handle
 
-    /// Size of SwiftNIO's reads once direct reads are on: about a reply header and a little
-    /// data, so that the rest of a large READ reply is read straight into place.
-    static let receiveBufferSize = 4 << 10
+    /// Size of SwiftNIO's reads: a structured reply chunk header and the offset of an
+    /// OFFSET_DATA chunk, so that all the data after it is left in the socket.
+    static let headerSize = StructuredReplyHeader.size + 8
 
-    /// Size of a direct read of replies without large data, which are then copied as usual.
+    /// Smallest READ chunk (or simple reply) whose data is read straight into place. Below
+    /// it a copy costs less than the extra reads: smaller replies are read in batches.
+    static let largeChunk = 64 << 10
+
+    /// Size of a read of replies other than large READ chunks.
     static let batchSize = 256 << 10
 
-    /// Direct reads in a row before the event loop gets to its other work.
-    static let readsPerEvent = 16
+    /// Reads in a row before the event loop gets to its other work.
+    static let readsPerEvent = 4
 
     /// Reads what the socket has now, up to the size of `room`. Answers 0 when nothing is
     /// there, when the server closed the connection, or on an error: SwiftNIO's next read

@@ -45,10 +45,10 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     private var timeout: Scheduled<Void>?
     /// Set while the socket carries the NBD stream in clear (before TLS, or without it).
     private var directRead: DirectRead?
-    /// Whether the last READ data read directly was large, so the next is likely large too.
-    private var largeDataFlowing = false
-    /// Where direct reads put bytes other than READ data.
-    private var batch = ByteBuffer()
+    /// Whether the last READ chunk seen was large, so the next is likely large too.
+    private var largeChunksFlowing = false
+    /// Buffers for batches of replies, reused once nothing holds a slice of them (as SwiftNIO does).
+    private var batches = NIOPooledRecvBufferAllocator(capacity: 4, recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize))
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
 
@@ -87,6 +87,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
+        // SwiftNIO read as much as it could: more may be waiting.
+        let afterFullRead = bytes.readableBytes >= DirectRead.headerSize
         if transmission == nil {
             // Negotiation messages may arrive split across reads: keep what is not yet whole.
             if unparsed.readableBytes > 0 {
@@ -102,40 +104,51 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         if bytes.readableBytes > 0 {
             transmission!.feed(bytes)
             runTransmission()
-            readDirectly()
+            readDirectly(afterFullRead: afterFullRead)
         }
     }
 
-    /// Reads on from the socket while it has bytes (see ``DirectRead``): a READ's data
-    /// straight into the READ's destination; replies without large data in batches, as
-    /// SwiftNIO would.
-    private func readDirectly() {
-        guard let directRead, let context else { return }
+    /// Reads on from the socket while it may have bytes (see ``DirectRead``): the data of a
+    /// large READ chunk straight into the READ's destination; other bytes into batch buffers,
+    /// parsed and copied as usual. A read that does not fill its room has emptied the socket:
+    /// SwiftNIO wakes the handler again when more arrives.
+    private func readDirectly(afterFullRead: Bool) {
+        guard let directRead, let context, afterFullRead else { return }
         for _ in 0..<DirectRead.readsPerEvent {
             // A closed channel's descriptor number may already belong to another file.
             guard closedError == nil, context.channel.isActive, !transmission!.hasFailed else { return }
-            if let (request, offset, count) = transmission!.expectedData {
-                guard let destination = request.destination else { return }  // nobody waits: SwiftNIO reads it
-                largeDataFlowing = count >= DirectRead.receiveBufferSize
+            let expected = transmission!.expectedData
+            let filled: Bool
+            if let (request, offset, count, chunkLength) = expected, chunkLength >= DirectRead.largeChunk,
+               let destination = request.destination, destination.fillsInPlace {
+                largeChunksFlowing = true
                 let received = destination.receive(at: offset, count: count, using: directRead.read(into:))
                 guard received > 0 else { return }
                 bytesReadDirectly += received
                 transmission!.dataReadDirectly(received)
+                // Reading on until the socket is empty: more of the data may have come meanwhile.
+                filled = true
             } else {
-                // Headers next. When large data follows them, SwiftNIO's small read fetches
-                // them; otherwise many small replies are read at once.
-                guard !largeDataFlowing else { return }
-                batch.reserveCapacity(minimumWritableBytes: DirectRead.batchSize)
-                let received = batch.withUnsafeMutableWritableBytes { room in
-                    directRead.read(into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(DirectRead.batchSize)))
+                if expected != nil { largeChunksFlowing = false }
+                // After a large chunk only the next header, as another large chunk may follow.
+                let size = largeChunksFlowing ? DirectRead.headerSize : DirectRead.batchSize
+                // Unparsed bytes (part of a header) go in front, so that the header is whole.
+                var unparsed = transmission!.unparsedByteCount <= DirectRead.headerSize ? transmission!.takeUnparsed() : ByteBuffer()
+                var received = 0
+                let (batch, _) = batches.buffer(allocator: context.channel.allocator) { buffer in
+                    buffer.writeBuffer(&unparsed)
+                    buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: size) { room in
+                        received = max(0, directRead.read(into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(size))))
+                        return received
+                    }
                 }
-                guard received > 0 else { return }
-                batch.moveWriterIndex(forwardBy: received)
+                // Fed even when nothing was read: the unparsed bytes are in it.
                 transmission!.feed(batch)
-                // The state machine may keep slices of it; the next batch gets a buffer of its own then.
-                if batch.modifyIfUniquelyOwned({ $0.clear() }) == nil { batch = ByteBuffer() }
+                guard received > 0 else { return }
+                filled = received == size
             }
             runTransmission()
+            guard filled else { return }
         }
     }
 
@@ -182,6 +195,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         if directRead != nil {
             directRead = nil
             try? context.channel.syncOptions?.setOption(.recvAllocator, value: Dialer.receiveAllocator)
+            try? context.channel.syncOptions?.setOption(.maxMessagesPerRead, value: Dialer.readsPerEvent)
         }
         guard unparsed.readableBytes == 0 else {
             fatal(.violation("bytes sent in clear after the STARTTLS acknowledgement"))

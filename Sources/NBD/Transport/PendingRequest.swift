@@ -126,19 +126,15 @@ final class ReadDestination: @unchecked Sendable {
         buffer.setBuffer(bytes, at: start + Int(offset - exportOffset))
     }
 
-    /// Lets `read` put up to `count` bytes, for export `offset` on, straight into place (for
-    /// segments: into a new buffer of their own). `read` answers how many it put, or 0 or less
-    /// for none; that is the answer here too.
+    /// Whether data lands in one buffer, so that it can be read straight into place; segments
+    /// are kept as they arrive instead.
+    var fillsInPlace: Bool { segments == nil }
+
+    /// Lets `read` put up to `count` bytes, for export `offset` on, straight into place (only
+    /// when ``fillsInPlace``). `read` answers how many it put, or 0 or less for none; that is
+    /// the answer here too.
     func receive(at offset: UInt64, count: Int, using read: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
-        if segments != nil {
-            var piece = ByteBufferAllocator().buffer(capacity: count)
-            let received = piece.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { room in
-                // The room can be larger than asked for (capacities round up).
-                max(0, read(UnsafeMutableRawBufferPointer(rebasing: room.prefix(count))))
-            }
-            if received > 0 { segments!.append((offset, piece)) }
-            return received
-        }
+        precondition(fillsInPlace, "segments are kept as they arrive")
         if isPending { makeRoom() }
         let at = start + Int(offset - exportOffset) - buffer.readerIndex
         return buffer.withUnsafeMutableReadableBytes { readable in

@@ -69,8 +69,9 @@ public struct TransmissionStateMachine<Context> {
     @usableFromInline
     enum ParseState {
         case header
-        /// Streaming `remaining` data bytes for `cookie`, the next at `offset`.
-        case data(cookie: UInt64, offset: UInt64, remaining: Int, done: Bool)
+        /// Streaming the last `remaining` of the `length` data bytes of a chunk (or simple
+        /// reply) for `cookie`, the next at `offset`.
+        case data(cookie: UInt64, offset: UInt64, remaining: Int, length: Int, done: Bool)
         case failed
     }
 
@@ -117,22 +118,23 @@ public struct TransmissionStateMachine<Context> {
     }
 
     /// When the next bytes from the server are READ data and none are buffered: the request,
-    /// the export offset of the next byte, and how many data bytes follow. A caller that can
-    /// read from the socket itself may put them straight where they belong and report them
-    /// with ``dataReadDirectly(_:)`` instead of feeding them.
-    @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int)? {
-        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, _) = parseState else { return nil }
-        return (inFlight[cookie]!.context, offset, remaining)
+    /// the export offset of the next byte, how many data bytes follow, and how many the chunk
+    /// (or simple reply) carries in all. A caller that can read from the socket itself may put
+    /// them straight where they belong and report them with ``dataReadDirectly(_:)`` instead
+    /// of feeding them.
+    @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
+        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, _) = parseState else { return nil }
+        return (inFlight[cookie]!.context, offset, remaining, length)
     }
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed. Follow with
     /// ``next()``: the request completes there when these were its last bytes.
     @inlinable public mutating func dataReadDirectly(_ count: Int) {
-        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let done) = parseState, count <= remaining else {
+        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, let done) = parseState, count <= remaining else {
             preconditionFailure("dataReadDirectly(\(count)) without that much expected data")
         }
         if count < remaining {
-            parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, done: done)
+            parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, length: length, done: done)
         } else {
             parseState = .header
             if done {
@@ -141,6 +143,17 @@ public struct TransmissionStateMachine<Context> {
                 queued.append(action)
             }
         }
+    }
+
+    /// How many bytes were fed and are not parsed yet (part of a header, say).
+    @inlinable public var unparsedByteCount: Int { input.readableBytes }
+
+    /// Removes the bytes fed and not parsed yet, for a caller that reads the socket itself:
+    /// it puts them in front of the bytes it reads next and feeds them all, so that a header
+    /// split between two reads is whole without copying the second read.
+    @inlinable public mutating func takeUnparsed() -> ByteBuffer {
+        defer { input = ByteBuffer() }
+        return input
     }
 
     /// The connection ended: every request in flight fails with `error`.
@@ -176,7 +189,7 @@ public struct TransmissionStateMachine<Context> {
         switch parseState {
         case .failed:
             return nil
-        case .data(let cookie, let offset, let remaining, let done):
+        case .data(let cookie, let offset, let remaining, let length, let done):
             guard input.readableBytes > 0 else { return nil }
             let count = min(remaining, input.readableBytes)
             let bytes = input.readSlice(length: count)!
@@ -185,7 +198,7 @@ public struct TransmissionStateMachine<Context> {
                 parseState = .header
                 if done { queued.append(try finish(cookie)) }
             } else {
-                parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, done: done)
+                parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, length: length, done: done)
             }
             return .data(context, offset: offset, bytes: bytes)
         case .header:
@@ -216,7 +229,7 @@ public struct TransmissionStateMachine<Context> {
                 let length = UInt64(chunk.length - 8)
                 try recordContent(&request, offset: offset, length: length, kind: "NBD_REPLY_TYPE_OFFSET_DATA")
                 inFlight[chunk.cookie] = request
-                parseState = .data(cookie: chunk.cookie, offset: offset, remaining: Int(length), done: chunk.flags.contains(.done))
+                parseState = .data(cookie: chunk.cookie, offset: offset, remaining: Int(length), length: Int(length), done: chunk.flags.contains(.done))
                 return try parse()
             }
             guard chunk.length <= configuration.maximumBufferedChunkLength else {
@@ -254,7 +267,7 @@ public struct TransmissionStateMachine<Context> {
             }
             inFlight[cookie]!.coverage = RangeCoverage()
             _ = inFlight[cookie]!.coverage.insert(request.range)
-            parseState = .data(cookie: cookie, offset: request.header.offset, remaining: Int(request.header.length), done: true)
+            parseState = .data(cookie: cookie, offset: request.header.offset, remaining: Int(request.header.length), length: Int(request.header.length), done: true)
             return try parse()
         }
         guard request.header.type != .blockStatus else {
