@@ -79,10 +79,11 @@ public final class NBDExport: Sendable {
     /// `NBD_CMD_READ`: returns `length` bytes from `offset` in a new buffer.
     /// Holes in a structured reply read as zeroes. `flags` may hold `.dontFragment`.
     ///
-    /// Data that arrives in one piece is returned as it arrived, without a copy: a read of 128 KiB
-    /// or more may then share storage with a receive buffer of up to 1 MiB. Holding many such
-    /// buffers for long holds that memory too; ``read(into:at:length:flags:)`` copies into a
-    /// buffer you own instead.
+    /// In clear, the data of a reply of 64 KiB or more is read from the socket straight into
+    /// the new buffer. Over TLS, data that arrives in one piece is returned as it arrived,
+    /// without a copy: a read of 128 KiB or more may then share storage with a receive buffer
+    /// of up to 1 MiB. Holding many such buffers for long holds that memory too;
+    /// ``read(into:at:length:flags:)`` fills a buffer you own instead.
     public func read(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> ByteBuffer {
         try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(exportOffset: offset, length: length, allocator: channel.allocator)
@@ -93,6 +94,9 @@ public final class NBDExport: Sendable {
     /// `NBD_CMD_READ` into a buffer the caller owns: `length` bytes from `offset` are appended
     /// to `buffer`, written in place as they arrive. Reusing one buffer (`clear()` between reads)
     /// avoids an allocation per read. On failure `buffer` is left as it was.
+    ///
+    /// In clear, the data of a reply of 64 KiB or more is read from the socket straight into
+    /// `buffer`, as libnbd does; smaller replies, and data over TLS, are copied into it once.
     public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, flags: CommandFlags = []) async throws {
         try validateRead(at: offset, length: length, flags: flags)
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
@@ -113,7 +117,8 @@ public final class NBDExport: Sendable {
     /// slices of the connection's receive buffers, in export order (a hole as a buffer of
     /// zeroes). Together they hold `length` bytes. Made for passing data on, to
     /// ``write(segments:at:flags:)`` of another export, a file or a socket: each piece keeps
-    /// its receive buffer (up to 1 MiB) alive, so hand them on and let them go.
+    /// its receive buffer (256 KiB in clear, up to 1 MiB over TLS) alive, so hand them on and
+    /// let them go; the connection reuses a receive buffer once nothing holds a piece of it.
     public func readSegments(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> [ByteBuffer] {
         try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(segmentsOf: length, exportOffset: offset)

@@ -19,8 +19,8 @@ enum Dialer {
         let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
         var bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .channelOption(.socketOption(.so_keepalive), value: 1)
-            // The client reads itself (DirectRead): SwiftNIO reads one header's worth per wakeup.
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.headerSize))
+            // The client reads itself (DirectRead): SwiftNIO reads a little per wakeup.
+            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.wakeupReadSize))
             .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

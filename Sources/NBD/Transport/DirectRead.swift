@@ -10,19 +10,23 @@ import NBDCore
 ///
 /// SwiftNIO reads into buffers of its own, from which the data would be copied once more to
 /// where the caller wants it; libnbd and go-nbd `recv` straight into the caller's buffer. So
-/// when a connection carries the NBD stream in clear, SwiftNIO only tells the client handler
-/// that the socket is readable, reading a reply header's worth (``headerSize``) itself, and
-/// the handler reads the rest: on the event loop, inside `channelRead`, from the non-blocking
-/// socket. The data of a large READ chunk goes straight into the READ's destination; other
-/// bytes go into batch buffers, parsed and copied as before.
+/// when a connection carries the NBD stream in clear, SwiftNIO mostly tells the client
+/// handler that the socket is readable, reading only a little itself (``wakeupReadSize``),
+/// and the handler reads the rest: on the event loop, inside `channelRead`, from the
+/// non-blocking socket. The data of a large READ chunk goes straight into the READ's
+/// destination; other bytes go into batch buffers, parsed and copied as before.
 ///
 /// Only while the channel is open: SwiftNIO closes the descriptor on the same event loop.
 struct DirectRead {
     let socket: NIOBSDSocket.Handle
 
-    /// Size of SwiftNIO's reads: a structured reply chunk header and the offset of an
-    /// OFFSET_DATA chunk, so that all the data after it is left in the socket.
+    /// A structured reply chunk header and the offset of an OFFSET_DATA chunk: what the
+    /// handler reads after a large chunk, so that the data of a next one stays in the socket.
     static let headerSize = StructuredReplyHeader.size + 8
+
+    /// Size of SwiftNIO's reads: the replies to a burst of writes fit, and the data of a
+    /// large READ chunk after its header is mostly left in the socket.
+    static let wakeupReadSize = 4 << 10
 
     /// Smallest READ chunk (or simple reply) whose data is read straight into place. Below
     /// it a copy costs less than the extra reads: smaller replies are read in batches.

@@ -48,7 +48,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     /// Whether the last READ chunk seen was large, so the next is likely large too.
     private var largeChunksFlowing = false
     /// Buffers for batches of replies, reused once nothing holds a slice of them (as SwiftNIO does).
-    private var batches = NIOPooledRecvBufferAllocator(capacity: 4, recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize))
+    private var batches = NIOPooledRecvBufferAllocator(capacity: 16, recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize))
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
 
@@ -88,7 +88,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         // SwiftNIO read as much as it could: more may be waiting.
-        let afterFullRead = bytes.readableBytes >= DirectRead.headerSize
+        let afterFullRead = bytes.readableBytes >= DirectRead.wakeupReadSize
         if transmission == nil {
             // Negotiation messages may arrive split across reads: keep what is not yet whole.
             if unparsed.readableBytes > 0 {
