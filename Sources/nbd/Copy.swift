@@ -68,7 +68,9 @@ struct Copy: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let configuration = connection.configuration()
+        var configuration = connection.configuration()
+        // Data is passed on as it arrived (readSegments): SwiftNIO's large reads suit that best.
+        configuration.readsDataDirectly = false
         let source = try await Endpoints.source(self.source, connections: connections, requests: requests, configuration: configuration)
         let destination: any CopyDestination
         do {

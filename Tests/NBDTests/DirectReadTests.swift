@@ -173,6 +173,31 @@ struct DirectReadTests {
         }
     }
 
+    @Test func turnedOffSwiftNIOReadsEveryByte() async throws {
+        try await withServer { server in
+            let client = Task { () -> (ByteBuffer, Int) in
+                var configuration = NBDClientConfiguration()
+                configuration.readsDataDirectly = false
+                let connection = try await NBDConnection.connect(to: server.address, configuration: configuration)
+                let export = try await connection.go()
+                var buffer = ByteBuffer()
+                try await export.read(into: &buffer, at: 0, length: Self.length)
+                return (buffer, await export.bytesReadDirectly)
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo(size: 4 << 20)
+            let request = try await peer.readRequest()
+            var reply = ByteBuffer()
+            ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &reply)
+            reply.writeImmutableBuffer(Self.pattern(0, Self.length))
+            try await drip(reply, to: peer, sizes: [16 + 100, 70_000, 200_000])
+            let (data, direct) = try await client.value
+            #expect(data == Self.pattern(0, Self.length))
+            #expect(direct == 0)
+        }
+    }
+
     // MARK: Dialing, now done by the client itself
 
     @Test func aRefusedConnectionSaysWhereAndWhy() async throws {

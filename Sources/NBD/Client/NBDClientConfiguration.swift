@@ -13,6 +13,13 @@ public struct NBDClientConfiguration: Sendable {
     public var infoRequests: [InfoType] = [.name, .description, .blockSize]
     /// Requests on the wire at once; more wait their turn (back-pressure).
     public var maximumRequestsInFlight = 64
+    /// In clear, read the data of large READ replies from the socket straight into the
+    /// buffers of ``NBDExport/read(into:at:length:flags:)`` and ``NBDExport/read(at:length:flags:)``,
+    /// as libnbd does, instead of copying it there from SwiftNIO's receive buffers (the
+    /// default). Turn it off for a connection whose data is only passed on with
+    /// ``NBDExport/readSegments(at:length:flags:)``: SwiftNIO then reads every byte in large
+    /// buffers, one read fewer each time the socket becomes readable (`nbd copy` does this).
+    public var readsDataDirectly = true
     /// How long to wait for the socket to connect.
     public var connectTimeout: TimeAmount = .seconds(10)
     /// How long each negotiation step (greeting, each option's replies) may take.

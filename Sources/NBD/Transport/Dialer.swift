@@ -13,15 +13,12 @@ enum Dialer {
         logger.debug("dialing", metadata: ["address": "\(address)"])
         // Connected here, not by SwiftNIO, so that the client knows the descriptor.
         let socket = try await SocketConnector.connect(to: address, timeout: configuration.connectTimeout)
-        let directRead = DirectRead(socket: socket)
+        let directRead = configuration.readsDataDirectly ? DirectRead(socket: socket) : nil
         // The handler is kept as it is added: a server that misbehaves at once can close the
         // channel, and empty its pipeline, before a lookup after connect() would run.
         let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
         var bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .channelOption(.socketOption(.so_keepalive), value: 1)
-            // The client reads itself (DirectRead): SwiftNIO reads a little per wakeup.
-            .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.wakeupReadSize))
-            .channelOption(.maxMessagesPerRead, value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout,
@@ -30,6 +27,16 @@ enum Dialer {
                     added.withLockedValue { $0 = NIOLoopBound(handler, eventLoop: channel.eventLoop) }
                 }
             }
+        if directRead != nil {
+            // The client reads itself (DirectRead): SwiftNIO reads a little per wakeup.
+            bootstrap = bootstrap
+                .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.wakeupReadSize))
+                .channelOption(.maxMessagesPerRead, value: 1)
+        } else {
+            bootstrap = bootstrap
+                .channelOption(.recvAllocator, value: receiveAllocator)
+                .channelOption(.maxMessagesPerRead, value: readsPerEvent)
+        }
         if case .tcp = address {
             bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
         }
@@ -46,8 +53,9 @@ enum Dialer {
         return (channel, handler)
     }
 
-    /// SwiftNIO's reads once it reads every byte (over TLS): large, because data replies are
-    /// big and each read costs a syscall and a pass through the state machine.
+    /// SwiftNIO's reads when it reads every byte (over TLS, or without direct reads): large,
+    /// because data replies are big and each read costs a syscall and a pass through the
+    /// state machine.
     static var receiveAllocator: AdaptiveRecvByteBufferAllocator {
         AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20)
     }
