@@ -24,6 +24,15 @@ struct DirectReadTests {
         await server.stop()
     }
 
+    /// A successful simple reply to `request` carrying `count` bytes of the pattern (all of
+    /// the request's by default).
+    func simpleReply(to request: RequestHeader, count: Int? = nil) -> ByteBuffer {
+        var reply = ByteBuffer()
+        ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &reply)
+        reply.writeImmutableBuffer(Self.pattern(request.offset, count ?? Int(request.length)))
+        return reply
+    }
+
     /// Sends `data` in pieces of the given sizes (the rest last), pausing between them.
     func drip(_ data: ByteBuffer, to peer: Peer, sizes: [Int]) async throws {
         var rest = data
@@ -62,10 +71,7 @@ struct DirectReadTests {
             // Answered last to first, each header with the start of its data, then the rest
             // in pieces large and small.
             for request in requests.sorted(by: { $0.offset > $1.offset }) {
-                var reply = ByteBuffer()
-                ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &reply)
-                reply.writeImmutableBuffer(Self.pattern(request.offset, Int(request.length)))
-                try await drip(reply, to: peer, sizes: [16 + 100, 1, 70_000, 3, 200_000, 4095])
+                try await drip(simpleReply(to: request), to: peer, sizes: [16 + 100, 1, 70_000, 3, 200_000, 4095])
             }
             #expect(try await peer.readRequest().type == .disconnect)
             let (results, direct) = try await client.value
@@ -133,10 +139,7 @@ struct DirectReadTests {
             try await peer.handshake()
             try await peer.acceptGo(size: 4 << 20)
             let request = try await peer.readRequest()
-            var reply = ByteBuffer()
-            ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &reply)
-            reply.writeImmutableBuffer(Self.pattern(0, 300_000))
-            try await drip(reply, to: peer, sizes: [8192, 100_000])
+            try await drip(simpleReply(to: request, count: 300_000), to: peer, sizes: [8192, 100_000])
             await peer.close()
             let error = try #require(try await client.value as? NBDError)
             #expect(error.code == .connectionClosed)
@@ -159,16 +162,10 @@ struct DirectReadTests {
             abandoned.cancel()
             await #expect(throws: CancellationError.self) { try await abandoned.value }
             // The late reply, then one for a read still wanted.
-            var reply = ByteBuffer()
-            ReplyHeader.simple(SimpleReplyHeader(cookie: first.cookie)).encode(into: &reply)
-            reply.writeImmutableBuffer(Self.pattern(0, Self.length))
-            try await drip(reply, to: peer, sizes: [1000, 100_000])
+            try await drip(simpleReply(to: first), to: peer, sizes: [1000, 100_000])
             let wanted = Task { try await export.read(at: 4096, length: 65_536) }
             let second = try await peer.readRequest()
-            reply.clear()
-            ReplyHeader.simple(SimpleReplyHeader(cookie: second.cookie)).encode(into: &reply)
-            reply.writeImmutableBuffer(Self.pattern(4096, 65_536))
-            try await drip(reply, to: peer, sizes: [20, 30_000])
+            try await drip(simpleReply(to: second), to: peer, sizes: [20, 30_000])
             #expect(try await wanted.value == Self.pattern(4096, 65_536))
         }
     }
@@ -188,10 +185,7 @@ struct DirectReadTests {
             try await peer.handshake()
             try await peer.acceptGo(size: 4 << 20)
             let request = try await peer.readRequest()
-            var reply = ByteBuffer()
-            ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &reply)
-            reply.writeImmutableBuffer(Self.pattern(0, Self.length))
-            try await drip(reply, to: peer, sizes: [16 + 100, 70_000, 200_000])
+            try await drip(simpleReply(to: request), to: peer, sizes: [16 + 100, 70_000, 200_000])
             let (data, direct) = try await client.value
             #expect(data == Self.pattern(0, Self.length))
             #expect(direct == 0)
