@@ -130,18 +130,26 @@ public struct TransmissionStateMachine<Context> {
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed. Follow with
     /// ``next()``: the request completes there when these were its last bytes.
     @inlinable public mutating func dataReadDirectly(_ count: Int) {
-        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, let done) = parseState, count <= remaining else {
+        guard input.readableBytes == 0, case .data(_, _, let remaining, _, _) = parseState, count <= remaining else {
             preconditionFailure("dataReadDirectly(\(count)) without that much expected data")
         }
+        do {
+            try passData(count)
+        } catch {
+            let failure = fail(error)
+            queued.append(failure)
+        }
+    }
+
+    /// Moves past `count` bytes of the data being streamed (fed or read directly); after the
+    /// last byte of a chunk flagged done, queues the request's completion.
+    @inlinable mutating func passData(_ count: Int) throws(NBDError) {
+        guard case .data(let cookie, let offset, let remaining, let length, let done) = parseState else { return }
         if count < remaining {
             parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, length: length, done: done)
         } else {
             parseState = .header
-            if done {
-                let action: Action
-                do { action = try finish(cookie) } catch { action = fail(error) }
-                queued.append(action)
-            }
+            if done { queued.append(try finish(cookie)) }
         }
     }
 
@@ -189,17 +197,12 @@ public struct TransmissionStateMachine<Context> {
         switch parseState {
         case .failed:
             return nil
-        case .data(let cookie, let offset, let remaining, let length, let done):
+        case .data(let cookie, let offset, let remaining, _, _):
             guard input.readableBytes > 0 else { return nil }
             let count = min(remaining, input.readableBytes)
             let bytes = input.readSlice(length: count)!
             let context = inFlight[cookie]!.context
-            if count == remaining {
-                parseState = .header
-                if done { queued.append(try finish(cookie)) }
-            } else {
-                parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, length: length, done: done)
-            }
+            try passData(count)
             return .data(context, offset: offset, bytes: bytes)
         case .header:
             return try parseReply()
