@@ -123,7 +123,7 @@ final class ReadDestination: @unchecked Sendable {
             }
             makeRoom()
         }
-        buffer.setBuffer(bytes, at: start + Int(offset - exportOffset))
+        buffer.setBuffer(bytes, at: index(of: offset))
     }
 
     /// Whether data lands in one buffer, so that it can be read straight into place; segments
@@ -136,7 +136,7 @@ final class ReadDestination: @unchecked Sendable {
     func receive(at offset: UInt64, count: Int, using read: (UnsafeMutableRawBufferPointer) -> Int) -> Int {
         precondition(fillsInPlace, "segments are kept as they arrive")
         if isPending { makeRoom() }
-        let at = start + Int(offset - exportOffset) - buffer.readerIndex
+        let at = index(of: offset) - buffer.readerIndex
         return buffer.withUnsafeMutableReadableBytes { readable in
             read(UnsafeMutableRawBufferPointer(rebasing: readable[at...].prefix(count)))
         }
@@ -148,7 +148,12 @@ final class ReadDestination: @unchecked Sendable {
             return
         }
         if isPending { makeRoom() }
-        buffer.setRepeatingByte(0, count: length, at: start + Int(offset - exportOffset))
+        buffer.setRepeatingByte(0, count: length, at: index(of: offset))
+    }
+
+    /// Where the byte at export `offset` goes in `buffer`.
+    private func index(of offset: UInt64) -> Int {
+        start + Int(offset - exportOffset)
     }
 
     /// Moves the buffer out, leaving this object empty.
