@@ -291,12 +291,3 @@ struct SyntheticSource: CopySource {
         return [buffer.getSlice(at: Int(offset - first), length: length)!]
     }
 }
-
-/// The C library's read, write and close, by names that FileEndpoint's own methods do not hide.
-private enum CLibrary {
-    #if canImport(Glibc)
-    static let read = Glibc.read, write = Glibc.write, close = Glibc.close
-    #else
-    static let read = Darwin.read, write = Darwin.write, close = Darwin.close
-    #endif
-}

@@ -43,7 +43,7 @@ struct DirectRead {
     /// finds the same end or error and reports it.
     func read(into room: UnsafeMutableRawBufferPointer) -> Int {
         while true {
-            let count = systemRead(socket, room.baseAddress, room.count)
+            let count = CLibrary.read(socket, room.baseAddress, room.count)
             if count >= 0 { return count }
             if errno != EINTR { return 0 }
         }

@@ -38,7 +38,7 @@ enum SocketConnector {
     private struct Failure: Error {
         var reason: String
         init(_ reason: String) { self.reason = reason }
-        init(_ call: String, _ code: Int32) { reason = call.isEmpty ? errorText(code) : "\(call): \(errorText(code))" }
+        init(_ call: String, _ code: Int32) { reason = call.isEmpty ? CLibrary.errorText(code) : "\(call): \(CLibrary.errorText(code))" }
     }
 
     /// `path` holds the name's bytes (a path with its NUL, or an abstract name after its NUL);
@@ -60,7 +60,7 @@ enum SocketConnector {
     /// Tries each address of `host` in turn, as SwiftNIO and libnbd do.
     private static func tcp(host: String, port: Int, deadline: NIODeadline) throws(Failure) -> NIOBSDSocket.Handle {
         var hints = addrinfo()
-        hints.ai_socktype = socketStream
+        hints.ai_socktype = CLibrary.socketStream
         hints.ai_family = AF_UNSPEC
         var list: UnsafeMutablePointer<addrinfo>?
         let status = getaddrinfo(host, String(port), &hints, &list)
@@ -83,13 +83,13 @@ enum SocketConnector {
     /// A new socket connected to `address`, waiting for the connection until `deadline`.
     private static func connect(family: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t,
                                 deadline: NIODeadline) throws(Failure) -> NIOBSDSocket.Handle {
-        let fd = socket(family, socketStream, 0)
+        let fd = socket(family, CLibrary.socketStream, 0)
         guard fd >= 0 else { throw Failure("socket()", errno) }
         var done = false
-        defer { if !done { _ = systemClose(fd) } }
+        defer { if !done { _ = CLibrary.close(fd) } }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-        if systemConnect(fd, address, length) != 0 {
+        if CLibrary.connect(fd, address, length) != 0 {
             guard errno == EINPROGRESS else { throw Failure("", errno) }
             var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
             while true {
