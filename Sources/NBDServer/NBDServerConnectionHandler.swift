@@ -161,11 +161,7 @@ final class NBDServerConnectionHandler: ChannelInboundHandler {
         let structured = agreement!.structuredReplies
         Task(executorPreference: executor) {
             let result = await RequestPerformer.run(request, data: data, backend: backend, structured: structured)
-            if handler.eventLoop.inEventLoop {
-                handler.value.finish(request, result, context: boundContext.value)
-            } else {
-                handler.eventLoop.execute { handler.value.finish(request, result, context: boundContext.value) }
-            }
+            handler.eventLoop.runOnLoop { handler.value.finish(request, result, context: boundContext.value) }
         }
     }
 

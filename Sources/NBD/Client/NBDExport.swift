@@ -246,11 +246,7 @@ public final class NBDExport: Sendable {
         let handler = self.handler
         let loop = channel.eventLoop
         return try await withTaskCancellationHandler {
-            if loop.inEventLoop {
-                handler.value.submit(requests)
-            } else {
-                loop.execute { handler.value.submit(requests) }
-            }
+            loop.runOnLoop { handler.value.submit(requests) }
             var firstError: (any Error)?
             var result: [UInt32: [BlockDescriptor]] = [:]
             for request in requests {
