@@ -76,6 +76,14 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBD", "NBDCore", "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
             name: "InteropTests",
             dependencies: [
                 "NBD", "NBDServer", "nbd",

@@ -78,9 +78,14 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
 }
 
 extension NBDError {
-    /// A broken MUST of the protocol: the connection cannot be trusted any more.
-    public static func violation(_ message: String) -> NBDError {
+    /// A MUST of the protocol the server broke: the connection cannot be trusted any more.
+    public static func serverViolation(_ message: String) -> NBDError {
         NBDError(.protocolViolation, "protocol violation by the server: \(message)", connectionUsable: false)
+    }
+
+    /// A MUST of the protocol the client broke (what a server reports before it hangs up).
+    public static func clientViolation(_ message: String) -> NBDError {
+        NBDError(.protocolViolation, "protocol violation by the client: \(message)", connectionUsable: false)
     }
 
     /// A request refused before anything was sent.

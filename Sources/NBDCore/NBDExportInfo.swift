@@ -40,7 +40,7 @@ public struct NBDExportInfo: Hashable, Sendable {
             case .unknown: break
             }
         }
-        guard sawExport else { throw .violation("no NBD_INFO_EXPORT in the reply") }
+        guard sawExport else { throw .serverViolation("no NBD_INFO_EXPORT in the reply") }
         self = info
     }
 

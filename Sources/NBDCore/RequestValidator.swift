@@ -23,35 +23,31 @@ public struct RequestValidator: Sendable {
     /// Throws an ``NBDError`` with code `invalidArgument` or `unsupportedByServer` when the
     /// request must not be sent. `length` is the whole range, before any splitting.
     public func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
-        let allowed: CommandFlags
         switch command {
         case .read:
-            allowed = [.dontFragment]
+            break
         case .write:
-            try requireWritable(command)
-            allowed = [.fua]
+            break
         case .flush:
             try require(.sendFlush, "NBD_FLAG_SEND_FLUSH", for: command)
-            allowed = []
         case .trim:
             try require(.sendTrim, "NBD_FLAG_SEND_TRIM", for: command)
-            try requireWritable(command)
-            allowed = [.fua]
         case .cache:
             try require(.sendCache, "NBD_FLAG_SEND_CACHE", for: command)
-            allowed = []
         case .writeZeroes:
             try require(.sendWriteZeroes, "NBD_FLAG_SEND_WRITE_ZEROES", for: command)
-            try requireWritable(command)
-            allowed = [.fua, .noHole, .fastZero]
         case .blockStatus:
             guard structuredReplies, hasMetaContexts else {
                 throw .unsupported("NBD_CMD_BLOCK_STATUS needs structured replies and at least one metadata context selected with NBD_OPT_SET_META_CONTEXT")
             }
-            allowed = [.requestOne]
         default:
             throw .invalidArgument("\(command) cannot be sent as a request here")
         }
+        if command.modifiesExport, export.isReadOnly { throw .unsupported("\(command) on a read-only export") }
+        // The spec's table of flags, less FUA where it means nothing: "The client SHOULD NOT
+        // set this bit unless the command has the potential of writing data".
+        var allowed = command.documentedFlags ?? []
+        if !command.writesData { allowed.remove(.fua) }
         let extra = flags.subtracting(allowed)
         guard extra.isEmpty else {
             throw .invalidArgument("flags 0x\(String(extra.rawValue, radix: 16)) are not valid for \(command)")
@@ -79,9 +75,5 @@ public struct RequestValidator: Sendable {
 
     private func require(_ flag: TransmissionFlags, _ name: String, for what: CustomStringConvertible) throws(NBDError) {
         guard export.flags.contains(flag) else { throw .unsupported("\(what) is not supported by this export (no \(name))") }
-    }
-
-    private func requireWritable(_ command: CommandType) throws(NBDError) {
-        guard !export.isReadOnly else { throw .unsupported("\(command) on a read-only export") }
     }
 }

@@ -91,7 +91,7 @@ public final class NBDServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDServerConnectionHandler(exports: exports, configuration: configuration, logger: configuration.logger))
+                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger))
                 }
             }
         let channel: Channel
@@ -114,11 +114,10 @@ public final class NBDServer: Sendable {
         try? await channel.close()
         for connection in connections.all {
             let drained = connection.eventLoop.flatSubmit {
-                guard let handler = try? connection.pipeline.syncOperations.handler(type: NBDServerConnectionHandler.self),
-                      let context = try? connection.pipeline.syncOperations.context(handlerType: NBDServerConnectionHandler.self) else {
+                guard let handler = try? connection.pipeline.syncOperations.handler(type: NBDServerChannelHandler.self) else {
                     return connection.close()
                 }
-                handler.shutDown(context: context)
+                handler.shutDown()
                 return connection.eventLoop.makeSucceededVoidFuture()
             }
             try? await drained.get()

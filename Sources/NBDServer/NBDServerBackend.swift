@@ -40,14 +40,6 @@ public protocol NBDServerBackend: Sendable {
     func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart]
 }
 
-/// One part of a sparse read, in order.
-public enum NBDServerReadPart: Sendable {
-    /// Bytes of data.
-    case data(ByteBuffer)
-    /// This many bytes that read as zeroes.
-    case hole(Int)
-}
-
 extension NBDServerBackend {
     public func write(segments: [ByteBuffer], at offset: UInt64, fua: Bool) async throws {
         guard segments.count > 1 else {

@@ -24,7 +24,7 @@ struct GarbageTests {
         let greeting = hex("4e42444d41474943 49484156454F5054 0003")
         let reply = hex("0003e889045565a9 00000003")
         for _ in 0..<5000 {
-            var machine = NegotiationStateMachine()
+            var machine = ClientNegotiationStateMachine()
             var buffer = ByteBuffer(bytes: garbage(&generator, prefix: greeting))
             guard (try? machine.receive(&buffer)) != nil, machine.canSendOption else { continue }
             try? machine.optionSent(.list)
@@ -37,7 +37,7 @@ struct GarbageTests {
         var generator = Generator(state: 2)
         let prefixes = [hex("668e33ef 0001 0001 0000000000000001"), hex("67446698 00000000 0000000000000001"), hex("668e33ef 0000 0005 0000000000000002")]
         for round in 0..<5000 {
-            var machine = TransmissionStateMachine<Int>(configuration: .init(structuredReplies: round % 2 == 0, metaContextIDs: [1]))
+            var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: round % 2 == 0, metaContextIDs: [1]))
             _ = machine.startRequest(.read, offset: 0, length: 64, context: 1)
             _ = machine.startRequest(.blockStatus, offset: 0, length: 64, context: 2)
             for _ in 0..<4 {

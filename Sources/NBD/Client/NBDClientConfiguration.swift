@@ -25,7 +25,7 @@ public struct NBDClientConfiguration: Sendable {
     /// How long each negotiation step (greeting, each option's replies) may take.
     public var negotiationTimeout: TimeAmount = .seconds(30)
     /// Bounds on what the server may send during negotiation.
-    public var negotiationLimits = NegotiationStateMachine.Limits()
+    public var negotiationLimits = ClientNegotiationStateMachine.Limits()
     /// TLS: off by default; `NBDConnection.connect(to: NBDURI)` takes it from the URI.
     public var tls = NBDTLSConfiguration()
     /// Where debug and trace messages go; by default nowhere.

@@ -12,10 +12,10 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     typealias OutboundIn = Never
     typealias OutboundOut = ByteBuffer
 
-    private var negotiation: NegotiationStateMachine
+    private var negotiation: ClientNegotiationStateMachine
     /// Bytes of the negotiation phase not yet parsed (a reply split across reads).
     private var unparsed = ByteBuffer()
-    private var transmission: TransmissionStateMachine<PendingRequest>?
+    private var transmission: ClientTransmissionStateMachine<PendingRequest>?
     private var context: ChannelHandlerContext?
     private let logger: Logger
     private let maximumInFlight: Int
@@ -52,9 +52,9 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
 
-    init(eventLoop: EventLoop, limits: NegotiationStateMachine.Limits, maximumInFlight: Int, negotiationTimeout: TimeAmount,
+    init(eventLoop: EventLoop, limits: ClientNegotiationStateMachine.Limits, maximumInFlight: Int, negotiationTimeout: TimeAmount,
          directRead: DirectRead?, logger: Logger) {
-        negotiation = NegotiationStateMachine(limits: limits)
+        negotiation = ClientNegotiationStateMachine(limits: limits)
         self.directRead = directRead
         handshake = eventLoop.makePromise()
         self.maximumInFlight = maximumInFlight
@@ -198,7 +198,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             try? context.channel.syncOptions?.setOption(.maxMessagesPerRead, value: Dialer.readsPerEvent)
         }
         guard unparsed.readableBytes == 0 else {
-            fatal(.violation("bytes sent in clear after the STARTTLS acknowledgement"))
+            fatal(.serverViolation("bytes sent in clear after the STARTTLS acknowledgement"))
             promise.fail(closedError!)
             return promise.futureResult
         }
@@ -256,13 +256,13 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     }
 
     /// What the negotiation agreed so far.
-    var negotiated: NegotiationStateMachine.Negotiated { negotiation.negotiated }
+    var negotiated: ClientNegotiationStateMachine.Negotiated { negotiation.negotiated }
 
     /// Enters the transmission phase with what was negotiated. Called right after GO's ACK or
     /// EXPORT_NAME's answer, before any other byte is read.
     private func startTransmission() {
         let contexts = negotiation.transmissionMetaContexts
-        transmission = TransmissionStateMachine(configuration: .init(
+        transmission = ClientTransmissionStateMachine(configuration: .init(
             structuredReplies: negotiation.negotiated.structuredReplies,
             metaContextIDs: Set(contexts.map(\.id))))
         logger.debug("transmission phase", metadata: ["structured": "\(negotiation.negotiated.structuredReplies)", "contexts": "\(contexts.map(\.name))"])

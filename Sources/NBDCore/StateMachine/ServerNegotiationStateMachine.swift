@@ -32,8 +32,17 @@ public struct ServerNegotiationStateMachine: Sendable {
         public var structuredReplies: Bool
         /// The metadata contexts selected for this export, by id.
         public var metaContexts: [NBDMetaContext]
+
+        /// An agreement with the given terms.
+        public init(export: Export, flags: TransmissionFlags, structuredReplies: Bool, metaContexts: [NBDMetaContext]) {
+            self.export = export
+            self.flags = flags
+            self.structuredReplies = structuredReplies
+            self.metaContexts = metaContexts
+        }
     }
 
+    /// What the caller does next.
     public enum Action: Sendable {
         /// More bytes are needed.
         case wait
@@ -41,8 +50,11 @@ public struct ServerNegotiationStateMachine: Sendable {
         case send(ByteBuffer)
         /// Send these bytes, then transmission starts.
         case enterTransmission(ByteBuffer, Agreement)
-        /// Send these bytes (possibly none), then close the connection.
+        /// Send these bytes, then close the connection (ABORT, or an export refused to
+        /// EXPORT_NAME).
         case close(ByteBuffer)
+        /// The client broke the protocol: close at once, sending nothing more.
+        case fatal(NBDError)
     }
 
     enum State: Sendable { case awaitingClientFlags, negotiating, done }
@@ -73,27 +85,28 @@ public struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// Consumes what it can of `buffer` and says what to do.
-    public mutating func receive(_ buffer: inout ByteBuffer) throws(NBDError) -> Action {
+    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         switch state {
         case .done:
             return .wait
         case .awaitingClientFlags:
             guard let raw = buffer.readInteger(as: UInt32.self) else { return .wait }
             let flags = ClientFlags(rawValue: raw)
+            // "the server MUST close the TCP connection if it does not recognize the client's flags"
             guard flags.subtracting([.fixedNewstyle, .noZeroes]).isEmpty else {
                 state = .done
-                return .close(ByteBuffer())
+                return .fatal(.clientViolation("unknown client flags 0x\(String(raw, radix: 16))"))
             }
             noZeroes = flags.contains(.noZeroes)
             state = .negotiating
-            return try receive(&buffer)
+            return receive(&buffer)
         case .negotiating:
             let request: OptionRequest?
             do {
                 request = try OptionRequest.decode(from: &buffer, maximumLength: maximumOptionLength)
             } catch {
                 state = .done
-                throw error
+                return .fatal(error)
             }
             guard let request else { return .wait }
             return answer(request)

@@ -19,7 +19,7 @@ extension ByteBuffer {
     /// Reads a 32-bit length then that many bytes of text, refusing lengths over `limit`.
     mutating func readLengthPrefixedString(limit: Int = nbdMaximumStringLength) throws(NBDError) -> String? {
         guard let length = readInteger(as: UInt32.self) else { return nil }
-        guard length <= limit else { throw .violation("string of \(length) bytes exceeds \(limit)") }
+        guard length <= limit else { throw .serverViolation("string of \(length) bytes exceeds \(limit)") }
         return readNBDString(length: Int(length))
     }
 

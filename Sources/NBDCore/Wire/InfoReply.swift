@@ -15,22 +15,22 @@ public enum InfoReply: Hashable, Sendable {
 
     /// Decodes a whole payload (the reply's `length` bytes).
     public static func decode(payload: inout ByteBuffer) throws(NBDError) -> InfoReply {
-        guard let raw = payload.readInteger(as: UInt16.self) else { throw .violation("NBD_REP_INFO shorter than 2 bytes") }
+        guard let raw = payload.readInteger(as: UInt16.self) else { throw .serverViolation("NBD_REP_INFO shorter than 2 bytes") }
         let type = InfoType(rawValue: raw)
         let rest = payload.readableBytes
         switch type {
         case .export:
             guard rest == 10, let (size, flags) = payload.readMultipleIntegers(as: (UInt64, UInt16).self) else {
-                throw .violation("NBD_INFO_EXPORT of length \(rest + 2), MUST be 12")
+                throw .serverViolation("NBD_INFO_EXPORT of length \(rest + 2), MUST be 12")
             }
             return .export(size: size, flags: TransmissionFlags(rawValue: flags))
         case .name, .description:
-            guard rest <= nbdMaximumStringLength else { throw .violation("\(type) of \(rest) bytes exceeds 4096") }
+            guard rest <= nbdMaximumStringLength else { throw .serverViolation("\(type) of \(rest) bytes exceeds 4096") }
             let text = payload.readNBDString(length: rest)!
             return type == .name ? .name(text) : .description(text)
         case .blockSize:
             guard rest == 12, let (minimum, preferred, maximum) = payload.readMultipleIntegers(as: (UInt32, UInt32, UInt32).self) else {
-                throw .violation("NBD_INFO_BLOCK_SIZE of length \(rest + 2), MUST be 14")
+                throw .serverViolation("NBD_INFO_BLOCK_SIZE of length \(rest + 2), MUST be 14")
             }
             return .blockSize(BlockSizeConstraints(minimum: minimum, preferred: preferred, maximum: maximum))
         default:
@@ -81,13 +81,13 @@ public struct BlockSizeConstraints: Hashable, Sendable {
     /// Checks the MUSTs of "Size constraints" on advertised values.
     public func validate() throws(NBDError) {
         guard minimum > 0, minimum.nonzeroBitCount == 1, minimum <= 65536 else {
-            throw .violation("minimum block size \(minimum) MUST be a power of 2 no larger than 65536")
+            throw .serverViolation("minimum block size \(minimum) MUST be a power of 2 no larger than 65536")
         }
         guard preferred.nonzeroBitCount == 1, preferred >= max(minimum, 512) else {
-            throw .violation("preferred block size \(preferred) MUST be a power of 2 of at least max(minimum, 512)")
+            throw .serverViolation("preferred block size \(preferred) MUST be a power of 2 of at least max(minimum, 512)")
         }
         guard maximum >= preferred else {
-            throw .violation("maximum payload \(maximum) MUST be at least the preferred block size \(preferred)")
+            throw .serverViolation("maximum payload \(maximum) MUST be at least the preferred block size \(preferred)")
         }
     }
 }

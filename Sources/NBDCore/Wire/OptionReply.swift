@@ -47,8 +47,8 @@ public struct OptionReply: Hashable, Sendable {
     public static func decode(from buffer: inout ByteBuffer, maximumLength: Int = defaultMaximumLength) throws(NBDError) -> OptionReply? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> OptionReply? in
             guard let (magic, rawOption, rawType, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32, UInt32).self) else { return nil }
-            guard magic == NBDMagic.optionReply else { throw .violation("option reply with bad magic 0x\(String(magic, radix: 16))") }
-            guard length <= maximumLength else { throw .violation("option reply of \(length) bytes exceeds the bound of \(maximumLength)") }
+            guard magic == NBDMagic.optionReply else { throw .serverViolation("option reply with bad magic 0x\(String(magic, radix: 16))") }
+            guard length <= maximumLength else { throw .serverViolation("option reply of \(length) bytes exceeds the bound of \(maximumLength)") }
             guard var payload = buffer.readSlice(length: Int(length)) else { return nil }
             let type = OptionReplyType(rawValue: rawType)
             let body = try Self.parse(type: type, payload: &payload)
@@ -60,21 +60,21 @@ public struct OptionReply: Hashable, Sendable {
         let length = payload.readableBytes
         switch type {
         case .ack:
-            guard length == 0 else { throw .violation("NBD_REP_ACK with \(length) bytes of data") }
+            guard length == 0 else { throw .serverViolation("NBD_REP_ACK with \(length) bytes of data") }
             return .ack
         case .server:
             guard let nameLength = payload.readInteger(as: UInt32.self), nameLength <= payload.readableBytes else {
-                throw .violation("NBD_REP_SERVER name length exceeds the reply")
+                throw .serverViolation("NBD_REP_SERVER name length exceeds the reply")
             }
             let name = payload.readNBDString(length: Int(nameLength))!
             return .server(name: name, description: payload.readNBDString(length: payload.readableBytes)!)
         case .info:
             return .info(try InfoReply.decode(payload: &payload))
         case .metaContext:
-            guard let id = payload.readInteger(as: UInt32.self) else { throw .violation("NBD_REP_META_CONTEXT shorter than 4 bytes") }
+            guard let id = payload.readInteger(as: UInt32.self) else { throw .serverViolation("NBD_REP_META_CONTEXT shorter than 4 bytes") }
             return .metaContext(id: id, name: payload.readNBDString(length: payload.readableBytes)!)
         default:
-            guard type.isError else { throw .violation("unknown option reply type \(type.rawValue)") }
+            guard type.isError else { throw .serverViolation("unknown option reply type \(type.rawValue)") }
             return .error(type, message: payload.readNBDString(length: length)!)
         }
     }

@@ -74,18 +74,18 @@ public enum OptionRequest: Hashable, Sendable {
     public static func decode(from buffer: inout ByteBuffer, maximumLength: Int = 64 * 1024) throws(NBDError) -> OptionRequest? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> OptionRequest? in
             guard let (magic, rawCode, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32).self) else { return nil }
-            guard magic == NBDMagic.haveOption else { throw .violation("option request without IHAVEOPT magic") }
-            guard length <= maximumLength else { throw .violation("option data of \(length) bytes exceeds \(maximumLength)") }
+            guard magic == NBDMagic.haveOption else { throw .clientViolation("option request without IHAVEOPT magic") }
+            guard length <= maximumLength else { throw .clientViolation("option data of \(length) bytes exceeds \(maximumLength)") }
             guard var data = buffer.readSlice(length: Int(length)) else { return nil }
             let code = OptionCode(rawValue: rawCode)
             let request = try Self.parse(code: code, data: &data)
-            guard data.readableBytes == 0 else { throw .violation("\(code) carries \(data.readableBytes) unexpected bytes") }
+            guard data.readableBytes == 0 else { throw .clientViolation("\(code) carries \(data.readableBytes) unexpected bytes") }
             return request
         }
     }
 
     private static func parse(code: OptionCode, data: inout ByteBuffer) throws(NBDError) -> OptionRequest {
-        let truncated = NBDError.violation("\(code) data is truncated")
+        let truncated = NBDError.clientViolation("\(code) data is truncated")
         switch code {
         case .exportName:
             return .exportName(data.readNBDString(length: data.readableBytes) ?? "")

@@ -18,40 +18,40 @@ public enum ReplyChunk: Hashable, Sendable {
         let length = payload.readableBytes
         switch type {
         case .none:
-            guard length == 0 else { throw .violation("NBD_REPLY_TYPE_NONE with length \(length), MUST be 0") }
+            guard length == 0 else { throw .serverViolation("NBD_REPLY_TYPE_NONE with length \(length), MUST be 0") }
             return .none
         case .offsetHole:
             guard length == 12, let (offset, holeLength) = payload.readMultipleIntegers(as: (UInt64, UInt32).self) else {
-                throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE with length \(length), MUST be 12")
+                throw .serverViolation("NBD_REPLY_TYPE_OFFSET_HOLE with length \(length), MUST be 12")
             }
-            guard holeLength > 0 else { throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE of size 0") }
+            guard holeLength > 0 else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_HOLE of size 0") }
             return .offsetHole(offset: offset, length: holeLength)
         case .blockStatus:
             guard length >= 12, (length - 4) % 8 == 0, let contextID = payload.readInteger(as: UInt32.self) else {
-                throw .violation("NBD_REPLY_TYPE_BLOCK_STATUS with length \(length), MUST be 4 + a positive multiple of 8")
+                throw .serverViolation("NBD_REPLY_TYPE_BLOCK_STATUS with length \(length), MUST be 4 + a positive multiple of 8")
             }
             var descriptors: [BlockDescriptor] = []
             descriptors.reserveCapacity((length - 4) / 8)
             while let (extentLength, flags) = payload.readMultipleIntegers(as: (UInt32, UInt32).self) {
-                guard extentLength > 0 else { throw .violation("block status descriptor of length 0") }
+                guard extentLength > 0 else { throw .serverViolation("block status descriptor of length 0") }
                 descriptors.append(BlockDescriptor(length: extentLength, flags: flags))
             }
             return .blockStatus(contextID: contextID, descriptors: descriptors)
         default:
-            guard type.isError else { throw .violation("unknown structured reply type \(type.rawValue)") }
+            guard type.isError else { throw .serverViolation("unknown structured reply type \(type.rawValue)") }
             let fixed = type == .errorOffset ? 14 : 6
             guard length >= fixed, let (errno, messageLength) = payload.readMultipleIntegers(as: (UInt32, UInt16).self) else {
-                throw .violation("\(type) with length \(length), MUST be at least \(fixed)")
+                throw .serverViolation("\(type) with length \(length), MUST be at least \(fixed)")
             }
             guard Int(messageLength) <= length - fixed else {
-                throw .violation("\(type) message length \(messageLength) does not fit in the chunk")
+                throw .serverViolation("\(type) message length \(messageLength) does not fit in the chunk")
             }
-            guard messageLength <= nbdMaximumStringLength else { throw .violation("\(type) message exceeds 4096 bytes") }
-            guard errno != 0 else { throw .violation("\(type) with error value 0, MUST be nonzero") }
+            guard messageLength <= nbdMaximumStringLength else { throw .serverViolation("\(type) message exceeds 4096 bytes") }
+            guard errno != 0 else { throw .serverViolation("\(type) with error value 0, MUST be nonzero") }
             let message = payload.readNBDString(length: Int(messageLength))!
             var offset: UInt64?
             if type == .errorOffset {
-                guard payload.readableBytes == 8 else { throw .violation("NBD_REPLY_TYPE_ERROR_OFFSET has trailing bytes") }
+                guard payload.readableBytes == 8 else { throw .serverViolation("NBD_REPLY_TYPE_ERROR_OFFSET has trailing bytes") }
                 offset = payload.readInteger(as: UInt64.self)
             }
             return .error(type, errno: NBDErrno(rawValue: errno), message: message, offset: offset)

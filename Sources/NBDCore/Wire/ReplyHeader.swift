@@ -26,7 +26,7 @@ public enum ReplyHeader: Hashable, Sendable {
             guard let (_, flags, type, cookie, length) = buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt32).self) else { return nil }
             return .structured(StructuredReplyHeader(flags: ReplyFlags(rawValue: flags), type: ReplyChunkType(rawValue: type), cookie: cookie, length: length))
         default:
-            throw .violation("reply with unknown magic 0x\(String(magic, radix: 16))")
+            throw .serverViolation("reply with unknown magic 0x\(String(magic, radix: 16))")
         }
     }
 

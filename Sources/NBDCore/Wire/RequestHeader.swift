@@ -36,7 +36,7 @@ public struct RequestHeader: Hashable, Sendable {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> RequestHeader? in
             guard let (magic, flags, type, cookie, offset, length) =
                 buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self) else { return nil }
-            guard magic == NBDMagic.request else { throw .violation("request with bad magic 0x\(String(magic, radix: 16))") }
+            guard magic == NBDMagic.request else { throw .clientViolation("request with bad magic 0x\(String(magic, radix: 16))") }
             return RequestHeader(flags: CommandFlags(rawValue: flags), type: CommandType(rawValue: type), cookie: cookie, offset: offset, length: length)
         }
     }

@@ -1,3 +1,4 @@
+@testable import NBDCore
 @testable import NBDServer
 import NBD
 import NIOConcurrencyHelpers

@@ -6,7 +6,7 @@ import NIOCore
 /// ``optionSent(_:)``; it returns what to do next. It enforces the order the spec sets ("The
 /// client MUST NOT send any option until it has received a final reply to any option it has
 /// sent") and checks each reply against the option it answers.
-public struct NegotiationStateMachine: Sendable {
+public struct ClientNegotiationStateMachine: Sendable {
     /// Bounds on what a server may send while negotiating.
     public struct Limits: Hashable, Sendable {
         /// Largest single option reply accepted.
@@ -146,10 +146,10 @@ public struct NegotiationStateMachine: Sendable {
             guard let reply = try OptionReply.decode(from: &buffer, maximumLength: limits.maximumReplyLength) else { return .wait }
             let total = bytes + (before - buffer.readableBytes)
             guard reply.option == option else {
-                throw .violation("reply to \(reply.option) while waiting for a reply to \(option)")
+                throw .serverViolation("reply to \(reply.option) while waiting for a reply to \(option)")
             }
             guard total <= limits.maximumRepliesLength else {
-                throw .violation("replies to \(option) exceed \(limits.maximumRepliesLength) bytes")
+                throw .serverViolation("replies to \(option) exceed \(limits.maximumRepliesLength) bytes")
             }
             try Self.check(reply.body, answers: option, earlier: replies)
             replies.append(reply.body)
@@ -175,7 +175,7 @@ public struct NegotiationStateMachine: Sendable {
             // Nothing is expected: the server speaks out of turn. In transmission the bytes
             // belong to the transmission machine, which the caller hands them to.
             if buffer.readableBytes == 0 || state == .transmission { return .wait }
-            throw .violation("unexpected \(buffer.readableBytes) bytes while no option is pending")
+            throw .serverViolation("unexpected \(buffer.readableBytes) bytes while no option is pending")
         }
     }
 
@@ -189,15 +189,15 @@ public struct NegotiationStateMachine: Sendable {
                     if case .info(.export) = reply { return true }
                     return false
                 }
-                guard hasExport else { throw .violation("\(option) acknowledged without NBD_INFO_EXPORT") }
+                guard hasExport else { throw .serverViolation("\(option) acknowledged without NBD_INFO_EXPORT") }
             }
         case .server:
-            guard option == .list else { throw .violation("NBD_REP_SERVER in reply to \(option)") }
+            guard option == .list else { throw .serverViolation("NBD_REP_SERVER in reply to \(option)") }
         case .info:
-            guard option == .info || option == .go else { throw .violation("NBD_REP_INFO in reply to \(option)") }
+            guard option == .info || option == .go else { throw .serverViolation("NBD_REP_INFO in reply to \(option)") }
         case .metaContext:
             guard option == .listMetaContext || option == .setMetaContext else {
-                throw .violation("NBD_REP_META_CONTEXT in reply to \(option)")
+                throw .serverViolation("NBD_REP_META_CONTEXT in reply to \(option)")
             }
         }
     }

@@ -3,22 +3,22 @@ import Testing
 @testable import NBDCore
 
 @Suite("Negotiation state machine")
-struct NegotiationStateMachineTests {
+struct ClientNegotiationStateMachineTests {
     let greeting = hex("4e42444d41474943 49484156454F5054 0003")
 
     func reply(_ option: OptionCode, _ body: OptionReply.Body) -> [UInt8] {
         encoded { OptionReply(option: option, body: body).encode(into: &$0) }
     }
 
-    func ready() throws -> NegotiationStateMachine {
-        var machine = NegotiationStateMachine()
+    func ready() throws -> ClientNegotiationStateMachine {
+        var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: greeting)
         #expect(try machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle, .noZeroes]))
         return machine
     }
 
     @Test func greetingDrippedByteByByte() throws {
-        var machine = NegotiationStateMachine()
+        var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer()
         for byte in greeting.dropLast() {
             buffer.writeInteger(byte)
@@ -30,7 +30,7 @@ struct NegotiationStateMachineTests {
     }
 
     @Test func noZeroesOnlyWhenTheServerOffersIt() throws {
-        var machine = NegotiationStateMachine()
+        var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: hex("4e42444d41474943 49484156454F5054 0001"))
         #expect(try machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle]))
     }
@@ -40,7 +40,7 @@ struct NegotiationStateMachineTests {
         ("4e42444d41474943 49484156454F5054 0000", "non-fixed newstyle"),
     ])
     func oldServersAreRefusedByName(vector: String, name: String) {
-        var machine = NegotiationStateMachine()
+        var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: hex(vector))
         #expect { try machine.receive(&buffer) } throws: { error in
             guard let error = error as? NBDError else { return false }
@@ -131,9 +131,9 @@ struct NegotiationStateMachineTests {
     }
 
     @Test func repliesToOneOptionAreBoundedInTotal() throws {
-        var limits = NegotiationStateMachine.Limits()
+        var limits = ClientNegotiationStateMachine.Limits()
         limits.maximumRepliesLength = 100
-        var machine = NegotiationStateMachine(limits: limits)
+        var machine = ClientNegotiationStateMachine(limits: limits)
         var buffer = ByteBuffer(bytes: greeting)
         _ = try machine.receive(&buffer)
         try machine.optionSent(.list)

@@ -3,8 +3,8 @@ import Testing
 @testable import NBDCore
 
 @Suite("Transmission state machine")
-struct TransmissionStateMachineTests {
-    typealias Machine = TransmissionStateMachine<String>
+struct ClientTransmissionStateMachineTests {
+    typealias Machine = ClientTransmissionStateMachine<String>
 
     /// What the machine did, flattened for comparison.
     enum Event: Hashable {
@@ -240,7 +240,7 @@ struct TransmissionStateMachineTests {
     }
 }
 
-extension TransmissionStateMachineTests {
+extension ClientTransmissionStateMachineTests {
     /// Every chunk type, fed one byte at a time, gives what it gives all at once.
     @Test func everyChunkTypeDrippedGivesTheSameEvents() {
         let hole = chunk(1, .offsetHole, done: false, encoded { $0.writeMultipleIntegers(UInt64(0), UInt32(4)) })

@@ -1,28 +1,27 @@
 import NIOCore
-import NBDCore
 
 /// A WRITE whose header arrived and whose data is still arriving. The data is kept as the
 /// slices of the receive buffers it came in, so that it is copied only once, into the backend;
 /// but never more than a few: past them, the pieces are gathered into one buffer of the
 /// payload's size, so that a client sending its data a byte at a time cannot make the server
 /// hold a receive buffer per byte.
-struct PendingWrite {
-    let header: RequestHeader
-    private(set) var segments: [ByteBuffer] = []
+package struct PendingWrite: Sendable {
+    package let header: RequestHeader
+    package private(set) var segments: [ByteBuffer] = []
     private var isGathered = false
     private var received = 0
 
     /// Slices kept as they are before the data is gathered.
-    static let maximumSegments = 8
+    package static let maximumSegments = 8
 
-    init(_ header: RequestHeader) {
+    package init(_ header: RequestHeader) {
         self.header = header
     }
 
     /// Bytes still to come.
-    var missing: Int { Int(header.length) - received }
+    package var missing: Int { Int(header.length) - received }
 
-    mutating func append(_ bytes: ByteBuffer) {
+    package mutating func append(_ bytes: ByteBuffer) {
         received += bytes.readableBytes
         if isGathered {
             segments[0].writeImmutableBuffer(bytes)

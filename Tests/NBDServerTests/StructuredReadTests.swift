@@ -1,3 +1,4 @@
+@testable import NBDCore
 @testable import NBDServer
 import NBD
 import NIOCore
@@ -7,15 +8,15 @@ import Testing
 @Suite("Built-in server: structured reads")
 struct StructuredReadTests {
     /// Feeds the reply to a client machine holding one READ and returns what it reports.
-    func decode(_ request: RequestHeader, _ parts: [NBDServerReadPart]) -> [TransmissionStateMachine<Int>.Action] {
-        var machine = TransmissionStateMachine<Int>(configuration: .init(structuredReplies: true))
+    func decode(_ request: RequestHeader, _ parts: [NBDServerReadPart]) -> [ClientTransmissionStateMachine<Int>.Action] {
+        var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: true))
         let header = machine.startRequest(.read, offset: request.offset, length: request.length, context: 1)
         var reply = ByteBuffer()
-        for var buffer in NBDServerConnectionHandler.structuredRead(RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length), parts: parts) {
+        for var buffer in ServerReply.structuredRead(RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length), parts: parts) {
             reply.writeBuffer(&buffer)
         }
         machine.feed(reply)
-        var actions: [TransmissionStateMachine<Int>.Action] = []
+        var actions: [ClientTransmissionStateMachine<Int>.Action] = []
         while let action = machine.next() { actions.append(action) }
         return actions
     }

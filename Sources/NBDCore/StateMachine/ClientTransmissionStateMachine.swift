@@ -14,7 +14,7 @@ import NIOCore
 ///
 /// Its code is `@inlinable`: it runs for every reply, and specialized for the caller's
 /// `Context` it costs no generic dispatch.
-public struct TransmissionStateMachine<Context> {
+public struct ClientTransmissionStateMachine<Context> {
     /// What negotiation agreed, and the bounds applied to replies.
     public struct Configuration: Sendable {
         /// Whether `NBD_OPT_STRUCTURED_REPLY` was negotiated.
@@ -213,18 +213,18 @@ public struct TransmissionStateMachine<Context> {
         let start = input.readerIndex
         guard let header = try ReplyHeader.decode(from: &input) else { return nil }
         guard var request = inFlight[header.cookie] else {
-            throw .violation("reply with cookie \(header.cookie), which matches no request in flight")
+            throw .serverViolation("reply with cookie \(header.cookie), which matches no request in flight")
         }
         switch header {
         case .simple(let simple):
             return try simpleReply(simple, request: request)
         case .structured(let chunk):
             guard configuration.structuredReplies else {
-                throw .violation("structured reply chunk although structured replies were not negotiated")
+                throw .serverViolation("structured reply chunk although structured replies were not negotiated")
             }
             if chunk.type == .offsetData {
-                guard request.header.type == .read else { throw .violation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)") }
-                guard chunk.length >= 9 else { throw .violation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9") }
+                guard request.header.type == .read else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)") }
+                guard chunk.length >= 9 else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9") }
                 guard let offset = input.readInteger(as: UInt64.self) else {
                     input.moveReaderIndex(to: start)
                     return nil
@@ -236,7 +236,7 @@ public struct TransmissionStateMachine<Context> {
                 return try parse()
             }
             guard chunk.length <= configuration.maximumBufferedChunkLength else {
-                throw .violation("\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)")
+                throw .serverViolation("\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)")
             }
             guard var payload = input.readSlice(length: Int(chunk.length)) else {
                 input.moveReaderIndex(to: start)
@@ -251,7 +251,7 @@ public struct TransmissionStateMachine<Context> {
                 queued.append(completion)
                 return action
             }
-            if case .none = body { throw .violation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }
+            if case .none = body { throw .serverViolation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }
             if let action { return action }
             return try parse()
         }
@@ -266,7 +266,7 @@ public struct TransmissionStateMachine<Context> {
         if request.header.type == .read {
             // "MUST NOT use a simple reply for NBD_CMD_READ" once structured replies are on.
             guard !configuration.structuredReplies else {
-                throw .violation("successful simple reply to NBD_CMD_READ although structured replies were negotiated")
+                throw .serverViolation("successful simple reply to NBD_CMD_READ although structured replies were negotiated")
             }
             inFlight[cookie]!.coverage = RangeCoverage()
             _ = inFlight[cookie]!.coverage.insert(request.range)
@@ -274,7 +274,7 @@ public struct TransmissionStateMachine<Context> {
             return try parse()
         }
         guard request.header.type != .blockStatus else {
-            throw .violation("successful simple reply to NBD_CMD_BLOCK_STATUS, which needs a structured reply")
+            throw .serverViolation("successful simple reply to NBD_CMD_BLOCK_STATUS, which needs a structured reply")
         }
         return try finish(cookie)
     }
@@ -284,36 +284,36 @@ public struct TransmissionStateMachine<Context> {
         case .none:
             return nil
         case .offsetHole(let offset, let length):
-            guard request.header.type == .read else { throw .violation("NBD_REPLY_TYPE_OFFSET_HOLE in reply to \(request.header.type)") }
+            guard request.header.type == .read else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_HOLE in reply to \(request.header.type)") }
             try recordContent(&request, offset: offset, length: UInt64(length), kind: "NBD_REPLY_TYPE_OFFSET_HOLE")
             return .hole(request.context, offset: offset, length: length)
         case .blockStatus(let contextID, let descriptors):
             guard request.header.type == .blockStatus else {
-                throw .violation("NBD_REPLY_TYPE_BLOCK_STATUS in reply to \(request.header.type)")
+                throw .serverViolation("NBD_REPLY_TYPE_BLOCK_STATUS in reply to \(request.header.type)")
             }
             guard configuration.metaContextIDs.contains(contextID) else {
-                throw .violation("block status for metadata context id \(contextID), which was not negotiated")
+                throw .serverViolation("block status for metadata context id \(contextID), which was not negotiated")
             }
             guard request.contextsSeen.insert(contextID).inserted else {
-                throw .violation("two block status chunks for metadata context id \(contextID) in one reply")
+                throw .serverViolation("two block status chunks for metadata context id \(contextID) in one reply")
             }
             if request.header.flags.contains(.requestOne) {
                 // "each chunk contains exactly one descriptor where the length ... MUST NOT be greater than the length of the request"
                 guard descriptors.count == 1, descriptors[0].length <= request.header.length else {
-                    throw .violation("block status with NBD_CMD_FLAG_REQ_ONE must carry one extent within the request")
+                    throw .serverViolation("block status with NBD_CMD_FLAG_REQ_ONE must carry one extent within the request")
                 }
             } else {
                 // "the sum of the length fields of the first N-1 extents (if any) MUST be less than the requested length"
                 let leading = descriptors.dropLast().reduce(UInt64(0)) { $0 + UInt64($1.length) }
                 guard descriptors.count == 1 || leading < UInt64(request.header.length) else {
-                    throw .violation("block status extents run past the requested length")
+                    throw .serverViolation("block status extents run past the requested length")
                 }
             }
             return .blockStatus(request.context, contextID: contextID, descriptors: descriptors)
         case .error(_, let errno, let message, let offset):
             if let offset {
                 guard request.header.type != .flush, request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset) else {
-                    throw .violation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
+                    throw .serverViolation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
                 }
             }
             // An unknown error type still errs the reply: "it MUST consider the current reply as errored".
@@ -329,14 +329,14 @@ public struct TransmissionStateMachine<Context> {
     @inlinable func recordContent(_ request: inout InFlight, offset: UInt64, length: UInt64, kind: String) throws(NBDError) {
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, offset >= request.range.lowerBound, end <= request.range.upperBound else {
-            throw .violation("\(kind) for bytes \(offset)..<\(offset &+ length), outside the request \(request.range)")
+            throw .serverViolation("\(kind) for bytes \(offset)..<\(offset &+ length), outside the request \(request.range)")
         }
         guard request.coverage.insert(offset..<end) else {
-            throw .violation("\(kind) for bytes \(offset)..<\(end) overlaps an earlier chunk")
+            throw .serverViolation("\(kind) for bytes \(offset)..<\(end) overlaps an earlier chunk")
         }
         request.contentChunks += 1
         if request.header.flags.contains(.dontFragment), request.contentChunks > 1 {
-            throw .violation("more than one content chunk although NBD_CMD_FLAG_DF was set")
+            throw .serverViolation("more than one content chunk although NBD_CMD_FLAG_DF was set")
         }
     }
 
@@ -349,9 +349,9 @@ public struct TransmissionStateMachine<Context> {
             case .read where request.coverage.total != UInt64(request.header.length):
                 // libnbd's EPROTO: "When no error is detected, the server MUST send enough data
                 // chunks to cover the entire region".
-                throw .violation("read of \(request.header.length) bytes answered with only \(request.coverage.total)")
+                throw .serverViolation("read of \(request.header.length) bytes answered with only \(request.coverage.total)")
             case .blockStatus where request.contextsSeen != configuration.metaContextIDs:
-                throw .violation("successful block status without a chunk for every negotiated context")
+                throw .serverViolation("successful block status without a chunk for every negotiated context")
             default:
                 break
             }
@@ -365,7 +365,7 @@ public struct TransmissionStateMachine<Context> {
     }
 }
 
-extension TransmissionStateMachine: Sendable where Context: Sendable {}
-extension TransmissionStateMachine.InFlight: Sendable where Context: Sendable {}
-extension TransmissionStateMachine.ParseState: Sendable {}
-extension TransmissionStateMachine.Action: Sendable where Context: Sendable {}
+extension ClientTransmissionStateMachine: Sendable where Context: Sendable {}
+extension ClientTransmissionStateMachine.InFlight: Sendable where Context: Sendable {}
+extension ClientTransmissionStateMachine.ParseState: Sendable {}
+extension ClientTransmissionStateMachine.Action: Sendable where Context: Sendable {}

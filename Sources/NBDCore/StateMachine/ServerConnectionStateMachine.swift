@@ -1,0 +1,149 @@
+import NIOCore
+
+/// One client connection of a server, without I/O: ``ServerNegotiationStateMachine`` until GO
+/// or EXPORT_NAME, then ``ServerTransmissionStateMachine``. The channel handler feeds it events
+/// and performs the actions ``next()`` returns, and nothing else.
+public struct ServerConnectionStateMachine: Sendable {
+    /// What the caller does next.
+    public enum Action: Sendable {
+        /// Write these buffers in order, then flush.
+        case write([ByteBuffer])
+        /// Write these bytes, then close the connection.
+        case writeAndClose(ByteBuffer)
+        /// Transmission starts with `agreement`: requests for its export follow.
+        case transmissionStarted(ServerNegotiationStateMachine.Agreement)
+        /// Perform this request on the export (a WRITE with its data) and report the result
+        /// with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as holes.
+        case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
+        /// The session is over: close the connection.
+        case close
+        /// The client broke the protocol: close at once, sending nothing more.
+        case fatal(NBDError)
+    }
+
+    private enum Phase: Sendable {
+        case negotiating(ServerNegotiationStateMachine)
+        case transmission(ServerTransmissionStateMachine)
+        case ended
+    }
+
+    private var phase: Phase
+    /// The client's bytes not yet taken by the negotiation.
+    private var input = ByteBuffer()
+    private let limits: ServerTransmissionStateMachine.Limits
+    private var outbox: [Action] = []
+
+    /// A connection that will serve `exports` within `limits`.
+    public init(exports: [ServerNegotiationStateMachine.Export], maximumOptionLength: Int, limits: ServerTransmissionStateMachine.Limits) {
+        phase = .negotiating(ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength))
+        self.limits = limits
+    }
+
+    /// The client connected: the greeting goes first.
+    public mutating func channelActive() {
+        guard case .negotiating(let negotiation) = phase else { return }
+        outbox.append(.write([negotiation.greeting()]))
+    }
+
+    /// Bytes from the client; follow with ``next()``.
+    public mutating func bytesReceived(_ bytes: ByteBuffer) {
+        switch phase {
+        case .negotiating:
+            if input.readableBytes == 0 {
+                input = bytes
+            } else {
+                var bytes = bytes
+                input.writeBuffer(&bytes)
+            }
+        case .transmission(var transmission):
+            phase = .ended
+            transmission.bytesReceived(bytes)
+            phase = .transmission(transmission)
+        case .ended:
+            break
+        }
+    }
+
+    /// A request handed out by ``Action/perform(_:data:)`` finished with `reply`.
+    public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
+        guard case .transmission(var transmission) = phase else { return }
+        phase = .ended
+        transmission.requestCompleted(request, reply)
+        phase = .transmission(transmission)
+    }
+
+    /// The server is stopping: a connection still negotiating closes now; one in transmission
+    /// answers what is in flight, refuses new requests with `NBD_ESHUTDOWN`, then closes.
+    public mutating func shutdownRequested() {
+        switch phase {
+        case .negotiating:
+            phase = .ended
+            outbox = [.close]
+        case .transmission(var transmission):
+            phase = .ended
+            transmission.shutdownRequested()
+            phase = .transmission(transmission)
+        case .ended:
+            break
+        }
+    }
+
+    /// The connection is gone: nothing more is sent.
+    public mutating func channelClosed() {
+        if case .transmission(var transmission) = phase {
+            transmission.channelClosed()
+        }
+        phase = .ended
+        outbox = []
+        input = ByteBuffer()
+    }
+
+    /// The next thing to do, or nil until the next event.
+    public mutating func next() -> Action? {
+        if !outbox.isEmpty { return outbox.removeFirst() }
+        switch phase {
+        case .negotiating(var negotiation):
+            phase = .ended
+            let action = negotiation.receive(&input)
+            phase = .negotiating(negotiation)
+            switch action {
+            case .wait:
+                if input.readableBytes == 0 { input = ByteBuffer() }
+                return nil
+            case .send(let bytes):
+                return .write([bytes])
+            case .close(let bytes):
+                phase = .ended
+                return .writeAndClose(bytes)
+            case .fatal(let error):
+                phase = .ended
+                return .fatal(error)
+            case .enterTransmission(let bytes, let agreement):
+                var transmission = ServerTransmissionStateMachine(agreement: agreement, limits: limits)
+                // Requests sent right behind GO are in the same bytes.
+                if input.readableBytes > 0 { transmission.bytesReceived(input) }
+                input = ByteBuffer()
+                phase = .transmission(transmission)
+                outbox.append(.transmissionStarted(agreement))
+                return .write([bytes])
+            }
+        case .transmission(var transmission):
+            phase = .ended
+            let action = transmission.next()
+            phase = .transmission(transmission)
+            switch action {
+            case .perform(let request, let data, let sparse): return .perform(request, data: data, sparse: sparse)
+            case .write(let buffers): return .write(buffers)
+            case .close:
+                phase = .ended
+                return .close
+            case .fatal(let error):
+                phase = .ended
+                return .fatal(error)
+            case nil: return nil
+            }
+        case .ended:
+            return nil
+        }
+    }
+}

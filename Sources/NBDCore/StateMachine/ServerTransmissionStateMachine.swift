@@ -1,0 +1,208 @@
+import NIOCore
+
+/// The server side of the transmission phase, without I/O.
+///
+/// Feed it the client's bytes with ``bytesReceived(_:)`` and take what to do with ``next()``:
+/// it frames requests (a WRITE's data kept as the slices it arrived in), applies the spec's
+/// checks, answers a failed check itself, and hands every valid request out to be performed.
+/// Report each result with ``requestCompleted(_:_:)``: the machine frames the reply (simple,
+/// or structured data, hole and error chunks). It owns the disconnect (`NBD_CMD_DISC`: finish
+/// what is in flight, then close) and the shutdown (`NBD_ESHUTDOWN` for new requests).
+///
+/// A client that breaks the protocol gets ``Action/fatal(_:)``: a hard disconnect, and the
+/// machine accepts nothing more.
+public struct ServerTransmissionStateMachine: Sendable {
+    /// Bounds a client must keep to.
+    public struct Limits: Hashable, Sendable {
+        /// Largest READ or WRITE payload (advertised with `NBD_INFO_BLOCK_SIZE`).
+        public var maximumPayload: Int
+        /// Requests one client may have in flight; more end its session.
+        public var maximumRequestsInFlight: Int
+
+        /// Limits with the given bounds.
+        public init(maximumPayload: Int, maximumRequestsInFlight: Int) {
+            self.maximumPayload = maximumPayload
+            self.maximumRequestsInFlight = maximumRequestsInFlight
+        }
+    }
+
+    /// What the caller does next.
+    public enum Action: Sendable {
+        /// Perform this request, whose checks passed (a WRITE with its data), and report the
+        /// result with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as
+        /// holes; without it, every byte as data.
+        case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
+        /// Write these buffers in order, then flush.
+        case write([ByteBuffer])
+        /// Every request is answered and the session is over (after `NBD_CMD_DISC`, or when
+        /// shutting down): close the connection.
+        case close
+        /// The client broke the protocol: close at once, sending nothing more.
+        case fatal(NBDError)
+    }
+
+    /// What negotiation agreed.
+    public let agreement: ServerNegotiationStateMachine.Agreement
+    private let limits: Limits
+    private var input = ByteBuffer()
+    /// A WRITE whose header arrived and whose data has not all arrived yet.
+    private var pendingWrite: PendingWrite?
+    private var outbox: [Action] = []
+    private var inFlight = 0
+    private var disconnectReceived = false
+    private var shuttingDown = false
+    private var ended = false
+
+    /// A machine for the transmission phase of `agreement`.
+    public init(agreement: ServerNegotiationStateMachine.Agreement, limits: Limits) {
+        self.agreement = agreement
+        self.limits = limits
+    }
+
+    /// How many requests are being performed.
+    public var inFlightCount: Int { inFlight }
+
+    /// Appends bytes from the client. Bytes after the end are ignored.
+    public mutating func bytesReceived(_ bytes: ByteBuffer) {
+        guard !ended else { return }
+        // Taken as it came when nothing is left over: a WRITE's data then reaches the backend
+        // as a slice of the receive buffer, not copied.
+        if input.readableBytes == 0 {
+            input = bytes
+        } else {
+            var bytes = bytes
+            input.writeBuffer(&bytes)
+        }
+    }
+
+    /// A request handed out by ``Action/perform(_:data:)`` finished with `reply`.
+    public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
+        inFlight -= 1
+        guard !ended else { return }
+        outbox.append(.write(reply.framed(for: request, structured: agreement.structuredReplies, contextID: ServerNegotiationStateMachine.baseAllocationID)))
+        closeIfDone()
+    }
+
+    /// The server is stopping: requests in flight finish and are answered, new ones get
+    /// `NBD_ESHUTDOWN`, then the connection closes.
+    public mutating func shutdownRequested() {
+        shuttingDown = true
+        closeIfDone()
+    }
+
+    /// The connection is gone: nothing more is sent.
+    public mutating func channelClosed() {
+        ended = true
+        input = ByteBuffer()
+        pendingWrite = nil
+        outbox = []
+    }
+
+    /// The next thing to do, or nil when more bytes (or results) are needed.
+    public mutating func next() -> Action? {
+        if !outbox.isEmpty { return outbox.removeFirst() }
+        guard !ended else { return nil }
+        do {
+            while let action = try parse() {
+                if let action { return action }
+            }
+            // Let go of a receive buffer that is read, so that SwiftNIO can reuse it.
+            if input.readableBytes == 0 { input = ByteBuffer() }
+            return nil
+        } catch {
+            channelClosed()
+            return .fatal(error)
+        }
+    }
+
+    /// One request framed: its action (nil when it needs none yet), or nil when more bytes are needed.
+    private mutating func parse() throws(NBDError) -> Action?? {
+        if var pending = pendingWrite {
+            pendingWrite = nil
+            pending.append(input.readSlice(length: min(input.readableBytes, pending.missing))!)
+            guard pending.missing == 0 else {
+                pendingWrite = pending
+                return nil
+            }
+            return .some(admit(pending.header, data: pending.segments))
+        }
+        guard let header = try RequestHeader.decode(from: &input) else { return nil }
+        // "The client ... MUST NOT send any further requests" after NBD_CMD_DISC.
+        if disconnectReceived { throw .clientViolation("request after NBD_CMD_DISC") }
+        guard header.type == .write else { return .some(admit(header, data: [])) }
+        // Beyond the maximum payload the data cannot be waited for: hard disconnect.
+        guard Int(header.length) <= limits.maximumPayload else {
+            throw .clientViolation("write of \(header.length) bytes exceeds the maximum payload of \(limits.maximumPayload)")
+        }
+        if let data = input.readSlice(length: Int(header.length)) {
+            // All here: handed on as a slice of what was read, without a copy.
+            return .some(admit(header, data: [data]))
+        }
+        pendingWrite = PendingWrite(header)
+        return nil
+    }
+
+    /// What a whole request leads to.
+    private mutating func admit(_ request: RequestHeader, data: [ByteBuffer]) -> Action? {
+        if request.type == .disconnect {
+            // "The server MUST handle all outstanding requests ... and close the TCP session."
+            disconnectReceived = true
+            closeIfDone()
+            return outbox.isEmpty ? nil : outbox.removeFirst()
+        }
+        if shuttingDown {
+            // "the server ... SHOULD ... return an NBD_ESHUTDOWN error for any subsequent request"
+            return failed(request, .ESHUTDOWN, "the server is shutting down")
+        }
+        if let (errno, message) = check(request) {
+            return failed(request, errno, message)
+        }
+        guard inFlight < limits.maximumRequestsInFlight else {
+            channelClosed()
+            return .fatal(.clientViolation("more than \(limits.maximumRequestsInFlight) requests in flight"))
+        }
+        inFlight += 1
+        // Holes go out as NBD_REPLY_TYPE_OFFSET_HOLE only with structured replies, and not when
+        // the client asked for one data chunk (NBD_CMD_FLAG_DF).
+        let sparse = agreement.structuredReplies && !request.flags.contains(.dontFragment)
+        return .perform(request, data: data, sparse: sparse)
+    }
+
+    private func failed(_ request: RequestHeader, _ errno: NBDErrno, _ message: String) -> Action {
+        .write(ServerReply.failed(errno, message: message).framed(for: request, structured: agreement.structuredReplies, contextID: 0))
+    }
+
+    private mutating func closeIfDone() {
+        if (disconnectReceived || shuttingDown) && inFlight == 0 && !ended {
+            outbox.append(.close)
+            ended = true
+        }
+    }
+
+    /// The spec's checks on a request; an error value and message to answer with, or nil to go ahead.
+    private func check(_ request: RequestHeader) -> (NBDErrno, String)? {
+        guard let documented = request.type.documentedFlags else {
+            return (.EINVAL, "unknown command \(request.type.rawValue)")
+        }
+        guard request.flags.isSubset(of: documented) else {
+            return (.EINVAL, "flags 0x\(String(request.flags.rawValue, radix: 16)) are not valid for \(request.type)")
+        }
+        if request.type.modifiesExport, agreement.flags.contains(.readOnly) {
+            return (.EPERM, "the export is read-only")
+        }
+        if request.type == .read, Int(request.length) > limits.maximumPayload {
+            return (.EOVERFLOW, "read of \(request.length) bytes exceeds the maximum payload")
+        }
+        if request.type == .blockStatus, agreement.metaContexts.isEmpty {
+            return (.EINVAL, "no metadata context was selected")
+        }
+        if request.type != .flush {
+            let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
+            guard !overflow, end <= agreement.export.size else {
+                // "the server SHOULD return ... ENOSPC" for a write past the end, EINVAL otherwise.
+                return (request.type == .write || request.type == .writeZeroes ? .ENOSPC : .EINVAL, "range past the end of the export")
+            }
+        }
+        return nil
+    }
+}
