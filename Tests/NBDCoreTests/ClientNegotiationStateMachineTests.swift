@@ -10,10 +10,14 @@ struct ClientNegotiationStateMachineTests {
         encoded { OptionReply(option: option, body: body).encode(into: &$0) }
     }
 
+    static func fatalCode(_ action: ClientNegotiationStateMachine.Action) -> NBDError.Code? {
+        if case .fatal(let error) = action { error.code } else { nil }
+    }
+
     func ready() throws -> ClientNegotiationStateMachine {
         var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: greeting)
-        #expect(try machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle, .noZeroes]))
+        #expect(machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle, .noZeroes]))
         return machine
     }
 
@@ -22,17 +26,17 @@ struct ClientNegotiationStateMachineTests {
         var buffer = ByteBuffer()
         for byte in greeting.dropLast() {
             buffer.writeInteger(byte)
-            #expect(try machine.receive(&buffer) == .wait)
+            #expect(machine.receive(&buffer) == .wait)
         }
         buffer.writeInteger(greeting.last!)
-        #expect(try machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle, .noZeroes]))
+        #expect(machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle, .noZeroes]))
         #expect(machine.canSendOption)
     }
 
     @Test func noZeroesOnlyWhenTheServerOffersIt() throws {
         var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: hex("4e42444d41474943 49484156454F5054 0001"))
-        #expect(try machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle]))
+        #expect(machine.receive(&buffer) == .sendClientFlags([.fixedNewstyle]))
     }
 
     @Test(arguments: [
@@ -42,19 +46,20 @@ struct ClientNegotiationStateMachineTests {
     func oldServersAreRefusedByName(vector: String, name: String) {
         var machine = ClientNegotiationStateMachine()
         var buffer = ByteBuffer(bytes: hex(vector))
-        #expect { try machine.receive(&buffer) } throws: { error in
-            guard let error = error as? NBDError else { return false }
-            return error.code == .unsupportedServer && error.message.contains(name)
+        guard case .fatal(let error) = machine.receive(&buffer) else {
+            Issue.record("\(name) accepted")
+            return
         }
+        #expect(error.code == .unsupportedServer && error.message.contains(name))
     }
 
     @Test func listCollectsEveryServerReplyUntilAck() throws {
         var machine = try ready()
         try machine.optionSent(.list)
         var buffer = ByteBuffer(bytes: reply(.list, .server(name: "a", description: "first")))
-        #expect(try machine.receive(&buffer) == .wait)
+        #expect(machine.receive(&buffer) == .wait)
         buffer.writeBytes(reply(.list, .server(name: "b", description: "")) + reply(.list, .ack))
-        #expect(try machine.receive(&buffer) == .optionCompleted(.list, [
+        #expect(machine.receive(&buffer) == .optionCompleted(.list, [
             .server(name: "a", description: "first"), .server(name: "b", description: ""), .ack,
         ]))
         #expect(machine.canSendOption)
@@ -70,7 +75,7 @@ struct ClientNegotiationStateMachineTests {
         var machine = try ready()
         try machine.optionSent(.structuredReply)
         var buffer = ByteBuffer(bytes: reply(.list, .ack))
-        #expect { try machine.receive(&buffer) } throws: { ($0 as? NBDError)?.code == .protocolViolation }
+        #expect(Self.fatalCode(machine.receive(&buffer)) == .protocolViolation)
     }
 
     @Test(arguments: [
@@ -82,27 +87,27 @@ struct ClientNegotiationStateMachineTests {
         var machine = try ready()
         try machine.optionSent(option == .list ? .list : option == .go ? .go(export: "", requests: []) : .info(export: "", requests: []))
         var buffer = ByteBuffer(bytes: reply(option, body))
-        #expect { try machine.receive(&buffer) } throws: { ($0 as? NBDError)?.code == .protocolViolation }
+        #expect(Self.fatalCode(machine.receive(&buffer)) == .protocolViolation)
     }
 
     @Test func goAcknowledgedWithoutExportInfoIsAViolation() throws {
         var machine = try ready()
         try machine.optionSent(.go(export: "", requests: []))
         var buffer = ByteBuffer(bytes: reply(.go, .ack))
-        #expect { try machine.receive(&buffer) } throws: { ($0 as? NBDError)?.code == .protocolViolation }
+        #expect(Self.fatalCode(machine.receive(&buffer)) == .protocolViolation)
     }
 
     @Test func goEntersTransmissionWithTheNegotiatedContexts() throws {
         var machine = try ready()
         try machine.optionSent(.structuredReply)
         var buffer = ByteBuffer(bytes: reply(.structuredReply, .ack))
-        #expect(try machine.receive(&buffer) == .optionCompleted(.structuredReply, [.ack]))
+        #expect(machine.receive(&buffer) == .optionCompleted(.structuredReply, [.ack]))
         try machine.optionSent(.setMetaContext(export: "disk", queries: ["base:allocation"]))
         buffer.writeBytes(reply(.setMetaContext, .metaContext(id: 42, name: "base:allocation")) + reply(.setMetaContext, .ack))
-        _ = try machine.receive(&buffer)
+        _ = machine.receive(&buffer)
         try machine.optionSent(.go(export: "disk", requests: [.blockSize]))
         buffer.writeBytes(reply(.go, .info(.export(size: 4096, flags: [.hasFlags]))) + reply(.go, .ack))
-        guard case .optionCompleted(.go, let replies) = try machine.receive(&buffer) else { Issue.record("no completion"); return }
+        guard case .optionCompleted(.go, let replies) = machine.receive(&buffer) else { Issue.record("no completion"); return }
         #expect(replies.count == 2)
         #expect(machine.isInTransmission)
         #expect(machine.transmissionMetaContexts == [NBDMetaContext(id: 42, name: "base:allocation")])
@@ -112,13 +117,13 @@ struct ClientNegotiationStateMachineTests {
         var machine = try ready()
         try machine.optionSent(.structuredReply)
         var buffer = ByteBuffer(bytes: reply(.structuredReply, .ack))
-        _ = try machine.receive(&buffer)
+        _ = machine.receive(&buffer)
         try machine.optionSent(.setMetaContext(export: "other", queries: ["base:allocation"]))
         buffer.writeBytes(reply(.setMetaContext, .metaContext(id: 1, name: "base:allocation")) + reply(.setMetaContext, .ack))
-        _ = try machine.receive(&buffer)
+        _ = machine.receive(&buffer)
         try machine.optionSent(.go(export: "disk", requests: []))
         buffer.writeBytes(reply(.go, .info(.export(size: 4096, flags: [.hasFlags]))) + reply(.go, .ack))
-        _ = try machine.receive(&buffer)
+        _ = machine.receive(&buffer)
         #expect(machine.transmissionMetaContexts.isEmpty)
     }
 
@@ -126,7 +131,7 @@ struct ClientNegotiationStateMachineTests {
         var machine = try ready()
         try machine.optionSent(.info(export: "nope", requests: []))
         var buffer = ByteBuffer(bytes: reply(.info, .error(.errUnknown, message: "no such export")))
-        #expect(try machine.receive(&buffer) == .optionCompleted(.info, [.error(.errUnknown, message: "no such export")]))
+        #expect(machine.receive(&buffer) == .optionCompleted(.info, [.error(.errUnknown, message: "no such export")]))
         #expect(machine.canSendOption)
     }
 
@@ -135,23 +140,23 @@ struct ClientNegotiationStateMachineTests {
         limits.maximumRepliesLength = 100
         var machine = ClientNegotiationStateMachine(limits: limits)
         var buffer = ByteBuffer(bytes: greeting)
-        _ = try machine.receive(&buffer)
+        _ = machine.receive(&buffer)
         try machine.optionSent(.list)
         for _ in 0..<5 { buffer.writeBytes(reply(.list, .server(name: String(repeating: "x", count: 20), description: ""))) }
-        #expect { try machine.receive(&buffer) } throws: { ($0 as? NBDError)?.code == .protocolViolation }
+        #expect(Self.fatalCode(machine.receive(&buffer)) == .protocolViolation)
     }
 
     @Test func exportNameReplyEntersTransmission() throws {
         var machine = try ready()
         try machine.optionSent(.exportName("disk"))
         var buffer = ByteBuffer(bytes: hex("0000000000001000 0001"))
-        #expect(try machine.receive(&buffer) == .exportNameAccepted(ExportNameReply(size: 4096, flags: [.hasFlags])))
+        #expect(machine.receive(&buffer) == .exportNameAccepted(ExportNameReply(size: 4096, flags: [.hasFlags])))
         #expect(machine.isInTransmission)
     }
 
     @Test func bytesWhenNothingIsPendingAreAViolation() throws {
         var machine = try ready()
         var buffer = ByteBuffer(bytes: reply(.list, .ack))
-        #expect(throws: NBDError.self) { try machine.receive(&buffer) }
+        #expect(Self.fatalCode(machine.receive(&buffer)) != nil)
     }
 }

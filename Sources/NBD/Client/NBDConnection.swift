@@ -28,66 +28,35 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// Dials `address`, completes the fixed-newstyle handshake, and returns the connection
     /// ready for options. Oldstyle and non-fixed-newstyle servers are refused with
     /// ``NBDError/Code-swift.struct/unsupportedServer``.
+    ///
+    /// Unless the TLS policy is `.disable`, `NBD_OPT_STARTTLS` and the TLS handshake follow on
+    /// the same connection (``ClientConnectionStateMachine`` decides what a refusal means:
+    /// under `.require`, a hard disconnect with nothing else sent; under `.allow`, a server
+    /// without TLS is used in clear).
     public static func connect(to address: NBDAddress, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
-        let (channel, handler) = try await Dialer.dial(address, configuration: configuration)
+        var tls: NBDClientChannelHandler.TLSSetup?
+        if configuration.tls.policy != .disable {
+            // Loaded before dialing: bad certificates or keys fail here, with nothing sent.
+            do {
+                var hostname = configuration.tls.hostname
+                if hostname == nil, case .tcp(let host, _) = address { hostname = host }
+                tls = NBDClientChannelHandler.TLSSetup(context: try configuration.tls.makeContext(), hostname: hostname)
+            } catch {
+                throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
+            }
+        }
+        let dialed = try await Dialer.dial(address, configuration: configuration, tls: tls)
         let flags: HandshakeFlags
         do {
-            flags = try await channel.eventLoop.flatSubmit { handler.value.handshake.futureResult }.get()
-        } catch {
-            try? await channel.close()
-            throw error
-        }
-        let connection = NBDConnection(channel: channel, handler: handler, configuration: configuration, serverFlags: flags)
-        if configuration.tls.policy != .disable {
-            var hostname = configuration.tls.hostname
-            if hostname == nil, case .tcp(let host, _) = address { hostname = host }
-            try await connection.startTLS(configuration.tls, hostname: hostname)
-        }
-        return connection
-    }
-
-    /// `NBD_OPT_STARTTLS` and the TLS handshake on the same connection. Under `.require` a
-    /// refusal or a failed handshake ends the connection (hard disconnect, as the spec requires
-    /// after a failed TLS negotiation) with nothing else sent; under `.allow` a server without
-    /// TLS is used in clear.
-    private func startTLS(_ tls: NBDTLSConfiguration, hostname: String?) async throws {
-        let handler = self.handler
-        let sslContext: NIOSSLContext
-        do {
-            sslContext = try tls.makeContext()
-        } catch {
-            await hardClose()
-            throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
-        }
-        let replies: [OptionReply.Body]
-        do {
-            replies = try await channel.eventLoop.flatSubmit { handler.value.send(.startTLS) }.get()
-        } catch {
-            await hardClose()
-            throw error
-        }
-        if case .error(let type, let message) = replies.last {
-            if tls.policy == .allow && [.errUnsupported, .errPolicy, .errPlatform].contains(type) {
-                configuration.logger.debug("no TLS on this server; going on in clear", metadata: ["reply": "\(type)"])
-                return
+            guard case .connected(let serverFlags) = try await dialed.handshake.get() else {
+                throw NBDError(.connectionClosed, "the handshake ended without an answer", connectionUsable: false)
             }
-            await hardClose()
-            throw NBDError(.tlsRequired, "the server refused STARTTLS and TLS is required; nothing else was sent", optionReply: type,
-                           serverMessage: message, connectionUsable: false)
-        }
-        do {
-            try await channel.eventLoop.flatSubmit { handler.value.upgradeToTLS(sslContext, hostname: hostname) }.get()
+            flags = serverFlags
         } catch {
-            await hardClose()
+            try? await dialed.channel.close()
             throw error
         }
-    }
-
-    /// After a failed TLS negotiation the spec wants a hard disconnect: nothing more is sent,
-    /// not even the NBD_OPT_ABORT a dropped connection otherwise gets.
-    private func hardClose() async {
-        guardian.release()
-        try? await channel.close()
+        return NBDConnection(channel: dialed.channel, handler: dialed.handler, configuration: configuration, serverFlags: flags)
     }
 
     /// Whether the connection is encrypted (STARTTLS succeeded).
@@ -174,9 +143,9 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// GO (`NBD_REP_ERR_UNSUP`) gets `NBD_OPT_EXPORT_NAME` instead, as libnbd does. On any
     /// other refusal the connection is ended softly and the error thrown.
     public consuming func go(_ name: String = "", requests: [InfoType]? = nil) async throws -> NBDExport {
-        let replies: [OptionReply.Body]
+        let start: ClientTransmissionStart
         do {
-            replies = try await exchange(.go(export: name, requests: requests ?? configuration.infoRequests))
+            start = try await transmission(.go(export: name, requests: requests ?? configuration.infoRequests))
         } catch let error as NBDError where error.optionReply == .errUnsupported {
             return try await exportName(name)
         } catch {
@@ -184,8 +153,8 @@ public struct NBDConnection: ~Copyable, Sendable {
             throw error
         }
         do {
-            let info = try NBDExportInfo(requestedName: name, replies: replies)
-            return try await makeExport(info)
+            let info = try NBDExportInfo(requestedName: name, replies: start.goReplies ?? [])
+            return try await makeExport(info, start)
         } catch {
             await end()
             throw error
@@ -195,10 +164,10 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// `NBD_OPT_EXPORT_NAME`: enters transmission on `name` the old way, with size and flags only.
     /// A server that refuses the export closes the connection, the only answer it has.
     public consuming func exportName(_ name: String) async throws -> NBDExport {
-        let handler = self.handler
         do {
-            let reply = try await channel.eventLoop.flatSubmit { handler.value.sendExportName(name) }.get()
-            return try await makeExport(NBDExportInfo(name: name, size: reply.size, flags: reply.flags))
+            let start = try await transmission(.exportName(name))
+            let reply = start.exportNameReply ?? ExportNameReply(size: 0, flags: [])
+            return try await makeExport(NBDExportInfo(name: name, size: reply.size, flags: reply.flags), start)
         } catch let error as NBDError where error.code == .connectionClosed {
             throw NBDError(.connectionClosed, "the server closed the connection after NBD_OPT_EXPORT_NAME \"\(name)\" (no such export, or it is refused)", connectionUsable: false)
         }
@@ -223,37 +192,34 @@ public struct NBDConnection: ~Copyable, Sendable {
         try? await channel.eventLoop.flatSubmit { handler.value.disconnect() }.get()
     }
 
-    private func makeExport(_ info: NBDExportInfo) async throws -> NBDExport {
+    private func makeExport(_ info: NBDExportInfo, _ start: ClientTransmissionStart) async throws -> NBDExport {
         let handler = self.handler
-        let (negotiated, tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit {
-            (handler.value.negotiated, handler.value.tlsVersion, handler.value.tlsCipherSuite)
-        }.get()
-        let contexts = negotiated.metaContextExport == negotiated.export && negotiated.structuredReplies ? negotiated.metaContexts : []
+        let (tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit { (handler.value.tlsVersion, handler.value.tlsCipherSuite) }.get()
         guardian.release()
-        return NBDExport(channel: channel, handler: handler, info: info, structuredReplies: negotiated.structuredReplies,
-                         metaContexts: contexts, tlsVersion: tlsVersion, tlsCipherSuite: tlsCipherSuite,
+        return NBDExport(channel: channel, handler: handler, info: info, structuredReplies: start.structuredReplies,
+                         metaContexts: start.metaContexts, tlsVersion: tlsVersion, tlsCipherSuite: tlsCipherSuite,
                          configuration: configuration)
     }
 
-    /// Sends an option and returns its replies; an error reply becomes a thrown ``NBDError``.
+    /// Sends an option and returns its replies; a refusal is thrown as an ``NBDError``.
     private func exchange(_ request: OptionRequest) async throws -> [OptionReply.Body] {
-        let handler = self.handler
-        let replies = try await channel.eventLoop.flatSubmit { handler.value.send(request) }.get()
-        guard case .error(let type, let message) = replies.last else { return replies }
-        if type == .errShutdown {
-            // "If the client receives NBD_REP_ERR_SHUTDOWN it MUST initiate a soft disconnect."
-            await end()
+        guard case .optionReplies(let replies) = try await outcome(of: request) else {
+            throw NBDError(.connectionClosed, "no replies to \(request.code)", connectionUsable: false)
         }
-        throw Self.rejection(of: request.code, type, message)
+        return replies
     }
 
-    static func rejection(of option: OptionCode, _ type: OptionReplyType, _ message: String) -> NBDError {
-        let usable = type != .errShutdown
-        if type == .errTLSRequired {
-            return NBDError(.tlsRequired, "the server requires TLS for \(option); use an nbds:// URI", optionReply: type,
-                            serverMessage: message, connectionUsable: usable)
+    /// Sends GO or EXPORT_NAME and returns what transmission starts with.
+    private func transmission(_ request: OptionRequest) async throws -> ClientTransmissionStart {
+        guard case .transmissionStarted(let start) = try await outcome(of: request) else {
+            throw NBDError(.connectionClosed, "\(request.code) did not start transmission", connectionUsable: false)
         }
-        return NBDError(.optionRejected, "the server refused \(option)", optionReply: type, serverMessage: message, connectionUsable: usable)
+        return start
+    }
+
+    private func outcome(of request: OptionRequest) async throws -> ClientConnectionOutcome {
+        let handler = self.handler
+        return try await channel.eventLoop.flatSubmit { handler.value.send(request) }.get()
     }
 
     private static func metaContext(_ reply: OptionReply.Body) -> NBDMetaContext? {

@@ -10,14 +10,7 @@ import NBDCore
 /// qemu use; with swift-nio-ssl (BoringSSL) PSK runs over TLS 1.2.
 public struct NBDTLSConfiguration: Sendable {
     /// Whether TLS is used.
-    public enum Policy: Sendable, Hashable {
-        /// Never TLS: no STARTTLS is sent (`nbd://` by default).
-        case disable
-        /// Try STARTTLS; go on in clear only if the server says it has no TLS.
-        case allow
-        /// TLS or nothing (`nbds://`): a server that refuses is left at once, with nothing sent in clear.
-        case require
-    }
+    public typealias Policy = NBDTLSPolicy
 
     public var policy: Policy
     /// A PEM file of CA certificates to trust; nil uses the system trust store.

@@ -5,10 +5,17 @@ import NBDCore
 
 /// Opens the socket and installs the client handler.
 enum Dialer {
-    static func dial(_ address: NBDAddress, configuration: NBDClientConfiguration) async throws -> (Channel, NIOLoopBound<NBDClientChannelHandler>) {
-        let limits = configuration.negotiationLimits
-        let inFlight = max(1, configuration.maximumRequestsInFlight)
-        let timeout = configuration.negotiationTimeout
+    /// The channel, its handler, and the outcome of the handshake (with TLS when the policy asks).
+    struct Dialed {
+        let channel: Channel
+        let handler: NIOLoopBound<NBDClientChannelHandler>
+        let handshake: EventLoopFuture<ClientConnectionOutcome>
+    }
+
+    static func dial(_ address: NBDAddress, configuration: NBDClientConfiguration, tls: NBDClientChannelHandler.TLSSetup?) async throws -> Dialed {
+        let machineConfiguration = NBDClientChannelHandler.Machine.Configuration(
+            limits: configuration.negotiationLimits, maximumRequestsInFlight: configuration.maximumRequestsInFlight,
+            negotiationTimeout: configuration.negotiationTimeout, tlsPolicy: configuration.tls.policy)
         let logger = configuration.logger
         logger.debug("dialing", metadata: ["address": "\(address)"])
         // Connected here, not by SwiftNIO, so that the client knows the descriptor.
@@ -16,15 +23,16 @@ enum Dialer {
         let directRead = configuration.readsDataDirectly ? DirectRead(socket: socket) : nil
         // The handler is kept as it is added: a server that misbehaves at once can close the
         // channel, and empty its pipeline, before a lookup after connect() would run.
-        let added = NIOLockedValueBox<NIOLoopBound<NBDClientChannelHandler>?>(nil)
+        let added = NIOLockedValueBox<(NIOLoopBound<NBDClientChannelHandler>, EventLoopFuture<ClientConnectionOutcome>)?>(nil)
         var bootstrap = ClientBootstrap(group: configuration.eventLoopGroup)
             .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, limits: limits, maximumInFlight: inFlight, negotiationTimeout: timeout,
-                                                         directRead: directRead, logger: logger)
+                    let handshake = channel.eventLoop.makePromise(of: ClientConnectionOutcome.self)
+                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, configuration: machineConfiguration, tls: tls,
+                                                         directRead: directRead, logger: logger, handshake: handshake)
                     try channel.pipeline.syncOperations.addHandler(handler)
-                    added.withLockedValue { $0 = NIOLoopBound(handler, eventLoop: channel.eventLoop) }
+                    added.withLockedValue { $0 = (NIOLoopBound(handler, eventLoop: channel.eventLoop), handshake.futureResult) }
                 }
             }
         if directRead != nil {
@@ -46,11 +54,11 @@ enum Dialer {
         } catch {
             throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false, underlying: error)
         }
-        guard let handler = added.withLockedValue({ $0 }) else {
+        guard let (handler, handshake) = added.withLockedValue({ $0 }) else {
             try? await channel.close()
             throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false)
         }
-        return (channel, handler)
+        return Dialed(channel: channel, handler: handler, handshake: handshake)
     }
 
     /// SwiftNIO's reads when it reads every byte (over TLS, or without direct reads): large,

@@ -3,7 +3,8 @@ import NIOCore
 /// The client side of the handshake and negotiation phases, without I/O.
 ///
 /// Feed it the server's bytes with ``receive(_:)`` and tell it which option was sent with
-/// ``optionSent(_:)``; it returns what to do next. It enforces the order the spec sets ("The
+/// ``optionSent(_:)``; it returns what to do next. A server that breaks the protocol gets
+/// ``Action/fatal(_:)``, and the machine accepts nothing more. It enforces the order the spec sets ("The
 /// client MUST NOT send any option until it has received a final reply to any option it has
 /// sent") and checks each reply against the option it answers.
 public struct ClientNegotiationStateMachine: Sendable {
@@ -18,7 +19,7 @@ public struct ClientNegotiationStateMachine: Sendable {
     }
 
     /// What the caller does next.
-    public enum Action: Hashable, Sendable {
+    public enum Action: Equatable, Sendable {
         /// More bytes are needed.
         case wait
         /// The greeting was accepted: send these client flags (32 bits).
@@ -27,6 +28,20 @@ public struct ClientNegotiationStateMachine: Sendable {
         case optionCompleted(OptionCode, [OptionReply.Body])
         /// The server answered `NBD_OPT_EXPORT_NAME`: transmission starts.
         case exportNameAccepted(ExportNameReply)
+        /// The server broke the protocol, or is not a server this client can use: close the
+        /// connection (hard disconnect).
+        case fatal(NBDError)
+
+        public static func == (lhs: Action, rhs: Action) -> Bool {
+            switch (lhs, rhs) {
+            case (.wait, .wait): true
+            case (.sendClientFlags(let a), .sendClientFlags(let b)): a == b
+            case (.optionCompleted(let a, let x), .optionCompleted(let b, let y)): a == b && x == y
+            case (.exportNameAccepted(let a), .exportNameAccepted(let b)): a == b
+            case (.fatal(let a), .fatal(let b)): a.code == b.code && a.message == b.message
+            default: false
+            }
+        }
     }
 
     enum State: Hashable, Sendable {
@@ -36,6 +51,7 @@ public struct ClientNegotiationStateMachine: Sendable {
         case awaitingExportName
         case transmission
         case closed
+        case failed
     }
 
     private(set) var state: State = .awaitingGreeting
@@ -116,12 +132,13 @@ public struct ClientNegotiationStateMachine: Sendable {
     public mutating func close() { state = .closed }
 
     /// Consumes what it can of `buffer` and says what to do.
-    public mutating func receive(_ buffer: inout ByteBuffer) throws(NBDError) -> Action {
+    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
+        guard state != .failed else { return .wait }
         do {
             return try step(&buffer)
         } catch {
-            state = .closed
-            throw error
+            state = .failed
+            return .fatal(error)
         }
     }
 
@@ -171,7 +188,7 @@ public struct ClientNegotiationStateMachine: Sendable {
             state = .transmission
             return .exportNameAccepted(reply)
 
-        case .ready, .transmission, .closed:
+        case .ready, .transmission, .closed, .failed:
             // Nothing is expected: the server speaks out of turn. In transmission the bytes
             // belong to the transmission machine, which the caller hands them to.
             if buffer.readableBytes == 0 || state == .transmission { return .wait }
