@@ -1,6 +1,5 @@
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOSSL
 import NBDCore
 
 /// A connection in the negotiation phase: handshake done, options can be sent.

@@ -1,0 +1,409 @@
+import NIOCore
+import Testing
+@testable import NBDCore
+
+/// The client and server connection machines run back to back in memory, as swift-nio-ssh
+/// tests its machines: every byte one sends is dripped to the other in random-sized pieces
+/// from a seeded generator, and the server completes its requests in a shuffled order.
+@Suite("Client and server machines back to back")
+struct ConnectionBackToBackTests {
+    @Test(arguments: [(true, UInt64(1)), (false, 2), (true, 3), (false, 4)])
+    func everyOptionAndEveryCommandByContent(structured: Bool, seed: UInt64) throws {
+        var pair = Pair(seed: seed)
+        try pair.connect()
+        let listing = try pair.option(.list).compactMap { reply -> String? in
+            if case .server(let name, _) = reply { name } else { nil }
+        }
+        #expect(listing == ["disk", "ro"])
+        let info = try NBDExportInfo(requestedName: "disk", replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize])))
+        #expect(info.size == Pair.size && info.description == "scratch" && info.blockSizes.maximum == 1 << 20)
+        if structured {
+            #expect(try pair.option(.structuredReply) == [.ack])
+            let listed = try pair.option(.listMetaContext(export: "disk", queries: []))
+            #expect(listed == [.metaContext(id: 0, name: "base:allocation"), .ack])
+            #expect(try pair.option(.setMetaContext(export: "disk", queries: ["base:allocation"])) == [.metaContext(id: 1, name: "base:allocation"), .ack])
+        }
+        let start = try pair.go("disk")
+        #expect(start.structuredReplies == structured)
+        #expect(start.metaContexts == (structured ? [NBDMetaContext(id: 1, name: "base:allocation")] : []))
+
+        // Writes of random data at random places, then reads of all of it, checked against a model.
+        var model = [UInt8](repeating: 0, count: Int(Pair.size))
+        var requests: [Pair.Request] = []
+        for _ in 0..<12 {
+            let offset = Int(pair.random(Pair.size - 70_000))
+            let data = (0..<Int(1 + pair.random(70_000))).map { _ in UInt8(truncatingIfNeeded: pair.random(256)) }
+            model.replaceSubrange(offset..<offset + data.count, with: data)
+            requests.append(pair.submit(.write, offset: UInt64(offset), length: UInt32(data.count), payload: ByteBuffer(bytes: data)))
+        }
+        requests.append(pair.submit(.writeZeroes, offset: 4096, length: 8192))
+        model.replaceSubrange(4096..<12288, with: repeatElement(0, count: 8192))
+        requests.append(pair.submit(.trim, offset: 200_000, length: 4096))
+        model.replaceSubrange(200_000..<204_096, with: repeatElement(0, count: 4096))
+        requests.append(pair.submit(.flush, offset: 0, length: 0))
+        requests.append(pair.submit(.cache, offset: 0, length: 65536))
+        try pair.settle()
+        for request in requests { #expect(request.error == nil && request.isDone) }
+
+        let reads = stride(from: 0, to: Int(Pair.size), by: 100_000).map { start in
+            pair.submit(.read, offset: UInt64(start), length: UInt32(min(100_000, Int(Pair.size) - start)))
+        }
+        try pair.settle()
+        for read in reads {
+            #expect(read.error == nil)
+            #expect(Array(read.data.readableBytesView) == Array(model[Int(read.offset)..<Int(read.offset) + Int(read.length)]), "read at \(read.offset)")
+        }
+        if structured {
+            let status = pair.submit(.blockStatus, offset: 0, length: UInt32(Pair.size))
+            try pair.settle()
+            #expect(status.error == nil)
+            #expect(status.extents[1]?.reduce(0) { $0 + UInt64($1.length) } == Pair.size)
+        }
+        // A soft disconnect: NBD_CMD_DISC, then the server closes.
+        pair.client.disconnectRequested(waiter: nil)
+        try pair.settle()
+        #expect(pair.serverClosed)
+    }
+
+    @Test func theInFlightCapHoldsRequestsBackInOrder() throws {
+        var pair = Pair(seed: 9, maximumInFlight: 3)
+        try pair.connect()
+        _ = try pair.option(.structuredReply)
+        _ = try pair.go("disk")
+        pair.holding = true
+        let reads = (0..<20).map { pair.submit(.read, offset: UInt64($0) * 4096, length: 4096) }
+        try pair.settle()
+        // Three on the wire, the rest waiting in the client's queue.
+        #expect(pair.performing.count == 3)
+        pair.holding = false
+        try pair.settle()
+        #expect(pair.mostPerformedAtOnce == 3)
+        #expect(reads.allSatisfy { $0.isDone && $0.error == nil && $0.data.readableBytes == 4096 })
+    }
+
+    @Test func theServersRefusalsReachTheRightRequests() throws {
+        var pair = Pair(seed: 5)
+        try pair.connect()
+        _ = try pair.go("ro")
+        let write = pair.submit(.write, offset: 0, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4]))
+        let past = pair.submit(.read, offset: Pair.size, length: 512)
+        let read = pair.submit(.read, offset: 0, length: 512)
+        try pair.settle()
+        #expect(write.error?.serverErrno == .EPERM)
+        #expect(past.error?.serverErrno == .EINVAL)
+        #expect(read.error == nil && read.data.readableBytes == 512)
+    }
+
+    @Test func aServerShuttingDownMakesTheClientDisconnectSoftly() throws {
+        var pair = Pair(seed: 6)
+        try pair.connect()
+        _ = try pair.go("disk")
+        pair.holding = true
+        let first = pair.submit(.read, offset: 0, length: 512)
+        try pair.settle()
+        #expect(pair.performing.count == 1)
+        pair.server.shutdownRequested()
+        let second = pair.submit(.read, offset: 512, length: 512)
+        try pair.settle()
+        // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
+        #expect(second.error?.serverErrno == .ESHUTDOWN)
+        let late = pair.submit(.read, offset: 0, length: 512)
+        #expect(!pair.serverClosed)
+        pair.holding = false
+        try pair.settle()
+        #expect(first.isDone && first.error == nil)
+        #expect(late.error?.code == .connectionClosed)
+        #expect(pair.serverClosed && pair.clientClosed)
+    }
+
+    @Test func abortEndsTheNegotiationAfterTheServersAck() throws {
+        var pair = Pair(seed: 7)
+        try pair.connect()
+        let waiter = Pair.Waiter()
+        pair.client.disconnectRequested(waiter: waiter)
+        try pair.settle()
+        #expect(pair.serverClosed && pair.clientClosed)
+        pair.client.channelClosed()
+        try pair.settle()
+        if case .disconnected? = waiter.outcome {} else { Issue.record("the disconnect was not answered: \(String(describing: waiter.outcome))") }
+    }
+
+    @Test(arguments: [NBDTLSPolicy.require, .allow])
+    func aServerWithoutTLS(policy: NBDTLSPolicy) throws {
+        var pair = Pair(seed: 8, tlsPolicy: policy)
+        let handshake = pair.handshake
+        try pair.settle()
+        switch policy {
+        case .require:
+            // "If encryption cannot be negotiated then the connection MUST fail": nothing more is sent.
+            #expect(handshake.error?.code == .tlsRequired)
+            #expect(pair.clientClosed)
+        default:
+            guard case .connected? = handshake.outcome else { Issue.record("not connected in clear"); return }
+            #expect(!pair.clientClosed)
+        }
+    }
+
+    @Test func aSilentServerTimesOut() throws {
+        var pair = Pair(seed: 10, serverSilent: true)
+        try pair.settle()
+        #expect(pair.timerArmed)
+        pair.client.timerFired()
+        try pair.settle()
+        #expect(pair.handshake.error?.code == .timedOut)
+        #expect(pair.clientClosed)
+    }
+
+    @Test func aRequestWhileAnOptionIsPendingIsRefusedAndNothingIsSent() throws {
+        var pair = Pair(seed: 11)
+        try pair.connect()
+        let first = Pair.Waiter(), second = Pair.Waiter()
+        pair.client.optionRequested(.list, waiter: first)
+        pair.client.optionRequested(.structuredReply, waiter: second)
+        try pair.settle()
+        #expect(second.error?.code == .invalidArgument)
+        if case .optionReplies? = first.outcome {} else { Issue.record("list was not answered") }
+    }
+}
+
+/// One client machine and one server machine, wired together in memory.
+struct Pair {
+    final class Request {
+        let command: CommandType, offset: UInt64, length: UInt32
+        var payload: ByteBuffer?
+        var data = ByteBuffer()
+        var extents: [UInt32: [BlockDescriptor]] = [:]
+        var error: NBDError?
+        var isDone = false
+        init(command: CommandType, offset: UInt64, length: UInt32, payload: ByteBuffer?) {
+            self.command = command
+            self.offset = offset
+            self.length = length
+            self.payload = payload
+            if command == .read { data = ByteBuffer(repeating: 0xEE, count: Int(length)) }
+        }
+    }
+
+    final class Waiter {
+        var outcome: ClientConnectionOutcome?
+        var error: NBDError?
+    }
+
+    static let size: UInt64 = 1 << 20
+
+    var client: ClientConnectionStateMachine<Request, Waiter>
+    var server: ServerConnectionStateMachine
+    let handshake = Waiter()
+    var generator: UInt64
+    var toServer: [ByteBuffer] = []
+    var toClient: [ByteBuffer] = []
+    var performing: [(RequestHeader, [ByteBuffer], Bool)] = []
+    var storage = [UInt8](repeating: 0, count: Int(Pair.size))
+    var mostPerformedAtOnce = 0
+    var serverClosed = false
+    var clientClosed = false
+    var timerArmed = false
+    /// Requests stay with the server, unanswered, while set.
+    var holding = false
+    let serverSilent: Bool
+
+    init(seed: UInt64, maximumInFlight: Int = 64, tlsPolicy: NBDTLSPolicy = .disable, serverSilent: Bool = false) {
+        generator = seed
+        self.serverSilent = serverSilent
+        client = ClientConnectionStateMachine(configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy), handshakeWaiter: handshake)
+        let blockSizes = BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 1 << 20)
+        server = ServerConnectionStateMachine(
+            exports: [
+                .init(name: "disk", description: "scratch", size: Pair.size,
+                      flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache], blockSizes: blockSizes),
+                .init(name: "ro", size: Pair.size, flags: [.hasFlags, .readOnly], blockSizes: blockSizes),
+            ],
+            maximumOptionLength: 4096, limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16))
+        client.channelActive()
+        if !serverSilent { server.channelActive() }
+    }
+
+    /// A number in 0..<bound from a seeded generator (SplitMix64).
+    mutating func random(_ bound: UInt64) -> UInt64 {
+        generator &+= 0x9E37_79B9_7F4A_7C15
+        var z = generator
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return (z ^ (z >> 31)) % max(1, bound)
+    }
+
+    mutating func connect() throws {
+        try settle()
+        guard case .connected? = handshake.outcome else { throw NBDError.invalidArgument("no handshake: \(String(describing: handshake.error))") }
+    }
+
+    mutating func option(_ option: OptionRequest) throws -> [OptionReply.Body] {
+        let waiter = Waiter()
+        client.optionRequested(option, waiter: waiter)
+        try settle()
+        if let error = waiter.error {
+            if let reply = error.optionReply { return [.error(reply, message: error.serverMessage ?? "")] }
+            throw error
+        }
+        guard case .optionReplies(let replies)? = waiter.outcome else { throw NBDError.invalidArgument("\(option.code) unanswered") }
+        return replies
+    }
+
+    mutating func go(_ name: String) throws -> ClientTransmissionStart {
+        let waiter = Waiter()
+        client.optionRequested(.go(export: name, requests: [.blockSize]), waiter: waiter)
+        try settle()
+        guard case .transmissionStarted(let start)? = waiter.outcome else { throw waiter.error ?? NBDError.invalidArgument("GO unanswered") }
+        return start
+    }
+
+    mutating func submit(_ command: CommandType, offset: UInt64, length: UInt32, payload: ByteBuffer? = nil) -> Request {
+        let request = Request(command: command, offset: offset, length: length, payload: payload)
+        client.requestSubmitted(request, command: command, flags: [], offset: offset, length: length)
+        return request
+    }
+
+    /// Runs both machines until neither has anything left to do.
+    mutating func settle() throws {
+        var rounds = 0
+        while step() {
+            rounds += 1
+            guard rounds < 100_000 else { throw NBDError.invalidArgument("the machines never settle") }
+        }
+    }
+
+    /// One round: every action of both sides, a random piece of bytes each way, and some
+    /// requests completed out of order. False once nothing moved.
+    mutating func step() -> Bool {
+        var moved = false
+        while let action = client.next() {
+            moved = true
+            clientPerform(action)
+        }
+        while let action = server.next() {
+            moved = true
+            serverPerform(action)
+        }
+        var queue = toServer
+        toServer = []
+        if let piece = drip(&queue) {
+            moved = true
+            server.bytesReceived(piece)
+        }
+        toServer = queue + toServer
+        queue = toClient
+        toClient = []
+        if let piece = drip(&queue) {
+            moved = true
+            client.bytesReceived(piece)
+        }
+        toClient = queue + toClient
+        mostPerformedAtOnce = max(mostPerformedAtOnce, performing.count)
+        if !holding, !performing.isEmpty, random(3) == 0 || toServer.isEmpty {
+            moved = true
+            let (request, data, sparse) = performing.remove(at: Int(random(UInt64(performing.count))))
+            server.requestCompleted(request, perform(request, data: data, sparse: sparse))
+        }
+        return moved
+    }
+
+    /// A random-sized piece (1 byte to 64 KiB) of the bytes in flight one way.
+    mutating func drip(_ queue: inout [ByteBuffer]) -> ByteBuffer? {
+        guard var first = queue.first else { return nil }
+        let count = Int(1 + random(UInt64(min(first.readableBytes, 1 + Int(random(4)) * 20_000))))
+        let piece = first.readSlice(length: count)!
+        if first.readableBytes == 0 { queue.removeFirst() } else { queue[0] = first }
+        return piece
+    }
+
+    mutating func clientPerform(_ action: ClientConnectionStateMachine<Request, Waiter>.Action) {
+        switch action {
+        case .write(let bytes):
+            toServer.append(bytes)
+        case .sendRequest(let header, let request):
+            var buffer = ByteBuffer()
+            header.encode(into: &buffer)
+            toServer.append(buffer)
+            if let payload = request.payload { toServer.append(payload) }
+            request.payload = nil
+        case .sendDisconnect(let header):
+            var buffer = ByteBuffer()
+            header.encode(into: &buffer)
+            toServer.append(buffer)
+            clientClosed = true
+        case .startTLS:
+            Issue.record("the server offers no TLS")
+        case .armTimer:
+            timerArmed = true
+        case .cancelTimer:
+            timerArmed = false
+        case .succeed(let waiter, let outcome):
+            waiter.outcome = outcome
+        case .fail(let waiter, let error):
+            waiter.error = error
+        case .deliverData(let request, let offset, let bytes):
+            request.data.setBuffer(bytes, at: Int(offset - request.offset))
+        case .deliverHole(let request, let offset, let length):
+            request.data.setRepeatingByte(0, count: Int(length), at: Int(offset - request.offset))
+        case .deliverExtents(let request, let id, let descriptors):
+            request.extents[id] = descriptors
+        case .complete(let request, let error):
+            request.error = error
+            request.isDone = true
+        case .cancel(let request):
+            request.isDone = true
+        case .close:
+            clientClosed = true
+        case .closeAndFail(let error, let requests, let waiters):
+            clientClosed = true
+            for request in requests { request.error = error }
+            for waiter in waiters { waiter.error = error }
+        }
+    }
+
+    mutating func serverPerform(_ action: ServerConnectionStateMachine.Action) {
+        switch action {
+        case .write(let buffers):
+            toClient.append(contentsOf: buffers)
+        case .writeAndClose(let bytes):
+            toClient.append(bytes)
+            serverClosed = true
+        case .transmissionStarted:
+            break
+        case .perform(let request, let data, let sparse):
+            performing.append((request, data, sparse))
+        case .close, .fatal:
+            serverClosed = true
+        }
+    }
+
+    /// A memory backend: zero runs of 4 KiB pages read back as holes when `sparse`.
+    mutating func perform(_ request: RequestHeader, data: [ByteBuffer], sparse: Bool) -> ServerReply {
+        let range = Int(request.offset)..<Int(request.offset) + Int(request.length)
+        switch request.type {
+        case .read:
+            let bytes = Array(storage[range])
+            guard sparse, bytes.count > 8192 else { return .data([.data(ByteBuffer(bytes: bytes))]) }
+            let half = bytes.count / 2
+            let firstHalfIsZero = bytes[..<half].allSatisfy { $0 == 0 }
+            if firstHalfIsZero {
+                return .data([.hole(half), .data(ByteBuffer(bytes: bytes[half...]))])
+            }
+            return .data([.data(ByteBuffer(bytes: bytes[..<half])), .data(ByteBuffer(bytes: bytes[half...]))])
+        case .write:
+            var at = range.lowerBound
+            for buffer in data {
+                storage.replaceSubrange(at..<at + buffer.readableBytes, with: buffer.readableBytesView)
+                at += buffer.readableBytes
+            }
+            return .done
+        case .writeZeroes, .trim:
+            storage.replaceSubrange(range, with: repeatElement(0, count: range.count))
+            return .done
+        case .blockStatus:
+            return .extents([BlockDescriptor(length: request.length, flags: 0)])
+        default:
+            return .done
+        }
+    }
+}
