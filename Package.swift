@@ -60,7 +60,14 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "nbd-example", dependencies: ["NBD", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]),
-        .executableTarget(name: "nbd-bench", dependencies: ["NBD", "NBDServer", .product(name: "NIOCore", package: "swift-nio")]),
+        .executableTarget(
+            name: "nbd-bench",
+            dependencies: [
+                "NBD", "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
         .testTarget(
             name: "NBDCoreTests",
             dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]

@@ -42,12 +42,9 @@ public final class FileBackend: NBDServerBackend {
         return try await blocking {
             var buffer = ByteBuffer()
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
-                var done = 0
-                while done < length {
-                    let count = pread(fd, pointer.baseAddress! + done, length - done, off_t(offset) + off_t(done))
-                    if count < 0 && errno == EINTR { continue }
-                    guard count > 0 else { throw NBDServerError(.EIO, "read failed at \(offset + UInt64(done))") }
-                    done += count
+                let room = UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length))
+                guard case .success(length) = FileIO.read(fd, into: room, at: offset) else {
+                    throw NBDServerError(.EIO, "read failed at \(offset)")
                 }
                 return length
             }
@@ -59,12 +56,8 @@ public final class FileBackend: NBDServerBackend {
         let fd = descriptor
         try await blocking {
             try data.withUnsafeReadableBytes { pointer in
-                var done = 0
-                while done < pointer.count {
-                    let count = pwrite(fd, pointer.baseAddress! + done, pointer.count - done, off_t(offset) + off_t(done))
-                    if count < 0 && errno == EINTR { continue }
-                    guard count > 0 else { throw NBDServerError(errno == ENOSPC ? .ENOSPC : .EIO, "write failed at \(offset + UInt64(done))") }
-                    done += count
+                if case .failure(let error) = FileIO.write(fd, pointer, at: offset) {
+                    throw NBDServerError(error.code == ENOSPC ? .ENOSPC : .EIO, "write failed at \(offset): \(error)")
                 }
             }
             if fua { fsync(fd) }

@@ -16,6 +16,7 @@
 import Foundation
 import NBD
 import NBDServer
+import NIOConcurrencyHelpers
 import NIOCore
 
 @main
@@ -65,10 +66,8 @@ struct Benchmark {
         }
 
         static func bytes(_ text: String) throws -> UInt64 {
-            let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
-            if let last = text.last, let unit = units[last], let number = UInt64(text.dropLast()) { return number * unit }
-            guard let number = UInt64(text) else { throw BenchError("not a size: \(text)") }
-            return number
+            guard case .success(let bytes) = ByteCount.parse(text) else { throw BenchError("not a size: \(text)") }
+            return bytes
         }
     }
 
@@ -360,9 +359,8 @@ struct Benchmark {
 }
 
 /// Hands out offsets in order to many tasks.
-final class Counter: @unchecked Sendable {
-    private let lock = NSLock()
-    private var position: UInt64 = 0
+final class Counter: Sendable {
+    private let position = NIOLockedValueBox<UInt64>(0)
     private let limit: UInt64
     private let step: UInt64
 
@@ -372,11 +370,11 @@ final class Counter: @unchecked Sendable {
     }
 
     func next() -> UInt64? {
-        lock.lock()
-        defer { lock.unlock() }
-        guard position < limit else { return nil }
-        defer { position += step }
-        return position
+        position.withLockedValue { position in
+            guard position < limit else { return nil }
+            defer { position += step }
+            return position
+        }
     }
 }
 

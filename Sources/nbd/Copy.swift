@@ -5,6 +5,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import NBD
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// `nbd copy`: copies between NBD exports, files, stdin/stdout and synthetic sources, like nbdcopy.
@@ -146,44 +147,29 @@ enum Endpoints {
     }
 }
 
-/// Byte counts with K, M, G, T suffixes.
+/// Byte counts with K, M, G, T suffixes, with the messages a person reads.
 enum Sizes {
     static func parse(_ text: String) throws -> UInt64 {
-        let units: [Character: UInt64] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40]
-        var digits = Substring(text)
-        var unit: UInt64 = 1
-        if let last = text.last, let multiplier = units[last] {
-            unit = multiplier
-            digits = text.dropLast()
+        switch ByteCount.parse(text) {
+        case .success(let bytes): return bytes
+        case .failure(.notANumber): throw CommandError("not a size: \"\(text)\" (use a number of bytes, optionally with K, M, G or T)")
+        case .failure(.tooLarge): throw CommandError("size \"\(text)\" is too large")
         }
-        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), let number = UInt64(digits) else {
-            throw CommandError("not a size: \"\(text)\" (use a number of bytes, optionally with K, M, G or T)")
-        }
-        let (bytes, overflow) = number.multipliedReportingOverflow(by: unit)
-        guard !overflow else { throw CommandError("size \"\(text)\" is too large") }
-        return bytes
     }
 }
 
 /// SIGINT: stop taking new work, let requests in flight finish.
-final class Interrupt: @unchecked Sendable {
-    private let lock = NSLock()
-    private var flag = false
-    private var handler: SignalHandler?
+final class Interrupt: Sendable {
+    private let flag = NIOLockedValueBox(false)
+    private let handler = NIOLockedValueBox<SignalHandler?>(nil)
 
     init() {
-        handler = SignalHandler([SIGINT]) { [unowned self] in self.set() }
+        handler.withLockedValue { $0 = SignalHandler([SIGINT]) { [unowned self] in self.set() } }
     }
 
     func set() {
-        lock.lock()
-        flag = true
-        lock.unlock()
+        flag.withLockedValue { $0 = true }
     }
 
-    var happened: Bool {
-        lock.lock()
-        defer { lock.unlock() }
-        return flag
-    }
+    var happened: Bool { flag.withLockedValue { $0 } }
 }

@@ -5,6 +5,7 @@ import Darwin
 #endif
 import Foundation
 import NBD
+import NBDServer
 import NIOCore
 
 /// Where `nbd copy` reads from.
@@ -179,7 +180,12 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
                 _ = CLibrary.close(fd)
                 throw CommandError("the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
             }
-            guard ftruncate(fd, off_t(size)) == 0 else {
+            // The size is the source's, which a server sends: checked before it becomes an off_t.
+            guard let length = off_t(exactly: size) else {
+                _ = CLibrary.close(fd)
+                throw CommandError("the source's size of \(size) bytes is too large for a file")
+            }
+            guard ftruncate(fd, length) == 0 else {
                 _ = CLibrary.close(fd)
                 throw CommandError("cannot extend \(path): \(String(cString: strerror(errno)))")
             }
@@ -200,14 +206,9 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         var buffer = ByteBuffer()
         var done = 0
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
-            while done < length {
-                let count = isStream
-                    ? CLibrary.read(descriptor, pointer.baseAddress! + done, length - done)
-                    : pread(descriptor, pointer.baseAddress! + done, length - done, off_t(offset) + off_t(done))
-                if count < 0 && errno == EINTR { continue }
-                guard count >= 0 else { throw CommandError("read failed: \(String(cString: strerror(errno)))") }
-                if count == 0 { break }
-                done += count
+            switch FileIO.read(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)), at: isStream ? nil : offset) {
+            case .success(let count): done = count
+            case .failure(let error): throw CommandError("read failed: \(error)")
             }
             return done
         }
@@ -215,20 +216,14 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
     }
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
-        var position = off_t(offset)
+        var position = offset
         for buffer in data {
             try buffer.withUnsafeReadableBytes { pointer in
-                var done = 0
-                while done < pointer.count {
-                    let count = isStream
-                        ? CLibrary.write(descriptor, pointer.baseAddress! + done, pointer.count - done)
-                        : pwrite(descriptor, pointer.baseAddress! + done, pointer.count - done, position + off_t(done))
-                    if count < 0 && errno == EINTR { continue }
-                    guard count > 0 else { throw CommandError("write failed: \(String(cString: strerror(errno)))") }
-                    done += count
+                if case .failure(let error) = FileIO.write(descriptor, pointer, at: isStream ? nil : position) {
+                    throw CommandError("write failed: \(error)")
                 }
             }
-            position += off_t(buffer.readableBytes)
+            position += UInt64(buffer.readableBytes)
         }
     }
 

@@ -4,18 +4,22 @@ import Glibc
 import Darwin
 #endif
 import Foundation
+import NIOConcurrencyHelpers
 
 /// Progress of a copy: a bar on a terminal, plain lines otherwise, or nbdcopy's `N/100` lines
 /// on a file descriptor.
-final class Progress: @unchecked Sendable {
+final class Progress: Sendable {
     enum Mode { case off, terminal, lines, descriptor(Int32) }
+
+    private struct State {
+        var done: UInt64 = 0
+        var lastPercent = -1
+        var lastReport = Date.distantPast
+    }
 
     private let mode: Mode
     private let total: UInt64?
-    private let lock = NSLock()
-    private var done: UInt64 = 0
-    private var lastPercent = -1
-    private var lastReport = Date.distantPast
+    private let state = NIOLockedValueBox(State())
     private let start = Date()
 
     init(_ option: String?, total: UInt64?) throws {
@@ -28,8 +32,6 @@ final class Progress: @unchecked Sendable {
     }
 
     func add(_ bytes: UInt64) {
-        lock.lock()
-        done += bytes
         let now = Date()
         let interval: TimeInterval
         switch mode {
@@ -38,18 +40,17 @@ final class Progress: @unchecked Sendable {
         case .lines: interval = 1
         case .descriptor: interval = 0
         }
-        let due = now.timeIntervalSince(lastReport) >= interval
-        if due { lastReport = now }
-        let snapshot = done
-        lock.unlock()
-        if due { report(snapshot, final: false) }
+        let due: UInt64? = state.withLockedValue { state in
+            state.done += bytes
+            guard now.timeIntervalSince(state.lastReport) >= interval else { return nil }
+            state.lastReport = now
+            return state.done
+        }
+        if let due { report(due, final: false) }
     }
 
     func finish() {
-        lock.lock()
-        let snapshot = done
-        lock.unlock()
-        report(snapshot, final: true)
+        report(state.withLockedValue { $0.done }, final: true)
     }
 
     private func report(_ done: UInt64, final: Bool) {
@@ -60,8 +61,10 @@ final class Progress: @unchecked Sendable {
         case .off:
             return
         case .descriptor(let fd):
-            guard let percent, percent != lastPercent else { return }
-            lastPercent = percent
+            guard let percent, state.withLockedValue({ state in
+                defer { state.lastPercent = percent }
+                return state.lastPercent != percent
+            }) else { return }
             let line = "\(percent)/100\n"
             _ = line.withCString { write(fd, $0, strlen($0)) }
         case .terminal:

@@ -1,0 +1,71 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Reads and writes of a file descriptor that loop over short transfers and `EINTR`: the one
+/// pread/pwrite loop of the package, used by ``FileBackend`` and by the `nbd` tool's files.
+package enum FileIO {
+    /// Reads into `room` from `offset`, or from the descriptor's position when `offset` is nil
+    /// (a pipe). Answers how many bytes were read: fewer than `room` only at the end of the
+    /// file. Fails with the C library's error number (`EOVERFLOW` for an offset past `off_t`).
+    package static func read(_ descriptor: Int32, into room: UnsafeMutableRawBufferPointer, at offset: UInt64?) -> Result<Int, FileIOError> {
+        var done = 0
+        while done < room.count {
+            let rest = UnsafeMutableRawBufferPointer(rebasing: room[done...])
+            let count: Int
+            if let offset {
+                guard let position = position(offset, done) else { return .failure(FileIOError(code: EOVERFLOW)) }
+                count = pread(descriptor, rest.baseAddress, rest.count, position)
+            } else {
+                count = CLibraryCalls.read(descriptor, rest.baseAddress, rest.count)
+            }
+            if count < 0 && errno == EINTR { continue }
+            guard count >= 0 else { return .failure(FileIOError(code: errno)) }
+            if count == 0 { break }
+            done += count
+        }
+        return .success(done)
+    }
+
+    /// Writes all of `bytes` at `offset`, or at the descriptor's position when `offset` is nil.
+    package static func write(_ descriptor: Int32, _ bytes: UnsafeRawBufferPointer, at offset: UInt64?) -> Result<Void, FileIOError> {
+        var done = 0
+        while done < bytes.count {
+            let rest = UnsafeRawBufferPointer(rebasing: bytes[done...])
+            let count: Int
+            if let offset {
+                guard let position = position(offset, done) else { return .failure(FileIOError(code: EOVERFLOW)) }
+                count = pwrite(descriptor, rest.baseAddress, rest.count, position)
+            } else {
+                count = CLibraryCalls.write(descriptor, rest.baseAddress, rest.count)
+            }
+            if count < 0 && errno == EINTR { continue }
+            guard count > 0 else { return .failure(FileIOError(code: count < 0 ? errno : EIO)) }
+            done += count
+        }
+        return .success(())
+    }
+
+    /// `offset + done` as an `off_t`, or nil when it does not fit (a peer's number, never trusted).
+    private static func position(_ offset: UInt64, _ done: Int) -> off_t? {
+        let (sum, overflow) = offset.addingReportingOverflow(UInt64(done))
+        return overflow ? nil : off_t(exactly: sum)
+    }
+}
+
+/// A C library error number from ``FileIO``, with its text.
+package struct FileIOError: Error, CustomStringConvertible {
+    package let code: Int32
+    package var description: String { String(cString: strerror(code)) }
+}
+
+/// The stream calls by names a static method of ``FileIO`` does not hide.
+private enum CLibraryCalls {
+    #if canImport(Glibc)
+    static let read = Glibc.read, write = Glibc.write
+    #else
+    static let read = Darwin.read, write = Darwin.write
+    #endif
+}
