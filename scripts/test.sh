@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole test suite, with its set-up: installs the real NBD peers the interop tests need
+# when they are missing (Debian's packages, as root), says what to install when it cannot,
+# then runs every test, one suite at a time. Extra arguments go to `swift test`
+# (for example: scripts/test.sh --filter BackToBack).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The peers, by the command each package gives.
+declare -A packages=(
+    [nbdkit]=nbdkit [qemu-nbd]=qemu-utils [nbd-server]=nbd-server
+    [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [socat]=socat
+)
+missing=()
+for command in "${!packages[@]}"; do
+    command -v "$command" >/dev/null 2>&1 || missing+=("${packages[$command]}")
+done
+# nbdsh needs the Python bindings too, which a command check does not see.
+python3 -c 'import nbd' 2>/dev/null || missing+=(python3-libnbd)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    wanted=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing the test peers: $wanted"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # shellcheck disable=SC2086
+        apt-get install -y -qq $wanted >/dev/null
+    else
+        echo "the interop tests need these Debian packages: $wanted" >&2
+        echo "install them (as root: apt-get install $wanted) and run this again" >&2
+        exit 1
+    fi
+fi
+
+# One suite at a time: dozens of real servers started at once would starve a small machine
+# and make the timing-sensitive tests (cancellation) flaky.
+exec swift test --no-parallel "$@"
