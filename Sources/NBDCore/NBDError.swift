@@ -21,14 +21,14 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
         public static let protocolViolation = Code("protocolViolation")
         /// The connection closed or failed, or was closed by this client.
         public static let connectionClosed = Code("connectionClosed")
-        /// The server is not a fixed-newstyle NBD server (oldstyle, non-fixed newstyle, not NBD).
-        public static let unsupportedServer = Code("unsupportedServer")
+        /// The peer is no server this client can use: oldstyle, non-fixed newstyle, or not NBD.
+        public static let incompatibleServer = Code("incompatibleServer")
         /// The server requires TLS, or the caller asked for TLS and the server refused it.
         public static let tlsRequired = Code("tlsRequired")
         /// The TLS handshake failed: an untrusted or expired certificate, a wrong name, ...
         public static let tlsFailed = Code("tlsFailed")
-        /// The export does not support what was asked (not advertised in its flags).
-        public static let unsupportedByServer = Code("unsupportedByServer")
+        /// The export did not advertise what was asked (a command or flag); nothing was sent.
+        public static let notAdvertised = Code("notAdvertised")
         /// The caller asked for something invalid (range, alignment, flags); nothing was sent.
         public static let invalidArgument = Code("invalidArgument")
         /// An NBD URI could not be parsed.
@@ -38,19 +38,19 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
     }
 
     /// What kind of failure this is.
-    public var code: Code
+    public let code: Code
     /// A sentence saying what failed.
-    public var message: String
+    public let message: String
     /// The server's error value for a failed command, by POSIX name.
-    public var serverErrno: NBDErrno?
+    public let serverErrno: NBDErrno?
     /// The server's `NBD_REP_ERR_*` reply for a refused option.
-    public var optionReply: OptionReplyType?
+    public let optionReply: OptionReplyType?
     /// The text the server sent with its error, if any.
-    public var serverMessage: String?
+    public let serverMessage: String?
     /// True when the connection can still be used after this error.
-    public var connectionUsable: Bool
+    public let connectionUsable: Bool
     /// The error underneath, for example the socket error.
-    public var underlying: (any Error & Sendable)?
+    public let underlying: (any Error & Sendable)?
 
     /// Makes an error; the library makes these, tests and servers may too.
     public init(
@@ -95,6 +95,6 @@ extension NBDError {
 
     /// A request for something the export did not advertise; nothing was sent.
     public static func unsupported(_ message: String) -> NBDError {
-        NBDError(.unsupportedByServer, message, connectionUsable: true)
+        NBDError(.notAdvertised, message, connectionUsable: true)
     }
 }

@@ -20,7 +20,7 @@ public struct RequestValidator: Sendable {
         self.hasMetaContexts = hasMetaContexts
     }
 
-    /// Throws an ``NBDError`` with code `invalidArgument` or `unsupportedByServer` when the
+    /// Throws an ``NBDError`` with code `invalidArgument` or `notAdvertised` when the
     /// request must not be sent. `length` is the whole range, before any splitting.
     public func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
         switch command {

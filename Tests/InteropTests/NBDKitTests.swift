@@ -101,8 +101,8 @@ struct NBDKitTests {
         let uri = try await server.nbdkit(["-r", "pattern", "16M"])
         let export = try await NBDExport.connect(to: uri)
         #expect(export.info.isReadOnly)
-        await #expect { try await export.write(pattern(512, seed: 1), at: 0) } throws: { ($0 as? NBDError)?.code == .unsupportedByServer }
-        await #expect { try await export.trim(at: 0, length: 512) } throws: { ($0 as? NBDError)?.code == .unsupportedByServer }
+        await #expect { try await export.write(pattern(512, seed: 1), at: 0) } throws: { ($0 as? NBDError)?.code == .notAdvertised }
+        await #expect { try await export.trim(at: 0, length: 512) } throws: { ($0 as? NBDError)?.code == .notAdvertised }
         // The pattern plugin: each 8-byte word holds its own offset, big-endian.
         var data = try await export.read(at: 8 << 20, length: 64)
         #expect(data.readInteger(as: UInt64.self) == 8 << 20)

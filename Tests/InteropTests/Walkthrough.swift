@@ -52,7 +52,7 @@ func walkthrough(_ server: ServerProcess, _ uri: NBDURI, listed: [String]? = nil
         let theirs = try nbdinfoMap(server, uri)
         #expect(ours == theirs)
     } else {
-        await #expect { _ = try await export.blockStatus(at: 0, length: 4096) } throws: { ($0 as? NBDError)?.code == .unsupportedByServer }
+        await #expect { _ = try await export.blockStatus(at: 0, length: 4096) } throws: { ($0 as? NBDError)?.code == .notAdvertised }
     }
     await export.disconnect()
 }

@@ -50,7 +50,7 @@ struct ClientNegotiationStateMachineTests {
             Issue.record("\(name) accepted")
             return
         }
-        #expect(error.code == .unsupportedServer && error.message.contains(name))
+        #expect(error.code == .incompatibleServer && error.message.contains(name))
     }
 
     @Test func listCollectsEveryServerReplyUntilAck() throws {

@@ -14,12 +14,12 @@ struct RequestValidatorTests {
 
     @Test func commandsNeedTheirFlag() {
         let bare = validator([])
-        #expect(code { try bare.validate(.flush, flags: [], offset: 0, length: 0) } == .unsupportedByServer)
-        #expect(code { try bare.validate(.trim, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
-        #expect(code { try bare.validate(.cache, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
-        #expect(code { try bare.validate(.writeZeroes, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
-        #expect(code { try bare.validate(.write, flags: .fua, offset: 0, length: 512) } == .unsupportedByServer)
-        #expect(code { try bare.validate(.read, flags: .dontFragment, offset: 0, length: 512) } == .unsupportedByServer)
+        #expect(code { try bare.validate(.flush, flags: [], offset: 0, length: 0) } == .notAdvertised)
+        #expect(code { try bare.validate(.trim, flags: [], offset: 0, length: 512) } == .notAdvertised)
+        #expect(code { try bare.validate(.cache, flags: [], offset: 0, length: 512) } == .notAdvertised)
+        #expect(code { try bare.validate(.writeZeroes, flags: [], offset: 0, length: 512) } == .notAdvertised)
+        #expect(code { try bare.validate(.write, flags: .fua, offset: 0, length: 512) } == .notAdvertised)
+        #expect(code { try bare.validate(.read, flags: .dontFragment, offset: 0, length: 512) } == .notAdvertised)
         let full = validator([.sendFlush, .sendTrim, .sendCache, .sendWriteZeroes, .sendFUA, .sendDF, .sendFastZero])
         #expect(code { try full.validate(.flush, flags: [], offset: 0, length: 0) } == nil)
         #expect(code { try full.validate(.trim, flags: .fua, offset: 0, length: 512) } == nil)
@@ -29,13 +29,13 @@ struct RequestValidatorTests {
 
     @Test func fastZeroNeedsItsOwnFlag() {
         let zeroes = validator([.sendWriteZeroes])
-        #expect(code { try zeroes.validate(.writeZeroes, flags: .fastZero, offset: 0, length: 512) } == .unsupportedByServer)
+        #expect(code { try zeroes.validate(.writeZeroes, flags: .fastZero, offset: 0, length: 512) } == .notAdvertised)
     }
 
     @Test func readOnlyRefusesEveryWrite() {
         let readOnly = validator([.readOnly, .sendTrim, .sendWriteZeroes])
         for command in [CommandType.write, .trim, .writeZeroes] {
-            #expect(code { try readOnly.validate(command, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
+            #expect(code { try readOnly.validate(command, flags: [], offset: 0, length: 512) } == .notAdvertised)
         }
         #expect(code { try readOnly.validate(.read, flags: [], offset: 0, length: 512) } == nil)
     }
@@ -63,8 +63,8 @@ struct RequestValidatorTests {
     }
 
     @Test func blockStatusNeedsStructuredRepliesAndAContext() {
-        #expect(code { try validator([], structured: false).validate(.blockStatus, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
-        #expect(code { try validator([], contexts: false).validate(.blockStatus, flags: [], offset: 0, length: 512) } == .unsupportedByServer)
+        #expect(code { try validator([], structured: false).validate(.blockStatus, flags: [], offset: 0, length: 512) } == .notAdvertised)
+        #expect(code { try validator([], contexts: false).validate(.blockStatus, flags: [], offset: 0, length: 512) } == .notAdvertised)
         #expect(code { try validator([]).validate(.blockStatus, flags: .requestOne, offset: 0, length: 512) } == nil)
     }
 

@@ -161,3 +161,14 @@ struct WireTests {
         #expect(NBDErrno(rawValue: 1234).isKnown == false)
     }
 }
+
+@Suite("How public values print")
+struct DescriptionTests {
+    @Test func flagsPrintByTheSpecsNames() {
+        #expect("\(HandshakeFlags([.fixedNewstyle, .noZeroes]))" == "NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES")
+        #expect("\(HandshakeFlags(rawValue: 0x8001))" == "NBD_FLAG_FIXED_NEWSTYLE | 0x8000")
+        #expect("\(HandshakeFlags())" == "none")
+        #expect("\(BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536))" == "minimum 1, preferred 4096, maximum 65536")
+        #expect("\(NBDMetaContext(id: 3, name: "base:allocation"))" == "base:allocation (id 3)")
+    }
+}

@@ -27,7 +27,7 @@ struct HostileServerTests {
             let client = Task { () -> Void in _ = try await NBDConnection.connect(to: server.address) }
             let peer = await server.nextPeer()
             try await peer.send { $0.writeString("SSH-2.0-OpenSSH_9.2\r\n\r\n") }
-            await #expect(performing: { try await client.value }, throws: code(.unsupportedServer))
+            await #expect(performing: { try await client.value }, throws: code(.incompatibleServer))
         }
     }
 
@@ -37,7 +37,7 @@ struct HostileServerTests {
             let peer = await server.nextPeer()
             try await peer.send { ServerGreeting.oldstyle.encode(into: &$0) }
             await #expect(performing: { try await client.value }, throws: { error in
-                (error as? NBDError)?.code == .unsupportedServer && "\(error)".contains("oldstyle")
+                (error as? NBDError)?.code == .incompatibleServer && "\(error)".contains("oldstyle")
             })
         }
     }
@@ -285,13 +285,13 @@ struct HostileServerTests {
             let client = Task { () -> Void in
                 let connection = try await NBDConnection.connect(to: server.address)
                 let export = try await connection.go()
-                await #expect(performing: { try await export.trim(at: 0, length: 512) }, throws: code(.unsupportedByServer))
+                await #expect(performing: { try await export.trim(at: 0, length: 512) }, throws: code(.notAdvertised))
                 await #expect(performing: { try await export.write(ByteBuffer(repeating: 1, count: 512), at: 0, flags: .fua) },
-                              throws: code(.unsupportedByServer))
+                              throws: code(.notAdvertised))
                 await #expect(performing: { _ = try await export.read(at: 1 << 20, length: 1) }, throws: code(.invalidArgument))
                 await #expect(performing: { _ = try await export.read(at: 0, length: 0) }, throws: code(.invalidArgument))
-                await #expect(performing: { _ = try await export.blockStatus(at: 0, length: 512) }, throws: code(.unsupportedByServer))
-                await #expect(performing: { try await export.cache(at: 0, length: 512) }, throws: code(.unsupportedByServer))
+                await #expect(performing: { _ = try await export.blockStatus(at: 0, length: 512) }, throws: code(.notAdvertised))
+                await #expect(performing: { try await export.cache(at: 0, length: 512) }, throws: code(.notAdvertised))
                 await export.disconnect()
             }
             let peer = await server.nextPeer()

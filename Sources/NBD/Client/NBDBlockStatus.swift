@@ -84,3 +84,27 @@ public struct NBDExtent: Hashable, Sendable {
         public static let zero = BaseAllocation(rawValue: 1 << 1)
     }
 }
+
+extension NBDExtent: CustomStringConvertible {
+    /// E.g. `0..<65536: hole, zero`.
+    public var description: String { "\(offset)..<\(offset + length): \(status)" }
+}
+
+extension NBDExtent.Status: CustomStringConvertible {
+    /// What the flags mean in their context: `data`, `hole, zero`, `dirty`, `depth 1`, ...
+    public var description: String {
+        switch self {
+        case .allocation(let flags): flags.description
+        case .dirtyBitmap(let dirty): dirty ? "dirty" : "clean"
+        case .allocationDepth(let depth): depth == 0 ? "unallocated" : "depth \(depth)"
+        case .other(let flags): "flags 0x\(String(flags, radix: 16))"
+        }
+    }
+}
+
+extension NBDExtent.BaseAllocation: CustomStringConvertible {
+    /// `data` (allocated, not known to be zero), or the flags by name: `hole, zero`.
+    public var description: String {
+        rawValue == 0 ? "data" : flagNames(rawValue, [(Self.hole.rawValue, "hole"), (Self.zero.rawValue, "zero")], separator: ", ")
+    }
+}

@@ -26,7 +26,7 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// Dials `address`, completes the fixed-newstyle handshake, and returns the connection
     /// ready for options. Oldstyle and non-fixed-newstyle servers are refused with
-    /// ``NBDError/Code-swift.struct/unsupportedServer``.
+    /// ``NBDError/Code-swift.struct/incompatibleServer``.
     ///
     /// Unless the TLS policy is `.disable`, `NBD_OPT_STARTTLS` and the TLS handshake follow on
     /// the same connection (``ClientConnectionStateMachine`` decides what a refusal means:

@@ -147,10 +147,10 @@ public struct ClientNegotiationStateMachine: Sendable {
         case .awaitingGreeting:
             guard let greeting = try ServerGreeting.decode(from: &buffer) else { return .wait }
             guard case .newstyle(let flags) = greeting else {
-                throw NBDError(.unsupportedServer, "the server speaks oldstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
+                throw NBDError(.incompatibleServer, "the server speaks oldstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
             }
             guard flags.contains(.fixedNewstyle) else {
-                throw NBDError(.unsupportedServer, "the server speaks non-fixed newstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
+                throw NBDError(.incompatibleServer, "the server speaks non-fixed newstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
             }
             serverFlags = flags
             // "NBD_FLAG_C_NO_ZEROES ... MUST NOT be set if the server did not set NBD_FLAG_NO_ZEROES."

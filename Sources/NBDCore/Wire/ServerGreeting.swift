@@ -12,12 +12,12 @@ public enum ServerGreeting: Hashable, Sendable {
     case oldstyle
 
     /// Decodes a greeting; nil when more bytes are needed.
-    /// Throws ``NBDError/Code-swift.struct/unsupportedServer`` when the peer is not NBD at all.
+    /// Throws ``NBDError/Code-swift.struct/incompatibleServer`` when the peer is not NBD at all.
     public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ServerGreeting? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> ServerGreeting? in
             guard let (password, magic) = buffer.readMultipleIntegers(as: (UInt64, UInt64).self) else { return nil }
             guard password == NBDMagic.initPassword else {
-                throw NBDError(.unsupportedServer, "the peer is not an NBD server (no NBDMAGIC greeting)", connectionUsable: false)
+                throw NBDError(.incompatibleServer, "the peer is not an NBD server (no NBDMAGIC greeting)", connectionUsable: false)
             }
             switch magic {
             case NBDMagic.haveOption:
@@ -26,7 +26,7 @@ public enum ServerGreeting: Hashable, Sendable {
             case NBDMagic.oldstyle:
                 return .oldstyle
             default:
-                throw NBDError(.unsupportedServer, "unknown NBD greeting magic 0x\(String(magic, radix: 16))", connectionUsable: false)
+                throw NBDError(.incompatibleServer, "unknown NBD greeting magic 0x\(String(magic, radix: 16))", connectionUsable: false)
             }
         }
     }
