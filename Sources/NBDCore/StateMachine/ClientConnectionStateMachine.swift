@@ -375,7 +375,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         }
     }
 
-    @usableFromInline mutating func disconnectIfIdle() {
+    @inlinable mutating func disconnectIfIdle() {
         guard disconnecting, case .transmission = phase, transmission.inFlightCount == 0, queued.isEmpty else { return }
         let header = RequestHeader(type: .disconnect, cookie: 0, offset: 0, length: 0)
         // "A client MUST NOT send anything to the server after sending an NBD_CMD_DISC command."
