@@ -437,8 +437,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                 }
             case .exportNameAccepted(let reply):
                 disarm()
-                startTransmission(ClientTransmissionStart(goReplies: nil, exportNameReply: reply, structuredReplies: false, metaContexts: []),
-                                  pending: pending)
+                startTransmission(goReplies: nil, exportNameReply: reply, pending: pending)
                 return
             case .optionCompleted(let option, let replies):
                 disarm()
@@ -462,8 +461,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                     disconnectRequested(waiter: nil)
                 }
             } else if option == .go {
-                startTransmission(ClientTransmissionStart(goReplies: replies, exportNameReply: nil, structuredReplies: false, metaContexts: []),
-                                  pending: pending)
+                startTransmission(goReplies: replies, exportNameReply: nil, pending: pending)
             } else {
                 outbox.append(.succeed(waiter, .optionReplies(replies)))
             }
@@ -503,15 +501,14 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                       serverMessage: message, connectionUsable: false))
     }
 
-    mutating func startTransmission(_ start: ClientTransmissionStart, pending: Pending?) {
+    mutating func startTransmission(goReplies: [OptionReply.Body]?, exportNameReply: ExportNameReply?, pending: Pending?) {
         guard case .option(_, let waiter) = pending else { return }
-        var start = start
         // The one metadata-context rule: see ClientNegotiationStateMachine.transmissionMetaContexts.
-        let contexts = negotiation.transmissionMetaContexts
-        start.structuredReplies = negotiation.negotiated.structuredReplies
-        start.metaContexts = contexts
+        let start = ClientTransmissionStart(goReplies: goReplies, exportNameReply: exportNameReply,
+                                            structuredReplies: negotiation.negotiated.structuredReplies,
+                                            metaContexts: negotiation.transmissionMetaContexts)
         transmission = ClientTransmissionStateMachine(configuration: .init(
-            structuredReplies: start.structuredReplies, metaContextIDs: Set(contexts.map(\.id))))
+            structuredReplies: start.structuredReplies, metaContextIDs: Set(start.metaContexts.map(\.id))))
         phase = .transmission
         // Bytes behind the reply are transmission bytes: the transmission machine judges them.
         if input.readableBytes > 0 { transmission.feed(input) }
