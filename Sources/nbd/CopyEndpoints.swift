@@ -97,19 +97,11 @@ final class NBDEndpoint: CopySource, CopyDestination {
 
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         let export = exports[0]
-        guard export.metaContexts.contains(where: { $0.name == NBDMetaContext.baseAllocation }) else { return [] }
+        guard export.hasMetaContext(NBDMetaContext.baseAllocation) else { return [] }
         var ranges: [Range<UInt64>] = []
-        var position = offset
-        let end = offset + length
-        while position < end {
-            let extents = try await export.blockStatus(at: position, length: end - position)[NBDMetaContext.baseAllocation] ?? []
-            guard let last = extents.last else { break }
-            for extent in extents {
-                guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
-                let range = max(extent.offset, offset)..<min(extent.offset + extent.length, end)
-                if !range.isEmpty { ranges.append(range) }
-            }
-            position = last.offset + last.length
+        for try await extent in export.extents(in: offset..<offset + length) {
+            guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
+            ranges.append(extent.offset..<extent.offset + extent.length)
         }
         return ranges
     }

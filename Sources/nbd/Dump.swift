@@ -35,7 +35,7 @@ struct Dump: AsyncParsableCommand {
             var dumper = HexDumper()
             var output = FileHandle.standardOutput
             let reader = AlignedReader(export: export)
-            var zeroes = ZeroExtents(export: export)
+            var zeroes = ZeroExtents(export: export, from: offset)
             var position = offset
             while position < end {
                 // Whole lines inside an area known to read as zeroes: not read at all.
@@ -124,26 +124,32 @@ struct AlignedReader: Sendable {
     }
 }
 
-/// Where the areas that read as zeroes are, from `base:allocation`, fetched as needed.
+/// Where the areas that read as zeroes are, from `base:allocation`, fetched as the dump goes.
 struct ZeroExtents {
-    let export: NBDExport
-    private var extents: [NBDExtent] = []
-    private let available: Bool
+    private var extents: NBDExtentSequence.AsyncIterator?
+    private var current: NBDExtent?
 
-    init(export: NBDExport) {
-        self.export = export
-        available = export.metaContexts.contains { $0.name == NBDMetaContext.baseAllocation }
+    /// Zero areas from `offset` on; without `base:allocation` there are none.
+    init(export: NBDExport, from offset: UInt64) {
+        let available = export.hasMetaContext(NBDMetaContext.baseAllocation)
+        extents = available ? export.extents(in: offset..<export.size).makeAsyncIterator() : nil
     }
 
     /// The end of the zero area containing `offset`, or `offset` itself when it holds data.
+    /// Offsets must not go back from one call to the next.
     mutating func end(ofZeroAreaAt offset: UInt64) async throws -> UInt64 {
-        guard available else { return offset }
-        if !extents.contains(where: { $0.offset <= offset && offset < $0.offset + $0.length }) {
-            extents = try await export.blockStatus(at: offset, length: export.size - offset)[NBDMetaContext.baseAllocation] ?? []
-        }
         var position = offset
-        for extent in extents where extent.offset + extent.length > position {
-            guard extent.offset <= position, case .allocation(let flags) = extent.status, flags.contains(.zero) else { break }
+        while extents != nil {
+            // Skip the extents behind: the dump may have read past several since the last call.
+            while current.map({ $0.offset + $0.length <= position }) ?? true {
+                guard let next = try await extents?.next() else {
+                    extents = nil
+                    return position
+                }
+                current = next
+            }
+            guard let extent = current, extent.offset <= position, case .allocation(let flags) = extent.status,
+                  flags.contains(.zero) else { break }
             position = extent.offset + extent.length
         }
         return position

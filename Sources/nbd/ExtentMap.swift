@@ -13,25 +13,15 @@ struct ExtentMap: Sendable {
     var context: String
     var extents: [Entry]
 
-    /// Walks the export with block status requests as large as the protocol allows, merging
-    /// neighbours of the same type, and clipping the last extent to the export's end.
+    /// The extents of `context` over the whole export, neighbours of the same type merged.
     static func read(_ export: NBDExport, context: String) async throws -> [Entry] {
         var entries: [Entry] = []
-        var offset: UInt64 = 0
-        while offset < export.size {
-            let status = try await export.blockStatus(at: offset, length: export.size - offset)
-            guard let extents = status[context], let last = extents.last else {
-                throw CommandError("--map: the server sent no extents for \(context) at offset \(offset)")
+        for try await extent in export.extents(of: context) {
+            if let previous = entries.last, previous.type == extent.flags, previous.offset + previous.length == extent.offset {
+                entries[entries.count - 1].length += extent.length
+            } else {
+                entries.append(Entry(offset: extent.offset, length: extent.length, type: extent.flags))
             }
-            for extent in extents where extent.offset < export.size {
-                let length = min(extent.length, export.size - extent.offset)
-                if let previous = entries.last, previous.type == extent.flags, previous.offset + previous.length == extent.offset {
-                    entries[entries.count - 1].length += length
-                } else {
-                    entries.append(Entry(offset: extent.offset, length: length, type: extent.flags))
-                }
-            }
-            offset = last.offset + last.length
         }
         return entries
     }

@@ -126,19 +126,12 @@ struct MapEntry: Decodable, Hashable {
 /// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does.
 func mapExport(_ export: NBDExport, context: String) async throws -> [MapEntry] {
     var entries: [MapEntry] = []
-    var offset: UInt64 = 0
-    while offset < export.size {
-        let status = try await export.blockStatus(at: offset, length: export.size - offset)
-        let extents = try #require(status[context])
-        for extent in extents {
-            let length = min(extent.length, export.size - extent.offset)
-            if let last = entries.last, last.type == extent.flags, last.offset + last.length == extent.offset {
-                entries[entries.count - 1].length += length
-            } else {
-                entries.append(MapEntry(offset: extent.offset, length: length, type: extent.flags))
-            }
+    for try await extent in export.extents(of: context) {
+        if let last = entries.last, last.type == extent.flags, last.offset + last.length == extent.offset {
+            entries[entries.count - 1].length += extent.length
+        } else {
+            entries.append(MapEntry(offset: extent.offset, length: extent.length, type: extent.flags))
         }
-        offset = extents.last.map { $0.offset + $0.length } ?? export.size
     }
     return entries
 }

@@ -439,4 +439,35 @@ extension HostileServerTests {
             #expect(try await client.value == expected)
         }
     }
+
+    @Test func blockStatusWithoutTheWalkedContextIsAViolationNotAHang() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                #expect(try await connection.enableStructuredReplies())
+                _ = try await connection.setMetaContexts(queries: [NBDMetaContext.baseAllocation, "qemu:dirty-bitmap:b"])
+                let export = try await connection.go()
+                for try await _ in export.extents(of: NBDMetaContext.baseAllocation) {}
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            #expect(try await peer.readOption().code == .structuredReply)
+            try await peer.reply(.structuredReply, .ack)
+            #expect(try await peer.readOption().code == .setMetaContext)
+            try await peer.reply(.setMetaContext, .metaContext(id: 1, name: NBDMetaContext.baseAllocation))
+            try await peer.reply(.setMetaContext, .metaContext(id: 2, name: "qemu:dirty-bitmap:b"))
+            try await peer.reply(.setMetaContext, .ack)
+            try await peer.acceptGo(size: 1 << 20, flags: [.hasFlags])
+            let request = try await peer.readRequest()
+            #expect(request.type == .blockStatus && request.offset == 0 && request.length == 1 << 20)
+            // An answer for the bitmap only: nothing to walk base:allocation on with.
+            try await peer.send {
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: request.cookie, length: 12)).encode(into: &$0)
+                ReplyChunk.blockStatus(contextID: 2, descriptors: [BlockDescriptor(length: 1 << 20, flags: 0)]).encode(into: &$0)
+            }
+            await #expect(performing: { try await client.value }, throws: { error in
+                (error as? NBDError)?.code == .protocolViolation && "\(error)".contains("a chunk for every negotiated context")
+            })
+        }
+    }
 }
