@@ -24,11 +24,16 @@ let package = Package(
             name: "NBDCore",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
         ),
+        // What the client and the server share about SwiftNIO's event loops.
+        .target(
+            name: "NBDEventLoop",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
         // The async/await client over SwiftNIO.
         .target(
             name: "NBD",
             dependencies: [
-                "NBDCore",
+                "NBDCore", "NBDEventLoop",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -41,7 +46,7 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "NBDCore",
+                "NBDCore", "NBDEventLoop",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -75,7 +80,7 @@ let package = Package(
         .testTarget(
             name: "NBDTests",
             dependencies: [
-                "NBD",
+                "NBD", "NBDCore",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -93,7 +98,7 @@ let package = Package(
         .testTarget(
             name: "InteropTests",
             dependencies: [
-                "NBD", "NBDServer", "nbd",
+                "NBD", "NBDCore", "NBDServer", "nbd",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -1,2 +1,15 @@
-// The wire types, state machines and errors of NBDCore are part of this library's API.
-@_exported import NBDCore
+// What users of the client need from NBDCore, by name: the errors, addresses, the export's
+// description and the flags and values its calls take. The wire types and state machines stay
+// in NBDCore (`import NBDCore` to use them, as servers and tests do).
+@_exported import struct NBDCore.BlockSizeConstraints
+@_exported import struct NBDCore.CommandFlags
+@_exported import struct NBDCore.HandshakeFlags
+@_exported import struct NBDCore.InfoType
+@_exported import enum NBDCore.NBDAddress
+@_exported import struct NBDCore.NBDErrno
+@_exported import struct NBDCore.NBDError
+@_exported import struct NBDCore.NBDExportInfo
+@_exported import struct NBDCore.NBDMetaContext
+@_exported import enum NBDCore.NBDTLSPolicy
+@_exported import struct NBDCore.OptionReplyType
+@_exported import struct NBDCore.TransmissionFlags

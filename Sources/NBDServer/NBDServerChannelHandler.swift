@@ -1,6 +1,7 @@
 import Logging
 import NIOCore
 import NBDCore
+import NBDEventLoop
 
 /// One client connection: feeds the client's bytes to a ``ServerConnectionStateMachine`` and
 /// performs what it decides; requests run concurrently, each answered as soon as its backend

@@ -264,7 +264,7 @@ struct Benchmark {
                     var buffer = ByteBuffer()
                     buffer.reserveCapacity(options.requestSize)
                     while let offset = counter.next() {
-                        let length = Int(min(UInt64(options.requestSize), options.size - offset))
+                        let length = min(UInt64(options.requestSize), options.size - offset)
                         // The data is real: a zero byte would mean a hole was read.
                         if segments {
                             let first = try await export.readSegments(at: offset, length: length)[0]

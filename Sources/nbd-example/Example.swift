@@ -53,7 +53,7 @@ struct Example {
         var data = ByteBuffer()
         for i in 0..<(1 << 20) { data.writeInteger(UInt8(truncatingIfNeeded: i &* 31 &+ 7)) }
         try await export.write(data, at: 4096)
-        let back = try await export.read(at: 4096, length: data.readableBytes)
+        let back = try await export.read(at: 4096, length: UInt64(data.readableBytes))
         guard back == data else { throw ExampleError("read back differs from what was written") }
         print("wrote and read back 1 MiB: identical")
         if export.info.canZero { try await export.writeZeroes(at: 4096, length: 65536) }
@@ -69,7 +69,7 @@ struct Example {
         print("disconnected")
         if let server {
             await server.shutdown()
-            try? FileManager.default.removeItem(atPath: uri.socket!)
+            if case .unix(let path) = uri.transport { try? FileManager.default.removeItem(atPath: path) }
         }
     }
 }

@@ -110,9 +110,9 @@ final class NBDEndpoint: CopySource, CopyDestination {
         let export = export(worker)
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
-        guard export.tlsVersion == nil else { return [try await export.read(at: offset, length: length)] }
+        guard export.tlsVersion == nil else { return [try await export.read(at: offset, length: UInt64(length))] }
         // In clear, as received: to another export or a file they go out as they came in, with no copy.
-        return try await export.readSegments(at: offset, length: length)
+        return try await export.readSegments(at: offset, length: UInt64(length))
     }
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {

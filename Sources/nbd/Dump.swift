@@ -118,7 +118,7 @@ struct AlignedReader: Sendable {
         let block = UInt64(export.info.blockSizes.minimum)
         let alignedStart = start / block * block
         let alignedEnd = min(export.size, (end + block - 1) / block * block)
-        let buffer = try await export.read(at: alignedStart, length: Int(alignedEnd - alignedStart))
+        let buffer = try await export.read(at: alignedStart, length: alignedEnd - alignedStart)
         let skip = Int(start - alignedStart)
         return Array(buffer.readableBytesView.dropFirst(skip).prefix(Int(end - start)))
     }

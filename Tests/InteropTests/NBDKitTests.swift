@@ -34,9 +34,9 @@ struct NBDKitTests {
                 var viaInto = ByteBuffer(), viaRead = ByteBuffer(), viaSegments = ByteBuffer()
                 for offset in stride(from: 0, to: 4 << 20, by: size) {
                     let at = UInt64((1 << 20) + offset)
-                    try await export.read(into: &viaInto, at: at, length: size)
-                    viaRead.writeImmutableBuffer(try await export.read(at: at, length: size))
-                    for segment in try await export.readSegments(at: at, length: size) { viaSegments.writeImmutableBuffer(segment) }
+                    try await export.read(into: &viaInto, at: at, length: UInt64(size))
+                    viaRead.writeImmutableBuffer(try await export.read(at: at, length: UInt64(size)))
+                    for segment in try await export.readSegments(at: at, length: UInt64(size)) { viaSegments.writeImmutableBuffer(segment) }
                 }
                 #expect(viaInto == large && viaRead == large && viaSegments == large, "\(size)-byte reads over \(host)")
             }
@@ -57,7 +57,7 @@ struct NBDKitTests {
         let copy = server.path("copy.raw")
         _ = try server.run("nbdcopy", [uri.description, copy])
         let expected = try Data(contentsOf: URL(fileURLWithPath: copy))
-        let actual = try await export.read(at: 0, length: Int(export.size))
+        let actual = try await export.read(at: 0, length: export.size)
         #expect(Data(actual.readableBytesView) == expected)
         await export.disconnect()
     }
@@ -114,7 +114,7 @@ struct NBDKitTests {
         defer { server.stop() }
         let uri = try await server.nbdkit(["memory", "16M"])
         let name = "swift-nbd-test-\(UUID().uuidString.prefix(8))"
-        try await server.start("socat", ["ABSTRACT-LISTEN:\(name),fork", "UNIX-CONNECT:\(uri.socket!)"])
+        try await server.start("socat", ["ABSTRACT-LISTEN:\(name),fork", "UNIX-CONNECT:\(try uri.socketPath)"])
         // socat listens a moment after it starts: try for up to 5 s.
         var connected: NBDExport?
         for _ in 0..<50 where connected == nil {

@@ -171,3 +171,13 @@ func runProcess(_ executable: String, _ arguments: [String], in directory: URL? 
     return (process.terminationStatus, data, errorText)
 }
 
+
+extension NBDURI {
+    /// The socket of a Unix URI: the tests' servers listen on one.
+    var socketPath: String {
+        get throws {
+            guard case .unix(let path) = transport else { throw InteropError("\(self) is not on a Unix socket") }
+            return path
+        }
+    }
+}

@@ -45,7 +45,7 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        let uri = try tlsURI(plain.socket!, certificates: certificates.client)
+        let uri = try tlsURI(try plain.socketPath, certificates: certificates.client)
         let connection = try await NBDConnection.connect(to: uri)
         #expect(await connection.isTLS)
         await connection.abort()
@@ -67,7 +67,7 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.other)) }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.other)) }
             throws: { ($0 as? NBDError)?.code == .tlsFailed }
     }
 
@@ -76,7 +76,7 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client, hostname: "example.com")) }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client, hostname: "example.com")) }
             throws: { ($0 as? NBDError)?.code == .tlsFailed }
     }
 
@@ -85,7 +85,7 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--verbose", "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client)) }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client)) }
             throws: { ($0 as? NBDError)?.code == .tlsRequired }
         try await Task.sleep(for: .milliseconds(200))
         let log = try String(contentsOfFile: folder.path("nbdkit.log"), encoding: .utf8)
@@ -123,7 +123,7 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeAllCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.expired, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.base.client)) }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client)) }
             throws: { ($0 as? NBDError)?.code == .tlsFailed }
     }
 
@@ -132,10 +132,10 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeAllCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-verify-peer", "--tls-certificates", certificates.base.server, "memory", "16M"])
-        let export = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.identity))
+        let export = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.identity))
         try await export.write(pattern(4096, seed: 1), at: 0)
         await export.disconnect()
-        await #expect(throws: NBDError.self) { _ = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.base.client)) }
+        await #expect(throws: NBDError.self) { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client)) }
     }
 
     @Test func qemuNbdWithX509() async throws {
@@ -159,7 +159,7 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "64M"])
-        let export = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client))
+        let export = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client))
         try await thousandRequestsFromSixteenTasks(export)
         await export.disconnect()
     }
@@ -169,7 +169,7 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        let uri = try tlsURI(plain.socket!, certificates: certificates.client).description
+        let uri = try tlsURI(try plain.socketPath, certificates: certificates.client).description
         let result = try runNBD(["info", "--json", uri])
         #expect(result.status == 0, "\(result.error)")
         #expect(result.output.contains("\"TLS\": true"))
@@ -185,7 +185,7 @@ extension TLSTests {
         try "alice:\(key)\n".write(toFile: folder.path("server.psk"), atomically: true, encoding: .utf8)
         try "alice:ff\(key.dropFirst(2))\nbob:\(key)\n".write(toFile: folder.path("wrong.psk"), atomically: true, encoding: .utf8)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-psk", folder.path("server.psk"), "memory", "16M"])
-        let socket = plain.socket!
+        let socket = try plain.socketPath
         let export = try await NBDExport.connect(to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))"))
         #expect(export.tlsVersion != nil)
         #expect(export.tlsCipherSuite?.contains("_PSK_") == true, "\(export.tlsCipherSuite ?? "none")")
@@ -208,7 +208,7 @@ extension TLSTests {
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
         // Signed by a CA we do not trust: refused unless tls-verify-peer=0.
-        let uri = try NBDURI("nbds+unix:///?socket=\(plain.socket!)&tls-certificates=\(certificates.other)&tls-verify-peer=0")
+        let uri = try NBDURI("nbds+unix:///?socket=\(try plain.socketPath)&tls-certificates=\(certificates.other)&tls-verify-peer=0")
         let export = try await NBDExport.connect(to: uri)
         #expect(export.tlsVersion != nil)
         await export.disconnect()
@@ -225,7 +225,7 @@ extension TLSTests {
         #expect(clear.info.isReadOnly)
         await clear.disconnect()
         // Required TLS reaches the disk.
-        let secure = try await NBDExport.connect(to: try tlsURI(plain.socket!, certificates: certificates.client))
+        let secure = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client))
         #expect(secure.size == 16 << 20)
         #expect(!secure.info.isReadOnly)
         await secure.disconnect()
@@ -239,7 +239,7 @@ extension TLSTests {
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
         // nbd:// with --tls-certificates: TLS required; the Unix socket needs tls-hostname.
-        let uri = "nbd+unix:///?socket=\(plain.socket!)&tls-hostname=localhost"
+        let uri = "nbd+unix:///?socket=\(try plain.socketPath)&tls-hostname=localhost"
         let result = try runNBD(["info", "--is", "tls", "--tls-certificates", certificates.client, uri])
         #expect(result.status == 0, "\(result.error)")
         let copy = try runNBD(["copy", "pattern:1M", uri, "--tls", "--tls-certificates", certificates.client])

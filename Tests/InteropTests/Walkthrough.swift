@@ -33,7 +33,7 @@ func walkthrough(_ server: ServerProcess, _ uri: NBDURI, listed: [String]? = nil
 
     let data = pattern((1 << 20) + 4096, seed: seed)
     try await export.write(data, at: 8192)
-    #expect(try await export.read(at: 8192, length: data.readableBytes) == data)
+    #expect(try await export.read(at: 8192, length: UInt64(data.readableBytes)) == data)
     if export.info.canFlush { try await export.flush() }
 
     if export.info.canZero {
@@ -70,7 +70,7 @@ func thousandRequestsFromSixteenTasks(_ export: NBDExport) async throws {
                 }
                 for round in 0..<32 {
                     let slot = task * 32 + round
-                    #expect(try await export.read(at: UInt64(slot * block), length: block) == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
+                    #expect(try await export.read(at: UInt64(slot * block), length: UInt64(block)) == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
                 }
             }
         }

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import Testing
 @testable import NBD
+import NBDCore
 
 /// Over a socket in clear the client reads READ data itself, straight into the destination
 /// (DirectRead). Scripted servers send the data in irregular pieces with pauses, so that
@@ -51,11 +52,11 @@ struct DirectReadTests {
                 let export = try await connection.go()
                 async let into: ByteBuffer = {
                     var buffer = ByteBuffer(string: "kept")
-                    try await export.read(into: &buffer, at: 0, length: Self.length)
+                    try await export.read(into: &buffer, at: 0, length: UInt64(Self.length))
                     return buffer
                 }()
-                async let fresh = export.read(at: UInt64(Self.length), length: Self.length)
-                async let segments = export.readSegments(at: UInt64(2 * Self.length), length: Self.length)
+                async let fresh = export.read(at: UInt64(Self.length), length: UInt64(Self.length))
+                async let segments = export.readSegments(at: UInt64(2 * Self.length), length: UInt64(Self.length))
                 var joined = ByteBuffer()
                 for segment in try await segments { joined.writeImmutableBuffer(segment) }
                 let results = [try await into, try await fresh, joined]
@@ -91,7 +92,7 @@ struct DirectReadTests {
                 let connection = try await NBDConnection.connect(to: server.address)
                 #expect(try await connection.enableStructuredReplies())
                 let export = try await connection.go()
-                let data = try await export.read(at: 0, length: Self.length)
+                let data = try await export.read(at: 0, length: UInt64(Self.length))
                 return (data, await export.bytesReadDirectly)
             }
             let peer = await server.nextPeer()
@@ -128,7 +129,7 @@ struct DirectReadTests {
                 let export = try await connection.go()
                 var buffer = ByteBuffer(string: "kept")
                 do {
-                    try await export.read(into: &buffer, at: 0, length: Self.length)
+                    try await export.read(into: &buffer, at: 0, length: UInt64(Self.length))
                     return nil
                 } catch {
                     #expect(buffer == ByteBuffer(string: "kept"))
@@ -157,7 +158,7 @@ struct DirectReadTests {
             try await peer.handshake()
             try await peer.acceptGo(size: 4 << 20)
             let export = try await connected.value
-            let abandoned = Task { try await export.read(at: 0, length: Self.length) }
+            let abandoned = Task { try await export.read(at: 0, length: UInt64(Self.length)) }
             let first = try await peer.readRequest()
             abandoned.cancel()
             await #expect(throws: CancellationError.self) { try await abandoned.value }
@@ -178,7 +179,7 @@ struct DirectReadTests {
                 let connection = try await NBDConnection.connect(to: server.address, configuration: configuration)
                 let export = try await connection.go()
                 var buffer = ByteBuffer()
-                try await export.read(into: &buffer, at: 0, length: Self.length)
+                try await export.read(into: &buffer, at: 0, length: UInt64(Self.length))
                 return (buffer, await export.bytesReadDirectly)
             }
             let peer = await server.nextPeer()

@@ -30,6 +30,17 @@ struct NBDURITests {
         #expect(try NBDURI("nbd://[::1]:10810/e").description == "nbd://[::1]:10810/e")
     }
 
+    @Test func transportSaysWhereTheServerIs() throws {
+        #expect(try NBDURI("nbd:///").transport == .tcp(host: nil, port: nil))
+        #expect(try NBDURI("nbds://h:99/x").transport == .tcp(host: "h", port: 99))
+        #expect(try NBDURI("nbd+unix:///e?socket=/tmp/s.sock").transport == .unix(path: "/tmp/s.sock"))
+        #expect(try NBDURI("nbd+unix:///?socket=%00abs").transport == .abstractUnix(name: "abs"))
+        #expect(try !NBDURI("nbds://h/").isUnix && NBDURI("nbds+unix:///?socket=s").isUnix)
+        let abstract = NBDURI(.abstractUnix(name: "n b"), exportName: "e")
+        #expect(abstract.description == "nbd+unix:///e?socket=%00n%20b")
+        #expect(try NBDURI(abstract.description) == abstract)
+    }
+
     @Test func unixSocketsIncludingAbstract() throws {
         #expect(try NBDURI("nbd+unix:///e?socket=/tmp/s.sock").address == .unix(path: "/tmp/s.sock"))
         #expect(try NBDURI("nbd+unix:///?socket=%00/abstract").address == .abstractUnix(name: "/abstract"))

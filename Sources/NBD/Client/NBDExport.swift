@@ -1,5 +1,6 @@
 import NIOCore
 import NBDCore
+import NBDEventLoop
 
 /// An export in the transmission phase: the only type that can read, write and query.
 ///
@@ -84,8 +85,8 @@ public final class NBDExport: Sendable {
     /// without a copy: a read of 128 KiB or more may then share storage with a receive buffer
     /// of up to 1 MiB. Holding many such buffers for long holds that memory too;
     /// ``read(into:at:length:flags:)`` fills a buffer you own instead.
-    public func read(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> ByteBuffer {
-        try validateRead(at: offset, length: length, flags: flags)
+    public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
+        let length = try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(exportOffset: offset, length: length, allocator: channel.allocator)
         _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
         return destination.take()
@@ -97,8 +98,8 @@ public final class NBDExport: Sendable {
     ///
     /// In clear, the data of a reply of 64 KiB or more is read from the socket straight into
     /// `buffer`, as libnbd does; smaller replies, and data over TLS, are copied into it once.
-    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, flags: CommandFlags = []) async throws {
-        try validateRead(at: offset, length: length, flags: flags)
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        let length = try validateRead(at: offset, length: length, flags: flags)
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
         swap(&taken, &buffer)
@@ -119,17 +120,19 @@ public final class NBDExport: Sendable {
     /// ``write(segments:at:flags:)`` of another export, a file or a socket: each piece keeps
     /// its receive buffer (256 KiB in clear, up to 1 MiB over TLS) alive, so hand them on and
     /// let them go; the connection reuses a receive buffer once nothing holds a piece of it.
-    public func readSegments(at offset: UInt64, length: Int, flags: CommandFlags = []) async throws -> [ByteBuffer] {
-        try validateRead(at: offset, length: length, flags: flags)
+    public func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> [ByteBuffer] {
+        let length = try validateRead(at: offset, length: length, flags: flags)
         let destination = ReadDestination(segmentsOf: length, exportOffset: offset)
         _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
         return destination.takeSegments()
     }
 
     /// Strict mode for the three kinds of READ: a bad one fails here and nothing is sent.
-    private func validateRead(at offset: UInt64, length: Int, flags: CommandFlags) throws {
-        guard length >= 0 else { throw NBDError.invalidArgument("read of negative length \(length)") }
-        try validator.validate(.read, flags: flags, offset: offset, length: UInt64(length))
+    /// Returns the length as a buffer size.
+    private func validateRead(at offset: UInt64, length: UInt64, flags: CommandFlags) throws -> Int {
+        try validator.validate(.read, flags: flags, offset: offset, length: length)
+        guard let size = Int(exactly: length) else { throw NBDError.invalidArgument("a read of \(length) bytes cannot fit in memory") }
+        return size
     }
 
     /// The READ requests that fill `destination`, split at the maximum payload.

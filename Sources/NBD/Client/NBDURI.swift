@@ -7,21 +7,25 @@ import NBDCore
 /// bad port is an ``NBDError`` with code `invalidURI` naming what is wrong. ``description``
 /// prints an equivalent URI back.
 public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
+    /// How the URI reaches its server: only a Unix URI has a socket, only a TCP one a host.
+    public enum Transport: Hashable, Sendable {
+        /// `nbd://host:port`: a nil host means `localhost`, a nil port 10809.
+        case tcp(host: String?, port: Int?)
+        /// `nbd+unix:///?socket=PATH`.
+        case unix(path: String)
+        /// `nbd+unix:///?socket=%00NAME`: a Linux abstract socket, named without its NUL byte.
+        case abstractUnix(name: String)
+    }
+
     /// Whether the scheme demands TLS (`nbds`, `nbds+unix`): "If encryption cannot be
     /// negotiated then the connection MUST fail."
     public var requiresTLS: Bool
-    /// True for `nbd+unix` / `nbds+unix`.
-    public var isUnix: Bool
-    /// The host for TCP (an IPv6 literal without brackets); nil means `localhost`.
-    public var host: String?
-    /// The port; nil means 10809.
-    public var port: Int?
+    /// Where the server is.
+    public var transport: Transport
     /// The URI's userinfo, a TLS-PSK user name.
     public var user: String?
     /// The export name: the path without its leading `/`, percent-decoded.
     public var exportName: String
-    /// The `socket` parameter: a Unix socket path, or an abstract name starting with NUL.
-    public var socket: String?
     /// `tls-type`: `anon`, `x509` or `psk`.
     public var tlsType: String?
     /// `tls-hostname`: the name to verify the server certificate against.
@@ -40,23 +44,27 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         "socket", "tls-type", "tls-hostname", "tls-verify-peer", "tls-certificates", "tls-psk-file", "tls-username",
     ]
 
+    /// A URI for `transport`.
+    public init(_ transport: Transport, exportName: String = "", requiresTLS: Bool = false) {
+        self.requiresTLS = requiresTLS
+        self.transport = transport
+        self.exportName = exportName
+    }
+
     /// A URI for a TCP export.
     public init(host: String, port: Int? = nil, exportName: String = "", requiresTLS: Bool = false) {
-        self.init(requiresTLS: requiresTLS, isUnix: false, exportName: exportName)
-        self.host = host
-        self.port = port
+        self.init(.tcp(host: host, port: port), exportName: exportName, requiresTLS: requiresTLS)
     }
 
     /// A URI for an export on a Unix socket.
     public init(socket: String, exportName: String = "", requiresTLS: Bool = false) {
-        self.init(requiresTLS: requiresTLS, isUnix: true, exportName: exportName)
-        self.socket = socket
+        self.init(.unix(path: socket), exportName: exportName, requiresTLS: requiresTLS)
     }
 
-    private init(requiresTLS: Bool, isUnix: Bool, exportName: String) {
-        self.requiresTLS = requiresTLS
-        self.isUnix = isUnix
-        self.exportName = exportName
+    /// True for `nbd+unix` and `nbds+unix`.
+    public var isUnix: Bool {
+        if case .tcp = transport { return false }
+        return true
     }
 
     /// Parses `string`.
@@ -64,13 +72,13 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         func bad(_ why: String) -> NBDError { NBDError(.invalidURI, "invalid NBD URI \"\(string)\": \(why)", connectionUsable: false) }
         guard let colon = string.firstIndex(of: ":") else { throw bad("no scheme") }
         let scheme = string[..<colon].lowercased()
+        let isUnix: Bool
         switch scheme {
-        case "nbd": self.init(requiresTLS: false, isUnix: false, exportName: "")
-        case "nbds": self.init(requiresTLS: true, isUnix: false, exportName: "")
-        case "nbd+unix": self.init(requiresTLS: false, isUnix: true, exportName: "")
-        case "nbds+unix": self.init(requiresTLS: true, isUnix: true, exportName: "")
+        case "nbd", "nbds": isUnix = false
+        case "nbd+unix", "nbds+unix": isUnix = true
         default: throw bad("unknown scheme \"\(scheme)\" (expected nbd, nbds, nbd+unix or nbds+unix)")
         }
+        self.init(.tcp(host: nil, port: nil), requiresTLS: scheme.hasPrefix("nbds"))
         var rest = string[string.index(after: colon)...]
         if let hash = rest.firstIndex(of: "#") { rest = rest[..<hash] }
         var query: Substring = ""
@@ -79,24 +87,28 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             rest = rest[..<mark]
         }
         var path = rest
+        var host: String?, port: Int?
         if rest.hasPrefix("//") {
             let afterSlashes = rest.dropFirst(2)
             let end = afterSlashes.firstIndex(of: "/") ?? afterSlashes.endIndex
-            try parseAuthority(afterSlashes[..<end], bad)
+            (host, port) = try parseAuthority(afterSlashes[..<end], bad)
             path = afterSlashes[end...]
         }
         guard let decodedPath = Self.percentDecode(path) else { throw bad("bad percent-encoding in the path") }
         exportName = decodedPath.hasPrefix("/") ? String(decodedPath.dropFirst()) : decodedPath
-        try parseQuery(query, bad)
+        let socket = try parseQuery(query, bad)
         if isUnix {
-            guard socket != nil else { throw bad("\(scheme) needs a socket parameter, e.g. ?socket=/tmp/nbd.sock") }
+            guard let socket else { throw bad("\(scheme) needs a socket parameter, e.g. ?socket=/tmp/nbd.sock") }
             guard host == nil, port == nil else { throw bad("a Unix socket URI must not name a host or port") }
-        } else if socket != nil {
-            throw bad("the socket parameter needs the nbd+unix or nbds+unix scheme")
+            transport = socket.hasPrefix("\0") ? .abstractUnix(name: String(socket.dropFirst())) : .unix(path: socket)
+        } else {
+            guard socket == nil else { throw bad("the socket parameter needs the nbd+unix or nbds+unix scheme") }
+            transport = .tcp(host: host, port: port)
         }
     }
 
-    private mutating func parseAuthority(_ authority: Substring, _ bad: (String) -> NBDError) throws(NBDError) {
+    private mutating func parseAuthority(_ authority: Substring, _ bad: (String) -> NBDError) throws(NBDError) -> (host: String?, port: Int?) {
+        var host: String?, port: Int?
         var hostPort = authority
         if let at = authority.lastIndex(of: "@") {
             guard let decoded = Self.percentDecode(authority[..<at]) else { throw bad("bad percent-encoding in the user") }
@@ -119,16 +131,19 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             host = String(hostPort)
         }
         if host?.isEmpty == true { host = nil }
-        if let host, let decoded = Self.percentDecode(Substring(host)) { self.host = decoded }
+        if let text = host, let decoded = Self.percentDecode(Substring(text)) { host = decoded }
         if let portText, !portText.isEmpty {
             guard portText.allSatisfy(\.isASCII), let number = Int(portText), (1...65535).contains(number) else {
                 throw bad("port \"\(portText)\" is not a number from 1 to 65535")
             }
             port = number
         }
+        return (host, port)
     }
 
-    private mutating func parseQuery(_ query: Substring, _ bad: (String) -> NBDError) throws(NBDError) {
+    /// Reads the TLS parameters into `self` and returns the `socket` parameter.
+    private mutating func parseQuery(_ query: Substring, _ bad: (String) -> NBDError) throws(NBDError) -> String? {
+        var socket: String?
         var seen: Set<String> = []
         var unknown: [String] = []
         for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
@@ -156,22 +171,30 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             }
         }
         guard unknown.isEmpty else { throw bad("unknown query parameter\(unknown.count > 1 ? "s" : "") \(unknown.joined(separator: ", "))") }
+        return socket
     }
 
     /// Where to connect.
     public var address: NBDAddress {
-        if isUnix, let socket {
-            return socket.hasPrefix("\0") ? .abstractUnix(name: String(socket.dropFirst())) : .unix(path: socket)
+        switch transport {
+        case .tcp(let host, let port): .tcp(host: host ?? "localhost", port: port ?? NBDAddress.defaultPort)
+        case .unix(let path): .unix(path: path)
+        case .abstractUnix(let name): .abstractUnix(name: name)
         }
-        return .tcp(host: host ?? "localhost", port: port ?? NBDAddress.defaultPort)
     }
 
     /// The URI as text, percent-encoded: parsing it gives back an equal ``NBDURI``.
     public var description: String {
         var text = (requiresTLS ? "nbds" : "nbd") + (isUnix ? "+unix" : "") + "://"
         if let user { text += Self.percentEncode(user, keeping: Self.subDelimiters) + "@" }
-        if let host { text += host.contains(":") ? "[\(host)]" : Self.percentEncode(host, keeping: Self.subDelimiters) }
-        if let port { text += ":\(port)" }
+        var socket: String?
+        switch transport {
+        case .tcp(let host, let port):
+            if let host { text += host.contains(":") ? "[\(host)]" : Self.percentEncode(host, keeping: Self.subDelimiters) }
+            if let port { text += ":\(port)" }
+        case .unix(let path): socket = path
+        case .abstractUnix(let name): socket = "\0" + name
+        }
         text += "/" + Self.percentEncode(exportName, keeping: Self.subDelimiters + ":@/")
         let parameters: [(String, String?)] = [
             ("socket", socket), ("tls-type", tlsType), ("tls-hostname", tlsHostname),
