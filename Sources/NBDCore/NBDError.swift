@@ -54,8 +54,13 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
 
     /// Makes an error; the library makes these, tests and servers may too.
     public init(
-        _ code: Code, _ message: String, serverErrno: NBDErrno? = nil, optionReply: OptionReplyType? = nil,
-        serverMessage: String? = nil, connectionUsable: Bool, underlying: (any Error & Sendable)? = nil
+        _ code: Code,
+        _ message: String,
+        serverErrno: NBDErrno? = nil,
+        optionReply: OptionReplyType? = nil,
+        serverMessage: String? = nil,
+        connectionUsable: Bool,
+        underlying: (any Error & Sendable)? = nil
     ) {
         self.code = code
         self.message = message

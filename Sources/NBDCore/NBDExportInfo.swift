@@ -14,7 +14,13 @@ public struct NBDExportInfo: Hashable, Sendable {
     public var advertisedBlockSizes: BlockSizeConstraints?
 
     /// A description with the given fields.
-    public init(name: String, description: String? = nil, size: UInt64, flags: TransmissionFlags, advertisedBlockSizes: BlockSizeConstraints? = nil) {
+    public init(
+        name: String,
+        description: String? = nil,
+        size: UInt64,
+        flags: TransmissionFlags,
+        advertisedBlockSizes: BlockSizeConstraints? = nil
+    ) {
         self.name = name
         self.description = description
         self.size = size

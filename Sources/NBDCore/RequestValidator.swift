@@ -38,7 +38,9 @@ public struct RequestValidator: Sendable {
             try require(.sendWriteZeroes, "NBD_FLAG_SEND_WRITE_ZEROES", for: command)
         case .blockStatus:
             guard structuredReplies, hasMetaContexts else {
-                throw .unsupported("NBD_CMD_BLOCK_STATUS needs structured replies and at least one metadata context selected with NBD_OPT_SET_META_CONTEXT")
+                throw .unsupported(
+                    "NBD_CMD_BLOCK_STATUS needs structured replies and at least one metadata context selected with NBD_OPT_SET_META_CONTEXT"
+                )
             }
         default:
             throw .invalidArgument("\(command) cannot be sent as a request here")
@@ -65,7 +67,9 @@ public struct RequestValidator: Sendable {
         guard length > 0 else { throw .invalidArgument("\(command) of length 0") }
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, end <= export.size else {
-            throw .invalidArgument("\(command) of \(length) bytes at offset \(offset) runs past the end of the export (\(export.size) bytes)")
+            throw .invalidArgument(
+                "\(command) of \(length) bytes at offset \(offset) runs past the end of the export (\(export.size) bytes)"
+            )
         }
         let minimum = UInt64(export.blockSizes.minimum)
         guard offset % minimum == 0, length % minimum == 0 || end == export.size else {

@@ -1,11 +1,12 @@
+import NBDCore
+import NIOCore
+import NIOPosix
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
-import NIOPosix
-import NBDCore
 
 /// A file or block device: reads and writes with pread/pwrite on NIO's thread pool, FLUSH as
 /// fsync, holes found with SEEK_DATA/SEEK_HOLE.
@@ -102,9 +103,11 @@ public final class FileBackend: NBDServerBackend {
         let end = min(size, offset + min(length, 1 << 30))
         return try await blocking {
             #if os(Linux)
-            let seekData: Int32 = 3, seekHole: Int32 = 4
+            let seekData: Int32 = 3
+            let seekHole: Int32 = 4
             #else
-            let seekData = SEEK_DATA, seekHole = SEEK_HOLE
+            let seekData = SEEK_DATA
+            let seekHole = SEEK_HOLE
             #endif
             var result: [BlockDescriptor] = []
             var position = offset
@@ -119,7 +122,9 @@ public final class FileBackend: NBDServerBackend {
                 }
                 let hole = lseek(fd, off_t(position), seekHole)
                 let holeStart = hole < 0 ? end : min(end, UInt64(hole))
-                result.append(BlockDescriptor(length: UInt32(min(max(holeStart, position + 1) - position, UInt64(UInt32.max) & ~4095)), flags: 0))
+                result.append(
+                    BlockDescriptor(length: UInt32(min(max(holeStart, position + 1) - position, UInt64(UInt32.max) & ~4095)), flags: 0)
+                )
                 position += UInt64(result.last!.length)
             }
             return result

@@ -10,7 +10,8 @@ package enum FileIO {
     /// Reads into `room` from `offset`, or from the descriptor's position when `offset` is nil
     /// (a pipe). Answers how many bytes were read: fewer than `room` only at the end of the
     /// file. Fails with the C library's error number (`EOVERFLOW` for an offset past `off_t`).
-    package static func read(_ descriptor: Int32, into room: UnsafeMutableRawBufferPointer, at offset: UInt64?) -> Result<Int, FileIOError> {
+    package static func read(_ descriptor: Int32, into room: UnsafeMutableRawBufferPointer, at offset: UInt64?) -> Result<Int, FileIOError>
+    {
         var done = 0
         while done < room.count {
             let rest = UnsafeMutableRawBufferPointer(rebasing: room[done...])

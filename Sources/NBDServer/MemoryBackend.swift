@@ -1,6 +1,6 @@
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
-import NBDCore
 
 /// A sparse in-memory disk: only pages that were written hold memory, so a 1 TiB export costs
 /// nothing until used. Block status reports unwritten pages as holes that read as zeroes.

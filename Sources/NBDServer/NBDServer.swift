@@ -1,8 +1,8 @@
 import Logging
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import NBDCore
 
 /// One named export and the backend that stores it.
 public struct NBDServerExport: Sendable {
@@ -68,7 +68,9 @@ public final class NBDServer: Sendable {
                 return true
             }
             if admitted {
-                channel.closeFuture.whenComplete { [self] _ in _ = channels.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) } }
+                channel.closeFuture.whenComplete { [self] _ in
+                    _ = channels.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
+                }
             }
             return admitted
         }
@@ -77,13 +79,20 @@ public final class NBDServer: Sendable {
     }
 
     /// Starts serving `exports` on `address` and returns once the socket listens.
-    public static func start(exports: [NBDServerExport], on address: NBDAddress, configuration: Configuration = Configuration()) async throws -> NBDServer {
+    public static func start(
+        exports: [NBDServerExport],
+        on address: NBDAddress,
+        configuration: Configuration = Configuration()
+    ) async throws -> NBDServer {
         let connections = Connections()
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
             // Large reads: WRITE payloads are big, and each read costs a syscall.
-            .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20))
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20)
+            )
             .childChannelInitializer { channel in
                 guard connections.admit(channel, limit: configuration.maximumConnections) else {
                     configuration.logger.warning("refusing a client: \(configuration.maximumConnections) connections are open")
@@ -91,7 +100,8 @@ public final class NBDServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger))
+                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger)
+                    )
                 }
             }
         let channel: Channel

@@ -1,5 +1,5 @@
-import NIOCore
 import NBDCore
+import NIOCore
 
 /// The storage behind an export: what `NBDServer` needs to serve it.
 ///

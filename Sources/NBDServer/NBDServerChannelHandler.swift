@@ -1,7 +1,7 @@
 import Logging
-import NIOCore
 import NBDCore
 import NBDEventLoop
+import NIOCore
 
 /// One client connection: feeds the client's bytes to a ``ServerConnectionStateMachine`` and
 /// performs what it decides; requests run concurrently, each answered as soon as its backend
@@ -22,13 +22,23 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
-                if export.backend.isReadOnly { flags.insert(.readOnly) } else { flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero]) }
+                if export.backend.isReadOnly {
+                    flags.insert(.readOnly)
+                } else {
+                    flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+                }
                 if export.backend.flushCoversAllConnections { flags.insert(.canMultiConn) }
-                return .init(name: export.name, description: export.description, size: export.backend.size, flags: flags,
-                             blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(configuration.maximumPayload)))
+                return .init(
+                    name: export.name,
+                    description: export.description,
+                    size: export.backend.size,
+                    flags: flags,
+                    blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(configuration.maximumPayload))
+                )
             },
             maximumOptionLength: configuration.maximumOptionLength,
-            limits: .init(maximumPayload: configuration.maximumPayload, maximumRequestsInFlight: configuration.maximumRequestsInFlight))
+            limits: .init(maximumPayload: configuration.maximumPayload, maximumRequestsInFlight: configuration.maximumRequestsInFlight)
+        )
         backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
         self.logger = logger
     }
@@ -82,7 +92,10 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
                 context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
             case .transmissionStarted(let agreement):
                 backend = backends[agreement.export.name]
-                logger.info("export opened", metadata: ["export": "\(agreement.export.name)", "structured": "\(agreement.structuredReplies)"])
+                logger.info(
+                    "export opened",
+                    metadata: ["export": "\(agreement.export.name)", "structured": "\(agreement.structuredReplies)"]
+                )
             case .perform(let request, let data, let sparse):
                 perform(request, data: data, sparse: sparse, context: context)
             case .close:

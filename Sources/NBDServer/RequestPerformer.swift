@@ -1,5 +1,5 @@
-import NIOCore
 import NBDCore
+import NIOCore
 
 /// Runs one request against a backend, off the event loop.
 enum RequestPerformer {
@@ -13,7 +13,12 @@ enum RequestPerformer {
         }
     }
 
-    static func perform(_ request: RequestHeader, data: [ByteBuffer], backend: any NBDServerBackend, sparse: Bool) async throws -> ServerReply {
+    static func perform(
+        _ request: RequestHeader,
+        data: [ByteBuffer],
+        backend: any NBDServerBackend,
+        sparse: Bool
+    ) async throws -> ServerReply {
         let fua = request.flags.contains(.fua)
         switch request.type {
         case .read:
@@ -33,7 +38,9 @@ enum RequestPerformer {
             break
         case .writeZeroes:
             // "MUST fail quickly with NBD_ENOTSUP unless the request can be serviced in less time than a corresponding NBD_CMD_WRITE"
-            if request.flags.contains(.fastZero), !backend.zeroIsFast { throw NBDServerError(.ENOTSUP, "zeroing is not faster than writing here") }
+            if request.flags.contains(.fastZero), !backend.zeroIsFast {
+                throw NBDServerError(.ENOTSUP, "zeroing is not faster than writing here")
+            }
             try await backend.zero(at: request.offset, length: UInt64(request.length), noHole: request.flags.contains(.noHole))
             if fua { try await backend.flush() }
         case .blockStatus:

@@ -96,7 +96,9 @@ struct Benchmark {
         configuration.maximumRequestsInFlight = options.inFlight
         // Alternate the two readers and keep each one's median, so that a disturbance of the
         // machine during one run does not decide the ratio.
-        var ours: [Run] = [], segments: [Run] = [], theirs: [Run] = []
+        var ours: [Run] = []
+        var segments: [Run] = []
+        var theirs: [Run] = []
         print("resident before reading: \(residentKiB() >> 10) MiB")
         for round in 1...options.rounds {
             ours.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: false) })
@@ -110,12 +112,22 @@ struct Benchmark {
         let mib = Double(options.size) / Double(1 << 20)
         let theirRate = mib / median(theirs.map(\.seconds))
         print("")
-        print("read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, Unix socket\(options.tls ? " with TLS" : ""), median of \(options.rounds)")
+        print(
+            "read \(Int(mib)) MiB, 1 connection, \(options.inFlight) x \(options.requestSize >> 10) KiB in flight, "
+                + "Unix socket\(options.tls ? " with TLS" : ""), median of \(options.rounds)"
+        )
         for (name, runs) in [("swift-nbd read(into:)", ours), ("swift-nbd readSegments", segments), ("nbdcopy", theirs)] {
             let rate = mib / median(runs.map(\.seconds))
-            print(name.padding(toLength: 24, withPad: " ", startingAt: 0)
-                  + String(format: "%8.1f MiB/s   CPU %5.2f s   peak RSS %6.1f MiB   ratio to nbdcopy %.2f",
-                           rate, median(runs.map(\.cpuSeconds)), Double(runs.map(\.peakKiB).max()!) / 1024, rate / theirRate))
+            print(
+                name.padding(toLength: 24, withPad: " ", startingAt: 0)
+                    + String(
+                        format: "%8.1f MiB/s   CPU %5.2f s   peak RSS %6.1f MiB   ratio to nbdcopy %.2f",
+                        rate,
+                        median(runs.map(\.cpuSeconds)),
+                        Double(runs.map(\.peakKiB).max()!) / 1024,
+                        rate / theirRate
+                    )
+            )
         }
     }
 
@@ -181,10 +193,19 @@ struct Benchmark {
                 theirs.append(try measure("nbdcopy", arguments))
             }
             let mib = Double(bytes) / Double(1 << 20)
-            let ourRate = mib / median(ours.map(\.seconds)), theirRate = mib / median(theirs.map(\.seconds))
-            print(name.padding(toLength: 28, withPad: " ", startingAt: 0)
-                  + String(format: "nbd copy %8.1f MiB/s (%3d MiB)   nbdcopy %8.1f MiB/s (%3d MiB)   ratio %.2f",
-                           ourRate, ours.map(\.peakKiB).max()! >> 10, theirRate, theirs.map(\.peakKiB).max()! >> 10, ourRate / theirRate))
+            let ourRate = mib / median(ours.map(\.seconds))
+            let theirRate = mib / median(theirs.map(\.seconds))
+            print(
+                name.padding(toLength: 28, withPad: " ", startingAt: 0)
+                    + String(
+                        format: "nbd copy %8.1f MiB/s (%3d MiB)   nbdcopy %8.1f MiB/s (%3d MiB)   ratio %.2f",
+                        ourRate,
+                        ours.map(\.peakKiB).max()! >> 10,
+                        theirRate,
+                        theirs.map(\.peakKiB).max()! >> 10,
+                        ourRate / theirRate
+                    )
+            )
         }
     }
 
@@ -195,7 +216,10 @@ struct Benchmark {
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let ourSocket = directory.appendingPathComponent("ours.sock").path
-        let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: options.size))], on: .unix(path: ourSocket))
+        let server = try await NBDServer.start(
+            exports: [NBDServerExport(backend: MemoryBackend(size: options.size))],
+            on: .unix(path: ourSocket)
+        )
         let theirSocket = directory.appendingPathComponent("nbdkit.sock").path
         let nbdkit = try await startNBDKit(socket: theirSocket, ["memory", "\(options.size)"])
         defer { kill(nbdkit.processIdentifier, SIGKILL) }
@@ -203,19 +227,24 @@ struct Benchmark {
         let patternSocket = directory.appendingPathComponent("pattern.sock").path
         let pattern = try await startNBDKit(socket: patternSocket, ["pattern", "\(options.size)"])
         defer { kill(pattern.processIdentifier, SIGKILL) }
-        let ours = NBDURI(socket: ourSocket).description, theirs = NBDURI(socket: theirSocket).description
+        let ours = NBDURI(socket: ourSocket).description
+        let theirs = NBDURI(socket: theirSocket).description
         let source = NBDURI(socket: patternSocket).description
         let mib = Double(options.size) / Double(1 << 20)
         print("nbdcopy against the built-in server and nbdkit memory, \(Int(mib)) MiB, median of \(options.rounds)")
         for (name, toOurs, toTheirs) in [("write", [source, ours], [source, theirs]), ("read", [ours, "null:"], [theirs, "null:"])] {
-            var our: [Double] = [], their: [Double] = []
+            var our: [Double] = []
+            var their: [Double] = []
             for _ in 0..<options.rounds {
                 our.append(try measure("nbdcopy", toOurs).seconds)
                 their.append(try measure("nbdcopy", toTheirs).seconds)
             }
-            let ourRate = mib / median(our), theirRate = mib / median(their)
-            print(name.padding(toLength: 8, withPad: " ", startingAt: 0)
-                  + String(format: "built-in %8.1f MiB/s   nbdkit %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate))
+            let ourRate = mib / median(our)
+            let theirRate = mib / median(their)
+            print(
+                name.padding(toLength: 8, withPad: " ", startingAt: 0)
+                    + String(format: "built-in %8.1f MiB/s   nbdkit %8.1f MiB/s   ratio %.2f", ourRate, theirRate, ourRate / theirRate)
+            )
         }
         await server.shutdown()
     }
@@ -224,12 +253,13 @@ struct Benchmark {
     static func makeCertificates(in directory: String) throws {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let script = """
-        set -e; cd '\(directory)'
-        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=bench CA" 2>/dev/null
-        openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
-        printf "subjectAltName=DNS:localhost\\n" > ext.cnf
-        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
-        """
+            set -e; cd '\(directory)'
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=bench CA" 2>/dev/null
+            openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+            printf "subjectAltName=DNS:localhost\\n" > ext.cnf
+            openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
+            """
         let process = try start("/bin/sh", ["-c", script])
         while process.isRunning { usleep(10_000) }
         guard process.terminationStatus == 0 else { throw BenchError("openssl could not make the test certificates") }
@@ -258,27 +288,29 @@ struct Benchmark {
         let counter = Counter(limit: options.size, step: UInt64(options.requestSize))
         let start = ContinuousClock.now
         try await withTaskExecutorPreference(export.taskExecutor) {
-          try await withThrowingTaskGroup(of: Void.self) { group in
-            for _ in 0..<options.inFlight {
-                group.addTask {
-                    var buffer = ByteBuffer()
-                    buffer.reserveCapacity(options.requestSize)
-                    while let offset = counter.next() {
-                        let length = min(UInt64(options.requestSize), options.size - offset)
-                        // The data is real: a zero byte would mean a hole was read.
-                        if segments {
-                            let first = try await export.readSegments(at: offset, length: length)[0]
-                            guard first.getInteger(at: first.readerIndex, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
-                        } else {
-                            buffer.clear()
-                            try await export.read(into: &buffer, at: offset, length: length)
-                            guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for _ in 0..<options.inFlight {
+                    group.addTask {
+                        var buffer = ByteBuffer()
+                        buffer.reserveCapacity(options.requestSize)
+                        while let offset = counter.next() {
+                            let length = min(UInt64(options.requestSize), options.size - offset)
+                            // The data is real: a zero byte would mean a hole was read.
+                            if segments {
+                                let first = try await export.readSegments(at: offset, length: length)[0]
+                                guard first.getInteger(at: first.readerIndex, as: UInt8.self) != 0 else {
+                                    throw BenchError("read zeroes at \(offset)")
+                                }
+                            } else {
+                                buffer.clear()
+                                try await export.read(into: &buffer, at: offset, length: length)
+                                guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                            }
                         }
                     }
                 }
+                try await group.waitForAll()
             }
-            try await group.waitForAll()
-          }
         }
         let elapsed = ContinuousClock.now - start
         await export.disconnect()

@@ -1,12 +1,13 @@
+import Foundation
+import NBD
+import NIOConcurrencyHelpers
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Foundation
-import NBD
-import NIOConcurrencyHelpers
-import NIOCore
 
 /// The copy itself: workers take pieces in order from a shared cursor (so reads stay
 /// sequential), skip what the source knows to be zero, and do not write blocks that read as zero.
@@ -74,7 +75,9 @@ final class Copier: Sendable {
     private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
         for part in piece.parts {
             if part.isZero {
-                if !destination.startsZeroed { try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker) }
+                if !destination.startsZeroed {
+                    try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker)
+                }
             } else {
                 let data = CopyData(try await source.read(at: part.range.lowerBound, length: part.range.count, worker: worker))
                 guard data.count == part.range.count else {
@@ -162,7 +165,9 @@ final class Cursor: Sendable {
                 let fetched = try await task.value
                 // Another worker may have installed this window, or moved past it, meanwhile.
                 state.withLockedValue { state in
-                    guard state.position >= start, state.position < min(size, start + Self.windowSize), !state.window.contains(state.position) else { return }
+                    guard state.position >= start, state.position < min(size, start + Self.windowSize),
+                        !state.window.contains(state.position)
+                    else { return }
                     state.zeroes = fetched
                     state.zeroIndex = 0
                     state.window = start..<min(size, start + Self.windowSize)
@@ -177,7 +182,8 @@ final class Cursor: Sendable {
         guard state.window.contains(state.position) else {
             let start = state.position
             if let fetching = state.fetching, fetching.start == start { return .wait(start: start, fetching.task) }
-            let source = self.source, length = min(size, start + Self.windowSize) - start
+            let source = self.source
+            let length = min(size, start + Self.windowSize) - start
             let task = Task { try await source.zeroRanges(from: start, length: length) }
             state.fetching = (start, task)
             return .wait(start: start, task)

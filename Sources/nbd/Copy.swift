@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import ArgumentParser
 import Dispatch
 import Foundation
 import NBD
 import NIOConcurrencyHelpers
 import NIOCore
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `nbd copy`: copies between NBD exports, files, stdin/stdout and synthetic sources, like nbdcopy.
 struct Copy: AsyncParsableCommand {
@@ -16,7 +17,8 @@ struct Copy: AsyncParsableCommand {
             SOURCE: an NBD URI, a file or block device, - (stdin), pattern:SIZE or zero:SIZE.
             DESTINATION: an NBD URI, a file or block device, - (stdout), or null: (discard).
 
-            Sparse by default: zero areas of the source (from block status) are never read, and blocks that read as zeroes are zeroed, not written. Several connections are used when the server allows multi-conn.
+            Sparse by default: zero areas of the source (from block status) are never read, and blocks that read as \
+            zeroes are zeroed, not written. Several connections are used when the server allows multi-conn.
 
             Examples:
               nbd copy nbd://localhost/disk disk.raw
@@ -39,12 +41,16 @@ struct Copy: AsyncParsableCommand {
     @Option(help: "Requests in flight per connection.")
     var requests = 64
 
-    @Option(help: ArgumentHelp("Bytes per request (K, M, G suffixes); raised to the preferred block size.", valueName: "size"),
-            transform: Sizes.parse)
+    @Option(
+        help: ArgumentHelp("Bytes per request (K, M, G suffixes); raised to the preferred block size.", valueName: "size"),
+        transform: Sizes.parse
+    )
     var requestSize: UInt64 = 256 << 10
 
-    @Option(help: ArgumentHelp("Blocks of this many zero bytes are zeroed, not written; 0 turns it off.", valueName: "bytes"),
-            transform: Sizes.parse)
+    @Option(
+        help: ArgumentHelp("Blocks of this many zero bytes are zeroed, not written; 0 turns it off.", valueName: "bytes"),
+        transform: Sizes.parse
+    )
     var sparse: UInt64 = 4096
 
     @Flag(help: "The destination already reads as zeroes: write nothing for zero areas.")
@@ -75,8 +81,14 @@ struct Copy: AsyncParsableCommand {
         let source = try await Endpoints.source(self.source, connections: connections, requests: requests, configuration: configuration)
         let destination: any CopyDestination
         do {
-            destination = try await Endpoints.destination(self.destination, size: source.size, connections: connections, requests: requests,
-                                                          destinationIsZero: destinationIsZero, configuration: configuration)
+            destination = try await Endpoints.destination(
+                self.destination,
+                size: source.size,
+                connections: connections,
+                requests: requests,
+                destinationIsZero: destinationIsZero,
+                configuration: configuration
+            )
         } catch {
             await source.close()
             throw error
@@ -86,9 +98,16 @@ struct Copy: AsyncParsableCommand {
             await destination.close()
             throw CommandError("the destination (\(available) bytes) is smaller than the source (\(needed) bytes)")
         }
-        let preferred = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports[0].info.blockSizes.preferred }.max() ?? 0
-        let copier = Copier(source: source, destination: destination, requestSize: max(requestSize, UInt64(preferred)),
-                            workers: workers(source, destination), sparse: Int(sparse), progress: try Progress(progress, total: source.size))
+        let preferred =
+            [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports[0].info.blockSizes.preferred }.max() ?? 0
+        let copier = Copier(
+            source: source,
+            destination: destination,
+            requestSize: max(requestSize, UInt64(preferred)),
+            workers: workers(source, destination),
+            sparse: Int(sparse),
+            progress: try Progress(progress, total: source.size)
+        )
         let interrupt = Interrupt()
         var failure: (any Error)?
         do {
@@ -122,9 +141,20 @@ enum Endpoints {
         return ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(text[..<colon].lowercased())
     }
 
-    static func source(_ text: String, connections: Int, requests: Int, configuration: NBDClientConfiguration) async throws -> any CopySource {
+    static func source(
+        _ text: String,
+        connections: Int,
+        requests: Int,
+        configuration: NBDClientConfiguration
+    ) async throws -> any CopySource {
         if isURI(text) {
-            return try await NBDEndpoint.open(NBDURI(text), connections: connections, requests: requests, destinationIsZero: false, configuration: configuration)
+            return try await NBDEndpoint.open(
+                NBDURI(text),
+                connections: connections,
+                requests: requests,
+                destinationIsZero: false,
+                configuration: configuration
+            )
         }
         for (prefix, zero) in [("pattern:", false), ("zero:", true)] where text.hasPrefix(prefix) {
             return SyntheticSource(size: try Sizes.parse(String(text.dropFirst(prefix.count))), isZero: zero)
@@ -134,11 +164,22 @@ enum Endpoints {
         return try FileEndpoint.source(text)
     }
 
-    static func destination(_ text: String, size: UInt64?, connections: Int, requests: Int, destinationIsZero: Bool,
-                            configuration: NBDClientConfiguration) async throws -> any CopyDestination {
+    static func destination(
+        _ text: String,
+        size: UInt64?,
+        connections: Int,
+        requests: Int,
+        destinationIsZero: Bool,
+        configuration: NBDClientConfiguration
+    ) async throws -> any CopyDestination {
         if isURI(text) {
-            return try await NBDEndpoint.open(NBDURI(text), connections: connections, requests: requests, destinationIsZero: destinationIsZero,
-                                              configuration: configuration)
+            return try await NBDEndpoint.open(
+                NBDURI(text),
+                connections: connections,
+                requests: requests,
+                destinationIsZero: destinationIsZero,
+                configuration: configuration
+            )
         }
         if text == "null:" { return NullDestination() }
         if text.hasPrefix("pattern:") || text.hasPrefix("zero:") { throw CommandError("\(text) can only be a source") }

@@ -1,9 +1,10 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
 
 /// The bytes of one read, in the buffers they arrived in (slices of an NBD connection's
 /// receive buffers, or one buffer of a file): they are passed on as they are, never gathered.
@@ -49,7 +50,8 @@ struct CopyData {
     /// while it returns true.
     private func forEachPart(of range: Range<Int>, _ body: (ByteBuffer, Range<Int>) -> Bool) {
         for (index, buffer) in buffers.enumerated() {
-            let start = starts[index], end = start + buffer.readableBytes
+            let start = starts[index]
+            let end = start + buffer.readableBytes
             guard end > range.lowerBound else { continue }
             guard start < range.upperBound else { return }
             let local = (max(range.lowerBound, start) - start)..<(min(range.upperBound, end) - start)

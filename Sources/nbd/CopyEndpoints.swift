@@ -1,12 +1,13 @@
+import Foundation
+import NBD
+import NBDServer
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Foundation
-import NBD
-import NBDServer
-import NIOCore
 
 /// Where `nbd copy` reads from.
 protocol CopySource: CopyEndpoint {
@@ -65,8 +66,13 @@ final class NBDEndpoint: CopySource, CopyDestination {
     var isSequential: Bool { false }
     var size: UInt64? { exports[0].size }
 
-    static func open(_ uri: NBDURI, connections: Int, requests: Int, destinationIsZero: Bool,
-                     configuration base: NBDClientConfiguration) async throws -> NBDEndpoint {
+    static func open(
+        _ uri: NBDURI,
+        connections: Int,
+        requests: Int,
+        destinationIsZero: Bool,
+        configuration base: NBDClientConfiguration
+    ) async throws -> NBDEndpoint {
         var configuration = base
         configuration.maximumRequestsInFlight = requests
         // Connection i of the source and of the destination share event loop i, so that a
@@ -198,7 +204,11 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         var buffer = ByteBuffer()
         var done = 0
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
-            switch FileIO.read(descriptor, into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)), at: isStream ? nil : offset) {
+            switch FileIO.read(
+                descriptor,
+                into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)),
+                at: isStream ? nil : offset
+            ) {
             case .success(let count): done = count
             case .failure(let error): throw CommandError("read failed: \(error)")
             }

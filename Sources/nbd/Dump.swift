@@ -30,7 +30,9 @@ struct Dump: AsyncParsableCommand {
     func run() async throws {
         let uri = try NBDURI(self.uri)
         try await NBDExport.withExport(uri, configuration: connection.configuration()) { export in
-            guard offset <= export.size else { throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)") }
+            guard offset <= export.size else {
+                throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)")
+            }
             let end = length.map { min(export.size, offset + $0) } ?? export.size
             var dumper = HexDumper()
             var output = FileHandle.standardOutput
@@ -98,7 +100,10 @@ struct HexDumper {
         }
         text += "|"
         for index in 0..<16 {
-            guard index < bytes.count else { text += " "; continue }
+            guard index < bytes.count else {
+                text += " "
+                continue
+            }
             let byte = bytes[index]
             text += (0x20..<0x7f).contains(byte) ? String(UnicodeScalar(byte)) : "."
         }
@@ -149,7 +154,8 @@ struct ZeroExtents {
                 current = next
             }
             guard let extent = current, extent.offset <= position, case .allocation(let flags) = extent.status,
-                  flags.contains(.zero) else { break }
+                flags.contains(.zero)
+            else { break }
             position = extent.offset + extent.length
         }
         return position

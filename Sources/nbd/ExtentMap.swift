@@ -47,9 +47,11 @@ struct ExtentMap: Sendable {
     }
 
     var json: String {
-        "[\n" + extents.map {
-            "{ \"offset\": \($0.offset), \"length\": \($0.length), \"type\": \($0.type), \"description\": \(JSON.quote(describe($0.type)))}"
-        }.joined(separator: ",\n") + "\n]\n"
+        "[\n"
+            + extents.map {
+                "{ \"offset\": \($0.offset), \"length\": \($0.length), \"type\": \($0.type), "
+                    + "\"description\": \(JSON.quote(describe($0.type)))}"
+            }.joined(separator: ",\n") + "\n]\n"
     }
 
     /// Total size of each type, in order of type.
@@ -64,8 +66,10 @@ struct ExtentMap: Sendable {
     }
 
     var totalsJSON: String {
-        "[\n" + totals.map {
-            "{ \"size\": \($0.size), \"percent\": \(String(format: "%g", $0.percent)), \"type\": \($0.type), \"description\": \(JSON.quote(describe($0.type))) }"
-        }.joined(separator: ",\n") + "\n]\n"
+        "[\n"
+            + totals.map {
+                "{ \"size\": \($0.size), \"percent\": \(String(format: "%g", $0.percent)), \"type\": \($0.type), "
+                    + "\"description\": \(JSON.quote(describe($0.type))) }"
+            }.joined(separator: ",\n") + "\n]\n"
     }
 }

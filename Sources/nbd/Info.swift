@@ -38,7 +38,10 @@ struct Info: AsyncParsableCommand {
     @Option(name: .customLong("cannot"), help: ArgumentHelp("Exit 0 if the export cannot FEATURE, 2 if it can.", valueName: "feature"))
     var cannot: String?
 
-    @Option(name: .customLong("is"), help: ArgumentHelp("Exit 0 if the export is PROPERTY (read-only, rotational, tls), 2 if not.", valueName: "property"))
+    @Option(
+        name: .customLong("is"),
+        help: ArgumentHelp("Exit 0 if the export is PROPERTY (read-only, rotational, tls), 2 if not.", valueName: "property")
+    )
     var isProperty: String?
 
     @Option(name: .customLong("isnt"), help: ArgumentHelp("Exit 0 if the export is not PROPERTY, 2 if it is.", valueName: "property"))
@@ -57,10 +60,14 @@ struct Info: AsyncParsableCommand {
         guard modes <= 1 else { throw ValidationError("choose one of --list, --size, --can, --cannot, --is, --isnt, --map") }
         guard !totals || map != nil else { throw ValidationError("--totals needs --map") }
         for feature in [can, cannot].compactMap({ $0 }) where Self.features[feature] == nil {
-            throw ValidationError("unknown feature \"\(feature)\" for --can (one of \(Self.features.keys.sorted().joined(separator: ", ")))")
+            throw ValidationError(
+                "unknown feature \"\(feature)\" for --can (one of \(Self.features.keys.sorted().joined(separator: ", ")))"
+            )
         }
         for property in [isProperty, isntProperty].compactMap({ $0 }) where Self.properties[property] == nil {
-            throw ValidationError("unknown property \"\(property)\" for --is (one of \(Self.properties.keys.sorted().joined(separator: ", ")))")
+            throw ValidationError(
+                "unknown property \"\(property)\" for --is (one of \(Self.properties.keys.sorted().joined(separator: ", ")))"
+            )
         }
     }
 

@@ -11,7 +11,8 @@ struct NBDCommand: AsyncParsableCommand {
         commandName: "nbd",
         abstract: "Network Block Device tools in Swift, in the spirit of libnbd's nbdinfo, nbdcopy and nbddump.",
         discussion: """
-            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (nbds:// and nbds+unix:// for TLS, with tls-certificates=DIR or tls-psk-file=FILE).
+            Exports are named by NBD URIs: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH (nbds:// and \
+            nbds+unix:// for TLS, with tls-certificates=DIR or tls-psk-file=FILE).
 
             Examples:
               nbd info nbd://localhost/disk
@@ -71,7 +72,13 @@ struct ConnectionOptions: ParsableArguments {
     @Flag(name: .long, help: "Require TLS, as nbds:// does.")
     var tls = false
 
-    @Option(name: .long, help: ArgumentHelp("Directory with ca-cert.pem, and client-cert.pem and client-key.pem for client authentication.", valueName: "dir"))
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "Directory with ca-cert.pem, and client-cert.pem and client-key.pem for client authentication.",
+            valueName: "dir"
+        )
+    )
     var tlsCertificates: String?
 
     @Option(name: .long, help: ArgumentHelp("TLS-PSK key file in psktool format (username:hexkey lines).", valueName: "file"))

@@ -1,15 +1,19 @@
+import Foundation
+import NIOConcurrencyHelpers
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Foundation
-import NIOConcurrencyHelpers
 
 /// Progress of a copy: a bar on a terminal, plain lines otherwise, or nbdcopy's `N/100` lines
 /// on a file descriptor.
 final class Progress: Sendable {
-    enum Mode { case off, terminal, lines, descriptor(Int32) }
+    enum Mode {
+        case off, terminal, lines
+        case descriptor(Int32)
+    }
 
     private struct State {
         var done: UInt64 = 0
@@ -61,10 +65,12 @@ final class Progress: Sendable {
         case .off:
             return
         case .descriptor(let fd):
-            guard let percent, state.withLockedValue({ state in
-                defer { state.lastPercent = percent }
-                return state.lastPercent != percent
-            }) else { return }
+            guard let percent,
+                state.withLockedValue({ state in
+                    defer { state.lastPercent = percent }
+                    return state.lastPercent != percent
+                })
+            else { return }
             let line = "\(percent)/100\n"
             _ = line.withCString { write(fd, $0, strlen($0)) }
         case .terminal:
@@ -73,7 +79,14 @@ final class Progress: Sendable {
                 let filled = percent * 30 / 100
                 let eta = rate > 0 ? Double(total - min(done, total)) / rate : 0
                 text += "[" + String(repeating: "=", count: filled) + String(repeating: " ", count: 30 - filled) + "] "
-                text += String(format: "%3d%% %@ of %@, %@/s, ETA %@", percent, Self.bytes(done), Self.bytes(total), Self.bytes(UInt64(rate)), Self.time(eta))
+                text += String(
+                    format: "%3d%% %@ of %@, %@/s, ETA %@",
+                    percent,
+                    Self.bytes(done),
+                    Self.bytes(total),
+                    Self.bytes(UInt64(rate)),
+                    Self.time(eta)
+                )
             } else {
                 text += String(format: "%@, %@/s", Self.bytes(done), Self.bytes(UInt64(rate)))
             }

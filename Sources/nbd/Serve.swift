@@ -24,8 +24,10 @@ struct Serve: AsyncParsableCommand {
     @Argument(help: "The file or block device to serve.")
     var file: String?
 
-    @Option(help: ArgumentHelp("Serve a sparse in-memory disk of this size (K, M, G, T suffixes) instead of a file.", valueName: "size"),
-            transform: Sizes.parse)
+    @Option(
+        help: ArgumentHelp("Serve a sparse in-memory disk of this size (K, M, G, T suffixes) instead of a file.", valueName: "size"),
+        transform: Sizes.parse
+    )
     var memory: UInt64?
 
     @Option(name: .customLong("export"), help: ArgumentHelp("Another export: NAME=FILE or NAME=memory:SIZE.", valueName: "name=source"))
@@ -51,7 +53,9 @@ struct Serve: AsyncParsableCommand {
 
     func validate() throws {
         guard file == nil || memory == nil else { throw ValidationError("give either a FILE or --memory SIZE, not both") }
-        guard file != nil || memory != nil || !extraExports.isEmpty else { throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE") }
+        guard file != nil || memory != nil || !extraExports.isEmpty else {
+            throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
+        }
         guard (1...65535).contains(port) else { throw ValidationError("--port must be from 1 to 65535") }
     }
 
@@ -63,10 +67,14 @@ struct Serve: AsyncParsableCommand {
             exports.append(NBDServerExport(name: name, description: description, backend: try Self.fileBackend(file, readOnly: readOnly)))
         }
         for spec in extraExports {
-            guard let equals = spec.firstIndex(of: "=") else { throw CommandError("--export \(spec): expected NAME=FILE or NAME=memory:SIZE") }
-            let exportName = String(spec[..<equals]), source = String(spec[spec.index(after: equals)...])
+            guard let equals = spec.firstIndex(of: "=") else {
+                throw CommandError("--export \(spec): expected NAME=FILE or NAME=memory:SIZE")
+            }
+            let exportName = String(spec[..<equals])
+            let source = String(spec[spec.index(after: equals)...])
             guard !exports.contains(where: { $0.name == exportName }) else { throw CommandError("two exports are named \"\(exportName)\"") }
-            let backend: any NBDServerBackend = source.hasPrefix("memory:")
+            let backend: any NBDServerBackend =
+                source.hasPrefix("memory:")
                 ? MemoryBackend(size: try Sizes.parse(String(source.dropFirst("memory:".count))), readOnly: readOnly)
                 : try Self.fileBackend(source, readOnly: readOnly)
             exports.append(NBDServerExport(name: exportName, backend: backend))

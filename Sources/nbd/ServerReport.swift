@@ -37,7 +37,11 @@ struct ServerReport: Sendable {
                 let export = try await connection.go(name)
                 let info = export.info
                 await export.disconnect()
-                return ServerReport(structuredReplies: structured, tls: tls, exports: [Export(uri: exportURI, info: info, contexts: contexts)])
+                return ServerReport(
+                    structuredReplies: structured,
+                    tls: tls,
+                    exports: [Export(uri: exportURI, info: info, contexts: contexts)]
+                )
             }
         }
         await connection.abort()
@@ -46,10 +50,12 @@ struct ServerReport: Sendable {
 
     /// nbdinfo's boolean fields, in its order.
     static func flags(_ info: NBDExportInfo) -> [(String, Bool)] {
-        [("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly), ("can_cache", info.canCache),
-         ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
-         ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_trim", info.canTrim),
-         ("can_zero", info.canZero)]
+        [
+            ("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly), ("can_cache", info.canCache),
+            ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
+            ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_trim", info.canTrim),
+            ("can_zero", info.canZero),
+        ]
     }
 
     static func blockSizes(_ info: NBDExportInfo) -> [(String, UInt32)] {

@@ -1,9 +1,10 @@
+import Dispatch
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import Dispatch
 
 /// Runs an action when one of some signals arrives (Ctrl-C, SIGTERM), instead of dying.
 final class SignalHandler: @unchecked Sendable {

@@ -18,10 +18,13 @@ struct BuiltInServerTests {
     @Test func nbdinfoSeesWhatWasWrittenAndItsHoles() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
-        let (server, socket) = try await serve(folder, [
-            NBDServerExport(name: "a", description: "first", backend: MemoryBackend(size: 64 << 20)),
-            NBDServerExport(name: "b", backend: MemoryBackend(size: 1 << 40, readOnly: true)),
-        ])
+        let (server, socket) = try await serve(
+            folder,
+            [
+                NBDServerExport(name: "a", description: "first", backend: MemoryBackend(size: 64 << 20)),
+                NBDServerExport(name: "b", backend: MemoryBackend(size: 1 << 40, readOnly: true)),
+            ]
+        )
         let uri = NBDURI(socket: socket, exportName: "a")
         let export = try await NBDExport.connect(to: uri)
         try await export.write(pattern(1 << 20, seed: 1), at: 8 << 20)
@@ -29,12 +32,17 @@ struct BuiltInServerTests {
         let list = String(decoding: try folder.run("nbdinfo", ["--list", "--json", uri.description]), as: UTF8.self)
         #expect(list.contains("\"export-name\": \"a\"") && list.contains("\"export-name\": \"b\""))
         #expect(list.contains("\"description\": \"first\""))
-        #expect(try nbdinfoMap(folder, uri) == [
-            MapEntry(offset: 0, length: 8 << 20, type: 3), MapEntry(offset: 8 << 20, length: 1 << 20, type: 0),
-            MapEntry(offset: 9 << 20, length: 55 << 20, type: 3),
-        ])
+        #expect(
+            try nbdinfoMap(folder, uri) == [
+                MapEntry(offset: 0, length: 8 << 20, type: 3), MapEntry(offset: 8 << 20, length: 1 << 20, type: 0),
+                MapEntry(offset: 9 << 20, length: 55 << 20, type: 3),
+            ]
+        )
         // 1 TiB in memory costs nothing until written.
-        let huge = String(decoding: try folder.run("nbdinfo", ["--json", NBDURI(socket: socket, exportName: "b").description]), as: UTF8.self)
+        let huge = String(
+            decoding: try folder.run("nbdinfo", ["--json", NBDURI(socket: socket, exportName: "b").description]),
+            as: UTF8.self
+        )
         #expect(huge.contains("\"export-size\": 1099511627776") && huge.contains("\"is_read_only\": true"))
         await server.shutdown()
     }
@@ -86,7 +94,10 @@ struct BuiltInServerTests {
         let folder = try ServerProcess()
         defer { folder.stop() }
         _ = try folder.run("truncate", ["-s", "32M", folder.path("disk.raw")])
-        _ = try folder.run("dd", ["if=/dev/urandom", "of=\(folder.path("disk.raw"))", "bs=1M", "seek=5", "count=2", "conv=notrunc", "status=none"])
+        _ = try folder.run(
+            "dd",
+            ["if=/dev/urandom", "of=\(folder.path("disk.raw"))", "bs=1M", "seek=5", "count=2", "conv=notrunc", "status=none"]
+        )
         let (server, socket) = try await serve(folder, [NBDServerExport(backend: try FileBackend(path: folder.path("disk.raw")))])
         let uri = NBDURI(socket: socket)
         let map = try nbdinfoMap(folder, uri)
@@ -142,8 +153,14 @@ extension BuiltInServerTests {
         try await client.enterTransmission()
         // Past the end: EINVAL. Unknown flags: EINVAL. Unknown command: EINVAL.
         #expect(try await client.request(RequestHeader(type: .read, cookie: 1, offset: 1 << 20, length: 512)) == NBDErrno.EINVAL.rawValue)
-        #expect(try await client.request(RequestHeader(flags: CommandFlags(rawValue: 0x40), type: .flush, cookie: 2, offset: 0, length: 0)) == NBDErrno.EINVAL.rawValue)
-        #expect(try await client.request(RequestHeader(type: CommandType(rawValue: 99), cookie: 3, offset: 0, length: 0)) == NBDErrno.EINVAL.rawValue)
+        #expect(
+            try await client.request(RequestHeader(flags: CommandFlags(rawValue: 0x40), type: .flush, cookie: 2, offset: 0, length: 0))
+                == NBDErrno.EINVAL.rawValue
+        )
+        #expect(
+            try await client.request(RequestHeader(type: CommandType(rawValue: 99), cookie: 3, offset: 0, length: 0))
+                == NBDErrno.EINVAL.rawValue
+        )
         // Still usable: a write and a flush succeed.
         #expect(try await client.request(RequestHeader(type: .write, cookie: 4, offset: 0, length: 4), payload: [1, 2, 3, 4]) == 0)
         #expect(try await client.request(RequestHeader(type: .flush, cookie: 5, offset: 0, length: 0)) == 0)
@@ -224,8 +241,11 @@ extension BuiltInServerTests {
         var configuration = NBDServer.Configuration()
         configuration.maximumConnections = 2
         let socket = folder.path("limited.sock")
-        let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: 1 << 20))], on: .unix(path: socket),
-                                               configuration: configuration)
+        let server = try await NBDServer.start(
+            exports: [NBDServerExport(backend: MemoryBackend(size: 1 << 20))],
+            on: .unix(path: socket),
+            configuration: configuration
+        )
         let uri = NBDURI(socket: socket)
         let first = try await NBDExport.connect(to: uri)
         let second = try await NBDExport.connect(to: uri)
@@ -251,7 +271,9 @@ extension BuiltInServerTests {
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
         let writes = Task {
             try await withThrowingTaskGroup(of: Void.self) { group in
-                for index in 0..<32 { group.addTask { try await export.write(pattern(1 << 20, seed: UInt8(index)), at: UInt64(index) << 20) } }
+                for index in 0..<32 {
+                    group.addTask { try await export.write(pattern(1 << 20, seed: UInt8(index)), at: UInt64(index) << 20) }
+                }
                 try await group.waitForAll()
             }
         }
@@ -268,22 +290,25 @@ extension BuiltInServerTests {
         defer { folder.stop() }
         let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 16 << 20))])
         let script = """
-        h.pwrite(b"A" * 65536, 1048576)
-        assert h.pread(65536, 1048576) == b"A" * 65536
-        h.zero(4096, 1048576)
-        assert h.pread(4096, 1048576) == bytes(4096)
-        h.trim(65536, 2097152)
-        h.flush()
-        seen = []
-        def extent(metacontext, offset, entries, err):
-            seen.extend(entries)
-        h.block_status(16777216, 0, extent)
-        assert seen[0] == 1048576 and seen[1] & 3 == 3, seen
-        print("ok")
-        """
+            h.pwrite(b"A" * 65536, 1048576)
+            assert h.pread(65536, 1048576) == b"A" * 65536
+            h.zero(4096, 1048576)
+            assert h.pread(4096, 1048576) == bytes(4096)
+            h.trim(65536, 2097152)
+            h.flush()
+            seen = []
+            def extent(metacontext, offset, entries, err):
+                seen.extend(entries)
+            h.block_status(16777216, 0, extent)
+            assert seen[0] == 1048576 and seen[1] & 3 == 3, seen
+            print("ok")
+            """
         let uri = NBDURI(socket: socket).description
         // nbdsh imports Debian's python3 module: Debian's python3 goes first on PATH.
-        let output = try folder.run("env", ["PATH=/usr/bin:/bin", try ServerProcess.executable("nbdsh"), "--base-allocation", "-u", uri, "-c", script])
+        let output = try folder.run(
+            "env",
+            ["PATH=/usr/bin:/bin", try ServerProcess.executable("nbdsh"), "--base-allocation", "-u", uri, "-c", script]
+        )
         #expect(String(decoding: output, as: UTF8.self).contains("ok"))
         await server.shutdown()
     }
@@ -293,8 +318,16 @@ extension BuiltInServerTests {
         defer { folder.stop() }
         let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 16 << 20))])
         let uri = NBDURI(socket: socket).description
-        let output = String(decoding: try folder.run("qemu-io", ["-f", "raw", "-c", "write -P 0x33 64k 128k", "-c", "read -P 0x33 64k 128k",
-                                                                "-c", "read -P 0 0 64k", uri]), as: UTF8.self)
+        let output = String(
+            decoding: try folder.run(
+                "qemu-io",
+                [
+                    "-f", "raw", "-c", "write -P 0x33 64k 128k", "-c", "read -P 0x33 64k 128k",
+                    "-c", "read -P 0 0 64k", uri,
+                ]
+            ),
+            as: UTF8.self
+        )
         #expect(!output.contains("fail"), "\(output)")
         #expect(output.contains("read 131072/131072 bytes"))
         await server.shutdown()
@@ -305,9 +338,15 @@ extension BuiltInServerTests {
         defer { folder.stop() }
         _ = try folder.run("truncate", ["-s", "8M", folder.path("disk.raw")])
         let socket = folder.path("serve.sock")
-        let process = try await folder.start(nbdTool, ["serve", "--memory", "16M", "--name", "a", "--description", "first",
-                                                       "--export", "b=memory:1M", "--export", "c=\(folder.path("disk.raw"))",
-                                                       "--socket", socket], waitFor: socket)
+        let process = try await folder.start(
+            nbdTool,
+            [
+                "serve", "--memory", "16M", "--name", "a", "--description", "first",
+                "--export", "b=memory:1M", "--export", "c=\(folder.path("disk.raw"))",
+                "--socket", socket,
+            ],
+            waitFor: socket
+        )
         let list = String(decoding: try folder.run("nbdinfo", ["--list", NBDURI(socket: socket).description]), as: UTF8.self)
         #expect(list.contains("export=\"a\"") && list.contains("export=\"b\"") && list.contains("export=\"c\""))
         let export = try await NBDExport.connect(to: NBDURI(socket: socket, exportName: "c"))

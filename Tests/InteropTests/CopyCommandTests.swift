@@ -23,7 +23,10 @@ struct CopyCommandTests {
     @Test func fileToNBDToFileAndNBDToNBD() async throws {
         let one = try ServerProcess()
         let two = try ServerProcess()
-        defer { one.stop(); two.stop() }
+        defer {
+            one.stop()
+            two.stop()
+        }
         let first = try await one.nbdkit(["memory", "32M"]).description
         let second = try await two.nbdkit(["memory", "32M"]).description
         let original = try makeImage(one.path("in.raw"), count: 32 << 20)
@@ -41,7 +44,8 @@ struct CopyCommandTests {
         defer { server.stop() }
         let uri = try await server.nbdkit(["memory", "8M"]).description
         let original = try makeImage(server.path("in.raw"), count: 8 << 20)
-        let shell = "'\(nbdTool)' copy - '\(uri)' < '\(server.path("in.raw"))' && '\(nbdTool)' copy '\(uri)' - > '\(server.path("out.raw"))'"
+        let shell =
+            "'\(nbdTool)' copy - '\(uri)' < '\(server.path("in.raw"))' && '\(nbdTool)' copy '\(uri)' - > '\(server.path("out.raw"))'"
         _ = try server.run("sh", ["-c", shell])
         #expect(try contents(server.path("out.raw")) == original)
     }
@@ -103,13 +107,13 @@ struct CopyCommandTests {
     }
 
     @Test(arguments: [
-        ["copy", "ftp://host/x", "null:"],                 // unknown scheme
-        ["copy", "nbd+unix:///disk", "null:"],             // missing socket parameter
-        ["copy", "pattern:-1", "null:"],                   // negative size
-        ["copy", "--frobnicate", "pattern:1M", "null:"],   // unknown flag
-        ["copy", "pattern:1M", "zero:1M"],                 // synthetic destination
-        ["copy", "null:", "pattern:1M"],                   // null: as a source
-        ["copy", "/nonexistent/file", "null:"],            // missing file
+        ["copy", "ftp://host/x", "null:"],  // unknown scheme
+        ["copy", "nbd+unix:///disk", "null:"],  // missing socket parameter
+        ["copy", "pattern:-1", "null:"],  // negative size
+        ["copy", "--frobnicate", "pattern:1M", "null:"],  // unknown flag
+        ["copy", "pattern:1M", "zero:1M"],  // synthetic destination
+        ["copy", "null:", "pattern:1M"],  // null: as a source
+        ["copy", "/nonexistent/file", "null:"],  // missing file
     ])
     func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
         let result = try runNBD(arguments)

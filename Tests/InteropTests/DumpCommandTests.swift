@@ -31,11 +31,13 @@ struct DumpCommandTests {
         let uri = try await server.nbdkit(["data", #"data=@4096 "ABCDEFGHIJKLMNOPQRSTUVWXYZ" @8192 0"#]).description
         let ours = try runNBD(["dump", "--offset", "4100", "--length", "20", uri])
         #expect(ours.status == 0)
-        #expect(ours.output == """
-            0000001004: 45 46 47 48 49 4a 4b 4c  4d 4e 4f 50 51 52 53 54 |EFGHIJKLMNOPQRST|
-            0000001014: 55 56 57 58                                      |UVWX            |
+        #expect(
+            ours.output == """
+                0000001004: 45 46 47 48 49 4a 4b 4c  4d 4e 4f 50 51 52 53 54 |EFGHIJKLMNOPQRST|
+                0000001014: 55 56 57 58                                      |UVWX            |
 
-            """)
+                """
+        )
     }
 
     @Test func offsetPastTheEndIsOneLine() async throws {

@@ -52,7 +52,11 @@ struct InfoCommandTests {
         _ = try server.run("qemu-img", ["bitmap", "--add", "disk.qcow2", "b0"])
         _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x55 2M 256k", "disk.qcow2"])
         let socket = server.path("qemu.sock")
-        try await server.start("qemu-nbd", ["-f", "qcow2", "-k", socket, "-x", "disk", "-t", "-e", "4", "-B", "b0", server.path("disk.qcow2")], waitFor: socket)
+        try await server.start(
+            "qemu-nbd",
+            ["-f", "qcow2", "-k", socket, "-x", "disk", "-t", "-e", "4", "-B", "b0", server.path("disk.qcow2")],
+            waitFor: socket
+        )
         let uri = NBDURI(socket: socket, exportName: "disk").description
         try expectSame(server, [uri])
         try expectSame(server, ["--json", uri])
@@ -96,13 +100,13 @@ struct InfoCommandTests {
     }
 
     @Test(arguments: [
-        ["info", "http://example.com/"],                  // unknown scheme
-        ["info", "nbd+unix:///disk"],                     // missing socket parameter
-        ["info", "--frobnicate", "nbd://localhost/"],     // unknown flag
-        ["info", "--can", "teleport", "nbd://localhost/"], // unknown feature
-        ["info", "--totals", "nbd://localhost/"],         // --totals without --map
-        ["info", "nbd+unix:///?socket=/nonexistent/nbd.sock"], // nothing listening
-        ["info", "--tls-psk-file", "/nonexistent.psk", "nbd+unix:///?socket=/nonexistent/s"], // no PSK file
+        ["info", "http://example.com/"],  // unknown scheme
+        ["info", "nbd+unix:///disk"],  // missing socket parameter
+        ["info", "--frobnicate", "nbd://localhost/"],  // unknown flag
+        ["info", "--can", "teleport", "nbd://localhost/"],  // unknown feature
+        ["info", "--totals", "nbd://localhost/"],  // --totals without --map
+        ["info", "nbd+unix:///?socket=/nonexistent/nbd.sock"],  // nothing listening
+        ["info", "--tls-psk-file", "/nonexistent.psk", "nbd+unix:///?socket=/nonexistent/s"],  // no PSK file
     ])
     func badCommandLinesGiveOneLineAndExitOne(arguments: [String]) throws {
         let result = try runNBD(arguments)

@@ -20,7 +20,11 @@ struct NBDKitTests {
             defer { server.stop() }
             let port = ServerProcess.freePort()
             let log = server.path("nbdkit.pid")
-            try await server.start("nbdkit", ["--foreground", "--exit-with-parent", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"], waitFor: log)
+            try await server.start(
+                "nbdkit",
+                ["--foreground", "--exit-with-parent", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"],
+                waitFor: log
+            )
             let uri = try NBDURI(host.contains(":") ? "nbd://[\(host)]:\(port)/" : "nbd://\(host):\(port)")
             let export = try await NBDExport.connect(to: uri)
             let data = pattern(65536, seed: 3)
@@ -31,7 +35,9 @@ struct NBDKitTests {
             let large = pattern(4 << 20, seed: 4)
             try await export.write(large, at: 1 << 20)
             for size in [256 << 10, 1 << 20] {
-                var viaInto = ByteBuffer(), viaRead = ByteBuffer(), viaSegments = ByteBuffer()
+                var viaInto = ByteBuffer()
+                var viaRead = ByteBuffer()
+                var viaSegments = ByteBuffer()
                 for offset in stride(from: 0, to: 4 << 20, by: size) {
                     let at = UInt64((1 << 20) + offset)
                     try await export.read(into: &viaInto, at: at, length: UInt64(size))
@@ -82,8 +88,10 @@ struct NBDKitTests {
     @Test func blockSizeConstraintsAreHonoured() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let uri = try await server.nbdkit(["--filter=blocksize-policy", "memory", "16M", "blocksize-minimum=4096",
-                                           "blocksize-preferred=65536", "blocksize-maximum=1048576", "blocksize-error-policy=error"])
+        let uri = try await server.nbdkit([
+            "--filter=blocksize-policy", "memory", "16M", "blocksize-minimum=4096",
+            "blocksize-preferred=65536", "blocksize-maximum=1048576", "blocksize-error-policy=error",
+        ])
         let export = try await NBDExport.connect(to: uri)
         #expect(export.info.advertisedBlockSizes == BlockSizeConstraints(minimum: 4096, preferred: 65536, maximum: 1 << 20))
         // Unaligned: refused locally, nothing sent.
@@ -138,12 +146,18 @@ struct NBDKitTests {
     }
 
     @Test func segmentsPassFromOneExportToAnotherAcrossRequestSplits() async throws {
-        let server = try ServerProcess(), other = try ServerProcess()
-        defer { server.stop(); other.stop() }
+        let server = try ServerProcess()
+        let other = try ServerProcess()
+        defer {
+            server.stop()
+            other.stop()
+        }
         // The destination takes at most 64 KiB per request, and errs on anything larger.
         let source = try await server.nbdkit(["memory", "16M"])
-        let destination = try await other.nbdkit(["--filter=blocksize-policy", "memory", "16M",
-                                                  "blocksize-maximum=65536", "blocksize-error-policy=error"])
+        let destination = try await other.nbdkit([
+            "--filter=blocksize-policy", "memory", "16M",
+            "blocksize-maximum=65536", "blocksize-error-policy=error",
+        ])
         let from = try await NBDExport.connect(to: source)
         let to = try await NBDExport.connect(to: destination)
         let data = pattern(3 << 20, seed: 17)
@@ -154,8 +168,10 @@ struct NBDKitTests {
         for segment in segments { joined.writeImmutableBuffer(segment) }
         #expect(joined == data)
         // Uneven pieces, cut again at 64 KiB on the way out.
-        let uneven = [data.getSlice(at: 0, length: 1000)!, data.getSlice(at: 1000, length: 200_000)!,
-                      data.getSlice(at: 201_000, length: (3 << 20) - 201_000)!]
+        let uneven = [
+            data.getSlice(at: 0, length: 1000)!, data.getSlice(at: 1000, length: 200_000)!,
+            data.getSlice(at: 201_000, length: (3 << 20) - 201_000)!,
+        ]
         try await to.write(segments: uneven, at: 4096)
         #expect(try await to.read(at: 4096, length: 3 << 20) == data)
         try await to.write(segments: segments, at: 8 << 20)

@@ -15,16 +15,16 @@ struct NBDServerTests {
         try handle.truncate(atOffset: 64 << 20)
         try handle.close()
         let config = """
-        [generic]
-            unixsock = \(socket)
-            allowlist = true
-        [disk]
-            exportname = \(image)
-            trim = true
-        [second]
-            exportname = \(image)
-            readonly = true
-        """
+            [generic]
+                unixsock = \(socket)
+                allowlist = true
+            [disk]
+                exportname = \(image)
+                trim = true
+            [second]
+                exportname = \(image)
+                readonly = true
+            """
         try config.write(toFile: server.path("config"), atomically: true, encoding: .utf8)
         try await server.start("nbd-server", ["-C", server.path("config"), "-d"], waitFor: socket, probe: false)
         let uri = NBDURI(socket: socket, exportName: "disk")

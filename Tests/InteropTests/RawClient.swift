@@ -17,10 +17,12 @@ final class RawClient: Sendable {
         channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(Collector { bytes in
-                        var bytes = bytes
-                        _ = received.withLockedValue { $0.writeBuffer(&bytes) }
-                    })
+                    try channel.pipeline.syncOperations.addHandler(
+                        Collector { bytes in
+                            var bytes = bytes
+                            _ = received.withLockedValue { $0.writeBuffer(&bytes) }
+                        }
+                    )
                 }
             }
             .connect(unixDomainSocketPath: socket).get()

@@ -155,12 +155,17 @@ func runNBD(_ arguments: [String]) throws -> (status: Int32, output: String, err
 }
 
 /// Runs a program to its end: exit status, standard output, standard error.
-func runProcess(_ executable: String, _ arguments: [String], in directory: URL? = nil) throws -> (status: Int32, output: Data, error: String) {
+func runProcess(
+    _ executable: String,
+    _ arguments: [String],
+    in directory: URL? = nil
+) throws -> (status: Int32, output: Data, error: String) {
     let process = Process()
     process.executableURL = URL(fileURLWithPath: executable)
     process.arguments = arguments
     process.currentDirectoryURL = directory
-    let output = Pipe(), error = Pipe()
+    let output = Pipe()
+    let error = Pipe()
     process.standardOutput = output
     process.standardError = error
     try process.run()
@@ -170,7 +175,6 @@ func runProcess(_ executable: String, _ arguments: [String], in directory: URL? 
     while process.isRunning { usleep(1000) }
     return (process.terminationStatus, data, errorText)
 }
-
 
 extension NBDURI {
     /// The socket of a Unix URI: the tests' servers listen on one.

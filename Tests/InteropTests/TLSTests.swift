@@ -13,25 +13,31 @@ struct TLSTests {
     }
 
     /// Also an expired server certificate (`expired/`) and a client identity (`identity/`).
-    func makeAllCertificates(_ folder: ServerProcess) throws -> (base: (server: String, client: String, other: String), expired: String, identity: String) {
+    func makeAllCertificates(
+        _ folder: ServerProcess
+    ) throws -> (base: (server: String, client: String, other: String), expired: String, identity: String) {
         let script = """
-        set -e
-        mkdir -p server client other
-        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=Test CA" 2>/dev/null
-        openssl req -newkey rsa:2048 -nodes -keyout server/server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
-        printf "subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n" > ext.cnf
-        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server/server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
-        cp ca-cert.pem server/ca-cert.pem
-        cp ca-cert.pem client/ca-cert.pem
-        openssl req -x509 -newkey rsa:2048 -nodes -keyout other-key.pem -out other/ca-cert.pem -days 2 -subj "/CN=Other CA" 2>/dev/null
-        mkdir -p expired identity
-        cp ca-cert.pem expired/ca-cert.pem
-        cp server/server-key.pem expired/server-key.pem
-        openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out expired/server-cert.pem -days -1 -extfile ext.cnf 2>/dev/null
-        cp ca-cert.pem identity/ca-cert.pem
-        openssl req -newkey rsa:2048 -nodes -keyout identity/client-key.pem -out client.csr -subj "/CN=swift-nbd test client" 2>/dev/null
-        openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out identity/client-cert.pem -days 2 2>/dev/null
-        """
+            set -e
+            mkdir -p server client other
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=Test CA" 2>/dev/null
+            openssl req -newkey rsa:2048 -nodes -keyout server/server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+            printf "subjectAltName=DNS:localhost\\nbasicConstraints=CA:FALSE\\n" > ext.cnf
+            openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out server/server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
+            cp ca-cert.pem server/ca-cert.pem
+            cp ca-cert.pem client/ca-cert.pem
+            openssl req -x509 -newkey rsa:2048 -nodes -keyout other-key.pem -out other/ca-cert.pem -days 2 -subj "/CN=Other CA" 2>/dev/null
+            mkdir -p expired identity
+            cp ca-cert.pem expired/ca-cert.pem
+            cp server/server-key.pem expired/server-key.pem
+            openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out expired/server-cert.pem -days -1 -extfile ext.cnf 2>/dev/null
+            cp ca-cert.pem identity/ca-cert.pem
+            openssl req -newkey rsa:2048 -nodes -keyout identity/client-key.pem -out client.csr \
+            -subj "/CN=swift-nbd test client" 2>/dev/null
+            openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial \
+            -out identity/client-cert.pem -days 2 2>/dev/null
+            """
         _ = try folder.run("sh", ["-c", script])
         return ((folder.path("server"), folder.path("client"), folder.path("other")), folder.path("expired"), folder.path("identity"))
     }
@@ -52,8 +58,10 @@ struct TLSTests {
         let export = try await NBDExport.connect(to: uri)
         #expect(export.tlsVersion?.hasPrefix("tlsv1") == true, "\(export.tlsVersion ?? "none")")
         // GnuTLS and BoringSSL agree on one of TLS 1.3's suites.
-        #expect(["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"].contains(export.tlsCipherSuite ?? "none"),
-                "\(export.tlsCipherSuite ?? "none")")
+        #expect(
+            ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"].contains(export.tlsCipherSuite ?? "none"),
+            "\(export.tlsCipherSuite ?? "none")"
+        )
         let data = pattern(1 << 20, seed: 21)
         try await export.write(data, at: 65536)
         #expect(try await export.read(at: 65536, length: 1 << 20) == data)
@@ -67,8 +75,9 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.other)) }
-            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.other)) } throws: {
+            ($0 as? NBDError)?.code == .tlsFailed
+        }
     }
 
     @Test func wrongHostnameIsRefused() async throws {
@@ -76,8 +85,11 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client, hostname: "example.com")) }
-            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+        await #expect {
+            _ = try await NBDExport.connect(
+                to: try tlsURI(try plain.socketPath, certificates: certificates.client, hostname: "example.com")
+            )
+        } throws: { ($0 as? NBDError)?.code == .tlsFailed }
     }
 
     @Test func requiredTLSAgainstAServerWithoutItSendsNothingInClear() async throws {
@@ -85,8 +97,9 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--verbose", "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client)) }
-            throws: { ($0 as? NBDError)?.code == .tlsRequired }
+        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client)) } throws: {
+            ($0 as? NBDError)?.code == .tlsRequired
+        }
         try await Task.sleep(for: .milliseconds(200))
         let log = try String(contentsOfFile: folder.path("nbdkit.log"), encoding: .utf8)
         #expect(log.contains("STARTTLS"))
@@ -123,19 +136,24 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeAllCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.expired, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client)) }
-            throws: { ($0 as? NBDError)?.code == .tlsFailed }
+        await #expect {
+            _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client))
+        } throws: { ($0 as? NBDError)?.code == .tlsFailed }
     }
 
     @Test func serverThatVerifiesClientsNeedsAClientCertificate() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
         let certificates = try makeAllCertificates(folder)
-        let plain = try await folder.nbdkit(["--tls=require", "--tls-verify-peer", "--tls-certificates", certificates.base.server, "memory", "16M"])
+        let plain = try await folder.nbdkit([
+            "--tls=require", "--tls-verify-peer", "--tls-certificates", certificates.base.server, "memory", "16M",
+        ])
         let export = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.identity))
         try await export.write(pattern(4096, seed: 1), at: 0)
         await export.disconnect()
-        await #expect(throws: NBDError.self) { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client)) }
+        await #expect(throws: NBDError.self) {
+            _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client))
+        }
     }
 
     @Test func qemuNbdWithX509() async throws {
@@ -144,8 +162,14 @@ extension TLSTests {
         let certificates = try makeCertificates(folder)
         _ = try folder.run("qemu-img", ["create", "-f", "raw", folder.path("disk.raw"), "16M"])
         let socket = folder.path("qemu.sock")
-        try await folder.start("qemu-nbd", ["--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=\(certificates.server)", "--tls-creds", "tls0",
-                                            "-f", "raw", "-k", socket, "-x", "disk", "-t", folder.path("disk.raw")], waitFor: socket)
+        try await folder.start(
+            "qemu-nbd",
+            [
+                "--object", "tls-creds-x509,id=tls0,endpoint=server,verify-peer=off,dir=\(certificates.server)", "--tls-creds", "tls0",
+                "-f", "raw", "-k", socket, "-x", "disk", "-t", folder.path("disk.raw"),
+            ],
+            waitFor: socket
+        )
         let uri = try NBDURI("nbds+unix:///disk?socket=\(socket)&tls-certificates=\(certificates.client)&tls-hostname=localhost")
         let export = try await NBDExport.connect(to: uri)
         let data = pattern(1 << 20, seed: 30)
@@ -186,7 +210,9 @@ extension TLSTests {
         try "alice:ff\(key.dropFirst(2))\nbob:\(key)\n".write(toFile: folder.path("wrong.psk"), atomically: true, encoding: .utf8)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-psk", folder.path("server.psk"), "memory", "16M"])
         let socket = try plain.socketPath
-        let export = try await NBDExport.connect(to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))"))
+        let export = try await NBDExport.connect(
+            to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))")
+        )
         #expect(export.tlsVersion != nil)
         #expect(export.tlsCipherSuite?.contains("_PSK_") == true, "\(export.tlsCipherSuite ?? "none")")
         let data = pattern(65536, seed: 44)
@@ -218,7 +244,9 @@ extension TLSTests {
         let folder = try ServerProcess()
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
-        let plain = try await folder.nbdkit(["--tls=on", "--tls-certificates", certificates.server, "--filter=tls-fallback", "memory", "16M"])
+        let plain = try await folder.nbdkit([
+            "--tls=on", "--tls-certificates", certificates.server, "--filter=tls-fallback", "memory", "16M",
+        ])
         // In clear, the filter answers with its small read-only notice instead of the disk.
         let clear = try await NBDExport.connect(to: plain)
         #expect(clear.size < 16 << 20)

@@ -6,8 +6,14 @@ import Testing
 /// The same walk through every phase against any writable server: handshake, LIST, INFO,
 /// structured replies, SET_META_CONTEXT, GO, write/read round trip checked by content,
 /// FLUSH, WRITE_ZEROES, TRIM, BLOCK_STATUS equal to `nbdinfo --map --json`, DISC.
-func walkthrough(_ server: ServerProcess, _ uri: NBDURI, listed: [String]? = nil, blockStatus: Bool = true,
-                 sizeInInfo: Bool = true, seed: UInt8 = 7) async throws {
+func walkthrough(
+    _ server: ServerProcess,
+    _ uri: NBDURI,
+    listed: [String]? = nil,
+    blockStatus: Bool = true,
+    sizeInInfo: Bool = true,
+    seed: UInt8 = 7
+) async throws {
     let connection = try await NBDConnection.connect(to: uri.address)
     #expect(connection.serverFlags.contains(.fixedNewstyle))
     if let listed {
@@ -70,7 +76,10 @@ func thousandRequestsFromSixteenTasks(_ export: NBDExport) async throws {
                 }
                 for round in 0..<32 {
                     let slot = task * 32 + round
-                    #expect(try await export.read(at: UInt64(slot * block), length: UInt64(block)) == pattern(block, seed: UInt8(truncatingIfNeeded: slot)))
+                    #expect(
+                        try await export.read(at: UInt64(slot * block), length: UInt64(block))
+                            == pattern(block, seed: UInt8(truncatingIfNeeded: slot))
+                    )
                 }
             }
         }

@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 @Suite("Negotiation state machine")
@@ -59,9 +60,15 @@ struct ClientNegotiationStateMachineTests {
         var buffer = ByteBuffer(bytes: reply(.list, .server(name: "a", description: "first")))
         #expect(machine.receive(&buffer) == .wait)
         buffer.writeBytes(reply(.list, .server(name: "b", description: "")) + reply(.list, .ack))
-        #expect(machine.receive(&buffer) == .optionCompleted(.list, [
-            .server(name: "a", description: "first"), .server(name: "b", description: ""), .ack,
-        ]))
+        #expect(
+            machine.receive(&buffer)
+                == .optionCompleted(
+                    .list,
+                    [
+                        .server(name: "a", description: "first"), .server(name: "b", description: ""), .ack,
+                    ]
+                )
+        )
         #expect(machine.canSendOption)
     }
 
@@ -107,7 +114,10 @@ struct ClientNegotiationStateMachineTests {
         _ = machine.receive(&buffer)
         try machine.optionSent(.go(export: "disk", requests: [.blockSize]))
         buffer.writeBytes(reply(.go, .info(.export(size: 4096, flags: [.hasFlags]))) + reply(.go, .ack))
-        guard case .optionCompleted(.go, let replies) = machine.receive(&buffer) else { Issue.record("no completion"); return }
+        guard case .optionCompleted(.go, let replies) = machine.receive(&buffer) else {
+            Issue.record("no completion")
+            return
+        }
         #expect(replies.count == 2)
         #expect(machine.isInTransmission)
         #expect(machine.transmissionMetaContexts == [NBDMetaContext(id: 42, name: "base:allocation")])

@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 @Suite("Transmission state machine")
@@ -31,7 +32,9 @@ struct ClientTransmissionStateMachineTests {
 
     func chunk(_ cookie: UInt64, _ type: ReplyChunkType, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
         encoded {
-            ReplyHeader.structured(StructuredReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, length: UInt32(payload.count))).encode(into: &$0)
+            ReplyHeader.structured(
+                StructuredReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, length: UInt32(payload.count))
+            ).encode(into: &$0)
             $0.writeBytes(payload)
         }
     }
@@ -70,11 +73,13 @@ struct ClientTransmissionStateMachineTests {
         _ = machine.startRequest(.write, offset: 0, length: 2, context: "second")
         _ = machine.startRequest(.read, offset: 10, length: 2, context: "third")
         feed(&machine, data(3, offset: 10, [9, 9]) + simple(2) + data(1, offset: 0, [7, 7]))
-        #expect(drain(&machine) == [
-            .data("third", 10, [9, 9]), .complete("third", nil),
-            .complete("second", nil),
-            .data("first", 0, [7, 7]), .complete("first", nil),
-        ])
+        #expect(
+            drain(&machine) == [
+                .data("third", 10, [9, 9]), .complete("third", nil),
+                .complete("second", nil),
+                .data("first", 0, [7, 7]), .complete("first", nil),
+            ]
+        )
         #expect(machine.inFlightCount == 0)
     }
 
@@ -133,7 +138,15 @@ struct ClientTransmissionStateMachineTests {
         var machine = Machine(configuration: .init(structuredReplies: true))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
-        let error = chunk(1, .errorOffset, encoded { $0.writeMultipleIntegers(UInt32(5), UInt16(2)); $0.writeString("io"); $0.writeInteger(UInt64(4)) })
+        let error = chunk(
+            1,
+            .errorOffset,
+            encoded {
+                $0.writeMultipleIntegers(UInt32(5), UInt16(2))
+                $0.writeString("io")
+                $0.writeInteger(UInt64(4))
+            }
+        )
         feed(&machine, error + simple(2))
         #expect(drain(&machine) == [.complete("r", .EIO), .complete("f", nil)])
         #expect(!machine.hasFailed)
@@ -164,13 +177,19 @@ struct ClientTransmissionStateMachineTests {
         var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1, 2]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 8192, context: "b")
         let first = chunk(1, .blockStatus, done: false, encoded { $0.writeMultipleIntegers(UInt32(2), UInt32(8192), UInt32(1)) })
-        let second = chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(4096), UInt32(3), UInt32(4096), UInt32(0)) })
+        let second = chunk(
+            1,
+            .blockStatus,
+            encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(4096), UInt32(3), UInt32(4096), UInt32(0)) }
+        )
         feed(&machine, first + second)
-        #expect(drain(&machine) == [
-            .status("b", 2, [BlockDescriptor(length: 8192, flags: 1)]),
-            .status("b", 1, [BlockDescriptor(length: 4096, flags: 3), BlockDescriptor(length: 4096, flags: 0)]),
-            .complete("b", nil),
-        ])
+        #expect(
+            drain(&machine) == [
+                .status("b", 2, [BlockDescriptor(length: 8192, flags: 1)]),
+                .status("b", 1, [BlockDescriptor(length: 4096, flags: 3), BlockDescriptor(length: 4096, flags: 0)]),
+                .complete("b", nil),
+            ]
+        )
     }
 
     @Test func blockStatusForAnUnknownContextIsAViolation() {
@@ -190,7 +209,10 @@ struct ClientTransmissionStateMachineTests {
     @Test func requestOneAllowsExactlyOneExtent() {
         var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
         _ = machine.startRequest(.blockStatus, flags: .requestOne, offset: 0, length: 4096, context: "b")
-        feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(0), UInt32(512), UInt32(1)) }))
+        feed(
+            &machine,
+            chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(0), UInt32(512), UInt32(1)) })
+        )
         #expect(drain(&machine) == [.fatal(["b"])])
     }
 
@@ -198,17 +220,29 @@ struct ClientTransmissionStateMachineTests {
         var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
         // Only the 20-byte header of a 2 GiB block status chunk: no waiting for 2 GiB.
-        feed(&machine, encoded { ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: 1, length: 1 << 31)).encode(into: &$0) })
+        feed(
+            &machine,
+            encoded {
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: 1, length: 1 << 31)).encode(
+                    into: &$0
+                )
+            }
+        )
         #expect(drain(&machine) == [.fatal(["b"])])
     }
 
     @Test func dataChunkLargerThanTheRequestIsRefusedFromItsHeader() {
         var machine = Machine(configuration: .init(structuredReplies: true))
         _ = machine.startRequest(.read, offset: 0, length: 512, context: "r")
-        feed(&machine, encoded {
-            ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetData, cookie: 1, length: 0xFFFF_FFF0)).encode(into: &$0)
-            $0.writeInteger(UInt64(0))
-        })
+        feed(
+            &machine,
+            encoded {
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetData, cookie: 1, length: 0xFFFF_FFF0)).encode(
+                    into: &$0
+                )
+                $0.writeInteger(UInt64(0))
+            }
+        )
         #expect(drain(&machine) == [.fatal(["r"])])
     }
 
@@ -218,8 +252,10 @@ struct ClientTransmissionStateMachineTests {
         _ = machine.startRequest(.write, offset: 0, length: 8, context: "w")
         feed(&machine, data(1, offset: 0, [1, 2, 3], done: true).dropLast(2))
         _ = drain(&machine)
-        guard case .fatal(let error, let contexts)? = machine.connectionClosed(NBDError(.connectionClosed, "gone", connectionUsable: false)) else {
-            Issue.record("no fatal action"); return
+        guard case .fatal(let error, let contexts)? = machine.connectionClosed(NBDError(.connectionClosed, "gone", connectionUsable: false))
+        else {
+            Issue.record("no fatal action")
+            return
         }
         #expect(contexts.sorted() == ["r", "w"])
         #expect(error.code == .connectionClosed)
@@ -244,7 +280,16 @@ extension ClientTransmissionStateMachineTests {
     /// Every chunk type, fed one byte at a time, gives what it gives all at once.
     @Test func everyChunkTypeDrippedGivesTheSameEvents() {
         let hole = chunk(1, .offsetHole, done: false, encoded { $0.writeMultipleIntegers(UInt64(0), UInt32(4)) })
-        let error = chunk(1, .errorOffset, done: false, encoded { $0.writeMultipleIntegers(UInt32(5), UInt16(1)); $0.writeString("e"); $0.writeInteger(UInt64(6)) })
+        let error = chunk(
+            1,
+            .errorOffset,
+            done: false,
+            encoded {
+                $0.writeMultipleIntegers(UInt32(5), UInt16(1))
+                $0.writeString("e")
+                $0.writeInteger(UInt64(6))
+            }
+        )
         let status = chunk(2, .blockStatus, done: true, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(3)) })
         let stream = hole + data(1, offset: 4, [1, 2, 3, 4], done: false) + error + status + chunk(1, .none, []) + simple(3)
         func run(_ pieces: [[UInt8]]) -> [Event] {
@@ -260,8 +305,12 @@ extension ClientTransmissionStateMachineTests {
             return events
         }
         let whole = run([stream])
-        #expect(whole == [.hole("r", 0, 4), .data("r", 4, [1, 2, 3, 4]), .status("b", 1, [BlockDescriptor(length: 512, flags: 3)]),
-                          .complete("b", nil), .complete("r", .EIO), .complete("f", nil)])
+        #expect(
+            whole == [
+                .hole("r", 0, 4), .data("r", 4, [1, 2, 3, 4]), .status("b", 1, [BlockDescriptor(length: 512, flags: 3)]),
+                .complete("b", nil), .complete("r", .EIO), .complete("f", nil),
+            ]
+        )
         // Data comes in smaller slices when dripped; everything else is identical.
         var merged: [Event] = []
         for event in run(stream.map { [$0] }) {
@@ -338,4 +387,3 @@ extension ClientTransmissionStateMachineTests {
         #expect(drain(&machine) == [.complete("f", nil), .data("r", 0, [8, 9]), .complete("r", nil)])
     }
 }
-

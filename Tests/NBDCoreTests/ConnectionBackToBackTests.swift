@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 /// The client and server connection machines run back to back in memory, as swift-nio-ssh
@@ -15,13 +16,20 @@ struct ConnectionBackToBackTests {
             if case .server(let name, _) = reply { name } else { nil }
         }
         #expect(listing == ["disk", "ro"])
-        let info = try NBDExportInfo(requestedName: "disk", replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize])))
+        let info = try NBDExportInfo(
+            requestedName: "disk",
+            replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize]))
+        )
         #expect(info.size == Pair.size && info.description == "scratch" && info.blockSizes.maximum == 1 << 20)
         if structured {
             #expect(try pair.option(.structuredReply) == [.ack])
             let listed = try pair.option(.listMetaContext(export: "disk", queries: []))
             #expect(listed == [.metaContext(id: 0, name: "base:allocation"), .ack])
-            #expect(try pair.option(.setMetaContext(export: "disk", queries: ["base:allocation"])) == [.metaContext(id: 1, name: "base:allocation"), .ack])
+            #expect(
+                try pair.option(.setMetaContext(export: "disk", queries: ["base:allocation"])) == [
+                    .metaContext(id: 1, name: "base:allocation"), .ack,
+                ]
+            )
         }
         let start = try pair.go("disk")
         #expect(start.structuredReplies == structured)
@@ -51,7 +59,10 @@ struct ConnectionBackToBackTests {
         try pair.settle()
         for read in reads {
             #expect(read.error == nil)
-            #expect(Array(read.data.readableBytesView) == Array(model[Int(read.offset)..<Int(read.offset) + Int(read.length)]), "read at \(read.offset)")
+            #expect(
+                Array(read.data.readableBytesView) == Array(model[Int(read.offset)..<Int(read.offset) + Int(read.length)]),
+                "read at \(read.offset)"
+            )
         }
         if structured {
             let status = pair.submit(.blockStatus, offset: 0, length: UInt32(Pair.size))
@@ -125,7 +136,10 @@ struct ConnectionBackToBackTests {
         #expect(pair.serverClosed && pair.clientClosed)
         pair.client.channelClosed()
         try pair.settle()
-        if case .disconnected? = waiter.outcome {} else { Issue.record("the disconnect was not answered: \(String(describing: waiter.outcome))") }
+        if case .disconnected? = waiter.outcome {
+        } else {
+            Issue.record("the disconnect was not answered: \(String(describing: waiter.outcome))")
+        }
     }
 
     @Test(arguments: [NBDTLSPolicy.require, .allow])
@@ -139,7 +153,10 @@ struct ConnectionBackToBackTests {
             #expect(handshake.error?.code == .tlsRequired)
             #expect(pair.clientClosed)
         default:
-            guard case .connected? = handshake.outcome else { Issue.record("not connected in clear"); return }
+            guard case .connected? = handshake.outcome else {
+                Issue.record("not connected in clear")
+                return
+            }
             #expect(!pair.clientClosed)
         }
     }
@@ -157,7 +174,8 @@ struct ConnectionBackToBackTests {
     @Test func aRequestWhileAnOptionIsPendingIsRefusedAndNothingIsSent() throws {
         var pair = Pair(seed: 11)
         try pair.connect()
-        let first = Pair.Waiter(), second = Pair.Waiter()
+        let first = Pair.Waiter()
+        let second = Pair.Waiter()
         pair.client.optionRequested(.list, waiter: first)
         pair.client.optionRequested(.structuredReply, waiter: second)
         try pair.settle()
@@ -210,15 +228,25 @@ struct Pair {
     init(seed: UInt64, maximumInFlight: Int = 64, tlsPolicy: NBDTLSPolicy = .disable, serverSilent: Bool = false) {
         generator = seed
         self.serverSilent = serverSilent
-        client = ClientConnectionStateMachine(configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy), handshakeWaiter: handshake)
+        client = ClientConnectionStateMachine(
+            configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy),
+            handshakeWaiter: handshake
+        )
         let blockSizes = BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 1 << 20)
         server = ServerConnectionStateMachine(
             exports: [
-                .init(name: "disk", description: "scratch", size: Pair.size,
-                      flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache], blockSizes: blockSizes),
+                .init(
+                    name: "disk",
+                    description: "scratch",
+                    size: Pair.size,
+                    flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendCache],
+                    blockSizes: blockSizes
+                ),
                 .init(name: "ro", size: Pair.size, flags: [.hasFlags, .readOnly], blockSizes: blockSizes),
             ],
-            maximumOptionLength: 4096, limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16))
+            maximumOptionLength: 4096,
+            limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16)
+        )
         client.channelActive()
         if !serverSilent { server.channelActive() }
     }
@@ -234,7 +262,9 @@ struct Pair {
 
     mutating func connect() throws {
         try settle()
-        guard case .connected? = handshake.outcome else { throw NBDError.invalidArgument("no handshake: \(String(describing: handshake.error))") }
+        guard case .connected? = handshake.outcome else {
+            throw NBDError.invalidArgument("no handshake: \(String(describing: handshake.error))")
+        }
     }
 
     mutating func option(_ option: OptionRequest) throws -> [OptionReply.Body] {
@@ -253,7 +283,9 @@ struct Pair {
         let waiter = Waiter()
         client.optionRequested(.go(export: name, requests: [.blockSize]), waiter: waiter)
         try settle()
-        guard case .transmissionStarted(let start)? = waiter.outcome else { throw waiter.error ?? NBDError.invalidArgument("GO unanswered") }
+        guard case .transmissionStarted(let start)? = waiter.outcome else {
+            throw waiter.error ?? NBDError.invalidArgument("GO unanswered")
+        }
         return start
     }
 

@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 /// Random bytes from a hostile server never crash the parsers: each ends in a wait or an error.
@@ -16,7 +17,8 @@ struct GarbageTests {
     /// Mostly valid prefixes with random tails, so the parsers get past their magics.
     func garbage(_ generator: inout Generator, prefix: [UInt8]) -> [UInt8] {
         let count = Int.random(in: 0...64, using: &generator)
-        return prefix.prefix(Int.random(in: 0...prefix.count, using: &generator)) + (0..<count).map { _ in UInt8.random(in: 0...255, using: &generator) }
+        return prefix.prefix(Int.random(in: 0...prefix.count, using: &generator))
+            + (0..<count).map { _ in UInt8.random(in: 0...255, using: &generator) }
     }
 
     @Test func negotiationSurvivesGarbage() {
@@ -35,7 +37,10 @@ struct GarbageTests {
 
     @Test func transmissionSurvivesGarbage() {
         var generator = Generator(state: 2)
-        let prefixes = [hex("668e33ef 0001 0001 0000000000000001"), hex("67446698 00000000 0000000000000001"), hex("668e33ef 0000 0005 0000000000000002")]
+        let prefixes = [
+            hex("668e33ef 0001 0001 0000000000000001"), hex("67446698 00000000 0000000000000001"),
+            hex("668e33ef 0000 0005 0000000000000002"),
+        ]
         for round in 0..<5000 {
             var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: round % 2 == 0, metaContextIDs: [1]))
             _ = machine.startRequest(.read, offset: 0, length: 64, context: 1)

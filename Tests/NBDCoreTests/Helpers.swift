@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 /// Bytes from a hex string with spaces and comments-free groups, e.g. "4e42444d 41474943".
@@ -18,8 +19,11 @@ func hex(_ text: String) -> [UInt8] {
 
 /// Decodes `bytes` given one byte at a time (every prefix must ask for more and leave the
 /// reader where it was) and all at once (which must consume everything).
-func decodeBothWays<T>(_ bytes: [UInt8], sourceLocation: SourceLocation = #_sourceLocation,
-                       _ decode: (inout ByteBuffer) throws -> T?) throws -> T {
+func decodeBothWays<T>(
+    _ bytes: [UInt8],
+    sourceLocation: SourceLocation = #_sourceLocation,
+    _ decode: (inout ByteBuffer) throws -> T?
+) throws -> T {
     for length in 0..<bytes.count {
         var partial = ByteBuffer(bytes: bytes[0..<length])
         let value = try decode(&partial)

@@ -1,15 +1,27 @@
 import Testing
+
 @testable import NBDCore
 
 @Suite("Strict mode: checks before the wire")
 struct RequestValidatorTests {
-    func validator(_ flags: TransmissionFlags, sizes: BlockSizeConstraints? = nil, structured: Bool = true, contexts: Bool = true) -> RequestValidator {
-        RequestValidator(export: NBDExportInfo(name: "", size: 1 << 20, flags: flags.union(.hasFlags), advertisedBlockSizes: sizes),
-                         structuredReplies: structured, hasMetaContexts: contexts)
+    func validator(
+        _ flags: TransmissionFlags,
+        sizes: BlockSizeConstraints? = nil,
+        structured: Bool = true,
+        contexts: Bool = true
+    ) -> RequestValidator {
+        RequestValidator(
+            export: NBDExportInfo(name: "", size: 1 << 20, flags: flags.union(.hasFlags), advertisedBlockSizes: sizes),
+            structuredReplies: structured,
+            hasMetaContexts: contexts
+        )
     }
 
     func code(_ body: () throws -> Void) -> NBDError.Code? {
-        do { try body(); return nil } catch { return (error as? NBDError)?.code }
+        do {
+            try body()
+            return nil
+        } catch { return (error as? NBDError)?.code }
     }
 
     @Test func commandsNeedTheirFlag() {
@@ -70,7 +82,12 @@ struct RequestValidatorTests {
 
     @Test func maximumPayloadDefaultsTo32MiB() {
         #expect(NBDExportInfo(name: "", size: 1, flags: []).maximumPayload == 32 << 20)
-        let advertised = NBDExportInfo(name: "", size: 1, flags: [], advertisedBlockSizes: BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1_000_000))
+        let advertised = NBDExportInfo(
+            name: "",
+            size: 1,
+            flags: [],
+            advertisedBlockSizes: BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1_000_000)
+        )
         #expect(advertised.maximumPayload == 1_000_000 / 512 * 512)
     }
 

@@ -1,13 +1,17 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 /// The server's machines on their own: what a client may and may not do.
 @Suite("Server state machines")
 struct ServerStateMachineTests {
     static let export = ServerNegotiationStateMachine.Export(
-        name: "disk", size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes],
-        blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536))
+        name: "disk",
+        size: 1 << 20,
+        flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes],
+        blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536)
+    )
 
     func negotiation() -> ServerNegotiationStateMachine {
         var machine = ServerNegotiationStateMachine(exports: [Self.export], maximumOptionLength: 1024)
@@ -37,7 +41,10 @@ struct ServerStateMachineTests {
     @Test func unknownClientFlagsEndTheSession() {
         var machine = ServerNegotiationStateMachine(exports: [Self.export])
         var flags = ByteBuffer(integer: UInt32(0x8000_0001))
-        guard case .fatal(let error) = machine.receive(&flags) else { Issue.record("accepted unknown client flags"); return }
+        guard case .fatal(let error) = machine.receive(&flags) else {
+            Issue.record("accepted unknown client flags")
+            return
+        }
         #expect(error.message.contains("by the client"))
     }
 
@@ -45,7 +52,10 @@ struct ServerStateMachineTests {
         var machine = negotiation()
         var bytes = ByteBuffer()
         bytes.writeMultipleIntegers(NBDMagic.haveOption, OptionCode.list.rawValue, UInt32(1 << 30))
-        guard case .fatal(let error) = machine.receive(&bytes) else { Issue.record("waited for 1 GiB of option data"); return }
+        guard case .fatal(let error) = machine.receive(&bytes) else {
+            Issue.record("waited for 1 GiB of option data")
+            return
+        }
         #expect(error.code == .protocolViolation)
     }
 
@@ -65,16 +75,25 @@ struct ServerStateMachineTests {
     @Test func abortIsAcknowledgedThenTheSessionCloses() {
         var machine = negotiation()
         var abort = option(.abort)
-        guard case .close(var bytes) = machine.receive(&abort) else { Issue.record("ABORT did not close"); return }
+        guard case .close(var bytes) = machine.receive(&abort) else {
+            Issue.record("ABORT did not close")
+            return
+        }
         #expect((try? OptionReply.decode(from: &bytes, maximumLength: 64))??.body == .ack)
     }
 
     func transmission(inFlight: Int = 4) -> ServerTransmissionStateMachine {
-        let agreement = ServerNegotiationStateMachine.Agreement(export: Self.export, flags: Self.export.flags, structuredReplies: false, metaContexts: [])
+        let agreement = ServerNegotiationStateMachine.Agreement(
+            export: Self.export,
+            flags: Self.export.flags,
+            structuredReplies: false,
+            metaContexts: []
+        )
         return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: inFlight))
     }
 
-    func request(_ type: CommandType, cookie: UInt64 = 1, flags: CommandFlags = [], offset: UInt64 = 0, length: UInt32 = 512) -> ByteBuffer {
+    func request(_ type: CommandType, cookie: UInt64 = 1, flags: CommandFlags = [], offset: UInt64 = 0, length: UInt32 = 512) -> ByteBuffer
+    {
         var buffer = ByteBuffer()
         RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length).encode(into: &buffer)
         return buffer
@@ -82,7 +101,8 @@ struct ServerStateMachineTests {
 
     func simpleError(_ action: ServerTransmissionStateMachine.Action?) -> NBDErrno? {
         guard case .write(let buffers)? = action, var first = buffers.first,
-              case .simple(let reply)? = try? ReplyHeader.decode(from: &first) else { return nil }
+            case .simple(let reply)? = try? ReplyHeader.decode(from: &first)
+        else { return nil }
         return reply.error
     }
 
@@ -101,7 +121,10 @@ struct ServerStateMachineTests {
         machine.bytesReceived(request(CommandType(rawValue: 99)))
         #expect(simpleError(machine.next()) == .EINVAL)
         machine.bytesReceived(request(.read, flags: .fua))
-        guard case .perform(let header, _, _)? = machine.next() else { Issue.record("a valid READ was not performed"); return }
+        guard case .perform(let header, _, _)? = machine.next() else {
+            Issue.record("a valid READ was not performed")
+            return
+        }
         #expect(header.type == .read)
     }
 
@@ -112,7 +135,10 @@ struct ServerStateMachineTests {
         machine.bytesReceived(bytes)
         #expect(isNothing(machine.next()))
         machine.bytesReceived(ByteBuffer(bytes: [7]))
-        guard case .perform(_, let data, _)? = machine.next() else { Issue.record("the WRITE was not performed"); return }
+        guard case .perform(_, let data, _)? = machine.next() else {
+            Issue.record("the WRITE was not performed")
+            return
+        }
         #expect(data.reduce(0) { $0 + $1.readableBytes } == 1000)
         #expect(data.allSatisfy { $0.readableBytesView.allSatisfy { $0 == 7 } })
     }
@@ -133,7 +159,10 @@ struct ServerStateMachineTests {
             _ = machine.next()
         default: machine.bytesReceived(ByteBuffer(bytes: [UInt8](repeating: 0x42, count: 28)))
         }
-        guard case .fatal(let error)? = machine.next() else { Issue.record("\(kind) was accepted"); return }
+        guard case .fatal(let error)? = machine.next() else {
+            Issue.record("\(kind) was accepted")
+            return
+        }
         #expect(error.message.contains("protocol violation by the client"))
         machine.bytesReceived(request(.read, cookie: 9))
         #expect(isNothing(machine.next()))
@@ -142,12 +171,21 @@ struct ServerStateMachineTests {
     @Test func disconnectClosesOnceEveryRequestIsAnswered() {
         var machine = transmission()
         machine.bytesReceived(request(.read))
-        guard case .perform(let header, _, _)? = machine.next() else { Issue.record("not performed"); return }
+        guard case .perform(let header, _, _)? = machine.next() else {
+            Issue.record("not performed")
+            return
+        }
         machine.bytesReceived(request(.disconnect, cookie: 2))
         #expect(isNothing(machine.next()))
         machine.requestCompleted(header, .data([.data(ByteBuffer(repeating: 1, count: 512))]))
-        guard case .write? = machine.next() else { Issue.record("the READ was not answered"); return }
-        guard case .close? = machine.next() else { Issue.record("no close after the last reply"); return }
+        guard case .write? = machine.next() else {
+            Issue.record("the READ was not answered")
+            return
+        }
+        guard case .close? = machine.next() else {
+            Issue.record("no close after the last reply")
+            return
+        }
     }
 }
 

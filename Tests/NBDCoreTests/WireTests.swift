@@ -1,11 +1,13 @@
 import NIOCore
 import Testing
+
 @testable import NBDCore
 
 @Suite("Wire: byte vectors from the spec")
 struct WireTests {
     @Test func newstyleGreeting() throws {
-        let bytes = hex("4e42444d41474943" /* NBDMAGIC */ + "49484156454F5054" /* IHAVEOPT */ + "0003" /* FIXED_NEWSTYLE|NO_ZEROES */)
+        // NBDMAGIC, IHAVEOPT, FIXED_NEWSTYLE | NO_ZEROES
+        let bytes = hex("4e42444d41474943" + "49484156454F5054" + "0003")
         let greeting = try decodeBothWays(bytes) { try ServerGreeting.decode(from: &$0) }
         #expect(greeting == .newstyle([.fixedNewstyle, .noZeroes]))
         #expect(encoded { greeting.encode(into: &$0) } == bytes)
@@ -30,8 +32,11 @@ struct WireTests {
         (.go(export: "", requests: []), "49484156454F5054 00000007 00000006 00000000 0000"),
         (.structuredReply, "49484156454F5054 00000008 00000000"),
         (.listMetaContext(export: "e", queries: ["base:"]), "49484156454F5054 00000009 00000012 00000001 65 00000001 00000005 626173653a"),
-        (.setMetaContext(export: "", queries: ["base:allocation", "qemu:dirty-bitmap:b"]),
-         "49484156454F5054 0000000a 00000032 00000000 00000002 0000000f 626173653a616c6c6f636174696f6e 00000013 71656d753a64697274792d6269746d61703a62"),
+        (
+            .setMetaContext(export: "", queries: ["base:allocation", "qemu:dirty-bitmap:b"]),
+            "49484156454F5054 0000000a 00000032 00000000 00000002 0000000f 626173653a616c6c6f636174696f6e "
+                + "00000013 71656d753a64697274792d6269746d61703a62"
+        ),
     ])
     func optionRequests(request: OptionRequest, vector: String) throws {
         let bytes = hex(vector)
@@ -41,21 +46,32 @@ struct WireTests {
 
     @Test(arguments: [
         (OptionReply(option: .go, body: .ack), "0003e889045565a9 00000007 00000001 00000000"),
-        (OptionReply(option: .list, body: .server(name: "disk", description: "my disk")),
-         "0003e889045565a9 00000003 00000002 0000000f 00000004 6469736b 6d79206469736b"),
-        (OptionReply(option: .info, body: .info(.export(size: 1 << 30, flags: [.hasFlags, .sendFlush]))),
-         "0003e889045565a9 00000006 00000003 0000000c 0000 0000000040000000 0005"),
+        (
+            OptionReply(option: .list, body: .server(name: "disk", description: "my disk")),
+            "0003e889045565a9 00000003 00000002 0000000f 00000004 6469736b 6d79206469736b"
+        ),
+        (
+            OptionReply(option: .info, body: .info(.export(size: 1 << 30, flags: [.hasFlags, .sendFlush]))),
+            "0003e889045565a9 00000006 00000003 0000000c 0000 0000000040000000 0005"
+        ),
         (OptionReply(option: .go, body: .info(.name("n"))), "0003e889045565a9 00000007 00000003 00000003 0001 6e"),
         (OptionReply(option: .go, body: .info(.description("d"))), "0003e889045565a9 00000007 00000003 00000003 0002 64"),
-        (OptionReply(option: .go, body: .info(.blockSize(BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1 << 25)))),
-         "0003e889045565a9 00000007 00000003 0000000e 0003 00000200 00001000 02000000"),
-        (OptionReply(option: .setMetaContext, body: .metaContext(id: 7, name: "base:allocation")),
-         "0003e889045565a9 0000000a 00000004 00000013 00000007 626173653a616c6c6f636174696f6e"),
+        (
+            OptionReply(option: .go, body: .info(.blockSize(BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1 << 25)))),
+            "0003e889045565a9 00000007 00000003 0000000e 0003 00000200 00001000 02000000"
+        ),
+        (
+            OptionReply(option: .setMetaContext, body: .metaContext(id: 7, name: "base:allocation")),
+            "0003e889045565a9 0000000a 00000004 00000013 00000007 626173653a616c6c6f636174696f6e"
+        ),
         (OptionReply(option: .go, body: .error(.errUnknown, message: "no")), "0003e889045565a9 00000007 80000006 00000002 6e6f"),
         (OptionReply(option: .structuredReply, body: .error(.errUnsupported, message: "")), "0003e889045565a9 00000008 80000001 00000000"),
         (OptionReply(option: .go, body: .error(.errTLSRequired, message: "")), "0003e889045565a9 00000007 80000005 00000000"),
         (OptionReply(option: .go, body: .error(.errBlockSizeRequired, message: "")), "0003e889045565a9 00000007 80000008 00000000"),
-        (OptionReply(option: .go, body: .error(OptionReplyType(rawValue: 0x8000_0063), message: "")), "0003e889045565a9 00000007 80000063 00000000"),
+        (
+            OptionReply(option: .go, body: .error(OptionReplyType(rawValue: 0x8000_0063), message: "")),
+            "0003e889045565a9 00000007 80000063 00000000"
+        ),
     ])
     func optionReplies(reply: OptionReply, vector: String) throws {
         let bytes = hex(vector)
@@ -65,9 +81,13 @@ struct WireTests {
 
     @Test func everyOptionErrorHasItsSpecName() {
         let names = (1...10).map { OptionReplyType(rawValue: 0x8000_0000 | UInt32($0)).description }
-        #expect(names == ["NBD_REP_ERR_UNSUP", "NBD_REP_ERR_POLICY", "NBD_REP_ERR_INVALID", "NBD_REP_ERR_PLATFORM",
-                          "NBD_REP_ERR_TLS_REQD", "NBD_REP_ERR_UNKNOWN", "NBD_REP_ERR_SHUTDOWN", "NBD_REP_ERR_BLOCK_SIZE_REQD",
-                          "NBD_REP_ERR_TOO_BIG", "NBD_REP_ERR_EXT_HEADER_REQD"])
+        #expect(
+            names == [
+                "NBD_REP_ERR_UNSUP", "NBD_REP_ERR_POLICY", "NBD_REP_ERR_INVALID", "NBD_REP_ERR_PLATFORM",
+                "NBD_REP_ERR_TLS_REQD", "NBD_REP_ERR_UNKNOWN", "NBD_REP_ERR_SHUTDOWN", "NBD_REP_ERR_BLOCK_SIZE_REQD",
+                "NBD_REP_ERR_TOO_BIG", "NBD_REP_ERR_EXT_HEADER_REQD",
+            ]
+        )
         #expect(OptionReplyType(rawValue: 0x8000_0063).isError)
     }
 
@@ -119,8 +139,11 @@ struct WireTests {
     @Test(arguments: [
         (ReplyChunkType.none, ReplyChunk.none, ""),
         (.offsetHole, .offsetHole(offset: 512, length: 4096), "0000000000000200 00001000"),
-        (.blockStatus, .blockStatus(contextID: 1, descriptors: [BlockDescriptor(length: 4096, flags: 3), BlockDescriptor(length: 512, flags: 0)]),
-         "00000001 00001000 00000003 00000200 00000000"),
+        (
+            .blockStatus,
+            .blockStatus(contextID: 1, descriptors: [BlockDescriptor(length: 4096, flags: 3), BlockDescriptor(length: 512, flags: 0)]),
+            "00000001 00001000 00000003 00000200 00000000"
+        ),
         // ERROR: error, message length, message.
         (.error, .error(.error, errno: .EIO, message: "bad", offset: nil), "00000005 0003 626164"),
         // ERROR_OFFSET in the spec's field order: error, message length, message, offset.
@@ -135,13 +158,13 @@ struct WireTests {
 
     @Test(arguments: [
         (ReplyChunkType.none, "00"),
-        (.offsetHole, "0000000000000200 00000000"),          // hole size 0
-        (.offsetHole, "0000000000000200 0000100000"),         // length 13
-        (.blockStatus, "00000001"),                           // no descriptor
-        (.blockStatus, "00000001 00000000 00000000"),         // zero-length extent
-        (.error, "00000005 0009 626164"),                     // message longer than the chunk
-        (.error, "00000000 0000"),                            // error value 0
-        (ReplyChunkType(rawValue: 9), ""),                    // unknown non-error type
+        (.offsetHole, "0000000000000200 00000000"),  // hole size 0
+        (.offsetHole, "0000000000000200 0000100000"),  // length 13
+        (.blockStatus, "00000001"),  // no descriptor
+        (.blockStatus, "00000001 00000000 00000000"),  // zero-length extent
+        (.error, "00000005 0009 626164"),  // message longer than the chunk
+        (.error, "00000000 0000"),  // error value 0
+        (ReplyChunkType(rawValue: 9), ""),  // unknown non-error type
     ])
     func malformedChunksAreViolations(type: ReplyChunkType, vector: String) {
         var payload = ByteBuffer(bytes: hex(vector))
@@ -151,13 +174,19 @@ struct WireTests {
     @Test func unknownErrorChunkIsStillAnError() throws {
         var payload = ByteBuffer(bytes: hex("0000001c 0000 deadbeef"))
         let chunk = try ReplyChunk.decode(type: ReplyChunkType(rawValue: 0x8009), payload: &payload)
-        guard case .error(_, let errno, _, _) = chunk else { Issue.record("not an error"); return }
+        guard case .error(_, let errno, _, _) = chunk else {
+            Issue.record("not an error")
+            return
+        }
         #expect(errno == .ENOSPC)
     }
 
     @Test func errnoNames() {
-        #expect([1, 5, 12, 22, 28, 75, 95, 108].map { NBDErrno(rawValue: $0).posixName } ==
-                ["EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN"])
+        #expect(
+            [1, 5, 12, 22, 28, 75, 95, 108].map { NBDErrno(rawValue: $0).posixName } == [
+                "EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN",
+            ]
+        )
         #expect(NBDErrno(rawValue: 1234).isKnown == false)
     }
 }

@@ -1,9 +1,9 @@
+import Foundation
 import NBD
 import NBDCore
 import NBDServer
 import NIOConcurrencyHelpers
 import NIOCore
-import Foundation
 import Testing
 
 /// `NBDExport.extents(of:in:)` against a server that answers block status a little at a time.
@@ -30,8 +30,11 @@ struct ExtentSequenceTests {
         }
     }
 
-    func withExport(size: UInt64, metaContexts: [String] = [NBDMetaContext.baseAllocation],
-                    _ body: (NBDExport, ShortAnswers) async throws -> Void) async throws {
+    func withExport(
+        size: UInt64,
+        metaContexts: [String] = [NBDMetaContext.baseAllocation],
+        _ body: (NBDExport, ShortAnswers) async throws -> Void
+    ) async throws {
         let backend = ShortAnswers(memory: MemoryBackend(size: size))
         let socket = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-walk-\(UUID().uuidString.prefix(8)).sock").path
         let server = try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket))
@@ -75,8 +78,10 @@ struct ExtentSequenceTests {
     @Test func aContextNotNegotiatedFailsWithoutAsking() async throws {
         try await withExport(size: 1 << 20, metaContexts: []) { export, backend in
             #expect(!export.hasMetaContext(NBDMetaContext.baseAllocation))
-            await #expect(performing: { _ = try await collect(export.extents()) },
-                          throws: { ($0 as? NBDError)?.code == .notAdvertised })
+            await #expect(
+                performing: { _ = try await collect(export.extents()) },
+                throws: { ($0 as? NBDError)?.code == .notAdvertised }
+            )
             #expect(backend.calls.withLockedValue { $0 } == 0)
         }
     }

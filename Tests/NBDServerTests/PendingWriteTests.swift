@@ -1,9 +1,10 @@
-@testable import NBDCore
-@testable import NBDServer
 import NBD
 import NIOConcurrencyHelpers
 import NIOCore
 import Testing
+
+@testable import NBDCore
+@testable import NBDServer
 
 /// A WRITE's data as it arrives at the built-in server: kept as slices, then gathered.
 @Suite("Built-in server: pending writes")

@@ -1,8 +1,9 @@
-@testable import NBDCore
-@testable import NBDServer
 import NBD
 import NIOCore
 import Testing
+
+@testable import NBDCore
+@testable import NBDServer
 
 /// How the built-in server frames a structured READ, decoded by the client's own machine.
 @Suite("Built-in server: structured reads")
@@ -12,7 +13,10 @@ struct StructuredReadTests {
         var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: true))
         let header = machine.startRequest(.read, offset: request.offset, length: request.length, context: 1)
         var reply = ByteBuffer()
-        for var buffer in ServerReply.structuredRead(RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length), parts: parts) {
+        for var buffer in ServerReply.structuredRead(
+            RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length),
+            parts: parts
+        ) {
             reply.writeBuffer(&buffer)
         }
         machine.feed(reply)
@@ -22,7 +26,9 @@ struct StructuredReadTests {
     }
 
     @Test func consecutiveDataPartsGoOutAsOneChunkAndTheLastChunkIsDone() {
-        let page1 = ByteBuffer(repeating: 1, count: 65536), page2 = ByteBuffer(repeating: 2, count: 65536), tail = ByteBuffer(repeating: 3, count: 4096)
+        let page1 = ByteBuffer(repeating: 1, count: 65536)
+        let page2 = ByteBuffer(repeating: 2, count: 65536)
+        let tail = ByteBuffer(repeating: 3, count: 4096)
         let request = RequestHeader(type: .read, cookie: 0, offset: 1 << 20, length: 65536 * 4 + 4096)
         let actions = decode(request, [.data(page1), .data(page2), .hole(2 * 65536), .data(tail)])
         guard actions.count == 4 else {
@@ -31,14 +37,26 @@ struct StructuredReadTests {
         }
         var both = page1
         both.writeImmutableBuffer(page2)
-        guard case .data(_, let offset, let bytes) = actions[0] else { Issue.record("\(actions[0])"); return }
+        guard case .data(_, let offset, let bytes) = actions[0] else {
+            Issue.record("\(actions[0])")
+            return
+        }
         #expect(offset == 1 << 20 && bytes == both)
-        guard case .hole(_, let holeOffset, let holeLength) = actions[1] else { Issue.record("\(actions[1])"); return }
+        guard case .hole(_, let holeOffset, let holeLength) = actions[1] else {
+            Issue.record("\(actions[1])")
+            return
+        }
         #expect(holeOffset == (1 << 20) + 2 * 65536 && holeLength == 2 * 65536)
-        guard case .data(_, let tailOffset, let tailBytes) = actions[2] else { Issue.record("\(actions[2])"); return }
+        guard case .data(_, let tailOffset, let tailBytes) = actions[2] else {
+            Issue.record("\(actions[2])")
+            return
+        }
         #expect(tailOffset == (1 << 20) + 4 * 65536 && tailBytes == tail)
         // No NBD_REPLY_TYPE_NONE: the data chunk itself carried NBD_REPLY_FLAG_DONE.
-        guard case .complete(_, let error) = actions[3] else { Issue.record("\(actions[3])"); return }
+        guard case .complete(_, let error) = actions[3] else {
+            Issue.record("\(actions[3])")
+            return
+        }
         #expect(error == nil)
     }
 

@@ -1,9 +1,10 @@
 import Foundation
+import NBDCore
 import NIOCore
 import NIOPosix
 import Testing
+
 @testable import NBD
-import NBDCore
 
 /// Over a socket in clear the client reads READ data itself, straight into the destination
 /// (DirectRead). Scripted servers send the data in irregular pieces with pauses, so that
@@ -104,12 +105,17 @@ struct DirectReadTests {
             // The second half first, then a hole, then the first 200 000 bytes.
             let half = UInt64(Self.length / 2)
             var reply = ByteBuffer()
-            ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + Self.length / 2))).encode(into: &reply)
+            ReplyHeader.structured(
+                StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: UInt32(8 + Self.length / 2))
+            ).encode(into: &reply)
             reply.writeInteger(half)
             reply.writeImmutableBuffer(Self.pattern(half, Self.length / 2))
-            ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetHole, cookie: request.cookie, length: 12)).encode(into: &reply)
+            ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetHole, cookie: request.cookie, length: 12)).encode(
+                into: &reply
+            )
             reply.writeMultipleIntegers(UInt64(200_000), UInt32(half) - 200_000)
-            ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetData, cookie: request.cookie, length: 8 + 200_000)).encode(into: &reply)
+            ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetData, cookie: request.cookie, length: 8 + 200_000))
+                .encode(into: &reply)
             reply.writeInteger(UInt64(0))
             reply.writeImmutableBuffer(Self.pattern(0, 200_000))
             try await drip(reply, to: peer, sizes: [10, 30_000, 1, 150_000, 80_000, 7, 70_000])
@@ -200,19 +206,28 @@ struct DirectReadTests {
         let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
         let port = listener.localAddress!.port!
         try await listener.close()
-        await #expect(performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port)) }, throws: { error in
-            let error = error as? NBDError
-            return error?.code == .connectionClosed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
-        })
+        await #expect(
+            performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port)) },
+            throws: { error in
+                let error = error as? NBDError
+                return error?.code == .connectionClosed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
+            }
+        )
         let missing = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-missing-\(UUID().uuidString.prefix(8)).sock").path
-        await #expect(performing: { _ = try await NBDConnection.connect(to: .unix(path: missing)) }, throws: { error in
-            (error as? NBDError)?.message == "cannot connect to unix:\(missing): No such file or directory"
-        })
+        await #expect(
+            performing: { _ = try await NBDConnection.connect(to: .unix(path: missing)) },
+            throws: { error in
+                (error as? NBDError)?.message == "cannot connect to unix:\(missing): No such file or directory"
+            }
+        )
     }
 
     @Test func aNameIsResolved() async throws {
         try await withServer(overTCP: true) { server in
-            guard case .tcp(_, let port) = server.address else { Issue.record("not TCP"); return }
+            guard case .tcp(_, let port) = server.address else {
+                Issue.record("not TCP")
+                return
+            }
             let connected = Task { try await NBDConnection.connect(to: .tcp(host: "localhost", port: port)).go() }
             let peer = await server.nextPeer()
             try await peer.handshake()
@@ -221,4 +236,3 @@ struct DirectReadTests {
         }
     }
 }
-

@@ -37,9 +37,12 @@ struct HostileServerTests {
             let client = Task { () -> Void in _ = try await NBDConnection.connect(to: server.address) }
             let peer = await server.nextPeer()
             try await peer.send { ServerGreeting.oldstyle.encode(into: &$0) }
-            await #expect(performing: { try await client.value }, throws: { error in
-                (error as? NBDError)?.code == .incompatibleServer && "\(error)".contains("oldstyle")
-            })
+            await #expect(
+                performing: { try await client.value },
+                throws: { error in
+                    (error as? NBDError)?.code == .incompatibleServer && "\(error)".contains("oldstyle")
+                }
+            )
         }
     }
 
@@ -47,8 +50,10 @@ struct HostileServerTests {
         try await withServer { server in
             var configuration = NBDClientConfiguration()
             configuration.negotiationTimeout = .milliseconds(300)
-            await #expect(performing: { _ = try await NBDConnection.connect(to: server.address, configuration: configuration) },
-                          throws: code(.timedOut))
+            await #expect(
+                performing: { _ = try await NBDConnection.connect(to: server.address, configuration: configuration) },
+                throws: code(.timedOut)
+            )
         }
     }
 
@@ -62,7 +67,9 @@ struct HostileServerTests {
             try await peer.handshake()
             #expect(try await peer.readOption() == .list)
             // A SERVER reply announcing 3 GiB of data, of which nothing follows.
-            try await peer.send { $0.writeMultipleIntegers(NBDMagic.optionReply, OptionCode.list.rawValue, OptionReplyType.server.rawValue, UInt32(3 << 30)) }
+            try await peer.send {
+                $0.writeMultipleIntegers(NBDMagic.optionReply, OptionCode.list.rawValue, OptionReplyType.server.rawValue, UInt32(3 << 30))
+            }
             await #expect(performing: { _ = try await client.value }, throws: code(.protocolViolation))
         }
     }
@@ -100,9 +107,12 @@ struct HostileServerTests {
             try await peer.handshake()
             _ = try await peer.readOption()
             try await peer.reply(.structuredReply, .error(.errTLSRequired, message: "TLS required"))
-            await #expect(performing: { try await client.value }, throws: { error in
-                (error as? NBDError)?.code == .tlsRequired && "\(error)".contains("nbds://")
-            })
+            await #expect(
+                performing: { try await client.value },
+                throws: { error in
+                    (error as? NBDError)?.code == .tlsRequired && "\(error)".contains("nbds://")
+                }
+            )
         }
     }
 
@@ -191,7 +201,9 @@ struct HostileServerTests {
                 return await withTaskGroup(of: Result<ByteBuffer, any Error>.self) { group in
                     for index in 0..<3 {
                         group.addTask {
-                            do { return .success(try await export.read(at: UInt64(index) * 4096, length: 4096)) } catch { return .failure(error) }
+                            do { return .success(try await export.read(at: UInt64(index) * 4096, length: 4096)) } catch {
+                                return .failure(error)
+                            }
                         }
                     }
                     return await group.reduce(into: []) { $0.append($1) }
@@ -287,8 +299,10 @@ struct HostileServerTests {
                 let connection = try await NBDConnection.connect(to: server.address)
                 let export = try await connection.go()
                 await #expect(performing: { try await export.trim(at: 0, length: 512) }, throws: code(.notAdvertised))
-                await #expect(performing: { try await export.write(ByteBuffer(repeating: 1, count: 512), at: 0, flags: .fua) },
-                              throws: code(.notAdvertised))
+                await #expect(
+                    performing: { try await export.write(ByteBuffer(repeating: 1, count: 512), at: 0, flags: .fua) },
+                    throws: code(.notAdvertised)
+                )
                 await #expect(performing: { _ = try await export.read(at: 1 << 20, length: 1) }, throws: code(.invalidArgument))
                 await #expect(performing: { _ = try await export.read(at: 0, length: 0) }, throws: code(.invalidArgument))
                 await #expect(performing: { _ = try await export.blockStatus(at: 0, length: 512) }, throws: code(.notAdvertised))
@@ -369,10 +383,14 @@ extension HostileServerTests {
             }
             let request = try await peer.readRequest()
             try await drip {
-                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: 12)).encode(into: &$0)
+                ReplyHeader.structured(StructuredReplyHeader(flags: [], type: .offsetData, cookie: request.cookie, length: 12)).encode(
+                    into: &$0
+                )
                 $0.writeInteger(UInt64(4))
                 $0.writeBytes([5, 6, 7, 8])
-                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetHole, cookie: request.cookie, length: 12)).encode(into: &$0)
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .offsetHole, cookie: request.cookie, length: 12)).encode(
+                    into: &$0
+                )
                 $0.writeMultipleIntegers(UInt64(0), UInt32(4))
             }
             #expect(try await peer.readRequest().type == .disconnect)
@@ -463,12 +481,17 @@ extension HostileServerTests {
             #expect(request.type == .blockStatus && request.offset == 0 && request.length == 1 << 20)
             // An answer for the bitmap only: nothing to walk base:allocation on with.
             try await peer.send {
-                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: request.cookie, length: 12)).encode(into: &$0)
+                ReplyHeader.structured(StructuredReplyHeader(flags: .done, type: .blockStatus, cookie: request.cookie, length: 12)).encode(
+                    into: &$0
+                )
                 ReplyChunk.blockStatus(contextID: 2, descriptors: [BlockDescriptor(length: 1 << 20, flags: 0)]).encode(into: &$0)
             }
-            await #expect(performing: { try await client.value }, throws: { error in
-                (error as? NBDError)?.code == .protocolViolation && "\(error)".contains("a chunk for every negotiated context")
-            })
+            await #expect(
+                performing: { try await client.value },
+                throws: { error in
+                    (error as? NBDError)?.code == .protocolViolation && "\(error)".contains("a chunk for every negotiated context")
+                }
+            )
         }
     }
 }

@@ -47,7 +47,10 @@ struct NBDURITests {
     }
 
     @Test func tlsSchemesAndParameters() throws {
-        let uri = try NBDURI("nbds+unix://alice@/e?socket=s&tls-type=psk&tls-hostname=h&tls-verify-peer=0&tls-psk-file=/k&tls-certificates=/c&tls-username=bob")
+        let uri = try NBDURI(
+            "nbds+unix://alice@/e?socket=s&tls-type=psk&tls-hostname=h&tls-verify-peer=0"
+                + "&tls-psk-file=/k&tls-certificates=/c&tls-username=bob"
+        )
         #expect(uri.requiresTLS && uri.isUnix)
         #expect(uri.user == "alice")
         #expect(uri.tlsType == "psk")

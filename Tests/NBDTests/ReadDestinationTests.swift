@@ -1,6 +1,7 @@
-@testable import NBD
 import NIOCore
 import Testing
+
+@testable import NBD
 
 /// Where READ data lands: as it came when it arrives whole, else copied into place.
 @Suite("Read destination")
@@ -18,7 +19,9 @@ struct ReadDestinationTests {
         let result = destination.take()
         #expect(result == Self.data)
         // The same storage: no byte was copied.
-        let sameStorage = result.withUnsafeReadableBytes { ours in slice.withUnsafeReadableBytes { theirs in ours.baseAddress == theirs.baseAddress } }
+        let sameStorage = result.withUnsafeReadableBytes { ours in
+            slice.withUnsafeReadableBytes { theirs in ours.baseAddress == theirs.baseAddress }
+        }
         #expect(sameStorage)
     }
 
@@ -38,7 +41,9 @@ struct ReadDestinationTests {
         destination.write(small, at: 0)
         let result = destination.take()
         #expect(result == small)
-        let sameStorage = result.withUnsafeReadableBytes { ours in small.withUnsafeReadableBytes { theirs in ours.baseAddress == theirs.baseAddress } }
+        let sameStorage = result.withUnsafeReadableBytes { ours in
+            small.withUnsafeReadableBytes { theirs in ours.baseAddress == theirs.baseAddress }
+        }
         #expect(!sameStorage)
     }
 
@@ -93,7 +98,13 @@ struct ReadDestinationTests {
         let destination = ReadDestination(exportOffset: 0, length: Self.length, allocator: ByteBufferAllocator())
         let source = Source(from: 0)
         // A socket that has less than asked for: what it gives is all that counts.
-        #expect(destination.receive(at: 0, count: Self.length, using: { source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0.prefix(70_000))) }) == 70_000)
+        #expect(
+            destination.receive(
+                at: 0,
+                count: Self.length,
+                using: { source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0.prefix(70_000))) }
+            ) == 70_000
+        )
         #expect(destination.receive(at: 70_000, count: Self.length - 70_000, using: { _ in 0 }) == 0)
         #expect(destination.receive(at: 70_000, count: Self.length - 70_000, using: source.read(into:)) == Self.length - 70_000)
         #expect(destination.take() == Self.data)
@@ -106,4 +117,3 @@ struct ReadDestinationTests {
         #expect(ReadDestination(appendingTo: ByteBuffer(), exportOffset: 0, length: Self.length).fillsInPlace)
     }
 }
-

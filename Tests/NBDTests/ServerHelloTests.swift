@@ -1,7 +1,8 @@
-@testable import NBD
 import NIOCore
 import NIOEmbedded
 import Testing
+
+@testable import NBD
 
 /// The cipher suite read from a server's first TLS record, which swift-nio-ssl does not report.
 @Suite("TLS ServerHello")
@@ -16,7 +17,8 @@ struct ServerHelloTests {
     ]
 
     /// A TLS 1.2 ServerHello with a 32-byte session id and TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA.
-    static let tls12: [UInt8] = [0x16, 0x03, 0x03, 0x00, 0x4A, 0x02, 0x00, 0x00, 0x46, 0x03, 0x03]
+    static let tls12: [UInt8] =
+        [0x16, 0x03, 0x03, 0x00, 0x4A, 0x02, 0x00, 0x00, 0x46, 0x03, 0x03]
         + [UInt8](repeating: 0x11, count: 32) + [0x20] + [UInt8](repeating: 0x22, count: 32) + [0xC0, 0x35, 0x00]
 
     @Test func findsTheSuiteOfATLS13ServerHello() {

@@ -1,7 +1,7 @@
 import Logging
+import NBDCore
 import NIOCore
 import NIOPosix
-import NBDCore
 
 /// How a client connects and what it negotiates. The defaults suit most servers.
 public struct NBDClientConfiguration: Sendable {

@@ -1,6 +1,6 @@
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
-import NBDCore
 
 /// A connection in the negotiation phase: handshake done, options can be sent.
 ///
@@ -32,7 +32,10 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// the same connection (``ClientConnectionStateMachine`` decides what a refusal means:
     /// under `.require`, a hard disconnect with nothing else sent; under `.allow`, a server
     /// without TLS is used in clear).
-    public static func connect(to address: NBDAddress, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
+    public static func connect(
+        to address: NBDAddress,
+        configuration: NBDClientConfiguration = NBDClientConfiguration()
+    ) async throws -> NBDConnection {
         var tls: NBDClientChannelHandler.TLSSetup?
         if configuration.tls.policy != .disable {
             // Loaded before dialing: bad certificates or keys fail here, with nothing sent.
@@ -82,7 +85,10 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// Dials the server a URI names, completes the handshake and, for `nbds://` (or when the
     /// configuration asks), negotiates TLS with the URI's `tls-*` parameters.
-    public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDConnection {
+    public static func connect(
+        to uri: NBDURI,
+        configuration: NBDClientConfiguration = NBDClientConfiguration()
+    ) async throws -> NBDConnection {
         var configuration = configuration
         // "If encryption cannot be negotiated then the connection MUST fail": nbds:// requires TLS
         // whatever the configuration says; the URI's tls-* parameters override the rest.
@@ -90,7 +96,12 @@ public struct NBDConnection: ~Copyable, Sendable {
         return try await connect(to: uri.address, configuration: configuration)
     }
 
-    private init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, configuration: NBDClientConfiguration, serverFlags: HandshakeFlags) {
+    private init(
+        channel: Channel,
+        handler: NIOLoopBound<NBDClientChannelHandler>,
+        configuration: NBDClientConfiguration,
+        serverFlags: HandshakeFlags
+    ) {
         self.channel = channel
         self.handler = handler
         self.configuration = configuration
@@ -168,7 +179,11 @@ public struct NBDConnection: ~Copyable, Sendable {
             let reply = start.exportNameReply ?? ExportNameReply(size: 0, flags: [])
             return try await makeExport(NBDExportInfo(name: name, size: reply.size, flags: reply.flags), start)
         } catch let error as NBDError where error.code == .connectionClosed {
-            throw NBDError(.connectionClosed, "the server closed the connection after NBD_OPT_EXPORT_NAME \"\(name)\" (no such export, or it is refused)", connectionUsable: false)
+            throw NBDError(
+                .connectionClosed,
+                "the server closed the connection after NBD_OPT_EXPORT_NAME \"\(name)\" (no such export, or it is refused)",
+                connectionUsable: false
+            )
         }
     }
 
@@ -193,11 +208,19 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     private func makeExport(_ info: NBDExportInfo, _ start: ClientTransmissionStart) async throws -> NBDExport {
         let handler = self.handler
-        let (tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit { (handler.value.tlsVersion, handler.value.tlsCipherSuite) }.get()
+        let (tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit { (handler.value.tlsVersion, handler.value.tlsCipherSuite) }
+            .get()
         guardian.release()
-        return NBDExport(channel: channel, handler: handler, info: info, structuredReplies: start.structuredReplies,
-                         metaContexts: start.metaContexts, tlsVersion: tlsVersion, tlsCipherSuite: tlsCipherSuite,
-                         configuration: configuration)
+        return NBDExport(
+            channel: channel,
+            handler: handler,
+            info: info,
+            structuredReplies: start.structuredReplies,
+            metaContexts: start.metaContexts,
+            tlsVersion: tlsVersion,
+            tlsCipherSuite: tlsCipherSuite,
+            configuration: configuration
+        )
     }
 
     /// Sends an option and returns its replies; a refusal is thrown as an ``NBDError``.

@@ -31,7 +31,8 @@ extension NBDExport {
     /// Connects, runs `body`, and always disconnects softly afterwards, whether `body`
     /// returned or threw.
     public static func withExport<Result: Sendable>(
-        _ uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration(),
+        _ uri: NBDURI,
+        configuration: NBDClientConfiguration = NBDClientConfiguration(),
         _ body: (NBDExport) async throws -> Result
     ) async throws -> Result {
         let export = try await connect(to: uri, configuration: configuration)

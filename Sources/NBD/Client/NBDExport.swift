@@ -1,6 +1,6 @@
-import NIOCore
 import NBDCore
 import NBDEventLoop
+import NIOCore
 
 /// An export in the transmission phase: the only type that can read, write and query.
 ///
@@ -49,8 +49,16 @@ public final class NBDExport: Sendable {
     /// tasks using it have finished.
     public var taskExecutor: any TaskExecutor { executor }
 
-    init(channel: Channel, handler: NIOLoopBound<NBDClientChannelHandler>, info: NBDExportInfo, structuredReplies: Bool,
-         metaContexts: [NBDMetaContext], tlsVersion: String?, tlsCipherSuite: String?, configuration: NBDClientConfiguration) {
+    init(
+        channel: Channel,
+        handler: NIOLoopBound<NBDClientChannelHandler>,
+        info: NBDExportInfo,
+        structuredReplies: Bool,
+        metaContexts: [NBDMetaContext],
+        tlsVersion: String?,
+        tlsCipherSuite: String?,
+        configuration: NBDClientConfiguration
+    ) {
         self.channel = channel
         self.handler = handler
         self.info = info
@@ -138,8 +146,14 @@ public final class NBDExport: Sendable {
     /// The READ requests that fill `destination`, split at the maximum payload.
     private func readRequests(offset: UInt64, length: Int, flags: CommandFlags, into destination: ReadDestination) -> [PendingRequest] {
         pieces(offset: offset, length: UInt64(length), limit: UInt64(info.maximumPayload)).map { piece in
-            PendingRequest(.read, flags: flags, offset: piece.offset, length: piece.length, destination: destination,
-                           promise: channel.eventLoop.makePromise())
+            PendingRequest(
+                .read,
+                flags: flags,
+                offset: piece.offset,
+                length: piece.length,
+                destination: destination,
+                promise: channel.eventLoop.makePromise()
+            )
         }
     }
 
@@ -156,8 +170,14 @@ public final class NBDExport: Sendable {
         try validator.validate(.write, flags: flags, offset: offset, length: length)
         var rest = segments[...]
         let requests = pieces(offset: offset, length: length, limit: UInt64(info.maximumPayload)).map { piece in
-            PendingRequest(.write, flags: flags, offset: piece.offset, length: piece.length, payload: Self.take(Int(piece.length), from: &rest),
-                           promise: channel.eventLoop.makePromise())
+            PendingRequest(
+                .write,
+                flags: flags,
+                offset: piece.offset,
+                length: piece.length,
+                payload: Self.take(Int(piece.length), from: &rest),
+                promise: channel.eventLoop.makePromise()
+            )
         }
         _ = try await perform(requests)
     }
@@ -203,8 +223,15 @@ public final class NBDExport: Sendable {
     public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
         try validator.validate(.blockStatus, flags: flags, offset: offset, length: length)
         let asked = UInt32(min(length, Self.largestEffectLength))
-        let descriptors = try await perform([PendingRequest(.blockStatus, flags: flags, offset: offset, length: asked,
-                                                            promise: channel.eventLoop.makePromise())])
+        let descriptors = try await perform([
+            PendingRequest(
+                .blockStatus,
+                flags: flags,
+                offset: offset,
+                length: asked,
+                promise: channel.eventLoop.makePromise()
+            )
+        ])
         return NBDBlockStatus(offset: offset, descriptors: descriptors, metaContexts: metaContexts)
     }
 

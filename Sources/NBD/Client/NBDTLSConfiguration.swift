@@ -1,6 +1,6 @@
 import Foundation
-import NIOSSL
 import NBDCore
+import NIOSSL
 
 /// How a client uses TLS (`NBD_OPT_STARTTLS`, "TLS support"), with libnbd's three policies.
 ///
@@ -71,8 +71,10 @@ public struct NBDTLSConfiguration: Sendable {
             tls.pskClientProvider = { _ in PSKClientIdentityResponse(key: NIOSSLSecureBytes(key), identity: identity) }
             // BoringSSL offers PSK only with the TLS 1.2 PSK cipher suites.
             tls.maximumTLSVersion = .tlsv12
-            tls.cipherSuiteValues = [.TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA, .TLS_ECDHE_PSK_WITH_AES_256_CBC_SHA,
-                                     .TLS_PSK_WITH_AES_128_CBC_SHA, .TLS_PSK_WITH_AES_256_CBC_SHA]
+            tls.cipherSuiteValues = [
+                .TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA, .TLS_ECDHE_PSK_WITH_AES_256_CBC_SHA,
+                .TLS_PSK_WITH_AES_128_CBC_SHA, .TLS_PSK_WITH_AES_256_CBC_SHA,
+            ]
             tls.certificateVerification = .none
             return try NIOSSLContext(configuration: tls)
         }

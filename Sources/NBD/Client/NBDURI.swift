@@ -87,7 +87,8 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             rest = rest[..<mark]
         }
         var path = rest
-        var host: String?, port: Int?
+        var host: String?
+        var port: Int?
         if rest.hasPrefix("//") {
             let afterSlashes = rest.dropFirst(2)
             let end = afterSlashes.firstIndex(of: "/") ?? afterSlashes.endIndex
@@ -107,8 +108,12 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
-    private mutating func parseAuthority(_ authority: Substring, _ bad: (String) -> NBDError) throws(NBDError) -> (host: String?, port: Int?) {
-        var host: String?, port: Int?
+    private mutating func parseAuthority(
+        _ authority: Substring,
+        _ bad: (String) -> NBDError
+    ) throws(NBDError) -> (host: String?, port: Int?) {
+        var host: String?
+        var port: Int?
         var hostPort = authority
         if let at = authority.lastIndex(of: "@") {
             guard let decoded = Self.percentDecode(authority[..<at]) else { throw bad("bad percent-encoding in the user") }
@@ -151,7 +156,10 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             guard let key = Self.percentDecode(parts[0]), let value = Self.percentDecode(parts.count > 1 ? parts[1] : "") else {
                 throw bad("bad percent-encoding in the query")
             }
-            guard Self.knownParameters.contains(key) else { unknown.append(key); continue }
+            guard Self.knownParameters.contains(key) else {
+                unknown.append(key)
+                continue
+            }
             guard seen.insert(key).inserted else { throw bad("parameter \(key) given twice") }
             switch key {
             case "socket": socket = value
@@ -170,7 +178,9 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             default: tlsUsername = value
             }
         }
-        guard unknown.isEmpty else { throw bad("unknown query parameter\(unknown.count > 1 ? "s" : "") \(unknown.joined(separator: ", "))") }
+        guard unknown.isEmpty else {
+            throw bad("unknown query parameter\(unknown.count > 1 ? "s" : "") \(unknown.joined(separator: ", "))")
+        }
         return socket
     }
 
@@ -212,7 +222,9 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         var out = ""
         for byte in text.utf8 {
             let scalar = Unicode.Scalar(byte)
-            let unreserved = (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A) || "-._~".unicodeScalars.contains(scalar)
+            let unreserved =
+                (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5A) || (byte >= 0x61 && byte <= 0x7A)
+                || "-._~".unicodeScalars.contains(scalar)
             if unreserved || (byte < 0x80 && allowed.unicodeScalars.contains(scalar)) {
                 out.unicodeScalars.append(scalar)
             } else {
@@ -226,9 +238,13 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         var bytes: [UInt8] = []
         var iterator = text.utf8.makeIterator()
         while let byte = iterator.next() {
-            guard byte == UInt8(ascii: "%") else { bytes.append(byte); continue }
+            guard byte == UInt8(ascii: "%") else {
+                bytes.append(byte)
+                continue
+            }
             guard let high = iterator.next(), let low = iterator.next(),
-                  let value = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16) else { return nil }
+                let value = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16)
+            else { return nil }
             bytes.append(value)
         }
         let text = String(decoding: bytes, as: UTF8.self)

@@ -1,7 +1,7 @@
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-import NBDCore
 
 /// Opens the socket and installs the client handler.
 enum Dialer {
@@ -12,10 +12,17 @@ enum Dialer {
         let handshake: EventLoopFuture<ClientConnectionOutcome>
     }
 
-    static func dial(_ address: NBDAddress, configuration: NBDClientConfiguration, tls: NBDClientChannelHandler.TLSSetup?) async throws -> Dialed {
+    static func dial(
+        _ address: NBDAddress,
+        configuration: NBDClientConfiguration,
+        tls: NBDClientChannelHandler.TLSSetup?
+    ) async throws -> Dialed {
         let machineConfiguration = NBDClientChannelHandler.Machine.Configuration(
-            limits: configuration.negotiationLimits, maximumRequestsInFlight: configuration.maximumRequestsInFlight,
-            negotiationTimeout: configuration.negotiationTimeout, tlsPolicy: configuration.tls.policy)
+            limits: configuration.negotiationLimits,
+            maximumRequestsInFlight: configuration.maximumRequestsInFlight,
+            negotiationTimeout: configuration.negotiationTimeout,
+            tlsPolicy: configuration.tls.policy
+        )
         let logger = configuration.logger
         logger.debug("dialing", metadata: ["address": "\(address)"])
         // Connected here, not by SwiftNIO, so that the client knows the descriptor.
@@ -29,19 +36,27 @@ enum Dialer {
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let handshake = channel.eventLoop.makePromise(of: ClientConnectionOutcome.self)
-                    let handler = NBDClientChannelHandler(eventLoop: channel.eventLoop, configuration: machineConfiguration, tls: tls,
-                                                         directRead: directRead, logger: logger, handshake: handshake)
+                    let handler = NBDClientChannelHandler(
+                        eventLoop: channel.eventLoop,
+                        configuration: machineConfiguration,
+                        tls: tls,
+                        directRead: directRead,
+                        logger: logger,
+                        handshake: handshake
+                    )
                     try channel.pipeline.syncOperations.addHandler(handler)
                     added.withLockedValue { $0 = (NIOLoopBound(handler, eventLoop: channel.eventLoop), handshake.futureResult) }
                 }
             }
         if directRead != nil {
             // The client reads itself (DirectRead): SwiftNIO reads a little per wakeup.
-            bootstrap = bootstrap
+            bootstrap =
+                bootstrap
                 .channelOption(.recvAllocator, value: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.wakeupReadSize))
                 .channelOption(.maxMessagesPerRead, value: 1)
         } else {
-            bootstrap = bootstrap
+            bootstrap =
+                bootstrap
                 .channelOption(.recvAllocator, value: receiveAllocator)
                 .channelOption(.maxMessagesPerRead, value: readsPerEvent)
         }

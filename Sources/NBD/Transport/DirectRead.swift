@@ -1,10 +1,11 @@
+import NBDCore
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
-import NBDCore
 
 /// Reads a READ's data from the socket straight into its destination.
 ///

@@ -1,8 +1,8 @@
 import Logging
+import NBDCore
 import NIOCore
 import NIOSSL
 import NIOTLS
-import NBDCore
 
 /// The one channel handler of a client connection. It feeds every event to a
 /// ``ClientConnectionStateMachine`` and performs the actions it returns, in ``run()``; it keeps
@@ -34,12 +34,21 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     /// Whether the last READ chunk seen was large, so the next is likely large too.
     private var largeChunksFlowing = false
     /// Buffers for batches of replies, reused once nothing holds a slice of them (as SwiftNIO does).
-    private var batches = NIOPooledRecvBufferAllocator(capacity: 16, recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize))
+    private var batches = NIOPooledRecvBufferAllocator(
+        capacity: 16,
+        recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize)
+    )
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
 
-    init(eventLoop: EventLoop, configuration: Machine.Configuration, tls: TLSSetup?, directRead: DirectRead?, logger: Logger,
-         handshake: Waiter) {
+    init(
+        eventLoop: EventLoop,
+        configuration: Machine.Configuration,
+        tls: TLSSetup?,
+        directRead: DirectRead?,
+        logger: Logger,
+        handshake: Waiter
+    ) {
         machine = Machine(configuration: configuration, handshakeWaiter: handshake)
         self.eventLoop = eventLoop
         self.tls = tls
@@ -143,8 +152,13 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 flush = true
             case .sendRequest(let header, let request):
-                logger.trace("request", metadata: ["command": "\(header.type)", "cookie": "\(header.cookie)", "offset": "\(header.offset)",
-                                                   "length": "\(header.length)"])
+                logger.trace(
+                    "request",
+                    metadata: [
+                        "command": "\(header.type)", "cookie": "\(header.cookie)", "offset": "\(header.offset)",
+                        "length": "\(header.length)",
+                    ]
+                )
                 context.write(wrapOutboundOut(encoded(header, context: context)), promise: nil)
                 for buffer in request.takePayload() {
                     context.write(wrapOutboundOut(buffer), promise: nil)
@@ -232,7 +246,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             let expected = machine.expectedData
             let filled: Bool
             if let (request, offset, count, chunkLength) = expected, chunkLength >= DirectRead.largeChunk,
-               let destination = request.destination, destination.fillsInPlace {
+                let destination = request.destination, destination.fillsInPlace
+            {
                 largeChunksFlowing = true
                 let received = destination.receive(at: offset, count: count, using: directRead.read(into:))
                 guard received > 0 else { return }

@@ -1,5 +1,5 @@
-import NIOCore
 import NBDCore
+import NIOCore
 
 /// One request on its way: what to send, where a READ's bytes go, what a BLOCK_STATUS
 /// collects, and the promise of its caller. Made by the caller; from then on its mutable state
@@ -22,8 +22,15 @@ final class PendingRequest: @unchecked Sendable {
     /// Nil once the caller was answered (completed, failed or cancelled).
     private(set) var promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>?
 
-    init(_ type: CommandType, flags: CommandFlags, offset: UInt64, length: UInt32, payload: [ByteBuffer] = [],
-         destination: ReadDestination? = nil, promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>) {
+    init(
+        _ type: CommandType,
+        flags: CommandFlags,
+        offset: UInt64,
+        length: UInt32,
+        payload: [ByteBuffer] = [],
+        destination: ReadDestination? = nil,
+        promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>
+    ) {
         self.type = type
         self.flags = flags
         self.offset = offset

@@ -15,7 +15,10 @@ final class ServerHelloObserver: ChannelInboundHandler, RemovableChannelHandler 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         if !isDone {
             let bytes = unwrapInboundIn(data)
-            var head = bytes.getSlice(at: bytes.readerIndex, length: min(bytes.readableBytes, TLSServerHello.longestPrefix - seen.readableBytes))!
+            var head = bytes.getSlice(
+                at: bytes.readerIndex,
+                length: min(bytes.readableBytes, TLSServerHello.longestPrefix - seen.readableBytes)
+            )!
             seen.writeBuffer(&head)
             switch TLSServerHello.cipherSuite(in: seen) {
             case .needMore where seen.readableBytes < TLSServerHello.longestPrefix:

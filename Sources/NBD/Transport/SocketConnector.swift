@@ -1,11 +1,12 @@
+import NBDCore
+import NIOCore
+import NIOPosix
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import NIOCore
-import NIOPosix
-import NBDCore
 
 /// Connects sockets here, then hands them to SwiftNIO: the client keeps the descriptor to read
 /// READ data straight into its destination (see ``DirectRead``).
@@ -81,8 +82,12 @@ enum SocketConnector {
     }
 
     /// A new socket connected to `address`, waiting for the connection until `deadline`.
-    private static func connect(family: Int32, _ address: UnsafePointer<sockaddr>, _ length: socklen_t,
-                                deadline: NIODeadline) throws(Failure) -> NIOBSDSocket.Handle {
+    private static func connect(
+        family: Int32,
+        _ address: UnsafePointer<sockaddr>,
+        _ length: socklen_t,
+        deadline: NIODeadline
+    ) throws(Failure) -> NIOBSDSocket.Handle {
         let fd = socket(family, CLibrary.socketStream, 0)
         guard fd >= 0 else { throw Failure("socket()", errno) }
         var done = false

@@ -22,7 +22,8 @@ enum TLSServerHello {
         guard let messageType = bytes.readInteger(as: UInt8.self) else { return .needMore }
         guard messageType == 2 else { return .notServerHello }
         guard bytes.readSlice(length: 3) != nil, bytes.readSlice(length: 2 + 32) != nil,
-              let sessionIDLength = bytes.readInteger(as: UInt8.self) else { return .needMore }
+            let sessionIDLength = bytes.readInteger(as: UInt8.self)
+        else { return .needMore }
         guard sessionIDLength <= 32 else { return .notServerHello }
         // A ServerHello split across records is legal but unheard of; it is not followed.
         guard Int(recordLength) >= 4 + 2 + 32 + 1 + Int(sessionIDLength) + 2 else { return .notServerHello }

@@ -52,8 +52,12 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         public var tlsPolicy: NBDTLSPolicy
 
         /// A configuration with the given settings.
-        public init(limits: ClientNegotiationStateMachine.Limits = .init(), maximumRequestsInFlight: Int = 64,
-                    negotiationTimeout: TimeAmount = .seconds(30), tlsPolicy: NBDTLSPolicy = .disable) {
+        public init(
+            limits: ClientNegotiationStateMachine.Limits = .init(),
+            maximumRequestsInFlight: Int = 64,
+            negotiationTimeout: TimeAmount = .seconds(30),
+            tlsPolicy: NBDTLSPolicy = .disable
+        ) {
             self.limits = limits
             self.maximumRequestsInFlight = max(1, maximumRequestsInFlight)
             self.negotiationTimeout = negotiationTimeout
@@ -245,7 +249,13 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// A caller submits a request. It is sent now, or queued while the in-flight cap is reached.
-    @inlinable public mutating func requestSubmitted(_ request: Request, command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt32) {
+    @inlinable public mutating func requestSubmitted(
+        _ request: Request,
+        command: CommandType,
+        flags: CommandFlags,
+        offset: UInt64,
+        length: UInt32
+    ) {
         switch phase {
         case .closed(let error):
             outbox.append(.complete(request, error: error))
@@ -253,7 +263,9 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
             outbox.append(.complete(request, error: .invalidArgument("\(command) before transmission")))
         case .transmission:
             if disconnecting {
-                outbox.append(.complete(request, error: NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false)))
+                outbox.append(
+                    .complete(request, error: NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false))
+                )
             } else {
                 queued.append(Queued(request: request, command: command, flags: flags, offset: offset, length: length))
                 sendQueued()
@@ -321,8 +333,14 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// The channel reported an error; the connection ends.
     public mutating func errorCaught(_ error: any Error) {
         if case .negotiating(pending: .tlsHandshake) = phase {
-            fail(NBDError(.tlsFailed, "the TLS handshake failed (certificate not trusted, wrong name or expired; wrong PSK or user; or no TLS on the server)",
-                          connectionUsable: false, underlying: error))
+            fail(
+                NBDError(
+                    .tlsFailed,
+                    "the TLS handshake failed (certificate not trusted, wrong name or expired; wrong PSK or user; or no TLS on the server)",
+                    connectionUsable: false,
+                    underlying: error
+                )
+            )
         } else {
             fail(NBDError(.connectionClosed, "the connection failed", connectionUsable: false, underlying: error))
         }
@@ -332,7 +350,8 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// ended; callers of a disconnect are answered.
     public mutating func channelClosed() {
         channelIsOpen = false
-        if case .closed = phase {} else {
+        if case .closed = phase {
+        } else {
             end(NBDError(.connectionClosed, "the server closed the connection", connectionUsable: false))
         }
         for waiter in disconnectWaiters { outbox.append(.succeed(waiter, .disconnected)) }
@@ -370,7 +389,13 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     @inlinable mutating func sendQueued() {
         while transmission.inFlightCount < configuration.maximumRequestsInFlight, !transmission.hasFailed, let next = queued.popFirst() {
-            let header = transmission.startRequest(next.command, flags: next.flags, offset: next.offset, length: next.length, context: next.request)
+            let header = transmission.startRequest(
+                next.command,
+                flags: next.flags,
+                offset: next.offset,
+                length: next.length,
+                context: next.request
+            )
             outbox.append(.sendRequest(header, next.request))
         }
     }
@@ -497,18 +522,32 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         }
         // "If encryption cannot be negotiated then the connection MUST fail": a hard
         // disconnect, with nothing else sent in clear.
-        fail(NBDError(.tlsRequired, "the server refused STARTTLS and TLS is required; nothing else was sent", optionReply: type,
-                      serverMessage: message, connectionUsable: false))
+        fail(
+            NBDError(
+                .tlsRequired,
+                "the server refused STARTTLS and TLS is required; nothing else was sent",
+                optionReply: type,
+                serverMessage: message,
+                connectionUsable: false
+            )
+        )
     }
 
     mutating func startTransmission(goReplies: [OptionReply.Body]?, exportNameReply: ExportNameReply?, pending: Pending?) {
         guard case .option(_, let waiter) = pending else { return }
         // The one metadata-context rule: see ClientNegotiationStateMachine.transmissionMetaContexts.
-        let start = ClientTransmissionStart(goReplies: goReplies, exportNameReply: exportNameReply,
-                                            structuredReplies: negotiation.negotiated.structuredReplies,
-                                            metaContexts: negotiation.transmissionMetaContexts)
-        transmission = ClientTransmissionStateMachine(configuration: .init(
-            structuredReplies: start.structuredReplies, metaContextIDs: Set(start.metaContexts.map(\.id))))
+        let start = ClientTransmissionStart(
+            goReplies: goReplies,
+            exportNameReply: exportNameReply,
+            structuredReplies: negotiation.negotiated.structuredReplies,
+            metaContexts: negotiation.transmissionMetaContexts
+        )
+        transmission = ClientTransmissionStateMachine(
+            configuration: .init(
+                structuredReplies: start.structuredReplies,
+                metaContextIDs: Set(start.metaContexts.map(\.id))
+            )
+        )
         phase = .transmission
         // Bytes behind the reply are transmission bytes: the transmission machine judges them.
         if input.readableBytes > 0 { transmission.feed(input) }
@@ -544,10 +583,21 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     static func rejection(of option: OptionCode, _ type: OptionReplyType, _ message: String) -> NBDError {
         let usable = type != .errShutdown
         if type == .errTLSRequired {
-            return NBDError(.tlsRequired, "the server requires TLS for \(option); use an nbds:// URI", optionReply: type,
-                            serverMessage: message, connectionUsable: usable)
+            return NBDError(
+                .tlsRequired,
+                "the server requires TLS for \(option); use an nbds:// URI",
+                optionReply: type,
+                serverMessage: message,
+                connectionUsable: usable
+            )
         }
-        return NBDError(.optionRejected, "the server refused \(option)", optionReply: type, serverMessage: message, connectionUsable: usable)
+        return NBDError(
+            .optionRejected,
+            "the server refused \(option)",
+            optionReply: type,
+            serverMessage: message,
+            connectionUsable: usable
+        )
     }
 }
 

@@ -119,7 +119,9 @@ public struct ClientNegotiationStateMachine: Sendable {
         case .structuredReply:
             negotiated.structuredReplies = true
         case .setMetaContext:
-            negotiated.metaContexts = replies.compactMap { if case .metaContext(let id, let name) = $0 { NBDMetaContext(id: id, name: name) } else { nil } }
+            negotiated.metaContexts = replies.compactMap {
+                if case .metaContext(let id, let name) = $0 { NBDMetaContext(id: id, name: name) } else { nil }
+            }
         case .startTLS:
             // "the server MUST NOT preserve any negotiation state ... issued before this command"
             negotiated = Negotiated()
@@ -147,10 +149,18 @@ public struct ClientNegotiationStateMachine: Sendable {
         case .awaitingGreeting:
             guard let greeting = try ServerGreeting.decode(from: &buffer) else { return .wait }
             guard case .newstyle(let flags) = greeting else {
-                throw NBDError(.incompatibleServer, "the server speaks oldstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
+                throw NBDError(
+                    .incompatibleServer,
+                    "the server speaks oldstyle negotiation, which this client does not support (it needs fixed newstyle)",
+                    connectionUsable: false
+                )
             }
             guard flags.contains(.fixedNewstyle) else {
-                throw NBDError(.incompatibleServer, "the server speaks non-fixed newstyle negotiation, which this client does not support (it needs fixed newstyle)", connectionUsable: false)
+                throw NBDError(
+                    .incompatibleServer,
+                    "the server speaks non-fixed newstyle negotiation, which this client does not support (it needs fixed newstyle)",
+                    connectionUsable: false
+                )
             }
             serverFlags = flags
             // "NBD_FLAG_C_NO_ZEROES ... MUST NOT be set if the server did not set NBD_FLAG_NO_ZEROES."

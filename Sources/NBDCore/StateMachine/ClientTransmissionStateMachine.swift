@@ -96,7 +96,13 @@ public struct ClientTransmissionStateMachine<Context> {
 
     /// Registers a request and returns its header, with a fresh cookie, to send.
     /// `NBD_CMD_DISC` gets no reply and is not registered.
-    @inlinable public mutating func startRequest(_ type: CommandType, flags: CommandFlags = [], offset: UInt64, length: UInt32, context: Context) -> RequestHeader {
+    @inlinable public mutating func startRequest(
+        _ type: CommandType,
+        flags: CommandFlags = [],
+        offset: UInt64,
+        length: UInt32,
+        context: Context
+    ) -> RequestHeader {
         let cookie = nextCookie
         nextCookie &+= 1
         let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
@@ -223,8 +229,12 @@ public struct ClientTransmissionStateMachine<Context> {
                 throw .serverViolation("structured reply chunk although structured replies were not negotiated")
             }
             if chunk.type == .offsetData {
-                guard request.header.type == .read else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)") }
-                guard chunk.length >= 9 else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9") }
+                guard request.header.type == .read else {
+                    throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)")
+                }
+                guard chunk.length >= 9 else {
+                    throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9")
+                }
                 guard let offset = input.readInteger(as: UInt64.self) else {
                     input.moveReaderIndex(to: start)
                     return nil
@@ -232,11 +242,19 @@ public struct ClientTransmissionStateMachine<Context> {
                 let length = UInt64(chunk.length - 8)
                 try recordContent(&request, offset: offset, length: length, kind: "NBD_REPLY_TYPE_OFFSET_DATA")
                 inFlight[chunk.cookie] = request
-                parseState = .data(cookie: chunk.cookie, offset: offset, remaining: Int(length), length: Int(length), done: chunk.flags.contains(.done))
+                parseState = .data(
+                    cookie: chunk.cookie,
+                    offset: offset,
+                    remaining: Int(length),
+                    length: Int(length),
+                    done: chunk.flags.contains(.done)
+                )
                 return try parse()
             }
             guard chunk.length <= configuration.maximumBufferedChunkLength else {
-                throw .serverViolation("\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)")
+                throw .serverViolation(
+                    "\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)"
+                )
             }
             guard var payload = input.readSlice(length: Int(chunk.length)) else {
                 input.moveReaderIndex(to: start)
@@ -270,7 +288,13 @@ public struct ClientTransmissionStateMachine<Context> {
             }
             inFlight[cookie]!.coverage = RangeCoverage()
             _ = inFlight[cookie]!.coverage.insert(request.range)
-            parseState = .data(cookie: cookie, offset: request.header.offset, remaining: Int(request.header.length), length: Int(request.header.length), done: true)
+            parseState = .data(
+                cookie: cookie,
+                offset: request.header.offset,
+                remaining: Int(request.header.length),
+                length: Int(request.header.length),
+                done: true
+            )
             return try parse()
         }
         guard request.header.type != .blockStatus else {
@@ -284,7 +308,9 @@ public struct ClientTransmissionStateMachine<Context> {
         case .none:
             return nil
         case .offsetHole(let offset, let length):
-            guard request.header.type == .read else { throw .serverViolation("NBD_REPLY_TYPE_OFFSET_HOLE in reply to \(request.header.type)") }
+            guard request.header.type == .read else {
+                throw .serverViolation("NBD_REPLY_TYPE_OFFSET_HOLE in reply to \(request.header.type)")
+            }
             try recordContent(&request, offset: offset, length: UInt64(length), kind: "NBD_REPLY_TYPE_OFFSET_HOLE")
             return .hole(request.context, offset: offset, length: length)
         case .blockStatus(let contextID, let descriptors):
@@ -312,7 +338,9 @@ public struct ClientTransmissionStateMachine<Context> {
             return .blockStatus(request.context, contextID: contextID, descriptors: descriptors)
         case .error(_, let errno, let message, let offset):
             if let offset {
-                guard request.header.type != .flush, request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset) else {
+                guard request.header.type != .flush,
+                    request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset)
+                else {
                     throw .serverViolation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
                 }
             }

@@ -11,14 +11,16 @@ struct RangeCoverage: Sendable {
     /// Adds `range`; false (and nothing added) when it overlaps what is covered.
     @inlinable mutating func insert(_ range: Range<UInt64>) -> Bool {
         // First stored range that ends after the new one starts.
-        var low = 0, high = ranges.count
+        var low = 0
+        var high = ranges.count
         while low < high {
             let mid = (low + high) / 2
             if ranges[mid].upperBound <= range.lowerBound { low = mid + 1 } else { high = mid }
         }
         if low < ranges.count, ranges[low].lowerBound < range.upperBound { return false }
         var merged = range
-        var removeFrom = low, removeTo = low
+        var removeFrom = low
+        var removeTo = low
         if low > 0, ranges[low - 1].upperBound == range.lowerBound {
             merged = ranges[low - 1].lowerBound..<merged.upperBound
             removeFrom = low - 1

@@ -26,7 +26,12 @@ public enum ServerReply: Sendable {
         switch self {
         case .failed(let errno, let message):
             if structured {
-                let chunk = ReplyChunk.error(.error, errno: errno, message: message.truncated(toUTF8Bytes: nbdMaximumStringLength), offset: nil)
+                let chunk = ReplyChunk.error(
+                    .error,
+                    errno: errno,
+                    message: message.truncated(toUTF8Bytes: nbdMaximumStringLength),
+                    offset: nil
+                )
                 Self.chunk(chunk, type: .error, cookie: request.cookie, done: true, into: &header)
             } else {
                 ReplyHeader.simple(SimpleReplyHeader(error: errno, cookie: request.cookie)).encode(into: &header)
@@ -34,17 +39,24 @@ public enum ServerReply: Sendable {
         case .done:
             ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
         case .extents(let extents):
-            Self.chunk(.blockStatus(contextID: contextID, descriptors: extents), type: .blockStatus, cookie: request.cookie, done: true, into: &header)
+            Self.chunk(
+                .blockStatus(contextID: contextID, descriptors: extents),
+                type: .blockStatus,
+                cookie: request.cookie,
+                done: true,
+                into: &header
+            )
         case .data(let parts):
             guard structured else {
                 // "a simple reply... followed by the data": holes as zero bytes.
                 ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
-                return [header] + parts.map { part in
-                    switch part {
-                    case .data(let bytes): bytes
-                    case .hole(let count): ByteBuffer(repeating: 0, count: count)
+                return [header]
+                    + parts.map { part in
+                        switch part {
+                        case .data(let bytes): bytes
+                        case .hole(let count): ByteBuffer(repeating: 0, count: count)
+                        }
                     }
-                }
             }
             return Self.structuredRead(request, parts: parts)
         }

@@ -79,7 +79,15 @@ public struct ServerTransmissionStateMachine: Sendable {
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         inFlight -= 1
         guard !ended else { return }
-        outbox.append(.write(reply.framed(for: request, structured: agreement.structuredReplies, contextID: ServerNegotiationStateMachine.baseAllocationID)))
+        outbox.append(
+            .write(
+                reply.framed(
+                    for: request,
+                    structured: agreement.structuredReplies,
+                    contextID: ServerNegotiationStateMachine.baseAllocationID
+                )
+            )
+        )
         closeIfDone()
     }
 

@@ -46,9 +46,13 @@ public struct OptionReply: Hashable, Sendable {
     /// refused as soon as the header is read, before its data is awaited or allocated.
     public static func decode(from buffer: inout ByteBuffer, maximumLength: Int = defaultMaximumLength) throws(NBDError) -> OptionReply? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> OptionReply? in
-            guard let (magic, rawOption, rawType, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32, UInt32).self) else { return nil }
+            guard let (magic, rawOption, rawType, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32, UInt32).self) else {
+                return nil
+            }
             guard magic == NBDMagic.optionReply else { throw .serverViolation("option reply with bad magic 0x\(String(magic, radix: 16))") }
-            guard length <= maximumLength else { throw .serverViolation("option reply of \(length) bytes exceeds the bound of \(maximumLength)") }
+            guard length <= maximumLength else {
+                throw .serverViolation("option reply of \(length) bytes exceeds the bound of \(maximumLength)")
+            }
             guard var payload = buffer.readSlice(length: Int(length)) else { return nil }
             let type = OptionReplyType(rawValue: rawType)
             let body = try Self.parse(type: type, payload: &payload)

@@ -89,7 +89,9 @@ public enum OptionRequest: Hashable, Sendable {
         switch code {
         case .exportName:
             return .exportName(data.readNBDString(length: data.readableBytes) ?? "")
-        case .abort: data.moveReaderIndex(to: data.writerIndex); return .abort
+        case .abort:
+            data.moveReaderIndex(to: data.writerIndex)
+            return .abort
         case .list: return .list
         case .startTLS: return .startTLS
         case .structuredReply: return .structuredReply
@@ -109,7 +111,8 @@ public enum OptionRequest: Hashable, Sendable {
                 guard let query = try data.readLengthPrefixedString() else { throw truncated }
                 queries.append(query)
             }
-            return code == .listMetaContext ? .listMetaContext(export: export, queries: queries) : .setMetaContext(export: export, queries: queries)
+            return code == .listMetaContext
+                ? .listMetaContext(export: export, queries: queries) : .setMetaContext(export: export, queries: queries)
         default:
             let rest = data.readSlice(length: data.readableBytes)!
             return .other(code, rest)

@@ -23,8 +23,16 @@ public enum ReplyHeader: Hashable, Sendable {
             guard let (_, error, cookie) = buffer.readMultipleIntegers(as: (UInt32, UInt32, UInt64).self) else { return nil }
             return .simple(SimpleReplyHeader(error: NBDErrno(rawValue: error), cookie: cookie))
         case NBDMagic.structuredReply:
-            guard let (_, flags, type, cookie, length) = buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt32).self) else { return nil }
-            return .structured(StructuredReplyHeader(flags: ReplyFlags(rawValue: flags), type: ReplyChunkType(rawValue: type), cookie: cookie, length: length))
+            guard let (_, flags, type, cookie, length) = buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt32).self)
+            else { return nil }
+            return .structured(
+                StructuredReplyHeader(
+                    flags: ReplyFlags(rawValue: flags),
+                    type: ReplyChunkType(rawValue: type),
+                    cookie: cookie,
+                    length: length
+                )
+            )
         default:
             throw .serverViolation("reply with unknown magic 0x\(String(magic, radix: 16))")
         }
@@ -36,7 +44,13 @@ public enum ReplyHeader: Hashable, Sendable {
         case .simple(let header):
             buffer.writeMultipleIntegers(NBDMagic.simpleReply, header.error.rawValue, header.cookie)
         case .structured(let header):
-            buffer.writeMultipleIntegers(NBDMagic.structuredReply, header.flags.rawValue, header.type.rawValue, header.cookie, header.length)
+            buffer.writeMultipleIntegers(
+                NBDMagic.structuredReply,
+                header.flags.rawValue,
+                header.type.rawValue,
+                header.cookie,
+                header.length
+            )
         }
     }
 }

@@ -34,10 +34,18 @@ public struct RequestHeader: Hashable, Sendable {
     /// Decodes a header (the server side); nil when more bytes are needed.
     public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> RequestHeader? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> RequestHeader? in
-            guard let (magic, flags, type, cookie, offset, length) =
-                buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self) else { return nil }
+            guard
+                let (magic, flags, type, cookie, offset, length) =
+                    buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
+            else { return nil }
             guard magic == NBDMagic.request else { throw .clientViolation("request with bad magic 0x\(String(magic, radix: 16))") }
-            return RequestHeader(flags: CommandFlags(rawValue: flags), type: CommandType(rawValue: type), cookie: cookie, offset: offset, length: length)
+            return RequestHeader(
+                flags: CommandFlags(rawValue: flags),
+                type: CommandType(rawValue: type),
+                cookie: cookie,
+                offset: offset,
+                length: length
+            )
         }
     }
 }
