@@ -1,0 +1,66 @@
+import Foundation
+import Testing
+
+/// The README's code cannot rot: every Swift block in it is part of a file of `Snippets/`,
+/// which `swift build` compiles; the manifest block names products the package has.
+@Suite("README code is compiled")
+struct ReadmeSnippetTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// The Swift blocks of the README, each as its lines without leading and trailing blanks.
+    static func readmeBlocks() throws -> [[String]] {
+        let text = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+        var blocks: [[String]] = []
+        var current: [String]?
+        for line in text.components(separatedBy: "\n") {
+            if current == nil, line == "```swift" {
+                current = []
+            } else if current != nil, line == "```" {
+                blocks.append(current!)
+                current = nil
+            } else {
+                current?.append(line)
+            }
+        }
+        return blocks.map { $0.map(Self.trimmed) }
+    }
+
+    /// Each snippet's lines, trimmed, without the `// snippet.` markers DocC reads.
+    static func snippets() throws -> [String: [String]] {
+        let folder = root.appendingPathComponent("Snippets")
+        var files: [String: [String]] = [:]
+        for name in try FileManager.default.contentsOfDirectory(atPath: folder.path) where name.hasSuffix(".swift") {
+            let text = try String(contentsOf: folder.appendingPathComponent(name), encoding: .utf8)
+            files[name] = text.components(separatedBy: "\n").map(trimmed).filter { !$0.hasPrefix("// snippet.") }
+        }
+        return files
+    }
+
+    static func trimmed(_ line: String) -> String { line.trimmingCharacters(in: .whitespaces) }
+
+    static func contains(_ haystack: [String], _ needle: [String]) -> Bool {
+        let needle = Array(needle.drop { $0.isEmpty }.reversed().drop { $0.isEmpty }.reversed())
+        guard !needle.isEmpty, needle.count <= haystack.count else { return needle.isEmpty }
+        return (0...(haystack.count - needle.count)).contains { Array(haystack[$0..<($0 + needle.count)]) == needle }
+    }
+
+    @Test func everySwiftBlockIsInASnippet() throws {
+        let snippets = try Self.snippets()
+        let blocks = try Self.readmeBlocks().filter { $0.first != "// Package.swift" }
+        #expect(blocks.count >= 10)
+        for block in blocks {
+            #expect(snippets.values.contains { Self.contains($0, block) }, "not in Snippets/:\n\(block.joined(separator: "\n"))")
+        }
+    }
+
+    @Test func theManifestBlockNamesRealProducts() throws {
+        let manifest = try String(contentsOf: Self.root.appendingPathComponent("Package.swift"), encoding: .utf8)
+        let block = try #require(try Self.readmeBlocks().first { $0.first == "// Package.swift" })
+        let named = block.compactMap { line -> String? in
+            guard let range = line.range(of: ".product(name: \"") else { return nil }
+            return String(line[range.upperBound...].prefix { $0 != "\"" })
+        }
+        #expect(named == ["NBD", "NBDServer"])
+        for product in named { #expect(manifest.contains(".library(name: \"\(product)\"")) }
+    }
+}
