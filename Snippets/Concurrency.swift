@@ -17,6 +17,6 @@ func readInParallel(_ export: NBDExport) async throws {
 // snippet.segments
 func passOn(from source: NBDExport, to destination: NBDExport) async throws {
     let pieces = try await source.readSegments(at: 0, length: 4 << 20)
-    try await destination.write(segments: pieces, at: 0)   // gathered by the kernel, not by us
+    try await destination.write(segments: pieces, at: 0)  // gathered by the kernel, not by us
 }
 // snippet.end

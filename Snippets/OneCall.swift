@@ -8,6 +8,6 @@ func oneCall() async throws {
     await export.disconnect()
 
     try await NBDExport.withExport(NBDURI("nbd://localhost/disk")) { export in
-        print(export.info)   // ... always disconnected afterwards, even when this throws
+        print(export.info)  // ... always disconnected afterwards, even when this throws
     }
 }

@@ -14,7 +14,7 @@ func secureByHand() async throws {
     configuration.tls.caCertificateFile = "/etc/pki/nbd/ca-cert.pem"
     configuration.tls.hostname = "nbd.example.com"
     let connection = try await NBDConnection.connect(to: .unix(path: "/run/nbd.sock"), configuration: configuration)
-    print(await connection.tlsVersion ?? "in clear")   // e.g. tlsv13; NBDExport.tlsVersion too
-    print(await connection.tlsCipherSuite ?? "")        // e.g. TLS_AES_256_GCM_SHA384; NBDExport too
+    print(await connection.tlsVersion ?? "in clear")  // e.g. tlsv13; NBDExport.tlsVersion too
+    print(await connection.tlsCipherSuite ?? "")  // e.g. TLS_AES_256_GCM_SHA384; NBDExport too
 }
 // snippet.end

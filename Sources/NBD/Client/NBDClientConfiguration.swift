@@ -7,7 +7,7 @@ import NIOPosix
 public struct NBDClientConfiguration: Sendable {
     /// Ask for structured replies (`NBD_OPT_STRUCTURED_REPLY`): sparse reads and block status.
     public var structuredReplies = true
-    /// Metadata contexts the one-call ``NBDExport/connect(to:configuration:)`` selects.
+    /// Metadata contexts the one-call ``NBDExport/connect(to:configuration:)-(NBDURI,_)`` selects.
     public var metaContexts: [String] = [NBDMetaContext.baseAllocation]
     /// The `NBD_INFO_*` items asked for with INFO and GO. The export item always comes.
     public var infoRequests: [InfoType] = [.name, .description, .blockSize]

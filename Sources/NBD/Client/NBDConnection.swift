@@ -26,10 +26,10 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// Dials `address`, completes the fixed-newstyle handshake, and returns the connection
     /// ready for options. Oldstyle and non-fixed-newstyle servers are refused with
-    /// ``NBDError/Code-swift.struct/incompatibleServer``.
+    /// `NBDError.Code.incompatibleServer`.
     ///
     /// Unless the TLS policy is `.disable`, `NBD_OPT_STARTTLS` and the TLS handshake follow on
-    /// the same connection (``ClientConnectionStateMachine`` decides what a refusal means:
+    /// the same connection (`ClientConnectionStateMachine` decides what a refusal means:
     /// under `.require`, a hard disconnect with nothing else sent; under `.allow`, a server
     /// without TLS is used in clear).
     public static func connect(
@@ -223,7 +223,7 @@ public struct NBDConnection: ~Copyable, Sendable {
         )
     }
 
-    /// Sends an option and returns its replies; a refusal is thrown as an ``NBDError``.
+    /// Sends an option and returns its replies; a refusal is thrown as an `NBDError`.
     private func exchange(_ request: OptionRequest) async throws -> [OptionReply.Body] {
         guard case .optionReplies(let replies) = try await outcome(of: request) else {
             throw NBDError(.connectionClosed, "no replies to \(request.code)", connectionUsable: false)

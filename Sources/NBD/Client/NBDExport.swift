@@ -5,13 +5,13 @@ import NIOCore
 /// An export in the transmission phase: the only type that can read, write and query.
 ///
 /// Obtained from ``NBDConnection/go(_:requests:)``, ``NBDConnection/exportName(_:)`` or the
-/// one-call ``connect(to:configuration:)``. `Sendable` and safe to use from many tasks at once:
+/// one-call ``connect(to:configuration:)-(NBDURI,_)``. `Sendable` and safe to use from many tasks at once:
 /// requests are pipelined with unique cookies, replies matched in any order, and at most
 /// ``NBDClientConfiguration/maximumRequestsInFlight`` are on the wire at a time.
 ///
 /// Every request is checked before it is sent (libnbd's "strict mode"): a command or flag the
 /// export did not advertise, a zero length, a range past the end or one not aligned to the
-/// minimum block size fails with ``NBDError`` and nothing is sent. Reads and writes larger than
+/// minimum block size fails with `NBDError` and nothing is sent. Reads and writes larger than
 /// the maximum payload are split into several requests.
 ///
 /// End it with ``disconnect()`` (soft: in-flight requests finish, then `NBD_CMD_DISC`).

@@ -1,7 +1,7 @@
 import NBDCore
 
 extension NBDExport {
-    /// Whether `context` (for example ``NBDMetaContext/baseAllocation``) was negotiated, so that
+    /// Whether `context` (for example `NBDMetaContext.baseAllocation`) was negotiated, so that
     /// ``extents(of:in:)`` and ``blockStatus(at:length:flags:)`` can report it.
     public func hasMetaContext(_ context: String) -> Bool {
         metaContexts.contains { $0.name == context }
@@ -19,7 +19,7 @@ extension NBDExport {
     /// }
     /// ```
     ///
-    /// Iterating fails with ``NBDError/Code/notAdvertised`` when `context` was not negotiated,
+    /// Iterating fails with `NBDError.Code.notAdvertised` when `context` was not negotiated,
     /// and with a protocol violation when an answer has no extent for it.
     public func extents(of context: String = NBDMetaContext.baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
         NBDExtentSequence(export: self, context: context, range: range ?? 0..<size)

@@ -4,7 +4,7 @@ import NBDCore
 /// `nbds://...`, `nbd+unix:///export?socket=PATH`, `nbds+unix://...`.
 ///
 /// Parsing is strict: an unknown scheme or query parameter, a Unix URI without `socket`, or a
-/// bad port is an ``NBDError`` with code `invalidURI` naming what is wrong. ``description``
+/// bad port is an `NBDError` with code `invalidURI` naming what is wrong. ``description``
 /// prints an equivalent URI back.
 public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
     /// How the URI reaches its server: only a Unix URI has a socket, only a TCP one a host.

@@ -5,7 +5,7 @@ import NIOSSL
 import NIOTLS
 
 /// The one channel handler of a client connection. It feeds every event to a
-/// ``ClientConnectionStateMachine`` and performs the actions it returns, in ``run()``; it keeps
+/// `ClientConnectionStateMachine` and performs the actions it returns, in ``run()``; it keeps
 /// only I/O state: the context, the TLS setup, the timer, and what direct reads need.
 /// Every method runs on the channel's event loop.
 final class NBDClientChannelHandler: ChannelDuplexHandler {
