@@ -100,7 +100,7 @@ let package = Package(
         .testTarget(
             name: "InteropTests",
             dependencies: [
-                "NBD", "NBDCore", "NBDServer", "nbd",
+                "NBD", "NBDCore", "NBDServer", "nbd", "nbd-example",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

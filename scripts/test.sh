@@ -35,4 +35,16 @@ fi
 
 # One suite at a time: dozens of real servers started at once would starve a small machine
 # and make the timing-sensitive tests (cancellation) flaky.
-exec swift test --no-parallel "$@"
+swift test --no-parallel "$@"
+
+# The whole run also checks the formatting and builds the documentation, warnings being errors.
+if [ $# -eq 0 ]; then
+    swift format lint --strict -r Sources Tests Snippets Package.swift
+    docs=$(swift package --disable-sandbox generate-documentation --target NBD 2>&1) || { echo "$docs" >&2; exit 1; }
+    if grep -q '^warning' <<<"$docs"; then
+        grep -A4 '^warning' <<<"$docs" >&2
+        echo "the DocC catalog has warnings" >&2
+        exit 1
+    fi
+    echo "formatting and documentation: fine"
+fi

@@ -35,19 +35,30 @@ struct Example {
         }
 
         // 1. Dial and handshake: the connection is in the negotiation phase.
-        let connection = try await NBDConnection.connect(to: uri.address)
-        print("handshake: fixed newstyle, flags 0x\(String(connection.serverFlags.rawValue, radix: 16))")
+        let connection = try await NBDConnection.connect(to: uri)
+        print("1. handshake done, the server offers \(connection.serverFlags)")
 
         // 2. Negotiate: list, describe, ask for structured replies and block status.
-        for listing in try await connection.list() { print("export: \"\(listing.name)\" \(listing.description)") }
+        print("2. the server lists these exports:")
+        for listing in try await connection.list() {
+            print(
+                "     \(listing.name.isEmpty ? "(default)" : listing.name)\(listing.description.isEmpty ? "" : ": \(listing.description)")"
+            )
+        }
         let info = try await connection.info(uri.exportName)
-        print("info: \(info.size) bytes, block sizes \(info.blockSizes), read-only \(info.isReadOnly)")
+        print(
+            "   \(uri.exportName.isEmpty ? "the default export" : uri.exportName) has \(info.size) bytes, \(info.isReadOnly ? "read-only" : "writable")"
+        )
+        print("   block sizes: \(info.blockSizes)")
         let structured = try await connection.enableStructuredReplies()
         let contexts = try await connection.setMetaContexts(for: uri.exportName, queries: ["base:allocation"])
-        print("structured replies: \(structured), contexts: \(contexts.map(\.name))")
+        print(
+            "   structured replies \(structured ? "on" : "refused"), metadata contexts: \(contexts.isEmpty ? "none" : contexts.map(\.name).joined(separator: ", "))"
+        )
 
         // 3. GO: the connection becomes an export in the transmission phase.
         let export = try await connection.go(uri.exportName)
+        print("3. in transmission, export flags \(export.info.flags)")
 
         // 4. Transmit: write, read back, compare; zero, trim, block status, flush.
         var data = ByteBuffer()
@@ -55,18 +66,18 @@ struct Example {
         try await export.write(data, at: 4096)
         let back = try await export.read(at: 4096, length: UInt64(data.readableBytes))
         guard back == data else { throw ExampleError("read back differs from what was written") }
-        print("wrote and read back 1 MiB: identical")
+        print("4. wrote 1 MiB at offset 4096 and read it back: identical")
         if export.info.canZero { try await export.writeZeroes(at: 4096, length: 65536) }
         if export.info.canTrim { try await export.trim(at: 1 << 20, length: 65536) }
         if !export.metaContexts.isEmpty {
-            let status = try await export.blockStatus(at: 0, length: min(export.size, 4 << 20))
-            for extent in status["base:allocation"] ?? [] { print("extent: \(extent.offset) +\(extent.length) \(extent.status)") }
+            print("   the first 4 MiB, by block status:")
+            for try await extent in export.extents(in: 0..<min(export.size, 4 << 20)) { print("     \(extent)") }
         }
         if export.info.canFlush { try await export.flush() }
 
         // 5. Disconnect: requests in flight drain, NBD_CMD_DISC, close.
         await export.disconnect()
-        print("disconnected")
+        print("5. disconnected")
         if let server {
             await server.shutdown()
             if case .unix(let path) = uri.transport { try? FileManager.default.removeItem(atPath: path) }

@@ -197,6 +197,8 @@ struct DescriptionTests {
         #expect("\(HandshakeFlags([.fixedNewstyle, .noZeroes]))" == "NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES")
         #expect("\(HandshakeFlags(rawValue: 0x8001))" == "NBD_FLAG_FIXED_NEWSTYLE | 0x8000")
         #expect("\(HandshakeFlags())" == "none")
+        #expect("\(TransmissionFlags([.hasFlags, .readOnly, .sendFastZero]))" == "NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FAST_ZERO")
+        #expect("\(TransmissionFlags(rawValue: 0x8001))" == "NBD_FLAG_HAS_FLAGS | 0x8000")
         #expect("\(BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536))" == "minimum 1, preferred 4096, maximum 65536")
         #expect("\(NBDMetaContext(id: 3, name: "base:allocation"))" == "base:allocation (id 3)")
     }

@@ -14,6 +14,21 @@ extension ClientFlags: CustomStringConvertible {
     }
 }
 
+extension TransmissionFlags: CustomStringConvertible {
+    /// The flags by the spec's names, e.g. `NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH`.
+    public var description: String {
+        let names: [(Self, String)] = [
+            (.hasFlags, "NBD_FLAG_HAS_FLAGS"), (.readOnly, "NBD_FLAG_READ_ONLY"), (.sendFlush, "NBD_FLAG_SEND_FLUSH"),
+            (.sendFUA, "NBD_FLAG_SEND_FUA"), (.rotational, "NBD_FLAG_ROTATIONAL"), (.sendTrim, "NBD_FLAG_SEND_TRIM"),
+            (.sendWriteZeroes, "NBD_FLAG_SEND_WRITE_ZEROES"), (.sendDF, "NBD_FLAG_SEND_DF"),
+            (.canMultiConn, "NBD_FLAG_CAN_MULTI_CONN"), (.sendResize, "NBD_FLAG_SEND_RESIZE"),
+            (.sendCache, "NBD_FLAG_SEND_CACHE"), (.sendFastZero, "NBD_FLAG_SEND_FAST_ZERO"),
+            (.blockStatusPayload, "NBD_FLAG_BLOCK_STATUS_PAYLOAD"),
+        ]
+        return flagNames(rawValue, names.map { ($0.0.rawValue, $0.1) })
+    }
+}
+
 extension BlockSizeConstraints: CustomStringConvertible {
     /// E.g. `minimum 1, preferred 4096, maximum 33554432`.
     public var description: String { "minimum \(minimum), preferred \(preferred), maximum \(maximum)" }
