@@ -40,6 +40,12 @@ swift test --no-parallel "$@"
 # The whole run also checks the formatting and builds the documentation, warnings being errors.
 if [ $# -eq 0 ]; then
     swift format lint --strict -r Sources Tests Snippets Package.swift
+    long=$(git ls-files '*.swift' | xargs awk 'length > 140 { print FILENAME ":" FNR }')
+    if [ -n "$long" ]; then
+        echo "lines over 140 characters:" >&2
+        echo "$long" >&2
+        exit 1
+    fi
     docs=$(swift package --disable-sandbox generate-documentation --target NBD 2>&1) || { echo "$docs" >&2; exit 1; }
     if grep -q '^warning' <<<"$docs"; then
         grep -A4 '^warning' <<<"$docs" >&2

@@ -39,6 +39,21 @@ public final class NBDServer: Sendable {
         public var maximumRequestsInFlight = 1024
         /// Clients connected at once; more are closed as they arrive.
         public var maximumConnections = 256
+        /// Clients still negotiating at once, below ``maximumConnections``: when one more
+        /// arrives, the one that has negotiated longest is closed to make room, so that silent
+        /// connections cannot lock out clients that negotiate.
+        public var maximumNegotiatingConnections = 64
+        /// A client that has not entered transmission this long after connecting is closed
+        /// (qemu-nbd's `handshake-max-seconds`).
+        public var handshakeTimeout: TimeAmount = .seconds(10)
+        /// Bytes one connection may hold (WRITE data not yet stored, READ replies being made,
+        /// replies not yet written) before its requests are no longer read; reading resumes
+        /// at half. A connection holds at most this plus one ``maximumPayload``, so the server
+        /// at most ``maximumConnections`` times that.
+        public var maximumBufferedBytes = 64 * 1024 * 1024
+        /// A connection whose client reads none of its replies for this long, while its
+        /// requests are not being read, is closed. Idle connections are kept.
+        public var replyStallTimeout: TimeAmount = .seconds(60)
         /// Where connection and error logs go; by default nowhere.
         public var logger = Logger(label: "nbd-server", factory: { _ in SwiftLogNoOpLogHandler() })
         /// The defaults.
@@ -56,26 +71,48 @@ public final class NBDServer: Sendable {
         self.connections = connections
     }
 
-    /// The client connections open now.
+    /// The client connections open now, and which of them are still negotiating.
     final class Connections: Sendable {
-        private let channels = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
+        private struct State {
+            var channels: [ObjectIdentifier: Channel] = [:]
+            /// Negotiating connections, oldest first.
+            var negotiating: [Channel] = []
+        }
+        private let state = NIOLockedValueBox(State())
 
-        /// Adds `channel` unless `limit` are open already.
-        func admit(_ channel: Channel, limit: Int) -> Bool {
-            let admitted = channels.withLockedValue { channels in
-                guard channels.count < limit else { return false }
-                channels[ObjectIdentifier(channel)] = channel
-                return true
+        /// Adds `channel` unless `limit` are open already. When `negotiatingLimit` are still
+        /// negotiating, the oldest of them is returned, to be closed to make room.
+        func admit(_ channel: Channel, limit: Int, negotiatingLimit: Int) -> (admitted: Bool, evicted: Channel?) {
+            let result = state.withLockedValue { state -> (Bool, Channel?) in
+                var evicted: Channel?
+                if state.negotiating.count >= negotiatingLimit, !state.negotiating.isEmpty {
+                    evicted = state.negotiating.removeFirst()
+                }
+                guard state.channels.count - (evicted == nil ? 0 : 1) < limit else {
+                    if let evicted { state.negotiating.insert(evicted, at: 0) }
+                    return (false, nil)
+                }
+                state.channels[ObjectIdentifier(channel)] = channel
+                state.negotiating.append(channel)
+                return (true, evicted)
             }
-            if admitted {
+            if result.0 {
                 channel.closeFuture.whenComplete { [self] _ in
-                    _ = channels.withLockedValue { $0.removeValue(forKey: ObjectIdentifier(channel)) }
+                    state.withLockedValue { state in
+                        state.channels.removeValue(forKey: ObjectIdentifier(channel))
+                        state.negotiating.removeAll { $0 === channel }
+                    }
                 }
             }
-            return admitted
+            return result
         }
 
-        var all: [Channel] { channels.withLockedValue { Array($0.values) } }
+        /// `channel` entered transmission.
+        func negotiated(_ channel: Channel) {
+            state.withLockedValue { $0.negotiating.removeAll { $0 === channel } }
+        }
+
+        var all: [Channel] { state.withLockedValue { Array($0.channels.values) } }
     }
 
     /// Starts serving `exports` on `address` and returns once the socket listens.
@@ -93,14 +130,32 @@ public final class NBDServer: Sendable {
                 .recvAllocator,
                 value: AdaptiveRecvByteBufferAllocator(minimum: 64 << 10, initial: 256 << 10, maximum: 1 << 20)
             )
+            // Replies beyond the bound wait in the kernel, not in memory (see maximumBufferedBytes).
+            .childChannelOption(
+                .writeBufferWaterMark,
+                value: .init(low: configuration.maximumBufferedBytes / 2, high: configuration.maximumBufferedBytes)
+            )
             .childChannelInitializer { channel in
-                guard connections.admit(channel, limit: configuration.maximumConnections) else {
+                let (admitted, evicted) = connections.admit(
+                    channel,
+                    limit: configuration.maximumConnections,
+                    negotiatingLimit: configuration.maximumNegotiatingConnections
+                )
+                guard admitted else {
                     configuration.logger.warning("refusing a client: \(configuration.maximumConnections) connections are open")
                     return channel.close()
                 }
+                if let evicted {
+                    configuration.logger.warning(
+                        "closing the client that has negotiated longest: \(configuration.maximumNegotiatingConnections) are negotiating"
+                    )
+                    evicted.close(promise: nil)
+                }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger)
+                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger) {
+                            connections.negotiated(channel)
+                        }
                     )
                 }
             }

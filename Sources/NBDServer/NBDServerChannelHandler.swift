@@ -5,9 +5,11 @@ import NIOCore
 
 /// One client connection: feeds the client's bytes to a ``ServerConnectionStateMachine`` and
 /// performs what it decides; requests run concurrently, each answered as soon as its backend
-/// call completes.
-final class NBDServerChannelHandler: ChannelInboundHandler {
+/// call completes. It holds back the channel's reads while the machine says the connection
+/// holds enough (back-pressure), and keeps the machine's one timer.
+final class NBDServerChannelHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private var machine: ServerConnectionStateMachine
@@ -17,8 +19,22 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
     private let logger: Logger
     /// Requests run on the connection's own thread: a memory backend answers without a hop.
     private var executor: EventLoopTaskExecutor?
+    private var timer: Scheduled<Void>?
+    private var readingPaused = false
+    /// A read the channel asked for while reading was paused, made on resuming.
+    private var readHeldBack = false
+    /// Requests handed out after this are dropped unperformed: nobody would read their replies.
+    private var closed = false
+    private let transmissionStarted: @Sendable () -> Void
 
-    init(exports: [NBDServerExport], configuration: NBDServer.Configuration, logger: Logger) {
+    /// A connection serving `exports`; `transmissionStarted` is called when it leaves negotiation.
+    init(
+        exports: [NBDServerExport],
+        configuration: NBDServer.Configuration,
+        logger: Logger,
+        transmissionStarted: @escaping @Sendable () -> Void = {}
+    ) {
+        self.transmissionStarted = transmissionStarted
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
@@ -37,7 +53,13 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
                 )
             },
             maximumOptionLength: configuration.maximumOptionLength,
-            limits: .init(maximumPayload: configuration.maximumPayload, maximumRequestsInFlight: configuration.maximumRequestsInFlight)
+            limits: .init(
+                maximumPayload: configuration.maximumPayload,
+                maximumRequestsInFlight: configuration.maximumRequestsInFlight,
+                maximumBufferedBytes: configuration.maximumBufferedBytes,
+                replyStallTimeout: configuration.replyStallTimeout
+            ),
+            handshakeTimeout: configuration.handshakeTimeout
         )
         backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
         self.logger = logger
@@ -57,14 +79,36 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         logger.info("client disconnected")
-        machine.channelClosed()
+        connectionEnded()
         context.fireChannelInactive()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         logger.warning("connection error", metadata: ["error": "\(error)"])
-        machine.channelClosed()
+        connectionEnded()
         context.close(promise: nil)
+    }
+
+    private func connectionEnded() {
+        closed = true
+        machine.channelClosed()
+        timer?.cancel()
+        timer = nil
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        machine.writabilityChanged(context.channel.isWritable)
+        run()
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// The channel's request for more bytes: held back while reading is paused.
+    func read(context: ChannelHandlerContext) {
+        if readingPaused {
+            readHeldBack = true
+        } else {
+            context.read()
+        }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -85,13 +129,34 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
         while let action = machine.next() {
             switch action {
             case .write(let buffers):
-                for buffer in buffers { context.write(wrapOutboundOut(buffer), promise: nil) }
+                write(buffers, context: context)
                 flush = true
+            case .pauseReading:
+                readingPaused = true
+                logger.debug("reading paused: the connection holds as much as it may")
+            case .resumeReading:
+                readingPaused = false
+                if readHeldBack {
+                    readHeldBack = false
+                    context.read()
+                }
+            case .armTimer(let delay):
+                timer?.cancel()
+                let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+                timer = context.eventLoop.scheduleTask(in: delay) {
+                    handler.value.timer = nil
+                    handler.value.machine.timerFired()
+                    handler.value.run()
+                }
+            case .cancelTimer:
+                timer?.cancel()
+                timer = nil
             case .writeAndClose(let bytes):
                 let channel = context.channel
                 context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
             case .transmissionStarted(let agreement):
                 backend = backends[agreement.export.name]
+                transmissionStarted()
                 logger.info(
                     "export opened",
                     metadata: ["export": "\(agreement.export.name)", "structured": "\(agreement.structuredReplies)"]
@@ -109,10 +174,26 @@ final class NBDServerChannelHandler: ChannelInboundHandler {
         if flush { context.flush() }
     }
 
+    /// Writes a reply's buffers and tells the machine once they are all written.
+    private func write(_ buffers: [ByteBuffer], context: ChannelHandlerContext) {
+        guard let last = buffers.last else { return }
+        let count = buffers.reduce(0) { $0 + $1.readableBytes }
+        for buffer in buffers.dropLast() { context.write(wrapOutboundOut(buffer), promise: nil) }
+        let written = context.eventLoop.makePromise(of: Void.self)
+        context.write(wrapOutboundOut(last), promise: written)
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        written.futureResult.whenComplete { _ in
+            handler.value.machine.bytesWritten(count)
+            handler.value.run()
+        }
+    }
+
     private func perform(_ request: RequestHeader, data: [ByteBuffer], sparse: Bool, context: ChannelHandlerContext) {
         let backend = self.backend!
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         Task(executorPreference: executor) {
+            // Requests of a client that has gone are dropped, not performed.
+            if handler.eventLoop.inEventLoop, handler.value.closed { return }
             let reply = await RequestPerformer.run(request, data: data, backend: backend, sparse: sparse)
             handler.eventLoop.runOnLoop {
                 if case .failed(let errno, _) = reply {

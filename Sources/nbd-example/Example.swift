@@ -41,20 +41,17 @@ struct Example {
         // 2. Negotiate: list, describe, ask for structured replies and block status.
         print("2. the server lists these exports:")
         for listing in try await connection.list() {
-            print(
-                "     \(listing.name.isEmpty ? "(default)" : listing.name)\(listing.description.isEmpty ? "" : ": \(listing.description)")"
-            )
+            let name = listing.name.isEmpty ? "(default)" : listing.name
+            print("     \(name)\(listing.description.isEmpty ? "" : ": \(listing.description)")")
         }
         let info = try await connection.info(uri.exportName)
-        print(
-            "   \(uri.exportName.isEmpty ? "the default export" : uri.exportName) has \(info.size) bytes, \(info.isReadOnly ? "read-only" : "writable")"
-        )
+        let exportName = uri.exportName.isEmpty ? "the default export" : uri.exportName
+        print("   \(exportName) has \(info.size) bytes, \(info.isReadOnly ? "read-only" : "writable")")
         print("   block sizes: \(info.blockSizes)")
         let structured = try await connection.enableStructuredReplies()
         let contexts = try await connection.setMetaContexts(for: uri.exportName, queries: ["base:allocation"])
-        print(
-            "   structured replies \(structured ? "on" : "refused"), metadata contexts: \(contexts.isEmpty ? "none" : contexts.map(\.name).joined(separator: ", "))"
-        )
+        let contextNames = contexts.isEmpty ? "none" : contexts.map(\.name).joined(separator: ", ")
+        print("   structured replies \(structured ? "on" : "refused"), metadata contexts: \(contextNames)")
 
         // 3. GO: the connection becomes an export in the transmission phase.
         let export = try await connection.go(uri.exportName)

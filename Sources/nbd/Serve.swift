@@ -51,12 +51,27 @@ struct Serve: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Listen on this Unix socket instead of TCP.", valueName: "path"))
     var socket: String?
 
+    @Option(help: ArgumentHelp("Close clients that have not finished negotiating after this long.", valueName: "seconds"))
+    var handshakeTimeout: Double = 10
+
+    @Option(
+        help: ArgumentHelp("Memory one connection may hold before its requests wait (K, M, G suffixes).", valueName: "size"),
+        transform: Sizes.parse
+    )
+    var connectionBuffer: UInt64 = 64 << 20
+
     func validate() throws {
         guard file == nil || memory == nil else { throw ValidationError("give either a FILE or --memory SIZE, not both") }
         guard file != nil || memory != nil || !extraExports.isEmpty else {
             throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
         }
         guard (1...65535).contains(port) else { throw ValidationError("--port must be from 1 to 65535") }
+        guard handshakeTimeout > 0, handshakeTimeout <= 86400 else {
+            throw ValidationError("--handshake-timeout must be more than 0 and at most 86400 seconds")
+        }
+        guard connectionBuffer >= 1 << 20, connectionBuffer <= 1 << 40 else {
+            throw ValidationError("--connection-buffer must be from 1M to 1T")
+        }
     }
 
     func run() async throws {
@@ -81,6 +96,8 @@ struct Serve: AsyncParsableCommand {
         }
         var configuration = NBDServer.Configuration()
         configuration.logger = Logger(label: "nbd-serve") { StreamLogHandler.standardError(label: $0) }
+        configuration.handshakeTimeout = .nanoseconds(Int64(handshakeTimeout * 1e9))
+        configuration.maximumBufferedBytes = Int(connectionBuffer)
         let address: NBDAddress = socket.map { .unix(path: $0) } ?? .tcp(host: bind, port: port)
         let server: NBDServer
         do {

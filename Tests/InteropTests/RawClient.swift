@@ -82,6 +82,11 @@ final class RawClient: Sendable {
         return reply
     }
 
+    /// Stops reading from the socket: what the server sends next stays in the kernel.
+    func stopReading() async throws {
+        try await channel.setOption(.autoRead, value: false).get()
+    }
+
     func close() async { try? await channel.close() }
 }
 

@@ -219,6 +219,8 @@ struct Pair {
     var storage = [UInt8](repeating: 0, count: Int(Pair.size))
     var mostPerformedAtOnce = 0
     var serverClosed = false
+    /// The server machine asked to stop reading (its connection holds as much as it may).
+    var serverPaused = false
     var clientClosed = false
     var timerArmed = false
     /// Requests stay with the server, unanswered, while set.
@@ -318,7 +320,7 @@ struct Pair {
         }
         var queue = toServer
         toServer = []
-        if let piece = drip(&queue) {
+        if !serverPaused, let piece = drip(&queue) {
             moved = true
             server.bytesReceived(piece)
         }
@@ -397,6 +399,13 @@ struct Pair {
         switch action {
         case .write(let buffers):
             toClient.append(contentsOf: buffers)
+            server.bytesWritten(buffers.reduce(0) { $0 + $1.readableBytes })
+        case .pauseReading:
+            serverPaused = true
+        case .resumeReading:
+            serverPaused = false
+        case .armTimer, .cancelTimer:
+            break
         case .writeAndClose(let bytes):
             toClient.append(bytes)
             serverClosed = true

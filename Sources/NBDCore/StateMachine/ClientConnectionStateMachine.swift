@@ -214,12 +214,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         case .transmission:
             transmission.feed(bytes)
         case .negotiating:
-            var bytes = bytes
-            if input.readableBytes > 0 {
-                input.writeBuffer(&bytes)
-            } else {
-                input = bytes
-            }
+            input.appendReceived(bytes)
             negotiate()
         case .closed:
             break
@@ -444,7 +439,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
             let action = negotiation.receive(&input)
             switch action {
             case .wait:
-                if input.readableBytes == 0 { input = ByteBuffer() }
+                input.releaseIfRead()
                 return
             case .fatal(let error):
                 fail(error)

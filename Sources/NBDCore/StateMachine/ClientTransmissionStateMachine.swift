@@ -115,12 +115,7 @@ public struct ClientTransmissionStateMachine<Context> {
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
     @inlinable public mutating func feed(_ bytes: ByteBuffer) {
         guard !hasFailed else { return }
-        if input.readableBytes == 0 {
-            input = bytes
-        } else {
-            var bytes = bytes
-            input.writeBuffer(&bytes)
-        }
+        input.appendReceived(bytes)
     }
 
     /// When the next bytes from the server are READ data and none are buffered: the request,
@@ -181,9 +176,7 @@ public struct ClientTransmissionStateMachine<Context> {
         if !queued.isEmpty { return queued.removeFirst() }
         do {
             if let action = try parse() { return action }
-            // Let go of the receive buffer once it is read: SwiftNIO reuses it for the next
-            // read only when nothing else holds it.
-            if input.readableBytes == 0 { input = ByteBuffer() }
+            input.releaseIfRead()
             return nil
         } catch {
             return fail(error)

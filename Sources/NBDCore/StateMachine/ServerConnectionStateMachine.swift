@@ -3,10 +3,13 @@ import NIOCore
 /// One client connection of a server, without I/O: ``ServerNegotiationStateMachine`` until GO
 /// or EXPORT_NAME, then ``ServerTransmissionStateMachine``. The channel handler feeds it events
 /// and performs the actions ``next()`` returns, and nothing else.
+///
+/// Negotiation has a deadline: a client that has not entered transmission within the handshake
+/// timeout is closed, so that silent connections cannot hold the server's slots.
 public struct ServerConnectionStateMachine: Sendable {
     /// What the caller does next.
     public enum Action: Sendable {
-        /// Write these buffers in order, then flush.
+        /// Write these buffers in order, then flush; report with ``bytesWritten(_:)`` once written.
         case write([ByteBuffer])
         /// Write these bytes, then close the connection.
         case writeAndClose(ByteBuffer)
@@ -15,6 +18,14 @@ public struct ServerConnectionStateMachine: Sendable {
         /// Perform this request on the export (a WRITE with its data) and report the result
         /// with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as holes.
         case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
+        /// Stop reading from the client (see ``ServerTransmissionStateMachine``).
+        case pauseReading
+        /// Read from the client again.
+        case resumeReading
+        /// Call ``timerFired()`` after this long, replacing any timer armed before.
+        case armTimer(after: TimeAmount)
+        /// The timer armed last is not needed any more.
+        case cancelTimer
         /// The session is over: close the connection.
         case close
         /// The client broke the protocol: close at once, sending nothing more.
@@ -31,30 +42,76 @@ public struct ServerConnectionStateMachine: Sendable {
     /// The client's bytes not yet taken by the negotiation.
     private var input = ByteBuffer()
     private let limits: ServerTransmissionStateMachine.Limits
+    private let handshakeTimeout: TimeAmount
     private var outbox: [Action] = []
+    /// Bytes of negotiation writes not yet reported written: written in order, they are paid
+    /// off before any of transmission.
+    private var negotiationUnwritten = 0
 
-    /// A connection that will serve `exports` within `limits`.
-    public init(exports: [ServerNegotiationStateMachine.Export], maximumOptionLength: Int, limits: ServerTransmissionStateMachine.Limits) {
+    /// A connection that will serve `exports` within `limits`, closed if it has not entered
+    /// transmission within `handshakeTimeout`.
+    public init(
+        exports: [ServerNegotiationStateMachine.Export],
+        maximumOptionLength: Int,
+        limits: ServerTransmissionStateMachine.Limits,
+        handshakeTimeout: TimeAmount = .seconds(10)
+    ) {
         phase = .negotiating(ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength))
         self.limits = limits
+        self.handshakeTimeout = handshakeTimeout
     }
 
-    /// The client connected: the greeting goes first.
+    /// The client connected: the greeting goes first, and the handshake deadline starts.
     public mutating func channelActive() {
         guard case .negotiating(let negotiation) = phase else { return }
-        outbox.append(.write([negotiation.greeting()]))
+        outbox.append(negotiationWrite(negotiation.greeting()))
+        outbox.append(.armTimer(after: handshakeTimeout))
+    }
+
+    /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written.
+    public mutating func bytesWritten(_ count: Int) {
+        let paid = min(count, negotiationUnwritten)
+        negotiationUnwritten -= paid
+        guard count > paid, case .transmission(var transmission) = phase else { return }
+        phase = .ended
+        transmission.bytesWritten(count - paid)
+        phase = .transmission(transmission)
+    }
+
+    /// The channel became writable or stopped being so.
+    public mutating func writabilityChanged(_ isWritable: Bool) {
+        guard case .transmission(var transmission) = phase else { return }
+        phase = .ended
+        transmission.writabilityChanged(isWritable)
+        phase = .transmission(transmission)
+    }
+
+    /// The timer of the last ``Action/armTimer(after:)`` went off.
+    public mutating func timerFired() {
+        switch phase {
+        case .negotiating:
+            phase = .ended
+            let seconds = handshakeTimeout.nanoseconds / 1_000_000_000
+            outbox = [.fatal(NBDError(.timedOut, "the client did not finish negotiating within \(seconds) s", connectionUsable: false))]
+        case .transmission(var transmission):
+            phase = .ended
+            transmission.timerFired()
+            phase = .transmission(transmission)
+        case .ended:
+            break
+        }
+    }
+
+    private mutating func negotiationWrite(_ bytes: ByteBuffer) -> Action {
+        negotiationUnwritten += bytes.readableBytes
+        return .write([bytes])
     }
 
     /// Bytes from the client; follow with ``next()``.
     public mutating func bytesReceived(_ bytes: ByteBuffer) {
         switch phase {
         case .negotiating:
-            if input.readableBytes == 0 {
-                input = bytes
-            } else {
-                var bytes = bytes
-                input.writeBuffer(&bytes)
-            }
+            input.appendReceived(bytes)
         case .transmission(var transmission):
             phase = .ended
             transmission.bytesReceived(bytes)
@@ -108,10 +165,10 @@ public struct ServerConnectionStateMachine: Sendable {
             phase = .negotiating(negotiation)
             switch action {
             case .wait:
-                if input.readableBytes == 0 { input = ByteBuffer() }
+                input.releaseIfRead()
                 return nil
             case .send(let bytes):
-                return .write([bytes])
+                return negotiationWrite(bytes)
             case .close(let bytes):
                 phase = .ended
                 return .writeAndClose(bytes)
@@ -124,8 +181,9 @@ public struct ServerConnectionStateMachine: Sendable {
                 if input.readableBytes > 0 { transmission.bytesReceived(input) }
                 input = ByteBuffer()
                 phase = .transmission(transmission)
+                outbox.append(.cancelTimer)
                 outbox.append(.transmissionStarted(agreement))
-                return .write([bytes])
+                return negotiationWrite(bytes)
             }
         case .transmission(var transmission):
             phase = .ended
@@ -134,6 +192,10 @@ public struct ServerConnectionStateMachine: Sendable {
             switch action {
             case .perform(let request, let data, let sparse): return .perform(request, data: data, sparse: sparse)
             case .write(let buffers): return .write(buffers)
+            case .pauseReading: return .pauseReading
+            case .resumeReading: return .resumeReading
+            case .armTimer(let after): return .armTimer(after: after)
+            case .cancelTimer: return .cancelTimer
             case .close:
                 phase = .ended
                 return .close

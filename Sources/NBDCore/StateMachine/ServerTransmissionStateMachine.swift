@@ -9,6 +9,13 @@ import NIOCore
 /// or structured data, hole and error chunks). It owns the disconnect (`NBD_CMD_DISC`: finish
 /// what is in flight, then close) and the shutdown (`NBD_ESHUTDOWN` for new requests).
 ///
+/// Memory is bounded whatever the client sends: the machine counts what the connection holds
+/// (WRITE data not yet stored, READ replies being made, replies not yet written to the socket)
+/// and asks to stop reading the client (``Action/pauseReading``) while that reaches
+/// ``Limits/maximumBufferedBytes`` or the channel is not writable, and to read again once it is
+/// down to half. A client that reads none of its replies for ``Limits/replyStallTimeout`` while
+/// reading is paused is closed.
+///
 /// A client that breaks the protocol gets ``Action/fatal(_:)``: a hard disconnect, and the
 /// machine accepts nothing more.
 public struct ServerTransmissionStateMachine: Sendable {
@@ -18,11 +25,25 @@ public struct ServerTransmissionStateMachine: Sendable {
         public var maximumPayload: Int
         /// Requests one client may have in flight; more end its session.
         public var maximumRequestsInFlight: Int
+        /// Bytes one connection may hold before its requests are no longer read: WRITE data
+        /// not yet stored, READ replies being made and replies not yet written. A connection
+        /// holds at most this plus one request's payload.
+        public var maximumBufferedBytes: Int
+        /// How long reading may stay paused with replies waiting and none of them read by the
+        /// client before the connection is closed.
+        public var replyStallTimeout: TimeAmount
 
         /// Limits with the given bounds.
-        public init(maximumPayload: Int, maximumRequestsInFlight: Int) {
+        public init(
+            maximumPayload: Int,
+            maximumRequestsInFlight: Int,
+            maximumBufferedBytes: Int = 64 << 20,
+            replyStallTimeout: TimeAmount = .seconds(60)
+        ) {
             self.maximumPayload = maximumPayload
             self.maximumRequestsInFlight = maximumRequestsInFlight
+            self.maximumBufferedBytes = maximumBufferedBytes
+            self.replyStallTimeout = replyStallTimeout
         }
     }
 
@@ -32,8 +53,16 @@ public struct ServerTransmissionStateMachine: Sendable {
         /// result with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as
         /// holes; without it, every byte as data.
         case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
-        /// Write these buffers in order, then flush.
+        /// Write these buffers in order, then flush; report with ``bytesWritten(_:)`` once written.
         case write([ByteBuffer])
+        /// Stop reading from the client: the connection holds as much as it may.
+        case pauseReading
+        /// Read from the client again.
+        case resumeReading
+        /// Call ``timerFired()`` after this long, unless cancelled first.
+        case armTimer(after: TimeAmount)
+        /// The timer armed last is not needed any more.
+        case cancelTimer
         /// Every request is answered and the session is over (after `NBD_CMD_DISC`, or when
         /// shutting down): close the connection.
         case close
@@ -52,6 +81,14 @@ public struct ServerTransmissionStateMachine: Sendable {
     private var disconnectReceived = false
     private var shuttingDown = false
     private var ended = false
+    /// What the connection holds, in bytes: see ``Limits/maximumBufferedBytes``.
+    private var held = 0
+    /// Reply bytes handed out to be written and not reported written yet.
+    private var unwritten = 0
+    private var writable = true
+    private var paused = false
+    /// Whether a reply was written since the stall timer was armed.
+    private var wroteSinceArmed = false
 
     /// A machine for the transmission phase of `agreement`.
     public init(agreement: ServerNegotiationStateMachine.Agreement, limits: Limits) {
@@ -62,33 +99,53 @@ public struct ServerTransmissionStateMachine: Sendable {
     /// How many requests are being performed.
     public var inFlightCount: Int { inFlight }
 
+    /// How many bytes the connection holds now: see ``Limits/maximumBufferedBytes``.
+    public var heldBytes: Int { held }
+
     /// Appends bytes from the client. Bytes after the end are ignored.
     public mutating func bytesReceived(_ bytes: ByteBuffer) {
         guard !ended else { return }
-        // Taken as it came when nothing is left over: a WRITE's data then reaches the backend
-        // as a slice of the receive buffer, not copied.
-        if input.readableBytes == 0 {
-            input = bytes
-        } else {
-            var bytes = bytes
-            input.writeBuffer(&bytes)
-        }
+        input.appendReceived(bytes)
     }
 
     /// A request handed out by ``Action/perform(_:data:)`` finished with `reply`.
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         inFlight -= 1
+        held -= Self.payloadHeld(by: request)
         guard !ended else { return }
-        outbox.append(
-            .write(
-                reply.framed(
-                    for: request,
-                    structured: agreement.structuredReplies,
-                    contextID: ServerNegotiationStateMachine.baseAllocationID
-                )
-            )
+        let framed = reply.framed(
+            for: request,
+            structured: agreement.structuredReplies,
+            contextID: ServerNegotiationStateMachine.baseAllocationID
         )
+        outbox.append(write(framed))
         closeIfDone()
+    }
+
+    /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written (or failed
+    /// with the connection).
+    public mutating func bytesWritten(_ count: Int) {
+        unwritten -= count
+        held -= count
+        wroteSinceArmed = true
+    }
+
+    /// The channel became writable or stopped being so (its write watermarks).
+    public mutating func writabilityChanged(_ isWritable: Bool) {
+        writable = isWritable
+    }
+
+    /// The timer of the last ``Action/armTimer(after:)`` went off.
+    public mutating func timerFired() {
+        guard paused, !ended else { return }
+        if unwritten > 0 && !wroteSinceArmed {
+            channelClosed()
+            let seconds = limits.replyStallTimeout.nanoseconds / 1_000_000_000
+            outbox = [.fatal(NBDError(.timedOut, "the client read none of its replies for \(seconds) s", connectionUsable: false))]
+            return
+        }
+        wroteSinceArmed = false
+        outbox.append(.armTimer(after: limits.replyStallTimeout))
     }
 
     /// The server is stopping: requests in flight finish and are answered, new ones get
@@ -110,17 +167,49 @@ public struct ServerTransmissionStateMachine: Sendable {
     public mutating func next() -> Action? {
         if !outbox.isEmpty { return outbox.removeFirst() }
         guard !ended else { return nil }
+        if let change = readingChange() { return change }
+        // Paused: the bytes already read wait, and the kernel holds the rest.
+        guard !paused else { return nil }
         do {
             while let action = try parse() {
                 if let action { return action }
             }
-            // Let go of a receive buffer that is read, so that SwiftNIO can reuse it.
-            if input.readableBytes == 0 { input = ByteBuffer() }
+            input.releaseIfRead()
             return nil
         } catch {
             channelClosed()
             return .fatal(error)
         }
+    }
+
+    /// Pausing at the bound, resuming at half of it (with hysteresis, as write watermarks do).
+    private mutating func readingChange() -> Action? {
+        let bound = limits.maximumBufferedBytes
+        if !paused, held >= bound || !writable {
+            paused = true
+            wroteSinceArmed = false
+            outbox.append(.armTimer(after: limits.replyStallTimeout))
+            return .pauseReading
+        }
+        if paused, held <= bound / 2, writable {
+            paused = false
+            outbox.append(.cancelTimer)
+            return .resumeReading
+        }
+        return nil
+    }
+
+    /// Payload bytes a request holds while it is performed: a WRITE's data, a READ's reply.
+    private static func payloadHeld(by request: RequestHeader) -> Int {
+        request.type == .read || request.type == .write ? Int(request.length) : 0
+    }
+
+    /// A write of `buffers`, counted until reported written.
+    private mutating func write(_ buffers: [ByteBuffer]) -> Action {
+        let count = buffers.reduce(0) { $0 + $1.readableBytes }
+        unwritten += count
+        held += count
+        return .write(buffers)
     }
 
     /// One request framed: its action (nil when it needs none yet), or nil when more bytes are needed.
@@ -170,14 +259,15 @@ public struct ServerTransmissionStateMachine: Sendable {
             return .fatal(.clientViolation("more than \(limits.maximumRequestsInFlight) requests in flight"))
         }
         inFlight += 1
+        held += Self.payloadHeld(by: request)
         // Holes go out as NBD_REPLY_TYPE_OFFSET_HOLE only with structured replies, and not when
         // the client asked for one data chunk (NBD_CMD_FLAG_DF).
         let sparse = agreement.structuredReplies && !request.flags.contains(.dontFragment)
         return .perform(request, data: data, sparse: sparse)
     }
 
-    private func failed(_ request: RequestHeader, _ errno: NBDErrno, _ message: String) -> Action {
-        .write(ServerReply.failed(errno, message: message).framed(for: request, structured: agreement.structuredReplies, contextID: 0))
+    private mutating func failed(_ request: RequestHeader, _ errno: NBDErrno, _ message: String) -> Action {
+        write(ServerReply.failed(errno, message: message).framed(for: request, structured: agreement.structuredReplies, contextID: 0))
     }
 
     private mutating func closeIfDone() {

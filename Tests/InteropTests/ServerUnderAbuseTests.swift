@@ -1,0 +1,166 @@
+import Foundation
+import NBD
+import NBDCore
+import NBDServer
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+
+/// The built-in server against clients that try to exhaust it, on real sockets: it holds what
+/// its bounds say, drops what nobody will read, and goes on serving everyone else.
+@Suite("Built-in server under abuse", .serialized)
+struct ServerUnderAbuseTests {
+    /// A memory disk that counts the reads it was asked to perform.
+    struct CountingBackend: NBDServerBackend {
+        let memory: MemoryBackend
+        let reads = NIOLockedValueBox(0)
+        var size: UInt64 { memory.size }
+        var isReadOnly: Bool { false }
+        var flushCoversAllConnections: Bool { true }
+        var zeroIsFast: Bool { true }
+        func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
+            reads.withLockedValue { $0 += 1 }
+            return try await memory.read(at: offset, length: length)
+        }
+        func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws { try await memory.write(data, at: offset, fua: fua) }
+        func flush() async throws {}
+        func trim(at offset: UInt64, length: UInt64) async throws { try await memory.trim(at: offset, length: length) }
+        func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+            try await memory.zero(at: offset, length: length, noHole: noHole)
+        }
+        func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
+            try await memory.extents(at: offset, length: length)
+        }
+    }
+
+    func start(
+        _ folder: ServerProcess,
+        _ backend: some NBDServerBackend,
+        _ configure: (inout NBDServer.Configuration) -> Void
+    ) async throws
+        -> (NBDServer, String)
+    {
+        var configuration = NBDServer.Configuration()
+        configure(&configuration)
+        let socket = folder.path("abuse.sock")
+        return (
+            try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket), configuration: configuration),
+            socket
+        )
+    }
+
+    /// A good client still gets exact data.
+    func expectServed(_ socket: String) async throws {
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        let data = pattern(1 << 20, seed: 9)
+        try await export.write(data, at: 3 << 20)
+        #expect(try await export.read(at: 3 << 20, length: 1 << 20) == data)
+        await export.disconnect()
+    }
+
+    @Test func aClientThatReadsNoRepliesMakesTheServerPerformOnlyWhatItsBoundHolds() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let backend = CountingBackend(memory: MemoryBackend(size: 64 << 20))
+        let (server, socket) = try await start(folder, backend) {
+            $0.maximumPayload = 1 << 20
+            $0.maximumBufferedBytes = 4 << 20
+        }
+        let rude = try await RawClient(socket: socket)
+        try await rude.enterTransmission()
+        try await rude.stopReading()
+        // 500 READs of 1 MiB (500 MiB of replies), sent in 14 KB, never read.
+        try await rude.send { buffer in
+            for index in 0..<500 {
+                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index % 64) << 20, length: 1 << 20).encode(into: &buffer)
+            }
+        }
+        try await Task.sleep(for: .seconds(1))
+        // What the bound holds, plus what the kernel's socket buffers took: not 500.
+        let performed = backend.reads.withLockedValue { $0 }
+        #expect(performed >= 4 && performed <= 16, "\(performed) reads performed")
+        try await expectServed(socket)
+        await rude.close()
+        try await Task.sleep(for: .milliseconds(300))
+        // The client has gone: what it left unread is dropped, not performed.
+        #expect(backend.reads.withLockedValue { $0 } <= performed + 5)
+        try await expectServed(socket)
+        await server.shutdown()
+    }
+
+    @Test func aClientThatReadsNothingForTheDeadlineIsClosed() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await start(folder, MemoryBackend(size: 64 << 20)) {
+            $0.maximumPayload = 1 << 20
+            $0.maximumBufferedBytes = 2 << 20
+            $0.replyStallTimeout = .seconds(1)
+        }
+        let rude = try await RawClient(socket: socket)
+        try await rude.enterTransmission()
+        try await rude.stopReading()
+        try await rude.send { buffer in
+            for index in 0..<64 {
+                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index) << 20, length: 1 << 20).encode(into: &buffer)
+            }
+        }
+        // An idle client is kept; one that leaves its replies unread past the deadline is not.
+        let idle = try await RawClient(socket: socket)
+        try await idle.enterTransmission()
+        try await Task.sleep(for: .seconds(3))
+        let rudeClosed = try await rude.isClosedByServer()
+        #expect(rudeClosed)
+        #expect(idle.channel.isActive)
+        try await expectServed(socket)
+        await idle.close()
+        await server.shutdown()
+    }
+
+    @Test func silentConnectionsNeverLockOutClientsThatNegotiate() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await start(folder, MemoryBackend(size: 64 << 20)) {
+            $0.maximumConnections = 16
+            $0.maximumNegotiatingConnections = 4
+            $0.handshakeTimeout = .seconds(2)
+        }
+        var silent: [RawClient] = []
+        for _ in 0..<12 { silent.append(try await RawClient(socket: socket)) }
+        // Beyond four negotiating, the oldest made room: eight are closed already.
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(silent.filter { $0.channel.isActive }.count == 4)
+        try await expectServed(socket)
+        // The last four are closed by the handshake deadline.
+        try await Task.sleep(for: .seconds(3))
+        #expect(silent.allSatisfy { !$0.channel.isActive })
+        try await expectServed(socket)
+        await server.shutdown()
+    }
+}
+
+extension ServerUnderAbuseTests {
+    @Test func serveClosesSilentClientsAfterItsHandshakeTimeout() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("serve.sock")
+        let process = try await folder.start(
+            nbdTool,
+            ["serve", "--memory", "16M", "--socket", socket, "--handshake-timeout", "0.5", "--connection-buffer", "8M"],
+            waitFor: socket
+        )
+        let silent = try await RawClient(socket: socket)
+        #expect(try await silent.isClosedByServer())
+        try await expectServed(socket)
+        kill(process.processIdentifier, SIGTERM)
+        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(!process.isRunning && process.terminationStatus == 0)
+    }
+
+    @Test(arguments: [["--handshake-timeout", "0"], ["--handshake-timeout", "soon"], ["--connection-buffer", "4K"]])
+    func badServeLimitsGiveOneLineAndExitOne(arguments: [String]) throws {
+        let result = try runNBD(["serve", "--memory", "1M", "--socket", "/nonexistent/x.sock"] + arguments)
+        #expect(result.status != 0)
+        #expect(result.error.split(separator: "\n").count <= 2, "\(result.error)")
+        #expect(result.error.contains(arguments[0]), "\(result.error)")
+    }
+}

@@ -1,0 +1,179 @@
+import NIOCore
+import Testing
+
+@testable import NBDCore
+
+/// What a server connection may hold, and for how long: back-pressure and deadlines.
+@Suite("Server state machines: memory bounds and deadlines")
+struct ServerBoundsTests {
+    static let export = ServerNegotiationStateMachine.Export(
+        name: "",
+        size: 64 << 20,
+        flags: [.hasFlags, .sendFlush, .sendTrim, .sendWriteZeroes],
+        blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536)
+    )
+
+    func transmission(bound: Int = 128 << 10) -> ServerTransmissionStateMachine {
+        let agreement = ServerNegotiationStateMachine.Agreement(
+            export: Self.export,
+            flags: Self.export.flags,
+            structuredReplies: false,
+            metaContexts: []
+        )
+        let limits = ServerTransmissionStateMachine.Limits(
+            maximumPayload: 65536,
+            maximumRequestsInFlight: 1024,
+            maximumBufferedBytes: bound,
+            replyStallTimeout: .seconds(60)
+        )
+        return ServerTransmissionStateMachine(agreement: agreement, limits: limits)
+    }
+
+    func requests(_ type: CommandType, count: Int, length: UInt32 = 65536, withData: Bool = false) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        for index in 0..<count {
+            RequestHeader(type: type, cookie: UInt64(index), offset: UInt64(index) * UInt64(length), length: length).encode(into: &buffer)
+            if withData { buffer.writeRepeatingByte(UInt8(index), count: Int(length)) }
+        }
+        return buffer
+    }
+
+    /// Every action until the machine waits.
+    func drain(_ machine: inout ServerTransmissionStateMachine) -> [ServerTransmissionStateMachine.Action] {
+        var actions: [ServerTransmissionStateMachine.Action] = []
+        while let action = machine.next() { actions.append(action) }
+        return actions
+    }
+
+    func performed(_ actions: [ServerTransmissionStateMachine.Action]) -> [RequestHeader] {
+        actions.compactMap { if case .perform(let header, _, _) = $0 { header } else { nil } }
+    }
+
+    func names(_ actions: [ServerTransmissionStateMachine.Action]) -> [String] {
+        actions.map { action in
+            switch action {
+            case .perform: "perform"
+            case .write: "write"
+            case .pauseReading: "pause"
+            case .resumeReading: "resume"
+            case .armTimer: "arm"
+            case .cancelTimer: "cancel"
+            case .close: "close"
+            case .fatal: "fatal"
+            }
+        }
+    }
+
+    func written(_ actions: [ServerTransmissionStateMachine.Action]) -> [Int] {
+        actions.compactMap { if case .write(let buffers) = $0 { buffers.reduce(0) { $0 + $1.readableBytes } } else { nil } }
+    }
+
+    @Test func readsStopAtTheBoundAndResumeOnceRepliesAreWrittenDownToHalf() {
+        var machine = transmission()
+        // 64 READs of 64 KiB in one go: only two replies' worth fit in 128 KiB.
+        machine.bytesReceived(requests(.read, count: 64))
+        var actions = drain(&machine)
+        #expect(names(actions) == ["perform", "perform", "pause", "arm"])
+        #expect(machine.heldBytes == 128 << 10)
+        let first = performed(actions)
+        for header in first { machine.requestCompleted(header, .data([.data(ByteBuffer(repeating: 1, count: 65536))])) }
+        actions = drain(&machine)
+        #expect(names(actions) == ["write", "write"])
+        let sizes = written(actions)
+        // The first reply written leaves more than half of the bound held: still paused.
+        machine.bytesWritten(sizes[0])
+        #expect(names(drain(&machine)).isEmpty)
+        machine.bytesWritten(sizes[1])
+        actions = drain(&machine)
+        #expect(names(actions) == ["resume", "cancel", "perform", "perform", "pause", "arm"])
+        #expect(performed(actions).map(\.cookie) == [2, 3])
+    }
+
+    @Test func writeDataIsBoundedTheSameWay() {
+        var machine = transmission()
+        machine.bytesReceived(requests(.write, count: 8, withData: true))
+        let actions = drain(&machine)
+        #expect(names(actions) == ["perform", "perform", "pause", "arm"])
+        #expect(machine.heldBytes == 128 << 10)
+        // Stored: the data is let go, the two small replies count until written.
+        for header in performed(actions) { machine.requestCompleted(header, .done) }
+        let replies = drain(&machine)
+        #expect(names(replies) == ["write", "write", "resume", "cancel", "perform", "perform", "pause", "arm"])
+    }
+
+    @Test func aChannelThatIsNotWritablePausesReading() {
+        var machine = transmission()
+        machine.writabilityChanged(false)
+        machine.bytesReceived(requests(.read, count: 1))
+        #expect(names(drain(&machine)) == ["pause", "arm"])
+        machine.writabilityChanged(true)
+        #expect(names(drain(&machine)) == ["resume", "cancel", "perform"])
+    }
+
+    @Test func aClientThatReadsNoRepliesIsClosedAtTheDeadlineButOneThatReadsIsKept() {
+        var machine = transmission()
+        machine.bytesReceived(requests(.read, count: 8))
+        let actions = drain(&machine)
+        for header in performed(actions) { machine.requestCompleted(header, .data([.data(ByteBuffer(repeating: 1, count: 65536))])) }
+        let sizes = written(drain(&machine))
+        // Some progress during the first period: the deadline starts again.
+        machine.bytesWritten(sizes[0] / 2)
+        machine.timerFired()
+        #expect(names(drain(&machine)) == ["arm"])
+        // None during the second: closed.
+        machine.timerFired()
+        let end = drain(&machine)
+        guard case .fatal(let error)? = end.first else {
+            Issue.record("a client that reads nothing was kept: \(names(end))")
+            return
+        }
+        #expect(error.code == .timedOut && error.message == "the client read none of its replies for 60 s")
+    }
+
+    @Test func aSlowBackendIsNotTheClientsFault() {
+        var machine = transmission()
+        machine.bytesReceived(requests(.read, count: 8))
+        #expect(names(drain(&machine)) == ["perform", "perform", "pause", "arm"])
+        // Nothing to write yet: the deadline only starts again.
+        machine.timerFired()
+        #expect(names(drain(&machine)) == ["arm"])
+    }
+
+    @Test func theHandshakeHasADeadlineThatGoEnds() {
+        let limits = ServerTransmissionStateMachine.Limits(maximumPayload: 65536, maximumRequestsInFlight: 16)
+        var silent = ServerConnectionStateMachine(
+            exports: [Self.export],
+            maximumOptionLength: 1024,
+            limits: limits,
+            handshakeTimeout: .seconds(3)
+        )
+        silent.channelActive()
+        guard case .write? = silent.next(), case .armTimer(let delay)? = silent.next() else {
+            Issue.record("no greeting and deadline")
+            return
+        }
+        #expect(delay == .seconds(3))
+        silent.timerFired()
+        guard case .fatal(let error)? = silent.next() else {
+            Issue.record("a silent client was kept past the deadline")
+            return
+        }
+        #expect(error.code == .timedOut && error.message == "the client did not finish negotiating within 3 s")
+
+        var prompt = ServerConnectionStateMachine(exports: [Self.export], maximumOptionLength: 1024, limits: limits)
+        prompt.channelActive()
+        _ = prompt.next()
+        _ = prompt.next()
+        var bytes = ByteBuffer(integer: ClientFlags([.fixedNewstyle, .noZeroes]).rawValue)
+        OptionRequest.go(export: "", requests: []).encode(into: &bytes)
+        prompt.bytesReceived(bytes)
+        var sawCancel = false
+        while let action = prompt.next() {
+            if case .cancelTimer = action { sawCancel = true }
+        }
+        #expect(sawCancel)
+        // A late timer (already on its way) does nothing in transmission with nothing paused.
+        prompt.timerFired()
+        #expect(prompt.next() == nil)
+    }
+}
