@@ -61,6 +61,7 @@ let package = Package(
             dependencies: [
                 "NBD",
                 "NBDServer",
+                .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),

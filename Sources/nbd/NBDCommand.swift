@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Logging
 import NBD
+import NIOCore
 
 /// `nbd`: the command-line tool. Errors are one line on stderr starting with `nbd: `, exit 1;
 /// exit 2 is kept for the false answers of `info --can` / `--is`.
@@ -90,6 +91,16 @@ struct ConnectionOptions: ParsableArguments {
     @Flag(name: .long, inversion: .prefixedNo, help: "Verify the server's certificate (default: on).")
     var tlsVerifyPeer = true
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp("Give up when the server answers nothing for this long (0: wait for ever).", valueName: "seconds")
+    )
+    var timeout: Double = 60
+
+    func validate() throws {
+        guard timeout >= 0, timeout <= 31_536_000 else { throw ValidationError("--timeout must be from 0 to 31536000 seconds") }
+    }
+
     func configuration() -> NBDClientConfiguration {
         var configuration = NBDClientConfiguration()
         // nbds:// and the URI's tls-* parameters apply too; these flags are for nbd:// URIs.
@@ -100,6 +111,12 @@ struct ConnectionOptions: ParsableArguments {
             if let tlsCertificates { configuration.tls.useCertificates(in: tlsCertificates) }
         }
         configuration.tls.verifyPeer = tlsVerifyPeer
+        if timeout > 0 {
+            let limit = TimeAmount.nanoseconds(Int64(timeout * 1e9))
+            configuration.requestTimeout = limit
+            configuration.negotiationTimeout = min(configuration.negotiationTimeout, limit)
+            configuration.connectTimeout = min(configuration.connectTimeout, limit)
+        }
         if verbose {
             configuration.logger = Logger(label: "nbd") { StreamLogHandler.standardError(label: $0) }
             configuration.logger.logLevel = .trace

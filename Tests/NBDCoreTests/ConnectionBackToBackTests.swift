@@ -171,6 +171,48 @@ struct ConnectionBackToBackTests {
         #expect(pair.clientClosed)
     }
 
+    @Test func aRequestNotAnsweredInTimeFailsEveryRequestAndClosesTheConnection() throws {
+        var pair = Pair(seed: 12, maximumInFlight: 2, requestTimeout: .seconds(8))
+        try pair.connect()
+        _ = try pair.go("disk")
+        pair.holding = true
+        let reads = (0..<4).map { pair.submit(.read, offset: UInt64($0) * 4096, length: 4096) }
+        try pair.settle()
+        #expect(pair.timerArmed && pair.timerDelay == .seconds(1))
+        // Eight ticks of a second: the time is not over until more than 8 s have passed.
+        for _ in 0..<8 { try pair.fireClientTimer() }
+        #expect(reads.allSatisfy { !$0.isDone } && !pair.clientClosed)
+        try pair.fireClientTimer()
+        // Those on the wire and those queued behind them, all with the same error.
+        #expect(reads.allSatisfy { $0.error?.code == .timedOut })
+        #expect(reads[0].error?.message == "the server did not answer NBD_CMD_READ at offset 0 within 8 s; the connection was closed")
+        #expect(pair.clientClosed)
+    }
+
+    @Test func answersInTimeKeepTheConnectionAndStopTheClock() throws {
+        var pair = Pair(seed: 13, requestTimeout: .seconds(8))
+        try pair.connect()
+        _ = try pair.go("disk")
+        pair.holding = true
+        let slow = pair.submit(.read, offset: 0, length: 4096)
+        try pair.settle()
+        for _ in 0..<6 { try pair.fireClientTimer() }
+        // Answered after six seconds; a request sent then has eight seconds of its own.
+        pair.holding = false
+        try pair.settle()
+        #expect(slow.isDone && slow.error == nil)
+        pair.holding = true
+        let next = pair.submit(.read, offset: 4096, length: 4096)
+        try pair.settle()
+        for _ in 0..<7 { try pair.fireClientTimer() }
+        pair.holding = false
+        try pair.settle()
+        #expect(next.isDone && next.error == nil && !pair.clientClosed)
+        // Nothing on the wire: the clock stops instead of ticking for ever.
+        try pair.fireClientTimer()
+        #expect(!pair.timerArmed)
+    }
+
     @Test func aRequestWhileAnOptionIsPendingIsRefusedAndNothingIsSent() throws {
         var pair = Pair(seed: 11)
         try pair.connect()
@@ -223,15 +265,22 @@ struct Pair {
     var serverPaused = false
     var clientClosed = false
     var timerArmed = false
+    var timerDelay: TimeAmount?
     /// Requests stay with the server, unanswered, while set.
     var holding = false
     let serverSilent: Bool
 
-    init(seed: UInt64, maximumInFlight: Int = 64, tlsPolicy: NBDTLSPolicy = .disable, serverSilent: Bool = false) {
+    init(
+        seed: UInt64,
+        maximumInFlight: Int = 64,
+        tlsPolicy: NBDTLSPolicy = .disable,
+        serverSilent: Bool = false,
+        requestTimeout: TimeAmount? = nil
+    ) {
         generator = seed
         self.serverSilent = serverSilent
         client = ClientConnectionStateMachine(
-            configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy),
+            configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy, requestTimeout: requestTimeout),
             handshakeWaiter: handshake
         )
         let blockSizes = BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 1 << 20)
@@ -289,6 +338,13 @@ struct Pair {
             throw waiter.error ?? NBDError.invalidArgument("GO unanswered")
         }
         return start
+    }
+
+    /// The client's timer goes off, and both sides run.
+    mutating func fireClientTimer() throws {
+        timerArmed = false
+        client.timerFired()
+        try settle()
     }
 
     mutating func submit(_ command: CommandType, offset: UInt64, length: UInt32, payload: ByteBuffer? = nil) -> Request {
@@ -367,8 +423,9 @@ struct Pair {
             clientClosed = true
         case .startTLS:
             Issue.record("the server offers no TLS")
-        case .armTimer:
+        case .armTimer(let delay):
             timerArmed = true
+            timerDelay = delay
         case .cancelTimer:
             timerArmed = false
         case .succeed(let waiter, let outcome):

@@ -494,4 +494,44 @@ extension HostileServerTests {
             )
         }
     }
+
+    @Test func aServerThatStopsAnsweringFailsEveryRequestAtTheRequestTimeout() async throws {
+        try await withServer { server in
+            var configuration = NBDClientConfiguration()
+            configuration.requestTimeout = .milliseconds(400)
+            let client = Task { () -> [NBDError?] in
+                let connection = try await NBDConnection.connect(to: server.address, configuration: configuration)
+                let export = try await connection.go()
+                return await withTaskGroup(of: NBDError?.self) { group in
+                    for index in 0..<8 {
+                        group.addTask {
+                            do {
+                                _ = try await export.read(at: UInt64(index) * 512, length: 512)
+                                return nil
+                            } catch {
+                                return error as? NBDError
+                            }
+                        }
+                    }
+                    return await group.reduce(into: []) { $0.append($1) }
+                }
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo()
+            // One answer, then nothing: the server froze.
+            let first = try await peer.readRequest()
+            try await peer.send {
+                ReplyHeader.simple(SimpleReplyHeader(cookie: first.cookie)).encode(into: &$0)
+                $0.writeRepeatingByte(1, count: 512)
+            }
+            let errors = try await client.value
+            #expect(errors.filter { $0 == nil }.count == 1)
+            #expect(errors.compactMap { $0 }.count == 7)
+            #expect(errors.compactMap { $0 }.allSatisfy { $0.code == .timedOut && $0.message.contains("within 0.4 s") })
+            // Closed hard: what the server did with the rest is unknown.
+            for _ in 0..<100 where !peer.isClosed { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(peer.isClosed)
+        }
+    }
 }

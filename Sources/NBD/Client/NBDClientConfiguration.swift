@@ -24,6 +24,11 @@ public struct NBDClientConfiguration: Sendable {
     public var connectTimeout: TimeAmount = .seconds(10)
     /// How long each negotiation step (greeting, each option's replies) may take.
     public var negotiationTimeout: TimeAmount = .seconds(30)
+    /// How long a request may wait for its reply once sent; nil (the default) waits for ever,
+    /// as libnbd does. A request not answered in time fails with `NBDError.Code.timedOut`, the
+    /// connection is closed hard (what the server did is unknown), and every other request
+    /// fails at once with the same error. The `nbd` tool uses 60 s.
+    public var requestTimeout: TimeAmount?
     /// Bounds on what the server may send during negotiation.
     public var negotiationLimits = ClientNegotiationStateMachine.Limits()
     /// TLS: off by default; `NBDConnection.connect(to: NBDURI)` takes it from the URI.

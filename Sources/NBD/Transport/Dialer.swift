@@ -21,7 +21,8 @@ enum Dialer {
             limits: configuration.negotiationLimits,
             maximumRequestsInFlight: configuration.maximumRequestsInFlight,
             negotiationTimeout: configuration.negotiationTimeout,
-            tlsPolicy: configuration.tls.policy
+            tlsPolicy: configuration.tls.policy,
+            requestTimeout: configuration.requestTimeout
         )
         let logger = configuration.logger
         logger.debug("dialing", metadata: ["address": "\(address)"])

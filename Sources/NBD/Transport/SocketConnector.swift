@@ -1,4 +1,5 @@
 import NBDCore
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -14,37 +15,66 @@ import Darwin
 /// Abstract Unix names (Linux) need this anyway: SwiftNIO passes the full `sockaddr_un` size
 /// to `connect`, which names a different (NUL-padded) abstract socket than servers bind.
 enum SocketConnector {
-    /// A connected stream socket to `address`, within `timeout`.
+    /// A connected stream socket to `address`, within `timeout`. Cancelling the task stops a
+    /// connection in progress (within a tenth of a second) with `CancellationError`.
     static func connect(to address: NBDAddress, timeout: TimeAmount) async throws -> NIOBSDSocket.Handle {
         let deadline = NIODeadline.now() + timeout
+        let cancelled = NIOLockedValueBox(false)
         do {
             switch address {
             case .tcp(let host, let port):
                 // getaddrinfo and the wait for the connection block: off the caller's thread.
-                return try await NIOThreadPool.singleton.runIfActive { try tcp(host: host, port: port, deadline: deadline) }
+                return try await withTaskCancellationHandler {
+                    try await NIOThreadPool.singleton.runIfActive {
+                        try tcp(host: host, port: port, deadline: deadline, cancelled: cancelled)
+                    }
+                } onCancel: {
+                    cancelled.withLockedValue { $0 = true }
+                }
             case .unix(let path):
-                return try unix(Array(path.utf8) + [0], length: path.utf8.count, deadline: deadline)
+                return try unix(Array(path.utf8) + [0], length: path.utf8.count, deadline: deadline, cancelled: cancelled)
             case .abstractUnix(let name):
                 #if os(Linux)
-                return try unix([0] + Array(name.utf8), length: name.utf8.count + 1, deadline: deadline)
+                return try unix([0] + Array(name.utf8), length: name.utf8.count + 1, deadline: deadline, cancelled: cancelled)
                 #else
                 throw Failure("abstract Unix sockets exist only on Linux")
                 #endif
             }
         } catch let failure as Failure {
+            if failure.cancelled { throw CancellationError() }
+            if failure.timedOut {
+                throw NBDError(.timedOut, "cannot connect to \(address): no answer within \(timeout.secondsText)", connectionUsable: false)
+            }
             throw NBDError(.connectionClosed, "cannot connect to \(address): \(failure.reason)", connectionUsable: false)
         }
     }
 
     private struct Failure: Error {
         var reason: String
+        var timedOut = false
+        var cancelled = false
         init(_ reason: String) { self.reason = reason }
+        static let timeout = {
+            var failure = Failure("timed out")
+            failure.timedOut = true
+            return failure
+        }()
+        static let cancellation = {
+            var failure = Failure("cancelled")
+            failure.cancelled = true
+            return failure
+        }()
         init(_ call: String, _ code: Int32) { reason = call.isEmpty ? CLibrary.errorText(code) : "\(call): \(CLibrary.errorText(code))" }
     }
 
     /// `path` holds the name's bytes (a path with its NUL, or an abstract name after its NUL);
     /// the address is `length` of them long.
-    private static func unix(_ path: [UInt8], length: Int, deadline: NIODeadline) throws(Failure) -> NIOBSDSocket.Handle {
+    private static func unix(
+        _ path: [UInt8],
+        length: Int,
+        deadline: NIODeadline,
+        cancelled: NIOLockedValueBox<Bool>
+    ) throws(Failure) -> NIOBSDSocket.Handle {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         guard path.count <= MemoryLayout.size(ofValue: address.sun_path) else { throw Failure("the name is too long") }
@@ -54,12 +84,25 @@ enum SocketConnector {
         address.sun_len = UInt8(size)
         #endif
         return try withUnsafeBytes(of: &address) { raw throws(Failure) in
-            try connect(family: AF_UNIX, raw.baseAddress!.assumingMemoryBound(to: sockaddr.self), size, deadline: deadline)
+            try connect(
+                family: AF_UNIX,
+                raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                size,
+                deadline: deadline,
+                cancelled: cancelled
+            )
         }
     }
 
     /// Tries each address of `host` in turn, as SwiftNIO and libnbd do.
-    private static func tcp(host: String, port: Int, deadline: NIODeadline) throws(Failure) -> NIOBSDSocket.Handle {
+    private static func tcp(
+        host: String,
+        port: Int,
+        deadline: NIODeadline,
+        cancelled: NIOLockedValueBox<Bool>
+    ) throws(Failure)
+        -> NIOBSDSocket.Handle
+    {
         var hints = addrinfo()
         hints.ai_socktype = CLibrary.socketStream
         hints.ai_family = AF_UNSPEC
@@ -73,8 +116,9 @@ enum SocketConnector {
             entry = current.ai_next
             guard let address = current.ai_addr else { continue }
             do {
-                return try connect(family: current.ai_family, address, current.ai_addrlen, deadline: deadline)
+                return try connect(family: current.ai_family, address, current.ai_addrlen, deadline: deadline, cancelled: cancelled)
             } catch {
+                if error.cancelled || error.timedOut { throw error }
                 failure = error
             }
         }
@@ -86,7 +130,8 @@ enum SocketConnector {
         family: Int32,
         _ address: UnsafePointer<sockaddr>,
         _ length: socklen_t,
-        deadline: NIODeadline
+        deadline: NIODeadline,
+        cancelled: NIOLockedValueBox<Bool>
     ) throws(Failure) -> NIOBSDSocket.Handle {
         let fd = socket(family, CLibrary.socketStream, 0)
         guard fd >= 0 else { throw Failure("socket()", errno) }
@@ -97,12 +142,14 @@ enum SocketConnector {
         if CLibrary.connect(fd, address, length) != 0 {
             guard errno == EINPROGRESS else { throw Failure("", errno) }
             var poller = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            // In slices of at most 100 ms, so that a cancelled task stops waiting.
             while true {
-                let milliseconds = max(0, (deadline - .now()).nanoseconds / 1_000_000)
-                let ready = poll(&poller, 1, Int32(clamping: milliseconds))
+                if cancelled.withLockedValue({ $0 }) { throw Failure.cancellation }
+                let left = (deadline - .now()).nanoseconds / 1_000_000
+                if left <= 0 { throw Failure.timeout }
+                let ready = poll(&poller, 1, Int32(clamping: min(left, 100)))
                 if ready > 0 { break }
-                if ready == 0 { throw Failure("timed out") }
-                guard errno == EINTR else { throw Failure("poll()", errno) }
+                guard ready == 0 || errno == EINTR else { throw Failure("poll()", errno) }
             }
             var error: Int32 = 0
             var size = socklen_t(MemoryLayout<Int32>.size)

@@ -50,18 +50,37 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         public var negotiationTimeout: TimeAmount
         /// Whether TLS is negotiated right after the handshake.
         public var tlsPolicy: NBDTLSPolicy
+        /// How long a request on the wire may wait for its reply; nil for ever. Past it the
+        /// connection is closed hard (its state is unknown) and every request fails with
+        /// ``NBDError/Code/timedOut``.
+        public var requestTimeout: TimeAmount?
 
         /// A configuration with the given settings.
         public init(
             limits: ClientNegotiationStateMachine.Limits = .init(),
             maximumRequestsInFlight: Int = 64,
             negotiationTimeout: TimeAmount = .seconds(30),
-            tlsPolicy: NBDTLSPolicy = .disable
+            tlsPolicy: NBDTLSPolicy = .disable,
+            requestTimeout: TimeAmount? = nil
         ) {
             self.limits = limits
             self.maximumRequestsInFlight = max(1, maximumRequestsInFlight)
             self.negotiationTimeout = negotiationTimeout
             self.tlsPolicy = tlsPolicy
+            self.requestTimeout = requestTimeout.map { max($0, .milliseconds(1)) }
+        }
+
+        /// The request clock's period: requests are stamped in ticks, and one unanswered for
+        /// more than ``ticksPerRequestTimeout`` ticks has timed out, at most one tick late.
+        @usableFromInline var tick: TimeAmount {
+            guard let requestTimeout else { return .seconds(1) }
+            return min(.seconds(1), .nanoseconds(max(1, requestTimeout.nanoseconds / 8)))
+        }
+
+        @usableFromInline var ticksPerRequestTimeout: UInt64 {
+            guard let requestTimeout else { return .max }
+            let tick = self.tick.nanoseconds
+            return UInt64((requestTimeout.nanoseconds + tick - 1) / tick)
         }
     }
 
@@ -156,6 +175,10 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     @usableFromInline var channelIsOpen = true
     /// What the armed deadline waits for, said as the error it becomes.
     @usableFromInline var deadline: String?
+    /// The request clock (see ``Configuration/tick``): ticks gone by, and whether it runs,
+    /// which it does only while requests are on the wire.
+    @usableFromInline var ticks: UInt64 = 0
+    @usableFromInline var clockRunning = false
     /// The TLS version agreed, e.g. "tlsv13", once TLS is up.
     public private(set) var tlsVersion: String?
     /// The TLS cipher suite agreed, by its IANA name, once TLS is up.
@@ -304,6 +327,10 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     /// The armed deadline passed.
     public mutating func timerFired() {
+        if case .transmission = phase, clockRunning {
+            tickRequestClock()
+            return
+        }
         guard let deadline else { return }
         self.deadline = nil
         if case .negotiating(pending: .abort) = phase {
@@ -311,8 +338,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
             aborted()
             return
         }
-        let seconds = configuration.negotiationTimeout.nanoseconds / 1_000_000_000
-        fail(NBDError(.timedOut, "\(deadline) within \(seconds) s", connectionUsable: false))
+        fail(NBDError(.timedOut, "\(deadline) within \(configuration.negotiationTimeout.secondsText)", connectionUsable: false))
     }
 
     /// The TLS handshake completed.
@@ -389,10 +415,33 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                 flags: next.flags,
                 offset: next.offset,
                 length: next.length,
-                context: next.request
+                context: next.request,
+                stamp: ticks
             )
             outbox.append(.sendRequest(header, next.request))
+            if configuration.requestTimeout != nil, !clockRunning {
+                clockRunning = true
+                outbox.append(.armTimer(after: configuration.tick))
+            }
         }
+    }
+
+    /// One tick of the request clock: the oldest request on the wire has had its time, or
+    /// the clock goes on while any request is there.
+    mutating func tickRequestClock() {
+        ticks += 1
+        guard let (oldest, stamp) = transmission.oldestInFlight else {
+            clockRunning = false
+            return
+        }
+        guard ticks - stamp > configuration.ticksPerRequestTimeout else {
+            outbox.append(.armTimer(after: configuration.tick))
+            return
+        }
+        clockRunning = false
+        let timeout = (configuration.requestTimeout ?? .zero).secondsText
+        let what = "the server did not answer \(oldest.type) at offset \(oldest.offset) within \(timeout)"
+        fail(NBDError(.timedOut, what + "; the connection was closed", connectionUsable: false))
     }
 
     @inlinable mutating func disconnectIfIdle() {

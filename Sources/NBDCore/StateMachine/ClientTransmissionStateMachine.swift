@@ -56,6 +56,8 @@ public struct ClientTransmissionStateMachine<Context> {
         @usableFromInline var contentChunks = 0
         @usableFromInline var contextsSeen: Set<UInt32> = []
         @usableFromInline var error: NBDError?
+        /// The caller's mark of when the request was sent (see ``startRequest(_:flags:offset:length:context:stamp:)``).
+        @usableFromInline var stamp: UInt64 = 0
 
         @usableFromInline var range: Range<UInt64> { header.offset..<(header.offset + UInt64(header.length)) }
 
@@ -91,23 +93,33 @@ public struct ClientTransmissionStateMachine<Context> {
     /// How many requests await their reply.
     @inlinable public var inFlightCount: Int { inFlight.count }
 
+    /// The request in flight with the smallest stamp (of those, the first sent), and that
+    /// stamp; nil when none is.
+    public var oldestInFlight: (header: RequestHeader, stamp: UInt64)? {
+        inFlight.values.min { ($0.stamp, $0.header.cookie) < ($1.stamp, $1.header.cookie) }.map { ($0.header, $0.stamp) }
+    }
+
     /// True once a fatal error was reported.
     @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 
     /// Registers a request and returns its header, with a fresh cookie, to send.
-    /// `NBD_CMD_DISC` gets no reply and is not registered.
+    /// `NBD_CMD_DISC` gets no reply and is not registered. `stamp` marks when it was sent, in
+    /// whatever unit the caller counts time (see ``oldestInFlight``).
     @inlinable public mutating func startRequest(
         _ type: CommandType,
         flags: CommandFlags = [],
         offset: UInt64,
         length: UInt32,
-        context: Context
+        context: Context,
+        stamp: UInt64 = 0
     ) -> RequestHeader {
         let cookie = nextCookie
         nextCookie &+= 1
         let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
         if type != .disconnect {
-            inFlight[cookie] = InFlight(header: header, context: context)
+            var request = InFlight(header: header, context: context)
+            request.stamp = stamp
+            inFlight[cookie] = request
         }
         return header
     }

@@ -91,8 +91,8 @@ public struct ServerConnectionStateMachine: Sendable {
         switch phase {
         case .negotiating:
             phase = .ended
-            let seconds = handshakeTimeout.nanoseconds / 1_000_000_000
-            outbox = [.fatal(NBDError(.timedOut, "the client did not finish negotiating within \(seconds) s", connectionUsable: false))]
+            let message = "the client did not finish negotiating within \(handshakeTimeout.secondsText)"
+            outbox = [.fatal(NBDError(.timedOut, message, connectionUsable: false))]
         case .transmission(var transmission):
             phase = .ended
             transmission.timerFired()

@@ -140,8 +140,8 @@ public struct ServerTransmissionStateMachine: Sendable {
         guard paused, !ended else { return }
         if unwritten > 0 && !wroteSinceArmed {
             channelClosed()
-            let seconds = limits.replyStallTimeout.nanoseconds / 1_000_000_000
-            outbox = [.fatal(NBDError(.timedOut, "the client read none of its replies for \(seconds) s", connectionUsable: false))]
+            let message = "the client read none of its replies for \(limits.replyStallTimeout.secondsText)"
+            outbox = [.fatal(NBDError(.timedOut, message, connectionUsable: false))]
             return
         }
         wroteSinceArmed = false

@@ -1,0 +1,91 @@
+import Foundation
+import NBD
+import Testing
+
+/// The `nbd` tool against a server that stops answering: it exits 1 within its `--timeout`
+/// plus 2 s, saying what timed out, instead of hanging for ever.
+@Suite("A frozen server", .serialized)
+struct FrozenServerTests {
+    /// Runs `nbd` with `arguments` while `freeze` is done after `delay`; its status, error
+    /// text, and the time from the freeze to its exit.
+    func runNBD(
+        _ arguments: [String],
+        freezingAfter delay: Duration = .zero,
+        _ freeze: () -> Void = {}
+    ) async throws
+        -> (status: Int32, error: String, afterFreeze: Duration)
+    {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: nbdTool)
+        process.arguments = arguments
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        try await Task.sleep(for: delay)
+        freeze()
+        let frozenAt = ContinuousClock.now
+        while process.isRunning, ContinuousClock.now - frozenAt < .seconds(30) { try await Task.sleep(for: .milliseconds(20)) }
+        let afterFreeze = ContinuousClock.now - frozenAt
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        return (process.isRunning ? -1 : process.terminationStatus, text, afterFreeze)
+    }
+
+    @Test func copyFromAServerStoppedMidCopyExitsWithinTheTimeout() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let socket = server.path("slow.sock")
+        // 4 GiB at 50 MiB/s: the copy is still running when the server is stopped.
+        let nbdkit = try await server.start(
+            "nbdkit",
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "pattern", "4G", "rate=50M"],
+            waitFor: socket
+        )
+        let result = try await runNBD(
+            ["copy", "--timeout", "2", NBDURI(socket: socket).description, "null:"],
+            freezingAfter: .milliseconds(800)
+        ) {
+            kill(nbdkit.processIdentifier, SIGSTOP)
+        }
+        kill(nbdkit.processIdentifier, SIGCONT)
+        #expect(result.status == 1)
+        #expect(result.error.contains("the server did not answer NBD_CMD_READ") && result.error.contains("within 2 s"), "\(result.error)")
+        #expect(result.afterFreeze < .seconds(4), "exited \(result.afterFreeze) after the freeze")
+        #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
+    }
+
+    @Test func infoMapOnAServerThatNeverAnswersBlockStatusExitsWithinTheTimeout() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=delay", "memory", "16M", "delay-extents=60"])
+        let result = try await runNBD(["info", "--map", "--timeout", "1", uri.description])
+        #expect(result.status == 1)
+        #expect(result.error.contains("did not answer NBD_CMD_BLOCK_STATUS") && result.error.contains("within 1 s"), "\(result.error)")
+        #expect(result.afterFreeze < .seconds(3), "exited after \(result.afterFreeze)")
+    }
+
+    @Test func dumpOnAServerThatNeverAnswersReadsExitsWithinTheTimeout() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=delay", "pattern", "16M", "delay-read=60"])
+        let result = try await runNBD(["dump", "--timeout", "1.5", uri.description])
+        #expect(result.status == 1)
+        #expect(result.error.contains("did not answer NBD_CMD_READ") && result.error.contains("within 1.5 s"), "\(result.error)")
+        #expect(result.afterFreeze < .seconds(3.5), "exited after \(result.afterFreeze)")
+    }
+
+    @Test func timeoutZeroWaitsAndBadTimeoutsAreRefused() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=delay", "pattern", "1M", "delay-read=3"])
+        // A slow server is not a frozen one: with --timeout 0 the read just takes its time.
+        let slow = try await runNBD(["dump", "--timeout", "0", "--length", "16", uri.description])
+        #expect(slow.status == 0, "\(slow.error)")
+        #expect(slow.afterFreeze >= .seconds(2))
+        for bad in ["-1", "soon"] {
+            let refused = try await runNBD(["dump", "--timeout", bad, uri.description])
+            #expect(refused.status != 0 && refused.error.contains("--timeout"), "\(refused.error)")
+        }
+    }
+}
