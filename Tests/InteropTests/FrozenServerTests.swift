@@ -2,9 +2,9 @@ import Foundation
 import NBD
 import Testing
 
-/// The `nbd` tool against a server that stops answering: it exits 1 within its `--timeout`
-/// plus 2 s, saying what timed out, instead of hanging for ever.
-@Suite("A frozen server", .serialized)
+/// The `nbd` tool and the library against a server that stops answering or dies: they fail
+/// promptly, saying what happened in words, instead of hanging for ever.
+@Suite("A frozen or killed server", .serialized)
 struct FrozenServerTests {
     /// Runs `nbd` with `arguments` while `freeze` is done after `delay`; its status, error
     /// text, and the time from the freeze to its exit.
@@ -86,6 +86,50 @@ struct FrozenServerTests {
         for bad in ["-1", "soon"] {
             let refused = try await runNBD(["dump", "--timeout", bad, uri.description])
             #expect(refused.status != 0 && refused.error.contains("--timeout"), "\(refused.error)")
+        }
+    }
+
+    @Test func killingTheServerFailsSixtyFourRequestsInFlightAtOnceInWords() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let socket = server.path("doomed.sock")
+        let nbdkit = try await server.start(
+            "nbdkit",
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=delay", "pattern", "64M", "delay-read=30"],
+            waitFor: socket
+        )
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        let reads = Task {
+            await withTaskGroup(of: (any Error)?.self) { group in
+                for index in 0..<64 {
+                    group.addTask {
+                        do {
+                            _ = try await export.read(at: UInt64(index) << 16, length: 65536)
+                            return nil
+                        } catch {
+                            return error
+                        }
+                    }
+                }
+                return await group.reduce(into: [(any Error)?]()) { $0.append($1) }
+            }
+        }
+        try await Task.sleep(for: .milliseconds(500))
+        let killedAt = ContinuousClock.now
+        kill(nbdkit.processIdentifier, SIGKILL)
+        let errors = await reads.value
+        #expect(ContinuousClock.now - killedAt < .seconds(1))
+        #expect(errors.count == 64)
+        for error in errors {
+            let error = try #require(error as? NBDError)
+            #expect(error.code == .connectionClosed)
+            let text = "\(error)"
+            #expect(
+                text.hasPrefix("the server closed the connection") || text.contains("the server reset the connection (ECONNRESET)"),
+                "\(text)"
+            )
+            #expect(!text.contains("descriptor") && !text.contains("errno:"), "\(text)")
+            #expect(text.filter { $0 == "(" }.count == text.filter { $0 == ")" }.count, "\(text)")
         }
     }
 }

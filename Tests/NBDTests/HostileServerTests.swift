@@ -534,4 +534,30 @@ extension HostileServerTests {
             #expect(peer.isClosed)
         }
     }
+
+    @Test func aResetConnectionIsSaidInWords() async throws {
+        let server = try await FakeServer(overTCP: true)
+        let client = Task { () -> Void in
+            let connection = try await NBDConnection.connect(to: server.address)
+            let export = try await connection.go()
+            _ = try await export.read(at: 0, length: 512)
+        }
+        let peer = await server.nextPeer()
+        try await peer.handshake()
+        try await peer.acceptGo()
+        _ = try await peer.readRequest()
+        // SO_LINGER 0: closing sends a TCP reset instead of a clean end.
+        let options = try #require(peer.channel as? any SocketOptionProvider)
+        try await options.setSoLinger(linger(l_onoff: 1, l_linger: 0)).get()
+        await peer.close()
+        await #expect(
+            performing: { try await client.value },
+            throws: { error in
+                guard let error = error as? NBDError else { return false }
+                return error.code == .connectionClosed
+                    && "\(error)" == "the connection failed: the server reset the connection (ECONNRESET)"
+            }
+        )
+        await server.stop()
+    }
 }

@@ -125,7 +125,12 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        machine.errorCaught(error)
+        // In words: which TLS check failed, or which socket error happened.
+        if let tls, !machine.isInTransmission, error is NIOSSLError || error is NIOSSLExtraError || error is BoringSSLError {
+            machine.errorCaught(TLSFailure(error, hostname: tls.hostname))
+        } else {
+            machine.errorCaught(ConnectionFailure(error) ?? error)
+        }
         run()
     }
 

@@ -357,7 +357,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
             fail(
                 NBDError(
                     .tlsFailed,
-                    "the TLS handshake failed (certificate not trusted, wrong name or expired; wrong PSK or user; or no TLS on the server)",
+                    "the TLS handshake failed",
                     connectionUsable: false,
                     underlying: error
                 )
