@@ -33,7 +33,8 @@ struct Dump: AsyncParsableCommand {
             guard offset <= export.size else {
                 throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)")
             }
-            let end = length.map { min(export.size, offset + $0) } ?? export.size
+            // Not offset + length: a huge --length would wrap.
+            let end = offset + min(length ?? .max, export.size - offset)
             var dumper = HexDumper()
             var output = FileHandle.standardOutput
             let reader = AlignedReader(export: export)

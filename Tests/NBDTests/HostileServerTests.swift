@@ -560,4 +560,51 @@ extension HostileServerTests {
         )
         await server.stop()
     }
+
+    @Test(arguments: [UInt64(1) << 63, UInt64.max])
+    func anExportOf2To63BytesOrMoreIsRefusedWithATypedError(size: UInt64) async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                _ = try await connection.go("huge")
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.reply(.go, .info(.export(size: size, flags: [.hasFlags])))
+            await #expect(
+                performing: { try await client.value },
+                throws: { error in
+                    guard let error = error as? NBDError else { return false }
+                    return error.code == .incompatibleServer && error.message.contains("export of \(size) bytes, 2^63 or more")
+                }
+            )
+        }
+    }
+
+    @Test func exportNameWithAHugeSizeIsRefusedAndTheLargestUsableSizeIsNot() async throws {
+        try await withServer { server in
+            let client = Task { () -> Void in
+                let connection = try await NBDConnection.connect(to: server.address)
+                _ = try await connection.exportName("huge")
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            _ = try await peer.readOption()
+            try await peer.send { ExportNameReply(size: UInt64(1) << 63, flags: [.hasFlags]).encode(into: &$0, noZeroes: true) }
+            await #expect(performing: { try await client.value }, throws: { ($0 as? NBDError)?.code == .incompatibleServer })
+        }
+        try await withServer { server in
+            let client = Task { () -> UInt64 in
+                let connection = try await NBDConnection.connect(to: server.address)
+                let export = try await connection.go("largest")
+                defer { Task { await export.close() } }
+                return export.size
+            }
+            let peer = await server.nextPeer()
+            try await peer.handshake()
+            try await peer.acceptGo(size: UInt64(Int64.max), flags: [.hasFlags])
+            #expect(try await client.value == UInt64(Int64.max))
+        }
+    }
 }

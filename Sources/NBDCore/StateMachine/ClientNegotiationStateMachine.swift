@@ -179,6 +179,7 @@ public struct ClientNegotiationStateMachine: Sendable {
                 throw .serverViolation("replies to \(option) exceed \(limits.maximumRepliesLength) bytes")
             }
             try Self.check(reply.body, answers: option, earlier: replies)
+            if case .info(.export(let size, _)) = reply.body { try Self.checkSize(size) }
             replies.append(reply.body)
             switch reply.body {
             case .ack:
@@ -195,6 +196,7 @@ public struct ClientNegotiationStateMachine: Sendable {
 
         case .awaitingExportName:
             guard let reply = ExportNameReply.decode(from: &buffer, noZeroes: clientFlags.contains(.noZeroes)) else { return .wait }
+            try Self.checkSize(reply.size)
             state = .transmission
             return .exportNameAccepted(reply)
 
@@ -203,6 +205,19 @@ public struct ClientNegotiationStateMachine: Sendable {
             // belong to the transmission machine, which the caller hands them to.
             if buffer.readableBytes == 0 || state == .transmission { return .wait }
             throw .serverViolation("unexpected \(buffer.readableBytes) bytes while no option is pending")
+        }
+    }
+
+    /// An export of 2^63 bytes or more cannot be used: its offsets do not fit the signed 64-bit
+    /// offsets of files (`off_t`), and offset + length could wrap. Checked here, once, so that
+    /// no later sum or conversion of a size, offset or extent can trap.
+    private static func checkSize(_ size: UInt64) throws(NBDError) {
+        guard size <= UInt64(Int64.max) else {
+            throw NBDError(
+                .incompatibleServer,
+                "the server announces an export of \(size) bytes, 2^63 or more, which this client cannot address",
+                connectionUsable: false
+            )
         }
     }
 
