@@ -109,3 +109,23 @@ let package = Package(
         ),
     ]
 )
+
+// libFuzzer targets, one per parser of a peer's bytes: built only by scripts/fuzz.sh, which
+// sets NBD_FUZZ and builds them with -sanitize=fuzzer,address (they have no main of their own).
+if Context.environment["NBD_FUZZ"] != nil {
+    let nio = Target.Dependency.product(name: "NIOCore", package: "swift-nio")
+    package.targets.append(.target(name: "FuzzSupport", dependencies: [nio], path: "Fuzz/Support"))
+    for (name, module) in [
+        ("ClientNegotiation", "NBDCore"), ("ClientTransmission", "NBDCore"), ("ServerNegotiation", "NBDCore"),
+        ("ServerTransmission", "NBDCore"), ("URI", "NBD"), ("ServerHello", "NBD"), ("PSKFile", "NBD"),
+    ] {
+        package.targets.append(
+            .executableTarget(
+                name: "Fuzz\(name)",
+                dependencies: [.target(name: module), "FuzzSupport", nio],
+                path: "Fuzz/\(name)",
+                exclude: ["seeds"]
+            )
+        )
+    }
+}

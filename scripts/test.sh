@@ -37,9 +37,10 @@ fi
 # and make the timing-sensitive tests (cancellation) flaky.
 swift test --no-parallel "$@"
 
-# The whole run also checks the formatting and builds the documentation, warnings being errors.
+# The whole run also checks the formatting, builds the documentation (warnings being errors)
+# and fuzzes every parser of a peer's bytes for 30 s each.
 if [ $# -eq 0 ]; then
-    swift format lint --strict -r Sources Tests Snippets Package.swift
+    swift format lint --strict -r Sources Tests Snippets Fuzz Package.swift
     long=$(git ls-files '*.swift' | xargs awk 'length > 140 { print FILENAME ":" FNR }')
     if [ -n "$long" ]; then
         echo "lines over 140 characters:" >&2
@@ -53,4 +54,6 @@ if [ $# -eq 0 ]; then
         exit 1
     fi
     echo "formatting and documentation: fine"
+    # Every libFuzzer target for 30 s (a crash, leak or timeout fails the run).
+    scripts/fuzz.sh --all 30
 fi

@@ -73,6 +73,8 @@ struct NBDURITests {
         ("nbd://[::1/", "IPv6"),
         ("nbd://h/%zz", "percent"),
         ("nbd+unix://host/?socket=s", "host"),
+        // Found by fuzzing: it parsed, and printed back as a different URI.
+        ("nbd://b::1]:111nb1d11::", "brackets"), ("nbd://::1/", "brackets"),
     ])
     func badURIsNameTheProblem(uri: String, mentions: String) {
         #expect { try NBDURI(uri) } throws: { error in

@@ -97,20 +97,6 @@ public struct NBDTLSConfiguration: Sendable {
         } catch {
             throw NBDError(.tlsFailed, "cannot read the PSK file \(path)", connectionUsable: false, underlying: error)
         }
-        for line in text.split(whereSeparator: \.isNewline) {
-            let parts = line.split(separator: ":", maxSplits: 1)
-            guard parts.count == 2, parts[0] == username else { continue }
-            let hex = Array(parts[1].utf8)
-            guard hex.count % 2 == 0, !hex.isEmpty else { break }
-            var key: [UInt8] = []
-            for index in stride(from: 0, to: hex.count, by: 2) {
-                guard let byte = UInt8(String(decoding: hex[index..<(index + 2)], as: UTF8.self), radix: 16) else {
-                    throw NBDError(.tlsFailed, "the PSK of \(username) in \(path) is not hexadecimal", connectionUsable: false)
-                }
-                key.append(byte)
-            }
-            return (username, key)
-        }
-        throw NBDError(.tlsFailed, "no PSK for user \(username) in \(path)", connectionUsable: false)
+        return (username, try PSKFile.key(of: username, in: text, path: path))
     }
 }

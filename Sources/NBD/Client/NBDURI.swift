@@ -132,6 +132,8 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         } else if let colon = hostPort.lastIndex(of: ":") {
             host = String(hostPort[..<colon])
             portText = hostPort[hostPort.index(after: colon)...]
+            // Found by fuzzing: "nbd://b::1]:111/" must not be read as the host "b::1]".
+            guard host?.contains(":") == false else { throw bad("an IPv6 address needs brackets, e.g. nbd://[::1]:10809/") }
         } else if !hostPort.isEmpty {
             host = String(hostPort)
         }

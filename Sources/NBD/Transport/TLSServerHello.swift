@@ -2,8 +2,8 @@ import NIOCore
 
 /// Where the cipher suite sits in the first TLS record a server sends (RFC 5246 §7.4.1.3 and
 /// RFC 8446 §4.1.3, which keep the same layout; a HelloRetryRequest too).
-enum TLSServerHello {
-    enum Parse: Equatable {
+package enum TLSServerHello {
+    package enum Parse: Equatable {
         case needMore
         case found(UInt16)
         case notServerHello
@@ -12,7 +12,7 @@ enum TLSServerHello {
     /// Record header 5, handshake header 4, version 2, random 32, session id 1 + 32, suite 2.
     static let longestPrefix = 78
 
-    static func cipherSuite(in bytes: ByteBuffer) -> Parse {
+    package static func cipherSuite(in bytes: ByteBuffer) -> Parse {
         var bytes = bytes
         // TLSPlaintext: type handshake (22), version, length.
         guard let type = bytes.readInteger(as: UInt8.self) else { return .needMore }
@@ -32,7 +32,7 @@ enum TLSServerHello {
     }
 
     /// The IANA name of the suites BoringSSL negotiates, or the code point in hex.
-    static func name(of suite: UInt16) -> String {
+    package static func name(of suite: UInt16) -> String {
         names[suite] ?? "0x" + String(suite, radix: 16, uppercase: true)
     }
 
