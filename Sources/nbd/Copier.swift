@@ -36,9 +36,14 @@ final class Copier: Sendable {
         let cursor = Cursor(source: source, size: size, pieceSize: requestSize)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
-                let executor = source.taskExecutor(for: worker) ?? destination.taskExecutor(for: worker)
+                // On the source's event loop when it is an export: each read resumes where its reply
+                // was read. Not on the destination's for other sources: making a pattern or reading a
+                // file there would hold up that loop's I/O, so that a dead destination went unnoticed
+                // for seconds.
+                let executor = source.taskExecutor(for: worker)
                 group.addTask(executorPreference: executor) {
-                    while !interrupt.happened, let piece = try await cursor.next() {
+                    // Cancelled once another worker failed: no more pieces are read for nothing.
+                    while !interrupt.happened, !Task.isCancelled, let piece = try await cursor.next() {
                         try await self.copy(piece, worker: worker)
                     }
                 }

@@ -199,7 +199,8 @@ enum Sizes {
     }
 }
 
-/// SIGINT: stop taking new work, let requests in flight finish.
+/// SIGINT: stop taking new work, let requests in flight finish. A second SIGINT exits at once,
+/// for a server that will never answer them.
 final class Interrupt: Sendable {
     private let flag = NIOLockedValueBox(false)
     private let handler = NIOLockedValueBox<SignalHandler?>(nil)
@@ -209,7 +210,14 @@ final class Interrupt: Sendable {
     }
 
     func set() {
-        flag.withLockedValue { $0 = true }
+        let again = flag.withLockedValue { flag in
+            defer { flag = true }
+            return flag
+        }
+        if again {
+            FileHandle.standardError.write(Data("\nnbd: interrupted again: exiting without waiting for the requests in flight\n".utf8))
+            exit(130)
+        }
     }
 
     var happened: Bool { flag.withLockedValue { $0 } }

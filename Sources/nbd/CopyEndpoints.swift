@@ -276,14 +276,16 @@ struct SyntheticSource: CopySource {
 
     func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
         if isZero { return [ByteBuffer(repeating: 0, count: length)] }
-        // Whole words from the one holding `offset`, trimmed to the bytes asked for.
-        var buffer = ByteBuffer()
-        buffer.reserveCapacity(length + 16)
+        // Whole words from the one holding `offset`, trimmed to the bytes asked for. Stored
+        // straight into the buffer: this runs for every piece, and must not hog a thread.
         let first = offset / 8 * 8
-        var word = first
-        while word < offset + UInt64(length) {
-            buffer.writeInteger(word)
-            word += 8
+        let words = (Int(offset - first) + length + 7) / 8
+        var buffer = ByteBuffer()
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: words * 8) { raw in
+            for index in 0..<words {
+                raw.storeBytes(of: (first + UInt64(index) * 8).bigEndian, toByteOffset: index * 8, as: UInt64.self)
+            }
+            return words * 8
         }
         return [buffer.getSlice(at: Int(offset - first), length: length)!]
     }

@@ -11,10 +11,9 @@ struct FrozenServerTests {
     func runNBD(
         _ arguments: [String],
         freezingAfter delay: Duration = .zero,
-        _ freeze: () -> Void = {}
-    ) async throws
-        -> (status: Int32, error: String, afterFreeze: Duration)
-    {
+        _ freeze: () -> Void = {},
+        interrupting interrupt: (Process) -> Void = { _ in }
+    ) async throws -> (status: Int32, error: String, afterFreeze: Duration) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: nbdTool)
         process.arguments = arguments
@@ -25,6 +24,7 @@ struct FrozenServerTests {
         try await Task.sleep(for: delay)
         freeze()
         let frozenAt = ContinuousClock.now
+        interrupt(process)
         while process.isRunning, ContinuousClock.now - frozenAt < .seconds(30) { try await Task.sleep(for: .milliseconds(20)) }
         let afterFreeze = ContinuousClock.now - frozenAt
         if process.isRunning { kill(process.processIdentifier, SIGKILL) }
@@ -35,15 +35,9 @@ struct FrozenServerTests {
     @Test func copyFromAServerStoppedMidCopyExitsWithinTheTimeout() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let socket = server.path("slow.sock")
-        // 4 GiB at 50 MiB/s: the copy is still running when the server is stopped.
-        let nbdkit = try await server.start(
-            "nbdkit",
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "pattern", "4G", "rate=50M"],
-            waitFor: socket
-        )
+        let (nbdkit, uri) = try await server.slowNBDKit(["pattern", "4G"])
         let result = try await runNBD(
-            ["copy", "--timeout", "2", NBDURI(socket: socket).description, "null:"],
+            ["copy", "--timeout", "2", uri, "null:"],
             freezingAfter: .milliseconds(800)
         ) {
             kill(nbdkit.processIdentifier, SIGSTOP)
@@ -131,5 +125,23 @@ struct FrozenServerTests {
             #expect(!text.contains("descriptor") && !text.contains("errno:"), "\(text)")
             #expect(text.filter { $0 == "(" }.count == text.filter { $0 == ")" }.count, "\(text)")
         }
+    }
+
+    @Test func ctrlCTwiceEndsACopyFromAFrozenServerAtOnce() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let (nbdkit, uri) = try await server.slowNBDKit(["pattern", "4G"])
+        let result = try await runNBD(["copy", "--timeout", "0", uri, "null:"], freezingAfter: .milliseconds(800)) {
+            kill(nbdkit.processIdentifier, SIGSTOP)
+        } interrupting: { process in
+            // The first Ctrl-C waits for the requests in flight, which never come; the second does not.
+            kill(process.processIdentifier, SIGINT)
+            usleep(300_000)
+            kill(process.processIdentifier, SIGINT)
+        }
+        kill(nbdkit.processIdentifier, SIGCONT)
+        #expect(result.status == 130)
+        #expect(result.error.contains("interrupted again"), "\(result.error)")
+        #expect(result.afterFreeze < .seconds(3), "exited \(result.afterFreeze) after the freeze")
     }
 }

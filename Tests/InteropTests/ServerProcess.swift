@@ -66,6 +66,19 @@ final class ServerProcess: @unchecked Sendable {
         return process
     }
 
+    /// Starts nbdkit serving `plugin` (e.g. `pattern 4G`) at 50 MiB/s: a copy of gigabytes is
+    /// still running seconds later, when a test stops or kills the server. Returns the process
+    /// and its URI.
+    func slowNBDKit(_ plugin: [String]) async throws -> (process: Process, uri: String) {
+        let socket = path("slow.sock")
+        let process = try await start(
+            "nbdkit",
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate"] + plugin + ["rate=50M"],
+            waitFor: socket
+        )
+        return (process, NBDURI(socket: socket).description)
+    }
+
     /// Starts nbdkit on a Unix socket with the given plugin, filters and parameters.
     func nbdkit(_ arguments: [String]) async throws -> NBDURI {
         let socket = path("nbdkit.sock")

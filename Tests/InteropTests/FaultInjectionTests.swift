@@ -1,0 +1,185 @@
+import Foundation
+import NBD
+import NBDCore
+import NIOCore
+import Testing
+
+/// Faults injected into real peers: nbdkit's error and delay filters, servers killed part way,
+/// and `nbd serve` under clients that misbehave. Errors are reported, never success; data is
+/// exact; the server stays within its bounds.
+@Suite("Fault injection", .serialized)
+struct FaultInjectionTests {
+    struct Fault: CustomTestStringConvertible, Sendable {
+        var name: String
+        /// nbdkit's arguments for the faulty server, and `nbd copy`'s with SERVER for its URI.
+        var server: [String]
+        var copy: [String]
+        var expected: String
+        var testDescription: String { name }
+    }
+
+    static let faults: [Fault] = [
+        Fault(
+            name: "read",
+            server: ["--filter=error", "pattern", "64M", "error-pread=EIO", "error-pread-rate=3%"],
+            copy: ["--request-size", "64K", "SERVER", "null:"],
+            expected: "EIO"
+        ),
+        Fault(
+            name: "write",
+            server: ["--filter=error", "memory", "64M", "error-pwrite=ENOSPC", "error-pwrite-rate=3%"],
+            copy: ["--request-size", "64K", "pattern:64M", "SERVER"],
+            expected: "ENOSPC"
+        ),
+        Fault(
+            name: "zero",
+            server: ["--filter=error", "memory", "64M", "error-zero=EIO", "error-zero-rate=100%"],
+            copy: ["zero:64M", "SERVER"],
+            expected: "EIO"
+        ),
+        Fault(
+            name: "block status",
+            server: ["--filter=error", "memory", "64M", "error-extents=EIO", "error-extents-rate=100%"],
+            copy: ["SERVER", "null:"],
+            expected: "EIO"
+        ),
+    ]
+
+    @Test(arguments: faults)
+    func copyFailsNamingTheServersError(fault: Fault) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(fault.server).description
+        let result = try runNBD(["copy"] + fault.copy.map { $0 == "SERVER" ? uri : $0 })
+        #expect(result.status == 1, "\(result.error)")
+        #expect(result.error.hasPrefix("nbd: ") && result.error.contains(fault.expected), "\(result.error)")
+    }
+
+    @Test func theLibraryReportsTheServersErrnoForEachCommand() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        // nbdkit 1.32's error filter has no flush: the five commands it can fail.
+        let arguments = ["pread", "pwrite", "trim", "zero", "extents"].flatMap { ["error-\($0)=EIO", "error-\($0)-rate=100%"] }
+        let uri = try await server.nbdkit(["--filter=error", "memory", "1M"] + arguments)
+        let export = try await NBDExport.connect(to: uri)
+        let calls: [(String, () async throws -> Void)] = [
+            ("read", { _ = try await export.read(at: 0, length: 512) }),
+            ("write", { try await export.write(ByteBuffer(repeating: 1, count: 512), at: 0) }),
+            ("trim", { try await export.trim(at: 0, length: 512) }),
+            ("zero", { try await export.writeZeroes(at: 0, length: 512) }),
+            ("block status", { _ = try await export.blockStatus(at: 0, length: 512) }),
+        ]
+        for (name, call) in calls {
+            do {
+                try await call()
+                Issue.record("\(name) succeeded against a server failing every \(name)")
+            } catch let error as NBDError {
+                #expect(error.code == .serverError && error.serverErrno == .EIO && error.connectionUsable, "\(name): \(error)")
+            }
+        }
+        await export.disconnect()
+    }
+
+    @Test func delayedRepliesInAnyOrderStillGiveExactData() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["--filter=delay", "memory", "16M", "delay-read=3ms", "delay-write=2ms"]).description
+        var original = Data(pattern(16 << 20, seed: 77).readableBytesView)
+        original.replaceSubrange((4 << 20)..<(6 << 20), with: Data(count: 2 << 20))
+        try original.write(to: URL(fileURLWithPath: server.path("in.raw")))
+        let copyIn = try runNBD(["copy", "--request-size", "64K", server.path("in.raw"), uri])
+        #expect(copyIn.status == 0, "\(copyIn.error)")
+        let copyOut = try runNBD(["copy", "--request-size", "64K", uri, server.path("out.raw")])
+        #expect(copyOut.status == 0, "\(copyOut.error)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: server.path("out.raw"))) == original)
+    }
+
+    @Test(arguments: ["source", "destination"])
+    func aServerKilledMidCopyFailsTheCopyAtOnce(side: String) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let (nbdkit, uri) = try await server.slowNBDKit(side == "source" ? ["pattern", "4G"] : ["memory", "4G"])
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: nbdTool)
+        process.arguments = ["copy"] + (side == "source" ? [uri, "null:"] : ["pattern:4G", uri])
+        let errors = Pipe()
+        process.standardError = errors
+        process.standardOutput = FileHandle.nullDevice
+        try process.run()
+        try await Task.sleep(for: .milliseconds(800))
+        #expect(process.isRunning)
+        kill(nbdkit.processIdentifier, SIGKILL)
+        let killedAt = ContinuousClock.now
+        while process.isRunning, ContinuousClock.now - killedAt < .seconds(10) { try await Task.sleep(for: .milliseconds(20)) }
+        let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(!process.isRunning && process.terminationStatus == 1, "\(text)")
+        #expect(ContinuousClock.now - killedAt < .seconds(2))
+        #expect(text.contains("the server closed the connection") || text.contains("reset the connection"), "\(text)")
+    }
+}
+
+extension FaultInjectionTests {
+    /// The resident memory of a process, from /proc.
+    func residentMiB(_ pid: Int32) throws -> Int {
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        let line = try #require(status.split(separator: "\n").first { $0.hasPrefix("VmRSS:") })
+        return (Int(line.split(separator: " ").dropFirst().first ?? "0") ?? 0) / 1024
+    }
+
+    @Test func nbdServeStaysWithinItsBoundsWhateverClientsSend() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("serve.sock")
+        let serve = try await folder.start(
+            nbdTool,
+            ["serve", "--memory", "256M", "--connection-buffer", "8M", "--socket", socket],
+            waitFor: socket
+        )
+        try await Task.sleep(for: .milliseconds(300))
+        let baseline = try residentMiB(serve.processIdentifier)
+        // A client that never reads: 500 READs of 1 MiB (500 MiB of replies).
+        let rude = try await RawClient(socket: socket)
+        try await rude.enterTransmission()
+        try await rude.stopReading()
+        try await rude.send { buffer in
+            for index in 0..<500 {
+                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index % 256) << 20, length: 1 << 20).encode(into: &buffer)
+            }
+        }
+        // Garbage, an oversized option, and a WRITE cut off part way, on three more connections.
+        let garbage = try await RawClient(socket: socket)
+        try await garbage.send { $0.writeBytes((0..<65536).map { UInt8(truncatingIfNeeded: $0 &* 7919) }) }
+        let oversized = try await RawClient(socket: socket)
+        _ = try await oversized.read(18)
+        try await oversized.send {
+            $0.writeInteger(UInt32(3))
+            $0.writeBytes(Array("IHAVEOPT".utf8))
+            $0.writeMultipleIntegers(UInt32(3), UInt32(1 << 30))
+        }
+        let cut = try await RawClient(socket: socket)
+        try await cut.enterTransmission()
+        try await cut.send {
+            RequestHeader(type: .write, cookie: 1, offset: 128 << 20, length: 1 << 20).encode(into: &$0)
+            $0.writeRepeatingByte(0xEE, count: 1000)
+        }
+        await cut.close()
+        try await Task.sleep(for: .seconds(1))
+        let held = try residentMiB(serve.processIdentifier)
+        // The bound (8 MiB) plus one payload (32 MiB) per connection, not 500 MiB.
+        #expect(held - baseline < 80, "serve grew from \(baseline) MiB to \(held) MiB")
+        #expect(try await garbage.isClosedByServer())
+        #expect(try await oversized.isClosedByServer())
+        // Everyone else is served, exactly; the cut-off WRITE was not applied.
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        #expect(try await export.read(at: 128 << 20, length: 1000) == ByteBuffer(repeating: 0, count: 1000))
+        let data = pattern(4 << 20, seed: 5)
+        try await export.write(data, at: 16 << 20)
+        #expect(try await export.read(at: 16 << 20, length: 4 << 20) == data)
+        await export.disconnect()
+        await rude.close()
+        try await Task.sleep(for: .milliseconds(500))
+        let after = try residentMiB(serve.processIdentifier)
+        #expect(after - baseline < 80, "serve holds \(after) MiB after the clients left (started at \(baseline) MiB)")
+        kill(serve.processIdentifier, SIGTERM)
+    }
+}
