@@ -1,0 +1,194 @@
+import Foundation
+import NBD
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// `nbd-bench soak`: many clients, each with many requests in flight, doing random reads,
+/// writes, zeroes and trims against `nbd serve` for a set time. Every byte read is checked
+/// against a model of what was written. Not a test: a long run that prints what it did and
+/// the peak memory of both sides, and fails if a byte or a request was wrong.
+///
+///     nbd-bench soak [--clients 64] [--in-flight 64] [--seconds 60] [--size 1G]
+enum Soak {
+    struct Options {
+        var clients = 64
+        var inFlight = 64
+        var seconds = 60
+        var size: UInt64 = 1 << 30
+
+        init(_ arguments: [String]) throws {
+            var iterator = arguments.makeIterator()
+            while let flag = iterator.next() {
+                guard let value = iterator.next() else { throw BenchError("\(flag) needs a value") }
+                switch flag {
+                case "--clients": clients = Int(value) ?? 0
+                case "--in-flight": inFlight = Int(value) ?? 0
+                case "--seconds": seconds = Int(value) ?? 0
+                case "--size": size = try Benchmark.Options.bytes(value)
+                default: throw BenchError("unknown option \(flag)")
+                }
+            }
+            guard clients > 0, inFlight > 0, seconds > 0 else { throw BenchError("--clients, --in-flight and --seconds must be positive") }
+        }
+    }
+
+    /// What all the workers did.
+    final class Tally: Sendable {
+        struct Counts {
+            var operations = 0, bytesRead: UInt64 = 0, bytesWritten: UInt64 = 0, errors = 0, wrongBlocks = 0
+            var firstProblem: String?
+        }
+        let counts = NIOLockedValueBox(Counts())
+    }
+
+    static let block = 4096
+
+    static func run(_ arguments: [String]) async throws {
+        let options = try Options(arguments)
+        let slots = options.clients * options.inFlight
+        let slotBlocks = Int(options.size / UInt64(slots) / UInt64(block))
+        guard slotBlocks >= 16 else { throw BenchError("--size is too small for \(slots) workers of 16 blocks each") }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-soak-\(getpid())")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let socket = directory.appendingPathComponent("serve.sock").path
+        // The server in its own process, so that its peak memory is its own.
+        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+        let server = try Benchmark.start(tool, ["serve", "--memory", "\(options.size)", "--socket", socket])
+        defer { kill(server.processIdentifier, SIGKILL) }
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+        var exports: [NBDExport] = []
+        for _ in 0..<options.clients { exports.append(try await NBDExport.connect(to: NBDURI(socket: socket))) }
+        print(
+            "soak: \(options.clients) clients x \(options.inFlight) in flight against nbd serve --memory \(options.size >> 20)M, "
+                + "\(options.seconds) s, random reads, writes, zeroes and trims of 4 KiB to 64 KiB"
+        )
+        let tally = Tally()
+        let deadline = ContinuousClock.now + .seconds(options.seconds)
+        let started = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for slot in 0..<slots {
+                let export = exports[slot % options.clients]
+                group.addTask(executorPreference: export.taskExecutor) {
+                    var worker = Worker(export: export, firstBlock: slot * slotBlocks, blocks: slotBlocks, seed: UInt64(slot) + 1)
+                    while ContinuousClock.now < deadline { await worker.step(tally) }
+                }
+            }
+            try await group.waitForAll()
+        }
+        let elapsed = ContinuousClock.now - started
+        for export in exports { await export.disconnect() }
+        let counts = tally.counts.withLockedValue { $0 }
+        let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+        let serverPeak = Benchmark.peakMemory(of: "\(server.processIdentifier)")
+        let clientPeak = Benchmark.peakMemory(of: "self")
+        print(String(format: "operations %d (%.0f/s)", counts.operations, Double(counts.operations) / seconds))
+        print(
+            String(format: "read %.1f MiB, written %.1f MiB", Double(counts.bytesRead) / 1_048_576, Double(counts.bytesWritten) / 1_048_576)
+        )
+        print("failed requests \(counts.errors), blocks read wrong \(counts.wrongBlocks)")
+        print(String(format: "peak RSS: server %.1f MiB, client %.1f MiB", Double(serverPeak) / 1024, Double(clientPeak) / 1024))
+        if let problem = counts.firstProblem { throw BenchError("the soak went wrong: \(problem)") }
+    }
+
+    /// One slot of the export, its own: requests on it run one at a time, so a model of each
+    /// block says what a read must return.
+    struct Worker {
+        enum Expected: Equatable {
+            case zero
+            /// Written by the write numbered so.
+            case written(UInt32)
+            /// Trimmed: "may read back as anything" until written.
+            case unknown
+        }
+
+        let export: NBDExport
+        let firstBlock: Int
+        var model: [Expected]
+        var generator: UInt64
+        var writes: UInt32 = 0
+
+        init(export: NBDExport, firstBlock: Int, blocks: Int, seed: UInt64) {
+            self.export = export
+            self.firstBlock = firstBlock
+            model = Array(repeating: .zero, count: blocks)
+            generator = seed
+        }
+
+        mutating func random(_ bound: Int) -> Int {
+            generator &+= 0x9E37_79B9_7F4A_7C15
+            var z = generator
+            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+            return Int((z ^ (z >> 31)) % UInt64(bound))
+        }
+
+        mutating func step(_ tally: Tally) async {
+            let count = 1 + random(16)
+            let start = random(model.count - count + 1)
+            let offset = UInt64(firstBlock + start) * UInt64(Soak.block)
+            let length = UInt64(count * Soak.block)
+            let choice = random(100)
+            do {
+                if choice < 40 {
+                    let data = try await export.read(at: offset, length: length)
+                    var wrong = 0
+                    for index in 0..<count where model[start + index] != .unknown {
+                        let expected = Soak.content(of: firstBlock + start + index, model[start + index])
+                        if data.getSlice(at: index * Soak.block, length: Soak.block) != expected { wrong += 1 }
+                    }
+                    tally.counts.withLockedValue { counts in
+                        counts.operations += 1
+                        counts.bytesRead += length
+                        counts.wrongBlocks += wrong
+                        if wrong > 0, counts.firstProblem == nil { counts.firstProblem = "\(wrong) blocks read wrong at offset \(offset)" }
+                    }
+                    return
+                }
+                if choice < 75 {
+                    writes &+= 1
+                    var data = ByteBuffer()
+                    for index in 0..<count {
+                        var block = Soak.content(of: firstBlock + start + index, .written(writes))
+                        data.writeBuffer(&block)
+                    }
+                    try await export.write(data, at: offset)
+                    for index in 0..<count { model[start + index] = .written(writes) }
+                } else if choice < 90 {
+                    try await export.writeZeroes(at: offset, length: length)
+                    for index in 0..<count { model[start + index] = .zero }
+                } else {
+                    try await export.trim(at: offset, length: length)
+                    for index in 0..<count { model[start + index] = .unknown }
+                }
+                tally.counts.withLockedValue { counts in
+                    counts.operations += 1
+                    if choice < 75 { counts.bytesWritten += length }
+                }
+            } catch {
+                // The block's state is unknown after a failed request.
+                for index in 0..<count { model[start + index] = .unknown }
+                tally.counts.withLockedValue { counts in
+                    counts.errors += 1
+                    if counts.firstProblem == nil { counts.firstProblem = "a request failed: \(error)" }
+                }
+            }
+        }
+    }
+
+    /// What block `index` holds in `state`: zeroes, or words made of the write's number and the
+    /// block's, so that a block read from the wrong place or the wrong time shows.
+    static func content(of index: Int, _ state: Worker.Expected) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        guard case .written(let generation) = state else {
+            buffer.writeRepeatingByte(0, count: block)
+            return buffer
+        }
+        let seed = UInt64(generation) << 40 ^ UInt64(index) << 12
+        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: block) { raw in
+            for word in 0..<(block / 8) { raw.storeBytes(of: (seed | UInt64(word)).bigEndian, toByteOffset: word * 8, as: UInt64.self) }
+            return block
+        }
+        return buffer
+    }
+}
