@@ -38,7 +38,7 @@ fi
 swift test --no-parallel "$@"
 
 # The whole run also checks the formatting, builds the documentation (warnings being errors)
-# and fuzzes every parser of a peer's bytes for 30 s each.
+# fuzzes every parser of a peer's bytes for 30 s each, and runs the unit tests under TSan.
 if [ $# -eq 0 ]; then
     swift format lint --strict -r Sources Tests Snippets Fuzz Package.swift
     long=$(git ls-files '*.swift' | xargs awk 'length > 140 { print FILENAME ":" FNR }')
@@ -56,4 +56,6 @@ if [ $# -eq 0 ]; then
     echo "formatting and documentation: fine"
     # Every libFuzzer target for 30 s (a crash, leak or timeout fails the run).
     scripts/fuzz.sh --all 30
+    # The unit-test targets under ThreadSanitizer (the interop suite too would take 10 minutes more).
+    scripts/sanitize.sh thread --filter '^(NBDCoreTests|NBDTests|NBDServerTests)\.'
 fi

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The test suite under a sanitizer, in its own build folder:
+#
+#   scripts/sanitize.sh thread  [swift test arguments]   ThreadSanitizer (data races)
+#   scripts/sanitize.sh address [swift test arguments]   AddressSanitizer (memory errors, leaks)
+#
+# For example: scripts/sanitize.sh thread --filter "NBDCoreTests|NBDTests|NBDServerTests".
+# A report fails the run. Reports that are not ours are suppressed in scripts/tsan.supp, each
+# with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kind=${1:-}
+case "$kind" in
+    thread) export TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/scripts/tsan.supp ${TSAN_OPTIONS:-}" ;;
+    address) export ASAN_OPTIONS="detect_leaks=0 ${ASAN_OPTIONS:-}" ;;
+    *)
+        echo "usage: scripts/sanitize.sh thread|address [swift test arguments]" >&2
+        exit 2
+        ;;
+esac
+shift
+# The runtime's backtracer and the sanitizers trip over each other on a report.
+export SWIFT_BACKTRACE=enable=no
+exec swift test --sanitize="$kind" --scratch-path ".build-$kind" --no-parallel "$@"
