@@ -6,13 +6,13 @@
 #
 # For example: scripts/sanitize.sh thread --filter "NBDCoreTests|NBDTests|NBDServerTests".
 # A report fails the run. Reports that are not ours are suppressed in scripts/tsan.supp, each
-# with the reason.
+# with the reason (scripts/tsan.supp, scripts/asan.supp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:-}
 case "$kind" in
     thread) export TSAN_OPTIONS="halt_on_error=1 suppressions=$PWD/scripts/tsan.supp ${TSAN_OPTIONS:-}" ;;
-    address) export ASAN_OPTIONS="detect_leaks=0 ${ASAN_OPTIONS:-}" ;;
+    address) export ASAN_OPTIONS="detect_leaks=0 suppressions=$PWD/scripts/asan.supp ${ASAN_OPTIONS:-}" ;;
     *)
         echo "usage: scripts/sanitize.sh thread|address [swift test arguments]" >&2
         exit 2
