@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NBDCore
+import NBDServer
 import NIOCore
 import Testing
 
@@ -181,5 +182,18 @@ extension FaultInjectionTests {
         let after = try residentMiB(serve.processIdentifier)
         #expect(after - baseline < 80, "serve holds \(after) MiB after the clients left (started at \(baseline) MiB)")
         kill(serve.processIdentifier, SIGTERM)
+    }
+
+    /// nbdkit 1.32's error filter cannot fail a flush: this fault goes into the built-in server.
+    @Test func aFailedFlushFailsTheCopyNamingTheError() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("flush.sock")
+        let backend = TestBackend(size: 4 << 20, flushError: NBDServerError(.EIO, "the disk is gone"))
+        let server = try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket))
+        let result = try runNBD(["copy", "--flush", "pattern:4M", NBDURI(socket: socket).description])
+        #expect(result.status == 1)
+        #expect(result.error.contains("EIO") && result.error.contains("the disk is gone"), "\(result.error)")
+        await server.shutdown()
     }
 }

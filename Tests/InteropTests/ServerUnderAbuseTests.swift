@@ -10,29 +10,6 @@ import Testing
 /// its bounds say, drops what nobody will read, and goes on serving everyone else.
 @Suite("Built-in server under abuse", .serialized)
 struct ServerUnderAbuseTests {
-    /// A memory disk that counts the reads it was asked to perform.
-    struct CountingBackend: NBDServerBackend {
-        let memory: MemoryBackend
-        let reads = NIOLockedValueBox(0)
-        var size: UInt64 { memory.size }
-        var isReadOnly: Bool { false }
-        var flushCoversAllConnections: Bool { true }
-        var zeroIsFast: Bool { true }
-        func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
-            reads.withLockedValue { $0 += 1 }
-            return try await memory.read(at: offset, length: length)
-        }
-        func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws { try await memory.write(data, at: offset, fua: fua) }
-        func flush() async throws {}
-        func trim(at offset: UInt64, length: UInt64) async throws { try await memory.trim(at: offset, length: length) }
-        func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
-            try await memory.zero(at: offset, length: length, noHole: noHole)
-        }
-        func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
-            try await memory.extents(at: offset, length: length)
-        }
-    }
-
     func start(
         _ folder: ServerProcess,
         _ backend: some NBDServerBackend,
@@ -61,7 +38,7 @@ struct ServerUnderAbuseTests {
     @Test func aClientThatReadsNoRepliesMakesTheServerPerformOnlyWhatItsBoundHolds() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
-        let backend = CountingBackend(memory: MemoryBackend(size: 64 << 20))
+        let backend = TestBackend(size: 64 << 20)
         let (server, socket) = try await start(folder, backend) {
             $0.maximumPayload = 1 << 20
             $0.maximumBufferedBytes = 4 << 20
