@@ -97,7 +97,7 @@ struct Info: AsyncParsableCommand {
         var configuration = connection.configuration()
         configuration.metaContexts = [context]
         let extents = try await NBDExport.withExport(uri, configuration: configuration) { export in
-            guard export.metaContexts.contains(where: { $0.name == context }) else {
+            guard export.hasMetaContext(context) else {
                 throw CommandError("--map: server does not support metadata context \"\(context)\"")
             }
             return try await ExtentMap.read(export, context: context)
