@@ -95,6 +95,36 @@ struct FaultInjectionTests {
         #expect(try Data(contentsOf: URL(fileURLWithPath: server.path("out.raw"))) == original)
     }
 
+    /// nbdkit 1.32's delay filter has fixed delays only; an sh plugin of nbdkit makes each read
+    /// and write wait 0 to 9 ms at random, on many threads, so replies overtake each other.
+    @Test func randomlyDelayedRepliesGiveExactData() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let script = """
+            #!/usr/bin/env bash
+            case "$1" in
+                load) truncate -s 16M "$tmpdir/disk" ;;
+                get_size) echo 16777216 ;;
+                thread_model) echo parallel ;;
+                can_write | can_flush | can_multi_conn) exit 0 ;;
+                pread) sleep "0.00$((RANDOM % 10))"; dd if="$tmpdir/disk" skip="$4" count="$3" iflag=skip_bytes,count_bytes status=none ;;
+                pwrite) sleep "0.00$((RANDOM % 10))"; dd of="$tmpdir/disk" seek="$4" conv=notrunc oflag=seek_bytes status=none ;;
+                flush) sync ;;
+                *) exit 2 ;;
+            esac
+            """
+        try script.write(toFile: server.path("random.sh"), atomically: true, encoding: .utf8)
+        chmod(server.path("random.sh"), 0o755)
+        let uri = try await server.nbdkit(["sh", server.path("random.sh")]).description
+        let original = Data(pattern(16 << 20, seed: 91).readableBytesView)
+        try original.write(to: URL(fileURLWithPath: server.path("in.raw")))
+        let copyIn = try runNBD(["copy", "--request-size", "64K", "--flush", server.path("in.raw"), uri])
+        #expect(copyIn.status == 0, "\(copyIn.error)")
+        let copyOut = try runNBD(["copy", "--request-size", "64K", uri, server.path("out.raw")])
+        #expect(copyOut.status == 0, "\(copyOut.error)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: server.path("out.raw"))) == original)
+    }
+
     @Test(arguments: ["source", "destination"])
     func aServerKilledMidCopyFailsTheCopyAtOnce(side: String) async throws {
         let server = try ServerProcess()
