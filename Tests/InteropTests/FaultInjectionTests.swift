@@ -214,16 +214,40 @@ extension FaultInjectionTests {
         kill(serve.processIdentifier, SIGTERM)
     }
 
-    /// nbdkit 1.32's error filter cannot fail a flush: this fault goes into the built-in server.
-    @Test func aFailedFlushFailsTheCopyNamingTheError() async throws {
+    /// nbdkit 1.32's error filter cannot fail a flush: an nbdkit sh plugin whose flush fails
+    /// with EIO does, and so does the built-in server with a backend whose flush throws.
+    @Test(arguments: ["nbdkit", "built-in"])
+    func aFailedFlushFailsTheCopyNamingTheError(peer: String) async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
-        let socket = folder.path("flush.sock")
-        let backend = TestBackend(size: 4 << 20, flushError: NBDServerError(.EIO, "the disk is gone"))
-        let server = try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket))
-        let result = try runNBD(["copy", "--flush", "pattern:4M", NBDURI(socket: socket).description])
+        var server: NBDServer?
+        let uri: String
+        if peer == "nbdkit" {
+            let script = """
+                #!/usr/bin/env bash
+                case "$1" in
+                    get_size) echo 4194304 ;;
+                    can_write | can_flush) exit 0 ;;
+                    pread) head -c "$3" /dev/zero ;;
+                    pwrite) cat > /dev/null ;;
+                    flush) echo "EIO the disk is gone" >&2; exit 1 ;;
+                    *) exit 2 ;;
+                esac
+                """
+            try script.write(toFile: folder.path("flush.sh"), atomically: true, encoding: .utf8)
+            chmod(folder.path("flush.sh"), 0o755)
+            uri = try await folder.nbdkit(["sh", folder.path("flush.sh")]).description
+        } else {
+            let socket = folder.path("flush.sock")
+            let backend = TestBackend(size: 4 << 20, flushError: NBDServerError(.EIO, "the disk is gone"))
+            server = try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket))
+            uri = NBDURI(socket: socket).description
+        }
+        let result = try runNBD(["copy", "--flush", "pattern:4M", uri])
         #expect(result.status == 1)
-        #expect(result.error.contains("EIO") && result.error.contains("the disk is gone"), "\(result.error)")
-        await server.shutdown()
+        #expect(result.error.contains("the server failed NBD_CMD_FLUSH (EIO"), "\(result.error)")
+        // nbdkit sends the error value only; the built-in server its message too.
+        #expect(peer == "nbdkit" || result.error.contains("the disk is gone"), "\(result.error)")
+        await server?.shutdown()
     }
 }
