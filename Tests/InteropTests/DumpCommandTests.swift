@@ -25,6 +25,22 @@ struct DumpCommandTests {
         #expect(ours.output == String(decoding: try server.run("nbddump", [uri]), as: UTF8.self))
     }
 
+    @Test func aLengthPastTheEndOfEverythingStopsAtTheExportsEnd() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let uri = try await server.nbdkit(["data", #"data=@4096 "ABCDEFGHIJKLMNOPQRSTUVWXYZ" @8192 0"#]).description
+        // offset + length would pass 2^64: the dump ends where the export does, without a trap.
+        let ours = try runNBD(["dump", "--offset", "8176", "--length", "\(UInt64.max)", uri])
+        #expect(ours.status == 0, "\(ours.error)")
+        #expect(
+            ours.output == """
+                0000001ff0: 00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 |................|
+                0000002000: 00                                               |.               |
+
+                """
+        )
+    }
+
     @Test func offsetAndLength() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
