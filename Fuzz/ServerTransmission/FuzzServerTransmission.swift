@@ -7,7 +7,7 @@ import NIOCore
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     var input = FuzzInput(start, count)
-    let structured = input.bool()
+    let format = TransmissionFormat(rawValue: Int(input.byte() % 3))!
     let readOnly = input.bool()
     let export = ServerNegotiationStateMachine.Export(
         name: "",
@@ -17,9 +17,9 @@ public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) 
     )
     let agreement = ServerNegotiationStateMachine.Agreement(
         export: export,
-        flags: export.flags,
-        structuredReplies: structured,
-        metaContexts: structured ? [NBDMetaContext(id: 1, name: NBDMetaContext.baseAllocation)] : []
+        flags: format == .extended ? export.flags.union(.blockStatusPayload) : export.flags,
+        format: format,
+        metaContexts: format.hasChunks ? [NBDMetaContext(id: 1, name: NBDMetaContext.baseAllocation)] : []
     )
     let limits = ServerTransmissionStateMachine.Limits(maximumPayload: 65536, maximumRequestsInFlight: 8, maximumBufferedBytes: 256 << 10)
     var machine = ServerTransmissionStateMachine(agreement: agreement, limits: limits)

@@ -13,3 +13,4 @@
 @_exported import enum NBDCore.NBDTLSPolicy
 @_exported import struct NBDCore.OptionReplyType
 @_exported import struct NBDCore.TransmissionFlags
+@_exported import enum NBDCore.TransmissionFormat

@@ -79,6 +79,9 @@ public struct NBDExportInfo: Hashable, Sendable {
     public var canCache: Bool { flags.contains(.sendCache) }
     /// `NBD_FLAG_SEND_DF`: the don't-fragment flag is supported on reads.
     public var canDF: Bool { flags.contains(.sendDF) }
+    /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`: block status can be asked for some contexts only
+    /// (advertised only with extended headers).
+    public var canBlockStatusPayload: Bool { flags.contains(.blockStatusPayload) }
     /// `NBD_FLAG_CAN_MULTI_CONN`: several connections see each other's flushed writes.
     public var canMultiConn: Bool { flags.contains(.canMultiConn) }
 }

@@ -12,6 +12,10 @@ public struct NBDMetaContext: Hashable, Sendable {
         self.name = name
     }
 
+    /// Whether its status is known to have 32 bits: every `base:` context ("all contexts in
+    /// the "base:" namespace"), and qemu's (`qemu:dirty-bitmap:*`, `qemu:allocation-depth`).
+    public var hasNarrowStatus: Bool { name.hasPrefix("base:") || name.hasPrefix("qemu:") }
+
     /// The context every server with block status offers.
     public static let baseAllocation = "base:allocation"
 }

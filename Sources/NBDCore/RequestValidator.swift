@@ -8,20 +8,24 @@
 public struct RequestValidator: Sendable {
     /// The export requests go to.
     public var export: NBDExportInfo
-    /// Whether structured replies were negotiated.
-    public var structuredReplies: Bool
+    /// How transmission is framed.
+    public var format: TransmissionFormat
+    /// Whether replies come as chunks (structured or extended).
+    public var structuredReplies: Bool { format.hasChunks }
     /// Whether at least one metadata context was selected for this export.
     public var hasMetaContexts: Bool
 
     /// A validator for `export` with what was negotiated.
-    public init(export: NBDExportInfo, structuredReplies: Bool, hasMetaContexts: Bool) {
+    public init(export: NBDExportInfo, format: TransmissionFormat, hasMetaContexts: Bool) {
         self.export = export
-        self.structuredReplies = structuredReplies
+        self.format = format
         self.hasMetaContexts = hasMetaContexts
     }
 
     /// Throws an ``NBDError`` with code `invalidArgument` or `notAdvertised` when the
     /// request must not be sent. `length` is the whole range, before any splitting.
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN` is not the caller's: the client sets it where the format
+    /// wants it, and it is refused here with the other undocumented flags.
     public func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
         switch command {
         case .read:

@@ -98,9 +98,14 @@ public final class FileBackend: NBDServerBackend {
         #endif
     }
 
+    /// Most extents in one answer to block status.
+    static let maximumExtents = 1 << 16
+
     public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
         let fd = descriptor
-        let end = min(size, offset + min(length, 1 << 30))
+        // The whole range (a 64-bit request may ask for a terabyte in one go), in at most
+        // `maximumExtents` extents: the client asks again from where the answer ends.
+        let end = min(size, offset + length)
         return try await blocking {
             #if os(Linux)
             let seekData: Int32 = 3
@@ -111,21 +116,19 @@ public final class FileBackend: NBDServerBackend {
             #endif
             var result: [BlockDescriptor] = []
             var position = offset
-            while position < end {
+            while position < end, result.count < Self.maximumExtents {
                 let data = lseek(fd, off_t(position), seekData)
                 // No data from here on (ENXIO): the rest is a hole.
                 let dataStart = data < 0 ? end : min(end, UInt64(data))
                 if dataStart > position {
-                    result.append(BlockDescriptor(length: UInt32(min(dataStart - position, UInt64(UInt32.max) & ~4095)), flags: 3))
-                    position += UInt64(result.last!.length)
+                    result.append(BlockDescriptor(length: dataStart - position, flags: 3))
+                    position += result.last!.length
                     continue
                 }
                 let hole = lseek(fd, off_t(position), seekHole)
                 let holeStart = hole < 0 ? end : min(end, UInt64(hole))
-                result.append(
-                    BlockDescriptor(length: UInt32(min(max(holeStart, position + 1) - position, UInt64(UInt32.max) & ~4095)), flags: 0)
-                )
-                position += UInt64(result.last!.length)
+                result.append(BlockDescriptor(length: max(holeStart, position + 1) - position, flags: 0))
+                position += result.last!.length
             }
             return result
         }

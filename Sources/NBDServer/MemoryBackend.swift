@@ -99,11 +99,11 @@ public final class MemoryBackend: NBDServerBackend {
         var result: [BlockDescriptor] = []
         pages.withLockedValue { pages in
             forEachPage(offset, min(length, 1 << 30)) { page, _, count in
-                let flags: UInt32 = pages[page] == nil ? 3 : 0
-                if let last = result.last, last.flags == flags, UInt64(last.length) + UInt64(count) <= UInt64(UInt32.max) {
-                    result[result.count - 1].length += UInt32(count)
+                let flags: UInt64 = pages[page] == nil ? 3 : 0
+                if let last = result.last, last.flags == flags {
+                    result[result.count - 1].length += UInt64(count)
                 } else {
-                    result.append(BlockDescriptor(length: UInt32(count), flags: flags))
+                    result.append(BlockDescriptor(length: UInt64(count), flags: flags))
                 }
             }
         }

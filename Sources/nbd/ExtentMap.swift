@@ -7,7 +7,7 @@ struct ExtentMap: Sendable {
     struct Entry: Sendable, Equatable {
         var offset: UInt64
         var length: UInt64
-        var type: UInt32
+        var type: UInt64
     }
 
     var context: String
@@ -27,7 +27,7 @@ struct ExtentMap: Sendable {
     }
 
     /// What nbdinfo calls each type, by context.
-    func describe(_ type: UInt32) -> String {
+    func describe(_ type: UInt64) -> String {
         if context == NBDMetaContext.baseAllocation {
             return ["data", "hole", "zero", "hole,zero"][Int(type & 3)]
         } else if context.hasPrefix("qemu:dirty-bitmap:") {
@@ -43,7 +43,7 @@ struct ExtentMap: Sendable {
     }
 
     var text: String {
-        extents.map { String(format: "%10llu  %10llu  %3u  %@", $0.offset, $0.length, $0.type, describe($0.type)) + "\n" }.joined()
+        extents.map { String(format: "%10llu  %10llu  %3llu  %@", $0.offset, $0.length, $0.type, describe($0.type)) + "\n" }.joined()
     }
 
     var json: String {
@@ -55,14 +55,14 @@ struct ExtentMap: Sendable {
     }
 
     /// Total size of each type, in order of type.
-    var totals: [(type: UInt32, size: UInt64, percent: Double)] {
+    var totals: [(type: UInt64, size: UInt64, percent: Double)] {
         let whole = extents.reduce(UInt64(0)) { $0 + $1.length }
         let sums = Dictionary(extents.map { ($0.type, $0.length) }, uniquingKeysWith: +)
         return sums.keys.sorted().map { ($0, sums[$0]!, whole == 0 ? 0 : Double(sums[$0]!) * 100 / Double(whole)) }
     }
 
     var totalsText: String {
-        totals.map { String(format: "%10llu %5.1f%% %3u %@", $0.size, $0.percent, $0.type, describe($0.type)) + "\n" }.joined()
+        totals.map { String(format: "%10llu %5.1f%% %3llu %@", $0.size, $0.percent, $0.type, describe($0.type)) + "\n" }.joined()
     }
 
     var totalsJSON: String {

@@ -15,6 +15,7 @@ struct Info: AsyncParsableCommand {
               nbd info --list nbd://localhost
               nbd info --size nbd://localhost/disk
               nbd info --can trim nbd://localhost/disk && echo "trim works"
+              nbd info --has extended-headers nbd://localhost/disk
               nbd info --map nbd://localhost/disk
               nbd info --map=qemu:dirty-bitmap:bitmap0 --totals nbd://localhost/disk
             """
@@ -32,10 +33,16 @@ struct Info: AsyncParsableCommand {
     @Flag(help: "Print only the size in bytes.")
     var size = false
 
-    @Option(name: .customLong("can"), help: ArgumentHelp("Exit 0 if the export can FEATURE, 2 if not.", valueName: "feature"))
+    @Option(
+        name: [.customLong("can"), .customLong("has")],
+        help: ArgumentHelp("Exit 0 if the export can FEATURE (or has it), 2 if not.", valueName: "feature")
+    )
     var can: String?
 
-    @Option(name: .customLong("cannot"), help: ArgumentHelp("Exit 0 if the export cannot FEATURE, 2 if it can.", valueName: "feature"))
+    @Option(
+        name: [.customLong("cannot"), .customLong("hasnt")],
+        help: ArgumentHelp("Exit 0 if the export cannot FEATURE (or lacks it), 2 if it can.", valueName: "feature")
+    )
     var cannot: String?
 
     @Option(
@@ -112,7 +119,10 @@ struct Info: AsyncParsableCommand {
     static let features: [String: Question] = [
         "connect": { _, _ in true },
         "tls": { report, _ in report.tls },
-        "structured-reply": { report, _ in report.structuredReplies },
+        "structured-reply": { report, _ in report.format.hasChunks },
+        "extended-headers": { report, _ in report.format == .extended },
+        "block-status-payload": { $1.info.canBlockStatusPayload },
+        "read": { _, _ in true }, "write": { !$1.info.isReadOnly },
         "flush": { $1.info.canFlush }, "fua": { $1.info.canFUA }, "trim": { $1.info.canTrim },
         "zero": { $1.info.canZero }, "fast-zero": { $1.info.canFastZero }, "df": { $1.info.canDF },
         "multi-conn": { $1.info.canMultiConn }, "cache": { $1.info.canCache },

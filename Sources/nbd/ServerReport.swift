@@ -10,21 +10,22 @@ struct ServerReport: Sendable {
         var contexts: [String]
     }
 
-    var structuredReplies: Bool
+    var format: TransmissionFormat
     var tls: Bool
     var exports: [Export]
 
-    /// Connects, negotiates structured replies, and describes one export (or, with `listing`,
+    /// Connects, negotiates extended headers or structured replies (as the configuration
+    /// allows), and describes one export (or, with `listing`,
     /// every export the server lists), then ends the negotiation with NBD_OPT_ABORT.
     static func gather(_ uri: NBDURI, listing: Bool, configuration: NBDClientConfiguration) async throws -> ServerReport {
         let connection = try await NBDConnection.connect(to: uri, configuration: configuration)
         let tls = await connection.isTLS
-        let structured = try await connection.enableStructuredReplies()
+        let format = try await connection.negotiateFormat(upTo: configuration.transmissionFormat)
         let names = listing ? try await connection.list().map(\.name) : [uri.exportName]
         var exports: [Export] = []
         for name in names {
             var contexts: [String] = []
-            if structured {
+            if format.hasChunks {
                 contexts = (try? await connection.listMetaContexts(for: name).map(\.name)) ?? []
             }
             var exportURI = uri
@@ -38,20 +39,21 @@ struct ServerReport: Sendable {
                 let info = export.info
                 await export.disconnect()
                 return ServerReport(
-                    structuredReplies: structured,
+                    format: format,
                     tls: tls,
                     exports: [Export(uri: exportURI, info: info, contexts: contexts)]
                 )
             }
         }
         await connection.abort()
-        return ServerReport(structuredReplies: structured, tls: tls, exports: exports)
+        return ServerReport(format: format, tls: tls, exports: exports)
     }
 
     /// nbdinfo's boolean fields, in its order.
     static func flags(_ info: NBDExportInfo) -> [(String, Bool)] {
         [
-            ("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly), ("can_cache", info.canCache),
+            ("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly),
+            ("can_block_status_payload", info.canBlockStatusPayload), ("can_cache", info.canCache),
             ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
             ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_trim", info.canTrim),
             ("can_zero", info.canZero),
@@ -64,7 +66,7 @@ struct ServerReport: Sendable {
     }
 
     var text: String {
-        var out = "protocol: newstyle-fixed \(tls ? "with" : "without") TLS, using \(structuredReplies ? "structured" : "simple") packets\n"
+        var out = "protocol: newstyle-fixed \(tls ? "with" : "without") TLS, using \(format) packets\n"
         for export in exports {
             out += "export=\(JSON.quote(export.info.name)):\n"
             if let description = export.info.description { out += "\tdescription: \(description)\n" }
@@ -82,7 +84,8 @@ struct ServerReport: Sendable {
     }
 
     var json: String {
-        var out = "{\n\"protocol\": \"newstyle-fixed\",\n\"TLS\": \(tls),\n\"structured\": \(structuredReplies),\n\"exports\": ["
+        var out = "{\n\"protocol\": \"newstyle-fixed\",\n\"TLS\": \(tls),\n\"structured\": \(format.hasChunks),\n"
+        out += "\"extended\": \(format == .extended),\n\"exports\": ["
         out += exports.map { export in
             var fields = ["\t\"export-name\": \(JSON.quote(export.info.name)),"]
             if let description = export.info.description { fields.append("\t\"description\": \(JSON.quote(description)),") }

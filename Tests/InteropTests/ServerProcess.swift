@@ -133,7 +133,7 @@ func pattern(_ count: Int, seed: UInt8) -> ByteBuffer {
 struct MapEntry: Decodable, Hashable {
     var offset: UInt64
     var length: UInt64
-    var type: UInt32
+    var type: UInt64
 }
 
 /// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does.

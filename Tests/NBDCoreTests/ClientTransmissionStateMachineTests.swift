@@ -50,14 +50,14 @@ struct ClientTransmissionStateMachineTests {
     func feed(_ machine: inout Machine, _ bytes: [UInt8]) { machine.feed(ByteBuffer(bytes: bytes)) }
 
     @Test func cookiesAreUniqueAndCountUp() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         let cookies = (0..<3).map { machine.startRequest(.read, offset: 0, length: 1, context: "\($0)").cookie }
         #expect(cookies == [1, 2, 3])
         #expect(machine.inFlightCount == 3)
     }
 
     @Test func simpleReadDataIsStreamedAsItArrives() {
-        var machine = Machine(configuration: .init(structuredReplies: false))
+        var machine = Machine(configuration: .init(format: .simple))
         _ = machine.startRequest(.read, offset: 100, length: 6, context: "r")
         feed(&machine, simple(1) + [1, 2])
         #expect(drain(&machine) == [.data("r", 100, [1, 2])])
@@ -68,7 +68,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func repliesAreMatchedOutOfOrder() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 2, context: "first")
         _ = machine.startRequest(.write, offset: 0, length: 2, context: "second")
         _ = machine.startRequest(.read, offset: 10, length: 2, context: "third")
@@ -84,7 +84,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func structuredReadInChunksHolesAndAnyOrder() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         let hole = chunk(1, .offsetHole, done: false, encoded { $0.writeMultipleIntegers(UInt64(0), UInt32(4)) })
         feed(&machine, data(1, offset: 4, [1, 2, 3, 4], done: false) + hole + chunk(1, .none, []))
@@ -92,7 +92,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func byteAtATimeGivesTheSameResult() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 4, context: "r")
         var events: [Event] = []
         for byte in data(1, offset: 0, [1, 2, 3, 4]) {
@@ -103,7 +103,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func unknownCookieFailsEverything() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 4, context: "a")
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "b")
         feed(&machine, simple(99))
@@ -114,28 +114,28 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func overlappingChunksAreAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         feed(&machine, data(1, offset: 0, [1, 2, 3, 4], done: false) + data(1, offset: 2, [5, 6, 7, 8, 9, 9]))
         #expect(drain(&machine).last == .fatal(["r"]))
     }
 
     @Test func chunkOutsideTheRequestIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 100, length: 8, context: "r")
         feed(&machine, data(1, offset: 104, [1, 2, 3, 4, 5, 6, 7, 8]))
         #expect(drain(&machine) == [.fatal(["r"])])
     }
 
     @Test func readThatIsNotFullyCoveredIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         feed(&machine, data(1, offset: 0, [1, 2, 3, 4]))
         #expect(drain(&machine).last == .fatal(["r"]))
     }
 
     @Test func errorChunkFailsOnlyItsRequest() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
         let error = chunk(
@@ -153,28 +153,28 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func simpleErrorReplyFailsTheCommand() {
-        var machine = Machine(configuration: .init(structuredReplies: false))
+        var machine = Machine(configuration: .init(format: .simple))
         _ = machine.startRequest(.write, offset: 0, length: 8, context: "w")
         feed(&machine, simple(1, error: 28))
         #expect(drain(&machine) == [.complete("w", .ENOSPC)])
     }
 
     @Test func successfulSimpleReplyToAStructuredReadIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         feed(&machine, simple(1))
         #expect(drain(&machine) == [.fatal(["r"])])
     }
 
     @Test func structuredChunkWithoutNegotiationIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: false))
+        var machine = Machine(configuration: .init(format: .simple))
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
         feed(&machine, chunk(1, .none, []))
         #expect(drain(&machine) == [.fatal(["f"])])
     }
 
     @Test func blockStatusIsRoutedByContextID() {
-        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1, 2]))
+        var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1, 2]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 8192, context: "b")
         let first = chunk(1, .blockStatus, done: false, encoded { $0.writeMultipleIntegers(UInt32(2), UInt32(8192), UInt32(1)) })
         let second = chunk(
@@ -193,21 +193,21 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func blockStatusForAnUnknownContextIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
         feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(7), UInt32(4096), UInt32(0)) }))
         #expect(drain(&machine) == [.fatal(["b"])])
     }
 
     @Test func blockStatusMissingAContextIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1, 2]))
+        var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1, 2]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
         feed(&machine, chunk(1, .blockStatus, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(4096), UInt32(0)) }))
         #expect(drain(&machine).last == .fatal(["b"]))
     }
 
     @Test func requestOneAllowsExactlyOneExtent() {
-        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1]))
         _ = machine.startRequest(.blockStatus, flags: .requestOne, offset: 0, length: 4096, context: "b")
         feed(
             &machine,
@@ -217,7 +217,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func oversizedChunkIsRefusedFromItsHeaderAlone() {
-        var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1]))
         _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: "b")
         // Only the 20-byte header of a 2 GiB block status chunk: no waiting for 2 GiB.
         feed(
@@ -232,7 +232,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func dataChunkLargerThanTheRequestIsRefusedFromItsHeader() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 512, context: "r")
         feed(
             &machine,
@@ -247,7 +247,7 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func connectionClosedMidReplyFailsEveryRequest() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
         _ = machine.startRequest(.write, offset: 0, length: 8, context: "w")
         feed(&machine, data(1, offset: 0, [1, 2, 3], done: true).dropLast(2))
@@ -262,14 +262,14 @@ struct ClientTransmissionStateMachineTests {
     }
 
     @Test func noneWithoutDoneIsAViolation() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
         feed(&machine, chunk(1, .none, done: false, []))
         #expect(drain(&machine) == [.fatal(["f"])])
     }
 
     @Test func dontFragmentAllowsOneContentChunk() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, flags: .dontFragment, offset: 0, length: 4, context: "r")
         feed(&machine, data(1, offset: 0, [1, 2], done: false) + data(1, offset: 2, [3, 4]))
         #expect(drain(&machine).last == .fatal(["r"]))
@@ -293,7 +293,7 @@ extension ClientTransmissionStateMachineTests {
         let status = chunk(2, .blockStatus, done: true, encoded { $0.writeMultipleIntegers(UInt32(1), UInt32(512), UInt32(3)) })
         let stream = hole + data(1, offset: 4, [1, 2, 3, 4], done: false) + error + status + chunk(1, .none, []) + simple(3)
         func run(_ pieces: [[UInt8]]) -> [Event] {
-            var machine = Machine(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+            var machine = Machine(configuration: .init(format: .structured, metaContextIDs: [1]))
             _ = machine.startRequest(.read, offset: 0, length: 8, context: "r")
             _ = machine.startRequest(.blockStatus, offset: 0, length: 512, context: "b")
             _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
@@ -326,7 +326,7 @@ extension ClientTransmissionStateMachineTests {
     // MARK: Data read by the caller straight from the socket
 
     @Test func expectedDataTellsWhereTheNextBytesGoOnlyWhenNoneAreBuffered() {
-        var machine = Machine(configuration: .init(structuredReplies: true))
+        var machine = Machine(configuration: .init(format: .structured))
         _ = machine.startRequest(.read, offset: 1000, length: 10, context: "r")
         #expect(machine.expectedData == nil)  // a header comes first
         // The header, the offset and 2 of 6 data bytes.
@@ -348,7 +348,7 @@ extension ClientTransmissionStateMachineTests {
     }
 
     @Test func directlyReadDataCompletesAndChecksTheReply() {
-        var machine = Machine(configuration: .init(structuredReplies: false))
+        var machine = Machine(configuration: .init(format: .simple))
         _ = machine.startRequest(.read, offset: 0, length: 8, context: "whole")
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "flush")
         feed(&machine, simple(1))
@@ -360,7 +360,7 @@ extension ClientTransmissionStateMachineTests {
         #expect(drain(&machine) == [.complete("whole", nil), .complete("flush", nil)])
 
         // A structured read whose directly read chunk leaves the request uncovered is a violation.
-        var structured = Machine(configuration: .init(structuredReplies: true))
+        var structured = Machine(configuration: .init(format: .structured))
         _ = structured.startRequest(.read, offset: 0, length: 16, context: "short")
         feed(&structured, Array(data(1, offset: 0, Array(repeating: 7, count: 8)).prefix(28)))
         #expect(drain(&structured) == [])
@@ -371,7 +371,7 @@ extension ClientTransmissionStateMachineTests {
     }
 
     @Test func unparsedBytesCanBeTakenAndFedAgainInFront() {
-        var machine = Machine(configuration: .init(structuredReplies: false))
+        var machine = Machine(configuration: .init(format: .simple))
         _ = machine.startRequest(.flush, offset: 0, length: 0, context: "f")
         _ = machine.startRequest(.read, offset: 0, length: 2, context: "r")
         let replies = simple(1) + simple(2) + [8, 9]

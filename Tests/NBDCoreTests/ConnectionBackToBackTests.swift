@@ -8,8 +8,10 @@ import Testing
 /// from a seeded generator, and the server completes its requests in a shuffled order.
 @Suite("Client and server machines back to back")
 struct ConnectionBackToBackTests {
-    @Test(arguments: [(true, UInt64(1)), (false, 2), (true, 3), (false, 4)])
-    func everyOptionAndEveryCommandByContent(structured: Bool, seed: UInt64) throws {
+    @Test(arguments: [
+        (TransmissionFormat.extended, UInt64(1)), (.structured, 2), (.simple, 3), (.extended, 4), (.structured, 5), (.simple, 6),
+    ])
+    func everyOptionAndEveryCommandByContent(format: TransmissionFormat, seed: UInt64) throws {
         var pair = Pair(seed: seed)
         try pair.connect()
         let listing = try pair.option(.list).compactMap { reply -> String? in
@@ -21,8 +23,19 @@ struct ConnectionBackToBackTests {
             replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize]))
         )
         #expect(info.size == Pair.size && info.description == "scratch" && info.blockSizes.maximum == 1 << 20)
-        if structured {
+        if format == .extended {
+            #expect(try pair.option(.extendedHeaders) == [.ack])
+            // "NBD_REP_ERR_EXT_HEADER_REQD: The client has already successfully negotiated extended headers"
+            #expect(
+                try pair.option(.structuredReply) == [
+                    .error(.errExtendedHeaderRequired, message: "extended headers are on, and take precedence")
+                ]
+            )
+        } else if format == .structured {
             #expect(try pair.option(.structuredReply) == [.ack])
+        }
+        let structured = format.hasChunks
+        if structured {
             let listed = try pair.option(.listMetaContext(export: "disk", queries: []))
             #expect(listed == [.metaContext(id: 0, name: "base:allocation"), .ack])
             #expect(
@@ -32,7 +45,7 @@ struct ConnectionBackToBackTests {
             )
         }
         let start = try pair.go("disk")
-        #expect(start.structuredReplies == structured)
+        #expect(start.format == format)
         #expect(start.metaContexts == (structured ? [NBDMetaContext(id: 1, name: "base:allocation")] : []))
 
         // Writes of random data at random places, then reads of all of it, checked against a model.
@@ -42,7 +55,7 @@ struct ConnectionBackToBackTests {
             let offset = Int(pair.random(Pair.size - 70_000))
             let data = (0..<Int(1 + pair.random(70_000))).map { _ in UInt8(truncatingIfNeeded: pair.random(256)) }
             model.replaceSubrange(offset..<offset + data.count, with: data)
-            requests.append(pair.submit(.write, offset: UInt64(offset), length: UInt32(data.count), payload: ByteBuffer(bytes: data)))
+            requests.append(pair.submit(.write, offset: UInt64(offset), length: UInt64(data.count), payload: ByteBuffer(bytes: data)))
         }
         requests.append(pair.submit(.writeZeroes, offset: 4096, length: 8192))
         model.replaceSubrange(4096..<12288, with: repeatElement(0, count: 8192))
@@ -54,7 +67,7 @@ struct ConnectionBackToBackTests {
         for request in requests { #expect(request.error == nil && request.isDone) }
 
         let reads = stride(from: 0, to: Int(Pair.size), by: 100_000).map { start in
-            pair.submit(.read, offset: UInt64(start), length: UInt32(min(100_000, Int(Pair.size) - start)))
+            pair.submit(.read, offset: UInt64(start), length: UInt64(min(100_000, Int(Pair.size) - start)))
         }
         try pair.settle()
         for read in reads {
@@ -65,10 +78,17 @@ struct ConnectionBackToBackTests {
             )
         }
         if structured {
-            let status = pair.submit(.blockStatus, offset: 0, length: UInt32(Pair.size))
+            let status = pair.submit(.blockStatus, offset: 0, length: Pair.size)
             try pair.settle()
             #expect(status.error == nil)
-            #expect(status.extents[1]?.reduce(0) { $0 + UInt64($1.length) } == Pair.size)
+            #expect(status.extents[1]?.reduce(0) { $0 + $1.length } == Pair.size)
+        }
+        if format == .extended {
+            // The payload form: block status for context 1 only.
+            let filtered = pair.submit(.blockStatus, offset: 4096, length: Pair.size - 4096, onlyContexts: [1])
+            try pair.settle()
+            #expect(filtered.error == nil)
+            #expect(filtered.extents[1]?.reduce(0) { $0 + $1.length } == Pair.size - 4096)
         }
         // A soft disconnect: NBD_CMD_DISC, then the server closes.
         pair.client.disconnectRequested(waiter: nil)
@@ -230,7 +250,7 @@ struct ConnectionBackToBackTests {
                 let requests = [
                     pair.submit(.write, offset: 4096, length: 8, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5, 6, 7, 8])),
                     pair.submit(.read, offset: 0, length: 65536),
-                    pair.submit(.blockStatus, offset: 0, length: UInt32(Pair.size)),
+                    pair.submit(.blockStatus, offset: 0, length: Pair.size),
                     pair.submit(.read, offset: 4096, length: 8),
                 ]
                 try pair.settle()
@@ -261,13 +281,13 @@ struct ConnectionBackToBackTests {
 /// One client machine and one server machine, wired together in memory.
 struct Pair {
     final class Request {
-        let command: CommandType, offset: UInt64, length: UInt32
+        let command: CommandType, offset: UInt64, length: UInt64
         var payload: ByteBuffer?
         var data = ByteBuffer()
         var extents: [UInt32: [BlockDescriptor]] = [:]
         var error: NBDError?
         var isDone = false
-        init(command: CommandType, offset: UInt64, length: UInt32, payload: ByteBuffer?) {
+        init(command: CommandType, offset: UInt64, length: UInt64, payload: ByteBuffer?) {
             self.command = command
             self.offset = offset
             self.length = length
@@ -381,9 +401,15 @@ struct Pair {
         try settle()
     }
 
-    mutating func submit(_ command: CommandType, offset: UInt64, length: UInt32, payload: ByteBuffer? = nil) -> Request {
+    mutating func submit(
+        _ command: CommandType,
+        offset: UInt64,
+        length: UInt64,
+        payload: ByteBuffer? = nil,
+        onlyContexts: [UInt32]? = nil
+    ) -> Request {
         let request = Request(command: command, offset: offset, length: length, payload: payload)
-        client.requestSubmitted(request, command: command, flags: [], offset: offset, length: length)
+        client.requestSubmitted(request, command: command, flags: [], offset: offset, length: length, onlyContexts: onlyContexts)
         return request
     }
 
@@ -451,13 +477,13 @@ struct Pair {
             toServer.append(bytes)
         case .sendRequest(let header, let request):
             var buffer = ByteBuffer()
-            header.encode(into: &buffer)
+            client.encode(header, into: &buffer)
             toServer.append(buffer)
             if let payload = request.payload { toServer.append(payload) }
             request.payload = nil
         case .sendDisconnect(let header):
             var buffer = ByteBuffer()
-            header.encode(into: &buffer)
+            client.encode(header, into: &buffer)
             toServer.append(buffer)
             clientClosed = true
         case .startTLS:

@@ -42,7 +42,9 @@ struct GarbageTests {
             hex("668e33ef 0000 0005 0000000000000002"),
         ]
         for round in 0..<5000 {
-            var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: round % 2 == 0, metaContextIDs: [1]))
+            var machine = ClientTransmissionStateMachine<Int>(
+                configuration: .init(format: round % 2 == 0 ? .structured : .simple, metaContextIDs: [1])
+            )
             _ = machine.startRequest(.read, offset: 0, length: 64, context: 1)
             _ = machine.startRequest(.blockStatus, offset: 0, length: 64, context: 2)
             for _ in 0..<4 {

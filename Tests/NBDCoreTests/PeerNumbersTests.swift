@@ -11,7 +11,7 @@ struct PeerNumbersTests {
     /// Feeds a structured reply to a machine holding a READ (cookie 1, 64 bytes at 0) and a
     /// BLOCK_STATUS (cookie 2); returns the fatal error, if any.
     func clientFatal(_ chunk: String) -> NBDError? {
-        var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: true, metaContextIDs: [1]))
+        var machine = ClientTransmissionStateMachine<Int>(configuration: .init(format: .structured, metaContextIDs: [1]))
         _ = machine.startRequest(.read, offset: 0, length: 64, context: 1)
         _ = machine.startRequest(.blockStatus, offset: 0, length: 4096, context: 2)
         machine.feed(ByteBuffer(bytes: hex(chunk)))
@@ -49,7 +49,7 @@ struct PeerNumbersTests {
         let agreement = ServerNegotiationStateMachine.Agreement(
             export: export,
             flags: export.flags,
-            structuredReplies: false,
+            format: .simple,
             metaContexts: []
         )
         var machine = ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 4))

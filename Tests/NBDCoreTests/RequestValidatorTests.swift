@@ -12,7 +12,7 @@ struct RequestValidatorTests {
     ) -> RequestValidator {
         RequestValidator(
             export: NBDExportInfo(name: "", size: 1 << 20, flags: flags.union(.hasFlags), advertisedBlockSizes: sizes),
-            structuredReplies: structured,
+            format: structured ? .structured : .simple,
             hasMetaContexts: contexts
         )
     }

@@ -86,13 +86,13 @@ struct ServerStateMachineTests {
         let agreement = ServerNegotiationStateMachine.Agreement(
             export: Self.export,
             flags: Self.export.flags,
-            structuredReplies: false,
+            format: .simple,
             metaContexts: []
         )
         return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: inFlight))
     }
 
-    func request(_ type: CommandType, cookie: UInt64 = 1, flags: CommandFlags = [], offset: UInt64 = 0, length: UInt32 = 512) -> ByteBuffer
+    func request(_ type: CommandType, cookie: UInt64 = 1, flags: CommandFlags = [], offset: UInt64 = 0, length: UInt64 = 512) -> ByteBuffer
     {
         var buffer = ByteBuffer()
         RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length).encode(into: &buffer)

@@ -26,7 +26,7 @@ struct ExtentSequenceTests {
         func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
             calls.withLockedValue { $0 += 1 }
             let block = offset / 4096
-            return [BlockDescriptor(length: UInt32(4096 - offset % 4096), flags: block % 2 == 0 ? 0 : 3)]
+            return [BlockDescriptor(length: 4096 - offset % 4096, flags: block % 2 == 0 ? 0 : 3)]
         }
     }
 

@@ -12,7 +12,7 @@ struct PendingWriteTests {
     let data = ByteBuffer(bytes: (0..<100_000).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 5) })
 
     func arrive(in pieces: Int) -> PendingWrite {
-        var pending = PendingWrite(RequestHeader(type: .write, cookie: 1, offset: 0, length: UInt32(data.readableBytes)))
+        var pending = PendingWrite(RequestHeader(type: .write, cookie: 1, offset: 0, length: UInt64(data.readableBytes)))
         let size = (data.readableBytes + pieces - 1) / pieces
         var rest = data
         while let piece = rest.readSlice(length: min(size, rest.readableBytes)), piece.readableBytes > 0 {
@@ -60,5 +60,5 @@ private final class GatheringBackend: NBDServerBackend {
     func flush() async throws {}
     func trim(at offset: UInt64, length: UInt64) async throws {}
     func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {}
-    func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] { [BlockDescriptor(length: UInt32(size), flags: 0)] }
+    func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] { [BlockDescriptor(length: UInt64(size), flags: 0)] }
 }

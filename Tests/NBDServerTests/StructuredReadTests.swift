@@ -10,13 +10,14 @@ import Testing
 struct StructuredReadTests {
     /// Feeds the reply to a client machine holding one READ and returns what it reports.
     func decode(_ request: RequestHeader, _ parts: [NBDServerReadPart]) -> [ClientTransmissionStateMachine<Int>.Action] {
-        var machine = ClientTransmissionStateMachine<Int>(configuration: .init(structuredReplies: true))
+        var machine = ClientTransmissionStateMachine<Int>(configuration: .init(format: .structured))
         let header = machine.startRequest(.read, offset: request.offset, length: request.length, context: 1)
         var reply = ByteBuffer()
-        for var buffer in ServerReply.structuredRead(
-            RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length),
-            parts: parts
-        ) {
+        let framing = ChunkFraming(
+            request: RequestHeader(type: .read, cookie: header.cookie, offset: request.offset, length: request.length),
+            format: .structured
+        )
+        for var buffer in ServerReply.chunkedRead(framing, parts: parts) {
             reply.writeBuffer(&buffer)
         }
         machine.feed(reply)

@@ -23,8 +23,8 @@ public struct NBDBlockStatus: Hashable, Sendable {
             guard let list = descriptors[context.id] else { continue }
             var position = offset
             contexts[context.name] = list.map { descriptor in
-                defer { position += UInt64(descriptor.length) }
-                return NBDExtent(offset: position, length: UInt64(descriptor.length), flags: descriptor.flags, context: context.name)
+                defer { position += descriptor.length }
+                return NBDExtent(offset: position, length: descriptor.length, flags: descriptor.flags, context: context.name)
             }
         }
         self.init(offset: offset, contexts: contexts)
@@ -37,13 +37,14 @@ public struct NBDExtent: Hashable, Sendable {
     public var offset: UInt64
     /// Length of the extent in bytes.
     public var length: UInt64
-    /// The raw status flags.
-    public var flags: UInt32
+    /// The raw status flags (64 bits with extended headers; `base:` and `qemu:` contexts use
+    /// the low 32).
+    public var flags: UInt64
     /// The flags decoded according to the context they came from.
     public var status: Status
 
     /// An extent whose flags are decoded for `context`.
-    public init(offset: UInt64, length: UInt64, flags: UInt32, context: String) {
+    public init(offset: UInt64, length: UInt64, flags: UInt64, context: String) {
         self.offset = offset
         self.length = length
         self.flags = flags
@@ -59,15 +60,17 @@ public struct NBDExtent: Hashable, Sendable {
         /// `qemu:allocation-depth`: 0 unallocated, 1 in the top layer, n in the n-th backing layer.
         case allocationDepth(UInt32)
         /// Any other context: the raw flags.
-        case other(UInt32)
+        case other(UInt64)
 
-        init(flags: UInt32, context: String) {
+        /// The flags decoded; the client has checked that the narrow contexts' flags fit 32 bits.
+        init(flags: UInt64, context: String) {
+            let narrow = UInt32(truncatingIfNeeded: flags)
             if context == NBDMetaContext.baseAllocation {
-                self = .allocation(BaseAllocation(rawValue: flags))
+                self = .allocation(BaseAllocation(rawValue: narrow))
             } else if context.hasPrefix("qemu:dirty-bitmap:") {
                 self = .dirtyBitmap(dirty: flags & 1 != 0)
             } else if context == "qemu:allocation-depth" {
-                self = .allocationDepth(flags)
+                self = .allocationDepth(narrow)
             } else {
                 self = .other(flags)
             }

@@ -5,8 +5,12 @@ import NIOPosix
 
 /// How a client connects and what it negotiates. The defaults suit most servers.
 public struct NBDClientConfiguration: Sendable {
-    /// Ask for structured replies (`NBD_OPT_STRUCTURED_REPLY`): sparse reads and block status.
-    public var structuredReplies = true
+    /// The richest framing the one-call ``NBDExport/connect(to:configuration:)-(NBDURI,_)``
+    /// asks for: `.extended` (the default) asks for `NBD_OPT_EXTENDED_HEADERS` (64-bit
+    /// requests and block status), then for `NBD_OPT_STRUCTURED_REPLY` (sparse reads, block
+    /// status, error messages) when the server refuses, then goes on with simple replies, as
+    /// qemu does; `.structured` starts at the second step and `.simple` asks for neither.
+    public var transmissionFormat = TransmissionFormat.extended
     /// Metadata contexts the one-call ``NBDExport/connect(to:configuration:)-(NBDURI,_)`` selects.
     public var metaContexts: [String] = [NBDMetaContext.baseAllocation]
     /// The `NBD_INFO_*` items asked for with INFO and GO. The export item always comes.

@@ -123,14 +123,37 @@ public struct NBDConnection: ~Copyable, Sendable {
         return try NBDExportInfo(requestedName: exportName, replies: replies)
     }
 
-    /// `NBD_OPT_STRUCTURED_REPLY`. Returns false when the server does not support it
-    /// (`NBD_REP_ERR_UNSUP`); the connection then goes on with simple replies.
+    /// `NBD_OPT_STRUCTURED_REPLY`. Returns false when the server refuses it (with
+    /// `NBD_REP_ERR_UNSUP` or another error that leaves the connection usable); the connection
+    /// then goes on with simple replies.
     @discardableResult
     public func enableStructuredReplies() async throws -> Bool {
+        try await enable(.structuredReply)
+    }
+
+    /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests and reply headers with 64-bit lengths,
+    /// block status of 64-bit extents. Returns false when the server refuses it (`NBD_REP_ERR_UNSUP`
+    /// from servers that predate it); the connection goes on as before. Once it is on,
+    /// ``exportName(_:)`` may not be used ("a client MUST NOT use NBD_OPT_EXPORT_NAME").
+    @discardableResult
+    public func enableExtendedHeaders() async throws -> Bool {
+        try await enable(.extendedHeaders)
+    }
+
+    /// Asks for the richest framing up to `format` and falls back step by step, as qemu does:
+    /// extended headers, then structured replies, then simple replies. Returns what is in use.
+    public func negotiateFormat(upTo format: TransmissionFormat = .extended) async throws -> TransmissionFormat {
+        if format >= .extended, try await enableExtendedHeaders() { return .extended }
+        if format >= .structured, try await enableStructuredReplies() { return .structured }
+        return .simple
+    }
+
+    private func enable(_ option: OptionRequest) async throws -> Bool {
         do {
-            _ = try await exchange(.structuredReply)
+            _ = try await exchange(option)
             return true
-        } catch let error as NBDError where error.optionReply == .errUnsupported {
+        } catch let error as NBDError where error.code == .optionRejected && error.connectionUsable {
+            configuration.logger.debug("option refused", metadata: ["option": "\(option.code)", "error": "\(error)"])
             return false
         }
     }
@@ -141,7 +164,7 @@ public struct NBDConnection: ~Copyable, Sendable {
     }
 
     /// `NBD_OPT_SET_META_CONTEXT`: selects the contexts for block status on `exportName` and
-    /// returns them with the ids the server gave. Needs structured replies first. The ids are
+    /// returns them with the ids the server gave. Needs structured replies or extended headers first. The ids are
     /// used to route block status replies; only a selection for the export that GO then opens
     /// counts.
     @discardableResult
@@ -215,7 +238,7 @@ public struct NBDConnection: ~Copyable, Sendable {
             channel: channel,
             handler: handler,
             info: info,
-            structuredReplies: start.structuredReplies,
+            transmissionFormat: start.format,
             metaContexts: start.metaContexts,
             tlsVersion: tlsVersion,
             tlsCipherSuite: tlsCipherSuite,

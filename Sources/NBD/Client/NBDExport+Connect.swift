@@ -2,7 +2,8 @@ import NBDCore
 
 extension NBDExport {
     /// Connects to the export a URI names, ready for I/O, in one call: dial, handshake,
-    /// structured replies, the configured metadata contexts (`base:allocation` by default),
+    /// extended headers or structured replies (see ``NBDClientConfiguration/transmissionFormat``),
+    /// the configured metadata contexts (`base:allocation` by default),
     /// then GO with `NBD_INFO_BLOCK_SIZE` (or EXPORT_NAME for servers without GO).
     ///
     /// ```swift
@@ -12,7 +13,8 @@ extension NBDExport {
     /// ```
     public static func connect(to uri: NBDURI, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws -> NBDExport {
         let connection = try await NBDConnection.connect(to: uri, configuration: configuration)
-        if configuration.structuredReplies, try await connection.enableStructuredReplies(), !configuration.metaContexts.isEmpty {
+        let format = try await connection.negotiateFormat(upTo: configuration.transmissionFormat)
+        if format.hasChunks, !configuration.metaContexts.isEmpty {
             do {
                 try await connection.setMetaContexts(for: uri.exportName, queries: configuration.metaContexts)
             } catch let error as NBDError where error.connectionUsable {

@@ -19,8 +19,12 @@ import NIOCore
 public final class NBDExport: Sendable {
     /// The export's name, size, flags and block sizes.
     public let info: NBDExportInfo
-    /// Whether replies are structured (sparse reads, block status, error messages).
-    public let structuredReplies: Bool
+    /// How requests and replies are framed: `.extended` (64-bit requests and block status),
+    /// `.structured` or `.simple`.
+    public let transmissionFormat: TransmissionFormat
+    /// Whether replies come as chunks, structured or extended (sparse reads, block status,
+    /// error messages).
+    public var structuredReplies: Bool { transmissionFormat.hasChunks }
     /// The metadata contexts usable with ``blockStatus(at:length:flags:)``.
     public let metaContexts: [NBDMetaContext]
     /// The TLS version in use (for example `tlsv13`), or nil when the connection is in clear.
@@ -53,7 +57,7 @@ public final class NBDExport: Sendable {
         channel: Channel,
         handler: NIOLoopBound<NBDClientChannelHandler>,
         info: NBDExportInfo,
-        structuredReplies: Bool,
+        transmissionFormat: TransmissionFormat,
         metaContexts: [NBDMetaContext],
         tlsVersion: String?,
         tlsCipherSuite: String?,
@@ -62,11 +66,11 @@ public final class NBDExport: Sendable {
         self.channel = channel
         self.handler = handler
         self.info = info
-        self.structuredReplies = structuredReplies
+        self.transmissionFormat = transmissionFormat
         self.metaContexts = metaContexts
         self.tlsVersion = tlsVersion
         self.tlsCipherSuite = tlsCipherSuite
-        self.validator = RequestValidator(export: info, structuredReplies: structuredReplies, hasMetaContexts: !metaContexts.isEmpty)
+        self.validator = RequestValidator(export: info, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
         self.executor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
@@ -201,7 +205,9 @@ public final class NBDExport: Sendable {
         _ = try await perform([PendingRequest(.flush, flags: [], offset: 0, length: 0, promise: channel.eventLoop.makePromise())])
     }
 
-    /// `NBD_CMD_TRIM`: the range is no longer needed; the server may discard it.
+    /// `NBD_CMD_TRIM`: the range is no longer needed; the server may discard it. With extended
+    /// headers the whole range goes in one request (a server that finds it too large with
+    /// `EOVERFLOW` gets it again in pieces of under 4 GiB, as without them).
     public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         try await effect(.trim, offset: offset, length: length, flags: flags)
     }
@@ -213,22 +219,54 @@ public final class NBDExport: Sendable {
 
     /// `NBD_CMD_WRITE_ZEROES`: the range reads as zeroes afterwards. `flags` may hold `.fua`,
     /// `.noHole` (keep it allocated) and `.fastZero` (fail with `ENOTSUP` unless it is fast).
+    /// One request with extended headers, as ``trim(at:length:flags:)``.
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         try await effect(.writeZeroes, offset: offset, length: length, flags: flags)
     }
 
     /// `NBD_CMD_BLOCK_STATUS`: the status of the range in every negotiated metadata context.
     /// The server may describe less than asked (or, for the last extent, more); ask again from
-    /// the end of what came back. `flags` may hold `.requestOne`.
+    /// the end of what came back. `flags` may hold `.requestOne`. With extended headers the
+    /// whole range is asked for in one request, however long; without, at most 4 GiB of it.
     public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
+        try await blockStatus(at: offset, length: length, flags: flags, only: nil)
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for some of the negotiated metadata contexts only, named in
+    /// `contexts`: the server answers for those alone (the payload form of the request). Needs
+    /// extended headers and a server that advertises `NBD_FLAG_BLOCK_STATUS_PAYLOAD`
+    /// (``NBDExportInfo/canBlockStatusPayload``); otherwise, or for a context that was not
+    /// negotiated, it fails with nothing sent.
+    public func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        contexts: [String],
+        flags: CommandFlags = []
+    ) async throws -> NBDBlockStatus {
+        guard transmissionFormat == .extended, info.canBlockStatusPayload else {
+            throw NBDError.unsupported("block status for some contexts only needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+        }
+        var ids: [UInt32] = []
+        for name in contexts {
+            guard let context = metaContexts.first(where: { $0.name == name }) else {
+                throw NBDError.invalidArgument("the metadata context \(name) was not negotiated")
+            }
+            if !ids.contains(context.id) { ids.append(context.id) }
+        }
+        guard !ids.isEmpty else { throw NBDError.invalidArgument("block status for no metadata context") }
+        return try await blockStatus(at: offset, length: length, flags: flags, only: ids)
+    }
+
+    private func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags, only: [UInt32]?) async throws -> NBDBlockStatus {
         try validator.validate(.blockStatus, flags: flags, offset: offset, length: length)
-        let asked = UInt32(min(length, Self.largestEffectLength))
+        let asked = transmissionFormat == .extended ? length : min(length, Self.largestEffectLength)
         let descriptors = try await perform([
             PendingRequest(
                 .blockStatus,
                 flags: flags,
                 offset: offset,
                 length: asked,
+                onlyContexts: only,
                 promise: channel.eventLoop.makePromise()
             )
         ])
@@ -255,17 +293,31 @@ public final class NBDExport: Sendable {
     /// minimum block size.
     static let largestEffectLength: UInt64 = 0xFFFF_0000
 
+    /// TRIM, WRITE_ZEROES or CACHE of the range: in one request with extended headers, in
+    /// pieces under 4 GiB without them or when the server finds one request too large
+    /// ("MAY reply with an NBD_EOVERFLOW ... error if the oversize request would require too
+    /// many server resources").
     private func effect(_ type: CommandType, offset: UInt64, length: UInt64, flags: CommandFlags) async throws {
         try validator.validate(type, flags: flags, offset: offset, length: length)
+        if transmissionFormat == .extended, length > Self.largestEffectLength {
+            do {
+                _ = try await perform([
+                    PendingRequest(type, flags: flags, offset: offset, length: length, promise: channel.eventLoop.makePromise())
+                ])
+                return
+            } catch let error as NBDError where error.serverErrno == .EOVERFLOW {
+                // Too large for the server at once: in pieces, as without extended headers.
+            }
+        }
         let requests = pieces(offset: offset, length: length, limit: Self.largestEffectLength).map { piece in
             PendingRequest(type, flags: flags, offset: piece.offset, length: piece.length, promise: channel.eventLoop.makePromise())
         }
         _ = try await perform(requests)
     }
 
-    private func pieces(offset: UInt64, length: UInt64, limit: UInt64) -> [(offset: UInt64, length: UInt32)] {
+    private func pieces(offset: UInt64, length: UInt64, limit: UInt64) -> [(offset: UInt64, length: UInt64)] {
         stride(from: UInt64(0), to: length, by: Int(limit)).map { start in
-            (offset + start, UInt32(min(limit, length - start)))
+            (offset + start, min(limit, length - start))
         }
     }
 

@@ -21,9 +21,10 @@ import Darwin
 struct DirectRead {
     let socket: NIOBSDSocket.Handle
 
-    /// A structured reply chunk header and the offset of an OFFSET_DATA chunk: what the
-    /// handler reads after a large chunk, so that the data of a next one stays in the socket.
-    static let headerSize = StructuredReplyHeader.size + 8
+    /// A reply chunk header (extended, the larger) and the offset of an OFFSET_DATA chunk:
+    /// what the handler reads after a large chunk, so that the data of a next one mostly
+    /// stays in the socket.
+    static let headerSize = ExtendedReplyHeader.size + 8
 
     /// Size of SwiftNIO's reads: the replies to a burst of writes fit, and the data of a
     /// large READ chunk after its header is mostly left in the socket.

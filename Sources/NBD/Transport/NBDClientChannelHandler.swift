@@ -77,7 +77,14 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     /// Submits requests: sent now, or queued under the in-flight cap; one flush for all.
     func submit(_ requests: [PendingRequest]) {
         for request in requests {
-            machine.requestSubmitted(request, command: request.type, flags: request.flags, offset: request.offset, length: request.length)
+            machine.requestSubmitted(
+                request,
+                command: request.type,
+                flags: request.flags,
+                offset: request.offset,
+                length: request.length,
+                onlyContexts: request.onlyContexts
+            )
         }
         run()
     }
@@ -213,8 +220,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     }
 
     private func encoded(_ header: RequestHeader, context: ChannelHandlerContext) -> ByteBuffer {
-        var buffer = context.channel.allocator.buffer(capacity: RequestHeader.size)
-        header.encode(into: &buffer)
+        var buffer = context.channel.allocator.buffer(capacity: RequestHeader.extendedSize)
+        machine.encode(header, into: &buffer)
         return buffer
     }
 

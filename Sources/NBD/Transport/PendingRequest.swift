@@ -8,7 +8,9 @@ final class PendingRequest: @unchecked Sendable {
     let type: CommandType
     let flags: CommandFlags
     let offset: UInt64
-    let length: UInt32
+    let length: UInt64
+    /// For a BLOCK_STATUS limited to some contexts (extended headers' payload form): their ids.
+    let onlyContexts: [UInt32]?
     /// A WRITE's data, sent one buffer after another; let go once handed to the channel, so
     /// that buffers are not kept until the reply.
     private(set) var payload: [ByteBuffer]
@@ -26,7 +28,8 @@ final class PendingRequest: @unchecked Sendable {
         _ type: CommandType,
         flags: CommandFlags,
         offset: UInt64,
-        length: UInt32,
+        length: UInt64,
+        onlyContexts: [UInt32]? = nil,
         payload: [ByteBuffer] = [],
         destination: ReadDestination? = nil,
         promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>
@@ -35,6 +38,7 @@ final class PendingRequest: @unchecked Sendable {
         self.flags = flags
         self.offset = offset
         self.length = length
+        self.onlyContexts = onlyContexts
         self.payload = payload
         self.destination = destination
         self.promise = promise

@@ -18,8 +18,8 @@ public struct ClientTransmissionStart: Sendable {
     public var goReplies: [OptionReply.Body]?
     /// EXPORT_NAME's answer, or nil after GO.
     public var exportNameReply: ExportNameReply?
-    /// Whether replies are structured.
-    public var structuredReplies: Bool
+    /// How requests and replies are framed.
+    public var format: TransmissionFormat
     /// The metadata contexts usable with block status.
     public var metaContexts: [NBDMetaContext]
 }
@@ -125,15 +125,17 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         @usableFromInline let command: CommandType
         @usableFromInline let flags: CommandFlags
         @usableFromInline let offset: UInt64
-        @usableFromInline let length: UInt32
+        @usableFromInline let length: UInt64
+        @usableFromInline let onlyContexts: [UInt32]?
 
         @usableFromInline
-        init(request: Request, command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt32) {
+        init(request: Request, command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64, onlyContexts: [UInt32]?) {
             self.request = request
             self.command = command
             self.flags = flags
             self.offset = offset
             self.length = length
+            self.onlyContexts = onlyContexts
         }
     }
 
@@ -189,7 +191,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     public init(configuration: Configuration, handshakeWaiter: Waiter) {
         self.configuration = configuration
         self.negotiation = ClientNegotiationStateMachine(limits: configuration.limits)
-        self.transmission = ClientTransmissionStateMachine(configuration: .init(structuredReplies: false))
+        self.transmission = ClientTransmissionStateMachine(configuration: .init(format: .simple))
         self.handshakeWaiter = handshakeWaiter
     }
 
@@ -215,6 +217,15 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     @inlinable public var readsDirectly: Bool {
         guard case .transmission = phase else { return false }
         return !transmission.hasFailed
+    }
+
+    /// How requests and replies are framed (simple until transmission starts).
+    @inlinable public var format: TransmissionFormat { transmission.configuration.format }
+
+    /// Writes a request header of ``Action/sendRequest(_:_:)`` (or ``Action/sendDisconnect(_:)``)
+    /// as the negotiated format frames it, with any payload of its own; a WRITE's data follows.
+    @inlinable public mutating func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+        transmission.encode(header, into: &buffer)
     }
 
     /// Bytes fed in transmission and not parsed yet.
@@ -267,12 +278,16 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// A caller submits a request. It is sent now, or queued while the in-flight cap is reached.
+    /// `length` is the length the command acts on; see
+    /// ``ClientTransmissionStateMachine/startRequest(_:flags:offset:length:onlyContexts:context:stamp:)``
+    /// for `onlyContexts`.
     @inlinable public mutating func requestSubmitted(
         _ request: Request,
         command: CommandType,
         flags: CommandFlags,
         offset: UInt64,
-        length: UInt32
+        length: UInt64,
+        onlyContexts: [UInt32]? = nil
     ) {
         switch phase {
         case .closed(let error):
@@ -285,7 +300,9 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                     .complete(request, error: NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false))
                 )
             } else {
-                queued.append(Queued(request: request, command: command, flags: flags, offset: offset, length: length))
+                queued.append(
+                    Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
+                )
                 sendQueued()
             }
         }
@@ -415,6 +432,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                 flags: next.flags,
                 offset: next.offset,
                 length: next.length,
+                onlyContexts: next.onlyContexts,
                 context: next.request,
                 stamp: ticks
             )
@@ -583,13 +601,14 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         let start = ClientTransmissionStart(
             goReplies: goReplies,
             exportNameReply: exportNameReply,
-            structuredReplies: negotiation.negotiated.structuredReplies,
+            format: negotiation.negotiated.format,
             metaContexts: negotiation.transmissionMetaContexts
         )
         transmission = ClientTransmissionStateMachine(
             configuration: .init(
-                structuredReplies: start.structuredReplies,
-                metaContextIDs: Set(start.metaContexts.map(\.id))
+                format: start.format,
+                metaContextIDs: Set(start.metaContexts.map(\.id)),
+                narrowStatusContextIDs: Set(start.metaContexts.filter(\.hasNarrowStatus).map(\.id))
             )
         )
         phase = .transmission

@@ -74,8 +74,11 @@ public struct ClientNegotiationStateMachine: Sendable {
 
     /// What the options negotiated so far mean for the transmission phase.
     public struct Negotiated: Hashable, Sendable {
-        /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
-        public var structuredReplies = false
+        /// How transmission is framed: extended once `NBD_OPT_EXTENDED_HEADERS` was
+        /// acknowledged, structured once `NBD_OPT_STRUCTURED_REPLY` was.
+        public var format = TransmissionFormat.simple
+        /// Whether replies come as chunks.
+        public var structuredReplies: Bool { format.hasChunks }
         /// The contexts the last `NBD_OPT_SET_META_CONTEXT` selected, and for which export.
         public var metaContexts: [NBDMetaContext] = []
         /// The export the last `NBD_OPT_SET_META_CONTEXT` named.
@@ -101,6 +104,10 @@ public struct ClientNegotiationStateMachine: Sendable {
         guard state == .ready else {
             throw .invalidArgument("cannot send \(option) now: the previous option has no final reply yet or negotiation is over")
         }
+        // "Once extended headers are successfully requested, a client MUST NOT use NBD_OPT_EXPORT_NAME."
+        if option == .exportName, negotiated.format == .extended {
+            throw .invalidArgument("cannot send NBD_OPT_EXPORT_NAME once extended headers are negotiated; use NBD_OPT_GO")
+        }
         switch request {
         case .exportName(let name): negotiated.export = name
         case .go(let name, _): negotiated.export = name
@@ -117,7 +124,10 @@ public struct ClientNegotiationStateMachine: Sendable {
         guard case .ack = replies.last else { return }
         switch option {
         case .structuredReply:
-            negotiated.structuredReplies = true
+            negotiated.format = max(negotiated.format, .structured)
+        case .extendedHeaders:
+            // "When successful, this option takes precedence over structured replies."
+            negotiated.format = .extended
         case .setMetaContext:
             negotiated.metaContexts = replies.compactMap {
                 if case .metaContext(let id, let name) = $0 { NBDMetaContext(id: id, name: name) } else { nil }
@@ -179,6 +189,11 @@ public struct ClientNegotiationStateMachine: Sendable {
                 throw .serverViolation("replies to \(option) exceed \(limits.maximumRepliesLength) bytes")
             }
             try Self.check(reply.body, answers: option, earlier: replies)
+            if option == .go, negotiated.format == .extended, case .error(.errUnsupported, _) = reply.body {
+                // "if the server has acknowledged a client's request for NBD_OPT_EXTENDED_HEADERS,
+                // the server MUST NOT fail NBD_OPT_GO with NBD_REP_ERR_UNSUP"
+                throw .serverViolation("NBD_OPT_GO refused as unsupported after extended headers were acknowledged")
+            }
             if case .info(.export(let size, _)) = reply.body { try Self.checkSize(size) }
             replies.append(reply.body)
             switch reply.body {

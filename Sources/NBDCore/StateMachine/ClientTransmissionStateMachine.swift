@@ -17,20 +17,33 @@ import NIOCore
 public struct ClientTransmissionStateMachine<Context> {
     /// What negotiation agreed, and the bounds applied to replies.
     public struct Configuration: Sendable {
-        /// Whether `NBD_OPT_STRUCTURED_REPLY` was negotiated.
-        public var structuredReplies: Bool
+        /// How requests and replies are framed.
+        public var format: TransmissionFormat
         /// The ids of the metadata contexts `NBD_OPT_SET_META_CONTEXT` selected.
         public var metaContextIDs: Set<UInt32>
+        /// The ids of those whose status has 32 bits: "For metadata contexts that only return
+        /// a 32-bit status (including all contexts in the "base:" namespace), the
+        /// most-significant 32 bits of *status* MUST be all zeroes."
+        public var narrowStatusContextIDs: Set<UInt32>
         /// Largest payload accepted for a chunk that is buffered whole (block status, errors).
         /// The spec says servers "SHOULD NOT send more than 2^20 extents in a single reply chunk".
         public var maximumBufferedChunkLength: Int
 
         /// A configuration with the given settings.
-        public init(structuredReplies: Bool, metaContextIDs: Set<UInt32> = [], maximumBufferedChunkLength: Int = 4 + 8 * (1 << 21)) {
-            self.structuredReplies = structuredReplies
+        public init(
+            format: TransmissionFormat,
+            metaContextIDs: Set<UInt32> = [],
+            narrowStatusContextIDs: Set<UInt32> = [],
+            maximumBufferedChunkLength: Int = 8 + 16 * (1 << 21)
+        ) {
+            self.format = format
             self.metaContextIDs = metaContextIDs
+            self.narrowStatusContextIDs = narrowStatusContextIDs
             self.maximumBufferedChunkLength = maximumBufferedChunkLength
         }
+
+        /// Whether replies come as chunks (structured or extended).
+        @inlinable public var structuredReplies: Bool { format.hasChunks }
     }
 
     /// What the caller does next.
@@ -55,16 +68,23 @@ public struct ClientTransmissionStateMachine<Context> {
         @usableFromInline var coverage = RangeCoverage()
         @usableFromInline var contentChunks = 0
         @usableFromInline var contextsSeen: Set<UInt32> = []
+        /// The contexts the reply must cover: all negotiated, or those of a payload filter.
+        @usableFromInline var contextsWanted: Set<UInt32>
+        /// The length of the export the request acts on (of a filtered BLOCK_STATUS, the one
+        /// in its payload rather than the payload's length in the header).
+        @usableFromInline var effectLength: UInt64
         @usableFromInline var error: NBDError?
         /// The caller's mark of when the request was sent (see ``startRequest(_:flags:offset:length:context:stamp:)``).
         @usableFromInline var stamp: UInt64 = 0
 
-        @usableFromInline var range: Range<UInt64> { header.offset..<(header.offset + UInt64(header.length)) }
+        @usableFromInline var range: Range<UInt64> { header.offset..<(header.offset + effectLength) }
 
         @usableFromInline
-        init(header: RequestHeader, context: Context) {
+        init(header: RequestHeader, context: Context, effectLength: UInt64, contextsWanted: Set<UInt32>) {
             self.header = header
             self.context = context
+            self.effectLength = effectLength
+            self.contextsWanted = contextsWanted
         }
     }
 
@@ -84,6 +104,8 @@ public struct ClientTransmissionStateMachine<Context> {
     @usableFromInline var parseState = ParseState.header
     @usableFromInline var input = ByteBuffer()
     @usableFromInline var queued: [Action] = []
+    /// The context ids of filtered BLOCK_STATUS requests started and not yet encoded.
+    @usableFromInline var filters: [UInt64: [UInt32]] = [:]
 
     /// A machine with no request in flight.
     @inlinable public init(configuration: Configuration) {
@@ -102,26 +124,53 @@ public struct ClientTransmissionStateMachine<Context> {
     /// True once a fatal error was reported.
     @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 
-    /// Registers a request and returns its header, with a fresh cookie, to send.
-    /// `NBD_CMD_DISC` gets no reply and is not registered. `stamp` marks when it was sent, in
-    /// whatever unit the caller counts time (see ``oldestInFlight``).
+    /// Registers a request and returns its header, with a fresh cookie, to send with
+    /// ``encode(_:into:)``. `NBD_CMD_DISC` gets no reply and is not registered. `stamp` marks
+    /// when it was sent, in whatever unit the caller counts time (see ``oldestInFlight``).
+    ///
+    /// `length` is the length of the export the request acts on (a WRITE's data). With
+    /// extended headers a WRITE is flagged `NBD_CMD_FLAG_PAYLOAD_LEN` ("the flag MUST be set
+    /// for NBD_CMD_WRITE"), and a BLOCK_STATUS given `onlyContexts` is sent in the payload
+    /// form that limits the reply to those ids (the server must advertise
+    /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`); the header's length is then that of the payload.
     @inlinable public mutating func startRequest(
         _ type: CommandType,
         flags: CommandFlags = [],
         offset: UInt64,
-        length: UInt32,
+        length: UInt64,
+        onlyContexts: [UInt32]? = nil,
         context: Context,
         stamp: UInt64 = 0
     ) -> RequestHeader {
         let cookie = nextCookie
         nextCookie &+= 1
-        let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
+        var flags = flags
+        var headerLength = length
+        if configuration.format == .extended, type == .write { flags.insert(.payloadLength) }
+        if let onlyContexts {
+            precondition(configuration.format == .extended && type == .blockStatus, "a block status filter needs extended headers")
+            flags.insert(.payloadLength)
+            headerLength = 8 + 4 * UInt64(onlyContexts.count)
+        }
+        let header = RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: headerLength)
         if type != .disconnect {
-            var request = InFlight(header: header, context: context)
+            let wanted = onlyContexts.map(Set.init) ?? configuration.metaContextIDs
+            var request = InFlight(header: header, context: context, effectLength: length, contextsWanted: wanted)
             request.stamp = stamp
             inFlight[cookie] = request
+            if let onlyContexts { filters[cookie] = onlyContexts }
         }
         return header
+    }
+
+    /// Writes `header` as the negotiated format frames it, with the payload of a filtered
+    /// BLOCK_STATUS ("64 bits, effect length; n * 32 bits, list of metacontext ids to use").
+    /// A WRITE's data is the caller's to send after it.
+    @inlinable public mutating func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+        header.encode(into: &buffer, format: configuration.format)
+        guard let ids = filters.removeValue(forKey: header.cookie), let request = inFlight[header.cookie] else { return }
+        buffer.writeInteger(request.effectLength)
+        for id in ids { buffer.writeInteger(id) }
     }
 
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
@@ -201,6 +250,7 @@ public struct ClientTransmissionStateMachine<Context> {
         queued = []
         let contexts = inFlight.values.map(\.context)
         inFlight = [:]
+        filters = [:]
         return .fatal(error, contexts)
     }
 
@@ -222,62 +272,71 @@ public struct ClientTransmissionStateMachine<Context> {
 
     @inlinable mutating func parseReply() throws(NBDError) -> Action? {
         let start = input.readerIndex
-        guard let header = try ReplyHeader.decode(from: &input) else { return nil }
+        guard let header = try ReplyHeader.decode(from: &input, format: configuration.format) else { return nil }
         guard var request = inFlight[header.cookie] else {
             throw .serverViolation("reply with cookie \(header.cookie), which matches no request in flight")
         }
+        let chunk: (flags: ReplyFlags, type: ReplyChunkType, cookie: UInt64, length: UInt64)
         switch header {
         case .simple(let simple):
             return try simpleReply(simple, request: request)
-        case .structured(let chunk):
-            guard configuration.structuredReplies else {
-                throw .serverViolation("structured reply chunk although structured replies were not negotiated")
-            }
-            if chunk.type == .offsetData {
-                guard request.header.type == .read else {
-                    throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)")
-                }
-                guard chunk.length >= 9 else {
-                    throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9")
-                }
-                guard let offset = input.readInteger(as: UInt64.self) else {
-                    input.moveReaderIndex(to: start)
-                    return nil
-                }
-                let length = UInt64(chunk.length - 8)
-                try recordContent(&request, offset: offset, length: length, kind: "NBD_REPLY_TYPE_OFFSET_DATA")
-                inFlight[chunk.cookie] = request
-                parseState = .data(
-                    cookie: chunk.cookie,
-                    offset: offset,
-                    remaining: Int(length),
-                    length: Int(length),
-                    done: chunk.flags.contains(.done)
-                )
-                return try parse()
-            }
-            guard chunk.length <= configuration.maximumBufferedChunkLength else {
+        case .structured(let structured):
+            chunk = (structured.flags, structured.type, structured.cookie, UInt64(structured.length))
+        case .extended(let extended):
+            // "The extended reply has an additional field *offset* which MUST match the
+            // *offset* of the client's request."
+            guard extended.offset == request.header.offset else {
                 throw .serverViolation(
-                    "\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)"
+                    "extended reply chunk at offset \(extended.offset) for \(request.header.type) at offset \(request.header.offset)"
                 )
             }
-            guard var payload = input.readSlice(length: Int(chunk.length)) else {
+            chunk = (extended.flags, extended.type, extended.cookie, extended.length)
+        }
+        if chunk.type == .offsetData {
+            guard request.header.type == .read else {
+                throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA in reply to \(request.header.type)")
+            }
+            guard chunk.length >= 9 else {
+                throw .serverViolation("NBD_REPLY_TYPE_OFFSET_DATA with length \(chunk.length), MUST be at least 9")
+            }
+            guard let offset = input.readInteger(as: UInt64.self) else {
                 input.moveReaderIndex(to: start)
                 return nil
             }
-            let body = try ReplyChunk.decode(type: chunk.type, payload: &payload)
-            let action = try structuredChunk(body, request: &request)
+            let length = chunk.length - 8
+            // Within the request, which is no longer than a READ's buffer: it fits in an Int.
+            try recordContent(&request, offset: offset, length: length, kind: "NBD_REPLY_TYPE_OFFSET_DATA")
             inFlight[chunk.cookie] = request
-            if chunk.flags.contains(.done) {
-                let completion = try finish(chunk.cookie)
-                guard let action else { return completion }
-                queued.append(completion)
-                return action
-            }
-            if case .none = body { throw .serverViolation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }
-            if let action { return action }
+            parseState = .data(
+                cookie: chunk.cookie,
+                offset: offset,
+                remaining: Int(length),
+                length: Int(length),
+                done: chunk.flags.contains(.done)
+            )
             return try parse()
         }
+        guard chunk.length <= UInt64(configuration.maximumBufferedChunkLength) else {
+            throw .serverViolation(
+                "\(chunk.type) chunk of \(chunk.length) bytes exceeds the bound of \(configuration.maximumBufferedChunkLength)"
+            )
+        }
+        guard var payload = input.readSlice(length: Int(chunk.length)) else {
+            input.moveReaderIndex(to: start)
+            return nil
+        }
+        let body = try ReplyChunk.decode(type: chunk.type, payload: &payload)
+        let action = try structuredChunk(body, request: &request)
+        inFlight[chunk.cookie] = request
+        if chunk.flags.contains(.done) {
+            let completion = try finish(chunk.cookie)
+            guard let action else { return completion }
+            queued.append(completion)
+            return action
+        }
+        if case .none = body { throw .serverViolation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }
+        if let action { return action }
+        return try parse()
     }
 
     @inlinable mutating func simpleReply(_ reply: SimpleReplyHeader, request: InFlight) throws(NBDError) -> Action? {
@@ -318,33 +377,54 @@ public struct ClientTransmissionStateMachine<Context> {
             }
             try recordContent(&request, offset: offset, length: UInt64(length), kind: "NBD_REPLY_TYPE_OFFSET_HOLE")
             return .hole(request.context, offset: offset, length: length)
-        case .blockStatus(let contextID, let descriptors):
+        case .blockStatus(let contextID, let descriptors), .blockStatusExtended(let contextID, let descriptors):
+            let isExtended = if case .blockStatusExtended = chunk { true } else { false }
+            let type: ReplyChunkType = isExtended ? .blockStatusExtended : .blockStatus
             guard request.header.type == .blockStatus else {
-                throw .serverViolation("NBD_REPLY_TYPE_BLOCK_STATUS in reply to \(request.header.type)")
+                throw .serverViolation("\(type) in reply to \(request.header.type)")
+            }
+            // "only NBD_REPLY_TYPE_BLOCK_STATUS for structured replies, and only
+            // NBD_REPLY_TYPE_BLOCK_STATUS_EXT for extended headers"
+            guard isExtended == (configuration.format == .extended) else {
+                throw .serverViolation("\(type) although extended headers were \(isExtended ? "not " : "")negotiated")
             }
             guard configuration.metaContextIDs.contains(contextID) else {
                 throw .serverViolation("block status for metadata context id \(contextID), which was not negotiated")
             }
+            guard request.contextsWanted.contains(contextID) else {
+                throw .serverViolation("block status for metadata context id \(contextID), which the request filtered out")
+            }
             guard request.contextsSeen.insert(contextID).inserted else {
                 throw .serverViolation("two block status chunks for metadata context id \(contextID) in one reply")
             }
+            if configuration.narrowStatusContextIDs.contains(contextID), descriptors.contains(where: { $0.flags > UInt32.max }) {
+                throw .serverViolation("block status for context id \(contextID) sets status bits above 32, which it does not have")
+            }
             if request.header.flags.contains(.requestOne) {
                 // "each chunk contains exactly one descriptor where the length ... MUST NOT be greater than the length of the request"
-                guard descriptors.count == 1, descriptors[0].length <= request.header.length else {
+                guard descriptors.count == 1, descriptors[0].length <= request.effectLength else {
                     throw .serverViolation("block status with NBD_CMD_FLAG_REQ_ONE must carry one extent within the request")
                 }
             } else {
                 // "the sum of the length fields of the first N-1 extents (if any) MUST be less than the requested length"
-                let leading = descriptors.dropLast().reduce(UInt64(0)) { $0 + UInt64($1.length) }
-                guard descriptors.count == 1 || leading < UInt64(request.header.length) else {
-                    throw .serverViolation("block status extents run past the requested length")
+                var leading: UInt64 = 0
+                for descriptor in descriptors.dropLast() {
+                    let (sum, overflow) = leading.addingReportingOverflow(descriptor.length)
+                    leading = sum
+                    guard !overflow, leading < request.effectLength else {
+                        throw .serverViolation("block status extents run past the requested length")
+                    }
+                }
+                // The last one may run past the request, not past what offsets can say.
+                guard UInt64.max - request.header.offset - leading >= descriptors[descriptors.count - 1].length else {
+                    throw .serverViolation("block status extents run past the largest offset")
                 }
             }
             return .blockStatus(request.context, contextID: contextID, descriptors: descriptors)
         case .error(_, let errno, let message, let offset):
             if let offset {
                 guard request.header.type != .flush,
-                    request.range.contains(offset) || (request.header.length == 0 && offset == request.header.offset)
+                    request.range.contains(offset) || (request.effectLength == 0 && offset == request.header.offset)
                 else {
                     throw .serverViolation("NBD_REPLY_TYPE_ERROR_OFFSET at \(offset), outside the request")
                 }
@@ -379,12 +459,12 @@ public struct ClientTransmissionStateMachine<Context> {
         let request = inFlight[cookie]!
         if request.error == nil {
             switch request.header.type {
-            case .read where request.coverage.total != UInt64(request.header.length):
+            case .read where request.coverage.total != request.effectLength:
                 // libnbd's EPROTO: "When no error is detected, the server MUST send enough data
                 // chunks to cover the entire region".
                 throw .serverViolation("read of \(request.header.length) bytes answered with only \(request.coverage.total)")
-            case .blockStatus where request.contextsSeen != configuration.metaContextIDs:
-                throw .serverViolation("successful block status without a chunk for every negotiated context")
+            case .blockStatus where request.contextsSeen != request.contextsWanted:
+                throw .serverViolation("successful block status without a chunk for every context asked for")
             default:
                 break
             }

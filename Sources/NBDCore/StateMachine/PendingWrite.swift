@@ -1,6 +1,7 @@
 import NIOCore
 
-/// A WRITE whose header arrived and whose data is still arriving. The data is kept as the
+/// A request whose header arrived and whose payload is still arriving: a WRITE's data, or
+/// (with extended headers) any payload flagged `NBD_CMD_FLAG_PAYLOAD_LEN`. The data is kept as the
 /// slices of the receive buffers it came in, so that it is copied only once, into the backend;
 /// but never more than a few: past them, the pieces are gathered into one buffer of the
 /// payload's size, so that a client sending its data a byte at a time cannot make the server

@@ -27,17 +27,21 @@ public struct ServerNegotiationStateMachine: Sendable {
     /// What was agreed when transmission starts.
     public struct Agreement: Hashable, Sendable {
         public var export: Export
-        /// The transmission flags sent, which depend on structured replies (`NBD_FLAG_SEND_DF`).
+        /// The transmission flags sent, which depend on the format (`NBD_FLAG_SEND_DF`,
+        /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`).
         public var flags: TransmissionFlags
-        public var structuredReplies: Bool
+        /// How requests and replies are framed.
+        public var format: TransmissionFormat
         /// The metadata contexts selected for this export, by id.
         public var metaContexts: [NBDMetaContext]
+        /// Whether replies come as chunks (structured or extended).
+        public var structuredReplies: Bool { format.hasChunks }
 
         /// An agreement with the given terms.
-        public init(export: Export, flags: TransmissionFlags, structuredReplies: Bool, metaContexts: [NBDMetaContext]) {
+        public init(export: Export, flags: TransmissionFlags, format: TransmissionFormat, metaContexts: [NBDMetaContext]) {
             self.export = export
             self.flags = flags
-            self.structuredReplies = structuredReplies
+            self.format = format
             self.metaContexts = metaContexts
         }
     }
@@ -67,7 +71,7 @@ public struct ServerNegotiationStateMachine: Sendable {
     private let maximumOptionLength: Int
     private var state = State.awaitingClientFlags
     private var noZeroes = false
-    private var structuredReplies = false
+    private var format = TransmissionFormat.simple
     private var selected: (export: String, contexts: [NBDMetaContext])?
 
     /// A machine serving `exports`; options longer than `maximumOptionLength` end the session.
@@ -120,6 +124,12 @@ public struct ServerNegotiationStateMachine: Sendable {
 
         switch request {
         case .exportName(let name):
+            // "Once extended headers are successfully requested, a client MUST NOT use
+            // NBD_OPT_EXPORT_NAME": its reply has no room to say so, so the session ends.
+            guard format != .extended else {
+                state = .done
+                return .fatal(.clientViolation("NBD_OPT_EXPORT_NAME after extended headers were negotiated"))
+            }
             guard let export = exports[name] else {
                 // "If the server is unwilling to allow the export, it MUST terminate the session."
                 state = .done
@@ -153,18 +163,31 @@ public struct ServerNegotiationStateMachine: Sendable {
                 return .enterTransmission(out, agreement)
             }
         case .structuredReply:
-            if structuredReplies {
+            switch format {
+            case .extended:
+                // "NBD_REP_ERR_EXT_HEADER_REQD: The client has already successfully negotiated
+                // extended headers, which takes precedence over this option."
+                reply(.error(.errExtendedHeaderRequired, message: "extended headers are on, and take precedence"))
+            case .structured:
                 reply(.error(.errInvalid, message: "structured replies are already on"))
+            case .simple:
+                format = .structured
+                reply(.ack)
+            }
+        case .extendedHeaders:
+            if format == .extended {
+                reply(.error(.errInvalid, message: "extended headers are already on"))
             } else {
-                structuredReplies = true
+                format = .extended
                 reply(.ack)
             }
         case .listMetaContext(let name, let queries), .setMetaContext(let name, let queries):
             let isSet = code == .setMetaContext
             if isSet { selected = nil }
-            guard structuredReplies else {
-                // "This option MUST NOT be requested unless structured replies have been negotiated first."
-                reply(.error(.errInvalid, message: "negotiate structured replies first"))
+            guard format.hasChunks else {
+                // "This option SHOULD NOT be requested unless structured replies or extended
+                // headers have been negotiated first."
+                reply(.error(.errInvalid, message: "negotiate structured replies or extended headers first"))
                 return .send(out)
             }
             guard exports[name] != nil else {
@@ -182,7 +205,7 @@ public struct ServerNegotiationStateMachine: Sendable {
         case .startTLS:
             // The seam for TLS: a server without it refuses the option.
             reply(.error(.errUnsupported, message: "this server does not offer TLS"))
-        case .extendedHeaders, .other:
+        case .other:
             reply(.error(.errUnsupported, message: "\(code) is not supported"))
         }
         return .send(out)
@@ -191,8 +214,12 @@ public struct ServerNegotiationStateMachine: Sendable {
     private func agree(_ export: Export) -> Agreement {
         var flags = export.flags.union(.hasFlags)
         // "MUST leave this flag clear if structured replies have not been negotiated."
-        if structuredReplies { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
-        let contexts = selected?.export == export.name && structuredReplies ? selected!.contexts : []
-        return Agreement(export: export, flags: flags, structuredReplies: structuredReplies, metaContexts: contexts)
+        if format.hasChunks { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
+        let contexts = selected?.export == export.name && format.hasChunks ? selected!.contexts : []
+        // "Servers MUST NOT advertise this bit unless the client successfully negotiates
+        // extended headers ..., and SHOULD NOT advertise this bit in response to NBD_OPT_GO if
+        // the client does not negotiate metacontexts."
+        if format == .extended, !contexts.isEmpty { flags.insert(.blockStatusPayload) } else { flags.remove(.blockStatusPayload) }
+        return Agreement(export: export, flags: flags, format: format, metaContexts: contexts)
     }
 }

@@ -113,11 +113,7 @@ public struct ServerTransmissionStateMachine: Sendable {
         inFlight -= 1
         held -= Self.payloadHeld(by: request)
         guard !ended else { return }
-        let framed = reply.framed(
-            for: request,
-            structured: agreement.structuredReplies,
-            contextID: ServerNegotiationStateMachine.baseAllocationID
-        )
+        let framed = reply.framed(for: request, format: agreement.format, contextID: ServerNegotiationStateMachine.baseAllocationID)
         outbox.append(write(framed))
         closeIfDone()
     }
@@ -223,15 +219,24 @@ public struct ServerTransmissionStateMachine: Sendable {
             }
             return .some(admit(pending.header, data: pending.segments))
         }
-        guard let header = try RequestHeader.decode(from: &input) else { return nil }
+        let format = agreement.format
+        guard let header = try RequestHeader.decode(from: &input, format: format) else { return nil }
         // "The client ... MUST NOT send any further requests" after NBD_CMD_DISC.
         if disconnectReceived { throw .clientViolation("request after NBD_CMD_DISC") }
-        guard header.type == .write else { return .some(admit(header, data: [])) }
-        // Beyond the maximum payload the data cannot be waited for: hard disconnect.
-        guard Int(header.length) <= limits.maximumPayload else {
-            throw .clientViolation("write of \(header.length) bytes exceeds the maximum payload of \(limits.maximumPayload)")
+        // "With extended headers, the flag MUST be set for NBD_CMD_WRITE": without it, where
+        // its data ends cannot be known.
+        if format == .extended, header.type == .write, !header.flags.contains(.payloadLength) {
+            throw .clientViolation("NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN although extended headers were negotiated")
         }
-        if let data = input.readSlice(length: Int(header.length)) {
+        let payload = header.payloadLength(in: format)
+        guard payload > 0 else { return .some(admit(header, data: [])) }
+        // Beyond the maximum payload the data cannot be waited for: hard disconnect ("A server
+        // SHOULD initiate hard disconnect if a client sets the NBD_CMD_FLAG_PAYLOAD_LEN flag
+        // and uses a length larger than a server's advertised or default maximum payload").
+        guard payload <= UInt64(limits.maximumPayload) else {
+            throw .clientViolation("\(header.type) payload of \(payload) bytes exceeds the maximum payload of \(limits.maximumPayload)")
+        }
+        if let data = input.readSlice(length: Int(payload)) {
             // All here: handed on as a slice of what was read, without a copy.
             return .some(admit(header, data: [data]))
         }
@@ -241,6 +246,26 @@ public struct ServerTransmissionStateMachine: Sendable {
 
     /// What a whole request leads to.
     private mutating func admit(_ request: RequestHeader, data: [ByteBuffer]) -> Action? {
+        var request = request
+        var data = data
+        if agreement.format == .extended, request.flags.contains(.payloadLength) {
+            // The payload is consumed whatever it is: "in all other cases, a server SHOULD
+            // gracefully consume *length* bytes of payload (even if it then replies with an
+            // NBD_EINVAL failure ...)".
+            request.flags.remove(.payloadLength)
+            switch request.type {
+            case .write:
+                break
+            case .blockStatus:
+                guard let effectLength = filteredEffectLength(data) else {
+                    return failed(request, .EINVAL, "the block status payload must name negotiated metadata contexts, each once")
+                }
+                request.length = effectLength
+                data = []
+            default:
+                return failed(request, .EINVAL, "\(request.type) takes no payload")
+            }
+        }
         if request.type == .disconnect {
             // "The server MUST handle all outstanding requests ... and close the TCP session."
             disconnectReceived = true
@@ -267,7 +292,25 @@ public struct ServerTransmissionStateMachine: Sendable {
     }
 
     private mutating func failed(_ request: RequestHeader, _ errno: NBDErrno, _ message: String) -> Action {
-        write(ServerReply.failed(errno, message: message).framed(for: request, structured: agreement.structuredReplies, contextID: 0))
+        write(ServerReply.failed(errno, message: message).framed(for: request, format: agreement.format, contextID: 0))
+    }
+
+    /// The effect length of a block status in the payload form ("C: 64 bits, effect length;
+    /// C: n * 32 bits, list of metacontext ids to use"), or nil when the payload is not that,
+    /// names a context that was not negotiated, or one twice ("detects duplicate or unknown
+    /// metacontext ids ... MUST gracefully consume the client's payload before failing with
+    /// NBD_EINVAL"), or when the form was not advertised.
+    private func filteredEffectLength(_ data: [ByteBuffer]) -> UInt64? {
+        guard agreement.flags.contains(.blockStatusPayload) else { return nil }
+        var payload = data.count == 1 ? data[0] : data.gathered(capacity: data.reduce(0) { $0 + $1.readableBytes })
+        guard payload.readableBytes >= 12, (payload.readableBytes - 8) % 4 == 0, let effectLength = payload.readInteger(as: UInt64.self)
+        else { return nil }
+        let known = Set(agreement.metaContexts.map(\.id))
+        var seen: Set<UInt32> = []
+        while let id = payload.readInteger(as: UInt32.self) {
+            guard known.contains(id), seen.insert(id).inserted else { return nil }
+        }
+        return effectLength
     }
 
     private mutating func closeIfDone() {
@@ -288,14 +331,14 @@ public struct ServerTransmissionStateMachine: Sendable {
         if request.type.modifiesExport, agreement.flags.contains(.readOnly) {
             return (.EPERM, "the export is read-only")
         }
-        if request.type == .read, Int(request.length) > limits.maximumPayload {
+        if request.type == .read, request.length > UInt64(limits.maximumPayload) {
             return (.EOVERFLOW, "read of \(request.length) bytes exceeds the maximum payload")
         }
         if request.type == .blockStatus, agreement.metaContexts.isEmpty {
             return (.EINVAL, "no metadata context was selected")
         }
         if request.type != .flush {
-            let (end, overflow) = request.offset.addingReportingOverflow(UInt64(request.length))
+            let (end, overflow) = request.offset.addingReportingOverflow(request.length)
             guard !overflow, end <= agreement.export.size else {
                 // "the server SHOULD return ... ENOSPC" for a write past the end, EINVAL otherwise.
                 return (request.type == .write || request.type == .writeZeroes ? .ENOSPC : .EINVAL, "range past the end of the export")

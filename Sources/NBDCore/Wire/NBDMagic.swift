@@ -14,4 +14,8 @@ public enum NBDMagic {
     public static let simpleReply: UInt32 = 0x6744_6698
     /// `NBD_STRUCTURED_REPLY_MAGIC`.
     public static let structuredReply: UInt32 = 0x668e_33ef
+    /// `NBD_EXTENDED_REQUEST_MAGIC`: a 32-byte request, once extended headers are negotiated.
+    public static let extendedRequest: UInt32 = 0x21e4_1c71
+    /// `NBD_EXTENDED_REPLY_MAGIC`: a 32-byte reply chunk header, once extended headers are negotiated.
+    public static let extendedReply: UInt32 = 0x6e8a_278c
 }

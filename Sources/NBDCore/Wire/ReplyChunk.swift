@@ -7,8 +7,12 @@ public enum ReplyChunk: Hashable, Sendable {
     case none
     /// `NBD_REPLY_TYPE_OFFSET_HOLE`: `length` bytes at `offset` read as zeroes (length MUST be 12).
     case offsetHole(offset: UInt64, length: UInt32)
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: a context id and at least one descriptor.
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: a context id and at least one descriptor of 32-bit
+    /// length and flags.
     case blockStatus(contextID: UInt32, descriptors: [BlockDescriptor])
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: a context id, a descriptor count, and that many
+    /// descriptors of 64-bit length and flags.
+    case blockStatusExtended(contextID: UInt32, descriptors: [BlockDescriptor])
     /// `NBD_REPLY_TYPE_ERROR` / `_ERROR_OFFSET` or an unknown error type: 32 bits error,
     /// 16 bits message length, message, then (ERROR_OFFSET) 64 bits offset.
     case error(ReplyChunkType, errno: NBDErrno, message: String, offset: UInt64?)
@@ -34,9 +38,28 @@ public enum ReplyChunk: Hashable, Sendable {
             descriptors.reserveCapacity((length - 4) / 8)
             while let (extentLength, flags) = payload.readMultipleIntegers(as: (UInt32, UInt32).self) {
                 guard extentLength > 0 else { throw .serverViolation("block status descriptor of length 0") }
-                descriptors.append(BlockDescriptor(length: extentLength, flags: flags))
+                descriptors.append(BlockDescriptor(length: UInt64(extentLength), flags: UInt64(flags)))
             }
             return .blockStatus(contextID: contextID, descriptors: descriptors)
+        case .blockStatusExtended:
+            // "*length* MUST be 8 + (a positive multiple of 16)", and "The *descriptor count*
+            // field MUST correspond to the number of subsequent descriptors".
+            guard length >= 24, (length - 8) % 16 == 0, let (contextID, count) = payload.readMultipleIntegers(as: (UInt32, UInt32).self)
+            else {
+                throw .serverViolation("NBD_REPLY_TYPE_BLOCK_STATUS_EXT with length \(length), MUST be 8 + a positive multiple of 16")
+            }
+            guard Int(count) == (length - 8) / 16 else {
+                throw .serverViolation(
+                    "NBD_REPLY_TYPE_BLOCK_STATUS_EXT counts \(count) descriptors in a chunk that holds \((length - 8) / 16)"
+                )
+            }
+            var descriptors: [BlockDescriptor] = []
+            descriptors.reserveCapacity(Int(count))
+            while let (extentLength, flags) = payload.readMultipleIntegers(as: (UInt64, UInt64).self) {
+                guard extentLength > 0 else { throw .serverViolation("block status descriptor of length 0") }
+                descriptors.append(BlockDescriptor(length: extentLength, flags: flags))
+            }
+            return .blockStatusExtended(contextID: contextID, descriptors: descriptors)
         default:
             guard type.isError else { throw .serverViolation("unknown structured reply type \(type.rawValue)") }
             let fixed = type == .errorOffset ? 14 : 6
@@ -65,6 +88,12 @@ public enum ReplyChunk: Hashable, Sendable {
         case .offsetHole(let offset, let length): buffer.writeMultipleIntegers(offset, length)
         case .blockStatus(let contextID, let descriptors):
             buffer.writeInteger(contextID)
+            for descriptor in descriptors {
+                precondition(descriptor.length <= UInt32.max && descriptor.flags <= UInt32.max, "a 32-bit block status descriptor")
+                buffer.writeMultipleIntegers(UInt32(descriptor.length), UInt32(descriptor.flags))
+            }
+        case .blockStatusExtended(let contextID, let descriptors):
+            buffer.writeMultipleIntegers(contextID, UInt32(descriptors.count))
             for descriptor in descriptors { buffer.writeMultipleIntegers(descriptor.length, descriptor.flags) }
         case .error(_, let errno, let message, let offset):
             buffer.writeMultipleIntegers(errno.rawValue, UInt16(message.utf8.count))
@@ -75,14 +104,15 @@ public enum ReplyChunk: Hashable, Sendable {
 }
 
 /// One block status descriptor: an extent's length and its status flags, whose meaning
-/// depends on the metadata context.
+/// depends on the metadata context. Both are 32 bits on the wire unless extended headers are
+/// in use (`NBD_REPLY_TYPE_BLOCK_STATUS_EXT`).
 public struct BlockDescriptor: Hashable, Sendable {
     /// Length of the extent in bytes (MUST be nonzero).
-    public var length: UInt32
+    public var length: UInt64
     /// Status flags, meaning set by the metadata context.
-    public var flags: UInt32
+    public var flags: UInt64
     /// A descriptor with the given length and flags.
-    public init(length: UInt32, flags: UInt32) {
+    public init(length: UInt64, flags: UInt64) {
         self.length = length
         self.flags = flags
     }

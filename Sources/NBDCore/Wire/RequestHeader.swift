@@ -1,7 +1,10 @@
 import NIOCore
 
-/// A transmission-phase request ("Request message"): magic, 16 bits flags, 16 bits type,
-/// 64 bits cookie, 64 bits offset, 32 bits length; a WRITE's data follows.
+/// A transmission-phase request ("Request message"). Compact: magic, 16 bits flags, 16 bits
+/// type, 64 bits cookie, 64 bits offset, 32 bits length (28 bytes). Extended, once
+/// `NBD_OPT_EXTENDED_HEADERS` is agreed: the same with another magic and a 64-bit length
+/// (32 bytes). A WRITE's data follows; with extended headers, so does any payload flagged
+/// `NBD_CMD_FLAG_PAYLOAD_LEN`.
 public struct RequestHeader: Hashable, Sendable {
     /// Command flags.
     public var flags: CommandFlags
@@ -11,11 +14,13 @@ public struct RequestHeader: Hashable, Sendable {
     public var cookie: UInt64
     /// Export offset in bytes.
     public var offset: UInt64
-    /// Length in bytes (of the data that follows, for a WRITE).
-    public var length: UInt32
+    /// Length in bytes: of the payload that follows (a WRITE, or with
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`), otherwise of the part of the export the command acts on.
+    /// Only an extended request carries more than 32 bits.
+    public var length: UInt64
 
     /// A request header with the given fields.
-    public init(flags: CommandFlags = [], type: CommandType, cookie: UInt64, offset: UInt64, length: UInt32) {
+    public init(flags: CommandFlags = [], type: CommandType, cookie: UInt64, offset: UInt64, length: UInt64) {
         self.flags = flags
         self.type = type
         self.cookie = cookie
@@ -23,29 +28,62 @@ public struct RequestHeader: Hashable, Sendable {
         self.length = length
     }
 
-    /// Bytes on the wire.
+    /// Bytes of a compact request on the wire.
     public static let size = 28
+    /// Bytes of an extended request on the wire.
+    public static let extendedSize = 32
 
-    /// Encodes the 28-byte header.
+    /// Bytes on the wire in `format`.
+    public static func size(in format: TransmissionFormat) -> Int { format == .extended ? extendedSize : size }
+
+    /// Encodes the 28-byte compact header; `length` must fit in 32 bits.
     public func encode(into buffer: inout ByteBuffer) {
-        buffer.writeMultipleIntegers(NBDMagic.request, flags.rawValue, type.rawValue, cookie, offset, length)
+        precondition(length <= UInt32.max, "a compact request carries a 32-bit length")
+        buffer.writeMultipleIntegers(NBDMagic.request, flags.rawValue, type.rawValue, cookie, offset, UInt32(length))
     }
 
-    /// Decodes a header (the server side); nil when more bytes are needed.
+    /// Encodes the header as `format` frames it (32 bytes extended, 28 otherwise).
+    public func encode(into buffer: inout ByteBuffer, format: TransmissionFormat) {
+        guard format == .extended else { return encode(into: &buffer) }
+        buffer.writeMultipleIntegers(NBDMagic.extendedRequest, flags.rawValue, type.rawValue, cookie, offset, length)
+    }
+
+    /// The number of payload bytes that follow the header: a WRITE's data, or with extended
+    /// headers whatever `NBD_CMD_FLAG_PAYLOAD_LEN` announces.
+    public func payloadLength(in format: TransmissionFormat) -> UInt64 {
+        if format == .extended { return flags.contains(.payloadLength) ? length : 0 }
+        return type == .write ? length : 0
+    }
+
+    /// Decodes a compact header (the server side); nil when more bytes are needed.
     public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> RequestHeader? {
-        try buffer.rewindingOnNil { (buffer) throws(NBDError) -> RequestHeader? in
-            guard
-                let (magic, flags, type, cookie, offset, length) =
-                    buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt64, UInt32).self)
-            else { return nil }
-            guard magic == NBDMagic.request else { throw .clientViolation("request with bad magic 0x\(String(magic, radix: 16))") }
-            return RequestHeader(
-                flags: CommandFlags(rawValue: flags),
-                type: CommandType(rawValue: type),
-                cookie: cookie,
-                offset: offset,
-                length: length
-            )
+        try decode(from: &buffer, format: .structured)
+    }
+
+    /// Decodes a header framed as `format` (the server side); nil when more bytes are needed.
+    /// A header of the other size is a violation: "the client MUST use the 32-byte extended
+    /// request header" once extended headers are agreed, and the compact one otherwise.
+    public static func decode(from buffer: inout ByteBuffer, format: TransmissionFormat) throws(NBDError) -> RequestHeader? {
+        guard let magic = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
+        let expected = format == .extended ? NBDMagic.extendedRequest : NBDMagic.request
+        guard magic == expected else {
+            if magic == NBDMagic.request || magic == NBDMagic.extendedRequest {
+                let kind = magic == NBDMagic.request ? "compact" : "extended"
+                let agreed = format == .extended ? "were" : "were not"
+                throw .clientViolation("\(kind) request header although extended headers \(agreed) negotiated")
+            }
+            throw .clientViolation("request with bad magic 0x\(String(magic, radix: 16))")
         }
+        guard buffer.readableBytes >= size(in: format),
+            let (_, flags, type, cookie, offset) = buffer.readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt64).self),
+            let length = format == .extended ? buffer.readInteger(as: UInt64.self) : buffer.readInteger(as: UInt32.self).map(UInt64.init)
+        else { return nil }
+        return RequestHeader(
+            flags: CommandFlags(rawValue: flags),
+            type: CommandType(rawValue: type),
+            cookie: cookie,
+            offset: offset,
+            length: length
+        )
     }
 }
