@@ -102,6 +102,7 @@ let package = Package(
             name: "InteropTests",
             dependencies: [
                 "NBD", "NBDCore", "NBDServer", "nbd", "nbd-example",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

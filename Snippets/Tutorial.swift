@@ -16,7 +16,8 @@ func tutorial(data: [UInt8]) async throws {
     }
     let info = try await connection.info("disk")  // NBD_OPT_INFO
     print(info.size, info.blockSizes, info.canTrim)  // 1073741824 minimum 1, preferred 4096, maximum 33554432 true
-    try await connection.enableStructuredReplies()  // NBD_OPT_STRUCTURED_REPLY
+    let format = try await connection.negotiateFormat()  // NBD_OPT_EXTENDED_HEADERS, else NBD_OPT_STRUCTURED_REPLY
+    print(format)  // extended (structured or simple from older servers)
     let all = try await connection.listMetaContexts(for: "disk")  // NBD_OPT_LIST_META_CONTEXT
     print(all)  // [base:allocation]
     try await connection.setMetaContexts(for: "disk", queries: ["base:allocation"])  // NBD_OPT_SET_META_CONTEXT

@@ -30,7 +30,9 @@ if [ -z "$mirror" ]; then
     echo "no Debian mirror found in apt's sources to make the trixie chroot from" >&2
     exit 1
 fi
-rm -rf "$root"
+# Never through the bind mount of the host's /tmp that scripts/test.sh makes.
+umount "$root/tmp" 2>/dev/null || true
+rm -rf --one-file-system "$root"
 mkdir -p "$(dirname "$root")"
 echo "making the trixie chroot in $root (about two minutes)" >&2
 debootstrap --variant=minbase --include="$packages" trixie "$root" "$mirror" >"$root.log" 2>&1 || {

@@ -33,6 +33,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
+# The newer peers that speak extended headers (qemu 10, libnbd 1.22) live in a Debian trixie
+# chroot, made once (about a minute) and reused. Its /tmp is the host's, so that the tests'
+# sockets and images have the same paths inside and out.
+trixie=$(scripts/chroot.sh)
+if ! mountpoint -q "$trixie/tmp"; then
+    if [ "$(id -u)" = 0 ]; then
+        mount --bind /tmp "$trixie/tmp"
+    else
+        echo "the trixie chroot needs the host's /tmp: as root, mount --bind /tmp $trixie/tmp" >&2
+        exit 1
+    fi
+fi
+export NBD_TRIXIE_ROOT=$trixie
+
 # One suite at a time: dozens of real servers started at once would starve a small machine
 # and make the timing-sensitive tests (cancellation) flaky.
 swift test --no-parallel "$@"

@@ -70,15 +70,14 @@ struct ServerReport: Sendable {
         for export in exports {
             out += "export=\(JSON.quote(export.info.name)):\n"
             if let description = export.info.description { out += "\tdescription: \(description)\n" }
-            let human = Self.humanSize(export.info.size)
-            out += "\texport-size: \(export.info.size)" + (human == "\(export.info.size)" ? "\n" : " (\(human))\n")
+            out += "\texport-size: \(Self.sizeText(export.info.size))\n"
             out += "\turi: \(export.uri)\n"
             if !export.contexts.isEmpty {
                 out += "\tcontexts:\n"
                 for context in export.contexts { out += "\t\t\(context)\n" }
             }
             for (key, value) in Self.flags(export.info) { out += "\t\(key): \(value)\n" }
-            for (key, value) in Self.blockSizes(export.info) { out += "\t\(key): \(value)\n" }
+            for (key, value) in Self.blockSizes(export.info) { out += "\t\(key): \(Self.sizeText(UInt64(value)))\n" }
         }
         return out
     }
@@ -101,6 +100,12 @@ struct ServerReport: Sendable {
         }.joined(separator: ",")
         out += " ]\n}\n"
         return out
+    }
+
+    /// A size in bytes, with its human form in brackets when that differs: `4096 (4K)`, `1`.
+    static func sizeText(_ bytes: UInt64) -> String {
+        let human = humanSize(bytes)
+        return human == "\(bytes)" ? human : "\(bytes) (\(human))"
     }
 
     /// Sizes as nbdinfo prints them: the largest unit that divides exactly (`64M`), else bytes.

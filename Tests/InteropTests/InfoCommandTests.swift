@@ -2,12 +2,13 @@ import Foundation
 import NBD
 import Testing
 
-/// `nbd info` beside `nbdinfo` on the same exports: identical output, but for nbdinfo's
-/// `content` line (it runs file(1) on the first sector, which `nbd info` does not).
+/// `nbd info` beside `nbdinfo` 1.22 (from the trixie chroot, which `nbd info` follows) on the
+/// same exports: identical output, but for nbdinfo's `content` line (it runs file(1) on the
+/// first sector, which `nbd info` does not).
 @Suite("nbd info beside nbdinfo", .serialized)
 struct InfoCommandTests {
     func nbdinfo(_ server: ServerProcess, _ arguments: [String]) throws -> String {
-        String(decoding: try server.run("nbdinfo", arguments), as: UTF8.self)
+        String(decoding: try server.run("trixie:nbdinfo", arguments), as: UTF8.self)
             .split(separator: "\n", omittingEmptySubsequences: false)
             .filter { !$0.contains("content") }.joined(separator: "\n")
     }

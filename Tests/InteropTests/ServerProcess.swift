@@ -25,6 +25,29 @@ final class ServerProcess: @unchecked Sendable {
         "nbdsh": "python3-libnbd", "socat": "socat",
     ]
 
+    /// The Debian trixie chroot of scripts/chroot.sh: qemu 10 and libnbd 1.22, which speak
+    /// extended headers. Its /tmp is the host's (bind-mounted), so paths are the same in both.
+    static let trixieRoot: String =
+        ProcessInfo.processInfo.environment["NBD_TRIXIE_ROOT"]
+        ?? URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent(".chroot/trixie").path
+
+    /// A tool named `trixie:TOOL` runs in the trixie chroot, in `directory`.
+    static func command(_ tool: String, _ arguments: [String], in directory: URL) throws -> (String, [String]) {
+        guard tool.hasPrefix("trixie:") else { return (try executable(tool), arguments) }
+        let name = String(tool.dropFirst("trixie:".count))
+        let root = trixieRoot
+        guard FileManager.default.isExecutableFile(atPath: "\(root)/usr/bin/\(name)") else {
+            throw InteropError(
+                "\(name) from Debian trixie is missing: run scripts/chroot.sh (trixie's \(packages[name] ?? name) in \(root))"
+            )
+        }
+        guard FileManager.default.fileExists(atPath: root + directory.path) else {
+            throw InteropError("the trixie chroot does not share /tmp: mount --bind /tmp \(root)/tmp (scripts/test.sh does)")
+        }
+        return ("/usr/sbin/chroot", [root, "/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", directory.path, name] + arguments)
+    }
+
     static func executable(_ tool: String) throws -> String {
         if tool.hasPrefix("/") { return tool }
         for folder in ["/usr/bin", "/usr/sbin", "/usr/local/bin", "/bin", "/sbin"] {
@@ -38,7 +61,8 @@ final class ServerProcess: @unchecked Sendable {
     @discardableResult
     func start(_ tool: String, _ arguments: [String], waitFor socket: String? = nil, probe: Bool = true) async throws -> Process {
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: try Self.executable(tool))
+        let (executable, arguments) = try Self.command(tool, arguments, in: directory)
+        process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         process.currentDirectoryURL = directory
         let logPath = path("\(URL(fileURLWithPath: tool).lastPathComponent).log")
@@ -88,7 +112,8 @@ final class ServerProcess: @unchecked Sendable {
 
     /// Runs a tool to completion and returns its standard output; fails on a non-zero exit.
     func run(_ tool: String, _ arguments: [String]) throws -> Data {
-        let result = try runProcess(try Self.executable(tool), arguments, in: directory)
+        let (executable, fullArguments) = try Self.command(tool, arguments, in: directory)
+        let result = try runProcess(executable, fullArguments, in: directory)
         guard result.status == 0 else {
             throw InteropError("\(tool) \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.error)")
         }

@@ -7,6 +7,8 @@ import NIOCore
 struct TestBackend: NBDServerBackend {
     let memory: MemoryBackend
     let reads = NIOLockedValueBox(0)
+    /// Every trim and zero performed, as "trim LENGTH" and "zero LENGTH".
+    let effects = NIOLockedValueBox<[String]>([])
     var flushError: NBDServerError?
 
     init(size: UInt64, flushError: NBDServerError? = nil) {
@@ -26,8 +28,12 @@ struct TestBackend: NBDServerBackend {
     func flush() async throws {
         if let flushError { throw flushError }
     }
-    func trim(at offset: UInt64, length: UInt64) async throws { try await memory.trim(at: offset, length: length) }
+    func trim(at offset: UInt64, length: UInt64) async throws {
+        effects.withLockedValue { $0.append("trim \(length)") }
+        try await memory.trim(at: offset, length: length)
+    }
     func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+        effects.withLockedValue { $0.append("zero \(length)") }
         try await memory.zero(at: offset, length: length, noHole: noHole)
     }
     func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {

@@ -135,7 +135,7 @@ public struct ServerNegotiationStateMachine: Sendable {
                 state = .done
                 return .close(out)
             }
-            let agreement = agree(export)
+            let agreement = agree(export, entering: true)
             ExportNameReply(size: export.size, flags: agreement.flags).encode(into: &out, noZeroes: noZeroes)
             state = .done
             return .enterTransmission(out, agreement)
@@ -152,7 +152,7 @@ public struct ServerNegotiationStateMachine: Sendable {
                 reply(.error(.errUnknown, message: "no export named \"\(name)\""))
                 return .send(out)
             }
-            let agreement = agree(export)
+            let agreement = agree(export, entering: code == .go)
             reply(.info(.export(size: export.size, flags: agreement.flags)))
             if requests.contains(.name) { reply(.info(.name(export.name))) }
             if requests.contains(.description), !export.description.isEmpty { reply(.info(.description(export.description))) }
@@ -211,7 +211,8 @@ public struct ServerNegotiationStateMachine: Sendable {
         return .send(out)
     }
 
-    private func agree(_ export: Export) -> Agreement {
+    /// The terms for `export`; `entering` for GO and EXPORT_NAME, which start transmission.
+    private func agree(_ export: Export, entering: Bool) -> Agreement {
         var flags = export.flags.union(.hasFlags)
         // "MUST leave this flag clear if structured replies have not been negotiated."
         if format.hasChunks { flags.insert(.sendDF) } else { flags.remove(.sendDF) }
@@ -219,7 +220,12 @@ public struct ServerNegotiationStateMachine: Sendable {
         // "Servers MUST NOT advertise this bit unless the client successfully negotiates
         // extended headers ..., and SHOULD NOT advertise this bit in response to NBD_OPT_GO if
         // the client does not negotiate metacontexts."
-        if format == .extended, !contexts.isEmpty { flags.insert(.blockStatusPayload) } else { flags.remove(.blockStatusPayload) }
+        // INFO says what the export can do once contexts are chosen, as qemu does.
+        if format == .extended, !contexts.isEmpty || !entering {
+            flags.insert(.blockStatusPayload)
+        } else {
+            flags.remove(.blockStatusPayload)
+        }
         return Agreement(export: export, flags: flags, format: format, metaContexts: contexts)
     }
 }

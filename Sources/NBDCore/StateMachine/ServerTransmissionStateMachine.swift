@@ -223,11 +223,6 @@ public struct ServerTransmissionStateMachine: Sendable {
         guard let header = try RequestHeader.decode(from: &input, format: format) else { return nil }
         // "The client ... MUST NOT send any further requests" after NBD_CMD_DISC.
         if disconnectReceived { throw .clientViolation("request after NBD_CMD_DISC") }
-        // "With extended headers, the flag MUST be set for NBD_CMD_WRITE": without it, where
-        // its data ends cannot be known.
-        if format == .extended, header.type == .write, !header.flags.contains(.payloadLength) {
-            throw .clientViolation("NBD_CMD_WRITE without NBD_CMD_FLAG_PAYLOAD_LEN although extended headers were negotiated")
-        }
         let payload = header.payloadLength(in: format)
         guard payload > 0 else { return .some(admit(header, data: [])) }
         // Beyond the maximum payload the data cannot be waited for: hard disconnect ("A server

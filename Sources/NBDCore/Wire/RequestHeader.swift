@@ -49,10 +49,12 @@ public struct RequestHeader: Hashable, Sendable {
     }
 
     /// The number of payload bytes that follow the header: a WRITE's data, or with extended
-    /// headers whatever `NBD_CMD_FLAG_PAYLOAD_LEN` announces.
+    /// headers whatever `NBD_CMD_FLAG_PAYLOAD_LEN` announces. A WRITE's data follows it with or
+    /// without the flag: the spec says the flag "MUST be set for NBD_CMD_WRITE", but qemu 10
+    /// sends extended writes without it, and a WRITE's length can only be its payload's.
     public func payloadLength(in format: TransmissionFormat) -> UInt64 {
-        if format == .extended { return flags.contains(.payloadLength) ? length : 0 }
-        return type == .write ? length : 0
+        if type == .write || (format == .extended && flags.contains(.payloadLength)) { return length }
+        return 0
     }
 
     /// Decodes a compact header (the server side); nil when more bytes are needed.
