@@ -235,7 +235,7 @@ public final class NBDExport: Sendable {
     /// `NBD_CMD_BLOCK_STATUS` for some of the negotiated metadata contexts only, named in
     /// `contexts`: the server answers for those alone (the payload form of the request). Needs
     /// extended headers and a server that advertises `NBD_FLAG_BLOCK_STATUS_PAYLOAD`
-    /// (``NBDExportInfo/canBlockStatusPayload``); otherwise, or for a context that was not
+    /// (`info.canBlockStatusPayload`); otherwise, or for a context that was not
     /// negotiated, it fails with nothing sent.
     public func blockStatus(
         at offset: UInt64,
