@@ -53,7 +53,7 @@ private func reply(to request: RequestHeader, choice: UInt8) -> ServerReply {
         let half = Int(request.length) / 2
         return .data([.data(ByteBuffer(repeating: choice, count: half)), .hole(Int(request.length) - half)])
     case .blockStatus:
-        return .extents([BlockDescriptor(length: max(1, request.length), flags: UInt32(choice % 4))])
+        return .extents([BlockDescriptor(length: max(1, request.length), flags: UInt64(choice % 4))])
     default:
         return .done
     }
