@@ -224,7 +224,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     /// Writes a request header of ``Action/sendRequest(_:_:)`` (or ``Action/sendDisconnect(_:)``)
     /// as the negotiated format frames it, with any payload of its own; a WRITE's data follows.
-    @inlinable public mutating func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+    @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         transmission.encode(header, into: &buffer)
     }
 

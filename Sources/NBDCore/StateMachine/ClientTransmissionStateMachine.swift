@@ -73,6 +73,8 @@ public struct ClientTransmissionStateMachine<Context> {
         /// The length of the export the request acts on (of a filtered BLOCK_STATUS, the one
         /// in its payload rather than the payload's length in the header).
         @usableFromInline var effectLength: UInt64
+        /// The ids a filtered BLOCK_STATUS sends in its payload, in order; nil for the rest.
+        @usableFromInline var filter: [UInt32]?
         @usableFromInline var error: NBDError?
         /// The caller's mark of when the request was sent (see ``startRequest(_:flags:offset:length:context:stamp:)``).
         @usableFromInline var stamp: UInt64 = 0
@@ -104,8 +106,6 @@ public struct ClientTransmissionStateMachine<Context> {
     @usableFromInline var parseState = ParseState.header
     @usableFromInline var input = ByteBuffer()
     @usableFromInline var queued: [Action] = []
-    /// The context ids of filtered BLOCK_STATUS requests started and not yet encoded.
-    @usableFromInline var filters: [UInt64: [UInt32]] = [:]
 
     /// A machine with no request in flight.
     @inlinable public init(configuration: Configuration) {
@@ -157,8 +157,8 @@ public struct ClientTransmissionStateMachine<Context> {
             let wanted = onlyContexts.map(Set.init) ?? configuration.metaContextIDs
             var request = InFlight(header: header, context: context, effectLength: length, contextsWanted: wanted)
             request.stamp = stamp
+            request.filter = onlyContexts
             inFlight[cookie] = request
-            if let onlyContexts { filters[cookie] = onlyContexts }
         }
         return header
     }
@@ -166,9 +166,9 @@ public struct ClientTransmissionStateMachine<Context> {
     /// Writes `header` as the negotiated format frames it, with the payload of a filtered
     /// BLOCK_STATUS ("64 bits, effect length; n * 32 bits, list of metacontext ids to use").
     /// A WRITE's data is the caller's to send after it.
-    @inlinable public mutating func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+    @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         header.encode(into: &buffer, format: configuration.format)
-        guard let ids = filters.removeValue(forKey: header.cookie), let request = inFlight[header.cookie] else { return }
+        guard let request = inFlight[header.cookie], let ids = request.filter else { return }
         buffer.writeInteger(request.effectLength)
         for id in ids { buffer.writeInteger(id) }
     }
@@ -250,7 +250,6 @@ public struct ClientTransmissionStateMachine<Context> {
         queued = []
         let contexts = inFlight.values.map(\.context)
         inFlight = [:]
-        filters = [:]
         return .fatal(error, contexts)
     }
 
