@@ -159,7 +159,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 transmissionStarted()
                 logger.info(
                     "export opened",
-                    metadata: ["export": "\(agreement.export.name)", "structured": "\(agreement.structuredReplies)"]
+                    metadata: ["export": "\(agreement.export.name)", "format": "\(agreement.format)"]
                 )
             case .perform(let request, let data, let sparse):
                 perform(request, data: data, sparse: sparse, context: context)
