@@ -42,16 +42,53 @@ struct ExtentMap: Sendable {
         return ""
     }
 
+    /// `%10llu  %10llu  %3llu  DESCRIPTION` per extent, as nbdinfo prints it. Built as bytes:
+    /// `String(format:)` took 0.5 s for the 131072 extents of the benchmark's sparse export.
     var text: String {
-        extents.map { String(format: "%10llu  %10llu  %3llu  %@", $0.offset, $0.length, $0.type, describe($0.type)) + "\n" }.joined()
+        var descriptions: [UInt64: [UInt8]] = [:]
+        var out: [UInt8] = []
+        out.reserveCapacity(extents.count * 40)
+        for extent in extents {
+            let description = descriptions[extent.type] ?? Array(describe(extent.type).utf8)
+            descriptions[extent.type] = description
+            Self.append(extent.offset, width: 10, to: &out)
+            out += [32, 32]
+            Self.append(extent.length, width: 10, to: &out)
+            out += [32, 32]
+            Self.append(extent.type, width: 3, to: &out)
+            out += [32, 32]
+            out += description
+            out.append(10)
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// `value` in decimal, padded with spaces on the left to `width` (as printf's `%*llu`).
+    static func append(_ value: UInt64, width: Int, to out: inout [UInt8]) {
+        var count = 1
+        var rest = value / 10
+        while rest != 0 {
+            count += 1
+            rest /= 10
+        }
+        if count < width { out.append(contentsOf: repeatElement(32, count: width - count)) }
+        out.append(contentsOf: repeatElement(UInt8(ascii: "0"), count: count))
+        rest = value
+        for index in stride(from: out.count - 1, through: out.count - count, by: -1) {
+            out[index] += UInt8(rest % 10)
+            rest /= 10
+        }
     }
 
     var json: String {
-        "[\n"
-            + extents.map {
-                "{ \"offset\": \($0.offset), \"length\": \($0.length), \"type\": \($0.type), "
-                    + "\"description\": \(JSON.quote(describe($0.type)))}"
-            }.joined(separator: ",\n") + "\n]\n"
+        var descriptions: [UInt64: String] = [:]
+        let lines = extents.map { extent in
+            let description = descriptions[extent.type] ?? JSON.quote(describe(extent.type))
+            descriptions[extent.type] = description
+            return
+                "{ \"offset\": \(extent.offset), \"length\": \(extent.length), \"type\": \(extent.type), \"description\": \(description)}"
+        }
+        return "[\n" + lines.joined(separator: ",\n") + "\n]\n"
     }
 
     /// Total size of each type, in order of type.
