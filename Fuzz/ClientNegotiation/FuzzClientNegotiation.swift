@@ -11,6 +11,7 @@ public func fuzzClientNegotiation(_ start: UnsafePointer<UInt8>, _ count: Int) -
         .list, .structuredReply, .info(export: "disk", requests: [.name, .description, .blockSize]),
         .setMetaContext(export: "disk", queries: ["base:allocation", "qemu:dirty-bitmap:b"]),
         .listMetaContext(export: "", queries: []), .go(export: "disk", requests: [.blockSize]), .exportName("disk"), .abort,
+        .extendedHeaders,
     ]
     var script = (0..<4).map { _ in options[Int(input.byte()) % options.count] }[...]
     let policy: NBDTLSPolicy = [.disable, .allow, .require][Int(input.byte()) % 3]

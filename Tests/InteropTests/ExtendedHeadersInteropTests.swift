@@ -117,7 +117,8 @@ struct ExtendedHeadersInteropTests {
         let info = String(decoding: try folder.run("trixie:nbdinfo", ["--json", uri]), as: UTF8.self)
         #expect(info.contains("\"extended\": true") && info.contains("\"can_block_status_payload\": true"))
 
-        // nbdcopy both ways, data past 4 GiB, compared by checksum.
+        // nbdcopy both ways, data past 4 GiB, compared byte for byte (the data, and zeroes
+        // everywhere else).
         _ = try folder.run("truncate", ["-s", "\(size)", folder.path("in.raw")])
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: folder.path("in.raw")))
         try handle.seek(toOffset: (4 << 30) + (8 << 20))
@@ -125,9 +126,7 @@ struct ExtendedHeadersInteropTests {
         try handle.close()
         _ = try folder.run("trixie:nbdcopy", [folder.path("in.raw"), uri])
         _ = try folder.run("trixie:nbdcopy", [uri, folder.path("out.raw")])
-        let sums = String(decoding: try folder.run("sha256sum", ["in.raw", "out.raw"]), as: UTF8.self)
-            .split(separator: "\n").map { $0.split(separator: " ")[0] }
-        #expect(sums.count == 2 && sums[0] == sums[1])
+        #expect(try sameContents(folder.path("in.raw"), folder.path("out.raw")))
 
         // nbdsh: extended headers, 64-bit block status and a 4 GiB zero in one request.
         backend.effects.withLockedValue { $0 = [] }

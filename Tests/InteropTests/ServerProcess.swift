@@ -103,9 +103,10 @@ final class ServerProcess: @unchecked Sendable {
         return (process, NBDURI(socket: socket).description)
     }
 
-    /// Starts nbdkit on a Unix socket with the given plugin, filters and parameters.
+    /// Starts nbdkit on a Unix socket with the given plugin, filters and parameters; each
+    /// server of the folder on a socket of its own.
     func nbdkit(_ arguments: [String]) async throws -> NBDURI {
-        let socket = path("nbdkit.sock")
+        let socket = path(processes.isEmpty ? "nbdkit.sock" : "nbdkit-\(processes.count).sock")
         try await start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + arguments, waitFor: socket)
         return NBDURI(socket: socket)
     }
@@ -228,4 +229,41 @@ extension NBDURI {
 /// sanitizer makes everything several times slower. A normal run checks each bound as stated.
 func within(_ bound: Duration) -> Duration {
     bound * (ProcessInfo.processInfo.environment["NBD_TEST_TIME_SCALE"].flatMap(Double.init) ?? 1)
+}
+
+/// Whether two files hold the same bytes, reading only the ranges either has data in (found with
+/// SEEK_DATA and SEEK_HOLE): holes read as zeroes, so a 4 GiB sparse image compares in
+/// milliseconds where `cmp` or `sha256sum` read every zero.
+func sameContents(_ first: String, _ second: String) throws -> Bool {
+    let handles = try [first, second].map { try FileHandle(forReadingFrom: URL(fileURLWithPath: $0)) }
+    defer { for handle in handles { try? handle.close() } }
+    let sizes = try handles.map { try $0.seekToEnd() }
+    guard sizes[0] == sizes[1] else { return false }
+    // Linux's values of SEEK_DATA and SEEK_HOLE, which Glibc does not export to Swift.
+    let (seekData, seekHole): (Int32, Int32) = (3, 4)
+    func dataRanges(_ handle: FileHandle) -> [Range<UInt64>] {
+        var ranges: [Range<UInt64>] = []
+        var position: off_t = 0
+        while UInt64(position) < sizes[0] {
+            let start = lseek(handle.fileDescriptor, position, seekData)
+            guard start >= 0 else { break }
+            let end = lseek(handle.fileDescriptor, start, seekHole)
+            ranges.append(UInt64(start)..<UInt64(end))
+            position = end
+        }
+        return ranges
+    }
+    for range in handles.flatMap(dataRanges) {
+        var offset = range.lowerBound
+        while offset < range.upperBound {
+            let count = Int(min(range.upperBound - offset, 1 << 20))
+            let pieces = try handles.map { handle in
+                try handle.seek(toOffset: offset)
+                return try handle.read(upToCount: count) ?? Data()
+            }
+            guard pieces[0] == pieces[1], pieces[0].count == count else { return false }
+            offset += UInt64(count)
+        }
+    }
+    return true
 }
