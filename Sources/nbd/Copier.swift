@@ -18,20 +18,36 @@ final class Copier: Sendable {
     let workers: Int
     let sparse: Int
     let progress: Progress
+    /// What is read is hashed into this, when a blkhash was asked for.
+    let hasher: BlockHasher?
+    /// How much of the source to copy, when not all of it.
+    let length: UInt64?
 
-    init(source: any CopySource, destination: any CopyDestination, requestSize: UInt64, workers: Int, sparse: Int, progress: Progress) {
+    init(
+        source: any CopySource,
+        destination: any CopyDestination,
+        requestSize: UInt64,
+        workers: Int,
+        sparse: Int,
+        progress: Progress,
+        hasher: BlockHasher? = nil,
+        length: UInt64? = nil
+    ) {
         self.source = source
         self.destination = destination
         self.requestSize = requestSize
         self.workers = workers
         self.sparse = sparse
         self.progress = progress
+        self.hasher = hasher
+        self.length = length
     }
 
-    func run(interrupt: Interrupt) async throws {
-        guard let size = source.size, !destination.isSequential else {
-            try await runSequentially(interrupt: interrupt)
-            return
+    /// Copies; returns how many bytes the source had.
+    @discardableResult
+    func run(interrupt: Interrupt) async throws -> UInt64 {
+        guard let size = length ?? source.size, !destination.isSequential else {
+            return try await runSequentially(interrupt: interrupt)
         }
         let cursor = Cursor(source: source, size: size, pieceSize: requestSize)
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -57,29 +73,33 @@ final class Copier: Sendable {
                 throw error
             }
         }
+        return size
     }
 
     /// For a stream source or destination: one piece at a time, in order.
-    private func runSequentially(interrupt: Interrupt) async throws {
+    private func runSequentially(interrupt: Interrupt) async throws -> UInt64 {
         var offset: UInt64 = 0
         while !interrupt.happened {
-            let length = source.size.map { min(requestSize, $0 - offset) } ?? requestSize
+            let length = (self.length ?? source.size).map { min(requestSize, $0 - offset) } ?? requestSize
             guard length > 0 else { break }
             let data = CopyData(try await source.read(at: offset, length: Int(length), worker: 0))
             guard data.count > 0 else { break }
             if let size = destination.size, offset + UInt64(data.count) > size {
                 throw CommandError("the source is larger than the destination (\(size) bytes)")
             }
+            hasher?.add(data, at: offset)
             try await destination.write(data.buffers, at: offset, worker: 0)
             offset += UInt64(data.count)
             progress.add(UInt64(data.count))
             if data.count < Int(length) { break }
         }
+        return offset
     }
 
     private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
         for part in piece.parts {
             if part.isZero {
+                hasher?.addZeroes(at: part.range.lowerBound, length: UInt64(part.range.count))
                 if !destination.startsZeroed {
                     try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker)
                 }
@@ -88,6 +108,7 @@ final class Copier: Sendable {
                 guard data.count == part.range.count else {
                     throw CommandError("short read from the source at offset \(part.range.lowerBound)")
                 }
+                hasher?.add(data, at: part.range.lowerBound)
                 try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
             }
             progress.add(UInt64(part.range.count))

@@ -62,6 +62,22 @@ struct Copy: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Show progress: --progress alone on stderr, --progress=FD as N/100 lines.", valueName: "fd"))
     var progress: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Print the blkhash of the data (as nbdcopy 1.24 does): md5, sha1, sha256 or sha512, optionally /BLOCKSIZE; "
+                + "--blkhash alone is sha256/64K.",
+            valueName: "digest"
+        ),
+        transform: BlockHashSpecification.init(parsing:)
+    )
+    var blkhash: BlockHashSpecification?
+
+    @Option(help: ArgumentHelp("Write the blkhash to this file rather than to stdout.", valueName: "file"))
+    var blkhashFile: String?
+
+    @Flag(help: "Flush, then read the destination back and check that its blkhash is the source's.")
+    var verify = false
+
     @OptionGroup var connection: ConnectionOptions
 
     func validate() throws {
@@ -71,6 +87,10 @@ struct Copy: AsyncParsableCommand {
         guard requestSize <= 32 << 20 else { throw ValidationError("--request-size must be at most 32M") }
         if let progress, progress != "auto", Int32(progress) == nil {
             throw ValidationError("--progress takes a file descriptor number, not \"\(progress)\"")
+        }
+        if blkhashFile != nil, blkhash == nil { throw ValidationError("--blkhash-file needs --blkhash") }
+        if verify, destination == "null:" || destination == "-" {
+            throw ValidationError("--verify needs a destination that can be read back, not \(destination)")
         }
     }
 
@@ -100,25 +120,39 @@ struct Copy: AsyncParsableCommand {
         }
         let preferred =
             [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports[0].info.blockSizes.preferred }.max() ?? 0
+        let hasher = (blkhash ?? (verify ? .default : nil)).map(BlockHasher.init)
         let copier = Copier(
             source: source,
             destination: destination,
             requestSize: max(requestSize, UInt64(preferred)),
             workers: workers(source, destination),
             sparse: Int(sparse),
-            progress: try Progress(progress, total: source.size)
+            progress: try Progress(progress, total: source.size),
+            hasher: hasher
         )
         let interrupt = Interrupt()
         var failure: (any Error)?
         do {
-            try await copier.run(interrupt: interrupt)
-            if flush && !interrupt.happened { try await destination.flush() }
+            let copied = try await copier.run(interrupt: interrupt)
+            // Before --verify reads back over new connections: "a flush ... on one connection
+            // [makes] all completed writes ... visible" is what the spec promises them.
+            if (flush || verify) && !interrupt.happened { try await destination.flush() }
+            copier.progress.finish()
+            await destination.close()
+            if let hasher, !interrupt.happened {
+                let digest = try hasher.finish(size: copied)
+                if blkhash != nil { try output(digest) }
+                if verify {
+                    try await Verifier(copy: self, configuration: configuration, interrupt: interrupt)
+                        .check(source: source, length: copied, against: hasher, digest: digest)
+                }
+            }
         } catch {
             failure = error
+            copier.progress.finish()
+            await destination.close()
         }
-        copier.progress.finish()
         await source.close()
-        await destination.close()
         if let failure { throw failure }
         if interrupt.happened {
             // 128 + SIGINT, as shells report a command ended by Ctrl-C.
@@ -127,8 +161,22 @@ struct Copy: AsyncParsableCommand {
         }
     }
 
+    /// The digest on a line, on stdout or in --blkhash-file, as nbdcopy prints it.
+    private func output(_ digest: [UInt8]) throws {
+        let line = digest.hex + "\n"
+        guard let blkhashFile else {
+            FileHandle.standardOutput.write(Data(line.utf8))
+            return
+        }
+        do {
+            try Data(line.utf8).write(to: URL(fileURLWithPath: blkhashFile))
+        } catch {
+            throw CommandError("cannot write the blkhash to \(blkhashFile): \(error.localizedDescription)")
+        }
+    }
+
     /// One worker per request in flight, over every connection actually opened.
-    private func workers(_ source: any CopySource, _ destination: any CopyDestination) -> Int {
+    func workers(_ source: any CopySource, _ destination: any CopyDestination) -> Int {
         let connections = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports.count }.max() ?? 1
         return connections * requests
     }

@@ -36,6 +36,14 @@ struct CopyData {
         return slices
     }
 
+    /// Calls `body` with the bytes of `range`, a contiguous part at a time, in order.
+    func withBytes(of range: Range<Int>, _ body: (UnsafeRawBufferPointer) -> Void) {
+        forEachPart(of: range) { buffer, local in
+            buffer.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[local])) }
+            return true
+        }
+    }
+
     /// Whether every byte in `range` is zero.
     func isZero(_ range: Range<Int>) -> Bool {
         var zero = true

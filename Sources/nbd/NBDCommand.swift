@@ -22,7 +22,7 @@ struct NBDCommand: AsyncParsableCommand {
               nbd copy nbd://localhost/disk disk.raw --progress
               nbd dump nbd://localhost/disk
             """,
-        subcommands: [Info.self, Copy.self, Dump.self, Serve.self]
+        subcommands: [Info.self, Copy.self, Checksum.self, Dump.self, Serve.self]
     )
 
     static func main() async {
@@ -45,14 +45,16 @@ struct NBDCommand: AsyncParsableCommand {
         }
     }
 
-    /// nbdinfo's `--map` and nbdcopy's `--progress` take an optional value (`--map` or
-    /// `--map=CONTEXT`), which ArgumentParser cannot express: a bare `--map` becomes
-    /// `--map=base:allocation`, a bare `--progress` becomes `--progress=auto`.
+    /// nbdinfo's `--map` and nbdcopy's `--progress` and `--blkhash` take an optional value
+    /// (`--map` or `--map=CONTEXT`), which ArgumentParser cannot express: a bare `--map` becomes
+    /// `--map=base:allocation`, a bare `--progress` becomes `--progress=auto`, a bare
+    /// `--blkhash` becomes `--blkhash=sha256`.
     static func rewritingOptionalValues(_ arguments: [String]) -> [String] {
         arguments.map { argument in
             switch argument {
             case "--map": "--map=\(NBDMetaContext.baseAllocation)"
             case "--progress": "--progress=auto"
+            case "--blkhash": "--blkhash=sha256"
             default: argument
             }
         }

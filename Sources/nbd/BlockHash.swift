@@ -1,0 +1,111 @@
+import Crypto
+import Foundation
+
+/// Which blkhash: nbdcopy 1.24's `--blkhash=ALGORITHM/BLOCKSIZE` (https://gitlab.com/nirs/blkhash).
+///
+/// The blkhash of an image is the digest of the digests of its blocks, in order, followed by
+/// the image's size as a little-endian 64-bit number. Every block is `blockSize` bytes but the
+/// last, which is what is left. Its worth is that blocks can be hashed in any order, on any
+/// thread, and that a block of zeroes costs nothing: its digest is always the same.
+struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
+    enum Algorithm: String, CaseIterable, Sendable {
+        case md5, sha1, sha256, sha512
+    }
+
+    var algorithm: Algorithm = .sha256
+    var blockSize = 64 << 10
+
+    static let `default` = BlockHashSpecification()
+
+    /// `ALGORITHM` or `ALGORITHM/BLOCKSIZE` (a power of two, with K, M or G), as nbdcopy takes it.
+    init(parsing text: String) throws {
+        let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
+        guard let algorithm = Algorithm(rawValue: parts[0].lowercased()) else {
+            let names = Algorithm.allCases.map(\.rawValue).joined(separator: ", ")
+            throw CommandError("unknown blkhash digest \"\(parts[0])\" (expected \(names), optionally /BLOCKSIZE)")
+        }
+        self.algorithm = algorithm
+        if parts.count == 2 {
+            let size = try Sizes.parse(String(parts[1]))
+            guard size > 0, size & (size - 1) == 0, size <= 1 << 30 else {
+                throw CommandError("the blkhash block size must be a power of two from 1 to 1G, not \(parts[1])")
+            }
+            blockSize = Int(size)
+        }
+    }
+
+    init() {}
+
+    /// `sha256/64K`.
+    var description: String { "\(algorithm.rawValue)/\(ServerReport.humanSize(UInt64(blockSize)))" }
+
+    /// The digest of `bytes` with this algorithm.
+    func digest(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
+        var hasher = IncrementalHash(algorithm)
+        hasher.update(bytes)
+        return hasher.finalize()
+    }
+}
+
+/// One of swift-crypto's hash functions, chosen at run time.
+struct IncrementalHash {
+    private enum Function {
+        case md5(Insecure.MD5)
+        case sha1(Insecure.SHA1)
+        case sha256(SHA256)
+        case sha512(SHA512)
+    }
+
+    private var function: Function
+
+    init(_ algorithm: BlockHashSpecification.Algorithm) {
+        switch algorithm {
+        case .md5: function = .md5(Insecure.MD5())
+        case .sha1: function = .sha1(Insecure.SHA1())
+        case .sha256: function = .sha256(SHA256())
+        case .sha512: function = .sha512(SHA512())
+        }
+    }
+
+    mutating func update(_ bytes: UnsafeRawBufferPointer) {
+        switch function {
+        case .md5(var hash):
+            hash.update(bufferPointer: bytes)
+            function = .md5(hash)
+        case .sha1(var hash):
+            hash.update(bufferPointer: bytes)
+            function = .sha1(hash)
+        case .sha256(var hash):
+            hash.update(bufferPointer: bytes)
+            function = .sha256(hash)
+        case .sha512(var hash):
+            hash.update(bufferPointer: bytes)
+            function = .sha512(hash)
+        }
+    }
+
+    mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
+
+    func finalize() -> [UInt8] {
+        switch function {
+        case .md5(let hash): Array(hash.finalize())
+        case .sha1(let hash): Array(hash.finalize())
+        case .sha256(let hash): Array(hash.finalize())
+        case .sha512(let hash): Array(hash.finalize())
+        }
+    }
+}
+
+extension Array where Element == UInt8 {
+    /// Lower-case hexadecimal, as nbdcopy and sha256sum print digests.
+    var hex: String {
+        let digits = Array("0123456789abcdef".utf8)
+        var out: [UInt8] = []
+        out.reserveCapacity(count * 2)
+        for byte in self {
+            out.append(digits[Int(byte >> 4)])
+            out.append(digits[Int(byte & 15)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+}

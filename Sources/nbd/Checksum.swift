@@ -1,0 +1,76 @@
+import ArgumentParser
+import Foundation
+import NBD
+
+/// `nbd checksum`: the blkhash of each source, printed as sha256sum prints digests.
+struct Checksum: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Print the blkhash of NBD exports, files or streams (what nbdcopy --blkhash SOURCE null: prints).",
+        discussion: """
+            SOURCE: anything nbd copy reads: an NBD URI, a file or block device, - (stdin), pattern:SIZE or zero:SIZE.
+
+            Each line is the digest, two spaces and the source. The blkhash is the digest of the digests of the \
+            blocks, then the size: zero areas (from block status) are not read, and a block of zeroes costs one \
+            memcmp. It is not what sha256sum prints for the same bytes.
+
+            Examples:
+              nbd checksum nbd://localhost/disk
+              nbd checksum --blkhash=sha512/1M disk.raw nbd+unix:///?socket=/tmp/nbd.sock
+            """
+    )
+
+    @Argument(help: "What to hash.")
+    var sources: [String]
+
+    @Option(
+        help: ArgumentHelp("md5, sha1, sha256 or sha512, optionally /BLOCKSIZE (default sha256/64K).", valueName: "digest"),
+        transform: BlockHashSpecification.init(parsing:)
+    )
+    var blkhash = BlockHashSpecification.default
+
+    @Option(help: "Connections per NBD export, when the server allows multi-conn.")
+    var connections = 4
+
+    @Option(help: "Requests in flight per connection.")
+    var requests = 64
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func validate() throws {
+        guard !sources.isEmpty else { throw ValidationError("name at least one source") }
+        guard connections > 0, requests > 0 else { throw ValidationError("--connections and --requests must be positive") }
+    }
+
+    func run() async throws {
+        var configuration = connection.configuration()
+        configuration.readsDataDirectly = false
+        let interrupt = Interrupt()
+        for text in sources {
+            let source = try await Endpoints.source(text, connections: connections, requests: requests, configuration: configuration)
+            let hasher = BlockHasher(blkhash)
+            let preferred = (source as? NBDEndpoint)?.exports[0].info.blockSizes.preferred ?? 0
+            let reader = Copier(
+                source: source,
+                destination: NullDestination(),
+                requestSize: max(256 << 10, UInt64(preferred)),
+                workers: ((source as? NBDEndpoint)?.exports.count ?? 1) * requests,
+                sparse: 0,
+                progress: try Progress(nil, total: nil),
+                hasher: hasher
+            )
+            let size: UInt64
+            do {
+                size = try await reader.run(interrupt: interrupt)
+            } catch {
+                await source.close()
+                throw error
+            }
+            await source.close()
+            if interrupt.happened {
+                FileHandle.standardError.write(Data("nbd: interrupted\n".utf8))
+                throw ExitCode(130)
+            }
+            print("\(try hasher.finish(size: size).hex)  \(text)")
+        }
+    }
+}
