@@ -59,7 +59,13 @@ struct Copy: AsyncParsableCommand {
     @Flag(help: "Flush the destination at the end.")
     var flush = false
 
-    @Option(help: ArgumentHelp("Show progress: --progress alone on stderr, --progress=FD as N/100 lines.", valueName: "fd"))
+    @Option(
+        help: ArgumentHelp(
+            "Show progress on stderr: --progress alone as a bar (lines when not a terminal), --progress=json as a JSON object "
+                + "a second, --progress=FD as N/100 lines on that descriptor.",
+            valueName: "fd"
+        )
+    )
     var progress: String?
 
     @Option(
@@ -85,8 +91,8 @@ struct Copy: AsyncParsableCommand {
             throw ValidationError("--connections, --requests and --request-size must be positive")
         }
         guard requestSize <= 32 << 20 else { throw ValidationError("--request-size must be at most 32M") }
-        if let progress, progress != "auto", Int32(progress) == nil {
-            throw ValidationError("--progress takes a file descriptor number, not \"\(progress)\"")
+        if let progress, progress != "auto", progress != "json", Int32(progress) == nil {
+            throw ValidationError("--progress takes json or a file descriptor number, not \"\(progress)\"")
         }
         if blkhashFile != nil, blkhash == nil { throw ValidationError("--blkhash-file needs --blkhash") }
         if verify, destination == "null:" || destination == "-" {

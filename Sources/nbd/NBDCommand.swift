@@ -22,7 +22,7 @@ struct NBDCommand: AsyncParsableCommand {
               nbd copy nbd://localhost/disk disk.raw --progress
               nbd dump nbd://localhost/disk
             """,
-        subcommands: [Info.self, Copy.self, Checksum.self, Dump.self, Serve.self]
+        subcommands: [Info.self, Copy.self, Checksum.self, Zero.self, Trim.self, Dump.self, Serve.self]
     )
 
     static func main() async {

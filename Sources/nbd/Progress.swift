@@ -7,11 +7,11 @@ import Glibc
 import Darwin
 #endif
 
-/// Progress of a copy: a bar on a terminal, plain lines otherwise, or nbdcopy's `N/100` lines
-/// on a file descriptor.
+/// Progress of a copy: a bar on a terminal, plain lines otherwise, nbdcopy's `N/100` lines on a
+/// file descriptor, or a JSON object a second for scripts.
 final class Progress: Sendable {
     enum Mode {
-        case off, terminal, lines
+        case off, terminal, lines, json
         case descriptor(Int32)
     }
 
@@ -31,6 +31,7 @@ final class Progress: Sendable {
         switch option {
         case nil: mode = .off
         case "auto": mode = isatty(2) != 0 ? .terminal : .lines
+        case "json": mode = .json
         case let number?: mode = .descriptor(Int32(number)!)
         }
     }
@@ -41,7 +42,7 @@ final class Progress: Sendable {
         switch mode {
         case .off: interval = .infinity
         case .terminal: interval = 0.2
-        case .lines: interval = 1
+        case .lines, .json: interval = 1
         case .descriptor: interval = 0
         }
         let due: UInt64? = state.withLockedValue { state in
@@ -76,25 +77,38 @@ final class Progress: Sendable {
         case .terminal:
             var text = "\r"
             if let percent, let total {
-                let filled = percent * 30 / 100
-                let eta = rate > 0 ? Double(total - min(done, total)) / rate : 0
+                let filled = min(percent, 100) * 30 / 100
                 text += "[" + String(repeating: "=", count: filled) + String(repeating: " ", count: 30 - filled) + "] "
-                text += String(
-                    format: "%3d%% %@ of %@, %@/s, ETA %@",
-                    percent,
-                    Self.bytes(done),
-                    Self.bytes(total),
-                    Self.bytes(UInt64(rate)),
-                    Self.time(eta)
-                )
+                text += "\(String(format: "%3d", percent))% \(Self.bytes(done)) of \(Self.bytes(total)), "
             } else {
-                text += String(format: "%@, %@/s", Self.bytes(done), Self.bytes(UInt64(rate)))
+                text += "\(Self.bytes(done)), "
             }
-            FileHandle.standardError.write(Data((text + (final ? "\n" : "")).utf8))
+            if final {
+                text += "in \(Self.time(elapsed)), \(Self.bytes(UInt64(rate)))/s"
+            } else {
+                text += "\(Self.bytes(UInt64(rate)))/s"
+                if let eta = eta(done, rate) { text += ", ETA \(Self.time(eta))" }
+            }
+            // ESC [ K clears what a longer line before this one left on the right.
+            FileHandle.standardError.write(Data((text + "\u{1B}[K" + (final ? "\n" : "")).utf8))
         case .lines:
             let text = percent.map { "\($0)% " } ?? ""
-            FileHandle.standardError.write(Data("copied \(text)\(Self.bytes(done)) at \(Self.bytes(UInt64(rate)))/s\n".utf8))
+            let when = final ? " in \(Self.time(elapsed))" : ""
+            FileHandle.standardError.write(Data("copied \(text)\(Self.bytes(done))\(when) at \(Self.bytes(UInt64(rate)))/s\n".utf8))
+        case .json:
+            var fields = ["\"done\": \(done)", "\"total\": \(total.map(String.init) ?? "null")"]
+            fields.append("\"elapsed\": \(String(format: "%.3f", elapsed))")
+            fields.append("\"rate\": \(UInt64(rate))")
+            fields.append("\"eta\": \(eta(done, rate).map { String(format: "%.0f", $0) } ?? "null")")
+            fields.append("\"finished\": \(final)")
+            FileHandle.standardError.write(Data("{ \(fields.joined(separator: ", ")) }\n".utf8))
         }
+    }
+
+    /// Seconds left at `rate`, when the total is known.
+    private func eta(_ done: UInt64, _ rate: Double) -> Double? {
+        guard let total else { return nil }
+        return rate > 0 ? Double(total - min(done, total)) / rate : nil
     }
 
     static func bytes(_ count: UInt64) -> String {
@@ -108,8 +122,10 @@ final class Progress: Sendable {
         return unit == 0 ? "\(count) B" : String(format: "%.1f %@", value, units[unit])
     }
 
+    /// `m:ss`, or `h:mm:ss` from an hour on.
     static func time(_ seconds: Double) -> String {
-        let whole = Int(seconds.rounded())
-        return String(format: "%d:%02d", whole / 60, whole % 60)
+        let whole = Int(min(seconds, 1e9).rounded())
+        let (hours, minutes) = (whole / 3600, whole / 60 % 60)
+        return hours > 0 ? String(format: "%d:%02d:%02d", hours, minutes, whole % 60) : String(format: "%d:%02d", minutes, whole % 60)
     }
 }

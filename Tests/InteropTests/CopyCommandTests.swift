@@ -106,7 +106,35 @@ struct CopyCommandTests {
         #expect(lines.allSatisfy { $0.hasSuffix("/100") })
     }
 
+    /// One JSON object a second and a last one, for scripts.
+    @Test func progressAsJSON() async throws {
+        let result = try runNBD(["copy", "pattern:64M", "null:", "--progress=json"])
+        #expect(result.status == 0)
+        let objects = try result.error.split(separator: "\n").map {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] ?? [:]
+        }
+        let last = try #require(objects.last)
+        #expect(last["done"] as? Int == 64 << 20 && last["total"] as? Int == 64 << 20)
+        #expect(last["finished"] as? Bool == true && last["rate"] is Int && last["elapsed"] is Double)
+        #expect(objects.dropLast().allSatisfy { $0["finished"] as? Bool == false })
+    }
+
+    /// On a terminal (script(1) makes one): each redraw clears the rest of the line, and the
+    /// last one gives the time taken and the mean rate.
+    @Test func progressBarOnATerminal() async throws {
+        let command = "'\(nbdTool)' copy pattern:64M null: --progress"
+        let result = try runProcess("/bin/sh", ["-c", "script -qec \"\(command)\" /dev/null < /dev/null"])
+        #expect(result.status == 0)
+        let screen = String(decoding: result.output, as: UTF8.self)
+        let redraws = screen.split(separator: "\r").filter { $0.contains("%") }
+        let last = try #require(redraws.last)
+        #expect(redraws.allSatisfy { $0.contains("\u{1B}[K") }, "\(screen)")
+        #expect(last.contains("100% 64.0 MiB of 64.0 MiB, in 0:") && last.contains("/s"), "\(last)")
+        #expect(!last.contains("ETA"))
+    }
+
     @Test(arguments: [
+        ["copy", "--progress=sometimes", "pattern:1M", "null:"],  // neither json nor a descriptor
         ["copy", "ftp://host/x", "null:"],  // unknown scheme
         ["copy", "nbd+unix:///disk", "null:"],  // missing socket parameter
         ["copy", "pattern:-1", "null:"],  // negative size

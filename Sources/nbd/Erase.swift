@@ -1,0 +1,107 @@
+import ArgumentParser
+import Foundation
+import NBD
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `nbd zero`: libnbd 1.24's nbdzero. The range reads as zeroes afterwards.
+struct Zero: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Zero an export or a range of it (like nbdzero): NBD_CMD_WRITE_ZEROES, then a flush.",
+        discussion: """
+            Asks before erasing, on a terminal; -y (--yes) does not ask, and is needed when standard input is \
+            not a terminal. With extended headers the whole range is one request.
+
+            Examples:
+              nbd zero nbd://localhost/disk
+              nbd zero -y --offset 1M --length 64M nbd+unix:///?socket=/tmp/nbd.sock
+            """
+    )
+
+    @OptionGroup var erase: EraseOptions
+
+    @Flag(help: "Fail rather than write zeroes slowly (NBD_CMD_FLAG_FAST_ZERO).")
+    var fastZero = false
+
+    func run() async throws {
+        try await erase.run { export, range in
+            try await export.writeZeroes(at: range.lowerBound, length: UInt64(range.count), flags: fastZero ? .fastZero : [])
+        }
+    }
+}
+
+/// `nbd trim`: libnbd 1.24's nbddiscard. The server may free the range's storage.
+struct Trim: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Discard an export or a range of it (like nbddiscard): NBD_CMD_TRIM, then a flush.",
+        discussion: """
+            The server may free the storage; what the range reads afterwards is up to it (nbd zero makes it \
+            read as zeroes). Asks before erasing, on a terminal; -y (--yes) does not ask, and is needed when \
+            standard input is not a terminal.
+
+            Examples:
+              nbd trim nbd://localhost/disk
+              nbd trim -y --offset 1G nbd+unix:///?socket=/tmp/nbd.sock
+            """
+    )
+
+    @OptionGroup var erase: EraseOptions
+
+    func run() async throws {
+        try await erase.run { export, range in
+            try await export.trim(at: range.lowerBound, length: UInt64(range.count))
+        }
+    }
+}
+
+/// What `nbd zero` and `nbd trim` share: the range, the question, the flush.
+struct EraseOptions: ParsableArguments {
+    @Argument(help: "The export, as an NBD URI.")
+    var uri: String
+
+    @Option(name: [.customShort("o"), .long], help: "Where to start (K, M, G, T suffixes; default 0).", transform: Sizes.parse)
+    var offset: UInt64 = 0
+
+    @Option(name: [.customShort("l"), .long], help: "How many bytes (default: to the end).", transform: Sizes.parse)
+    var length: UInt64?
+
+    @Flag(name: [.customShort("y"), .long], help: "Do not ask: erase at once.")
+    var yes = false
+
+    @OptionGroup var connection: ConnectionOptions
+
+    func run(_ perform: (NBDExport, Range<UInt64>) async throws -> Void) async throws {
+        let uri = try NBDURI(self.uri)
+        try await NBDExport.withExport(uri, configuration: connection.configuration()) { export in
+            guard offset <= export.size else {
+                throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)")
+            }
+            // Not offset + length: a huge --length would wrap.
+            let end = offset + min(length ?? .max, export.size - offset)
+            if let length, length > export.size - offset {
+                throw CommandError("--offset \(offset) --length \(length) runs past the end of the export (\(export.size) bytes)")
+            }
+            guard end > offset else { return }
+            if export.info.isReadOnly { throw CommandError("the export is read-only") }
+            let whole = offset == 0 && end == export.size
+            let what = whole ? "everything on \(uri) (\(end) bytes)" : "bytes \(offset)..<\(end) of \(uri)"
+            if !yes { try confirm("PERMANENTLY ERASE \(what)") }
+            try await perform(export, offset..<end)
+            // The spec promises only that "all writes ... that the server completes" before a
+            // flush's reply reach permanent storage: without it the zeroes could still be lost.
+            if export.info.canFlush { try await export.flush() }
+        }
+    }
+
+    /// Asks on the terminal; anything but y or yes is no. Without a terminal, refuses.
+    private func confirm(_ question: String) throws {
+        guard isatty(0) != 0 else {
+            throw CommandError("refusing to erase without -y: standard input is not a terminal to ask on")
+        }
+        FileHandle.standardError.write(Data("\(question)\n(y/N)? ".utf8))
+        let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased()
+        guard answer == "y" || answer == "yes" else { throw CommandError("not erased: the answer was not yes") }
+    }
+}
