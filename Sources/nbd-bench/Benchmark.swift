@@ -2,6 +2,7 @@
 //
 //     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3] [--tls]
 //     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
+//     swift build -c release && .build/release/nbd-bench checksum [--size 4G] [--rounds 3] (see ChecksumBench.swift)
 //     swift build -c release && .build/release/nbd-bench extended [--size 4G] [--rounds 3] (see ExtendedHeaders.swift)
 //     swift build -c release && .build/release/nbd-bench soak [--clients 64] [--seconds 60] (see Soak.swift)
 //
@@ -32,6 +33,9 @@ struct Benchmark {
             } else if arguments.first == "server" {
                 arguments.removeFirst()
                 try await runServer(Options(arguments))
+            } else if arguments.first == "checksum" {
+                arguments.removeFirst()
+                try await runChecksum(Options(arguments))
             } else if arguments.first == "extended" {
                 arguments.removeFirst()
                 try await runExtended(Options(arguments))

@@ -17,18 +17,19 @@ import NBD
 import NIOCore
 
 extension Benchmark {
-    /// The chroot, the host's view of its /tmp folder for this run, and the same folder seen
-    /// from inside.
-    struct Trixie {
+    /// A chroot of scripts/chroot.sh, the host's view of its /tmp folder for this run, and the
+    /// same folder seen from inside.
+    struct Chroot {
         var root: String
         var hostDirectory: String
         var directory: String
 
-        init() throws {
-            let environment = ProcessInfo.processInfo.environment["NBD_TRIXIE_ROOT"]
-            root = environment ?? FileManager.default.currentDirectoryPath + "/.chroot/trixie"
-            guard FileManager.default.isExecutableFile(atPath: root + "/usr/bin/qemu-nbd") else {
-                throw BenchError("no trixie chroot at \(root): make it with scripts/chroot.sh or set NBD_TRIXIE_ROOT")
+        /// `suite`'s chroot: NBD_TRIXIE_ROOT for trixie, else `.chroot/SUITE`; it must hold `tool`.
+        init(_ suite: String, holding tool: String) throws {
+            let environment = suite == "trixie" ? ProcessInfo.processInfo.environment["NBD_TRIXIE_ROOT"] : nil
+            root = environment ?? FileManager.default.currentDirectoryPath + "/.chroot/\(suite)"
+            guard FileManager.default.isExecutableFile(atPath: root + "/usr/bin/\(tool)") else {
+                throw BenchError("no \(suite) chroot with \(tool) at \(root): make it with scripts/chroot.sh \(suite)")
             }
             directory = "/tmp/nbd-bench-\(getpid())"
             hostDirectory = root + directory
@@ -59,7 +60,7 @@ extension Benchmark {
     }
 
     static func runExtended(_ options: Options) async throws {
-        let trixie = try Trixie()
+        let trixie = try Chroot("trixie", holding: "qemu-nbd")
         defer { try? FileManager.default.removeItem(atPath: trixie.hostDirectory) }
         var servers: [Process] = []
         defer { for server in servers { kill(server.processIdentifier, SIGKILL) } }
@@ -76,7 +77,7 @@ extension Benchmark {
         try await compareMaps(trixie, options)
     }
 
-    static func compareReads(_ trixie: Trixie, _ options: Options) async throws {
+    static func compareReads(_ trixie: Chroot, _ options: Options) async throws {
         let hostURI = NBDURI(socket: "\(trixie.hostDirectory)/data.sock")
         let chrootURI = NBDURI(socket: "\(trixie.directory)/data.sock").description
         var extended = NBDClientConfiguration()
@@ -124,7 +125,7 @@ extension Benchmark {
         }
     }
 
-    static func compareMaps(_ trixie: Trixie, _ options: Options) async throws {
+    static func compareMaps(_ trixie: Chroot, _ options: Options) async throws {
         let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
         guard FileManager.default.isExecutableFile(atPath: tool) else {
             throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")

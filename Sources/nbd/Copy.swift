@@ -53,7 +53,10 @@ struct Copy: AsyncParsableCommand {
     )
     var sparse: UInt64 = 4096
 
-    @Flag(help: "The destination already reads as zeroes: write nothing for zero areas.")
+    @Flag(
+        name: [.long, .customLong("target-is-zero")],
+        help: "The destination already reads as zeroes: write nothing for zero areas (also --target-is-zero, as nbdcopy)."
+    )
     var destinationIsZero = false
 
     @Flag(help: "Flush the destination at the end.")

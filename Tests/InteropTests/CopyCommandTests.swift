@@ -106,6 +106,28 @@ struct CopyCommandTests {
         #expect(lines.allSatisfy { $0.hasSuffix("/100") })
     }
 
+    /// --target-is-zero (nbdcopy's name) and --destination-is-zero take the destination's word:
+    /// zero areas of the source are not written, so what a lying destination held stays.
+    @Test(arguments: ["--target-is-zero", "--destination-is-zero", nil])
+    func destinationIsZeroSkipsZeroAreas(flag: String?) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let source = try await server.nbdkit(["data", "data=@65536 1 2 3 4", "size=1M"])
+        let destination = try await server.nbdkit(["memory", "1M"])
+        try await NBDExport.withExport(destination) { try await $0.write(pattern(1 << 20, seed: 3), at: 0) }
+        try expectSuccess([source.description, destination.description] + (flag.map { [$0] } ?? []))
+        let copied = try await NBDExport.withExport(destination) { Array(try await $0.read(at: 0, length: 1 << 20).readableBytesView) }
+        #expect(copied[65536..<65540] == [1, 2, 3, 4])
+        let old = Array(pattern(1 << 20, seed: 3).readableBytesView)
+        // The 4 KiB block with data is written whole; every other block is zero in the source.
+        #expect(copied[65540..<69632].allSatisfy { $0 == 0 })
+        if flag != nil {
+            #expect(copied[0..<65536] == old[0..<65536] && copied[69632...] == old[69632...])
+        } else {
+            #expect(copied.enumerated().allSatisfy { $0.offset >= 65536 && $0.offset < 65540 || $0.element == 0 })
+        }
+    }
+
     /// One JSON object a second and a last one, for scripts.
     @Test func progressAsJSON() async throws {
         let result = try runNBD(["copy", "pattern:64M", "null:", "--progress=json"])
