@@ -20,6 +20,8 @@ struct NBDCommand: AsyncParsableCommand {
               nbd info --json nbd+unix:///?socket=/tmp/nbd.sock
               nbd info --map nbd://localhost/disk
               nbd copy nbd://localhost/disk disk.raw --progress
+              nbd checksum nbd://localhost/disk
+              nbd zero nbd://localhost/disk
               nbd dump nbd://localhost/disk
             """,
         subcommands: [Info.self, Copy.self, Checksum.self, Zero.self, Trim.self, Dump.self, Serve.self]
