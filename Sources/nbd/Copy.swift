@@ -141,25 +141,28 @@ struct Copy: AsyncParsableCommand {
         )
         let interrupt = Interrupt()
         var failure: (any Error)?
+        var copied: UInt64 = 0
         do {
-            let copied = try await copier.run(interrupt: interrupt)
-            // Before --verify reads back over new connections: "a flush ... on one connection
-            // [makes] all completed writes ... visible" is what the spec promises them.
+            copied = try await copier.run(interrupt: interrupt)
+            // Before --verify reads back over new connections: "the effects of NBD_CMD_FLUSH ...
+            // MUST be visible across all connections" is all the spec promises them.
             if (flush || verify) && !interrupt.happened { try await destination.flush() }
-            copier.progress.finish()
-            await destination.close()
-            if let hasher, !interrupt.happened {
+        } catch {
+            failure = error
+        }
+        copier.progress.finish()
+        await destination.close()
+        if failure == nil, let hasher, !interrupt.happened {
+            do {
                 let digest = try hasher.finish(size: copied)
                 if blkhash != nil { try output(digest) }
                 if verify {
                     try await Verifier(copy: self, configuration: configuration, interrupt: interrupt)
                         .check(source: source, length: copied, against: hasher, digest: digest)
                 }
+            } catch {
+                failure = error
             }
-        } catch {
-            failure = error
-            copier.progress.finish()
-            await destination.close()
         }
         await source.close()
         if let failure { throw failure }
