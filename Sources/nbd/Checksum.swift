@@ -48,12 +48,11 @@ struct Checksum: AsyncParsableCommand {
         for text in sources {
             let source = try await Endpoints.source(text, connections: connections, requests: requests, configuration: configuration)
             let hasher = BlockHasher(blkhash)
-            let preferred = (source as? NBDEndpoint)?.exports[0].info.blockSizes.preferred ?? 0
             let reader = Copier(
                 source: source,
                 destination: NullDestination(),
-                requestSize: max(256 << 10, UInt64(preferred)),
-                workers: ((source as? NBDEndpoint)?.exports.count ?? 1) * requests,
+                requestSize: 256 << 10,
+                requests: requests,
                 sparse: 0,
                 progress: try Progress(nil, total: nil),
                 hasher: hasher

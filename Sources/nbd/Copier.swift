@@ -43,6 +43,31 @@ final class Copier: Sendable {
         self.length = length
     }
 
+    /// The request size raised to the largest preferred block size of the NBD endpoints, and one
+    /// worker per request in flight over every connection opened (`requests` per connection).
+    convenience init(
+        source: any CopySource,
+        destination: any CopyDestination,
+        requestSize: UInt64,
+        requests: Int,
+        sparse: Int,
+        progress: Progress,
+        hasher: BlockHasher? = nil,
+        length: UInt64? = nil
+    ) {
+        let exports = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports }
+        self.init(
+            source: source,
+            destination: destination,
+            requestSize: max(requestSize, UInt64(exports.map { $0[0].info.blockSizes.preferred }.max() ?? 0)),
+            workers: (exports.map(\.count).max() ?? 1) * requests,
+            sparse: sparse,
+            progress: progress,
+            hasher: hasher,
+            length: length
+        )
+    }
+
     /// Copies; returns how many bytes the source had.
     @discardableResult
     func run(interrupt: Interrupt) async throws -> UInt64 {

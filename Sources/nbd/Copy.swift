@@ -127,14 +127,12 @@ struct Copy: AsyncParsableCommand {
             await destination.close()
             throw CommandError("the destination (\(available) bytes) is smaller than the source (\(needed) bytes)")
         }
-        let preferred =
-            [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports[0].info.blockSizes.preferred }.max() ?? 0
         let hasher = (blkhash ?? (verify ? .default : nil)).map(BlockHasher.init)
         let copier = Copier(
             source: source,
             destination: destination,
-            requestSize: max(requestSize, UInt64(preferred)),
-            workers: workers(source, destination),
+            requestSize: requestSize,
+            requests: requests,
             sparse: Int(sparse),
             progress: try Progress(progress, total: source.size),
             hasher: hasher
@@ -185,12 +183,6 @@ struct Copy: AsyncParsableCommand {
         } catch {
             throw CommandError("cannot write the blkhash to \(blkhashFile): \(error.localizedDescription)")
         }
-    }
-
-    /// One worker per request in flight, over every connection actually opened.
-    func workers(_ source: any CopySource, _ destination: any CopyDestination) -> Int {
-        let connections = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports.count }.max() ?? 1
-        return connections * requests
     }
 }
 

@@ -42,7 +42,7 @@ struct Verifier {
             source: readBack,
             destination: NullDestination(),
             requestSize: copy.requestSize,
-            workers: copy.workers(readBack, NullDestination()),
+            requests: copy.requests,
             sparse: 0,
             progress: try Progress(nil, total: nil),
             hasher: hash,
