@@ -49,51 +49,22 @@ struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
 
 /// One of swift-crypto's hash functions, chosen at run time.
 struct IncrementalHash {
-    private enum Function {
-        case md5(Insecure.MD5)
-        case sha1(Insecure.SHA1)
-        case sha256(SHA256)
-        case sha512(SHA512)
-    }
-
-    private var function: Function
+    private var function: any HashFunction
 
     init(_ algorithm: BlockHashSpecification.Algorithm) {
         switch algorithm {
-        case .md5: function = .md5(Insecure.MD5())
-        case .sha1: function = .sha1(Insecure.SHA1())
-        case .sha256: function = .sha256(SHA256())
-        case .sha512: function = .sha512(SHA512())
+        case .md5: function = Insecure.MD5()
+        case .sha1: function = Insecure.SHA1()
+        case .sha256: function = SHA256()
+        case .sha512: function = SHA512()
         }
     }
 
-    mutating func update(_ bytes: UnsafeRawBufferPointer) {
-        switch function {
-        case .md5(var hash):
-            hash.update(bufferPointer: bytes)
-            function = .md5(hash)
-        case .sha1(var hash):
-            hash.update(bufferPointer: bytes)
-            function = .sha1(hash)
-        case .sha256(var hash):
-            hash.update(bufferPointer: bytes)
-            function = .sha256(hash)
-        case .sha512(var hash):
-            hash.update(bufferPointer: bytes)
-            function = .sha512(hash)
-        }
-    }
+    mutating func update(_ bytes: UnsafeRawBufferPointer) { function.update(bufferPointer: bytes) }
 
     mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
 
-    func finalize() -> [UInt8] {
-        switch function {
-        case .md5(let hash): Array(hash.finalize())
-        case .sha1(let hash): Array(hash.finalize())
-        case .sha256(let hash): Array(hash.finalize())
-        case .sha512(let hash): Array(hash.finalize())
-        }
-    }
+    func finalize() -> [UInt8] { function.finalize().withUnsafeBytes { Array($0) } }
 }
 
 extension Array where Element == UInt8 {

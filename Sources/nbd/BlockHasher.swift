@@ -90,12 +90,21 @@ final class BlockHasher: Sendable {
         }
     }
 
-    /// A range of the image that reads as zeroes.
+    /// A range of the image that reads as zeroes: its whole blocks are one run, filed at once
+    /// (a terabyte of zeroes is not walked block by block), the blocks it cuts are filled.
     func addZeroes(at offset: UInt64, length: UInt64) {
-        forEachBlock(of: offset..<(offset + length)) { block, range, isWhole in
+        let end = offset + length
+        let firstWhole = min(end, (offset + blockSize - 1) / blockSize * blockSize)
+        let lastWhole = max(firstWhole, end / blockSize * blockSize)
+        func fillCut(_ block: UInt64, _ range: Range<UInt64>, _ isWhole: Bool) -> BlockDigest? {
             // A new partial block is zeroes already.
-            isWhole ? nil : fill(block, at: Int(range.lowerBound - block * blockSize), count: range.count) { _, _ in }
+            fill(block, at: Int(range.lowerBound - block * blockSize), count: range.count) { _, _ in }
         }
+        forEachBlock(of: offset..<firstWhole, fillCut)
+        if lastWhole > firstWhole {
+            state.withLockedValue { file(.zeroes(count: (lastWhole - firstWhole) / blockSize), at: firstWhole / blockSize, in: &$0) }
+        }
+        forEachBlock(of: lastWhole..<end, fillCut)
     }
 
     /// The blkhash, once every byte of an image of `size` bytes was added; the last block is
