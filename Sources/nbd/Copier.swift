@@ -123,12 +123,16 @@ final class Copier: Sendable {
 
     private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
         for part in piece.parts {
-            if part.isZero {
+            switch part.kind {
+            case .clean:
+                // Not dirty since the destination's copy was made: nothing to do.
+                break
+            case .zero:
                 hasher?.addZeroes(at: part.range.lowerBound, length: UInt64(part.range.count))
                 if !destination.startsZeroed {
                     try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker)
                 }
-            } else {
+            case .data:
                 let data = CopyData(try await source.read(at: part.range.lowerBound, length: part.range.count, worker: worker))
                 guard data.count == part.range.count else {
                     throw CommandError("short read from the source at offset \(part.range.lowerBound)")
@@ -176,22 +180,28 @@ final class Copier: Sendable {
 /// A lock, not an actor: workers run on their connections' threads, and a hop to an actor and
 /// back for every piece would cost more than the piece's bookkeeping.
 final class Cursor: Sendable {
+    /// What a part of the source needs: reading, zeroing, or nothing (clean in the bitmap).
+    enum Kind: Sendable { case data, zero, clean }
+
     struct Piece: Sendable {
-        var parts: [(range: Range<UInt64>, isZero: Bool)]
+        var parts: [(range: Range<UInt64>, kind: Kind)]
     }
+
+    /// The zero and clean areas of a window, in order, not overlapping.
+    typealias Areas = [(range: Range<UInt64>, kind: Kind)]
 
     private struct State {
         var position: UInt64 = 0
         var window: Range<UInt64> = 0..<0
-        var zeroes: [Range<UInt64>] = []
-        var zeroIndex = 0
+        var areas: Areas = []
+        var areaIndex = 0
         /// The block status lookup under way, shared by the workers that need it.
-        var fetching: (start: UInt64, task: Task<[Range<UInt64>], any Error>)?
+        var fetching: (start: UInt64, task: Task<Areas, any Error>)?
     }
 
     private enum Step {
         case piece(Piece?)
-        case wait(start: UInt64, Task<[Range<UInt64>], any Error>)
+        case wait(start: UInt64, Task<Areas, any Error>)
     }
 
     private let source: any CopySource
@@ -219,8 +229,8 @@ final class Cursor: Sendable {
                     guard state.position >= start, state.position < min(size, start + Self.windowSize),
                         !state.window.contains(state.position)
                     else { return }
-                    state.zeroes = fetched
-                    state.zeroIndex = 0
+                    state.areas = fetched
+                    state.areaIndex = 0
                     state.window = start..<min(size, start + Self.windowSize)
                     state.fetching = nil
                 }
@@ -235,23 +245,63 @@ final class Cursor: Sendable {
             if let fetching = state.fetching, fetching.start == start { return .wait(start: start, fetching.task) }
             let source = self.source
             let length = min(size, start + Self.windowSize) - start
-            let task = Task { try await source.zeroRanges(from: start, length: length) }
+            let task = Task { try await Self.areas(of: source, from: start, length: length) }
             state.fetching = (start, task)
             return .wait(start: start, task)
         }
-        // `position` only grows: drop the zero areas behind it, so each piece costs O(1).
-        while state.zeroIndex < state.zeroes.count, state.zeroes[state.zeroIndex].upperBound <= state.position { state.zeroIndex += 1 }
-        let nextZero = state.zeroIndex < state.zeroes.count ? state.zeroes[state.zeroIndex] : nil
-        // A whole zero area is one piece, however large: nothing is read for it.
-        if let zero = nextZero, zero.contains(state.position) {
-            let piece = Piece(parts: [(state.position..<zero.upperBound, true)])
-            state.position = zero.upperBound
+        // `position` only grows: drop the areas behind it, so each piece costs O(1).
+        while state.areaIndex < state.areas.count, state.areas[state.areaIndex].range.upperBound <= state.position {
+            state.areaIndex += 1
+        }
+        let nextArea = state.areaIndex < state.areas.count ? state.areas[state.areaIndex] : nil
+        // A whole zero or clean area is one piece, however large: nothing is read for it.
+        if let area = nextArea, area.range.contains(state.position) {
+            let piece = Piece(parts: [(state.position..<area.range.upperBound, area.kind)])
+            state.position = area.range.upperBound
             return .piece(piece)
         }
         var end = min(state.window.upperBound, state.position + pieceSize)
-        if let zero = nextZero, zero.lowerBound < end { end = zero.lowerBound }
-        let piece = Piece(parts: [(state.position..<end, false)])
+        if let area = nextArea, area.range.lowerBound < end { end = area.range.lowerBound }
+        let piece = Piece(parts: [(state.position..<end, .data)])
         state.position = end
         return .piece(piece)
+    }
+
+    /// The source's clean ranges, and its zero ranges outside them, in order.
+    static func areas(of source: any CopySource, from start: UInt64, length: UInt64) async throws -> Areas {
+        let clean = try await source.cleanRanges(from: start, length: length)
+        let zeroes = try await source.zeroRanges(from: start, length: length)
+        // Without a bitmap, as block status gave them: a zero area running past the window is
+        // one piece, and the next window starts after it (a sparse terabyte is not a thousand
+        // lookups).
+        guard !clean.isEmpty else { return zeroes.map { ($0, .zero) } }
+        // Where the bitmap says clean nothing is copied, zero or not: zero areas count only
+        // where it is dirty. Both lists are in order, so one pass cuts them.
+        let window = start..<(start + length)
+        var areas: Areas = clean.map { $0.clamped(to: window) }.filter { !$0.isEmpty }.map { ($0, .clean) }
+        let dirty = complement(of: areas.map(\.range), in: window)
+        var first = 0
+        for zero in zeroes {
+            while first < dirty.count, dirty[first].upperBound <= zero.lowerBound { first += 1 }
+            var index = first
+            while index < dirty.count, dirty[index].lowerBound < zero.upperBound {
+                let cut = zero.clamped(to: dirty[index])
+                if !cut.isEmpty { areas.append((cut, .zero)) }
+                index += 1
+            }
+        }
+        return areas.sorted { $0.range.lowerBound < $1.range.lowerBound }
+    }
+
+    /// What `ranges` (in order, not overlapping) leave of `window`.
+    static func complement(of ranges: [Range<UInt64>], in window: Range<UInt64>) -> [Range<UInt64>] {
+        var gaps: [Range<UInt64>] = []
+        var position = window.lowerBound
+        for range in ranges {
+            if range.lowerBound > position { gaps.append(position..<range.lowerBound) }
+            position = max(position, range.upperBound)
+        }
+        if position < window.upperBound { gaps.append(position..<window.upperBound) }
+        return gaps
     }
 }

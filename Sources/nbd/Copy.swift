@@ -87,6 +87,18 @@ struct Copy: AsyncParsableCommand {
     @Flag(help: "Flush, then read the destination back and check that its blkhash is the source's.")
     var verify = false
 
+    @Option(
+        help: ArgumentHelp(
+            "Incremental: copy only what this dirty bitmap of the NBD source marks dirty (qemu:dirty-bitmap:NAME, or NAME), "
+                + "onto an existing destination of the same size.",
+            valueName: "context"
+        )
+    )
+    var bitmap: String?
+
+    /// The bitmap's metadata context: a bare name is qemu's.
+    var bitmapContext: String? { bitmap.map { $0.contains(":") ? $0 : "qemu:dirty-bitmap:\($0)" } }
+
     @OptionGroup var connection: ConnectionOptions
 
     func validate() throws {
@@ -101,15 +113,33 @@ struct Copy: AsyncParsableCommand {
         if verify, destination == "null:" || destination == "-" {
             throw ValidationError("--verify needs a destination that can be read back, not \(destination)")
         }
+        if bitmap != nil {
+            guard Endpoints.isURI(source) else { throw ValidationError("--bitmap needs an NBD source") }
+            guard destination != "null:", destination != "-" else {
+                throw ValidationError("--bitmap copies onto an existing copy, not onto \(destination)")
+            }
+            guard !destinationIsZero else { throw ValidationError("--bitmap and --destination-is-zero do not go together") }
+            // What the bitmap calls clean is not read, so there is no whole image to hash.
+            guard blkhash == nil, !verify else {
+                throw ValidationError("--bitmap reads only what changed: --blkhash and --verify need it all (use nbd checksum)")
+            }
+        }
     }
 
     func run() async throws {
         var configuration = connection.configuration()
         // Data is passed on as it arrived (readSegments): SwiftNIO's large reads suit that best.
         configuration.readsDataDirectly = false
-        let source = try await Endpoints.source(self.source, connections: connections, requests: requests, configuration: configuration)
+        let source = try await Endpoints.source(
+            self.source,
+            connections: connections,
+            requests: requests,
+            bitmap: bitmapContext,
+            configuration: configuration
+        )
         let destination: any CopyDestination
         do {
+            if bitmapContext != nil { try Self.requireExisting(self.destination, size: source.size) }
             destination = try await Endpoints.destination(
                 self.destination,
                 size: source.size,
@@ -121,6 +151,11 @@ struct Copy: AsyncParsableCommand {
         } catch {
             await source.close()
             throw error
+        }
+        if bitmapContext != nil, let needed = source.size, let available = destination.size, available != needed {
+            await source.close()
+            await destination.close()
+            throw CommandError("an incremental copy needs a destination of the source's size (\(needed) bytes), not \(available)")
         }
         if let needed = source.size, let available = destination.size, available < needed {
             await source.close()
@@ -171,6 +206,20 @@ struct Copy: AsyncParsableCommand {
         }
     }
 
+    /// An incremental copy goes onto the full copy it updates: a file must be there already,
+    /// of the source's size (an NBD destination's size is checked once it is open).
+    static func requireExisting(_ destination: String, size: UInt64?) throws {
+        guard !Endpoints.isURI(destination) else { return }
+        var info = stat()
+        guard stat(destination, &info) == 0 else {
+            throw CommandError("an incremental copy goes onto an existing copy, and \(destination) is not there")
+        }
+        let isRegular = (info.st_mode & S_IFMT) == S_IFREG
+        if isRegular, let size, UInt64(info.st_size) != size {
+            throw CommandError("an incremental copy needs a destination of the source's size (\(size) bytes), not \(info.st_size)")
+        }
+    }
+
     /// The digest on a line, on stdout or in --blkhash-file, as nbdcopy prints it.
     private func output(_ digest: [UInt8]) throws {
         let line = digest.hex + "\n"
@@ -197,6 +246,7 @@ enum Endpoints {
         _ text: String,
         connections: Int,
         requests: Int,
+        bitmap: String? = nil,
         configuration: NBDClientConfiguration
     ) async throws -> any CopySource {
         if isURI(text) {
@@ -205,6 +255,7 @@ enum Endpoints {
                 connections: connections,
                 requests: requests,
                 destinationIsZero: false,
+                bitmap: bitmap,
                 configuration: configuration
             )
         }

@@ -15,6 +15,9 @@ protocol CopySource: CopyEndpoint {
     var size: UInt64? { get }
     /// Ranges known to read as zeroes, within `offset..<offset+length`, in order.
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
+    /// Ranges that need no copying (clean in the dirty bitmap of an incremental copy), within
+    /// `offset..<offset+length`, in order.
+    func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
     /// Up to `length` bytes at `offset` (fewer only at the end of a stream), in one buffer or
     /// in the pieces they arrived in.
     func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]
@@ -54,6 +57,7 @@ extension CopyDestination {
 
 extension CopySource {
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
+    func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     func close() async {}
 }
 
@@ -63,6 +67,8 @@ extension CopySource {
 final class NBDEndpoint: CopySource, CopyDestination {
     let exports: [NBDExport]
     let startsZeroed: Bool
+    /// The dirty-bitmap context whose clean extents an incremental copy skips.
+    let bitmap: String?
     var isSequential: Bool { false }
     var size: UInt64? { exports[0].size }
 
@@ -71,10 +77,12 @@ final class NBDEndpoint: CopySource, CopyDestination {
         connections: Int,
         requests: Int,
         destinationIsZero: Bool,
+        bitmap: String? = nil,
         configuration base: NBDClientConfiguration
     ) async throws -> NBDEndpoint {
         var configuration = base
         configuration.maximumRequestsInFlight = requests
+        if let bitmap { configuration.metaContexts.append(bitmap) }
         // Connection i of the source and of the destination share event loop i, so that a
         // worker reading from one and writing to the other stays on one thread.
         let loops = Array(base.eventLoopGroup.makeIterator())
@@ -83,20 +91,25 @@ final class NBDEndpoint: CopySource, CopyDestination {
             return try await NBDExport.connect(to: uri, configuration: configuration)
         }
         let first = try await connect(0)
+        if let bitmap, !first.hasMetaContext(bitmap) {
+            await first.disconnect()
+            throw CommandError("the source does not offer the metadata context \(bitmap) (qemu-nbd -B NAME exports a bitmap)")
+        }
         var exports = [first]
         // "In the absence of this flag, clients SHOULD NOT multiplex their commands over more than one connection".
         if first.info.canMultiConn {
             for index in 1..<max(1, connections) { exports.append(try await connect(index)) }
         }
-        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero)
+        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero, bitmap: bitmap)
     }
 
     /// Where worker `worker` runs best: on the thread of its connection.
     func taskExecutor(for worker: Int) -> (any TaskExecutor)? { export(worker).taskExecutor }
 
-    private init(exports: [NBDExport], startsZeroed: Bool) {
+    private init(exports: [NBDExport], startsZeroed: Bool, bitmap: String?) {
         self.exports = exports
         self.startsZeroed = startsZeroed
+        self.bitmap = bitmap
     }
 
     private func export(_ worker: Int) -> NBDExport { exports[worker % exports.count] }
@@ -107,6 +120,16 @@ final class NBDEndpoint: CopySource, CopyDestination {
         var ranges: [Range<UInt64>] = []
         for try await extent in export.extents(in: offset..<offset + length) {
             guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
+            ranges.append(extent.offset..<extent.offset + extent.length)
+        }
+        return ranges
+    }
+
+    func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        guard let bitmap else { return [] }
+        var ranges: [Range<UInt64>] = []
+        // In a qemu:dirty-bitmap context, status bit 0 set means dirty (qemu's docs/interop/nbd.rst).
+        for try await extent in exports[0].extents(of: bitmap, in: offset..<offset + length) where extent.flags & 1 == 0 {
             ranges.append(extent.offset..<extent.offset + extent.length)
         }
         return ranges

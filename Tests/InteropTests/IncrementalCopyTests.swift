@@ -1,0 +1,95 @@
+import Foundation
+import NBD
+import Testing
+
+/// `nbd copy --bitmap`: an incremental backup with qemu's dirty bitmaps. A full copy, writes to
+/// the qcow2 after `qemu-img bitmap --add`, then an incremental copy onto the full one equals the
+/// source, and qemu-nbd's trace shows that only the dirty data was read.
+@Suite("nbd copy --bitmap (incremental, qemu dirty bitmaps)", .serialized)
+struct IncrementalCopyTests {
+    func contents(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
+
+    /// Data bytes qemu-nbd sent in read replies, from its trace.
+    func bytesRead(_ trace: String) throws -> Int {
+        let text = (try? String(contentsOfFile: trace, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").filter { $0.hasPrefix("nbd_co_send_structured_read ") }
+            .compactMap { $0.split(separator: "len = ").last.flatMap { Int($0) } }.reduce(0, +)
+    }
+
+    @Test func onlyTheDirtyExtentsAreCopied() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let image = server.path("disk.qcow2")
+        _ = try server.run("qemu-img", ["create", "-q", "-f", "qcow2", image, "64M"])
+        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 30M 2M", image])
+
+        // The full copy, to a file and to an NBD export.
+        let fullSocket = server.path("full.sock")
+        let full = try await server.start("qemu-nbd", ["-k", fullSocket, "-t", "-r", "-f", "qcow2", image], waitFor: fullSocket)
+        let file = server.path("backup.raw")
+        let memory = try await server.nbdkit(["memory", "64M"]).description
+        for destination in [file, memory] {
+            #expect(try runNBD(["copy", NBDURI(socket: fullSocket).description, destination]).status == 0)
+        }
+        // SIGKILL: children of Swift concurrency threads start with SIGTERM blocked. The image
+        // must be free before qemu-img and qemu-io write to it.
+        kill(full.processIdentifier, SIGKILL)
+        while full.isRunning { usleep(1000) }
+
+        // Then a bitmap, and writes: new data, and zeroes over old data.
+        _ = try server.run("qemu-img", ["bitmap", "--add", image, "b0"])
+        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 10M 1M", "-c", "write -z 31M 512K", image])
+
+        let socket = server.path("q.sock")
+        let trace = server.path("trace.log")
+        try await server.start(
+            "qemu-nbd",
+            ["-k", socket, "-t", "-r", "-f", "qcow2", "-B", "b0", "--trace", "enable=nbd_co_send_structured_read*,file=\(trace)", image],
+            waitFor: socket
+        )
+        let uri = NBDURI(socket: socket).description
+        // What the source holds now, by nbdcopy.
+        _ = try server.run("nbdcopy", [uri, server.path("expected.raw")])
+        let expected = try contents(server.path("expected.raw"))
+        #expect(expected[(10 << 20)] == 0x77 && expected[(31 << 20)] == 0)
+
+        for (destination, name) in [(file, "qemu:dirty-bitmap:b0"), (memory, "b0")] {
+            let before = try bytesRead(trace)
+            let result = try runNBD(["copy", "--bitmap=\(name)", uri, destination])
+            #expect(result.status == 0, "\(result.error)")
+            // The 1 MiB of new data; the zeroed half MiB is zero in block status and not read.
+            #expect(try bytesRead(trace) - before == 1 << 20, "\(destination)")
+        }
+        #expect(try contents(file) == expected)
+        _ = try server.run("nbdcopy", [memory, server.path("memory.raw")])
+        #expect(try contents(server.path("memory.raw")) == expected)
+    }
+
+    @Test func refusals() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let image = server.path("disk.qcow2")
+        _ = try server.run("qemu-img", ["create", "-q", "-f", "qcow2", image, "1M"])
+        _ = try server.run("qemu-img", ["bitmap", "--add", image, "b0"])
+        let socket = server.path("q.sock")
+        try await server.start("qemu-nbd", ["-k", socket, "-t", "-r", "-f", "qcow2", "-B", "b0", image], waitFor: socket)
+        let uri = NBDURI(socket: socket).description
+        let small = server.path("small.raw")
+        _ = try server.run("truncate", ["-s", "512K", small])
+        let cases: [([String], String)] = [
+            (["copy", "--bitmap=b1", uri, small], "does not offer the metadata context qemu:dirty-bitmap:b1"),
+            (["copy", "--bitmap=b0", uri, server.path("missing.raw")], "is not there"),
+            (["copy", "--bitmap=b0", uri, small], "of the source's size (1048576 bytes), not 524288"),
+            (["copy", "--bitmap=b0", small, small], "needs an NBD source"),
+            (["copy", "--bitmap=b0", "--verify", uri, small], "use nbd checksum"),
+            (["copy", "--bitmap=b0", uri, "null:"], "not onto null:"),
+        ]
+        for (arguments, message) in cases {
+            let result = try runNBD(arguments)
+            #expect(result.status == 1, "\(arguments)")
+            #expect(result.error.hasPrefix("nbd: ") && result.error.contains(message), "\(arguments): \(result.error)")
+            #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
+        }
+        #expect(!FileManager.default.fileExists(atPath: server.path("missing.raw")))
+    }
+}
