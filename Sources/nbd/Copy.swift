@@ -59,6 +59,9 @@ struct Copy: AsyncParsableCommand {
     )
     var destinationIsZero = false
 
+    @Flag(help: "Leave the destination fully allocated: zero areas are written (or zeroed with NBD_CMD_FLAG_NO_HOLE), never holes.")
+    var allocated = false
+
     @Flag(help: "Flush the destination at the end.")
     var flush = false
 
@@ -113,6 +116,7 @@ struct Copy: AsyncParsableCommand {
         if verify, destination == "null:" || destination == "-" {
             throw ValidationError("--verify needs a destination that can be read back, not \(destination)")
         }
+        if allocated, destinationIsZero { throw ValidationError("--allocated and --destination-is-zero do not go together") }
         if bitmap != nil {
             guard Endpoints.isURI(source) else { throw ValidationError("--bitmap needs an NBD source") }
             guard destination != "null:", destination != "-" else {
@@ -146,6 +150,7 @@ struct Copy: AsyncParsableCommand {
                 connections: connections,
                 requests: requests,
                 destinationIsZero: destinationIsZero,
+                allocated: allocated,
                 configuration: configuration
             )
         } catch {
@@ -273,6 +278,7 @@ enum Endpoints {
         connections: Int,
         requests: Int,
         destinationIsZero: Bool,
+        allocated: Bool = false,
         configuration: NBDClientConfiguration
     ) async throws -> any CopyDestination {
         if isURI(text) {
@@ -281,13 +287,14 @@ enum Endpoints {
                 connections: connections,
                 requests: requests,
                 destinationIsZero: destinationIsZero,
+                allocates: allocated,
                 configuration: configuration
             )
         }
         if text == "null:" { return NullDestination() }
         if text.hasPrefix("pattern:") || text.hasPrefix("zero:") { throw CommandError("\(text) can only be a source") }
         if text.contains("://") { throw CommandError("unknown scheme in \"\(text)\" (expected nbd, nbds, nbd+unix or nbds+unix)") }
-        return try FileEndpoint.destination(text, size: size, destinationIsZero: destinationIsZero)
+        return try FileEndpoint.destination(text, size: size, destinationIsZero: destinationIsZero, allocates: allocated)
     }
 }
 

@@ -69,6 +69,8 @@ final class NBDEndpoint: CopySource, CopyDestination {
     let startsZeroed: Bool
     /// The dirty-bitmap context whose clean extents an incremental copy skips.
     let bitmap: String?
+    /// Zeroes are written with NBD_CMD_FLAG_NO_HOLE: `--allocated`.
+    let allocates: Bool
     var isSequential: Bool { false }
     var size: UInt64? { exports[0].size }
 
@@ -78,6 +80,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
         requests: Int,
         destinationIsZero: Bool,
         bitmap: String? = nil,
+        allocates: Bool = false,
         configuration base: NBDClientConfiguration
     ) async throws -> NBDEndpoint {
         var configuration = base
@@ -100,16 +103,17 @@ final class NBDEndpoint: CopySource, CopyDestination {
         if first.info.canMultiConn {
             for index in 1..<max(1, connections) { exports.append(try await connect(index)) }
         }
-        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero, bitmap: bitmap)
+        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero, bitmap: bitmap, allocates: allocates)
     }
 
     /// Where worker `worker` runs best: on the thread of its connection.
     func taskExecutor(for worker: Int) -> (any TaskExecutor)? { export(worker).taskExecutor }
 
-    private init(exports: [NBDExport], startsZeroed: Bool, bitmap: String?) {
+    private init(exports: [NBDExport], startsZeroed: Bool, bitmap: String?, allocates: Bool) {
         self.exports = exports
         self.startsZeroed = startsZeroed
         self.bitmap = bitmap
+        self.allocates = allocates
     }
 
     private func export(_ worker: Int) -> NBDExport { exports[worker % exports.count] }
@@ -151,7 +155,9 @@ final class NBDEndpoint: CopySource, CopyDestination {
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         let export = export(worker)
         if export.info.canZero {
-            try await export.writeZeroes(at: offset, length: length)
+            // NO_HOLE "SHOULD be set to 1 if the client wants to ensure that the server does not
+            // create a hole": what --allocated asks for.
+            try await export.writeZeroes(at: offset, length: length, flags: allocates ? .noHole : [])
         } else {
             try await export.write(ByteBuffer(repeating: 0, count: Int(length)), at: offset)
         }
@@ -186,7 +192,8 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
 
     /// Opens `path` to write `size` bytes: a new file is created and a short regular file extended
     /// (both then read as zeroes where nothing is written); a smaller block device is an error.
-    static func destination(_ path: String, size: UInt64?, destinationIsZero: Bool) throws -> FileEndpoint {
+    /// With `allocates`, nothing counts as zeroed already: every zero area is written as zero bytes.
+    static func destination(_ path: String, size: UInt64?, destinationIsZero: Bool, allocates: Bool = false) throws -> FileEndpoint {
         if path == "-" { return FileEndpoint(descriptor: 1, size: nil, startsZeroed: false, stream: true) }
         let existed = FileManager.default.fileExists(atPath: path)
         let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
@@ -212,7 +219,7 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
             }
             zeroed = zeroed || current == 0
         }
-        return FileEndpoint(descriptor: fd, size: nil, startsZeroed: zeroed, stream: false)
+        return FileEndpoint(descriptor: fd, size: nil, startsZeroed: zeroed && !allocates, stream: false)
     }
 
     private init(descriptor: Int32, size: UInt64?, startsZeroed: Bool, stream: Bool) {
