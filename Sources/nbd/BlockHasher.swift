@@ -259,3 +259,29 @@ final class BlockHasher: Sendable {
         }
     }
 }
+
+extension BlockHasher {
+    /// Reads `source` (its first `length` bytes, or all of it) and hashes it; returns the hash
+    /// with how many bytes were read.
+    static func reading(
+        _ source: any CopySource,
+        as specification: BlockHashSpecification,
+        length: UInt64? = nil,
+        requestSize: UInt64,
+        requests: Int,
+        interrupt: Interrupt
+    ) async throws -> (hash: BlockHasher, size: UInt64) {
+        let hash = BlockHasher(specification)
+        let reader = Copier(
+            source: source,
+            destination: NullDestination(),
+            requestSize: requestSize,
+            requests: requests,
+            sparse: 0,
+            progress: try Progress(nil, total: nil),
+            hasher: hash,
+            length: length
+        )
+        return (hash, try await reader.run(interrupt: interrupt))
+    }
+}

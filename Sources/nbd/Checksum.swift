@@ -47,19 +47,16 @@ struct Checksum: AsyncParsableCommand {
         let interrupt = Interrupt()
         for text in sources {
             let source = try await Endpoints.source(text, connections: connections, requests: requests, configuration: configuration)
-            let hasher = BlockHasher(blkhash)
-            let reader = Copier(
-                source: source,
-                destination: NullDestination(),
-                requestSize: 256 << 10,
-                requests: requests,
-                sparse: 0,
-                progress: try Progress(nil, total: nil),
-                hasher: hasher
-            )
+            let hash: BlockHasher
             let size: UInt64
             do {
-                size = try await reader.run(interrupt: interrupt)
+                (hash, size) = try await BlockHasher.reading(
+                    source,
+                    as: blkhash,
+                    requestSize: 256 << 10,
+                    requests: requests,
+                    interrupt: interrupt
+                )
             } catch {
                 await source.close()
                 throw error
@@ -69,7 +66,7 @@ struct Checksum: AsyncParsableCommand {
                 FileHandle.standardError.write(Data("nbd: interrupted\n".utf8))
                 throw ExitCode(130)
             }
-            print("\(try hasher.finish(size: size).hex)  \(text)")
+            print("\(try hash.finish(size: size).hex)  \(text)")
         }
     }
 }

@@ -22,6 +22,8 @@ final class Copier: Sendable {
     let hasher: BlockHasher?
     /// How much of the source to copy, when not all of it.
     let length: UInt64?
+    /// Of a resumable copy: what was done already is skipped, what gets done is recorded.
+    let journal: CopyJournal?
 
     init(
         source: any CopySource,
@@ -31,7 +33,8 @@ final class Copier: Sendable {
         sparse: Int,
         progress: Progress,
         hasher: BlockHasher? = nil,
-        length: UInt64? = nil
+        length: UInt64? = nil,
+        journal: CopyJournal? = nil
     ) {
         self.source = source
         self.destination = destination
@@ -41,6 +44,7 @@ final class Copier: Sendable {
         self.progress = progress
         self.hasher = hasher
         self.length = length
+        self.journal = journal
     }
 
     /// The request size raised to the largest preferred block size of the NBD endpoints, and one
@@ -53,7 +57,8 @@ final class Copier: Sendable {
         sparse: Int,
         progress: Progress,
         hasher: BlockHasher? = nil,
-        length: UInt64? = nil
+        length: UInt64? = nil,
+        journal: CopyJournal? = nil
     ) {
         let exports = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports }
         self.init(
@@ -64,7 +69,8 @@ final class Copier: Sendable {
             sparse: sparse,
             progress: progress,
             hasher: hasher,
-            length: length
+            length: length,
+            journal: journal
         )
     }
 
@@ -74,7 +80,7 @@ final class Copier: Sendable {
         guard let size = length ?? source.size, !destination.isSequential else {
             return try await runSequentially(interrupt: interrupt)
         }
-        let cursor = Cursor(source: source, size: size, pieceSize: requestSize)
+        let cursor = Cursor(source: source, size: size, pieceSize: requestSize, skipping: journal?.resumed ?? ByteRanges())
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
                 // On the source's event loop when it is an export: each read resumes where its reply
@@ -86,6 +92,9 @@ final class Copier: Sendable {
                     // Cancelled once another worker failed: no more pieces are read for nothing.
                     while !interrupt.happened, !Task.isCancelled, let piece = try await cursor.next() {
                         try await self.copy(piece, worker: worker)
+                        if let first = piece.parts.first, let last = piece.parts.last {
+                            self.journal?.completed(first.range.lowerBound..<last.range.upperBound)
+                        }
                     }
                 }
             }
@@ -125,7 +134,8 @@ final class Copier: Sendable {
         for part in piece.parts {
             switch part.kind {
             case .clean:
-                // Not dirty since the destination's copy was made: nothing to do.
+                // Not dirty since the destination's copy was made, or copied by an earlier run
+                // of a resumed copy: nothing to do.
                 break
             case .zero:
                 hasher?.addZeroes(at: part.range.lowerBound, length: UInt64(part.range.count))
@@ -207,14 +217,17 @@ final class Cursor: Sendable {
     private let source: any CopySource
     private let size: UInt64
     private let pieceSize: UInt64
+    /// Copied already (by an earlier run of a resumed copy): treated as clean.
+    private let skipping: ByteRanges
     private let state = NIOLockedValueBox(State())
     /// Block status is asked for this much at a time.
     private static let windowSize: UInt64 = 1 << 30
 
-    init(source: any CopySource, size: UInt64, pieceSize: UInt64) {
+    init(source: any CopySource, size: UInt64, pieceSize: UInt64, skipping: ByteRanges = ByteRanges()) {
         self.source = source
         self.size = size
         self.pieceSize = pieceSize
+        self.skipping = skipping
     }
 
     func next() async throws -> Piece? {
@@ -245,7 +258,8 @@ final class Cursor: Sendable {
             if let fetching = state.fetching, fetching.start == start { return .wait(start: start, fetching.task) }
             let source = self.source
             let length = min(size, start + Self.windowSize) - start
-            let task = Task { try await Self.areas(of: source, from: start, length: length) }
+            let skipping = self.skipping
+            let task = Task { try await Self.areas(of: source, from: start, length: length, skipping: skipping) }
             state.fetching = (start, task)
             return .wait(start: start, task)
         }
@@ -267,9 +281,17 @@ final class Cursor: Sendable {
         return .piece(piece)
     }
 
-    /// The source's clean ranges, and its zero ranges outside them, in order.
-    static func areas(of source: any CopySource, from start: UInt64, length: UInt64) async throws -> Areas {
-        let clean = try await source.cleanRanges(from: start, length: length)
+    /// The source's clean ranges (and those `skipping` holds), and its zero ranges outside
+    /// them, in order.
+    static func areas(
+        of source: any CopySource,
+        from start: UInt64,
+        length: UInt64,
+        skipping: ByteRanges = ByteRanges()
+    ) async throws -> Areas {
+        var cleanRanges = skipping
+        for range in try await source.cleanRanges(from: start, length: length) { cleanRanges.insert(range) }
+        let clean = cleanRanges.clamped(to: start..<(start + length))
         let zeroes = try await source.zeroRanges(from: start, length: length)
         // Without a bitmap, as block status gave them: a zero area running past the window is
         // one piece, and the next window starts after it (a sparse terabyte is not a thousand

@@ -26,6 +26,7 @@ struct Copy: AsyncParsableCommand {
               nbd copy nbd://src/disk nbd://dst/disk --progress
               nbd copy pattern:1G nbd://localhost/disk
               nbd copy nbd://localhost/disk null:
+              nbd copy --resume copy.journal nbd://src/disk nbd://dst/disk
             """
     )
 
@@ -99,6 +100,15 @@ struct Copy: AsyncParsableCommand {
     )
     var bitmap: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Keep a journal of what was copied in this file: run the same command again after an interruption and only the "
+                + "rest is copied. The journal is removed when the copy is complete.",
+            valueName: "file"
+        )
+    )
+    var resume: String?
+
     /// The bitmap's metadata context: a bare name is qemu's.
     var bitmapContext: String? { bitmap.map { $0.contains(":") ? $0 : "qemu:dirty-bitmap:\($0)" } }
 
@@ -128,12 +138,19 @@ struct Copy: AsyncParsableCommand {
                 throw ValidationError("--bitmap reads only what changed: --blkhash and --verify need it all (use nbd checksum)")
             }
         }
+        if resume != nil {
+            guard source != "-" else { throw ValidationError("--resume needs a source that can be read again, not stdin") }
+            guard destination != "-", destination != "null:" else {
+                throw ValidationError("--resume needs a destination that keeps what was written, not \(destination)")
+            }
+        }
     }
 
     func run() async throws {
         var configuration = connection.configuration()
         // Data is passed on as it arrived (readSegments): SwiftNIO's large reads suit that best.
         configuration.readsDataDirectly = false
+        let previous = try resume.flatMap { try CopyJournal.load($0) }
         let source = try await Endpoints.source(
             self.source,
             connections: connections,
@@ -143,13 +160,23 @@ struct Copy: AsyncParsableCommand {
         )
         let destination: any CopyDestination
         do {
+            if let previous, let resume {
+                try CopyJournal.requireResumable(
+                    previous,
+                    source: self.source,
+                    sourceSize: source.size,
+                    destination: self.destination,
+                    journal: resume
+                )
+            }
             if bitmapContext != nil { try Self.requireExisting(self.destination, size: source.size) }
             destination = try await Endpoints.destination(
                 self.destination,
                 size: source.size,
                 connections: connections,
                 requests: requests,
-                destinationIsZero: destinationIsZero,
+                // What the first run knew of the destination still holds for the rest of it.
+                destinationIsZero: destinationIsZero || previous?.destinationStartedZeroed == true,
                 allocated: allocated,
                 configuration: configuration
             )
@@ -167,7 +194,29 @@ struct Copy: AsyncParsableCommand {
             await destination.close()
             throw CommandError("the destination (\(available) bytes) is smaller than the source (\(needed) bytes)")
         }
-        let hasher = (blkhash ?? (verify ? .default : nil)).map(BlockHasher.init)
+        let journal: CopyJournal?
+        do {
+            journal = try resume.map { path in
+                try CopyJournal.startOrResume(
+                    path,
+                    record: previous,
+                    subject: journalSubject(source: source, destination: destination),
+                    destinationStartsZeroed: destination.startsZeroed
+                )
+            }
+        } catch {
+            await source.close()
+            await destination.close()
+            throw error
+        }
+        let resumed = journal.map { !$0.resumed.ranges.isEmpty } ?? false
+        if let journal, resumed, let size = source.size {
+            FileHandle.standardError.write(Data("nbd: resuming: \(journal.doneBytes) of \(size) bytes were copied already\n".utf8))
+        }
+        let hashing = blkhash ?? (verify ? .default : nil)
+        // What an earlier run copied is not read again: the blkhash of a resumed copy is made
+        // by reading the source once more, after the copy.
+        let hasher = resumed ? nil : hashing.map(BlockHasher.init)
         let copier = Copier(
             source: source,
             destination: destination,
@@ -175,40 +224,96 @@ struct Copy: AsyncParsableCommand {
             requests: requests,
             sparse: Int(sparse),
             progress: try Progress(progress, total: source.size),
-            hasher: hasher
+            hasher: hasher,
+            journal: journal
         )
         let interrupt = Interrupt()
         var failure: (any Error)?
         var copied: UInt64 = 0
         do {
-            copied = try await copier.run(interrupt: interrupt)
+            if let journal {
+                copied = try await journal.checkpointing(flushing: destination) {
+                    try await copier.run(interrupt: interrupt)
+                }
+            } else {
+                copied = try await copier.run(interrupt: interrupt)
+            }
             // Before --verify reads back over new connections: "the effects of NBD_CMD_FLUSH ...
             // MUST be visible across all connections" is all the spec promises them.
-            if (flush || verify) && !interrupt.happened { try await destination.flush() }
+            if (flush || verify || journal != nil) && !interrupt.happened { try await destination.flush() }
         } catch {
             failure = error
         }
         copier.progress.finish()
+        var journalNote: String?
+        if let journal { journalNote = await settle(journal, complete: failure == nil && !interrupt.happened, destination: destination) }
         await destination.close()
-        if failure == nil, let hasher, !interrupt.happened {
+        if failure == nil, let hashing, !interrupt.happened {
             do {
-                let digest = try hasher.finish(size: copied)
-                if blkhash != nil { try output(digest) }
-                if verify {
-                    try await Verifier(copy: self, configuration: configuration, interrupt: interrupt)
-                        .check(source: source, length: copied, against: hasher, digest: digest)
+                let (hash, size) = if let hasher { (hasher, copied) } else { try await rehash(source, as: hashing, interrupt: interrupt) }
+                if !interrupt.happened {
+                    let digest = try hash.finish(size: size)
+                    if blkhash != nil { try output(digest) }
+                    if verify {
+                        try await Verifier(copy: self, configuration: configuration, interrupt: interrupt)
+                            .check(source: source, length: size, against: hash, digest: digest)
+                    }
                 }
             } catch {
                 failure = error
             }
         }
         await source.close()
-        if let failure { throw failure }
+        if let failure {
+            if let journalNote { FileHandle.standardError.write(Data(journalNote.utf8)) }
+            throw failure
+        }
         if interrupt.happened {
             // 128 + SIGINT, as shells report a command ended by Ctrl-C.
             FileHandle.standardError.write(Data("nbd: interrupted: requests in flight were completed and the connections closed\n".utf8))
+            if let journalNote { FileHandle.standardError.write(Data(journalNote.utf8)) }
             throw ExitCode(130)
         }
+    }
+
+    /// What the journal of this copy is for.
+    private func journalSubject(source: any CopySource, destination: any CopyDestination) -> CopyJournal.Subject {
+        CopyJournal.Subject(
+            source: CopyJournal.name(of: self.source),
+            sourceSize: source.size ?? 0,
+            destination: CopyJournal.name(of: self.destination),
+            destinationSize: destination.currentSize ?? 0,
+            bitmap: bitmapContext
+        )
+    }
+
+    /// After the copy: a complete copy needs its journal no more; otherwise what was written
+    /// is flushed and recorded. Returns what to tell the person about going on, if anything.
+    private func settle(_ journal: CopyJournal, complete: Bool, destination: any CopyDestination) async -> String? {
+        guard !complete else {
+            journal.remove()
+            return nil
+        }
+        var line = "nbd: "
+        do {
+            try await journal.checkpoint(flushing: destination)
+        } catch {
+            line += "the last writes could not be recorded (\(error)); "
+        }
+        return line + "the journal \(journal.path) holds \(journal.doneBytes) of \(journal.subject.sourceSize) bytes copied: "
+            + "run the same command again to copy the rest\n"
+    }
+
+    /// The source's blkhash, read again in full.
+    private func rehash(
+        _ source: any CopySource,
+        as specification: BlockHashSpecification,
+        interrupt: Interrupt
+    ) async throws -> (
+        BlockHasher, UInt64
+    ) {
+        FileHandle.standardError.write(Data("nbd: reading the source again for the blkhash of the resumed copy\n".utf8))
+        return try await BlockHasher.reading(source, as: specification, requestSize: requestSize, requests: requests, interrupt: interrupt)
     }
 
     /// An incremental copy goes onto the full copy it updates: a file must be there already,

@@ -28,6 +28,9 @@ protocol CopySource: CopyEndpoint {
 protocol CopyDestination: CopyEndpoint {
     /// Size in bytes, or nil when any size fits (a stream, `null:`, a file that grows).
     var size: UInt64? { get }
+    /// How many bytes it holds now, when it has a size of its own (an export, a file or a
+    /// block device): what a resumable copy's journal records.
+    var currentSize: UInt64? { get }
     /// True when the destination reads as zeroes where nothing was written.
     var startsZeroed: Bool { get }
     /// True when writes must come in order (stdout).
@@ -53,6 +56,7 @@ extension CopyEndpoint {
 
 extension CopyDestination {
     var discards: Bool { false }
+    var currentSize: UInt64? { size }
 }
 
 extension CopySource {
@@ -221,6 +225,8 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         }
         return FileEndpoint(descriptor: fd, size: nil, startsZeroed: zeroed && !allocates, stream: false)
     }
+
+    var currentSize: UInt64? { isStream ? nil : UInt64(max(0, lseek(descriptor, 0, SEEK_END))) }
 
     private init(descriptor: Int32, size: UInt64?, startsZeroed: Bool, stream: Bool) {
         self.descriptor = descriptor

@@ -37,18 +37,14 @@ struct Verifier {
         against sourceHash: BlockHasher,
         digest: [UInt8]
     ) async throws -> String? {
-        let hash = BlockHasher(sourceHash.specification)
-        let reader = Copier(
-            source: readBack,
-            destination: NullDestination(),
+        let (hash, _) = try await BlockHasher.reading(
+            readBack,
+            as: sourceHash.specification,
+            length: length,
             requestSize: copy.requestSize,
             requests: copy.requests,
-            sparse: 0,
-            progress: try Progress(nil, total: nil),
-            hasher: hash,
-            length: length
+            interrupt: interrupt
         )
-        try await reader.run(interrupt: interrupt)
         guard !interrupt.happened else { return nil }
         guard try hash.finish(size: length) != digest else {
             FileHandle.standardError.write(

@@ -195,11 +195,6 @@ extension CopyCommandTests {
 }
 
 extension CopyCommandTests {
-    /// Bytes the file takes on disk.
-    func allocatedBytes(_ path: String) -> Int {
-        var info = stat()
-        return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
-    }
 
     /// --allocated (nbdcopy's name): zero areas are written, to a file and through qemu-nbd to a
     /// raw file (with NBD_CMD_FLAG_NO_HOLE), so the copy takes its whole size on disk; without it

@@ -267,3 +267,9 @@ func sameContents(_ first: String, _ second: String) throws -> Bool {
     }
     return true
 }
+
+/// Bytes the file takes on disk.
+func allocatedBytes(_ path: String) -> Int {
+    var info = stat()
+    return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
+}

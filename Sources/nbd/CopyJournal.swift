@@ -1,0 +1,268 @@
+import Foundation
+import NBD
+import NBDServer
+import NIOConcurrencyHelpers
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// `nbd copy --resume FILE`: the ranges of the destination that were written and then flushed,
+/// so that a copy started again with the same FILE copies only the rest.
+///
+/// A range is recorded only after a flush that followed its write's completion ("NBD_CMD_FLUSH
+/// ... MUST NOT send a reply until all write commands ... that it has completed before
+/// processing this command have been written to permanent storage"), and the file is replaced
+/// whole (written beside it, synced, renamed): a crash leaves the old journal or the new one.
+final class CopyJournal: Sendable {
+    /// What a journal is for: its copy's source and destination, as given (files by their full
+    /// path), with their sizes, and the dirty bitmap of an incremental copy.
+    struct Subject: Codable, Equatable, Sendable, CustomStringConvertible {
+        var source: String
+        var sourceSize: UInt64
+        var destination: String
+        var destinationSize: UInt64
+        var bitmap: String?
+
+        var description: String {
+            "a copy of \(source) (\(sourceSize) bytes) onto \(destination) (\(destinationSize) bytes)"
+                + (bitmap.map { " with the bitmap \($0)" } ?? "")
+        }
+    }
+
+    /// The file's contents.
+    struct Record: Codable, Sendable {
+        static let expectedFormat = "nbd copy journal"
+        var format = Record.expectedFormat
+        var version = 1
+        var subject: Subject
+        /// True when the destination read as zeroes before the first run wrote to it (a new
+        /// file): the runs after it may skip zero areas too, since every write any run made
+        /// put the source's own bytes in place.
+        var destinationStartedZeroed: Bool
+        /// `[start, end]` pairs, in order.
+        var done: [[UInt64]]
+    }
+
+    /// Records are read whole: a journal this large was not written by us.
+    static let maximumFileSize = 16 << 20
+    /// How often what was written is flushed and recorded.
+    static let interval: Duration = .seconds(1)
+
+    let path: String
+    let subject: Subject
+    let destinationStartedZeroed: Bool
+    /// What the journal held when this run began: the copy skips it.
+    let resumed: ByteRanges
+
+    private struct State {
+        /// Flushed and in the file.
+        var durable: ByteRanges
+        /// Written, not yet flushed.
+        var pending = ByteRanges()
+    }
+
+    private let state: NIOLockedValueBox<State>
+
+    init(path: String, subject: Subject, destinationStartedZeroed: Bool, done: ByteRanges = ByteRanges()) {
+        self.path = path
+        self.subject = subject
+        self.destinationStartedZeroed = destinationStartedZeroed
+        self.resumed = done
+        self.state = NIOLockedValueBox(State(durable: done))
+    }
+
+    var doneBytes: UInt64 { state.withLockedValue { $0.durable.byteCount } }
+
+    /// Called once every part of `range` was written (or needed nothing).
+    func completed(_ range: Range<UInt64>) {
+        state.withLockedValue { $0.pending.insert(range) }
+    }
+
+    /// Flushes the destination and records what was written before the flush was sent.
+    func checkpoint(flushing destination: any CopyDestination) async throws {
+        let taken = state.withLockedValue { state in
+            defer { state.pending = ByteRanges() }
+            return state.pending
+        }
+        guard !taken.ranges.isEmpty else { return }
+        do {
+            try await destination.flush()
+        } catch {
+            // Still written, still to be recorded by a later checkpoint.
+            state.withLockedValue { $0.pending.formUnion(taken) }
+            throw error
+        }
+        let done = state.withLockedValue { state in
+            state.durable.formUnion(taken)
+            return state.durable
+        }
+        try save(done)
+    }
+
+    /// Runs `work` with a checkpoint every `interval`; a checkpoint that fails stops the work.
+    func checkpointing<T: Sendable>(
+        flushing destination: any CopyDestination,
+        _ work: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await work() }
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: Self.interval)
+                    try await self.checkpoint(flushing: destination)
+                }
+            }
+            defer { group.cancelAll() }
+            // The work ends first unless a checkpoint fails; the loop is then cancelled.
+            while let result = try await group.next() {
+                if let result { return result }
+            }
+            throw CancellationError()
+        }
+    }
+
+    // MARK: The file
+
+    /// Writes the journal as it is now.
+    func save() throws { try save(state.withLockedValue { $0.durable }) }
+
+    private func save(_ done: ByteRanges) throws {
+        let record = Record(
+            subject: subject,
+            destinationStartedZeroed: destinationStartedZeroed,
+            done: done.ranges.map { [$0.lowerBound, $0.upperBound] }
+        )
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        try Self.replace(path, with: try encoder.encode(record) + Data("\n".utf8))
+    }
+
+    /// The journal at `path`, or nil when there is none.
+    static func load(_ path: String) throws -> Record? {
+        let descriptor = open(path, O_RDONLY | O_CLOEXEC)
+        if descriptor < 0, errno == ENOENT { return nil }
+        guard descriptor >= 0 else { throw CommandError("cannot read the journal \(path): \(String(cString: strerror(errno)))") }
+        let handle = FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
+        let data = try handle.read(upToCount: maximumFileSize + 1) ?? Data()
+        let notOurs = "\(path) is not a journal of nbd copy"
+        guard data.count <= maximumFileSize else { throw CommandError("\(notOurs) (it is larger than 16 MiB)") }
+        guard let record = try? JSONDecoder().decode(Record.self, from: data), record.format == Record.expectedFormat else {
+            throw CommandError("\(notOurs); remove it to start over")
+        }
+        guard record.version == 1 else { throw CommandError("the journal \(path) is of version \(record.version), and this nbd reads 1") }
+        guard done(of: record) != nil else { throw CommandError("\(notOurs): its ranges are out of order or past the end") }
+        return record
+    }
+
+    /// A record's ranges, when they are in order and within the source.
+    static func done(of record: Record) -> ByteRanges? {
+        var ranges: [Range<UInt64>] = []
+        for pair in record.done {
+            guard pair.count == 2, pair[0] < pair[1], pair[1] <= record.subject.sourceSize else { return nil }
+            ranges.append(pair[0]..<pair[1])
+        }
+        return ByteRanges(ordered: ranges)
+    }
+
+    /// Removes the journal of a copy that ended: nothing is left to resume.
+    func remove() {
+        if unlink(path) != 0, errno != ENOENT {
+            FileHandle.standardError.write(Data("nbd: cannot remove the journal \(path): \(String(cString: strerror(errno)))\n".utf8))
+        }
+    }
+
+    /// Replaces `path` with `data`: written beside it, synced, renamed over it, and the folder
+    /// synced, so that the name points to the old contents or the new, never to a part.
+    private static func replace(_ path: String, with data: Data) throws {
+        func failure(_ what: String) -> CommandError {
+            CommandError("cannot write the journal \(path): \(what): \(String(cString: strerror(errno)))")
+        }
+        let temporary = path + ".new"
+        let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard descriptor >= 0 else { throw failure("cannot create \(temporary)") }
+        defer { _ = CLibrary.close(descriptor) }
+        try data.withUnsafeBytes { bytes in
+            if case .failure(let error) = FileIO.write(descriptor, bytes, at: 0) {
+                throw CommandError("cannot write the journal \(path): \(error)")
+            }
+        }
+        guard fsync(descriptor) == 0 else { throw failure("fsync") }
+        guard rename(temporary, path) == 0 else { throw failure("rename") }
+        let parent = (path as NSString).deletingLastPathComponent
+        let folder = open(parent.isEmpty ? "." : parent, O_RDONLY | O_CLOEXEC)
+        if folder >= 0 {
+            _ = fsync(folder)
+            _ = CLibrary.close(folder)
+        }
+    }
+}
+
+extension CopyJournal {
+    /// How the journal names a source or destination: a file by its full path, so that a copy
+    /// started again from another folder is still recognised; anything else as given.
+    static func name(of argument: String) -> String {
+        let given = Endpoints.isURI(argument) || argument == "-" || ["pattern:", "zero:", "null:"].contains { argument.hasPrefix($0) }
+        guard !given, let resolved = realpath(argument, nil) else { return argument }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+
+    /// Before a resumed copy opens its destination: the source (open already) must be the
+    /// journal's, and so must the destination; a file must still be there, of the size the
+    /// journal recorded (opening it could otherwise create or extend it).
+    static func requireResumable(
+        _ record: Record,
+        source: String,
+        sourceSize: UInt64?,
+        destination: String,
+        journal path: String
+    ) throws {
+        let subject = record.subject
+        guard name(of: source) == subject.source, sourceSize == subject.sourceSize else {
+            throw CommandError(
+                "the journal \(path) is for a copy of \(subject.source) (\(subject.sourceSize) bytes), "
+                    + "not of \(source) (\(sourceSize.map { "\($0) bytes" } ?? "a stream")): remove it to start over"
+            )
+        }
+        guard name(of: destination) == subject.destination else {
+            throw CommandError(
+                "the journal \(path) is for a copy onto \(subject.destination), not onto \(destination): remove it to start over"
+            )
+        }
+        guard !Endpoints.isURI(destination) else { return }
+        var info = stat()
+        guard stat(destination, &info) == 0 else {
+            throw CommandError("the journal \(path) is for a copy onto \(subject.destination), which is not there: remove it to start over")
+        }
+        if (info.st_mode & S_IFMT) == S_IFREG, UInt64(info.st_size) != subject.destinationSize {
+            throw CommandError(
+                "the journal \(path) is for a copy onto \(subject.destination) of \(subject.destinationSize) bytes, "
+                    + "and \(destination) has \(info.st_size): remove the journal to start over"
+            )
+        }
+    }
+
+    /// The journal of this copy: `record`'s when it is for `subject` (a mismatch is refused),
+    /// or a new one when there was none.
+    static func startOrResume(_ path: String, record: Record?, subject: Subject, destinationStartsZeroed: Bool) throws -> CopyJournal {
+        guard let record else {
+            let journal = CopyJournal(path: path, subject: subject, destinationStartedZeroed: destinationStartsZeroed)
+            // Written now: a run stopped before its first checkpoint still leaves what the next
+            // run must know (that the destination started zeroed), and a bad path fails at once.
+            try journal.save()
+            return journal
+        }
+        guard record.subject == subject else {
+            throw CommandError("the journal \(path) is for \(record.subject), not for \(subject): remove it to start over")
+        }
+        return CopyJournal(
+            path: path,
+            subject: subject,
+            destinationStartedZeroed: record.destinationStartedZeroed,
+            done: done(of: record) ?? ByteRanges()
+        )
+    }
+}

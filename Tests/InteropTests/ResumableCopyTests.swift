@@ -1,0 +1,270 @@
+import Foundation
+import NBD
+import Testing
+
+/// `nbd copy --resume FILE`: a copy interrupted by Ctrl-C, by its source's death or by its
+/// destination's, and started again with the same journal, reads only what the journal lacks
+/// and ends with the source's bytes.
+@Suite("nbd copy --resume (journalled, resumable copies)", .serialized)
+struct ResumableCopyTests {
+    static let size = 32 << 20
+
+    /// Bytes the journal at `path` records as copied, or nil when there is none.
+    func journalledBytes(_ path: String) -> Int? {
+        guard let data = FileManager.default.contents(atPath: path),
+            let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+            let done = object["done"] as? [[Int]]
+        else { return nil }
+        return done.reduce(0) { $0 + $1[1] - $1[0] }
+    }
+
+    /// A sparse file of `size` zero bytes.
+    func emptyFile(_ path: String, size: Int) throws {
+        _ = FileManager.default.createFile(atPath: path, contents: nil)
+        try FileHandle(forWritingTo: URL(fileURLWithPath: path)).truncate(atOffset: UInt64(size))
+    }
+
+    /// Bytes nbdkit's log filter saw read.
+    func nbdkitBytesRead(_ log: String) -> Int {
+        let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").filter { $0.contains(" Read id=") }
+            .compactMap { $0.split(separator: "count=0x").last?.split(separator: " ").first.flatMap { Int($0, radix: 16) } }
+            .reduce(0, +)
+    }
+
+    /// Bytes qemu-nbd sent in read replies, from its trace.
+    func qemuBytesRead(_ trace: String) -> Int {
+        let text = (try? String(contentsOfFile: trace, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").filter { $0.hasPrefix("nbd_co_send_structured_read ") }
+            .compactMap { $0.split(separator: "len = ").last.flatMap { Int($0) } }.reduce(0, +)
+    }
+
+    /// Runs `nbd ARGUMENTS`; once `journal` records at least `bytes`, `interrupt` is called.
+    /// Returns the exit status and standard error.
+    func interrupted(
+        _ arguments: [String],
+        journal: String,
+        after bytes: Int = 2 << 20,
+        interrupt: (Process) -> Void
+    ) async throws -> (status: Int32, error: String) {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: nbdTool)
+        process.arguments = arguments
+        let errors = Pipe()
+        process.standardError = errors
+        try process.run()
+        var waited = 0
+        while process.isRunning, (journalledBytes(journal) ?? 0) < bytes, waited < 3000 {
+            try await Task.sleep(for: .milliseconds(10))
+            waited += 1
+        }
+        #expect(process.isRunning, "the copy ended before it was interrupted")
+        interrupt(process)
+        let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        while process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        return (process.terminationStatus, message)
+    }
+
+    /// Copies with a journal until it records some bytes, then kills `victim` (the source's
+    /// server or the destination's): the copy fails, says how to go on, and leaves a journal of
+    /// part of the copy. Returns the bytes it records.
+    func copyKilling(_ victim: Process, from source: String, to destination: String, journal: String) async throws -> Int {
+        let first = try await interrupted(
+            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            journal: journal
+        ) { _ in
+            kill(victim.processIdentifier, SIGKILL)
+        }
+        #expect(first.status == 1, "\(first.error)")
+        #expect(first.error.contains("run the same command again"), "\(first.error)")
+        let done = try #require(journalledBytes(journal))
+        #expect(done > 0 && done < Self.size)
+        while victim.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        return done
+    }
+
+    /// A slow nbdkit pattern source (two requests of 256 KiB every 100 ms: 32 MiB take six
+    /// seconds), with its reads logged.
+    func slowPattern(_ server: ServerProcess, log: String) async throws -> String {
+        try await server.nbdkit(["--filter=log", "--filter=delay", "pattern", "\(Self.size)", "delay-read=100ms", "logfile=\(log)"])
+            .description
+    }
+
+    @Test func ctrlCThenResumeCopiesOnlyTheRest() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let log = server.path("reads.log")
+        let source = try await slowPattern(server, log: log)
+        let journal = server.path("copy.journal")
+        let destination = server.path("copy.raw")
+        let first = try await interrupted(
+            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            journal: journal
+        ) { kill($0.processIdentifier, SIGINT) }
+        #expect(first.status == 130, "\(first.error)")
+        #expect(first.error.contains("nbd: interrupted"), "\(first.error)")
+        #expect(first.error.contains("run the same command again"), "\(first.error)")
+        let done = try #require(journalledBytes(journal))
+        #expect(done > 0 && done < Self.size)
+        // Replaced by rename: nothing is left beside it. A leftover from a crash is no matter.
+        #expect(!FileManager.default.fileExists(atPath: journal + ".new"))
+        _ = FileManager.default.createFile(atPath: journal + ".new", contents: Data("half a journal".utf8))
+
+        let before = nbdkitBytesRead(log)
+        let second = try runNBD(["copy", "--resume", journal, "--verify", "--blkhash", source, destination])
+        #expect(second.status == 0, "\(second.error)")
+        #expect(second.error.contains("resuming: \(done) of \(Self.size) bytes were copied already"), "\(second.error)")
+        #expect(second.error.contains("nbd: verified"), "\(second.error)")
+        // What the journal lacked, then the whole source once more for the blkhash.
+        #expect(nbdkitBytesRead(log) - before == Self.size - done + Self.size)
+        #expect(journalledBytes(journal) == nil, "a complete copy leaves no journal")
+
+        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
+        #expect(try sameContents(destination, server.path("expected.raw")))
+        let checksum = try runNBD(["checksum", "--blkhash", destination])
+        #expect(checksum.output.split(separator: " ").first == second.output.split(separator: "\n").first)
+    }
+
+    @Test func aKilledSourceThenResumeCopiesOnlyTheRest() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let data = server.path("source.raw")
+        try Data(pattern(Self.size, seed: 7).readableBytesView).write(to: URL(fileURLWithPath: data))
+        let socket = server.path("q.sock")
+        func qemuNBD(trace: String) async throws -> Process {
+            try? FileManager.default.removeItem(atPath: socket)
+            return try await server.start(
+                "qemu-nbd",
+                ["-k", socket, "-t", "-r", "-f", "raw", "--trace", "enable=nbd_co_send_structured_read*,file=\(trace)", data],
+                waitFor: socket
+            )
+        }
+        let qemu = try await qemuNBD(trace: server.path("first.trace"))
+        // The destination is the slow side: nbdkit's file plugin, each write 100 ms late.
+        let copy = server.path("copy.raw")
+        try emptyFile(copy, size: Self.size)
+        let destination = try await server.nbdkit(["--filter=delay", "file", copy, "delay-write=100ms"]).description
+        let source = NBDURI(socket: socket).description
+        let journal = server.path("copy.journal")
+        let done = try await copyKilling(qemu, from: source, to: destination, journal: journal)
+        let trace = server.path("second.trace")
+        _ = try await qemuNBD(trace: trace)
+        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        #expect(second.status == 0, "\(second.error)")
+        #expect(qemuBytesRead(trace) == Self.size - done)
+        #expect(try sameContents(copy, data))
+    }
+
+    @Test func aKilledDestinationThenResumeCopiesOnlyTheRest() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let log = server.path("reads.log")
+        let source = try await slowPattern(server, log: log)
+        // The destination is our own server, serving a file.
+        let copy = server.path("copy.raw")
+        try emptyFile(copy, size: Self.size)
+        let socket = server.path("ours.sock")
+        func serve() async throws -> Process {
+            try? FileManager.default.removeItem(atPath: socket)
+            return try await server.start(nbdTool, ["serve", copy, "--socket", socket], waitFor: socket)
+        }
+        let ours = try await serve()
+        let destination = NBDURI(socket: socket).description
+        let journal = server.path("copy.journal")
+        let done = try await copyKilling(ours, from: source, to: destination, journal: journal)
+        _ = try await serve()
+        let before = nbdkitBytesRead(log)
+        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        #expect(second.status == 0, "\(second.error)")
+        #expect(nbdkitBytesRead(log) - before == Self.size - done)
+        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
+        #expect(try sameContents(copy, server.path("expected.raw")))
+    }
+
+    /// A journal written by hand: the first half of `pattern:8M` onto `copy.raw` is done.
+    func handJournal(
+        _ server: ServerProcess,
+        source: String = "pattern:8M",
+        done: [[Int]] = [[0, 4 << 20]],
+        zeroed: Bool = true
+    ) throws -> String {
+        let journal = server.path("hand.journal")
+        let copy = URL(fileURLWithPath: server.path("copy.raw")).resolvingSymlinksInPath().path
+        let record: [String: Any] = [
+            "format": "nbd copy journal", "version": 1, "destinationStartedZeroed": zeroed, "done": done,
+            "subject": ["source": source, "sourceSize": 8 << 20, "destination": copy, "destinationSize": 8 << 20],
+        ]
+        try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: journal))
+        return journal
+    }
+
+    @Test func aJournalOnlyResumesItsOwnCopy() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let copy = server.path("copy.raw")
+        try emptyFile(copy, size: 8 << 20)
+        let journal = try handJournal(server)
+        func refused(_ arguments: [String], saying words: String) throws {
+            let result = try runNBD(arguments)
+            #expect(result.status == 1, "\(arguments): \(result.error)")
+            #expect(result.error.hasPrefix("nbd: ") && result.error.contains(words), "\(result.error)")
+            #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
+        }
+        let other = server.path("other.raw")
+        try refused(["copy", "--resume", journal, "pattern:8M", other], saying: "is for a copy onto \(copy), not onto \(other)")
+        #expect(!FileManager.default.fileExists(atPath: other), "a refused copy creates nothing")
+        try refused(
+            ["copy", "--resume", journal, "pattern:16M", copy],
+            saying: "is for a copy of pattern:8M (8388608 bytes), not of pattern:16M (16777216 bytes)"
+        )
+        #expect(try FileManager.default.attributesOfItem(atPath: copy)[.size] as? Int == 8 << 20, "a refused copy extends nothing")
+        try refused(["copy", "--resume", journal, "zero:8M", copy], saying: "not of zero:8M")
+        try refused(["copy", "--resume", journal, "pattern:8M", "-"], saying: "--resume needs a destination that keeps")
+
+        // Its own copy goes on from the journal: the first half is skipped (and stays zero).
+        let result = try runNBD(["copy", "--resume", journal, "pattern:8M", copy])
+        #expect(result.status == 0, "\(result.error)")
+        #expect(!FileManager.default.fileExists(atPath: journal))
+        let bytes = try Data(contentsOf: URL(fileURLWithPath: copy))
+        // Compared outside #expect: a failing comparison of megabytes would be diffed for ages.
+        let firstHalfIsZero = bytes.prefix(4 << 20).allSatisfy { $0 == 0 }
+        #expect(firstHalfIsZero)
+        _ = try runNBD(["copy", "pattern:8M", server.path("expected.raw")])
+        let expected = try Data(contentsOf: URL(fileURLWithPath: server.path("expected.raw")))
+        let secondHalfIsCopied = bytes.count == 8 << 20 && bytes.suffix(4 << 20) == expected.suffix(4 << 20)
+        #expect(secondHalfIsCopied)
+
+        // What is not a journal, or not a sound one, is refused and left alone.
+        try Data("{\"half\": ".utf8).write(to: URL(fileURLWithPath: journal))
+        try refused(["copy", "--resume", journal, "pattern:8M", copy], saying: "is not a journal of nbd copy")
+        #expect(try String(contentsOfFile: journal, encoding: .utf8) == "{\"half\": ")
+        _ = try handJournal(server, done: [[4 << 20, 9 << 20]])
+        try refused(["copy", "--resume", journal, "pattern:8M", copy], saying: "out of order or past the end")
+        _ = try handJournal(server, done: [[2 << 20, 4 << 20], [0, 1 << 20]])
+        try refused(["copy", "--resume", journal, "pattern:8M", copy], saying: "out of order or past the end")
+        _ = try handJournal(server)
+        try FileManager.default.removeItem(atPath: copy)
+        try refused(["copy", "--resume", journal, "pattern:8M", copy], saying: "which is not there")
+    }
+
+    /// The first run's knowledge that the destination read as zeroes is kept: a resumed sparse
+    /// copy onto a file the first run created leaves its holes; onto one that had data, zero
+    /// areas are written.
+    @Test func aResumedCopyKeepsWhatTheFirstRunKnewOfItsDestination() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let copy = server.path("copy.raw")
+        for zeroed in [true, false] {
+            try emptyFile(copy, size: 8 << 20)
+            let journal = try handJournal(server, source: "zero:8M", done: [[0, 1 << 20]], zeroed: zeroed)
+            let result = try runNBD(["copy", "--resume", journal, "zero:8M", copy])
+            #expect(result.status == 0, "\(result.error)")
+            if zeroed {
+                #expect(allocatedBytes(copy) == 0)
+            } else {
+                #expect(allocatedBytes(copy) >= 7 << 20)
+            }
+            try FileManager.default.removeItem(atPath: copy)
+        }
+    }
+}
