@@ -269,6 +269,7 @@ extension BlockHasher {
         length: UInt64? = nil,
         requestSize: UInt64,
         requests: Int,
+        memory: UInt64 = Copier.defaultMemory,
         interrupt: Interrupt
     ) async throws -> (hash: BlockHasher, size: UInt64) {
         let hash = BlockHasher(specification)
@@ -277,6 +278,7 @@ extension BlockHasher {
             destination: NullDestination(),
             requestSize: requestSize,
             requests: requests,
+            memory: memory,
             sparse: 0,
             progress: try Progress(nil, total: nil),
             hasher: hash,

@@ -43,6 +43,7 @@ struct Checksum: AsyncParsableCommand {
 
     func run() async throws {
         var configuration = connection.configuration()
+        // The data is hashed and dropped: taken as it arrived, in SwiftNIO's large reads.
         configuration.readsDataDirectly = false
         let interrupt = Interrupt()
         for text in sources {

@@ -47,13 +47,20 @@ final class Copier: Sendable {
         self.journal = journal
     }
 
+    /// What the workers' buffers may take at most, by default: with the rest of the process,
+    /// about what nbdcopy takes for a copy between two exports.
+    static let defaultMemory: UInt64 = 24 << 20
+
     /// The request size raised to the largest preferred block size of the NBD endpoints, and one
-    /// worker per request in flight over every connection opened (`requests` per connection).
+    /// worker per request in flight over every connection opened (`requests` per connection),
+    /// as many as `memory` holds buffers of the request size (but one per connection at least)
+    /// unless the destination discards what it gets.
     convenience init(
         source: any CopySource,
         destination: any CopyDestination,
         requestSize: UInt64,
         requests: Int,
+        memory: UInt64 = Copier.defaultMemory,
         sparse: Int,
         progress: Progress,
         hasher: BlockHasher? = nil,
@@ -61,11 +68,15 @@ final class Copier: Sendable {
         journal: CopyJournal? = nil
     ) {
         let exports = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports }
+        let connections = exports.map(\.count).max() ?? 1
+        let size = max(requestSize, UInt64(exports.map { $0[0].info.blockSizes.preferred }.max() ?? 0))
         self.init(
             source: source,
             destination: destination,
-            requestSize: max(requestSize, UInt64(exports.map { $0[0].info.blockSizes.preferred }.max() ?? 0)),
-            workers: (exports.map(\.count).max() ?? 1) * requests,
+            requestSize: size,
+            // Data that is only hashed or thrown away is held for no time: the memory bound is
+            // for data that waits for its writes.
+            workers: destination.discards ? connections * requests : max(connections, min(connections * requests, Int(memory / size))),
             sparse: sparse,
             progress: progress,
             hasher: hasher,
@@ -89,9 +100,13 @@ final class Copier: Sendable {
                 // for seconds.
                 let executor = source.taskExecutor(for: worker)
                 group.addTask(executorPreference: executor) {
+                    // The worker's one buffer, read into again for each piece once the last
+                    // piece's writes are done: the copy holds `workers` buffers, never more
+                    // (SwiftNIO's receive buffers are not held: the data is read straight in).
+                    var buffer = ByteBuffer()
                     // Cancelled once another worker failed: no more pieces are read for nothing.
                     while !interrupt.happened, !Task.isCancelled, let piece = try await cursor.next() {
-                        try await self.copy(piece, worker: worker)
+                        try await self.copy(piece, worker: worker, buffer: &buffer)
                         if let first = piece.parts.first, let last = piece.parts.last {
                             self.journal?.completed(first.range.lowerBound..<last.range.upperBound)
                         }
@@ -116,7 +131,7 @@ final class Copier: Sendable {
         while !interrupt.happened {
             let length = (self.length ?? source.size).map { min(requestSize, $0 - offset) } ?? requestSize
             guard length > 0 else { break }
-            let data = CopyData(try await source.read(at: offset, length: Int(length), worker: 0))
+            let data = CopyData([try await source.read(at: offset, length: Int(length), worker: 0)])
             guard data.count > 0 else { break }
             if let size = destination.size, offset + UInt64(data.count) > size {
                 throw CommandError("the source is larger than the destination (\(size) bytes)")
@@ -130,7 +145,7 @@ final class Copier: Sendable {
         return offset
     }
 
-    private func copy(_ piece: Cursor.Piece, worker: Int) async throws {
+    private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
         for part in piece.parts {
             switch part.kind {
             case .clean:
@@ -143,7 +158,14 @@ final class Copier: Sendable {
                     try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker)
                 }
             case .data:
-                let data = CopyData(try await source.read(at: part.range.lowerBound, length: part.range.count, worker: worker))
+                let data: CopyData
+                if destination.discards {
+                    data = CopyData(try await source.readSegments(at: part.range.lowerBound, length: part.range.count, worker: worker))
+                } else {
+                    buffer.clear()
+                    try await source.read(into: &buffer, at: part.range.lowerBound, length: part.range.count, worker: worker)
+                    data = CopyData([buffer])
+                }
                 guard data.count == part.range.count else {
                     throw CommandError("short read from the source at offset \(part.range.lowerBound)")
                 }

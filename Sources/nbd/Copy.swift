@@ -49,6 +49,16 @@ struct Copy: AsyncParsableCommand {
     var requestSize: UInt64 = 256 << 10
 
     @Option(
+        help: ArgumentHelp(
+            "The most memory the data in flight takes (K, M, G suffixes): requests in flight are capped at this over the "
+                + "request size, with one per connection at least.",
+            valueName: "size"
+        ),
+        transform: Sizes.parse
+    )
+    var memory: UInt64 = Copier.defaultMemory
+
+    @Option(
         help: ArgumentHelp("Blocks of this many zero bytes are zeroed, not written; 0 turns it off.", valueName: "bytes"),
         transform: Sizes.parse
     )
@@ -115,8 +125,8 @@ struct Copy: AsyncParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func validate() throws {
-        guard connections > 0, requests > 0, requestSize > 0 else {
-            throw ValidationError("--connections, --requests and --request-size must be positive")
+        guard connections > 0, requests > 0, requestSize > 0, memory > 0 else {
+            throw ValidationError("--connections, --requests, --request-size and --memory must be positive")
         }
         guard requestSize <= 32 << 20 else { throw ValidationError("--request-size must be at most 32M") }
         if let progress, progress != "auto", progress != "json", Int32(progress) == nil {
@@ -148,8 +158,9 @@ struct Copy: AsyncParsableCommand {
 
     func run() async throws {
         var configuration = connection.configuration()
-        // Data is passed on as it arrived (readSegments): SwiftNIO's large reads suit that best.
-        configuration.readsDataDirectly = false
+        // Data read only to be thrown away is taken as it arrived (readSegments), where
+        // SwiftNIO's large reads do best; data to be written is read straight into buffers.
+        configuration.readsDataDirectly = destination != "null:"
         let previous = try resume.flatMap { try CopyJournal.load($0) }
         let source = try await Endpoints.source(
             self.source,
@@ -222,6 +233,7 @@ struct Copy: AsyncParsableCommand {
             destination: destination,
             requestSize: requestSize,
             requests: requests,
+            memory: memory,
             sparse: Int(sparse),
             progress: try Progress(progress, total: source.size),
             hasher: hasher,
@@ -313,7 +325,14 @@ struct Copy: AsyncParsableCommand {
         BlockHasher, UInt64
     ) {
         FileHandle.standardError.write(Data("nbd: reading the source again for the blkhash of the resumed copy\n".utf8))
-        return try await BlockHasher.reading(source, as: specification, requestSize: requestSize, requests: requests, interrupt: interrupt)
+        return try await BlockHasher.reading(
+            source,
+            as: specification,
+            requestSize: requestSize,
+            requests: requests,
+            memory: memory,
+            interrupt: interrupt
+        )
     }
 
     /// An incremental copy goes onto the full copy it updates: a file must be there already,

@@ -18,9 +18,13 @@ protocol CopySource: CopyEndpoint {
     /// Ranges that need no copying (clean in the dirty bitmap of an incremental copy), within
     /// `offset..<offset+length`, in order.
     func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
-    /// Up to `length` bytes at `offset` (fewer only at the end of a stream), in one buffer or
-    /// in the pieces they arrived in.
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]
+    /// Appends up to `length` bytes at `offset` (fewer only at the end of a stream) to `buffer`:
+    /// each worker reads into a buffer of its own, again and again, so that the copy's memory
+    /// is its workers' buffers and no more.
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
+    /// The same bytes in the pieces they arrived in, for data that is hashed or thrown away
+    /// at once: an export's receive buffers, free again as soon as the pieces are dropped.
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]
     func close() async
 }
 
@@ -60,6 +64,17 @@ extension CopyDestination {
 }
 
 extension CopySource {
+    /// Up to `length` bytes at `offset`, in a new buffer: for reads off the copy's path.
+    func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        try await read(into: &buffer, at: offset, length: length, worker: worker)
+        return buffer
+    }
+
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+        [try await read(at: offset, length: length, worker: worker)]
+    }
+
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     func close() async {}
@@ -143,12 +158,17 @@ final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        // In clear, the data goes from the socket straight into `buffer` (as libnbd reads):
+        // nothing else holds it, not even SwiftNIO's receive buffers.
+        try await export(worker).read(into: &buffer, at: offset, length: UInt64(length))
+    }
+
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
         let export = export(worker)
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
         guard export.tlsVersion == nil else { return [try await export.read(at: offset, length: UInt64(length))] }
-        // In clear, as received: to another export or a file they go out as they came in, with no copy.
         return try await export.readSegments(at: offset, length: UInt64(length))
     }
 
@@ -236,21 +256,17 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         self.isSequential = stream
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
-        var buffer = ByteBuffer()
-        var done = 0
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
             switch FileIO.read(
                 descriptor,
                 into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)),
                 at: isStream ? nil : offset
             ) {
-            case .success(let count): done = count
+            case .success(let count): return count
             case .failure(let error): throw CommandError("read failed: \(error)")
             }
-            return done
         }
-        return [buffer]
     }
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
@@ -310,19 +326,23 @@ struct SyntheticSource: CopySource {
         isZero ? [offset..<(offset + length)] : []
     }
 
-    func read(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
-        if isZero { return [ByteBuffer(repeating: 0, count: length)] }
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        guard !isZero else {
+            buffer.writeRepeatingByte(0, count: length)
+            return
+        }
         // Whole words from the one holding `offset`, trimmed to the bytes asked for. Stored
         // straight into the buffer: this runs for every piece, and must not hog a thread.
         let first = offset / 8 * 8
-        let words = (Int(offset - first) + length + 7) / 8
-        var buffer = ByteBuffer()
+        let skip = Int(offset - first)
+        let words = (skip + length + 7) / 8
         buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: words * 8) { raw in
             for index in 0..<words {
                 raw.storeBytes(of: (first + UInt64(index) * 8).bigEndian, toByteOffset: index * 8, as: UInt64.self)
             }
-            return words * 8
+            // Move the wanted bytes to the front: the buffer's next write starts after them.
+            if skip > 0 { memmove(raw.baseAddress!, raw.baseAddress! + skip, length) }
+            return length
         }
-        return [buffer.getSlice(at: Int(offset - first), length: length)!]
     }
 }

@@ -10,11 +10,14 @@ struct Verifier {
     let interrupt: Interrupt
 
     func check(source: any CopySource, length: UInt64, against sourceHash: BlockHasher, digest: [UInt8]) async throws {
+        var hashing = configuration
+        // Hashed and dropped: taken as it arrived, in SwiftNIO's large reads.
+        hashing.readsDataDirectly = false
         let readBack = try await Endpoints.source(
             copy.destination,
             connections: copy.connections,
             requests: copy.requests,
-            configuration: configuration
+            configuration: hashing
         )
         let difference: Result<String?, any Error>
         do {
@@ -43,6 +46,7 @@ struct Verifier {
             length: length,
             requestSize: copy.requestSize,
             requests: copy.requests,
+            memory: copy.memory,
             interrupt: interrupt
         )
         guard !interrupt.happened else { return nil }
@@ -73,8 +77,8 @@ struct Verifier {
         var offset = start
         while offset < end {
             let count = Int(min(blockSize, end - offset))
-            let theirs = CopyData(try await source.read(at: offset, length: count, worker: 0))
-            let ours = CopyData(try await readBack.read(at: offset, length: count, worker: 0))
+            let theirs = CopyData([try await source.read(at: offset, length: count, worker: 0)])
+            let ours = CopyData([try await readBack.read(at: offset, length: count, worker: 0)])
             if theirs.bytes != ours.bytes {
                 let block =
                     "block \(offset / blockSize) of \(ServerReport.humanSize(blockSize)), bytes \(offset)..<\(offset + UInt64(count))"

@@ -221,3 +221,26 @@ extension CopyCommandTests {
         #expect(allocatedBytes(image) >= 8 << 20)
     }
 }
+
+extension CopyCommandTests {
+    /// Between two exports the copy holds its workers' buffers, `--memory` (24 MiB by default)
+    /// of them, and nothing else: no receive buffers kept alive by data waiting to be written.
+    /// Measured against the same binary's memory for `nbd info`, with nbdcopy's beside it.
+    @Test func copyBetweenExportsHoldsItsMemoryBoundAndNoMore() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let source = try await server.nbdkit(["memory", "1G"]).description
+        let destination = try await server.nbdkit(["memory", "1G"]).description
+        #expect(try runNBD(["copy", "pattern:1G", source]).status == 0)
+        let nbdcopy = try peakMemory(try ServerProcess.executable("nbdcopy"), [source, destination])
+        let baseline = try peakMemory(nbdTool, ["info", source])
+        for (arguments, bound) in [([String](), 24), (["--memory", "8M"], 8)] {
+            let copy = try peakMemory(nbdTool, ["copy"] + arguments + [source, destination])
+            #expect(copy.status == 0 && nbdcopy.status == 0 && baseline.status == 0)
+            // The bound, and 8 MiB for what a copy needs beyond what `nbd info` does.
+            let extra = (copy.peakKiB - baseline.peakKiB) >> 10
+            let figures = "nbd info \(baseline.peakKiB >> 10) MiB, nbdcopy \(nbdcopy.peakKiB >> 10) MiB"
+            #expect(extra <= bound + 8, "nbd copy \(arguments): \(copy.peakKiB >> 10) MiB, \(figures)")
+        }
+    }
+}

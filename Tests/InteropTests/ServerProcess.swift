@@ -273,3 +273,24 @@ func allocatedBytes(_ path: String) -> Int {
     var info = stat()
     return stat(path, &info) == 0 ? Int(info.st_blocks) * 512 : -1
 }
+
+/// Runs a program to its end, its output discarded, and returns its exit status and its peak
+/// resident memory in KiB (the rusage of wait4: Process does not give it).
+func peakMemory(_ executable: String, _ arguments: [String]) throws -> (status: Int32, peakKiB: Int) {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    for descriptor: Int32 in [1, 2] { posix_spawn_file_actions_addopen(&actions, descriptor, "/dev/null", O_WRONLY, 0) }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    defer { for pointer in argv { free(pointer) } }
+    var pid = pid_t()
+    let spawned = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    guard spawned == 0 else { throw InteropError("cannot start \(executable): \(String(cString: strerror(spawned)))") }
+    var status: Int32 = 0
+    var usage = rusage()
+    while wait4(pid, &status, 0, &usage) < 0 {
+        guard errno == EINTR else { throw InteropError("wait4 failed: \(String(cString: strerror(errno)))") }
+    }
+    // WIFEXITED and WEXITSTATUS, which Swift does not import.
+    return ((status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), Int(usage.ru_maxrss))
+}
