@@ -125,6 +125,31 @@ struct ResumableCopyTests {
         #expect(checksum.output.split(separator: " ").first == second.output.split(separator: "\n").first)
     }
 
+    /// As when the machine stops: nbd copy killed with SIGKILL, so there is no last checkpoint.
+    /// The journal is the last one written whole, and the next run goes on from it.
+    @Test func aKilledCopyThenResumeCopiesOnlyTheRest() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let log = server.path("reads.log")
+        let source = try await slowPattern(server, log: log)
+        let journal = server.path("copy.journal")
+        let destination = server.path("copy.raw")
+        _ = try await interrupted(
+            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            journal: journal,
+            after: 4 << 20
+        ) { kill($0.processIdentifier, SIGKILL) }
+        let done = try #require(journalledBytes(journal))
+        #expect(done >= 4 << 20 && done < Self.size)
+
+        let before = nbdkitBytesRead(log)
+        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        #expect(second.status == 0, "\(second.error)")
+        #expect(nbdkitBytesRead(log) - before == Self.size - done)
+        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
+        #expect(try sameContents(destination, server.path("expected.raw")))
+    }
+
     @Test func aKilledSourceThenResumeCopiesOnlyTheRest() async throws {
         let server = try ServerProcess()
         defer { server.stop() }

@@ -22,7 +22,8 @@ public struct NBDClientConfiguration: Sendable {
     /// as libnbd does, instead of copying it there from SwiftNIO's receive buffers (the
     /// default). Turn it off for a connection whose data is only passed on with
     /// ``NBDExport/readSegments(at:length:flags:)``: SwiftNIO then reads every byte in large
-    /// buffers, one read fewer each time the socket becomes readable (`nbd copy` does this).
+    /// buffers, one read fewer each time the socket becomes readable (`nbd copy` does this for
+    /// data it only hashes or throws away).
     public var readsDataDirectly = true
     /// How long to wait for the socket to connect.
     public var connectTimeout: TimeAmount = .seconds(10)
