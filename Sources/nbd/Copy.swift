@@ -161,6 +161,8 @@ struct Copy: AsyncParsableCommand {
         // Data read only to be thrown away is taken as it arrived (readSegments), where
         // SwiftNIO's large reads do best; data to be written is read straight into buffers.
         configuration.readsDataDirectly = destination != "null:"
+        let lock = try resume.map(CopyJournal.Lock.init(journal:))
+        defer { lock?.release() }
         let previous = try resume.flatMap { try CopyJournal.load($0) }
         let source = try await Endpoints.source(
             self.source,

@@ -265,4 +265,30 @@ extension CopyJournal {
             done: done(of: record) ?? ByteRanges()
         )
     }
+
+    /// Holds FILE.lock, locked, while a copy uses the journal FILE: the same copy started again
+    /// while it runs (an overlapping cron job) is refused rather than let loose on the same
+    /// journal and destination. The kernel lets go of a killed run's lock.
+    final class Lock: Sendable {
+        let journal: String
+        private let descriptor: Int32
+
+        init(journal: String) throws {
+            self.journal = journal
+            let path = journal + ".lock"
+            descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            guard descriptor >= 0 else { throw CommandError("cannot create \(path): \(String(cString: strerror(errno)))") }
+            guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
+                _ = CLibrary.close(descriptor)
+                throw CommandError("another nbd copy is using the journal \(journal) (it holds \(path))")
+            }
+        }
+
+        /// Lets go; the lock file goes too when no journal is left (the copy is complete, or
+        /// never began).
+        func release() {
+            if access(journal, F_OK) != 0 { unlink(journal + ".lock") }
+            _ = CLibrary.close(descriptor)
+        }
+    }
 }

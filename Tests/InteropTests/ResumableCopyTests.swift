@@ -150,6 +150,30 @@ struct ResumableCopyTests {
         #expect(try sameContents(destination, server.path("expected.raw")))
     }
 
+    /// The same copy started again while it runs is refused, and leaves the journal alone.
+    @Test func aJournalServesOneCopyAtATime() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let source = try await slowPattern(server, log: server.path("reads.log"))
+        let journal = server.path("copy.journal")
+        let destination = server.path("copy.raw")
+        let arguments = ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination]
+        var second: (status: Int32, output: String, error: String)?
+        let first = try await interrupted(arguments, journal: journal) { process in
+            second = try? runNBD(arguments)
+            kill(process.processIdentifier, SIGINT)
+        }
+        #expect(first.status == 130, "\(first.error)")
+        let refused = try #require(second)
+        #expect(refused.status == 1)
+        #expect(refused.error == "nbd: another nbd copy is using the journal \(journal) (it holds \(journal).lock)\n", "\(refused.error)")
+        #expect(journalledBytes(journal) != nil, "the first run's journal is still there")
+        // Once the first run is gone, the lock is free: the copy completes and tidies up.
+        let third = try runNBD(["copy", "--resume", journal, source, destination])
+        #expect(third.status == 0, "\(third.error)")
+        #expect(!FileManager.default.fileExists(atPath: journal) && !FileManager.default.fileExists(atPath: journal + ".lock"))
+    }
+
     @Test func aKilledSourceThenResumeCopiesOnlyTheRest() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
