@@ -172,7 +172,7 @@ final class Copier: Sendable {
                 hasher?.add(data, at: part.range.lowerBound)
                 try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
             }
-            progress.add(UInt64(part.range.count))
+            progress.add(UInt64(part.range.count), skipped: part.kind == .clean)
         }
     }
 

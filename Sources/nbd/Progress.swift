@@ -17,6 +17,9 @@ final class Progress: Sendable {
 
     private struct State {
         var done: UInt64 = 0
+        /// Of `done`, what needed no copying (clean in a bitmap, or copied by an earlier run of
+        /// a resumed copy): not part of the rate, or a resumed copy's ETA would be too short.
+        var skipped: UInt64 = 0
         var lastPercent = -1
         var lastReport = Date.distantPast
     }
@@ -36,7 +39,7 @@ final class Progress: Sendable {
         }
     }
 
-    func add(_ bytes: UInt64) {
+    func add(_ bytes: UInt64, skipped: Bool = false) {
         let now = Date()
         let interval: TimeInterval
         switch mode {
@@ -45,23 +48,25 @@ final class Progress: Sendable {
         case .lines, .json: interval = 1
         case .descriptor: interval = 0
         }
-        let due: UInt64? = state.withLockedValue { state in
+        let due: (UInt64, UInt64)? = state.withLockedValue { state in
             state.done += bytes
+            if skipped { state.skipped += bytes }
             guard now.timeIntervalSince(state.lastReport) >= interval else { return nil }
             state.lastReport = now
-            return state.done
+            return (state.done, state.skipped)
         }
-        if let due { report(due, final: false) }
+        if let due { report(due.0, skipped: due.1, final: false) }
     }
 
     func finish() {
-        report(state.withLockedValue { $0.done }, final: true)
+        let (done, skipped) = state.withLockedValue { ($0.done, $0.skipped) }
+        report(done, skipped: skipped, final: true)
     }
 
-    private func report(_ done: UInt64, final: Bool) {
+    private func report(_ done: UInt64, skipped: UInt64, final: Bool) {
         let percent = total.map { $0 == 0 ? 100 : Int(done * 100 / $0) }
         let elapsed = max(Date().timeIntervalSince(start), 0.001)
-        let rate = Double(done) / elapsed
+        let rate = Double(done - skipped) / elapsed
         switch mode {
         case .off:
             return

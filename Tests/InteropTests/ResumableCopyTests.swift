@@ -271,8 +271,15 @@ struct ResumableCopyTests {
         try refused(["copy", "--resume", journal, "pattern:8M", "-"], saying: "--resume needs a destination that keeps")
 
         // Its own copy goes on from the journal: the first half is skipped (and stays zero).
-        let result = try runNBD(["copy", "--resume", journal, "pattern:8M", copy])
+        let result = try runNBD(["copy", "--resume", journal, "--progress=json", "pattern:8M", copy])
         #expect(result.status == 0, "\(result.error)")
+        // The progress counts the skipped half as done, but not in the rate (nor the ETA).
+        let last = try #require(result.error.split(separator: "\n").last { $0.hasPrefix("{") })
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        let (done, rate, elapsed) = (object["done"] as? Int, object["rate"] as? Double, object["elapsed"] as? Double)
+        #expect(done == 8 << 20)
+        let copiedAtThatRate = (rate ?? 0) * (elapsed ?? 0)
+        #expect(copiedAtThatRate > 0.9 * Double(4 << 20) && copiedAtThatRate < 1.1 * Double(4 << 20), "\(last)")
         #expect(!FileManager.default.fileExists(atPath: journal))
         let bytes = try Data(contentsOf: URL(fileURLWithPath: copy))
         // Compared outside #expect: a failing comparison of megabytes would be diffed for ages.
