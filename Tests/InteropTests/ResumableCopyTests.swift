@@ -70,7 +70,7 @@ struct ResumableCopyTests {
     /// part of the copy. Returns the bytes it records.
     func copyKilling(_ victim: Process, from source: String, to destination: String, journal: String) async throws -> Int {
         let first = try await interrupted(
-            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            slowCopy(source, destination, journal: journal),
             journal: journal
         ) { _ in
             kill(victim.processIdentifier, SIGKILL)
@@ -81,6 +81,31 @@ struct ResumableCopyTests {
         #expect(done > 0 && done < Self.size)
         while victim.isRunning { try await Task.sleep(for: .milliseconds(10)) }
         return done
+    }
+
+    /// A first run slow enough to be interrupted: one connection, two requests in flight.
+    func slowCopy(_ source: String, _ destination: String, journal: String) -> [String] {
+        ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination]
+    }
+
+    /// Runs the copy again with its journal, which holds `done` bytes: it succeeds, reads from
+    /// the nbdkit source logging to `log` exactly what the journal lacked, and leaves the file
+    /// `copy` with the bytes nbdcopy reads from the source.
+    func expectResumeCopiesTheRest(
+        _ server: ServerProcess,
+        from source: String,
+        to destination: String,
+        landingIn copy: String,
+        journal: String,
+        done: Int,
+        log: String
+    ) throws {
+        let before = nbdkitBytesRead(log)
+        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        #expect(second.status == 0, "\(second.error)")
+        #expect(nbdkitBytesRead(log) - before == Self.size - done)
+        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
+        #expect(try sameContents(copy, server.path("expected.raw")))
     }
 
     /// A slow nbdkit pattern source (two requests of 256 KiB every 100 ms: 32 MiB take six
@@ -98,7 +123,7 @@ struct ResumableCopyTests {
         let journal = server.path("copy.journal")
         let destination = server.path("copy.raw")
         let first = try await interrupted(
-            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            slowCopy(source, destination, journal: journal),
             journal: journal
         ) { kill($0.processIdentifier, SIGINT) }
         #expect(first.status == 130, "\(first.error)")
@@ -135,19 +160,13 @@ struct ResumableCopyTests {
         let journal = server.path("copy.journal")
         let destination = server.path("copy.raw")
         _ = try await interrupted(
-            ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination],
+            slowCopy(source, destination, journal: journal),
             journal: journal,
             after: 4 << 20
         ) { kill($0.processIdentifier, SIGKILL) }
         let done = try #require(journalledBytes(journal))
         #expect(done >= 4 << 20 && done < Self.size)
-
-        let before = nbdkitBytesRead(log)
-        let second = try runNBD(["copy", "--resume", journal, source, destination])
-        #expect(second.status == 0, "\(second.error)")
-        #expect(nbdkitBytesRead(log) - before == Self.size - done)
-        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
-        #expect(try sameContents(destination, server.path("expected.raw")))
+        try expectResumeCopiesTheRest(server, from: source, to: destination, landingIn: destination, journal: journal, done: done, log: log)
     }
 
     /// The same copy started again while it runs is refused, and leaves the journal alone.
@@ -157,7 +176,7 @@ struct ResumableCopyTests {
         let source = try await slowPattern(server, log: server.path("reads.log"))
         let journal = server.path("copy.journal")
         let destination = server.path("copy.raw")
-        let arguments = ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination]
+        let arguments = slowCopy(source, destination, journal: journal)
         var second: (status: Int32, output: String, error: String)?
         let first = try await interrupted(arguments, journal: journal) { process in
             second = try? runNBD(arguments)
@@ -222,12 +241,7 @@ struct ResumableCopyTests {
         let journal = server.path("copy.journal")
         let done = try await copyKilling(ours, from: source, to: destination, journal: journal)
         _ = try await serve()
-        let before = nbdkitBytesRead(log)
-        let second = try runNBD(["copy", "--resume", journal, source, destination])
-        #expect(second.status == 0, "\(second.error)")
-        #expect(nbdkitBytesRead(log) - before == Self.size - done)
-        _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
-        #expect(try sameContents(copy, server.path("expected.raw")))
+        try expectResumeCopiesTheRest(server, from: source, to: destination, landingIn: copy, journal: journal, done: done, log: log)
     }
 
     /// A journal written by hand: the first half of `pattern:8M` onto `copy.raw` is done.
