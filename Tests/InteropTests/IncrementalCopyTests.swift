@@ -9,13 +9,6 @@ import Testing
 struct IncrementalCopyTests {
     func contents(_ path: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: path)) }
 
-    /// Data bytes qemu-nbd sent in read replies, from its trace.
-    func bytesRead(_ trace: String) throws -> Int {
-        let text = (try? String(contentsOfFile: trace, encoding: .utf8)) ?? ""
-        return text.split(separator: "\n").filter { $0.hasPrefix("nbd_co_send_structured_read ") }
-            .compactMap { $0.split(separator: "len = ").last.flatMap { Int($0) } }.reduce(0, +)
-    }
-
     @Test func onlyTheDirtyExtentsAreCopied() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
@@ -54,11 +47,11 @@ struct IncrementalCopyTests {
         #expect(expected[(10 << 20)] == 0x77 && expected[(31 << 20)] == 0)
 
         for (destination, name) in [(file, "qemu:dirty-bitmap:b0"), (memory, "b0")] {
-            let before = try bytesRead(trace)
+            let before = qemuBytesSent(trace)
             let result = try runNBD(["copy", "--bitmap=\(name)", uri, destination])
             #expect(result.status == 0, "\(result.error)")
             // The 1 MiB of new data; the zeroed half MiB is zero in block status and not read.
-            #expect(try bytesRead(trace) - before == 1 << 20, "\(destination)")
+            #expect(qemuBytesSent(trace) - before == 1 << 20, "\(destination)")
         }
         #expect(try contents(file) == expected)
         _ = try server.run("nbdcopy", [memory, server.path("memory.raw")])

@@ -294,3 +294,11 @@ func peakMemory(_ executable: String, _ arguments: [String]) throws -> (status: 
     // WIFEXITED and WEXITSTATUS, which Swift does not import.
     return ((status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f), Int(usage.ru_maxrss))
 }
+
+/// Data bytes qemu-nbd sent in read replies, from its trace
+/// (`--trace enable=nbd_co_send_structured_read*,file=TRACE`).
+func qemuBytesSent(_ trace: String) -> Int {
+    let text = (try? String(contentsOfFile: trace, encoding: .utf8)) ?? ""
+    return text.split(separator: "\n").filter { $0.hasPrefix("nbd_co_send_structured_read ") }
+        .compactMap { $0.split(separator: "len = ").last.flatMap { Int($0) } }.reduce(0, +)
+}
