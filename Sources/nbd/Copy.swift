@@ -341,13 +341,11 @@ struct Copy: AsyncParsableCommand {
     /// of the source's size (an NBD destination's size is checked once it is open).
     static func requireExisting(_ destination: String, size: UInt64?) throws {
         guard !Endpoints.isURI(destination) else { return }
-        var info = stat()
-        guard stat(destination, &info) == 0 else {
+        guard let file = Endpoints.onDisk(destination) else {
             throw CommandError("an incremental copy goes onto an existing copy, and \(destination) is not there")
         }
-        let isRegular = (info.st_mode & S_IFMT) == S_IFREG
-        if isRegular, let size, UInt64(info.st_size) != size {
-            throw CommandError("an incremental copy needs a destination of the source's size (\(size) bytes), not \(info.st_size)")
+        if let size, let actual = file.regularSize, actual != size {
+            throw CommandError("an incremental copy needs a destination of the source's size (\(size) bytes), not \(actual)")
         }
     }
 
@@ -368,6 +366,19 @@ struct Copy: AsyncParsableCommand {
 
 /// Parses a source or destination argument.
 enum Endpoints {
+    /// A file destination as it is before it is opened.
+    struct OnDisk {
+        /// The size of a regular file; nil for a block device, whose size is known once open.
+        let regularSize: UInt64?
+    }
+
+    /// What is at `path`, or nil when nothing is.
+    static func onDisk(_ path: String) -> OnDisk? {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return nil }
+        return OnDisk(regularSize: (info.st_mode & S_IFMT) == S_IFREG ? UInt64(info.st_size) : nil)
+    }
+
     static func isURI(_ text: String) -> Bool {
         guard let colon = text.firstIndex(of: ":") else { return false }
         return ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(text[..<colon].lowercased())

@@ -233,14 +233,13 @@ extension CopyJournal {
             )
         }
         guard !Endpoints.isURI(destination) else { return }
-        var info = stat()
-        guard stat(destination, &info) == 0 else {
+        guard let file = Endpoints.onDisk(destination) else {
             throw CommandError("the journal \(path) is for a copy onto \(subject.destination), which is not there: remove it to start over")
         }
-        if (info.st_mode & S_IFMT) == S_IFREG, UInt64(info.st_size) != subject.destinationSize {
+        if let actual = file.regularSize, actual != subject.destinationSize {
             throw CommandError(
                 "the journal \(path) is for a copy onto \(subject.destination) of \(subject.destinationSize) bytes, "
-                    + "and \(destination) has \(info.st_size): remove the journal to start over"
+                    + "and \(destination) has \(actual): remove the journal to start over"
             )
         }
     }
