@@ -37,7 +37,8 @@ final class RawClient: Sendable {
     /// Waits (up to 2 s) for `count` bytes and takes them.
     func read(_ count: Int) async throws -> ByteBuffer {
         for _ in 0..<200 {
-            if let bytes = received.withLockedValue({ $0.readableBytes >= count ? $0.readSlice(length: count) : nil }) { return bytes }
+            // Copied out under the lock: a slice would share storage that the event loop grows.
+            if let bytes = received.withLockedValue({ $0.readBytes(length: count) }) { return ByteBuffer(bytes: bytes) }
             try await Task.sleep(for: .milliseconds(10))
         }
         throw InteropError("the server sent fewer than \(count) bytes")
