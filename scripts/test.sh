@@ -6,6 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Each step prints a heading; a failing run ends with a line naming the step that failed, so
+# that CI's log can be read from its tail.
+current=""
+step() {
+    current=$1
+    echo "=== step: $current ($(date -u +%H:%M:%S))"
+}
+trap 'status=$?; if [ $status -ne 0 ] && [ -n "$current" ]; then echo "FAILED step: $current (exit $status)"; fi' EXIT
+
+step "install the test peers"
+
 # The peers, by the command each package gives.
 declare -A packages=(
     [nbdkit]=nbdkit [qemu-nbd]=qemu-utils [nbd-server]=nbd-server
@@ -36,6 +47,7 @@ fi
 # The newer peers that speak extended headers (qemu 10, libnbd 1.22) live in a Debian trixie
 # chroot, made once (about a minute) and reused. Its /tmp is the host's, so that the tests'
 # sockets and images have the same paths inside and out.
+step "the trixie chroot"
 trixie=$(scripts/chroot.sh)
 if ! mountpoint -q "$trixie/tmp"; then
     if [ "$(id -u)" = 0 ]; then
@@ -49,11 +61,13 @@ export NBD_TRIXIE_ROOT=$trixie
 
 # One suite at a time: dozens of real servers started at once would starve a small machine
 # and make the timing-sensitive tests (cancellation) flaky.
+step "tests"
 swift test --no-parallel "$@"
 
 # The whole run also checks the formatting, builds the documentation (warnings being errors)
 # fuzzes every parser of a peer's bytes for 30 s each, and runs the unit tests under TSan.
 if [ $# -eq 0 ]; then
+    step "format"
     swift format lint --strict -r Sources Tests Snippets Fuzz Package.swift
     long=$(git ls-files '*.swift' | xargs awk 'length > 140 { print FILENAME ":" FNR }')
     if [ -n "$long" ]; then
@@ -61,6 +75,7 @@ if [ $# -eq 0 ]; then
         echo "$long" >&2
         exit 1
     fi
+    step "docs"
     docs=$(swift package --disable-sandbox generate-documentation --target NBD 2>&1) || { echo "$docs" >&2; exit 1; }
     if grep -q '^warning' <<<"$docs"; then
         grep -A4 '^warning' <<<"$docs" >&2
@@ -69,7 +84,12 @@ if [ $# -eq 0 ]; then
     fi
     echo "formatting and documentation: fine"
     # Every libFuzzer target for 30 s (a crash, leak or timeout fails the run).
+    step "fuzz"
     scripts/fuzz.sh --all 30
     # The unit-test targets under ThreadSanitizer (the interop suite too would take 10 minutes more).
+    step "TSan"
     scripts/sanitize.sh thread --filter '^(NBDCoreTests|NBDTests|NBDServerTests)\.'
 fi
+current=""
+echo "=== all steps passed"
+
