@@ -98,13 +98,10 @@ public final class FileBackend: NBDServerBackend {
         #endif
     }
 
-    /// Most extents in one answer to block status.
-    static let maximumExtents = 1 << 16
-
     public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
         let fd = descriptor
         // The whole range (a 64-bit request may ask for a terabyte in one go), in at most
-        // `maximumExtents` extents: the client asks again from where the answer ends.
+        // `BlockDescriptor.mostInOneAnswer` extents: the client asks again from where the answer ends.
         let end = min(size, offset + length)
         return try await blocking {
             #if os(Linux)
@@ -116,7 +113,7 @@ public final class FileBackend: NBDServerBackend {
             #endif
             var result: [BlockDescriptor] = []
             var position = offset
-            while position < end, result.count < Self.maximumExtents {
+            while position < end, result.count < BlockDescriptor.mostInOneAnswer {
                 let data = lseek(fd, off_t(position), seekData)
                 // No data from here on (ENXIO): the rest is a hole.
                 let dataStart = data < 0 ? end : min(end, UInt64(data))

@@ -11,10 +11,10 @@ public final class MemoryBackend: NBDServerBackend {
     public var zeroIsFast: Bool { true }
 
     /// Page size: the granularity of allocation and of block status.
-    public static let pageSize = 64 * 1024
+    public static let pageSize = SparsePages.pageSize
     /// Written pages. ByteBuffers, so that reads hand out slices without copying; a page that
     /// is written while a reply still holds a slice of it is copied first (copy on write).
-    private let pages = NIOLockedValueBox<[UInt64: ByteBuffer]>([:])
+    private let pages = NIOLockedValueBox(SparsePages())
 
     /// A disk of `size` bytes, all zeroes.
     public init(size: UInt64, readOnly: Bool = false) {
@@ -66,8 +66,7 @@ public final class MemoryBackend: NBDServerBackend {
             for data in segments {
                 var index = data.readerIndex
                 forEachPage(position, UInt64(data.readableBytes)) { page, start, count in
-                    pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)]
-                        .setBuffer(data.getSlice(at: index, length: count)!, at: start)
+                    pages.modify(page: page) { $0.setBuffer(data.getSlice(at: index, length: count)!, at: start) }
                     index += count
                 }
                 position += UInt64(data.readableBytes)
@@ -81,33 +80,41 @@ public final class MemoryBackend: NBDServerBackend {
         try await zero(at: offset, length: length, noHole: false)
     }
 
+    /// Whole pages become holes again (visiting only the pages that hold data, so a terabyte
+    /// costs what its data does); partial pages are zeroed in place. With `noHole`, every page
+    /// of the range is allocated, as the spec asks ("the area MUST be fully provisioned").
     public func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+        guard length > 0 else { return }
+        let pageSize = UInt64(Self.pageSize)
         pages.withLockedValue { pages in
-            forEachPage(offset, length) { page, start, count in
-                if count == Self.pageSize && !noHole {
-                    pages[page] = nil
-                } else if pages[page] != nil || noHole {
-                    pages[page, default: ByteBuffer(repeating: 0, count: Self.pageSize)].setRepeatingByte(0, count: count, at: start)
+            if noHole {
+                forEachPage(offset, length) { page, start, count in
+                    pages.modify(page: page) { $0.setRepeatingByte(0, count: count, at: start) }
+                }
+                return
+            }
+            let end = offset + length
+            var written: [UInt64] = []
+            pages.forEachWrittenPage(from: offset / pageSize, through: (end - 1) / pageSize) { page in
+                written.append(page)
+                return true
+            }
+            for page in written {
+                let start = max(offset, page * pageSize)
+                let stop = min(end, (page + 1) * pageSize)
+                if stop - start == pageSize {
+                    pages.remove(page: page)
+                } else {
+                    pages.modify(page: page) { $0.setRepeatingByte(0, count: Int(stop - start), at: Int(start - page * pageSize)) }
                 }
             }
         }
     }
 
+    /// Answers in time proportional to the data in the range: a hole of any size is one extent.
     public func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
-        // Flags of base:allocation: NBD_STATE_HOLE | NBD_STATE_ZERO for pages never written.
-        // At most 1 GiB per answer: the client asks again from where it ends.
-        var result: [BlockDescriptor] = []
-        pages.withLockedValue { pages in
-            forEachPage(offset, min(length, 1 << 30)) { page, _, count in
-                let flags: UInt64 = pages[page] == nil ? 3 : 0
-                if let last = result.last, last.flags == flags {
-                    result[result.count - 1].length += UInt64(count)
-                } else {
-                    result.append(BlockDescriptor(length: UInt64(count), flags: flags))
-                }
-            }
-        }
-        return result
+        let end = min(size, offset + length)
+        return pages.withLockedValue { $0.extents(from: offset, to: end, maximumCount: BlockDescriptor.mostInOneAnswer) }
     }
 
     /// Calls `body` with each page touched by the range: page number, start in page, byte count.

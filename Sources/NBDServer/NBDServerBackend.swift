@@ -64,3 +64,9 @@ public struct NBDServerError: Error, Sendable {
         self.message = message
     }
 }
+
+extension BlockDescriptor {
+    /// Most extents a backend puts in one answer to block status: the client asks again from
+    /// where the answer ends.
+    static let mostInOneAnswer = 1 << 16
+}
