@@ -11,12 +11,13 @@ struct Zero: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Zero an export or a range of it (like nbdzero): NBD_CMD_WRITE_ZEROES, then a flush.",
         discussion: """
-            Asks before erasing, on a terminal; -y (--yes) does not ask, and is needed when standard input is \
-            not a terminal. With extended headers the whole range is one request.
+            Erasing the whole export asks first, on a terminal; -y (--yes) does not ask, and is needed when \
+            standard input is not a terminal. A range given with --offset or --length is erased without \
+            asking, unless it covers the whole export. With extended headers the whole range is one request.
 
             Examples:
               nbd zero nbd://localhost/disk
-              nbd zero -y --offset 1M --length 64M nbd+unix:///?socket=/tmp/nbd.sock
+              nbd zero --offset 1M --length 64M nbd+unix:///?socket=/tmp/nbd.sock
             """
     )
 
@@ -38,12 +39,13 @@ struct Trim: AsyncParsableCommand {
         abstract: "Discard an export or a range of it (like nbddiscard): NBD_CMD_TRIM, then a flush.",
         discussion: """
             The server may free the storage; what the range reads afterwards is up to it (nbd zero makes it \
-            read as zeroes). Asks before erasing, on a terminal; -y (--yes) does not ask, and is needed when \
-            standard input is not a terminal.
+            read as zeroes). Erasing the whole export asks first, on a terminal; -y (--yes) does not ask, and \
+            is needed when standard input is not a terminal. A range given with --offset or --length is \
+            discarded without asking, unless it covers the whole export.
 
             Examples:
               nbd trim nbd://localhost/disk
-              nbd trim -y --offset 1G nbd+unix:///?socket=/tmp/nbd.sock
+              nbd trim --offset 1G nbd+unix:///?socket=/tmp/nbd.sock
             """
     )
 
@@ -64,10 +66,10 @@ struct EraseOptions: ParsableArguments {
     @Option(name: [.customShort("o"), .long], help: "Where to start (K, M, G, T suffixes; default 0).", transform: Sizes.parse)
     var offset: UInt64 = 0
 
-    @Option(name: [.customShort("l"), .long], help: "How many bytes (default: to the end).", transform: Sizes.parse)
+    @Option(name: [.customShort("l"), .long], help: "How many bytes (K, M, G, T suffixes; default: to the end).", transform: Sizes.parse)
     var length: UInt64?
 
-    @Flag(name: [.customShort("y"), .long], help: "Do not ask: erase at once.")
+    @Flag(name: [.customShort("y"), .long], help: "Do not ask before erasing the whole export.")
     var yes = false
 
     @OptionGroup var connection: ConnectionOptions
@@ -85,9 +87,11 @@ struct EraseOptions: ParsableArguments {
             }
             guard end > offset else { return }
             if export.info.isReadOnly { throw CommandError("the export is read-only") }
-            let whole = offset == 0 && end == export.size
-            let what = whole ? "everything on \(uri) (\(end) bytes)" : "bytes \(offset)..<\(end) of \(uri)"
-            if !yes { try confirm("PERMANENTLY ERASE \(what)") }
+            // Only the whole export is asked about (as nbdzero and nbddiscard do): a range the user
+            // spelled out is what they meant. A range that happens to cover everything is everything.
+            if !yes, offset == 0, end == export.size {
+                try confirm("PERMANENTLY ERASE everything on \(uri) (\(end) bytes)")
+            }
             try await perform(export, offset..<end)
             // The spec promises only that "all writes ... that the server completes" before a
             // flush's reply reach permanent storage: without it the zeroes could still be lost.
@@ -100,7 +104,7 @@ struct EraseOptions: ParsableArguments {
         guard isatty(0) != 0 else {
             throw CommandError("refusing to erase without -y: standard input is not a terminal to ask on")
         }
-        FileHandle.standardError.write(Data("\(question)\n(y/N)? ".utf8))
+        StandardStreams.error("\(question)\n(y/N)? ")
         let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased()
         guard answer == "y" || answer == "yes" else { throw CommandError("not erased: the answer was not yes") }
     }

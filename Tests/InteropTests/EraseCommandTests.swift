@@ -31,7 +31,8 @@ struct EraseCommandTests {
         let server = try ServerProcess()
         defer { server.stop() }
         let uri = try await filled(server, ["memory", "8M"], size: 8 << 20)
-        let result = try runNBD(["zero", "-y", "--offset", "1M", "--length", "512K", uri.description])
+        // A range is erased without -y, even with no terminal to ask on.
+        let result = try runNBD(["zero", "--offset", "1M", "--length", "512K", uri.description])
         #expect(result.status == 0, "\(result.error)")
         #expect(try await contents(uri) == expected(8 << 20, erasing: (1 << 20)..<(1536 << 10)))
         #expect(try runNBD(["zero", "--yes", "--fast-zero", uri.description]).status == 0)
@@ -55,20 +56,21 @@ struct EraseCommandTests {
         let builtIn = NBDURI(socket: server.path("ours.sock"))
         try await NBDExport.withExport(builtIn) { try await $0.write(pattern(4 << 20, seed: 9), at: 0) }
         for uri in [NBDURI(socket: socket), builtIn] {
-            let result = try runNBD(["trim", "-y", "-o", "3M", uri.description])
+            let result = try runNBD(["trim", "-o", "3M", uri.description])
             #expect(result.status == 0, "\(result.error)")
             #expect(try await contents(uri) == expected(4 << 20, erasing: (3 << 20)..<(4 << 20)), "\(uri)")
         }
     }
 
-    /// Not on a terminal and no -y: refused, and nothing erased.
+    /// The whole export, not on a terminal and no -y: refused, and nothing erased; a range that
+    /// covers the whole export counts as the whole export.
     @Test func withoutATerminalItRefusesUnlessYes() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
         let uri = try await filled(server, ["memory", "1M"], size: 1 << 20)
-        for command in ["zero", "trim"] {
-            let result = try runNBD([command, uri.description])
-            #expect(result.status == 1)
+        for arguments in [["zero"], ["trim"], ["zero", "-o", "0", "-l", "1M"], ["trim", "--length", "1M"]] {
+            let result = try runNBD(arguments + [uri.description])
+            #expect(result.status == 1, "\(arguments)")
             #expect(result.error == "nbd: refusing to erase without -y: standard input is not a terminal to ask on\n")
         }
         #expect(try await contents(uri) == Array(pattern(1 << 20, seed: 9).readableBytesView))
