@@ -16,7 +16,7 @@ struct Example {
             try await run()
             print("all steps passed")
         } catch {
-            FileHandle.standardError.write(Data("nbd-example: \(error)\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("nbd-example: \(error)\n".utf8))
             exit(1)
         }
     }
@@ -38,7 +38,7 @@ struct Example {
         let connection = try await NBDConnection.connect(to: uri)
         print("1. handshake done, the server offers \(connection.serverFlags)")
 
-        // 2. Negotiate: list, describe, ask for structured replies and block status.
+        // 2. Negotiate: list, describe, agree on the newest format both speak, ask for block status.
         print("2. the server lists these exports:")
         for listing in try await connection.list() {
             let name = listing.name.isEmpty ? "(default)" : listing.name
@@ -48,10 +48,17 @@ struct Example {
         let exportName = uri.exportName.isEmpty ? "the default export" : uri.exportName
         print("   \(exportName) has \(info.size) bytes, \(info.isReadOnly ? "read-only" : "writable")")
         print("   block sizes: \(info.blockSizes)")
-        let structured = try await connection.enableStructuredReplies()
+        // Extended headers (64-bit lengths) where the server has them, else structured replies.
+        let format = try await connection.negotiateFormat()
+        let formatName =
+            switch format {
+            case .extended: "extended headers"
+            case .structured: "structured replies"
+            case .simple: "simple replies only"
+            }
         let contexts = try await connection.setMetaContexts(for: uri.exportName, queries: ["base:allocation"])
         let contextNames = contexts.isEmpty ? "none" : contexts.map(\.name).joined(separator: ", ")
-        print("   structured replies \(structured ? "on" : "refused"), metadata contexts: \(contextNames)")
+        print("   \(formatName), metadata contexts: \(contextNames)")
 
         // 3. GO: the connection becomes an export in the transmission phase.
         let export = try await connection.go(uri.exportName)

@@ -14,7 +14,8 @@ struct ExampleProgramTests {
         #expect(output.contains("1. handshake done, the server offers NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES"))
         #expect(output.contains("     demo: a 64 MiB disk in memory"))
         #expect(output.contains("   demo has 67108864 bytes, writable"))
-        #expect(output.contains("   structured replies on, metadata contexts: base:allocation"))
+        // Both sides speak extended headers, so that is what they agree on.
+        #expect(output.contains("   extended headers, metadata contexts: base:allocation"))
         #expect(output.contains("     0..<1048576: data\n     1048576..<4194304: hole, zero\n"))
         #expect(output.hasSuffix("5. disconnected\nall steps passed\n"))
         // Prose, not Swift values.
@@ -29,6 +30,8 @@ struct ExampleProgramTests {
         let output = String(decoding: result.output, as: UTF8.self)
         #expect(result.status == 0, "\(result.error)")
         #expect(output.contains("the default export has 16777216 bytes, writable"))
+        // nbdkit 1.32 has no extended headers: the example falls back, and says so.
+        #expect(output.contains("   structured replies, metadata contexts: base:allocation"), "\(output)")
         #expect(output.hasSuffix("all steps passed\n"))
     }
 
