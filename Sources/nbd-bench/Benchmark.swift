@@ -45,7 +45,7 @@ struct Benchmark {
                 try await run(Options(arguments))
             }
         } catch {
-            FileHandle.standardError.write(Data("nbd-bench: \(error)\n".utf8))
+            try? FileHandle.standardError.write(contentsOf: Data("nbd-bench: \(error)\n".utf8))
             exit(1)
         }
     }
@@ -101,9 +101,9 @@ struct Benchmark {
         defer { kill(server.processIdentifier, SIGKILL) }
 
         print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
-        try await fill(uri, options)
-
         var configuration = NBDClientConfiguration()
+        configuration.uriMayReadLocalFiles = true  // the URI names the certificates made above
+        try await fill(uri, options, configuration: configuration)
         configuration.maximumRequestsInFlight = options.inFlight
         // Alternate the two readers and keep each one's median, so that a disturbance of the
         // machine during one run does not decide the ratio.
@@ -276,8 +276,8 @@ struct Benchmark {
         guard process.terminationStatus == 0 else { throw BenchError("openssl could not make the test certificates") }
     }
 
-    static func fill(_ uri: NBDURI, _ options: Options) async throws {
-        let export = try await NBDExport.connect(to: uri)
+    static func fill(_ uri: NBDURI, _ options: Options, configuration: NBDClientConfiguration = NBDClientConfiguration()) async throws {
+        let export = try await NBDExport.connect(to: uri, configuration: configuration)
         let block = ByteBuffer(bytes: (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 % 251 + 1) })
         let counter = Counter(limit: options.size, step: UInt64(block.readableBytes))
         try await withThrowingTaskGroup(of: Void.self) { group in

@@ -64,10 +64,10 @@ struct Checksum: AsyncParsableCommand {
             }
             await source.close()
             if interrupt.happened {
-                FileHandle.standardError.write(Data("nbd: interrupted\n".utf8))
+                StandardStreams.error("nbd: interrupted\n")
                 throw ExitCode(130)
             }
-            print("\(try hash.finish(size: size).hex)  \(text)")
+            StandardStreams.output("\(try hash.finish(size: size).hex)  \(text)\n")
         }
     }
 }

@@ -43,14 +43,14 @@ struct Copy: AsyncParsableCommand {
     var requests = 64
 
     @Option(
-        help: ArgumentHelp("Bytes per request (K, M, G suffixes); raised to the preferred block size.", valueName: "size"),
+        help: ArgumentHelp("Bytes per request (K, M, G, T suffixes); raised to the preferred block size.", valueName: "size"),
         transform: Sizes.parse
     )
     var requestSize: UInt64 = 256 << 10
 
     @Option(
         help: ArgumentHelp(
-            "The most memory the data in flight takes (K, M, G suffixes): requests in flight are capped at this over the "
+            "The most memory the data in flight takes (K, M, G, T suffixes): requests in flight are capped at this over the "
                 + "request size, with one per connection at least.",
             valueName: "size"
         ),
@@ -59,7 +59,10 @@ struct Copy: AsyncParsableCommand {
     var memory: UInt64 = Copier.defaultMemory
 
     @Option(
-        help: ArgumentHelp("Blocks of this many zero bytes are zeroed, not written; 0 turns it off.", valueName: "bytes"),
+        help: ArgumentHelp(
+            "Blocks of this many zero bytes (K, M, G, T suffixes) are zeroed, not written; 0 turns it off.",
+            valueName: "bytes"
+        ),
         transform: Sizes.parse
     )
     var sparse: UInt64 = 4096
@@ -224,7 +227,7 @@ struct Copy: AsyncParsableCommand {
         }
         let resumed = journal.map { !$0.resumed.ranges.isEmpty } ?? false
         if let journal, resumed, let size = source.size {
-            FileHandle.standardError.write(Data("nbd: resuming: \(journal.doneBytes) of \(size) bytes were copied already\n".utf8))
+            StandardStreams.error("nbd: resuming: \(journal.doneBytes) of \(size) bytes were copied already\n")
         }
         let hashing = blkhash ?? (verify ? .default : nil)
         // What an earlier run copied is not read again: the blkhash of a resumed copy is made
@@ -279,13 +282,13 @@ struct Copy: AsyncParsableCommand {
         }
         await source.close()
         if let failure {
-            if let journalNote { FileHandle.standardError.write(Data(journalNote.utf8)) }
+            if let journalNote { StandardStreams.error(journalNote) }
             throw failure
         }
         if interrupt.happened {
             // 128 + SIGINT, as shells report a command ended by Ctrl-C.
-            FileHandle.standardError.write(Data("nbd: interrupted: requests in flight were completed and the connections closed\n".utf8))
-            if let journalNote { FileHandle.standardError.write(Data(journalNote.utf8)) }
+            StandardStreams.error("nbd: interrupted: requests in flight were completed and the connections closed\n")
+            if let journalNote { StandardStreams.error(journalNote) }
             throw ExitCode(130)
         }
     }
@@ -326,7 +329,7 @@ struct Copy: AsyncParsableCommand {
     ) async throws -> (
         BlockHasher, UInt64
     ) {
-        FileHandle.standardError.write(Data("nbd: reading the source again for the blkhash of the resumed copy\n".utf8))
+        StandardStreams.error("nbd: reading the source again for the blkhash of the resumed copy\n")
         return try await BlockHasher.reading(
             source,
             as: specification,
@@ -353,7 +356,7 @@ struct Copy: AsyncParsableCommand {
     private func output(_ digest: [UInt8]) throws {
         let line = digest.hex + "\n"
         guard let blkhashFile else {
-            FileHandle.standardOutput.write(Data(line.utf8))
+            StandardStreams.output(line)
             return
         }
         do {
@@ -435,17 +438,6 @@ enum Endpoints {
     }
 }
 
-/// Byte counts with K, M, G, T suffixes, with the messages a person reads.
-enum Sizes {
-    static func parse(_ text: String) throws -> UInt64 {
-        switch ByteCount.parse(text) {
-        case .success(let bytes): return bytes
-        case .failure(.notANumber): throw CommandError("not a size: \"\(text)\" (use a number of bytes, optionally with K, M, G or T)")
-        case .failure(.tooLarge): throw CommandError("size \"\(text)\" is too large")
-        }
-    }
-}
-
 /// SIGINT: stop taking new work, let requests in flight finish. A second SIGINT exits at once,
 /// for a server that will never answer them.
 final class Interrupt: Sendable {
@@ -462,7 +454,7 @@ final class Interrupt: Sendable {
             return flag
         }
         if again {
-            FileHandle.standardError.write(Data("\nnbd: interrupted again: exiting without waiting for the requests in flight\n".utf8))
+            StandardStreams.error("\nnbd: interrupted again: exiting without waiting for the requests in flight\n")
             exit(130)
         }
     }

@@ -274,7 +274,9 @@ final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
         for buffer in data {
             try buffer.withUnsafeReadableBytes { pointer in
                 if case .failure(let error) = FileIO.write(descriptor, pointer, at: isStream ? nil : position) {
-                    throw CommandError("write failed: \(error)")
+                    throw CommandError(
+                        isStream ? "writing to standard output failed (\(error)): the copy is incomplete" : "write failed: \(error)"
+                    )
                 }
             }
             position += UInt64(buffer.readableBytes)

@@ -170,7 +170,7 @@ final class CopyJournal: Sendable {
     /// Removes the journal of a copy that ended: nothing is left to resume.
     func remove() {
         if unlink(path) != 0, errno != ENOENT {
-            FileHandle.standardError.write(Data("nbd: cannot remove the journal \(path): \(String(cString: strerror(errno)))\n".utf8))
+            StandardStreams.error("nbd: cannot remove the journal \(path): \(String(cString: strerror(errno)))\n")
         }
     }
 

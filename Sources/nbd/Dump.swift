@@ -19,10 +19,14 @@ struct Dump: AsyncParsableCommand {
     @Argument(help: "The export, as an NBD URI.")
     var uri: String
 
-    @Option(name: .long, help: "Where to start, in bytes.")
+    @Option(name: .long, help: "Where to start (K, M, G, T suffixes; default 0).", transform: Sizes.parse)
     var offset: UInt64 = 0
 
-    @Option(name: [.customShort("n"), .long], help: "How many bytes to dump (default: to the end).")
+    @Option(
+        name: [.customShort("n"), .long],
+        help: "How many bytes to dump (K, M, G, T suffixes; default: to the end).",
+        transform: Sizes.parse
+    )
     var length: UInt64?
 
     @OptionGroup var connection: ConnectionOptions
@@ -36,7 +40,7 @@ struct Dump: AsyncParsableCommand {
             // Not offset + length: a huge --length would wrap.
             let end = offset + min(length ?? .max, export.size - offset)
             var dumper = HexDumper()
-            var output = FileHandle.standardOutput
+            var output = BufferedOutput()
             let reader = AlignedReader(export: export)
             var zeroes = ZeroExtents(export: export, from: offset)
             var position = offset
@@ -60,6 +64,7 @@ struct Dump: AsyncParsableCommand {
                 position = chunkEnd
             }
             dumper.finish(into: &output)
+            output.flush()
         }
     }
 }
@@ -69,7 +74,7 @@ struct HexDumper {
     private var previous: [UInt8]?
     private var collapsed: (offset: UInt64, bytes: [UInt8])?
 
-    mutating func line(offset: UInt64, bytes: ArraySlice<UInt8>, into output: inout FileHandle) {
+    mutating func line(offset: UInt64, bytes: ArraySlice<UInt8>, into output: inout BufferedOutput) {
         let content = Array(bytes)
         if content == previous, content.count == 16 {
             if collapsed == nil { write("*\n", to: &output) }
@@ -82,14 +87,14 @@ struct HexDumper {
     }
 
     /// `count` lines of 16 zero bytes from `offset`, without building each one.
-    mutating func zeroLines(from offset: UInt64, count: UInt64, into output: inout FileHandle) {
+    mutating func zeroLines(from offset: UInt64, count: UInt64, into output: inout BufferedOutput) {
         let zero = [UInt8](repeating: 0, count: 16)
         line(offset: offset, bytes: zero[...], into: &output)
         if count > 1 { line(offset: offset + (count - 1) * 16, bytes: zero[...], into: &output) }
     }
 
     /// Like nbddump, the last line is shown even when it repeats the one before.
-    mutating func finish(into output: inout FileHandle) {
+    mutating func finish(into output: inout BufferedOutput) {
         if let collapsed { write(Self.format(offset: collapsed.offset, bytes: collapsed.bytes), to: &output) }
     }
 
@@ -111,8 +116,8 @@ struct HexDumper {
         return text + "|\n"
     }
 
-    private func write(_ text: String, to output: inout FileHandle) {
-        output.write(Data(text.utf8))
+    private func write(_ text: String, to output: inout BufferedOutput) {
+        output.write(text)
     }
 }
 

@@ -86,13 +86,13 @@ struct Info: AsyncParsableCommand {
         }
         let report = try await ServerReport.gather(uri, listing: list, configuration: connection.configuration())
         if size {
-            print(report.exports[0].info.size)
+            StandardStreams.output("\(report.exports[0].info.size)\n")
         } else if let feature = can ?? cannot {
             try answer(Self.features[feature]!(report, report.exports[0]) == (can != nil))
         } else if let property = isProperty ?? isntProperty {
             try answer(Self.properties[property]!(report, report.exports[0]) == (isProperty != nil))
         } else {
-            print(json ? report.json : report.text, terminator: "")
+            StandardStreams.output(json ? report.json : report.text)
         }
     }
 
@@ -110,7 +110,7 @@ struct Info: AsyncParsableCommand {
             return try await ExtentMap.read(export, context: context)
         }
         let map = ExtentMap(context: context, extents: extents)
-        print(totals ? (json ? map.totalsJSON : map.totalsText) : (json ? map.json : map.text), terminator: "")
+        StandardStreams.output(totals ? (json ? map.totalsJSON : map.totalsText) : (json ? map.json : map.text))
     }
 
     typealias Question = @Sendable (ServerReport, ServerReport.Export) -> Bool

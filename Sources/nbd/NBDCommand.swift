@@ -28,6 +28,7 @@ struct NBDCommand: AsyncParsableCommand {
     )
 
     static func main() async {
+        StandardStreams.ignoreBrokenPipes()
         do {
             var command = try parseAsRoot(rewritingOptionalValues(Array(CommandLine.arguments.dropFirst())))
             if var asyncCommand = command as? any AsyncParsableCommand {
@@ -42,7 +43,7 @@ struct NBDCommand: AsyncParsableCommand {
             guard code != .success else { NBDCommand.exit(withError: error) }
             let message = error is NBDError || error is CommandError ? "\(error)" : fullMessage(for: error)
             let line = message.split(separator: "\n").first { !$0.trimmingCharacters(in: .whitespaces).isEmpty } ?? "failed"
-            FileHandle.standardError.write(Data("nbd: \(line.replacingOccurrences(of: "Error: ", with: ""))\n".utf8))
+            StandardStreams.error("nbd: \(line.replacingOccurrences(of: "Error: ", with: ""))\n")
             Foundation.exit(1)
         }
     }
@@ -107,6 +108,9 @@ struct ConnectionOptions: ParsableArguments {
 
     func configuration() -> NBDClientConfiguration {
         var configuration = NBDClientConfiguration()
+        // The URI comes from the person running the tool, as with libnbd's tools: its
+        // tls-certificates and tls-psk-file may name their files.
+        configuration.uriMayReadLocalFiles = true
         // nbds:// and the URI's tls-* parameters apply too; these flags are for nbd:// URIs.
         if tls || tlsCertificates != nil || tlsPSKFile != nil {
             configuration.tls = NBDTLSConfiguration(policy: .require)

@@ -95,18 +95,18 @@ final class Progress: Sendable {
                 if let eta = eta(done, rate) { text += ", ETA \(Self.time(eta))" }
             }
             // ESC [ K clears what a longer line before this one left on the right.
-            FileHandle.standardError.write(Data((text + "\u{1B}[K" + (final ? "\n" : "")).utf8))
+            StandardStreams.error((text + "\u{1B}[K" + (final ? "\n" : "")))
         case .lines:
             let text = percent.map { "\($0)% " } ?? ""
             let when = final ? " in \(Self.time(elapsed))" : ""
-            FileHandle.standardError.write(Data("copied \(text)\(Self.bytes(done))\(when) at \(Self.bytes(UInt64(rate)))/s\n".utf8))
+            StandardStreams.error("copied \(text)\(Self.bytes(done))\(when) at \(Self.bytes(UInt64(rate)))/s\n")
         case .json:
             var fields = ["\"done\": \(done)", "\"total\": \(total.map(String.init) ?? "null")"]
             fields.append("\"elapsed\": \(String(format: "%.3f", elapsed))")
             fields.append("\"rate\": \(UInt64(rate))")
             fields.append("\"eta\": \(eta(done, rate).map { String(format: "%.0f", $0) } ?? "null")")
             fields.append("\"finished\": \(final)")
-            FileHandle.standardError.write(Data("{ \(fields.joined(separator: ", ")) }\n".utf8))
+            StandardStreams.error("{ \(fields.joined(separator: ", ")) }\n")
         }
     }
 

@@ -51,9 +51,7 @@ struct Verifier {
         )
         guard !interrupt.happened else { return nil }
         guard try hash.finish(size: length) != digest else {
-            FileHandle.standardError.write(
-                Data("nbd: verified: the destination reads back with the source's blkhash (\(hash.specification))\n".utf8)
-            )
+            StandardStreams.error("nbd: verified: the destination reads back with the source's blkhash (\(hash.specification))\n")
             return nil
         }
         let region = hash.firstDifferentRegion(from: sourceHash) ?? 0
