@@ -55,7 +55,7 @@ struct Serve: AsyncParsableCommand {
     var handshakeTimeout: Double = 10
 
     @Option(
-        help: ArgumentHelp("Memory one connection may hold before its requests wait (K, M, G suffixes).", valueName: "size"),
+        help: ArgumentHelp("Memory one connection may hold before its requests wait (K, M, G, T suffixes).", valueName: "size"),
         transform: Sizes.parse
     )
     var connectionBuffer: UInt64 = 64 << 20

@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import NBDServer
 import Testing
 
 /// `nbd info` beside `nbdinfo` 1.22 (from the trixie chroot, which `nbd info` follows) on the
@@ -115,5 +116,35 @@ struct InfoCommandTests {
         #expect(result.error.hasPrefix("nbd: "))
         #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
         #expect(result.output.isEmpty)
+    }
+
+    /// A wrong export name says which (the default export is called that, not "") and what the
+    /// server offers, from NBD_OPT_LIST on the same connection: on our server, qemu-nbd and nbdkit.
+    @Test func aWrongExportNameListsWhatThereIs() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let ours = server.path("ours.sock")
+        let built = try await NBDServer.start(
+            exports: [NBDServerExport(name: "disk", backend: MemoryBackend(size: 1 << 20))],
+            on: .unix(path: ours)
+        )
+        defer { Task { await built.shutdown() } }
+        let image = server.path("disk.raw")
+        try Data(count: 1 << 20).write(to: URL(fileURLWithPath: image))
+        let qemu = server.path("qemu.sock")
+        try await server.start("qemu-nbd", ["-k", qemu, "-t", "-f", "raw", "-x", "disk", image], waitFor: qemu)
+        for socket in [ours, qemu] {
+            let missing = try runNBD(["info", "nbd+unix:///?socket=\(socket)"])
+            #expect(missing.status == 1)
+            #expect(missing.error == "nbd: the server offers \"disk\", but no default export, the empty name (NBD_REP_ERR_UNKNOWN)\n")
+            let named = try runNBD(["dump", "nbd+unix:///nope?socket=\(socket)"])
+            #expect(named.error == "nbd: the server offers \"disk\", but no export named \"nope\" (NBD_REP_ERR_UNKNOWN)\n")
+        }
+        // nbdkit's exportname filter with strict names: it lists two, and knows no others.
+        let nbdkit = try await server.nbdkit([
+            "--filter=exportname", "memory", "1M", "exportname=a", "exportname=b", "exportname-strict=true", "exportname-list=explicit",
+        ])
+        let refused = try runNBD(["info", "nbd+unix:///c?socket=\(try nbdkit.socketPath)"])
+        #expect(refused.error == "nbd: the server offers \"a\", \"b\", but no export named \"c\" (NBD_REP_ERR_UNKNOWN)\n")
     }
 }

@@ -73,6 +73,11 @@ struct NBDURITests {
         ("nbd://[::1/", "IPv6"),
         ("nbd://h/%zz", "percent"),
         ("nbd+unix://host/?socket=s", "host"),
+        // As strict as nbdinfo: no authority, characters a URI cannot hold, an empty socket.
+        ("nbd:/disk", "no \"//\" after \"nbd:\""), ("nbd:disk", "//"), ("nbd+unix:/disk?socket=/s", "//"),
+        ("nbd://local host/", "\" \" may not appear in a URI"), ("nbd://h/a b", "percent-encode"),
+        ("nbd://h/caf\u{E9}", "may not appear"), ("nbd://h/a\"b", "may not appear"),
+        ("nbd+unix:///?socket=", "socket parameter"),
         // Found by fuzzing: it parsed, and printed back as a different URI.
         ("nbd://b::1]:111nb1d11::", "brackets"), ("nbd://::1/", "brackets"),
     ])

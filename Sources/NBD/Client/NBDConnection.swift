@@ -43,6 +43,8 @@ public struct NBDConnection: ~Copyable, Sendable {
                 var hostname = configuration.tls.hostname
                 if hostname == nil, case .tcp(let host, _) = address { hostname = host }
                 tls = NBDClientChannelHandler.TLSSetup(context: try configuration.tls.makeContext(), hostname: hostname)
+            } catch let error as NBDError {
+                throw error
             } catch {
                 throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
             }
@@ -90,6 +92,16 @@ public struct NBDConnection: ~Copyable, Sendable {
         configuration: NBDClientConfiguration = NBDClientConfiguration()
     ) async throws -> NBDConnection {
         var configuration = configuration
+        if !configuration.uriMayReadLocalFiles {
+            for (parameter, value) in [("tls-certificates", uri.tlsCertificates), ("tls-psk-file", uri.tlsPSKFile)] where value != nil {
+                throw NBDError(
+                    .invalidURI,
+                    "the URI's \(parameter) parameter would read a local file, which this program does not allow "
+                        + "(NBDClientConfiguration.uriMayReadLocalFiles)",
+                    connectionUsable: false
+                )
+            }
+        }
         // "If encryption cannot be negotiated then the connection MUST fail": nbds:// requires TLS
         // whatever the configuration says; the URI's tls-* parameters override the rest.
         configuration.tls.apply(uri)
@@ -118,8 +130,14 @@ public struct NBDConnection: ~Copyable, Sendable {
     }
 
     /// `NBD_OPT_INFO`: describes an export without entering transmission.
+    /// An export the server does not know fails with the names it lists, when it lists them.
     public func info(_ exportName: String = "", requests: [InfoType]? = nil) async throws -> NBDExportInfo {
-        let replies = try await exchange(.info(export: exportName, requests: requests ?? configuration.infoRequests))
+        let replies: [OptionReply.Body]
+        do {
+            replies = try await exchange(.info(export: exportName, requests: requests ?? configuration.infoRequests))
+        } catch let error as NBDError where error.optionReply == .errUnknown && error.connectionUsable {
+            throw await unknownExport(exportName, error)
+        }
         return try NBDExportInfo(requestedName: exportName, replies: replies)
     }
 
@@ -174,13 +192,18 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// `NBD_OPT_GO`: chooses the export and enters transmission. A server that does not know
     /// GO (`NBD_REP_ERR_UNSUP`) gets `NBD_OPT_EXPORT_NAME` instead, as libnbd does. On any
-    /// other refusal the connection is ended softly and the error thrown.
+    /// other refusal the connection is ended softly and the error thrown; an export the server
+    /// does not know fails with the names it lists, when it lists them.
     public consuming func go(_ name: String = "", requests: [InfoType]? = nil) async throws -> NBDExport {
         let start: ClientTransmissionStart
         do {
             start = try await transmission(.go(export: name, requests: requests ?? configuration.infoRequests))
         } catch let error as NBDError where error.optionReply == .errUnsupported {
             return try await exportName(name)
+        } catch let error as NBDError where error.optionReply == .errUnknown && error.connectionUsable {
+            let described = await unknownExport(name, error)
+            await end()
+            throw described
         } catch {
             await end()
             throw error
@@ -223,6 +246,26 @@ public struct NBDConnection: ~Copyable, Sendable {
     }
 
     // MARK: Internals
+
+    /// Most export names an error lists: a server may offer thousands.
+    static let namesInAnError = 10
+
+    /// `NBD_REP_ERR_UNKNOWN` in words: which name was missing ("" is the default export, which
+    /// people do not think of as a name) and, asked with `NBD_OPT_LIST` on the same connection,
+    /// the names the server offers. A server that refuses to list (policy) is not asked twice.
+    private func unknownExport(_ name: String, _ error: NBDError) async -> NBDError {
+        let missing = name.isEmpty ? "default export, the empty name" : "export named \"\(name)\""
+        var message = "the server has no \(missing)"
+        if let listed = try? await list() {
+            let names = listed.prefix(Self.namesInAnError).map { $0.name.isEmpty ? "the default export" : "\"\($0.name)\"" }
+            let more = listed.count > names.count ? " and \(listed.count - names.count) more" : ""
+            message =
+                listed.isEmpty
+                ? "the server lists no exports, and has no \(missing)"
+                : "the server offers \(names.joined(separator: ", "))\(more), but no \(missing)"
+        }
+        return NBDError(.optionRejected, message, optionReply: error.optionReply, connectionUsable: error.connectionUsable)
+    }
 
     private func end() async {
         let handler = self.handler

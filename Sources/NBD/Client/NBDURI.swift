@@ -70,6 +70,10 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
     /// Parses `string`.
     public init(_ string: String) throws(NBDError) {
         func bad(_ why: String) -> NBDError { NBDError(.invalidURI, "invalid NBD URI \"\(string)\": \(why)", connectionUsable: false) }
+        // "All NBD URIs MUST also be valid URIs as described in RFC 3986": its characters only.
+        if let character = string.unicodeScalars.first(where: { !Self.uriCharacters.contains($0) }) {
+            throw bad("\(String(character).debugDescription) may not appear in a URI (RFC 3986); percent-encode it (a space is %20)")
+        }
         guard let colon = string.firstIndex(of: ":") else { throw bad("no scheme") }
         let scheme = string[..<colon].lowercased()
         let isUnix: Bool
@@ -86,20 +90,21 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             query = rest[rest.index(after: mark)...]
             rest = rest[..<mark]
         }
-        var path = rest
-        var host: String?
-        var port: Int?
-        if rest.hasPrefix("//") {
-            let afterSlashes = rest.dropFirst(2)
-            let end = afterSlashes.firstIndex(of: "/") ?? afterSlashes.endIndex
-            (host, port) = try parseAuthority(afterSlashes[..<end], bad)
-            path = afterSlashes[end...]
+        // As libnbd does: the authority's "//" always, even when it is empty (nbd:///export).
+        // "nbd:/disk" would otherwise dial localhost without saying so.
+        guard rest.hasPrefix("//") else {
+            throw bad("no \"//\" after \"\(scheme):\" (write \(scheme)://HOST/EXPORT, or \(scheme):///EXPORT for localhost)")
         }
+        let afterSlashes = rest.dropFirst(2)
+        let end = afterSlashes.firstIndex(of: "/") ?? afterSlashes.endIndex
+        let (host, port) = try parseAuthority(afterSlashes[..<end], bad)
+        let path = afterSlashes[end...]
         guard let decodedPath = Self.percentDecode(path) else { throw bad("bad percent-encoding in the path") }
         exportName = decodedPath.hasPrefix("/") ? String(decodedPath.dropFirst()) : decodedPath
         let socket = try parseQuery(query, bad)
         if isUnix {
-            guard let socket else { throw bad("\(scheme) needs a socket parameter, e.g. ?socket=/tmp/nbd.sock") }
+            // "The query parameters MUST include a parameter called socket".
+            guard let socket, !socket.isEmpty else { throw bad("\(scheme) needs a socket parameter, e.g. ?socket=/tmp/nbd.sock") }
             guard host == nil, port == nil else { throw bad("a Unix socket URI must not name a host or port") }
             transport = socket.hasPrefix("\0") ? .abstractUnix(name: String(socket.dropFirst())) : .unix(path: socket)
         } else {
@@ -219,6 +224,11 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
     }
 
     private static let subDelimiters = "!$'()*+,;="
+
+    /// What RFC 3986 lets a URI hold: unreserved characters, the delimiters, and `%` escapes.
+    private static let uriCharacters: Set<Unicode.Scalar> = Set(
+        ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~" + ":/?#[]@" + "!$&'()*+,;=" + "%").unicodeScalars
+    )
 
     static func percentEncode(_ text: String, keeping allowed: String) -> String {
         var out = ""

@@ -149,7 +149,7 @@ public struct ServerNegotiationStateMachine: Sendable {
             reply(.ack)
         case .info(let name, let requests), .go(let name, let requests):
             guard let export = exports[name] else {
-                reply(.error(.errUnknown, message: "no export named \"\(name)\""))
+                reply(.error(.errUnknown, message: Self.unknownExport(name)))
                 return .send(out)
             }
             let agreement = agree(export, entering: code == .go)
@@ -191,7 +191,7 @@ public struct ServerNegotiationStateMachine: Sendable {
                 return .send(out)
             }
             guard exports[name] != nil else {
-                reply(.error(.errUnknown, message: "no export named \"\(name)\""))
+                reply(.error(.errUnknown, message: Self.unknownExport(name)))
                 return .send(out)
             }
             let matches = queries.isEmpty ? !isSet : queries.contains { $0 == NBDMetaContext.baseAllocation || (!isSet && $0 == "base:") }
@@ -227,5 +227,10 @@ public struct ServerNegotiationStateMachine: Sendable {
             flags.remove(.blockStatusPayload)
         }
         return Agreement(export: export, flags: flags, format: format, metaContexts: contexts)
+    }
+
+    /// What a client is told about an export name the server does not serve.
+    static func unknownExport(_ name: String) -> String {
+        name.isEmpty ? "there is no default export" : "no export named \"\(name)\""
     }
 }
