@@ -3,7 +3,12 @@ import NBD
 
 // snippet.uri
 func secureFromURI() async throws -> NBDExport {
-    try await NBDExport.connect(to: NBDURI("nbds://nbd.example.com/disk?tls-certificates=/etc/pki/nbd"))
+    var configuration = NBDClientConfiguration()
+    configuration.uriMayReadLocalFiles = true  // this URI is ours, not a user's: it may name files
+    return try await NBDExport.connect(
+        to: NBDURI("nbds://nbd.example.com/disk?tls-certificates=/etc/pki/nbd"),
+        configuration: configuration
+    )
 }
 // snippet.end
 

@@ -52,10 +52,10 @@ struct TLSTests {
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
         let uri = try tlsURI(try plain.socketPath, certificates: certificates.client)
-        let connection = try await NBDConnection.connect(to: uri)
+        let connection = try await NBDConnection.connect(to: uri, configuration: .filesFromURIs)
         #expect(await connection.isTLS)
         await connection.abort()
-        let export = try await NBDExport.connect(to: uri)
+        let export = try await NBDExport.connect(to: uri, configuration: .filesFromURIs)
         #expect(export.tlsVersion?.hasPrefix("tlsv1") == true, "\(export.tlsVersion ?? "none")")
         // GnuTLS and BoringSSL agree on one of TLS 1.3's suites.
         #expect(
@@ -75,7 +75,12 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.other)) } throws: {
+        await #expect {
+            _ = try await NBDExport.connect(
+                to: try tlsURI(try plain.socketPath, certificates: certificates.other),
+                configuration: .filesFromURIs
+            )
+        } throws: {
             ($0 as? NBDError)?.code == .tlsFailed
                 && "\($0)".hasPrefix("the TLS handshake failed: the server's certificate could not be verified")
         }
@@ -88,7 +93,8 @@ struct TLSTests {
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
         await #expect {
             _ = try await NBDExport.connect(
-                to: try tlsURI(try plain.socketPath, certificates: certificates.client, hostname: "example.com")
+                to: try tlsURI(try plain.socketPath, certificates: certificates.client, hostname: "example.com"),
+                configuration: .filesFromURIs
             )
         } throws: { "\($0)" == "the TLS handshake failed: the server's certificate is not for example.com" }
     }
@@ -98,7 +104,12 @@ struct TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--verbose", "memory", "16M"])
-        await #expect { _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client)) } throws: {
+        await #expect {
+            _ = try await NBDExport.connect(
+                to: try tlsURI(try plain.socketPath, certificates: certificates.client),
+                configuration: .filesFromURIs
+            )
+        } throws: {
             ($0 as? NBDError)?.code == .tlsRequired
         }
         try await Task.sleep(for: .milliseconds(200))
@@ -138,7 +149,10 @@ extension TLSTests {
         let certificates = try makeAllCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.expired, "memory", "16M"])
         await #expect {
-            _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client))
+            _ = try await NBDExport.connect(
+                to: try tlsURI(try plain.socketPath, certificates: certificates.base.client),
+                configuration: .filesFromURIs
+            )
         } throws: { ($0 as? NBDError)?.code == .tlsFailed && "\($0)".contains("expired or not yet valid") }
     }
 
@@ -149,11 +163,17 @@ extension TLSTests {
         let plain = try await folder.nbdkit([
             "--tls=require", "--tls-verify-peer", "--tls-certificates", certificates.base.server, "memory", "16M",
         ])
-        let export = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.identity))
+        let export = try await NBDExport.connect(
+            to: try tlsURI(try plain.socketPath, certificates: certificates.identity),
+            configuration: .filesFromURIs
+        )
         try await export.write(pattern(4096, seed: 1), at: 0)
         await export.disconnect()
         await #expect(throws: NBDError.self) {
-            _ = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.base.client))
+            _ = try await NBDExport.connect(
+                to: try tlsURI(try plain.socketPath, certificates: certificates.base.client),
+                configuration: .filesFromURIs
+            )
         }
     }
 
@@ -172,7 +192,7 @@ extension TLSTests {
             waitFor: socket
         )
         let uri = try NBDURI("nbds+unix:///disk?socket=\(socket)&tls-certificates=\(certificates.client)&tls-hostname=localhost")
-        let export = try await NBDExport.connect(to: uri)
+        let export = try await NBDExport.connect(to: uri, configuration: .filesFromURIs)
         let data = pattern(1 << 20, seed: 30)
         try await export.write(data, at: 1 << 20)
         #expect(try await export.read(at: 1 << 20, length: 1 << 20) == data)
@@ -184,7 +204,10 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "64M"])
-        let export = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client))
+        let export = try await NBDExport.connect(
+            to: try tlsURI(try plain.socketPath, certificates: certificates.client),
+            configuration: .filesFromURIs
+        )
         try await thousandRequestsFromSixteenTasks(export)
         await export.disconnect()
     }
@@ -212,7 +235,8 @@ extension TLSTests {
         let plain = try await folder.nbdkit(["--tls=require", "--tls-psk", folder.path("server.psk"), "memory", "16M"])
         let socket = try plain.socketPath
         let export = try await NBDExport.connect(
-            to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))")
+            to: try NBDURI("nbds+unix://alice@/?socket=\(socket)&tls-psk-file=\(folder.path("server.psk"))"),
+            configuration: .filesFromURIs
         )
         #expect(export.tlsVersion != nil)
         #expect(export.tlsCipherSuite?.contains("_PSK_") == true, "\(export.tlsCipherSuite ?? "none")")
@@ -223,7 +247,7 @@ extension TLSTests {
         // A wrong key, and a user the server does not know: both refused by the handshake.
         for user in ["alice", "bob"] {
             let uri = try NBDURI("nbds+unix:///?socket=\(socket)&tls-psk-file=\(folder.path("wrong.psk"))&tls-username=\(user)")
-            await #expect { _ = try await NBDExport.connect(to: uri) } throws: {
+            await #expect { _ = try await NBDExport.connect(to: uri, configuration: .filesFromURIs) } throws: {
                 ($0 as? NBDError)?.code == .tlsFailed && "\($0)".contains("a wrong pre-shared key or user name")
             }
         }
@@ -238,7 +262,7 @@ extension TLSTests {
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
         // Signed by a CA we do not trust: refused unless tls-verify-peer=0.
         let uri = try NBDURI("nbds+unix:///?socket=\(try plain.socketPath)&tls-certificates=\(certificates.other)&tls-verify-peer=0")
-        let export = try await NBDExport.connect(to: uri)
+        let export = try await NBDExport.connect(to: uri, configuration: .filesFromURIs)
         #expect(export.tlsVersion != nil)
         await export.disconnect()
     }
@@ -251,12 +275,15 @@ extension TLSTests {
             "--tls=on", "--tls-certificates", certificates.server, "--filter=tls-fallback", "memory", "16M",
         ])
         // In clear, the filter answers with its small read-only notice instead of the disk.
-        let clear = try await NBDExport.connect(to: plain)
+        let clear = try await NBDExport.connect(to: plain, configuration: .filesFromURIs)
         #expect(clear.size < 16 << 20)
         #expect(clear.info.isReadOnly)
         await clear.disconnect()
         // Required TLS reaches the disk.
-        let secure = try await NBDExport.connect(to: try tlsURI(try plain.socketPath, certificates: certificates.client))
+        let secure = try await NBDExport.connect(
+            to: try tlsURI(try plain.socketPath, certificates: certificates.client),
+            configuration: .filesFromURIs
+        )
         #expect(secure.size == 16 << 20)
         #expect(!secure.info.isReadOnly)
         await secure.disconnect()
@@ -281,5 +308,43 @@ extension TLSTests {
         #expect(try runNBD(["copy", "pattern:1M", folder.path("pattern.raw")]).status == 0)
         let received = try Data(contentsOf: URL(fileURLWithPath: folder.path("back.raw")))
         #expect(received.prefix(1 << 20) == (try Data(contentsOf: URL(fileURLWithPath: folder.path("pattern.raw")))))
+    }
+}
+
+extension TLSTests {
+    /// A URI may not make the library read local files unless the caller allows it, as libnbd
+    /// has it: refused before anything is read or dialled, naming the parameter. The tool allows it.
+    @Test func uriFilesNeedTheCallersConsent() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        let socket = try plain.socketPath
+        for (parameter, uri) in [
+            ("tls-certificates", try tlsURI(socket, certificates: certificates.client)),
+            ("tls-psk-file", try NBDURI("nbds+unix:///?socket=\(socket)&tls-psk-file=/etc/passwd")),
+        ] {
+            await #expect { _ = try await NBDExport.connect(to: uri) } throws: { error in
+                let error = try #require(error as? NBDError)
+                return error.code == .invalidURI && error.message.contains("\(parameter) parameter would read a local file")
+            }
+        }
+        #expect(try runNBD(["info", "--is", "tls", try tlsURI(socket, certificates: certificates.client).description]).status == 0)
+    }
+
+    /// A missing certificate file is named, in words.
+    @Test func aMissingCertificateIsNamed() throws {
+        let result = try runNBD(["info", "nbds+unix:///?socket=/nonexistent/s&tls-certificates=/etc"])
+        #expect(result.status == 1)
+        #expect(result.error == "nbd: cannot read the CA certificate /etc/ca-cert.pem: No such file or directory\n", "\(result.error)")
+    }
+}
+
+extension NBDClientConfiguration {
+    /// As the `nbd` tool has it: the test's URIs name their certificates and keys.
+    static var filesFromURIs: NBDClientConfiguration {
+        var configuration = NBDClientConfiguration()
+        configuration.uriMayReadLocalFiles = true
+        return configuration
     }
 }

@@ -60,7 +60,11 @@ struct ReadmeSnippetTests {
             guard let range = line.range(of: ".product(name: \"") else { return nil }
             return String(line[range.upperBound...].prefix { $0 != "\"" })
         }
-        #expect(named == ["NBD", "NBDServer"])
-        for product in named { #expect(manifest.contains(".library(name: \"\(product)\"")) }
+        #expect(named == ["NBD", "NBDServer", "NIOCore"])
+        for product in named.dropLast() { #expect(manifest.contains(".library(name: \"\(product)\"")) }
+        // No release is tagged: the block follows main, and names the swift-nio this package uses.
+        #expect(block.contains { $0.contains("swift-nbd\", branch: \"main\")") })
+        let nio = try #require(block.first { $0.hasPrefix(".package(url: \"https://github.com/apple/swift-nio\"") })
+        #expect(manifest.contains(nio), "\(nio)")
     }
 }

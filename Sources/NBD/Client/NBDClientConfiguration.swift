@@ -38,6 +38,13 @@ public struct NBDClientConfiguration: Sendable {
     public var negotiationLimits = ClientNegotiationStateMachine.Limits()
     /// TLS: off by default; `NBDConnection.connect(to: NBDURI)` takes it from the URI.
     public var tls = NBDTLSConfiguration()
+    /// Whether a URI's `tls-certificates` and `tls-psk-file` parameters may make the library
+    /// read local files, as libnbd's `nbd_set_uri_allow_local_file`. Off by default: a service
+    /// that connects to URIs its users give would otherwise let them point it at files of its
+    /// own. Such a URI then fails with `NBDError.Code.invalidURI`, naming the parameter, and
+    /// nothing is read or dialled. Turn it on where the URI comes from the person running the
+    /// program (the `nbd` tool does), or set ``tls`` yourself.
+    public var uriMayReadLocalFiles = false
     /// Where debug and trace messages go; by default nowhere.
     public var logger = Logger(label: "nbd", factory: { _ in SwiftLogNoOpLogHandler() })
     /// The event loops that run the connection.

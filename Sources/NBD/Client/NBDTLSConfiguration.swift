@@ -79,6 +79,14 @@ public struct NBDTLSConfiguration: Sendable {
             return try NIOSSLContext(configuration: tls)
         }
         tls.certificateVerification = verifyPeer ? .fullVerification : .none
+        // A missing file named in words, not as the TLS library's "noSuchFilesystemObject".
+        for (what, path) in [
+            ("CA certificate", caCertificateFile), ("client certificate", clientCertificateFile), ("client key", clientKeyFile),
+        ] {
+            guard let path, access(path, R_OK) != 0 else { continue }
+            let reason = String(cString: strerror(errno))
+            throw NBDError(.tlsFailed, "cannot read the \(what) \(path): \(reason)", connectionUsable: false)
+        }
         if let caCertificateFile {
             tls.trustRoots = .file(caCertificateFile)
         }
