@@ -19,8 +19,19 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
         public static let optionRejected = Code("optionRejected")
         /// The server broke a MUST of the protocol; the connection was closed.
         public static let protocolViolation = Code("protocolViolation")
-        /// The connection closed or failed, or was closed by this client.
+        /// The connection closed or failed after it was made, or was closed by this client.
         public static let connectionClosed = Code("connectionClosed")
+        /// No connection could be made: nothing listens there, the name does not resolve, or
+        /// nothing answered in time. Apart from ``connectionClosed``, so that a retry policy can
+        /// tell a server that is away from one lost in the middle of requests.
+        public static let connectFailed = Code("connectFailed")
+        /// `NBDClient` gave up: the server stayed away for longer than its reconnect delay. The
+        /// message says how long it tried, how often, and the last cause.
+        public static let unavailable = Code("unavailable")
+        /// A connection of `NBDClient` found another export than the first one did: another
+        /// size, flags, framing or metadata contexts (a server restarted with another disk).
+        /// Nothing more is sent.
+        public static let exportChanged = Code("exportChanged")
         /// The peer is no server this client can use: oldstyle, non-fixed newstyle, or not NBD.
         public static let incompatibleServer = Code("incompatibleServer")
         /// The server requires TLS, or the caller asked for TLS and the server refused it.

@@ -13,3 +13,10 @@ extension TimeAmount {
         return "\(milliseconds / 1000)" + (fraction.isEmpty ? "" : ".\(fraction)") + " s"
     }
 }
+
+extension Duration {
+    /// The duration as people write it in a message, as ``NIOCore/TimeAmount/secondsText``.
+    package var secondsText: String {
+        TimeAmount.nanoseconds(components.seconds * 1_000_000_000 + components.attoseconds / 1_000_000_000).secondsText
+    }
+}

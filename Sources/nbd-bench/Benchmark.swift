@@ -4,6 +4,7 @@
 //     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
 //     swift build -c release && .build/release/nbd-bench checksum [--size 4G] [--rounds 3] (see ChecksumBench.swift)
 //     swift build -c release && .build/release/nbd-bench extended [--size 4G] [--rounds 3] (see ExtendedHeaders.swift)
+//     swift build -c release && .build/release/nbd-bench map [--rounds 5] (see MemoryMap.swift)
 //     swift build -c release && .build/release/nbd-bench soak [--clients 64] [--seconds 60] (see Soak.swift)
 //
 // The first (the library):
@@ -39,6 +40,9 @@ struct Benchmark {
             } else if arguments.first == "extended" {
                 arguments.removeFirst()
                 try await runExtended(Options(arguments))
+            } else if arguments.first == "map" {
+                arguments.removeFirst()
+                try await runMemoryMap(Options(arguments))
             } else if arguments.first == "soak" {
                 try await Soak.run(Array(arguments.dropFirst()))
             } else {

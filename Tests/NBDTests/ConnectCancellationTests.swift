@@ -57,7 +57,7 @@ struct ConnectCancellationTests {
                 performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port), configuration: configuration) },
                 throws: { error in
                     guard let error = error as? NBDError else { return false }
-                    return error.code == .timedOut && error.message == "cannot connect to 127.0.0.1:\(port): no answer within 0.5 s"
+                    return error.code == .connectFailed && error.message == "cannot connect to 127.0.0.1:\(port): no answer within 0.5 s"
                 }
             )
         }

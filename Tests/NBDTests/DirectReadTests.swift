@@ -210,7 +210,7 @@ struct DirectReadTests {
             performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port)) },
             throws: { error in
                 let error = error as? NBDError
-                return error?.code == .connectionClosed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
+                return error?.code == .connectFailed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
             }
         )
         let missing = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-missing-\(UUID().uuidString.prefix(8)).sock").path

@@ -22,45 +22,65 @@ extension NBDExport {
     /// Iterating fails with `NBDError.Code.notAdvertised` when `context` was not negotiated,
     /// and with a protocol violation when an answer has no extent for it.
     public func extents(of context: String = NBDMetaContext.baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
-        NBDExtentSequence(export: self, context: context, range: range ?? 0..<size)
+        NBDExtentSequence(source: self, context: context, range: range)
     }
 }
 
-/// The extents of one metadata context over a range of an export: see ``NBDExport/extents(of:in:)``.
+/// What the extent walker asks block status of: an export, or a client's connections.
+protocol BlockStatusSource: Sendable {
+    /// The export's size, and whether `context` was negotiated.
+    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool)
+    func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> NBDBlockStatus
+}
+
+extension NBDExport: BlockStatusSource {
+    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool) { (size, hasMetaContext(context)) }
+}
+
+/// The extents of one metadata context over a range of an export: see ``NBDExport/extents(of:in:)``
+/// and ``NBDClient/extents(of:in:)``.
 public struct NBDExtentSequence: AsyncSequence, Sendable {
     public typealias Element = NBDExtent
 
-    let export: NBDExport
+    let source: any BlockStatusSource
     let context: String
-    let range: Range<UInt64>
+    /// Nil: the whole export.
+    let range: Range<UInt64>?
 
     public func makeAsyncIterator() -> AsyncIterator {
-        AsyncIterator(export: export, context: context, range: range)
+        AsyncIterator(source: source, context: context, range: range)
     }
 
     /// Fetches one block status answer at a time and hands out its extents.
     public struct AsyncIterator: AsyncIteratorProtocol {
-        let export: NBDExport
+        let source: any BlockStatusSource
         let context: String
-        let end: UInt64
+        let range: Range<UInt64>?
+        /// Where the walk ends, once the export's size is known.
+        var end: UInt64?
         /// Where the next answer must start: the end of the last extent received.
-        var position: UInt64
+        var position: UInt64 = 0
         var pending: ArraySlice<NBDExtent> = []
 
-        init(export: NBDExport, context: String, range: Range<UInt64>) {
-            self.export = export
+        init(source: any BlockStatusSource, context: String, range: Range<UInt64>?) {
+            self.source = source
             self.context = context
-            self.end = Swift.min(range.upperBound, export.size)
-            self.position = Swift.min(range.lowerBound, end)
+            self.range = range
         }
 
         public mutating func next() async throws -> NBDExtent? {
-            if pending.isEmpty {
-                guard position < end else { return nil }
-                guard export.hasMetaContext(context) else {
+            if end == nil {
+                let (size, negotiated) = try await source.scope(of: context)
+                guard negotiated else {
                     throw NBDError.unsupported("the metadata context \(context) was not negotiated with the server")
                 }
-                let extents = try await export.blockStatus(at: position, length: end - position)[context] ?? []
+                end = Swift.min(range?.upperBound ?? size, size)
+                position = Swift.min(range?.lowerBound ?? 0, end!)
+            }
+            let end = self.end!
+            if pending.isEmpty {
+                guard position < end else { return nil }
+                let extents = try await source.blockStatus(at: position, length: end - position, flags: [])[context] ?? []
                 // "the server MUST return at least one status descriptor": without one there is no progress.
                 guard let last = extents.last else {
                     throw NBDError.serverViolation("block status at offset \(position) has no extent for \(context)")

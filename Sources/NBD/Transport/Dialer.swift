@@ -68,11 +68,11 @@ enum Dialer {
         do {
             channel = try await bootstrap.withConnectedSocket(socket).get()
         } catch {
-            throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false, underlying: error)
+            throw NBDError(.connectFailed, "cannot set up the connection to \(address)", connectionUsable: false, underlying: error)
         }
         guard let (handler, handshake) = added.withLockedValue({ $0 }) else {
             try? await channel.close()
-            throw NBDError(.connectionClosed, "cannot set up the connection to \(address)", connectionUsable: false)
+            throw NBDError(.connectFailed, "cannot set up the connection to \(address)", connectionUsable: false)
         }
         return Dialed(channel: channel, handler: handler, handshake: handshake)
     }

@@ -40,6 +40,9 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     )
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
+    /// Why the connection ended, once the machine ended it (a timeout, a violation, the server
+    /// closing): what `NBDClient` reports as the cause of a loss.
+    private(set) var endReason: NBDError?
 
     init(
         eventLoop: EventLoop,
@@ -211,6 +214,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                 context.close(promise: nil)
             case .closeAndFail(let error, let requests, let waiters):
                 logger.debug("connection ended", metadata: ["reason": "\(error)"])
+                endReason = endReason ?? error
                 for request in requests { request.fail(error) }
                 for waiter in waiters { waiter.fail(error) }
                 context.close(promise: nil)

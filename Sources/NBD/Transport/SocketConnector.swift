@@ -43,9 +43,13 @@ enum SocketConnector {
         } catch let failure as Failure {
             if failure.cancelled { throw CancellationError() }
             if failure.timedOut {
-                throw NBDError(.timedOut, "cannot connect to \(address): no answer within \(timeout.secondsText)", connectionUsable: false)
+                throw NBDError(
+                    .connectFailed,
+                    "cannot connect to \(address): no answer within \(timeout.secondsText)",
+                    connectionUsable: false
+                )
             }
-            throw NBDError(.connectionClosed, "cannot connect to \(address): \(failure.reason)", connectionUsable: false)
+            throw NBDError(.connectFailed, "cannot connect to \(address): \(failure.reason)", connectionUsable: false)
         }
     }
 

@@ -1,0 +1,93 @@
+import NBDCore
+import NIOCore
+
+// The data calls of NBDExport, each on the connection with the fewest bytes outstanding and,
+// when reconnecting is on, sent again if that connection is lost before the reply.
+extension NBDClient {
+    /// `NBD_CMD_READ`: `length` bytes from `offset` in a new buffer. See
+    /// ``NBDExport/read(at:length:flags:)``.
+    public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
+        try await withConnection(weight: Self.weight(length)) { try await $0.read(at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_READ` appended to a buffer you own. See ``NBDExport/read(into:at:length:flags:)``:
+    /// on failure `buffer` is left as it was, so a request sent again starts clean.
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
+        var taken = ByteBuffer()
+        swap(&taken, &buffer)
+        defer { swap(&taken, &buffer) }
+        try await withConnection(weight: Self.weight(length)) { try await $0.read(into: &taken, at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_READ` as the pieces the data arrived in. See ``NBDExport/readSegments(at:length:flags:)``.
+    public func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> [ByteBuffer] {
+        try await withConnection(weight: Self.weight(length)) { try await $0.readSegments(at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_WRITE` of `data` at `offset`. A write sent again after a lost connection
+    /// goes from the same buffer: nothing is copied to make that possible.
+    public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
+        try await write(segments: [data], at: offset, flags: flags)
+    }
+
+    /// `NBD_CMD_WRITE` of several buffers, one after another. See ``NBDExport/write(segments:at:flags:)``.
+    public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
+        let length = segments.reduce(0) { $0 + $1.readableBytes }
+        try await withConnection(weight: length) { try await $0.write(segments: segments, at: offset, flags: flags) }
+    }
+
+    /// `NBD_CMD_WRITE_ZEROES`. See ``NBDExport/writeZeroes(at:length:flags:)``.
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        try await withConnection(weight: 0) { try await $0.writeZeroes(at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_TRIM`. See ``NBDExport/trim(at:length:flags:)``.
+    public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+        try await withConnection(weight: 0) { try await $0.trim(at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_CACHE`. See ``NBDExport/cache(at:length:)``.
+    public func cache(at offset: UInt64, length: UInt64) async throws {
+        try await withConnection(weight: 0) { try await $0.cache(at: offset, length: length) }
+    }
+
+    /// `NBD_CMD_FLUSH`: every write already answered, on any connection, reaches permanent
+    /// storage. One connection is enough: with more than one the server set
+    /// `NBD_FLAG_CAN_MULTI_CONN`, which promises that "the effects of NBD_CMD_FLUSH ... MUST
+    /// be visible across all connections".
+    public func flush() async throws {
+        try await withConnection(weight: 0) { try await $0.flush() }
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS`. See ``NBDExport/blockStatus(at:length:flags:)``.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
+        try await withConnection(weight: 0) { try await $0.blockStatus(at: offset, length: length, flags: flags) }
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` for some contexts only. See ``NBDExport/blockStatus(at:length:contexts:flags:)``.
+    public func blockStatus(at offset: UInt64, length: UInt64, contexts: [String], flags: CommandFlags = []) async throws -> NBDBlockStatus
+    {
+        try await withConnection(weight: 0) { try await $0.blockStatus(at: offset, length: length, contexts: contexts, flags: flags) }
+    }
+
+    /// The extents of one metadata context over `range` (default: the whole export), in order,
+    /// as ``NBDExport/extents(of:in:)`` walks them.
+    public func extents(of context: String = NBDMetaContext.baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
+        NBDExtentSequence(source: self, context: context, range: range)
+    }
+
+    /// Whether `context` was negotiated. Waits for a connection.
+    public func hasMetaContext(_ context: String) async throws -> Bool {
+        try await metaContexts.contains { $0.name == context }
+    }
+
+    /// A request's share of a connection's load: its data.
+    private static func weight(_ length: UInt64) -> Int { Int(min(length, UInt64(Int.max))) }
+}
+
+extension NBDClient: BlockStatusSource {
+    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool) {
+        try await withConnection(weight: 0) { ($0.size, $0.hasMetaContext(context)) }
+    }
+}

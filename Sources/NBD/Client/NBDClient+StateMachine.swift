@@ -1,0 +1,402 @@
+import NBDCore
+
+extension NBDClient {
+    /// The rules of an `NBDClient`'s connections, without sockets, tasks or clocks: which
+    /// connection a request goes to, when a lost one is dialled again, how long requests wait
+    /// for one, and when the client gives up. Every input is an event carrying the time; what
+    /// it causes comes back as actions, in order, for ``NBDClient`` to perform.
+    ///
+    /// Generic over the connection and the waiter so that tests drive it with plain values.
+    struct StateMachine<Connection, Waiter> {
+        typealias Instant = ContinuousClock.Instant
+
+        struct Configuration {
+            /// Connections wanted when the server sets `NBD_FLAG_CAN_MULTI_CONN`.
+            var connections: Int
+            /// How long a lost connection is dialled again, and requests wait for one; zero
+            /// turns reconnecting off.
+            var reconnectDelay: Duration
+            /// Requests admitted at once, on the wire or waiting for a connection; callers
+            /// beyond it wait their turn.
+            var maximumAdmitted: Int
+            /// The first pause between two dials of a lost connection; it doubles each time.
+            var firstBackoff = Duration.milliseconds(100)
+            /// The longest pause between two dials.
+            var longestBackoff = Duration.seconds(2)
+        }
+
+        enum Slot {
+            /// Not in use: the server allows fewer connections, or this one was given up.
+            case unused
+            /// Being dialled: `attempt` 0 is the first connect, then each dial after a loss.
+            case dialing(attempt: Int)
+            /// Lost; dialled again at `until`.
+            case backingOff(attempt: Int, until: Instant)
+            /// Serving requests; `load` is the bytes of the requests it has outstanding, and
+            /// `generation` tells this connection from the slot's earlier ones.
+            case up(Connection, load: Int, generation: Int)
+        }
+
+        enum Action {
+            /// Dial connection `slot`; a `secondary` one (beyond the first, at the start) gets
+            /// the short negotiation deadline.
+            case dial(slot: Int, secondary: Bool)
+            /// Call ``timerFired(now:)`` at this time.
+            case armTimer(at: Instant)
+            case resume(Waiter, Lease)
+            case fail(Waiter, NBDError)
+            /// Disconnect it softly: requests in flight finish first.
+            case close(Connection)
+            case emit(NBDClientEvent)
+            /// The client is done: shut down (nil) or given up with this error.
+            case finish(NBDError?)
+        }
+
+        typealias Lease = ConnectionLease<Connection>
+
+        enum LeaseResult {
+            case use(Lease)
+            case wait
+            case fail(NBDError)
+        }
+
+        private enum Phase {
+            case idle
+            case starting
+            case running
+            case ended(NBDError?)
+        }
+
+        let configuration: Configuration
+        private var phase = Phase.idle
+        private(set) var slots: [Slot]
+        /// What the first connection found: every later one must find the same.
+        private(set) var identity: ExportIdentity?
+        /// When each slot was lost, while it is being dialled again.
+        private var lostAt: [Instant?]
+        private var generations: [Int]
+        /// Since when no connection is up (after one was), and how many dials failed since.
+        private var outage: (since: Instant, failedDials: Int)?
+        private var lastCause: NBDError?
+        /// Secondary connections of the start still dialling, and why one failed.
+        private var startingSecondaries = 0
+        private var secondaryFailure: String?
+        private var waiters: [(id: Int, waiter: Waiter, weight: Int)] = []
+        private var admitted = 0
+
+        init(configuration: Configuration) {
+            self.configuration = configuration
+            let count = max(1, configuration.connections)
+            slots = Array(repeating: .unused, count: count)
+            lostAt = Array(repeating: nil, count: count)
+            generations = Array(repeating: 0, count: count)
+        }
+
+        /// Connections that are up.
+        var connectedCount: Int { slots.count { if case .up = $0 { true } else { false } } }
+
+        // MARK: Events
+
+        /// `run()` started: dial the first connection. Nil when it had started already.
+        mutating func start() -> [Action]? {
+            guard case .idle = phase else { return nil }
+            phase = .starting
+            slots[0] = .dialing(attempt: 0)
+            return [.dial(slot: 0, secondary: false)]
+        }
+
+        /// A dial succeeded: the connection negotiated `identity`.
+        mutating func dialSucceeded(
+            slot: Int,
+            connection: Connection,
+            identity found: ExportIdentity,
+            canMultiConn: Bool,
+            now: Instant
+        ) -> [Action] {
+            guard case .dialing(let attempt) = slots[slot] else { return [.close(connection)] }
+            switch phase {
+            case .idle, .ended:
+                return [.close(connection)]
+            case .starting:
+                phase = .running
+                identity = found
+                var actions = bringUp(slot, connection, event: .connected(connection: slot))
+                // "In the absence of this flag, clients SHOULD NOT multiplex their commands over
+                // more than one connection to the export."
+                if slots.count > 1 {
+                    if canMultiConn {
+                        startingSecondaries = slots.count - 1
+                        for other in 1..<slots.count {
+                            slots[other] = .dialing(attempt: 0)
+                            actions.append(.dial(slot: other, secondary: true))
+                        }
+                    } else {
+                        actions.append(
+                            .emit(
+                                .fewerConnections(
+                                    connected: 1,
+                                    wanted: slots.count,
+                                    reason: "the server does not set NBD_FLAG_CAN_MULTI_CONN"
+                                )
+                            )
+                        )
+                    }
+                }
+                return actions + resumeWaiters()
+            case .running:
+                let first = identity!
+                if attempt == 0 {
+                    // Every connection of the start negotiates exactly what the first did.
+                    if let difference = found.difference(from: first, strict: true) {
+                        return end(
+                            NBDError(.exportChanged, "connection \(slot) found another export: \(difference)", connectionUsable: false)
+                        )
+                            + [.close(connection)]
+                    }
+                    var actions = bringUp(slot, connection, event: .connected(connection: slot))
+                    actions += secondaryResolved()
+                    return actions + resumeWaiters()
+                }
+                // After a restart the export must be the same one; anything else could write the
+                // rest of a job onto another disk.
+                if let difference = found.difference(from: first, strict: false) {
+                    return end(NBDError(.exportChanged, "the export changed while reconnecting: \(difference)", connectionUsable: false))
+                        + [.close(connection)]
+                }
+                let since = lostAt[slot] ?? now
+                lostAt[slot] = nil
+                if outage != nil { outage = nil }
+                let event = NBDClientEvent.reconnected(connection: slot, tries: attempt, after: now - since)
+                return bringUp(slot, connection, event: event) + resumeWaiters()
+            }
+        }
+
+        /// A dial failed with `error`.
+        mutating func dialFailed(slot: Int, error: NBDError, now: Instant) -> [Action] {
+            guard case .dialing(let attempt) = slots[slot] else { return [] }
+            switch phase {
+            case .idle, .ended:
+                slots[slot] = .unused
+                return []
+            case .starting:
+                slots[slot] = .unused
+                return end(error)
+            case .running:
+                lastCause = error
+                if attempt == 0 {
+                    // A server may advertise multi-conn and still accept fewer clients: go on
+                    // with those that connected.
+                    slots[slot] = .unused
+                    secondaryFailure = secondaryFailure ?? error.description
+                    return secondaryResolved()
+                }
+                outage?.failedDials += 1
+                let deadline = (lostAt[slot] ?? now) + configuration.reconnectDelay
+                guard now < deadline else { return giveUp(slot) }
+                // From 100 ms, doubling, at most 2 s between two dials; the last at the deadline.
+                let exponent = min(attempt - 1, 20)
+                let pause = min(configuration.firstBackoff * (1 << exponent), configuration.longestBackoff)
+                let next = min(now + pause, deadline)
+                slots[slot] = .backingOff(attempt: attempt + 1, until: next)
+                return [.armTimer(at: next)]
+            }
+        }
+
+        /// Connection `slot` of `generation` was lost (closed, reset, timed out, shut down).
+        /// Reports of a connection already replaced are ignored.
+        mutating func connectionLost(slot: Int, generation: Int, cause: NBDError, now: Instant) -> [Action] {
+            guard case .running = phase, case .up(_, _, generation) = slots[slot] else { return [] }
+            lastCause = cause
+            let event = Action.emit(.lost(connection: slot, cause: cause))
+            guard configuration.reconnectDelay > .zero else {
+                slots[slot] = .unused
+                return [event] + end(cause)
+            }
+            slots[slot] = .dialing(attempt: 1)
+            lostAt[slot] = now
+            var actions = [event, .dial(slot: slot, secondary: false)]
+            if connectedCount == 0, outage == nil {
+                outage = (now, 0)
+                actions.append(.armTimer(at: now + configuration.reconnectDelay))
+            }
+            return actions
+        }
+
+        /// A request of `weight` bytes wants a connection: the one with the fewest bytes
+        /// outstanding, or a turn once one is up and the admission cap allows.
+        mutating func lease(id: Int, waiter: Waiter, weight: Int) -> LeaseResult {
+            if case .ended(let error) = phase { return .fail(error ?? Self.shutDown) }
+            if admitted < configuration.maximumAdmitted, let lease = leastLoaded() {
+                take(lease, weight: weight)
+                return .use(lease)
+            }
+            waiters.append((id, waiter, weight))
+            return .wait
+        }
+
+        /// The caller of a waiting request stopped waiting: its waiter, to resume with the
+        /// cancellation, or nil when it was resumed already.
+        mutating func waiterCancelled(id: Int) -> Waiter? {
+            guard let index = waiters.firstIndex(where: { $0.id == id }) else { return nil }
+            return waiters.remove(at: index).waiter
+        }
+
+        /// A request finished with its lease (answered, failed or cancelled).
+        mutating func released(_ lease: Lease, weight: Int) -> [Action] {
+            admitted -= 1
+            if case .up(let connection, let load, lease.generation) = slots[lease.slot] {
+                slots[lease.slot] = .up(connection, load: load - weight, generation: lease.generation)
+            }
+            return resumeWaiters()
+        }
+
+        /// A timer armed by ``Action/armTimer(at:)`` went off (perhaps early or late).
+        mutating func timerFired(now: Instant) -> [Action] {
+            guard case .running = phase else { return [] }
+            if let outage, connectedCount == 0, now >= outage.since + configuration.reconnectDelay {
+                return end(giveUpError(failedDials: outage.failedDials))
+            }
+            var actions: [Action] = []
+            for slot in slots.indices {
+                guard case .backingOff(let attempt, let until) = slots[slot], until <= now else { continue }
+                slots[slot] = .dialing(attempt: attempt)
+                actions.append(.dial(slot: slot, secondary: false))
+            }
+            return actions
+        }
+
+        /// `run()` was cancelled: waiting requests fail, connections are closed softly.
+        mutating func shutdown() -> [Action] {
+            if case .ended = phase { return [] }
+            return end(nil)
+        }
+
+        // MARK: Internals
+
+        static var shutDown: NBDError {
+            NBDError(.connectionClosed, "the NBD client was shut down", connectionUsable: false)
+        }
+
+        private mutating func bringUp(_ slot: Int, _ connection: Connection, event: NBDClientEvent) -> [Action] {
+            generations[slot] += 1
+            slots[slot] = .up(connection, load: 0, generation: generations[slot])
+            return [.emit(event)]
+        }
+
+        /// One secondary connection of the start is settled; once all are, say if some failed.
+        private mutating func secondaryResolved() -> [Action] {
+            startingSecondaries -= 1
+            guard startingSecondaries == 0 else { return [] }
+            defer { secondaryFailure = nil }
+            let said = secondaryFailure.map { [Action.emit(.fewerConnections(connected: connectedCount, wanted: slots.count, reason: $0))] }
+            return (said ?? []) + resumeWaiters()
+        }
+
+        /// A lost connection could not be made again within the delay: without it if others
+        /// are up, else the client gives up.
+        private mutating func giveUp(_ slot: Int) -> [Action] {
+            slots[slot] = .unused
+            lostAt[slot] = nil
+            let pending = slots.contains { if case .unused = $0 { false } else { true } }
+            guard connectedCount == 0, !pending else {
+                let reason = "connection \(slot) could not be made again within \(configuration.reconnectDelay.secondsText)"
+                return [.emit(.fewerConnections(connected: connectedCount, wanted: slots.count, reason: reason))]
+            }
+            return end(giveUpError(failedDials: outage?.failedDials ?? 1))
+        }
+
+        /// The server stayed away for the whole delay: how long, how often, and the last cause.
+        private func giveUpError(failedDials: Int) -> NBDError {
+            let cause = lastCause.map { ": last cause: \($0)" } ?? ""
+            let tries = failedDials == 1 ? "1 try" : "\(failedDials) tries"
+            let delay = configuration.reconnectDelay.secondsText
+            return NBDError(
+                .unavailable,
+                "the server stayed away: reconnecting for \(delay) (\(tries)) did not bring it back\(cause)",
+                connectionUsable: false
+            )
+        }
+
+        private mutating func end(_ error: NBDError?) -> [Action] {
+            phase = .ended(error)
+            var actions: [Action] = []
+            if let error { actions.append(.emit(.gaveUp(error))) }
+            for entry in waiters { actions.append(.fail(entry.waiter, error ?? Self.shutDown)) }
+            waiters = []
+            for slot in slots.indices {
+                if case .up(let connection, _, _) = slots[slot] { actions.append(.close(connection)) }
+                slots[slot] = .unused
+            }
+            outage = nil
+            return actions + [.finish(error)]
+        }
+
+        private func leastLoaded() -> Lease? {
+            // Requests wait for the start's extra connections (bounded by their short deadline),
+            // so that the work is spread from the first request.
+            guard startingSecondaries == 0 else { return nil }
+            var best: (lease: Lease, load: Int)?
+            for slot in slots.indices {
+                guard case .up(let connection, let load, let generation) = slots[slot] else { continue }
+                if best == nil || load < best!.load { best = (Lease(slot: slot, generation: generation, connection: connection), load) }
+            }
+            return best?.lease
+        }
+
+        private mutating func take(_ lease: Lease, weight: Int) {
+            admitted += 1
+            if case .up(let connection, let load, let generation) = slots[lease.slot] {
+                slots[lease.slot] = .up(connection, load: load + weight, generation: generation)
+            }
+        }
+
+        private mutating func resumeWaiters() -> [Action] {
+            var actions: [Action] = []
+            while !waiters.isEmpty, admitted < configuration.maximumAdmitted, let lease = leastLoaded() {
+                let entry = waiters.removeFirst()
+                take(lease, weight: entry.weight)
+                actions.append(.resume(entry.waiter, lease))
+            }
+            return actions
+        }
+    }
+}
+
+/// A connection handed to one request of an `NBDClient`; it goes back with
+/// `StateMachine.released(_:weight:)`.
+struct ConnectionLease<Connection> {
+    var slot: Int
+    var generation: Int
+    var connection: Connection
+}
+
+/// What a connection negotiated that every other connection to the export must find too.
+struct ExportIdentity: Equatable, Sendable {
+    var size: UInt64
+    var flags: TransmissionFlags
+    var format: TransmissionFormat
+    var metaContexts: [String]
+
+    /// What differs from `first`, in words, or nil. `strict` (connections of the start) asks
+    /// for the same size, flags, framing and contexts; after a restart the size must be the
+    /// same, a writable export must still be writable, and no context may be missing.
+    func difference(from first: ExportIdentity, strict: Bool) -> String? {
+        if size != first.size { return "\(size) bytes instead of \(first.size)" }
+        if flags.contains(.readOnly), !first.flags.contains(.readOnly) { return "it is read-only now" }
+        if let missing = first.metaContexts.first(where: { !metaContexts.contains($0) }) {
+            return "the metadata context \(missing) is missing"
+        }
+        guard strict else { return nil }
+        if format != first.format { return "\(format) framing instead of \(first.format)" }
+        if flags != first.flags { return "flags \(flags) instead of \(first.flags)" }
+        if metaContexts.sorted() != first.metaContexts.sorted() {
+            return "metadata contexts \(metaContexts) instead of \(first.metaContexts)"
+        }
+        return nil
+    }
+}
+
+extension NBDClient.StateMachine: Sendable where Connection: Sendable, Waiter: Sendable {}
+extension NBDClient.StateMachine.Slot: Sendable where Connection: Sendable {}
+extension NBDClient.StateMachine.Configuration: Sendable {}
+extension ConnectionLease: Sendable where Connection: Sendable {}

@@ -1,0 +1,378 @@
+import Foundation
+import NBD
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+
+/// `NBDClient` against real servers: several connections to one export, and servers killed
+/// with SIGKILL and started again on the same socket in the middle of the work; every result
+/// is compared by content.
+@Suite("NBDClient: connections and restarts", .serialized)
+struct ClientReconnectTests {
+    static let size = 16 << 20
+
+    /// A server process that can be killed and started again with the same arguments.
+    final class Restartable: @unchecked Sendable {
+        let server: ServerProcess
+        let tool: String
+        let socket: String
+        var arguments: [String]
+        var process: Process?
+
+        init(_ server: ServerProcess, _ tool: String, socket: String, _ arguments: [String]) {
+            self.server = server
+            self.tool = tool
+            self.socket = socket
+            self.arguments = arguments
+        }
+
+        func start() async throws { process = try await server.start(tool, arguments, waitFor: socket) }
+
+        /// SIGKILL, as a crash or a pulled plug: no goodbye on any connection.
+        func kill() {
+            guard let process else { return }
+            Foundation.kill(process.processIdentifier, SIGKILL)
+            for _ in 0..<500 where process.isRunning { usleep(2_000) }
+            try? FileManager.default.removeItem(atPath: socket)
+        }
+
+        /// Killed, then started again after `pause`.
+        func restart(after pause: Duration) async throws {
+            kill()
+            try await Task.sleep(for: pause)
+            try await start()
+        }
+    }
+
+    /// The events of a client, collected until the test is done with them.
+    final class EventLog: Sendable {
+        private let events = NIOLockedValueBox<[NBDClientEvent]>([])
+        private let task: Task<Void, Never>
+
+        init(_ client: NBDClient) {
+            let events = self.events
+            task = Task { for await event in client.events { events.withLockedValue { $0.append(event) } } }
+        }
+
+        var all: [NBDClientEvent] { events.withLockedValue { $0 } }
+        func count(_ matching: (NBDClientEvent) -> Bool) -> Int { all.filter(matching).count }
+        deinit { task.cancel() }
+    }
+
+    func configuration(connections: Int, reconnectDelay: Duration) -> NBDClient.Configuration {
+        var configuration = NBDClient.Configuration()
+        configuration.connections = connections
+        configuration.reconnectDelay = reconnectDelay
+        configuration.connection.uriMayReadLocalFiles = true
+        return configuration
+    }
+
+    /// Writes `data` in 256 KiB pieces from 8 tasks.
+    func writeAll(_ data: ByteBuffer, to client: NBDClient) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for task in 0..<8 {
+                group.addTask {
+                    for piece in stride(from: task, to: data.readableBytes / (256 << 10), by: 8) {
+                        let offset = piece * (256 << 10)
+                        try await client.write(data.getSlice(at: offset, length: 256 << 10)!, at: UInt64(offset))
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// Reads the whole export in 256 KiB pieces from 8 tasks.
+    func readAll(from client: NBDClient, size: Int) async throws -> ByteBuffer {
+        let pieces = try await withThrowingTaskGroup(of: [(Int, ByteBuffer)].self) { group in
+            for task in 0..<8 {
+                group.addTask {
+                    var read: [(Int, ByteBuffer)] = []
+                    for piece in stride(from: task, to: size / (256 << 10), by: 8) {
+                        read.append((piece, try await client.read(at: UInt64(piece * (256 << 10)), length: 256 << 10)))
+                    }
+                    return read
+                }
+            }
+            var all: [(Int, ByteBuffer)] = []
+            for try await part in group { all += part }
+            return all
+        }
+        var whole = ByteBuffer()
+        for (_, piece) in pieces.sorted(by: { $0.0 < $1.0 }) { whole.writeImmutableBuffer(piece) }
+        return whole
+    }
+
+    func zeroFile(_ path: String, size: Int) throws {
+        try Data(count: size).write(to: URL(fileURLWithPath: path))
+    }
+
+    /// nbdkit's file plugin (the data outlives the server), slowed by its rate filter so that
+    /// the kills land in the middle: 1 and 4 connections, two restarts in one job, the
+    /// destination side (writes) and the source side (reads).
+    @Test(arguments: [1, 4])
+    func nbdkitKilledTwiceMidJob(connections: Int) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let socket = server.path("file.sock")
+        let nbdkit = Restartable(
+            server,
+            "nbdkit",
+            socket: socket,
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=32M"]
+        )
+        try await nbdkit.start()
+        let data = pattern(Self.size, seed: 21)
+        let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: connections, reconnectDelay: .seconds(20)))
+        let events = EventLog(client)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            async let writing: Void = writeAll(data, to: client)
+            for _ in 0..<2 {
+                try await Task.sleep(for: .milliseconds(600))
+                try await nbdkit.restart(after: .seconds(1))
+            }
+            try await writing
+            try await client.flush()
+            let writeReplays = client.replays
+            #expect(writeReplays > 0)
+            // The source side: reads across two more restarts.
+            async let reading = readAll(from: client, size: Self.size)
+            for _ in 0..<2 {
+                try await Task.sleep(for: .milliseconds(600))
+                try await nbdkit.restart(after: .seconds(1))
+            }
+            #expect(try await reading == data)
+            #expect(client.replays > writeReplays)
+            // The last kill may land after the last read: its reconnect follows all the same.
+            for _ in 0..<100 where client.connectionCount < connections { try await Task.sleep(for: .milliseconds(50)) }
+            group.cancelAll()
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
+        #expect(events.count { if case .lost = $0 { true } else { false } } >= 4)
+        #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 4)
+        #expect(events.count { if case .gaveUp = $0 { true } else { false } } == 0)
+    }
+
+    /// The same against qemu-nbd and against our own `nbd serve`, each killed and started
+    /// again on the same socket while the client writes.
+    @Test(arguments: ["qemu-nbd", "nbd serve"])
+    func otherServersKilledMidWrite(which: String) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let socket = server.path("server.sock")
+        let restartable =
+            which == "qemu-nbd"
+            ? Restartable(server, "qemu-nbd", socket: socket, ["-k", socket, "-t", "-f", "raw", "-e", "4", "--cache=none", file])
+            : Restartable(server, nbdTool, socket: socket, ["serve", file, "--socket", socket])
+        try await restartable.start()
+        let data = pattern(Self.size, seed: 22)
+        let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 4, reconnectDelay: .seconds(20)))
+        let events = EventLog(client)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            // Written twice: the kill lands in the second pass whatever the server's speed.
+            try await writeAll(pattern(Self.size, seed: 1), to: client)
+            async let writing: Void = writeAll(data, to: client)
+            try await Task.sleep(for: .milliseconds(50))
+            try await restartable.restart(after: .milliseconds(500))
+            try await writing
+            try await client.flush()
+            #expect(try await readAll(from: client, size: Self.size) == data)
+            group.cancelAll()
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
+        #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 1, "\(events.all)")
+    }
+
+    /// Over TLS: the reconnect negotiates TLS again, through the same transport.
+    @Test func tlsSurvivesARestart() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let certificates = try TLSTests().makeCertificates(server)
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let socket = server.path("tls.sock")
+        let nbdkit = Restartable(
+            server,
+            "nbdkit",
+            socket: socket,
+            [
+                "--foreground", "--exit-with-parent", "--unix", socket, "--tls=require", "--tls-certificates", certificates.server,
+                "--filter=rate", "file", file, "rate=32M",
+            ]
+        )
+        try await nbdkit.start()
+        let uri = try NBDURI("nbds+unix:///?socket=\(socket)&tls-certificates=\(certificates.client)&tls-hostname=localhost")
+        let data = pattern(Self.size, seed: 23)
+        let client = NBDClient(uri, configuration: configuration(connections: 4, reconnectDelay: .seconds(20)))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            async let writing: Void = writeAll(data, to: client)
+            try await Task.sleep(for: .milliseconds(600))
+            try await nbdkit.restart(after: .seconds(1))
+            try await writing
+            try await client.flush()
+            #expect(client.replays > 0)
+            group.cancelAll()
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
+    }
+
+    /// A server that stays away: the job fails once the delay has passed (± 1 s), with an
+    /// error that says how long it tried and why.
+    @Test func aServerThatStaysAwayFailsAfterTheDelay() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let socket = server.path("file.sock")
+        let nbdkit = Restartable(
+            server,
+            "nbdkit",
+            socket: socket,
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=16M"]
+        )
+        try await nbdkit.start()
+        let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 2, reconnectDelay: .seconds(3)))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try? await client.run() }
+            let writing = Task { try await writeAll(pattern(Self.size, seed: 24), to: client) }
+            try await Task.sleep(for: .milliseconds(500))
+            nbdkit.kill()
+            let killed = ContinuousClock.now
+            await #expect {
+                try await writing.value
+            } throws: { error in
+                guard let error = error as? NBDError else { return false }
+                return error.code == .unavailable && error.message.contains("reconnecting for 3 s")
+                    && error.message.contains("last cause")
+            }
+            let waited = ContinuousClock.now - killed
+            #expect(waited > .seconds(2) && waited < .seconds(4), "\(waited)")
+            group.cancelAll()
+        }
+    }
+
+    /// A server that comes back with a smaller disk: a typed error, and nothing is written
+    /// to it (its log shows no write).
+    @Test func aServerThatComesBackSmallerIsRefused() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let socket = server.path("file.sock")
+        let log = server.path("after.log")
+        let nbdkit = Restartable(
+            server,
+            "nbdkit",
+            socket: socket,
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=16M"]
+        )
+        try await nbdkit.start()
+        let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 1, reconnectDelay: .seconds(10)))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try? await client.run() }
+            let writing = Task { try await writeAll(pattern(Self.size, seed: 25), to: client) }
+            try await Task.sleep(for: .milliseconds(500))
+            nbdkit.kill()
+            let smaller = server.path("smaller.raw")
+            try zeroFile(smaller, size: Self.size / 2)
+            nbdkit.arguments = ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=log", "file", smaller, "logfile=\(log)"]
+            try await nbdkit.start()
+            await #expect {
+                try await writing.value
+            } throws: { error in
+                guard let error = error as? NBDError else { return false }
+                return error.code == .exportChanged && error.message.contains("8388608 bytes instead of 16777216")
+            }
+            group.cancelAll()
+        }
+        let logged = try String(contentsOfFile: log, encoding: .utf8)
+        #expect(logged.contains("Connect"))
+        #expect(!logged.contains(" Write "), "\(logged)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: server.path("smaller.raw"))) == Data(count: Self.size / 2))
+    }
+
+    /// Requests are spread over the four connections by what each has outstanding: nbdkit's
+    /// log shows every connection serving a fair share.
+    @Test func requestsAreSpreadOverTheConnections() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let log = server.path("spread.log")
+        let uri = try await server.nbdkit(["--filter=log", "memory", "16M", "logfile=\(log)"])
+        var configuration = configuration(connections: 4, reconnectDelay: .zero)
+        configuration.connection.maximumRequestsInFlight = 4
+        try await NBDClient.withClient(uri, configuration: configuration) { (client: NBDClient) async throws in
+            #expect(client.connectionCount == 4)
+            _ = try await readAll(from: client, size: Self.size)
+        }
+        let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Read id=") }
+        var perConnection: [Substring: Int] = [:]
+        for line in lines {
+            guard let field = line.split(separator: " ").first(where: { $0.hasPrefix("connection=") }) else { continue }
+            perConnection[field, default: 0] += 1
+        }
+        #expect(lines.count == Self.size / (256 << 10))
+        #expect(perConnection.count == 4, "\(perConnection)")
+        #expect(perConnection.values.allSatisfy { $0 >= lines.count / 8 }, "\(perConnection)")
+    }
+
+    /// qemu-nbd -e 2 advertises multi-conn and accepts two clients: the other two get no
+    /// greeting, and the client goes on with two within the short deadline, saying so.
+    @Test func aServerThatAcceptsFewerClients() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try Data(pattern(Self.size, seed: 26).readableBytesView).write(to: URL(fileURLWithPath: file))
+        let socket = server.path("qemu.sock")
+        try await server.start("qemu-nbd", ["-k", socket, "-t", "-r", "-e", "2", "-f", "raw", file], waitFor: socket, probe: false)
+        let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 4, reconnectDelay: .zero))
+        let events = EventLog(client)
+        let start = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            let data = try await readAll(from: client, size: Self.size)
+            #expect(data == pattern(Self.size, seed: 26))
+            group.cancelAll()
+        }
+        #expect(ContinuousClock.now - start < .seconds(8))
+        let fewer = events.all.compactMap {
+            if case .fewerConnections(let connected, let wanted, _) = $0 { (connected, wanted) } else { nil }
+        }
+        #expect(fewer.count == 1 && fewer[0] == (2, 4), "\(events.all)")
+    }
+
+    /// A frozen server: the request timeout ends the connection, the dials time out while it
+    /// stays frozen, and the reconnect succeeds once it is thawed; the read returns its data.
+    @Test func aFrozenServerIsReconnectedOnceThawed() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try Data(pattern(1 << 20, seed: 27).readableBytesView).write(to: URL(fileURLWithPath: file))
+        let socket = server.path("file.sock")
+        let process = try await server.start(
+            "nbdkit",
+            ["--foreground", "--exit-with-parent", "--unix", socket, "file", file],
+            waitFor: socket
+        )
+        var configuration = configuration(connections: 1, reconnectDelay: .seconds(20))
+        configuration.connection.requestTimeout = .seconds(1)
+        configuration.connection.negotiationTimeout = .seconds(1)
+        try await NBDClient.withClient(NBDURI(socket: socket), configuration: configuration) { (client: NBDClient) async throws in
+            let events = EventLog(client)
+            kill(process.processIdentifier, SIGSTOP)
+            Task {
+                try await Task.sleep(for: .seconds(3))
+                kill(process.processIdentifier, SIGCONT)
+            }
+            #expect(try await client.read(at: 4096, length: 65536) == pattern(1 << 20, seed: 27).getSlice(at: 4096, length: 65536))
+            #expect(events.count { if case .lost(_, let cause) = $0 { cause.code == .timedOut } else { false } } == 1, "\(events.all)")
+            #expect(events.count { if case .reconnected = $0 { true } else { false } } == 1, "\(events.all)")
+        }
+    }
+}
