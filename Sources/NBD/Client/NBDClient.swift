@@ -15,7 +15,7 @@ import NIOCore
 /// for what that promises and what a crash can still lose.
 ///
 /// ``run()`` owns the connections: run it in a task group (or a swift-service-lifecycle
-/// `ServiceGroup`) and cancel it to disconnect. ``withClient(_:configuration:_:)`` does that
+/// `ServiceGroup`) and cancel it to disconnect. ``withClient(_:configuration:_:)-(NBDURI,_,_)`` does that
 /// for a script:
 ///
 /// ```swift
