@@ -18,4 +18,8 @@ public struct NBDMetaContext: Hashable, Sendable {
 
     /// The context every server with block status offers.
     public static let baseAllocation = "base:allocation"
+
+    /// The context of qemu's dirty bitmap `name` (`qemu-nbd -B NAME`): `qemu:dirty-bitmap:NAME`.
+    /// Bit 0 of an extent's status set means dirty.
+    public static func dirtyBitmap(_ name: String) -> String { "qemu:dirty-bitmap:\(name)" }
 }

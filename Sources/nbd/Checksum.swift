@@ -42,9 +42,9 @@ struct Checksum: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var configuration = connection.configuration()
+        var configuration = connection.clientConfiguration()
         // The data is hashed and dropped: taken as it arrived, in SwiftNIO's large reads.
-        configuration.readsDataDirectly = false
+        configuration.connection.readsDataDirectly = false
         let interrupt = Interrupt()
         for text in sources {
             let source = try await Endpoints.source(text, connections: connections, requests: requests, configuration: configuration)

@@ -67,9 +67,9 @@ final class Copier: Sendable {
         length: UInt64? = nil,
         journal: CopyJournal? = nil
     ) {
-        let exports = [source as Any, destination as Any].compactMap { ($0 as? NBDEndpoint)?.exports }
-        let connections = exports.map(\.count).max() ?? 1
-        let size = max(requestSize, UInt64(exports.map { $0[0].info.blockSizes.preferred }.max() ?? 0))
+        let exports = [source as Any, destination as Any].compactMap { $0 as? NBDEndpoint }
+        let connections = exports.map(\.connections).max() ?? 1
+        let size = max(requestSize, UInt64(exports.map { $0.info.blockSizes.preferred }.max() ?? 0))
         self.init(
             source: source,
             destination: destination,

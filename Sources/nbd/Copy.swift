@@ -123,7 +123,7 @@ struct Copy: AsyncParsableCommand {
     var resume: String?
 
     /// The bitmap's metadata context: a bare name is qemu's.
-    var bitmapContext: String? { bitmap.map { $0.contains(":") ? $0 : "qemu:dirty-bitmap:\($0)" } }
+    var bitmapContext: String? { bitmap.map { $0.contains(":") ? $0 : NBDMetaContext.dirtyBitmap($0) } }
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -160,19 +160,21 @@ struct Copy: AsyncParsableCommand {
     }
 
     func run() async throws {
-        var configuration = connection.configuration()
+        var configuration = connection.clientConfiguration()
         // Data read only to be thrown away is taken as it arrived (readSegments), where
         // SwiftNIO's large reads do best; data to be written is read straight into buffers.
-        configuration.readsDataDirectly = destination != "null:"
+        configuration.connection.readsDataDirectly = destination != "null:"
         let lock = try resume.map(CopyJournal.Lock.init(journal:))
         defer { lock?.release() }
         let previous = try resume.flatMap { try CopyJournal.load($0) }
+        let watch = ConnectionWatch()
         let source = try await Endpoints.source(
             self.source,
             connections: connections,
             requests: requests,
             bitmap: bitmapContext,
-            configuration: configuration
+            configuration: configuration,
+            watch: watch
         )
         let destination: any CopyDestination
         do {
@@ -194,7 +196,8 @@ struct Copy: AsyncParsableCommand {
                 // What the first run knew of the destination still holds for the rest of it.
                 destinationIsZero: destinationIsZero || previous?.destinationStartedZeroed == true,
                 allocated: allocated,
-                configuration: configuration
+                configuration: configuration,
+                watch: watch
             )
         } catch {
             await source.close()
@@ -240,7 +243,7 @@ struct Copy: AsyncParsableCommand {
             requests: requests,
             memory: memory,
             sparse: Int(sparse),
-            progress: try Progress(progress, total: source.size),
+            progress: try Progress(progress, total: source.size, connections: watch),
             hasher: hasher,
             journal: journal
         )
@@ -392,7 +395,8 @@ enum Endpoints {
         connections: Int,
         requests: Int,
         bitmap: String? = nil,
-        configuration: NBDClientConfiguration
+        configuration: NBDClient.Configuration,
+        watch: ConnectionWatch? = nil
     ) async throws -> any CopySource {
         if isURI(text) {
             return try await NBDEndpoint.open(
@@ -401,7 +405,8 @@ enum Endpoints {
                 requests: requests,
                 destinationIsZero: false,
                 bitmap: bitmap,
-                configuration: configuration
+                configuration: configuration,
+                onEvent: watch?.listener(for: "source") ?? ConnectionWatch.ignore
             )
         }
         for (prefix, zero) in [("pattern:", false), ("zero:", true)] where text.hasPrefix(prefix) {
@@ -419,7 +424,8 @@ enum Endpoints {
         requests: Int,
         destinationIsZero: Bool,
         allocated: Bool = false,
-        configuration: NBDClientConfiguration
+        configuration: NBDClient.Configuration,
+        watch: ConnectionWatch? = nil
     ) async throws -> any CopyDestination {
         if isURI(text) {
             return try await NBDEndpoint.open(
@@ -428,7 +434,8 @@ enum Endpoints {
                 requests: requests,
                 destinationIsZero: destinationIsZero,
                 allocates: allocated,
-                configuration: configuration
+                configuration: configuration,
+                onEvent: watch?.listener(for: "destination") ?? ConnectionWatch.ignore
             )
         }
         if text == "null:" { return NullDestination() }

@@ -82,17 +82,27 @@ extension CopySource {
 
 // MARK: NBD
 
-/// One export opened over several connections (multi-conn) when the server allows it.
+/// An export through an `NBDClient`: several connections when the server allows multi-conn,
+/// and, with `--reconnect-delay`, riding out a server restart.
 final class NBDEndpoint: CopySource, CopyDestination {
-    let exports: [NBDExport]
+    let client: NBDClient
+    let info: NBDExportInfo
     let startsZeroed: Bool
     /// The dirty-bitmap context whose clean extents an incremental copy skips.
     let bitmap: String?
     /// Zeroes are written with NBD_CMD_FLAG_NO_HOLE: `--allocated`.
     let allocates: Bool
+    /// Connections up when the copy started.
+    let connections: Int
+    private let hasAllocation: Bool
+    private let isTLS: Bool
+    /// The client's run(), until close().
+    private let runner: Task<Void, any Error>
     var isSequential: Bool { false }
-    var size: UInt64? { exports[0].size }
+    var size: UInt64? { info.size }
 
+    /// Opens the export: throws when the first connection cannot be made or the bitmap is
+    /// missing. `onEvent` hears what happens to the connections (lost, reconnected).
     static func open(
         _ uri: NBDURI,
         connections: Int,
@@ -100,50 +110,72 @@ final class NBDEndpoint: CopySource, CopyDestination {
         destinationIsZero: Bool,
         bitmap: String? = nil,
         allocates: Bool = false,
-        configuration base: NBDClientConfiguration
+        configuration base: NBDClient.Configuration,
+        onEvent: @escaping @Sendable (NBDClientEvent) -> Void = { _ in }
     ) async throws -> NBDEndpoint {
         var configuration = base
-        configuration.maximumRequestsInFlight = requests
-        if let bitmap { configuration.metaContexts.append(bitmap) }
-        // Connection i of the source and of the destination share event loop i, so that a
-        // worker reading from one and writing to the other stays on one thread.
-        let loops = Array(base.eventLoopGroup.makeIterator())
-        func connect(_ index: Int) async throws -> NBDExport {
-            configuration.eventLoopGroup = loops[index % loops.count]
-            return try await NBDExport.connect(to: uri, configuration: configuration)
+        configuration.connections = max(1, connections)
+        configuration.connection.maximumRequestsInFlight = requests
+        if let bitmap { configuration.connection.metaContexts.append(bitmap) }
+        let client = NBDClient(uri, configuration: configuration)
+        let runner = Task { try await client.run() }
+        let listener = Task { for await event in client.events { onEvent(event) } }
+        do {
+            let info = try await client.info
+            let contexts = try await client.metaContexts.map(\.name)
+            if let bitmap, !contexts.contains(bitmap) {
+                throw CommandError("the source does not offer the metadata context \(bitmap) (qemu-nbd -B NAME exports a bitmap)")
+            }
+            return NBDEndpoint(
+                client: client,
+                info: info,
+                startsZeroed: destinationIsZero,
+                bitmap: bitmap,
+                allocates: allocates,
+                connections: client.connectionCount,
+                hasAllocation: contexts.contains(NBDMetaContext.baseAllocation),
+                isTLS: try await client.tlsVersion != nil,
+                runner: runner
+            )
+        } catch {
+            runner.cancel()
+            listener.cancel()
+            _ = await runner.result
+            throw error
         }
-        let first = try await connect(0)
-        if let bitmap, !first.hasMetaContext(bitmap) {
-            await first.disconnect()
-            throw CommandError("the source does not offer the metadata context \(bitmap) (qemu-nbd -B NAME exports a bitmap)")
-        }
-        var exports = [first]
-        // "In the absence of this flag, clients SHOULD NOT multiplex their commands over more than one connection".
-        if first.info.canMultiConn {
-            for index in 1..<max(1, connections) { exports.append(try await connect(index)) }
-        }
-        return NBDEndpoint(exports: exports, startsZeroed: destinationIsZero, bitmap: bitmap, allocates: allocates)
     }
 
-    /// Where worker `worker` runs best: on the thread of its connection.
-    func taskExecutor(for worker: Int) -> (any TaskExecutor)? { export(worker).taskExecutor }
-
-    private init(exports: [NBDExport], startsZeroed: Bool, bitmap: String?, allocates: Bool) {
-        self.exports = exports
+    private init(
+        client: NBDClient,
+        info: NBDExportInfo,
+        startsZeroed: Bool,
+        bitmap: String?,
+        allocates: Bool,
+        connections: Int,
+        hasAllocation: Bool,
+        isTLS: Bool,
+        runner: Task<Void, any Error>
+    ) {
+        self.client = client
+        self.info = info
         self.startsZeroed = startsZeroed
         self.bitmap = bitmap
         self.allocates = allocates
+        self.connections = connections
+        self.hasAllocation = hasAllocation
+        self.isTLS = isTLS
+        self.runner = runner
     }
 
-    private func export(_ worker: Int) -> NBDExport { exports[worker % exports.count] }
+    /// Where worker `worker` runs best: on the thread of a connection, one per worker in turn.
+    func taskExecutor(for worker: Int) -> (any TaskExecutor)? { client.taskExecutor(for: worker % connections) }
 
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
-        let export = exports[0]
-        guard export.hasMetaContext(NBDMetaContext.baseAllocation) else { return [] }
+        guard hasAllocation else { return [] }
         var ranges: [Range<UInt64>] = []
-        for try await extent in export.extents(in: offset..<offset + length) {
+        for try await extent in client.extents(in: offset..<offset + length) {
             guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
-            ranges.append(extent.offset..<extent.offset + extent.length)
+            ranges.append(extent.range)
         }
         return ranges
     }
@@ -152,8 +184,8 @@ final class NBDEndpoint: CopySource, CopyDestination {
         guard let bitmap else { return [] }
         var ranges: [Range<UInt64>] = []
         // In a qemu:dirty-bitmap context, status bit 0 set means dirty (qemu's docs/interop/nbd.rst).
-        for try await extent in exports[0].extents(of: bitmap, in: offset..<offset + length) where extent.flags & 1 == 0 {
-            ranges.append(extent.offset..<extent.offset + extent.length)
+        for try await extent in client.extents(of: bitmap, in: offset..<offset + length) where extent.flags & 1 == 0 {
+            ranges.append(extent.range)
         }
         return ranges
     }
@@ -161,38 +193,38 @@ final class NBDEndpoint: CopySource, CopyDestination {
     func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         // In clear, the data goes from the socket straight into `buffer` (as libnbd reads):
         // nothing else holds it, not even SwiftNIO's receive buffers.
-        try await export(worker).read(into: &buffer, at: offset, length: UInt64(length))
+        try await client.read(into: &buffer, at: offset, length: UInt64(length))
     }
 
     func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
-        let export = export(worker)
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
-        guard export.tlsVersion == nil else { return [try await export.read(at: offset, length: UInt64(length))] }
-        return try await export.readSegments(at: offset, length: UInt64(length))
+        guard !isTLS else { return [try await client.read(at: offset, length: UInt64(length))] }
+        return try await client.readSegments(at: offset, length: UInt64(length))
     }
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
-        try await export(worker).write(segments: data, at: offset)
+        try await client.write(segments: data, at: offset)
     }
 
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
-        let export = export(worker)
-        if export.info.canZero {
+        if info.canZero {
             // NO_HOLE "SHOULD be set to 1 if the client wants to ensure that the server does not
             // create a hole": what --allocated asks for.
-            try await export.writeZeroes(at: offset, length: length, flags: allocates ? .noHole : [])
+            try await client.writeZeroes(at: offset, length: length, flags: allocates ? .noHole : [])
         } else {
-            try await export.write(ByteBuffer(repeating: 0, count: Int(length)), at: offset)
+            try await client.write(ByteBuffer(repeating: 0, count: Int(length)), at: offset)
         }
     }
 
+    /// One flush covers every connection: with several, the server set CAN_MULTI_CONN.
     func flush() async throws {
-        for export in exports where export.info.canFlush { try await export.flush() }
+        if info.canFlush { try await client.flush() }
     }
 
     func close() async {
-        for export in exports { await export.disconnect() }
+        runner.cancel()
+        _ = await runner.result
     }
 }
 

@@ -32,17 +32,17 @@ struct Dump: AsyncParsableCommand {
     @OptionGroup var connection: ConnectionOptions
 
     func run() async throws {
-        let uri = try NBDURI(self.uri)
-        try await NBDExport.withExport(uri, configuration: connection.configuration()) { export in
-            guard offset <= export.size else {
-                throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)")
-            }
-            // Not offset + length: a huge --length would wrap.
-            let end = offset + min(length ?? .max, export.size - offset)
+        // One connection: a dump reads in order.
+        try await connection.withSingleClient(uri) { client, info in
+            let end = try Sizes.range(offset: offset, length: length, in: info.size, lengthMayRunPast: true).upperBound
             var dumper = HexDumper()
             var output = BufferedOutput()
-            let reader = AlignedReader(export: export)
-            var zeroes = ZeroExtents(export: export, from: offset)
+            let reader = AlignedReader(client: client, info: info)
+            var zeroes = ZeroExtents(
+                try await client.hasMetaContext(NBDMetaContext.baseAllocation) ? client : nil,
+                from: offset,
+                to: info.size
+            )
             var position = offset
             while position < end {
                 // Whole lines inside an area known to read as zeroes: not read at all.
@@ -123,13 +123,14 @@ struct HexDumper {
 
 /// Reads any byte range, widening it to the export's minimum block size as strict mode requires.
 struct AlignedReader: Sendable {
-    let export: NBDExport
+    let client: NBDClient
+    let info: NBDExportInfo
 
     func read(from start: UInt64, to end: UInt64) async throws -> [UInt8] {
-        let block = UInt64(export.info.blockSizes.minimum)
+        let block = UInt64(info.blockSizes.minimum)
         let alignedStart = start / block * block
-        let alignedEnd = min(export.size, (end + block - 1) / block * block)
-        let buffer = try await export.read(at: alignedStart, length: alignedEnd - alignedStart)
+        let alignedEnd = min(info.size, (end + block - 1) / block * block)
+        let buffer = try await client.read(at: alignedStart, length: alignedEnd - alignedStart)
         let skip = Int(start - alignedStart)
         return Array(buffer.readableBytesView.dropFirst(skip).prefix(Int(end - start)))
     }
@@ -140,10 +141,9 @@ struct ZeroExtents {
     private var extents: NBDExtentSequence.AsyncIterator?
     private var current: NBDExtent?
 
-    /// Zero areas from `offset` on; without `base:allocation` there are none.
-    init(export: NBDExport, from offset: UInt64) {
-        let available = export.hasMetaContext(NBDMetaContext.baseAllocation)
-        extents = available ? export.extents(in: offset..<export.size).makeAsyncIterator() : nil
+    /// Zero areas from `offset` to `end` by the client's `base:allocation`; none without it.
+    init(_ client: NBDClient?, from offset: UInt64, to end: UInt64) {
+        extents = client?.extents(in: offset..<end).makeAsyncIterator()
     }
 
     /// The end of the zero area containing `offset`, or `offset` itself when it holds data.

@@ -27,8 +27,8 @@ struct Zero: AsyncParsableCommand {
     var fastZero = false
 
     func run() async throws {
-        try await erase.run { export, range in
-            try await export.writeZeroes(at: range.lowerBound, length: UInt64(range.count), flags: fastZero ? .fastZero : [])
+        try await erase.run { client, range in
+            try await client.writeZeroes(at: range.lowerBound, length: UInt64(range.count), flags: fastZero ? .fastZero : [])
         }
     }
 }
@@ -52,8 +52,8 @@ struct Trim: AsyncParsableCommand {
     @OptionGroup var erase: EraseOptions
 
     func run() async throws {
-        try await erase.run { export, range in
-            try await export.trim(at: range.lowerBound, length: UInt64(range.count))
+        try await erase.run { client, range in
+            try await client.trim(at: range.lowerBound, length: UInt64(range.count))
         }
     }
 }
@@ -74,28 +74,21 @@ struct EraseOptions: ParsableArguments {
 
     @OptionGroup var connection: ConnectionOptions
 
-    func run(_ perform: (NBDExport, Range<UInt64>) async throws -> Void) async throws {
+    func run(_ perform: (NBDClient, Range<UInt64>) async throws -> Void) async throws {
         let uri = try NBDURI(self.uri)
-        try await NBDExport.withExport(uri, configuration: connection.configuration()) { export in
-            guard offset <= export.size else {
-                throw CommandError("--offset \(offset) is past the end of the export (\(export.size) bytes)")
-            }
-            // Not offset + length: a huge --length would wrap.
-            let end = offset + min(length ?? .max, export.size - offset)
-            if let length, length > export.size - offset {
-                throw CommandError("--offset \(offset) --length \(length) runs past the end of the export (\(export.size) bytes)")
-            }
+        try await connection.withSingleClient(self.uri) { client, info in
+            let end = try Sizes.range(offset: offset, length: length, in: info.size, lengthMayRunPast: false).upperBound
             guard end > offset else { return }
-            if export.info.isReadOnly { throw CommandError("the export is read-only") }
+            if info.isReadOnly { throw CommandError("the export is read-only") }
             // Only the whole export is asked about (as nbdzero and nbddiscard do): a range the user
             // spelled out is what they meant. A range that happens to cover everything is everything.
-            if !yes, offset == 0, end == export.size {
+            if !yes, offset == 0, end == info.size {
                 try confirm("PERMANENTLY ERASE everything on \(uri) (\(end) bytes)")
             }
-            try await perform(export, offset..<end)
+            try await perform(client, offset..<end)
             // The spec promises only that "all writes ... that the server completes" before a
             // flush's reply reach permanent storage: without it the zeroes could still be lost.
-            if export.info.canFlush { try await export.flush() }
+            if info.canFlush { try await client.flush() }
         }
     }
 

@@ -14,14 +14,10 @@ struct ExtentMap: Sendable {
     var extents: [Entry]
 
     /// The extents of `context` over the whole export, neighbours of the same type merged.
-    static func read(_ export: NBDExport, context: String) async throws -> [Entry] {
+    static func read(_ client: NBDClient, context: String) async throws -> [Entry] {
         var entries: [Entry] = []
-        for try await extent in export.extents(of: context) {
-            if let previous = entries.last, previous.type == extent.flags, previous.offset + previous.length == extent.offset {
-                entries[entries.count - 1].length += extent.length
-            } else {
-                entries.append(Entry(offset: extent.offset, length: extent.length, type: extent.flags))
-            }
+        for try await extent in client.extents(of: context).mergingNeighbours() {
+            entries.append(Entry(offset: extent.offset, length: extent.length, type: extent.flags))
         }
         return entries
     }

@@ -101,13 +101,14 @@ struct Info: AsyncParsableCommand {
     }
 
     private func runMap(_ uri: NBDURI, context: String) async throws {
-        var configuration = connection.configuration()
-        configuration.metaContexts = [context]
-        let extents = try await NBDExport.withExport(uri, configuration: configuration) { export in
-            guard export.hasMetaContext(context) else {
+        var configuration = connection.clientConfiguration()
+        configuration.connection.metaContexts = [context]
+        configuration.connections = 1
+        let extents = try await NBDClient.withClient(uri, configuration: configuration) { client in
+            guard try await client.hasMetaContext(context) else {
                 throw CommandError("--map: server does not support metadata context \"\(context)\"")
             }
-            return try await ExtentMap.read(export, context: context)
+            return try await ExtentMap.read(client, context: context)
         }
         let map = ExtentMap(context: context, extents: extents)
         StandardStreams.output(totals ? (json ? map.totalsJSON : map.totalsText) : (json ? map.json : map.text))

@@ -102,8 +102,39 @@ struct ConnectionOptions: ParsableArguments {
     )
     var timeout: Double = 60
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "When a connection is lost (the server restarted, the socket was reset), dial it again and send again what had "
+                + "no reply, for up to this long (0: a lost connection fails the command).",
+            valueName: "seconds"
+        )
+    )
+    var reconnectDelay: Double = 0
+
     func validate() throws {
         guard timeout >= 0, timeout <= 31_536_000 else { throw ValidationError("--timeout must be from 0 to 31536000 seconds") }
+        guard reconnectDelay >= 0, reconnectDelay <= 86400 else {
+            throw ValidationError("--reconnect-delay must be from 0 to 86400 seconds")
+        }
+    }
+
+    /// Runs `body` with a client of one connection to `uri` (for the commands that go in order:
+    /// dump, zero, trim) and the export's description.
+    func withSingleClient<Result>(_ uri: String, _ body: (NBDClient, NBDExportInfo) async throws -> Result) async throws -> Result {
+        var configuration = clientConfiguration()
+        configuration.connections = 1
+        return try await NBDClient.withClient(try NBDURI(uri), configuration: configuration) { client in
+            try await body(client, try await client.info)
+        }
+    }
+
+    /// The settings of an `NBDClient`: these connections' settings, and the reconnect delay.
+    func clientConfiguration() -> NBDClient.Configuration {
+        var configuration = NBDClient.Configuration()
+        configuration.connection = self.configuration()
+        configuration.reconnectDelay = .milliseconds(Int64((reconnectDelay * 1000).rounded()))
+        return configuration
     }
 
     func configuration() -> NBDClientConfiguration {

@@ -28,15 +28,25 @@ final class Progress: Sendable {
     private let total: UInt64?
     private let state = NIOLockedValueBox(State())
     private let start = Date()
+    /// Says when a connection is being dialled again: shown at once, since no bytes move then.
+    private let connections: ConnectionWatch?
 
-    init(_ option: String?, total: UInt64?) throws {
+    init(_ option: String?, total: UInt64?, connections: ConnectionWatch? = nil) throws {
         self.total = total
+        self.connections = connections
         switch option {
         case nil: mode = .off
         case "auto": mode = isatty(2) != 0 ? .terminal : .lines
         case "json": mode = .json
         case let number?: mode = .descriptor(Int32(number)!)
         }
+        connections?.onChange { [weak self] in self?.redraw() }
+    }
+
+    /// Shows the state now, whatever the interval: a connection was lost or came back.
+    func redraw() {
+        let (done, skipped) = state.withLockedValue { ($0.done, $0.skipped) }
+        report(done, skipped: skipped, final: false)
     }
 
     func add(_ bytes: UInt64, skipped: Bool = false) {
@@ -67,6 +77,7 @@ final class Progress: Sendable {
         let percent = total.map { $0 == 0 ? 100 : Int(done * 100 / $0) }
         let elapsed = max(Date().timeIntervalSince(start), 0.001)
         let rate = Double(done - skipped) / elapsed
+        let reconnecting = !final && connections?.reconnecting == true
         switch mode {
         case .off:
             return
@@ -90,6 +101,8 @@ final class Progress: Sendable {
             }
             if final {
                 text += "in \(Self.time(elapsed)), \(Self.bytes(UInt64(rate)))/s"
+            } else if reconnecting {
+                text += "reconnecting"
             } else {
                 text += "\(Self.bytes(UInt64(rate)))/s"
                 if let eta = eta(done, rate) { text += ", ETA \(Self.time(eta))" }
@@ -99,12 +112,14 @@ final class Progress: Sendable {
         case .lines:
             let text = percent.map { "\($0)% " } ?? ""
             let when = final ? " in \(Self.time(elapsed))" : ""
-            StandardStreams.error("copied \(text)\(Self.bytes(done))\(when) at \(Self.bytes(UInt64(rate)))/s\n")
+            let waiting = reconnecting ? ", reconnecting" : ""
+            StandardStreams.error("copied \(text)\(Self.bytes(done))\(when) at \(Self.bytes(UInt64(rate)))/s\(waiting)\n")
         case .json:
             var fields = ["\"done\": \(done)", "\"total\": \(total.map(String.init) ?? "null")"]
             fields.append("\"elapsed\": \(String(format: "%.3f", elapsed))")
             fields.append("\"rate\": \(UInt64(rate))")
             fields.append("\"eta\": \(eta(done, rate).map { String(format: "%.0f", $0) } ?? "null")")
+            fields.append("\"reconnecting\": \(reconnecting)")
             fields.append("\"finished\": \(final)")
             StandardStreams.error("{ \(fields.joined(separator: ", ")) }\n")
         }

@@ -6,13 +6,13 @@ import NBD
 /// does (the region digests of both hashes narrow it to 16 MiB, which is then read from both).
 struct Verifier {
     let copy: Copy
-    let configuration: NBDClientConfiguration
+    let configuration: NBDClient.Configuration
     let interrupt: Interrupt
 
     func check(source: any CopySource, length: UInt64, against sourceHash: BlockHasher, digest: [UInt8]) async throws {
         var hashing = configuration
         // Hashed and dropped: taken as it arrived, in SwiftNIO's large reads.
-        hashing.readsDataDirectly = false
+        hashing.connection.readsDataDirectly = false
         let readBack = try await Endpoints.source(
             copy.destination,
             connections: copy.connections,

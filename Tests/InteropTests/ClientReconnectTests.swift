@@ -59,6 +59,12 @@ struct ClientReconnectTests {
         deinit { task.cancel() }
     }
 
+    /// Waits (up to 10 s) until `count` connections are up, so that the next kill hits live
+    /// connections, not a dial.
+    func connected(_ client: NBDClient, _ count: Int) async throws {
+        for _ in 0..<200 where client.connectionCount < count { try await Task.sleep(for: .milliseconds(50)) }
+    }
+
     func configuration(connections: Int, reconnectDelay: Duration) -> NBDClient.Configuration {
         var configuration = NBDClient.Configuration()
         configuration.connections = connections
@@ -107,6 +113,22 @@ struct ClientReconnectTests {
         try Data(count: size).write(to: URL(fileURLWithPath: path))
     }
 
+    /// nbdkit's file plugin on `name` (a file of zeroes unless it exists), slowed to `rate`
+    /// bits per second, started on `name`.sock: the data outlives the server.
+    func slowFileServer(_ server: ServerProcess, _ name: String, rate: String) async throws -> (file: String, nbdkit: Restartable) {
+        let file = server.path(name)
+        if !FileManager.default.fileExists(atPath: file) { try zeroFile(file, size: Self.size) }
+        let socket = server.path("\(name).sock")
+        let nbdkit = Restartable(
+            server,
+            "nbdkit",
+            socket: socket,
+            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=\(rate)"]
+        )
+        try await nbdkit.start()
+        return (file, nbdkit)
+    }
+
     /// nbdkit's file plugin (the data outlives the server), slowed by its rate filter so that
     /// the kills land in the middle: 1 and 4 connections, two restarts in one job, the
     /// destination side (writes) and the source side (reads).
@@ -114,16 +136,8 @@ struct ClientReconnectTests {
     func nbdkitKilledTwiceMidJob(connections: Int) async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let file = server.path("disk.raw")
-        try zeroFile(file, size: Self.size)
-        let socket = server.path("file.sock")
-        let nbdkit = Restartable(
-            server,
-            "nbdkit",
-            socket: socket,
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=32M"]
-        )
-        try await nbdkit.start()
+        let (file, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "32M")
+        let socket = nbdkit.socket
         let data = pattern(Self.size, seed: 21)
         let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: connections, reconnectDelay: .seconds(20)))
         let events = EventLog(client)
@@ -131,6 +145,7 @@ struct ClientReconnectTests {
             group.addTask { try await client.run() }
             async let writing: Void = writeAll(data, to: client)
             for _ in 0..<2 {
+                try await connected(client, connections)
                 try await Task.sleep(for: .milliseconds(600))
                 try await nbdkit.restart(after: .seconds(1))
             }
@@ -141,13 +156,14 @@ struct ClientReconnectTests {
             // The source side: reads across two more restarts.
             async let reading = readAll(from: client, size: Self.size)
             for _ in 0..<2 {
+                try await connected(client, connections)
                 try await Task.sleep(for: .milliseconds(600))
                 try await nbdkit.restart(after: .seconds(1))
             }
             #expect(try await reading == data)
             #expect(client.replays > writeReplays)
             // The last kill may land after the last read: its reconnect follows all the same.
-            for _ in 0..<100 where client.connectionCount < connections { try await Task.sleep(for: .milliseconds(50)) }
+            try await connected(client, connections)
             group.cancelAll()
         }
         #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
@@ -228,16 +244,8 @@ struct ClientReconnectTests {
     @Test func aServerThatStaysAwayFailsAfterTheDelay() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let file = server.path("disk.raw")
-        try zeroFile(file, size: Self.size)
-        let socket = server.path("file.sock")
-        let nbdkit = Restartable(
-            server,
-            "nbdkit",
-            socket: socket,
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=16M"]
-        )
-        try await nbdkit.start()
+        let (_, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "16M")
+        let socket = nbdkit.socket
         let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 2, reconnectDelay: .seconds(3)))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try? await client.run() }
@@ -263,17 +271,9 @@ struct ClientReconnectTests {
     @Test func aServerThatComesBackSmallerIsRefused() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let file = server.path("disk.raw")
-        try zeroFile(file, size: Self.size)
-        let socket = server.path("file.sock")
+        let (_, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "16M")
+        let socket = nbdkit.socket
         let log = server.path("after.log")
-        let nbdkit = Restartable(
-            server,
-            "nbdkit",
-            socket: socket,
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=16M"]
-        )
-        try await nbdkit.start()
         let client = NBDClient(NBDURI(socket: socket), configuration: configuration(connections: 1, reconnectDelay: .seconds(10)))
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try? await client.run() }
@@ -374,5 +374,63 @@ struct ClientReconnectTests {
             #expect(events.count { if case .lost(_, let cause) = $0 { cause.code == .timedOut } else { false } } == 1, "\(events.all)")
             #expect(events.count { if case .reconnected = $0 { true } else { false } } == 1, "\(events.all)")
         }
+    }
+
+    // MARK: The tool on top
+
+    /// `nbd copy --reconnect-delay` between two nbdkit file servers, the destination and then
+    /// the source killed and started again mid-copy, with --verify and --resume: the copy
+    /// completes, the data is the source's, the journal is gone, and --progress=json said
+    /// "reconnecting" while it waited.
+    @Test func nbdCopyRidesOutRestartsOfBothSides() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let data = pattern(Self.size, seed: 28)
+        try Data(data.readableBytesView).write(to: URL(fileURLWithPath: server.path("source.raw")))
+        let (_, source) = try await slowFileServer(server, "source.raw", rate: "32M")
+        let (destinationFile, destination) = try await slowFileServer(server, "destination.raw", rate: "32M")
+        let journal = server.path("copy.journal")
+        let copy = Process()
+        copy.executableURL = URL(fileURLWithPath: nbdTool)
+        copy.arguments = [
+            "copy", "--reconnect-delay", "20", "--verify", "--resume", journal, "--progress=json",
+            NBDURI(socket: source.socket).description, NBDURI(socket: destination.socket).description,
+        ]
+        let errors = Pipe()
+        copy.standardError = errors
+        copy.standardOutput = FileHandle.nullDevice
+        try copy.run()
+        try await Task.sleep(for: .milliseconds(800))
+        try await destination.restart(after: .seconds(1))
+        try await Task.sleep(for: .milliseconds(600))
+        try await source.restart(after: .seconds(1))
+        let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        copy.waitUntilExit()
+        #expect(copy.terminationStatus == 0, "\(said)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: destinationFile)) == Data(data.readableBytesView))
+        #expect(!FileManager.default.fileExists(atPath: journal))
+        #expect(said.contains("\"reconnecting\": true"), "\(said)")
+        #expect(said.contains("nbd: verified"), "\(said)")
+    }
+
+    /// Without --reconnect-delay a killed server still fails the copy within 2 s, in one line.
+    @Test func withoutADelayAKilledServerFailsTheCopyPromptly() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let (_, source) = try await slowFileServer(server, "source.raw", rate: "16M")
+        let copy = Process()
+        copy.executableURL = URL(fileURLWithPath: nbdTool)
+        copy.arguments = ["copy", NBDURI(socket: source.socket).description, "null:"]
+        let errors = Pipe()
+        copy.standardError = errors
+        try copy.run()
+        try await Task.sleep(for: .milliseconds(500))
+        source.kill()
+        let killed = ContinuousClock.now
+        let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        copy.waitUntilExit()
+        #expect(ContinuousClock.now - killed < .seconds(2))
+        #expect(copy.terminationStatus == 1)
+        #expect(said.hasPrefix("nbd: ") && said.split(separator: "\n").count == 1, "\(said)")
     }
 }

@@ -74,10 +74,12 @@ struct NBDKitTests {
         let uri = try await server.nbdkit(["--filter=error", "memory", "16M", "error-pread=EIO", "error-pread-rate=100%"])
         let export = try await NBDExport.connect(to: uri)
         do {
-            _ = try await export.read(at: 0, length: 4096)
+            _ = try await export.read(at: 8192, length: 4096)
             Issue.record("read should fail")
         } catch let error as NBDError {
             #expect(error.code == .serverError)
+            // The command and where: a log line that says which part of the disk is bad.
+            #expect(error.message == "the server failed NBD_CMD_READ of 4096 bytes at offset 8192", "\(error)")
             #expect(error.serverErrno == .EIO)
             #expect(error.connectionUsable)
         }

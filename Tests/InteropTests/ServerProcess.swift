@@ -162,15 +162,12 @@ struct MapEntry: Decodable, Hashable {
     var type: UInt64
 }
 
-/// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does.
+/// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does
+/// (by the library's `mergingNeighbours()`, which the comparison with nbdinfo then checks).
 func mapExport(_ export: NBDExport, context: String) async throws -> [MapEntry] {
     var entries: [MapEntry] = []
-    for try await extent in export.extents(of: context) {
-        if let last = entries.last, last.type == extent.flags, last.offset + last.length == extent.offset {
-            entries[entries.count - 1].length += extent.length
-        } else {
-            entries.append(MapEntry(offset: extent.offset, length: extent.length, type: extent.flags))
-        }
+    for try await extent in export.extents(of: context).mergingNeighbours() {
+        entries.append(MapEntry(offset: extent.offset, length: extent.length, type: extent.flags))
     }
     return entries
 }

@@ -43,6 +43,9 @@ public struct NBDExtent: Hashable, Sendable {
     /// The flags decoded according to the context they came from.
     public var status: Status
 
+    /// The bytes the extent covers.
+    public var range: Range<UInt64> { offset..<offset + length }
+
     /// An extent whose flags are decoded for `context`.
     public init(offset: UInt64, length: UInt64, flags: UInt64, context: String) {
         self.offset = offset

@@ -1,5 +1,6 @@
 import Logging
 import NBDCore
+import NBDEventLoop
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -44,6 +45,8 @@ public final class NBDClient: Sendable {
     private let open = NIOLockedValueBox<[ObjectIdentifier: NBDExport]>([:])
     /// Requests sent again on another connection after theirs was lost.
     private let replayCount = NIOLockedValueBox(0)
+    /// Connection i runs on event loop i (wrapping around); these run tasks there.
+    private let executors: [EventLoopTaskExecutor]
 
     /// What ``run()`` does for the state machine.
     private enum Work {
@@ -61,6 +64,8 @@ public final class NBDClient: Sendable {
         self.configuration = configuration
         (events, eventSink) = AsyncStream.makeStream(of: NBDClientEvent.self, bufferingPolicy: .bufferingNewest(256))
         work = AsyncStream.makeStream(of: Work.self)
+        let loops = Array(configuration.connection.eventLoopGroup.makeIterator())
+        executors = loops.prefix(max(1, configuration.connections)).map { EventLoopTaskExecutor($0) }
         let admitted = max(1, configuration.connections) * max(1, configuration.connection.maximumRequestsInFlight)
         machine = NIOLockedValueBox(
             Machine(
@@ -198,6 +203,20 @@ public final class NBDClient: Sendable {
 
     /// Connections up now.
     public var connectionCount: Int { machine.withLockedValue { $0.connectedCount } }
+
+    /// The TLS version of the connections (for example `tlsv13`), or nil in clear. Waits for
+    /// a connection.
+    public var tlsVersion: String? {
+        get async throws { try await withConnection(weight: 0) { $0.tlsVersion } }
+    }
+
+    /// The thread that runs connection `index` (counting from 0, wrapping around), as a task
+    /// executor: tasks that issue many requests lose less to thread hops there, as with
+    /// ``NBDExport/taskExecutor``. A request still goes to the connection with the fewest bytes
+    /// outstanding, which is most often that one when every task keeps to its own.
+    public func taskExecutor(for index: Int) -> any TaskExecutor {
+        executors[index % executors.count]
+    }
 
     // MARK: Internals
 

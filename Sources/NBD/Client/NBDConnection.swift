@@ -108,6 +108,14 @@ public struct NBDConnection: ~Copyable, Sendable {
         return try await connect(to: uri.address, configuration: configuration)
     }
 
+    /// Parses `uri` and connects; see ``connect(to:configuration:)-(NBDURI,_)``.
+    public static func connect(
+        to uri: String,
+        configuration: NBDClientConfiguration = NBDClientConfiguration()
+    ) async throws -> NBDConnection {
+        try await connect(to: NBDURI(uri), configuration: configuration)
+    }
+
     private init(
         channel: Channel,
         handler: NIOLoopBound<NBDClientChannelHandler>,

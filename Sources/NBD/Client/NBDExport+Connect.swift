@@ -47,4 +47,13 @@ extension NBDExport {
             throw error
         }
     }
+
+    /// ``withExport(_:configuration:_:)-(NBDURI,_,_)`` with the URI as text.
+    public static func withExport<Result: Sendable>(
+        _ uri: String,
+        configuration: NBDClientConfiguration = NBDClientConfiguration(),
+        _ body: (NBDExport) async throws -> Result
+    ) async throws -> Result {
+        try await withExport(try NBDURI(uri), configuration: configuration, body)
+    }
 }

@@ -97,3 +97,40 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
         }
     }
 }
+
+extension NBDExtentSequence {
+    /// The same extents with neighbours of equal status merged: one extent per run of data,
+    /// of holes, of dirty blocks, as nbdinfo --map prints them.
+    public func mergingNeighbours() -> NBDMergedExtentSequence { NBDMergedExtentSequence(base: self) }
+}
+
+/// The extents of an ``NBDExtentSequence`` with neighbours of equal status merged: see
+/// ``NBDExtentSequence/mergingNeighbours()``.
+public struct NBDMergedExtentSequence: AsyncSequence, Sendable {
+    public typealias Element = NBDExtent
+
+    let base: NBDExtentSequence
+
+    public func makeAsyncIterator() -> AsyncIterator { AsyncIterator(base: base.makeAsyncIterator()) }
+
+    /// Reads one extent ahead, to know where a run ends.
+    public struct AsyncIterator: AsyncIteratorProtocol {
+        var base: NBDExtentSequence.AsyncIterator
+        var ahead: NBDExtent?
+
+        public mutating func next() async throws -> NBDExtent? {
+            var first = ahead
+            ahead = nil
+            if first == nil { first = try await base.next() }
+            guard var run = first else { return nil }
+            while let extent = try await base.next() {
+                guard extent.flags == run.flags, extent.offset == run.range.upperBound else {
+                    ahead = extent
+                    break
+                }
+                run.length += extent.length
+            }
+            return run
+        }
+    }
+}

@@ -341,7 +341,7 @@ public struct ClientTransmissionStateMachine<Context> {
     @inlinable mutating func simpleReply(_ reply: SimpleReplyHeader, request: InFlight) throws(NBDError) -> Action? {
         let cookie = reply.cookie
         if reply.error.rawValue != 0 {
-            inFlight[cookie]!.error = Self.serverError(reply.error, message: nil, command: request.header.type)
+            inFlight[cookie]!.error = Self.serverError(reply.error, message: nil, request: request.header)
             return try finish(cookie)
         }
         if request.header.type == .read {
@@ -430,7 +430,7 @@ public struct ClientTransmissionStateMachine<Context> {
             }
             // An unknown error type still errs the reply: "it MUST consider the current reply as errored".
             if request.error == nil {
-                request.error = Self.serverError(errno, message: message, command: request.header.type)
+                request.error = Self.serverError(errno, message: message, request: request.header)
             }
             return nil
         }
@@ -472,8 +472,17 @@ public struct ClientTransmissionStateMachine<Context> {
         return .complete(request.context, error: request.error)
     }
 
-    @inlinable static func serverError(_ errno: NBDErrno, message: String?, command: CommandType) -> NBDError {
-        NBDError(.serverError, "the server failed \(command)", serverErrno: errno, serverMessage: message, connectionUsable: true)
+    /// A command the server failed, named with its range: "the server failed NBD_CMD_READ of
+    /// 65536 bytes at offset 1048576", so that a log line says where the disk is bad.
+    @inlinable static func serverError(_ errno: NBDErrno, message: String?, request: RequestHeader) -> NBDError {
+        let range = request.type == .flush ? "" : " of \(request.length) bytes at offset \(request.offset)"
+        return NBDError(
+            .serverError,
+            "the server failed \(request.type)\(range)",
+            serverErrno: errno,
+            serverMessage: message,
+            connectionUsable: true
+        )
     }
 }
 
