@@ -272,7 +272,13 @@ public struct NBDConnection: ~Copyable, Sendable {
                 ? "the server lists no exports, and has no \(missing)"
                 : "the server offers \(names.joined(separator: ", "))\(more), but no \(missing)"
         }
-        return NBDError(.optionRejected, message, optionReply: error.optionReply, connectionUsable: error.connectionUsable)
+        return NBDError(
+            .optionRejected,
+            message,
+            optionReply: error.optionReply,
+            serverMessage: error.serverMessage,
+            connectionUsable: error.connectionUsable
+        )
     }
 
     private func end() async {
