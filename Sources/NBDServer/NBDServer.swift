@@ -190,6 +190,17 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// Stops at once, as a crash would: the listening socket and every connection are closed
+    /// with no goodbye, and requests in flight get no reply. For tests of what clients do when
+    /// a server dies; ``shutdown()`` is the clean way. The backends are untouched, so a new
+    /// server can serve them again.
+    public func close() async {
+        try? await channel.close()
+        for connection in connections.all {
+            try? await connection.close()
+        }
+    }
+
     /// Waits until the listening socket closes.
     public func wait() async {
         try? await channel.closeFuture.get()

@@ -4,6 +4,7 @@
 //     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
 //     swift build -c release && .build/release/nbd-bench checksum [--size 4G] [--rounds 3] (see ChecksumBench.swift)
 //     swift build -c release && .build/release/nbd-bench extended [--size 4G] [--rounds 3] (see ExtendedHeaders.swift)
+//     swift build -c release && .build/release/nbd-bench client [--size 4G] [--rounds 3] (see ClientBench.swift)
 //     swift build -c release && .build/release/nbd-bench map [--rounds 5] (see MemoryMap.swift)
 //     swift build -c release && .build/release/nbd-bench soak [--clients 64] [--seconds 60] (see Soak.swift)
 //
@@ -40,6 +41,9 @@ struct Benchmark {
             } else if arguments.first == "extended" {
                 arguments.removeFirst()
                 try await runExtended(Options(arguments))
+            } else if arguments.first == "client" {
+                arguments.removeFirst()
+                try await runClient(Options(arguments))
             } else if arguments.first == "map" {
                 arguments.removeFirst()
                 try await runMemoryMap(Options(arguments))
@@ -415,6 +419,9 @@ final class Counter: Sendable {
         self.limit = limit
         self.step = step
     }
+
+    /// The next offset that would be handed out.
+    func peek() -> UInt64 { position.withLockedValue { $0 } }
 
     func next() -> UInt64? {
         position.withLockedValue { position in

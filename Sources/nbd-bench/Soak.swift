@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import NBDServer
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -8,13 +9,19 @@ import NIOCore
 /// against a model of what was written. Not a test: a long run that prints what it did and
 /// the peak memory of both sides, and fails if a byte or a request was wrong.
 ///
-///     nbd-bench soak [--clients 64] [--in-flight 64] [--seconds 60] [--size 1G]
+///     nbd-bench soak [--clients 64] [--in-flight 64] [--seconds 60] [--size 1G] [--restart-every SECONDS]
+///
+/// With `--restart-every`, the clients are `NBDClient`s with a reconnect delay, and the server
+/// runs in this process: every so many seconds it is stopped hard (every connection dropped,
+/// requests in flight unanswered) and started again on the same socket with the same memory
+/// backend. The clients must ride it out: no failed request, no block read wrong.
 enum Soak {
     struct Options {
         var clients = 64
         var inFlight = 64
         var seconds = 60
         var size: UInt64 = 1 << 30
+        var restartEvery: Double?
 
         init(_ arguments: [String]) throws {
             var iterator = arguments.makeIterator()
@@ -25,6 +32,9 @@ enum Soak {
                 case "--in-flight": inFlight = Int(value) ?? 0
                 case "--seconds": seconds = Int(value) ?? 0
                 case "--size": size = try Benchmark.Options.bytes(value)
+                case "--restart-every":
+                    guard let seconds = Double(value), seconds > 0 else { throw BenchError("--restart-every takes seconds") }
+                    restartEvery = seconds
                 default: throw BenchError("unknown option \(flag)")
                 }
             }
@@ -46,49 +56,146 @@ enum Soak {
     static func run(_ arguments: [String]) async throws {
         let options = try Options(arguments)
         let slots = options.clients * options.inFlight
-        let slotBlocks = Int(options.size / UInt64(slots) / UInt64(block))
-        guard slotBlocks >= 16 else { throw BenchError("--size is too small for \(slots) workers of 16 blocks each") }
+        guard options.size / UInt64(slots) / UInt64(block) >= 16 else {
+            throw BenchError("--size is too small for \(slots) workers of 16 blocks each")
+        }
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-soak-\(getpid())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
         let socket = directory.appendingPathComponent("serve.sock").path
-        // The server in its own process, so that its peak memory is its own.
-        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
-        let server = try Benchmark.start(tool, ["serve", "--memory", "\(options.size)", "--socket", socket])
-        defer { kill(server.processIdentifier, SIGKILL) }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
-        var exports: [NBDExport] = []
-        for _ in 0..<options.clients { exports.append(try await NBDExport.connect(to: NBDURI(socket: socket))) }
-        print(
-            "soak: \(options.clients) clients x \(options.inFlight) in flight against nbd serve --memory \(options.size >> 20)M, "
-                + "\(options.seconds) s, random reads, writes, zeroes and trims of 4 KiB to 64 KiB"
-        )
         let tally = Tally()
-        let deadline = ContinuousClock.now + .seconds(options.seconds)
-        let started = ContinuousClock.now
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for slot in 0..<slots {
-                let export = exports[slot % options.clients]
-                group.addTask(executorPreference: export.taskExecutor) {
-                    var worker = Worker(export: export, firstBlock: slot * slotBlocks, blocks: slotBlocks, seed: UInt64(slot) + 1)
-                    while ContinuousClock.now < deadline { await worker.step(tally) }
-                }
-            }
-            try await group.waitForAll()
+        let elapsed: Duration
+        let serverPeak: Int
+        if let restartEvery = options.restartEvery {
+            (elapsed, serverPeak) = try await runRestarting(options, socket: socket, every: restartEvery, tally: tally)
+        } else {
+            // The server in its own process, so that its peak memory is its own.
+            let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+            let server = try Benchmark.start(tool, ["serve", "--memory", "\(options.size)", "--socket", socket])
+            defer { kill(server.processIdentifier, SIGKILL) }
+            for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+            var exports: [NBDExport] = []
+            for _ in 0..<options.clients { exports.append(try await NBDExport.connect(to: NBDURI(socket: socket))) }
+            print(
+                "soak: \(options.clients) clients x \(options.inFlight) in flight against nbd serve --memory \(options.size >> 20)M, "
+                    + "\(options.seconds) s, random reads, writes, zeroes and trims of 4 KiB to 64 KiB"
+            )
+            let started = ContinuousClock.now
+            try await work(options, clients: exports.map { .export($0) }, tally: tally)
+            elapsed = ContinuousClock.now - started
+            for export in exports { await export.disconnect() }
+            serverPeak = Benchmark.peakMemory(of: "\(server.processIdentifier)")
         }
-        let elapsed = ContinuousClock.now - started
-        for export in exports { await export.disconnect() }
         let counts = tally.counts.withLockedValue { $0 }
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
-        let serverPeak = Benchmark.peakMemory(of: "\(server.processIdentifier)")
         let clientPeak = Benchmark.peakMemory(of: "self")
         print(String(format: "operations %d (%.0f/s)", counts.operations, Double(counts.operations) / seconds))
         print(
             String(format: "read %.1f MiB, written %.1f MiB", Double(counts.bytesRead) / 1_048_576, Double(counts.bytesWritten) / 1_048_576)
         )
         print("failed requests \(counts.errors), blocks read wrong \(counts.wrongBlocks)")
-        print(String(format: "peak RSS: server %.1f MiB, client %.1f MiB", Double(serverPeak) / 1024, Double(clientPeak) / 1024))
+        if options.restartEvery == nil {
+            print(String(format: "peak RSS: server %.1f MiB, client %.1f MiB", Double(serverPeak) / 1024, Double(clientPeak) / 1024))
+        } else {
+            print(String(format: "peak RSS: server and clients in one process %.1f MiB", Double(clientPeak) / 1024))
+        }
         if let problem = counts.firstProblem { throw BenchError("the soak went wrong: \(problem)") }
+    }
+
+    /// What the workers send their requests through.
+    enum Client: Sendable {
+        case export(NBDExport)
+        case client(NBDClient)
+
+        var executor: any TaskExecutor {
+            switch self {
+            case .export(let export): export.taskExecutor
+            case .client(let client): client.taskExecutor(for: 0)
+            }
+        }
+
+        func read(at offset: UInt64, length: UInt64) async throws -> ByteBuffer {
+            switch self {
+            case .export(let export): try await export.read(at: offset, length: length)
+            case .client(let client): try await client.read(at: offset, length: length)
+            }
+        }
+
+        func write(_ data: ByteBuffer, at offset: UInt64) async throws {
+            switch self {
+            case .export(let export): try await export.write(data, at: offset)
+            case .client(let client): try await client.write(data, at: offset)
+            }
+        }
+
+        func writeZeroes(at offset: UInt64, length: UInt64) async throws {
+            switch self {
+            case .export(let export): try await export.writeZeroes(at: offset, length: length)
+            case .client(let client): try await client.writeZeroes(at: offset, length: length)
+            }
+        }
+
+        func trim(at offset: UInt64, length: UInt64) async throws {
+            switch self {
+            case .export(let export): try await export.trim(at: offset, length: length)
+            case .client(let client): try await client.trim(at: offset, length: length)
+            }
+        }
+    }
+
+    /// Every slot's worker, until the time is up.
+    static func work(_ options: Options, clients: [Client], tally: Tally) async throws {
+        let slots = options.clients * options.inFlight
+        let slotBlocks = Int(options.size / UInt64(slots) / UInt64(block))
+        let deadline = ContinuousClock.now + .seconds(options.seconds)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for slot in 0..<slots {
+                let client = clients[slot % clients.count]
+                group.addTask(executorPreference: client.executor) {
+                    var worker = Worker(export: client, firstBlock: slot * slotBlocks, blocks: slotBlocks, seed: UInt64(slot) + 1)
+                    while ContinuousClock.now < deadline { await worker.step(tally) }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// The soak against a server in this process, stopped hard and started again on the same
+    /// socket and backend every `every` seconds, the clients riding it out.
+    static func runRestarting(_ options: Options, socket: String, every: Double, tally: Tally) async throws -> (Duration, Int) {
+        let backend = MemoryBackend(size: options.size)
+        let export = NBDServerExport(backend: backend)
+        var server = try await NBDServer.start(exports: [export], on: .unix(path: socket))
+        var configuration = NBDClient.Configuration()
+        configuration.connections = 1
+        configuration.reconnectDelay = .seconds(30)
+        configuration.connection.maximumRequestsInFlight = options.inFlight
+        let clients = (0..<options.clients).map { _ in NBDClient(NBDURI(socket: socket), configuration: configuration) }
+        print(
+            "soak: \(options.clients) NBDClients x \(options.inFlight) in flight against NBDServer on memory \(options.size >> 20)M, "
+                + "\(options.seconds) s, the server stopped hard and started again every \(every) s"
+        )
+        var restarts = 0
+        let started = ContinuousClock.now
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for client in clients { group.addTask { try await client.run() } }
+            let deadline = started + .seconds(options.seconds)
+            let working = Task { try await work(options, clients: clients.map { .client($0) }, tally: tally) }
+            while ContinuousClock.now + .milliseconds(Int64(every * 1000)) < deadline {
+                try await Task.sleep(for: .milliseconds(Int64(every * 1000)))
+                await server.close()
+                try? FileManager.default.removeItem(atPath: socket)
+                server = try await NBDServer.start(exports: [export], on: .unix(path: socket))
+                restarts += 1
+            }
+            try await working.value
+            group.cancelAll()
+        }
+        let elapsed = ContinuousClock.now - started
+        await server.shutdown()
+        print("restarts \(restarts), requests sent again \(clients.reduce(0) { $0 + $1.replays })")
+        // The server ran in this process: its memory is in the client's figure.
+        return (elapsed, 0)
     }
 
     /// One slot of the export, its own: requests on it run one at a time, so a model of each
@@ -102,13 +209,13 @@ enum Soak {
             case unknown
         }
 
-        let export: NBDExport
+        let export: Client
         let firstBlock: Int
         var model: [Expected]
         var generator: UInt64
         var writes: UInt32 = 0
 
-        init(export: NBDExport, firstBlock: Int, blocks: Int, seed: UInt64) {
+        init(export: Client, firstBlock: Int, blocks: Int, seed: UInt64) {
             self.export = export
             self.firstBlock = firstBlock
             model = Array(repeating: .zero, count: blocks)
