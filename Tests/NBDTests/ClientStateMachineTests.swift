@@ -300,3 +300,18 @@ struct ClientStateMachineTests {
         #expect(finish(end).error?.code == .connectFailed)
     }
 }
+
+extension ClientStateMachineTests {
+    /// A request from a task on a connection's thread stays on that connection while its load
+    /// is within the slack of the least loaded; past it, the least loaded takes it.
+    @Test func theCallersOwnConnectionWithinTheSlack() {
+        var machine = Machine(
+            configuration: .init(connections: 2, reconnectDelay: .seconds(1), maximumAdmitted: 100, loops: 2, preferenceSlack: 1000)
+        )
+        running(&machine, connections: 2)
+        #expect(machine.tryLease(weight: 600, onLoop: 1)?.slot == 1)
+        #expect(machine.tryLease(weight: 600, onLoop: 1)?.slot == 1)  // 600 ahead: within 1000
+        #expect(machine.tryLease(weight: 600, onLoop: 1)?.slot == 0)  // 1200 ahead: too far
+        #expect(machine.tryLease(weight: 1, onLoop: nil)?.slot == 0)
+    }
+}

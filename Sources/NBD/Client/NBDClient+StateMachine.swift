@@ -23,6 +23,12 @@ extension NBDClient {
             var firstBackoff = Duration.milliseconds(100)
             /// The longest pause between two dials.
             var longestBackoff = Duration.seconds(2)
+            /// Event loops the connections run on: connection i on loop i modulo this.
+            var loops = 1
+            /// How many bytes more than the least loaded connection the caller's own may have
+            /// outstanding and still be chosen: a request from a task on a connection's thread
+            /// stays there (no thread hop), as long as that keeps the load even within this.
+            var preferenceSlack = 1 << 20
         }
 
         enum Slot {
@@ -223,15 +229,26 @@ extension NBDClient {
         }
 
         /// A request of `weight` bytes wants a connection: the one with the fewest bytes
-        /// outstanding, or a turn once one is up and the admission cap allows.
-        mutating func lease(id: Int, waiter: Waiter, weight: Int) -> LeaseResult {
+        /// outstanding (one on the caller's event loop `onLoop` if it is within the slack of
+        /// that), or a turn once one is up and the admission cap allows.
+        mutating func lease(id: Int, waiter: Waiter, weight: Int, onLoop: Int? = nil) -> LeaseResult {
             if case .ended(let error) = phase { return .fail(error ?? Self.shutDown) }
-            if admitted < configuration.maximumAdmitted, let lease = leastLoaded() {
+            if admitted < configuration.maximumAdmitted, let lease = leastLoaded(onLoop: onLoop) {
                 take(lease, weight: weight)
                 return .use(lease)
             }
             waiters.append((id, waiter, weight))
             return .wait
+        }
+
+        /// ``lease(id:waiter:weight:onLoop:)`` when a connection is free now and nobody waits
+        /// before the caller; nil otherwise (the caller then waits with a waiter).
+        mutating func tryLease(weight: Int, onLoop: Int?) -> Lease? {
+            guard case .running = phase, waiters.isEmpty, admitted < configuration.maximumAdmitted,
+                let lease = leastLoaded(onLoop: onLoop)
+            else { return nil }
+            take(lease, weight: weight)
+            return lease
         }
 
         /// The caller of a waiting request stopped waiting: its waiter, to resume with the
@@ -331,15 +348,19 @@ extension NBDClient {
             return actions + [.finish(error)]
         }
 
-        private func leastLoaded() -> Lease? {
+        private func leastLoaded(onLoop: Int? = nil) -> Lease? {
             // Requests wait for the start's extra connections (bounded by their short deadline),
             // so that the work is spread from the first request.
             guard startingSecondaries == 0 else { return nil }
             var best: (lease: Lease, load: Int)?
+            var own: (lease: Lease, load: Int)?
             for slot in slots.indices {
                 guard case .up(let connection, let load, let generation) = slots[slot] else { continue }
-                if best == nil || load < best!.load { best = (Lease(slot: slot, generation: generation, connection: connection), load) }
+                let lease = Lease(slot: slot, generation: generation, connection: connection)
+                if best == nil || load < best!.load { best = (lease, load) }
+                if slot % configuration.loops == onLoop, own == nil || load < own!.load { own = (lease, load) }
             }
+            if let own, let best, own.load <= best.load + configuration.preferenceSlack { return own.lease }
             return best?.lease
         }
 

@@ -66,13 +66,15 @@ public final class NBDClient: Sendable {
         work = AsyncStream.makeStream(of: Work.self)
         let loops = Array(configuration.connection.eventLoopGroup.makeIterator())
         executors = loops.prefix(max(1, configuration.connections)).map { EventLoopTaskExecutor($0) }
+        let executorCount = executors.count
         let admitted = max(1, configuration.connections) * max(1, configuration.connection.maximumRequestsInFlight)
         machine = NIOLockedValueBox(
             Machine(
                 configuration: Machine.Configuration(
                     connections: configuration.connections,
                     reconnectDelay: configuration.reconnectDelay,
-                    maximumAdmitted: admitted
+                    maximumAdmitted: admitted,
+                    loops: executorCount
                 )
             )
         )
@@ -252,13 +254,17 @@ public final class NBDClient: Sendable {
     }
 
     private func lease(weight: Int) async throws -> Machine.Lease {
+        // The caller's thread, when it is a connection's: its requests stay there if the load allows.
+        let onLoop = executors.firstIndex { $0.eventLoop.inEventLoop }
+        // Most requests find a connection free: no continuation, no cancellation handler.
+        if let lease = machine.withLockedValue({ $0.tryLease(weight: weight, onLoop: onLoop) }) { return lease }
         let id = requestIDs.withLockedValue { id in
             id += 1
             return id
         }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ConnectionLease<NBDExport>, any Error>) in
-                switch machine.withLockedValue({ $0.lease(id: id, waiter: continuation, weight: weight) }) {
+                switch machine.withLockedValue({ $0.lease(id: id, waiter: continuation, weight: weight, onLoop: onLoop) }) {
                 case .use(let lease): continuation.resume(returning: lease)
                 case .fail(let error): continuation.resume(throwing: error)
                 case .wait:
