@@ -61,7 +61,7 @@ public final class NBDServer: Sendable {
     }
 
     private let channel: Channel
-    private let connections: Connections
+    let connections: Connections
 
     /// The address the server listens on (with the port chosen when 0 was asked for).
     public var localAddress: SocketAddress? { channel.localAddress }

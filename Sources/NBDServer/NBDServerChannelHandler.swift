@@ -70,6 +70,12 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         executor = EventLoopTaskExecutor(context.eventLoop)
     }
 
+    /// The pipeline is torn down (the channel closed): let go of the context, which holds this
+    /// handler, or the two keep each other, and the connection's buffers, alive for ever.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
     func channelActive(context: ChannelHandlerContext) {
         logger.info("client connected", metadata: ["peer": "\(context.remoteAddress.map { "\($0)" } ?? "?")"])
         machine.channelActive()
@@ -122,9 +128,13 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         run()
     }
 
-    /// Performs every action the machine has for now.
+    /// Performs every action the machine has for now; with the channel gone (the pipeline let
+    /// go of this handler), only drops them: replies to a client that left go nowhere.
     private func run() {
-        guard let context else { return }
+        guard let context else {
+            while machine.next() != nil {}
+            return
+        }
         var flush = false
         while let action = machine.next() {
             switch action {

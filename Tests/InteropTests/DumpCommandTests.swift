@@ -54,6 +54,11 @@ struct DumpCommandTests {
 
                 """
         )
+        // Sizes take the same K, M, G, T suffixes as every other size option.
+        let suffixed = try runNBD(["dump", "--offset", "4K", "--length", "1K", uri])
+        #expect(suffixed.status == 0, "\(suffixed.error)")
+        #expect(suffixed.output.hasPrefix("0000001000: 41 42 43 44 45 46 47 48"), "\(suffixed.output)")
+        #expect(try runNBD(["dump", "--offset", "2X", uri]).error.contains("not a size: \"2X\""))
     }
 
     @Test func offsetPastTheEndIsOneLine() async throws {

@@ -147,6 +147,8 @@ struct ClientStateMachineTests {
         let lost = machine.connectionLost(slot: 0, generation: 1, cause: cause, now: t0)
         #expect(events(lost) == [.lost(connection: 0, cause: cause)])
         #expect(dials(lost) == [0])
+        // The lost connection is let go of, so that its buffers do not pile up over restarts.
+        #expect(lost.contains { if case .close(100) = $0 { true } else { false } })
         #expect(lost.contains { if case .armTimer(let at) = $0 { at == t0 + .seconds(10) } else { false } })
         // A second report of the same loss (the close watcher) changes nothing.
         #expect(machine.connectionLost(slot: 0, generation: 1, cause: cause, now: t0).isEmpty)

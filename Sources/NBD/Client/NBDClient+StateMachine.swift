@@ -211,16 +211,17 @@ extension NBDClient {
         /// Connection `slot` of `generation` was lost (closed, reset, timed out, shut down).
         /// Reports of a connection already replaced are ignored.
         mutating func connectionLost(slot: Int, generation: Int, cause: NBDError, now: Instant) -> [Action] {
-            guard case .running = phase, case .up(_, _, generation) = slots[slot] else { return [] }
+            guard case .running = phase, case .up(let connection, _, generation) = slots[slot] else { return [] }
             lastCause = cause
-            let event = Action.emit(.lost(connection: slot, cause: cause))
+            // Closed (if it is not yet) and let go: a lost connection holds its buffers.
+            let lost: [Action] = [.emit(.lost(connection: slot, cause: cause)), .close(connection)]
             guard configuration.reconnectDelay > .zero else {
                 slots[slot] = .unused
-                return [event] + end(cause)
+                return lost + end(cause)
             }
             slots[slot] = .dialing(attempt: 1)
             lostAt[slot] = now
-            var actions = [event, .dial(slot: slot, secondary: false)]
+            var actions = lost + [.dial(slot: slot, secondary: false)]
             if connectedCount == 0, outage == nil {
                 outage = (now, 0)
                 actions.append(.armTimer(at: now + configuration.reconnectDelay))

@@ -116,7 +116,9 @@ public final class NBDClient: Sendable {
             throw NBDError.invalidArgument("NBDClient.run() was called twice")
         }
         let failure = NIOLockedValueBox<NBDError?>(nil)
-        await withTaskGroup(of: Void.self) { group in
+        // Discarding: the many short tasks (dials, timers, disconnects) are freed as they end,
+        // not kept until run() returns with what they captured (a lost connection's buffers).
+        await withDiscardingTaskGroup { group in
             await withTaskCancellationHandler {
                 perform(actions)
                 loop: for await item in work.stream {

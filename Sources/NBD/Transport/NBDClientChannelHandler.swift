@@ -119,6 +119,14 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         run()
     }
 
+    /// The pipeline is torn down (the channel closed): let go of the context, which holds this
+    /// handler, or the two keep each other, and the connection's buffers, alive for ever.
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        timer?.cancel()
+        timer = nil
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let bytes = unwrapInboundIn(data)
         // SwiftNIO read as much as it could: more may be waiting.
@@ -159,7 +167,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     /// Performs every action the machine has for now; one flush for what was written.
     private func run() {
-        guard let context else { return }
+        guard let context else { return runDetached() }
         var flush = false
         while let action = machine.next() {
             switch action {
@@ -221,6 +229,26 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             }
         }
         if flush { context.flush() }
+    }
+
+    /// After the pipeline let go of this handler the channel is gone: what is left to do is to
+    /// answer the callers still waiting (a disconnect asked for afterwards, late cancellations).
+    private func runDetached() {
+        while let action = machine.next() {
+            switch action {
+            case .succeed(let waiter, let outcome): waiter.succeed(outcome)
+            case .fail(let waiter, let error): waiter.fail(error)
+            case .complete(let request, let error):
+                if let error { request.fail(error) } else { request.succeed() }
+            case .cancel(let request): request.fail(CancellationError())
+            case .closeAndFail(let error, let requests, let waiters):
+                for request in requests { request.fail(error) }
+                for waiter in waiters { waiter.fail(error) }
+            case .write, .sendRequest, .sendDisconnect, .startTLS, .armTimer, .cancelTimer, .deliverData, .deliverHole,
+                .deliverExtents, .close:
+                break
+            }
+        }
     }
 
     private func encoded(_ header: RequestHeader, context: ChannelHandlerContext) -> ByteBuffer {
