@@ -13,7 +13,15 @@ step() {
     current=$1
     echo "=== step: $current ($(date -u +%H:%M:%S))"
 }
-trap 'status=$?; if [ $status -ne 0 ] && [ -n "$current" ]; then echo "FAILED step: $current (exit $status)"; fi' EXIT
+# The bind mount of /tmp into the chroot is undone at the end: left in place, `rm -rf` of the
+# clone would go through it and empty the host's /tmp.
+mounted=""
+finish() {
+    status=$?
+    if [ -n "$mounted" ]; then umount "$mounted" || true; fi
+    if [ $status -ne 0 ] && [ -n "$current" ]; then echo "FAILED step: $current (exit $status)"; fi
+}
+trap finish EXIT
 
 step "install the test peers"
 
@@ -52,6 +60,7 @@ trixie=$(scripts/chroot.sh)
 if ! mountpoint -q "$trixie/tmp"; then
     if [ "$(id -u)" = 0 ]; then
         mount --bind /tmp "$trixie/tmp"
+        mounted="$trixie/tmp"
     else
         echo "the trixie chroot needs the host's /tmp: as root, mount --bind /tmp $trixie/tmp" >&2
         exit 1
