@@ -78,6 +78,8 @@ struct NBDURITests {
         ("nbd://local host/", "\" \" may not appear in a URI"), ("nbd://h/a b", "percent-encode"),
         ("nbd://h/caf\u{E9}", "may not appear"), ("nbd://h/a\"b", "may not appear"),
         ("nbd+unix:///?socket=", "socket parameter"),
+        // Found by fuzzing: an IPv6 literal whose escape decoded to a control character.
+        ("nbd://[:1z1%08:]/", "IPv6 literal holds hex digits"),
         // Found by fuzzing: it parsed, and printed back as a different URI.
         ("nbd://b::1]:111nb1d11::", "brackets"), ("nbd://::1/", "brackets"),
     ])

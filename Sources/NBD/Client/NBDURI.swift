@@ -129,6 +129,12 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         if hostPort.hasPrefix("[") {
             guard let close = hostPort.firstIndex(of: "]") else { throw bad("unterminated IPv6 literal") }
             host = String(hostPort[hostPort.index(after: hostPort.startIndex)..<close])
+            // RFC 3986's IP-literal: hex digits, colons and dots (no zone identifiers here), so
+            // that it prints back as it came. Found by fuzzing: "[:1z1%08:]" decoded to a control
+            // character that the printed URI could not hold.
+            guard host!.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else {
+                throw bad("an IPv6 literal holds hex digits, colons and dots only, not \"\(host!)\"")
+            }
             let after = hostPort[hostPort.index(after: close)...]
             if !after.isEmpty {
                 guard after.hasPrefix(":") else { throw bad("unexpected text after the IPv6 literal") }
