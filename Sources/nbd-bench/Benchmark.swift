@@ -420,9 +420,6 @@ final class Counter: Sendable {
         self.step = step
     }
 
-    /// The next offset that would be handed out.
-    func peek() -> UInt64 { position.withLockedValue { $0 } }
-
     func next() -> UInt64? {
         position.withLockedValue { position in
             guard position < limit else { return nil }

@@ -9,6 +9,7 @@
 // buffers the tasks reuse, each task on the thread of a connection.
 import Foundation
 import NBD
+import NIOConcurrencyHelpers
 import NIOCore
 
 extension Benchmark {
@@ -62,25 +63,42 @@ extension Benchmark {
         configuration.connections = connections
         configuration.connection.maximumRequestsInFlight = 64
         return try await NBDClient.withClient(uri, configuration: configuration) { client in
-            let counter = Counter(limit: options.size, step: UInt64(options.requestSize))
             let start = ContinuousClock.now
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                for task in 0..<(64 * connections) {
-                    group.addTask(executorPreference: client.taskExecutor(for: task)) {
-                        var buffer = ByteBuffer()
-                        buffer.reserveCapacity(options.requestSize)
-                        while let offset = counter.next() {
-                            buffer.clear()
-                            let length = min(UInt64(options.requestSize), options.size - offset)
-                            try await client.read(into: &buffer, at: offset, length: length)
-                            // The data is real: a zero byte would mean a hole was read.
-                            guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
-                        }
+            try await readAll(
+                client,
+                tasks: 64 * connections,
+                counter: Counter(limit: options.size, step: UInt64(options.requestSize)),
+                options
+            )
+            return (ContinuousClock.now - start) / .seconds(1)
+        }
+    }
+
+    /// Reads what `counter` hands out from `tasks` tasks, each on a connection's thread with a
+    /// buffer it reuses, checking that the data is real (a zero byte would mean a hole was read);
+    /// `done` counts the bytes read.
+    static func readAll(
+        _ client: NBDClient,
+        tasks: Int,
+        counter: Counter,
+        _ options: Options,
+        done: NIOLockedValueBox<UInt64> = NIOLockedValueBox(0)
+    ) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for task in 0..<tasks {
+                group.addTask(executorPreference: client.taskExecutor(for: task)) {
+                    var buffer = ByteBuffer()
+                    buffer.reserveCapacity(options.requestSize)
+                    while let offset = counter.next() {
+                        buffer.clear()
+                        let length = min(UInt64(options.requestSize), options.size - offset)
+                        try await client.read(into: &buffer, at: offset, length: length)
+                        guard buffer.getInteger(at: 0, as: UInt8.self) != 0 else { throw BenchError("read zeroes at \(offset)") }
+                        done.withLockedValue { $0 += length }
                     }
                 }
-                try await group.waitForAll()
             }
-            return (ContinuousClock.now - start) / .seconds(1)
+            try await group.waitForAll()
         }
     }
 
@@ -105,24 +123,16 @@ extension Benchmark {
         let start = ContinuousClock.now
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await client.run() }
-            try await withThrowingTaskGroup(of: Void.self) { readers in
-                for task in 0..<256 {
-                    readers.addTask(executorPreference: client.taskExecutor(for: task)) {
-                        var buffer = ByteBuffer()
-                        while let offset = counter.next() {
-                            buffer.clear()
-                            try await client.read(into: &buffer, at: offset, length: UInt64(options.requestSize))
-                        }
-                    }
-                }
-                while !counter.isPast(options.size / 3) { try await Task.sleep(for: .milliseconds(5)) }
-                kill(server.processIdentifier, SIGKILL)
-                server.waitUntilExit()
-                try? FileManager.default.removeItem(atPath: socket)
-                try await Task.sleep(for: .seconds(1))
-                server = try await startNBDKit(socket: socket, arguments)
-                try await readers.waitForAll()
-            }
+            let done = NIOLockedValueBox<UInt64>(0)
+            async let reading: Void = readAll(client, tasks: 256, counter: counter, options, done: done)
+            // A third read, not handed out: the kill lands among requests in flight.
+            while done.withLockedValue({ $0 }) < options.size / 3 { try await Task.sleep(for: .milliseconds(5)) }
+            kill(server.processIdentifier, SIGKILL)
+            server.waitUntilExit()
+            try? FileManager.default.removeItem(atPath: socket)
+            try await Task.sleep(for: .seconds(1))
+            server = try await startNBDKit(socket: socket, arguments)
+            try await reading
             group.cancelAll()
         }
         let across = (ContinuousClock.now - start) / .seconds(1)
@@ -139,9 +149,4 @@ extension Benchmark {
             )
         )
     }
-}
-
-extension Counter {
-    /// Whether the offsets handed out so far reach `offset`.
-    func isPast(_ offset: UInt64) -> Bool { peek() >= offset }
 }

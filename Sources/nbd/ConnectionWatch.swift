@@ -4,9 +4,14 @@ import NIOConcurrencyHelpers
 /// What the NBD connections of a command are doing, for its progress display: whether any is
 /// lost and being dialled again (`--reconnect-delay`), from the clients' events.
 final class ConnectionWatch: Sendable {
+    /// A connection of one endpoint's client.
+    private struct Connection: Hashable {
+        var endpoint: String
+        var number: Int
+    }
+
     private struct State {
-        /// Lost connections, by endpoint and connection number.
-        var lost: Set<String> = []
+        var lost: Set<Connection> = []
         var onChange: (@Sendable () -> Void)?
     }
 
@@ -28,9 +33,10 @@ final class ConnectionWatch: Sendable {
         { event in
             let changed = self.state.withLockedValue { state -> (@Sendable () -> Void)? in
                 switch event {
-                case .lost(let connection, _): state.lost.insert("\(endpoint) \(connection)")
-                case .reconnected(let connection, _, _): state.lost.remove("\(endpoint) \(connection)")
-                case .gaveUp, .fewerConnections: state.lost = state.lost.filter { !$0.hasPrefix("\(endpoint) ") }
+                case .lost(let number, _): state.lost.insert(Connection(endpoint: endpoint, number: number))
+                case .reconnected(let number, _, _): state.lost.remove(Connection(endpoint: endpoint, number: number))
+                // Given up (one connection, or the client): nothing of this endpoint is coming back.
+                case .gaveUp, .fewerConnections: state.lost = state.lost.filter { $0.endpoint != endpoint }
                 case .connected: return nil
                 }
                 return state.onChange

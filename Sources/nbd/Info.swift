@@ -81,7 +81,7 @@ struct Info: AsyncParsableCommand {
     func run() async throws {
         let uri = try NBDURI(self.uri)
         if let context = map {
-            try await runMap(uri, context: context)
+            try await runMap(context: context)
             return
         }
         let report = try await ServerReport.gather(uri, listing: list, configuration: connection.configuration())
@@ -100,11 +100,8 @@ struct Info: AsyncParsableCommand {
         if !truth { throw ExitCode(2) }
     }
 
-    private func runMap(_ uri: NBDURI, context: String) async throws {
-        var configuration = connection.clientConfiguration()
-        configuration.connection.metaContexts = [context]
-        configuration.connections = 1
-        let extents = try await NBDClient.withClient(uri, configuration: configuration) { client in
+    private func runMap(context: String) async throws {
+        let extents = try await connection.withSingleClient(self.uri, metaContexts: [context]) { client, _ in
             guard try await client.hasMetaContext(context) else {
                 throw CommandError("--map: server does not support metadata context \"\(context)\"")
             }

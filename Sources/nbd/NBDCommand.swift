@@ -120,10 +120,16 @@ struct ConnectionOptions: ParsableArguments {
     }
 
     /// Runs `body` with a client of one connection to `uri` (for the commands that go in order:
-    /// dump, zero, trim) and the export's description.
-    func withSingleClient<Result>(_ uri: String, _ body: (NBDClient, NBDExportInfo) async throws -> Result) async throws -> Result {
+    /// dump, info --map, zero, trim) and the export's description; `metaContexts` replaces the
+    /// contexts asked for.
+    func withSingleClient<Result>(
+        _ uri: String,
+        metaContexts: [String]? = nil,
+        _ body: (NBDClient, NBDExportInfo) async throws -> Result
+    ) async throws -> Result {
         var configuration = clientConfiguration()
         configuration.connections = 1
+        if let metaContexts { configuration.connection.metaContexts = metaContexts }
         return try await NBDClient.withClient(try NBDURI(uri), configuration: configuration) { client in
             try await body(client, try await client.info)
         }
