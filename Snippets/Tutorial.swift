@@ -37,7 +37,7 @@ func tutorial(data: [UInt8]) async throws {
     try await export.cache(at: 0, length: 1 << 20)
     try await export.flush()
     let status = try await export.blockStatus(at: 0, length: export.size)  // one request
-    for try await extent in export.extents(of: "base:allocation") {  // the whole export
+    for try await extent in export.extents(of: .baseAllocation) {  // the whole export
         print(extent)  // 0..<1048576: data, then 1048576..<1073741824: hole, zero
     }
     // snippet.end

@@ -123,7 +123,7 @@ struct Copy: AsyncParsableCommand {
     var resume: String?
 
     /// The bitmap's metadata context: a bare name is qemu's.
-    var bitmapContext: String? { bitmap.map { $0.contains(":") ? $0 : NBDMetaContext.dirtyBitmap($0) } }
+    var bitmapContext: NBDMetaContext? { bitmap.map { $0.contains(":") ? NBDMetaContext($0) : .dirtyBitmap($0) } }
 
     @OptionGroup var connection: ConnectionOptions
 
@@ -303,7 +303,7 @@ struct Copy: AsyncParsableCommand {
             sourceSize: source.size ?? 0,
             destination: CopyJournal.name(of: self.destination),
             destinationSize: destination.currentSize ?? 0,
-            bitmap: bitmapContext
+            bitmap: bitmapContext?.name
         )
     }
 
@@ -394,7 +394,7 @@ enum Endpoints {
         _ text: String,
         connections: Int,
         requests: Int,
-        bitmap: String? = nil,
+        bitmap: NBDMetaContext? = nil,
         configuration: NBDClient.Configuration,
         watch: ConnectionWatch? = nil
     ) async throws -> any CopySource {

@@ -89,7 +89,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
     let info: NBDExportInfo
     let startsZeroed: Bool
     /// The dirty-bitmap context whose clean extents an incremental copy skips.
-    let bitmap: String?
+    let bitmap: NBDMetaContext?
     /// Zeroes are written with NBD_CMD_FLAG_NO_HOLE: `--allocated`.
     let allocates: Bool
     /// Connections up when the copy started.
@@ -108,7 +108,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
         connections: Int,
         requests: Int,
         destinationIsZero: Bool,
-        bitmap: String? = nil,
+        bitmap: NBDMetaContext? = nil,
         allocates: Bool = false,
         configuration base: NBDClient.Configuration,
         onEvent: @escaping @Sendable (NBDClientEvent) -> Void = { _ in }
@@ -122,9 +122,9 @@ final class NBDEndpoint: CopySource, CopyDestination {
         let listener = Task { for await event in client.events { onEvent(event) } }
         do {
             let info = try await client.info
-            let contexts = try await client.metaContexts.map(\.name)
+            let contexts = try await client.metaContexts
             if let bitmap, !contexts.contains(bitmap) {
-                throw CommandError("the source does not offer the metadata context \(bitmap) (qemu-nbd -B NAME exports a bitmap)")
+                throw CommandError("the source does not offer the metadata context \(bitmap.name) (qemu-nbd -B NAME exports a bitmap)")
             }
             return NBDEndpoint(
                 client: client,
@@ -133,7 +133,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
                 bitmap: bitmap,
                 allocates: allocates,
                 connections: client.connectionCount,
-                hasAllocation: contexts.contains(NBDMetaContext.baseAllocation),
+                hasAllocation: contexts.contains(.baseAllocation),
                 isTLS: try await client.tlsVersion != nil,
                 runner: runner
             )
@@ -149,7 +149,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
         client: NBDClient,
         info: NBDExportInfo,
         startsZeroed: Bool,
-        bitmap: String?,
+        bitmap: NBDMetaContext?,
         allocates: Bool,
         connections: Int,
         hasAllocation: Bool,

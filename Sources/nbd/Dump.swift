@@ -39,7 +39,7 @@ struct Dump: AsyncParsableCommand {
             var output = BufferedOutput()
             let reader = AlignedReader(client: client, info: info)
             var zeroes = ZeroExtents(
-                try await client.hasMetaContext(NBDMetaContext.baseAllocation) ? client : nil,
+                try await client.hasMetaContext(.baseAllocation) ? client : nil,
                 from: offset,
                 to: info.size
             )

@@ -10,11 +10,11 @@ struct ExtentMap: Sendable {
         var type: UInt64
     }
 
-    var context: String
+    var context: NBDMetaContext
     var extents: [Entry]
 
     /// The extents of `context` over the whole export, neighbours of the same type merged.
-    static func read(_ client: NBDClient, context: String) async throws -> [Entry] {
+    static func read(_ client: NBDClient, context: NBDMetaContext) async throws -> [Entry] {
         var entries: [Entry] = []
         for try await extent in client.extents(of: context).mergingNeighbours() {
             entries.append(Entry(offset: extent.offset, length: extent.length, type: extent.flags))
@@ -24,11 +24,11 @@ struct ExtentMap: Sendable {
 
     /// What nbdinfo calls each type, by context.
     func describe(_ type: UInt64) -> String {
-        if context == NBDMetaContext.baseAllocation {
+        if context == .baseAllocation {
             return ["data", "hole", "zero", "hole,zero"][Int(type & 3)]
-        } else if context.hasPrefix("qemu:dirty-bitmap:") {
+        } else if context.isDirtyBitmap {
             return type & 1 != 0 ? "dirty" : "clean"
-        } else if context == "qemu:allocation-depth" {
+        } else if context == .allocationDepth {
             switch type {
             case 0: return "unallocated"
             case 1: return "local"

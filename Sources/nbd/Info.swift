@@ -81,7 +81,7 @@ struct Info: AsyncParsableCommand {
     func run() async throws {
         let uri = try NBDURI(self.uri)
         if let context = map {
-            try await runMap(context: context)
+            try await runMap(context: NBDMetaContext(context))
             return
         }
         let report = try await ServerReport.gather(uri, listing: list, configuration: connection.configuration())
@@ -100,10 +100,10 @@ struct Info: AsyncParsableCommand {
         if !truth { throw ExitCode(2) }
     }
 
-    private func runMap(context: String) async throws {
+    private func runMap(context: NBDMetaContext) async throws {
         let extents = try await connection.withSingleClient(self.uri, metaContexts: [context]) { client, _ in
             guard try await client.hasMetaContext(context) else {
-                throw CommandError("--map: server does not support metadata context \"\(context)\"")
+                throw CommandError("--map: server does not support metadata context \"\(context.name)\"")
             }
             return try await ExtentMap.read(client, context: context)
         }

@@ -55,7 +55,7 @@ struct NBDCommand: AsyncParsableCommand {
     static func rewritingOptionalValues(_ arguments: [String]) -> [String] {
         arguments.map { argument in
             switch argument {
-            case "--map": "--map=\(NBDMetaContext.baseAllocation)"
+            case "--map": "--map=\(NBDMetaContext.baseAllocation.name)"
             case "--progress": "--progress=auto"
             case "--blkhash": "--blkhash=sha256"
             default: argument
@@ -124,7 +124,7 @@ struct ConnectionOptions: ParsableArguments {
     /// contexts asked for.
     func withSingleClient<Result>(
         _ uri: String,
-        metaContexts: [String]? = nil,
+        metaContexts: [NBDMetaContext]? = nil,
         _ body: (NBDClient, NBDExportInfo) async throws -> Result
     ) async throws -> Result {
         var configuration = clientConfiguration()

@@ -34,7 +34,7 @@ struct ExtendedHeadersInteropTests {
         _ = try folder.run("trixie:qemu-io", ["-f", "qcow2", "-c", "write -P 0x5a 5G 1M", "disk.qcow2"])
         let uri = try await qemuNBD(folder, ["-f", "qcow2", "-B", "b0", folder.path("disk.qcow2")])
         var configuration = NBDClientConfiguration()
-        configuration.metaContexts = [NBDMetaContext.baseAllocation, "qemu:dirty-bitmap:b0"]
+        configuration.metaContexts = [.baseAllocation, .dirtyBitmap("b0")]
         try await NBDExport.withExport(uri, configuration: configuration) { export in
             #expect(export.transmissionFormat == .extended)
             #expect(export.size == 8 << 30)
@@ -46,12 +46,12 @@ struct ExtendedHeadersInteropTests {
             #expect(try await export.read(at: (6 << 30) + 4096, length: 3 << 20) == data)
             try await export.flush()
         }
-        let bitmap = "qemu:dirty-bitmap:b0"
+        let bitmap = NBDMetaContext.dirtyBitmap("b0")
         let (allocation, dirty) = try await NBDExport.withExport(uri, configuration: configuration) { export in
-            (try await mapExport(export, context: NBDMetaContext.baseAllocation), try await mapExport(export, context: bitmap))
+            (try await mapExport(export, context: .baseAllocation), try await mapExport(export, context: bitmap))
         }
         #expect(allocation == (try nbdinfoMap122(folder, uri)))
-        #expect(dirty == (try nbdinfoMap122(folder, uri, context: bitmap)))
+        #expect(dirty == (try nbdinfoMap122(folder, uri, context: bitmap.name)))
         #expect(dirty.contains { $0.offset == 6 << 30 && $0.type == 1 })
     }
 
@@ -70,7 +70,7 @@ struct ExtendedHeadersInteropTests {
             #expect(requests.withLockedValue { $0 } == ["NBD_CMD_WRITE_ZEROES 1099511627776", "NBD_CMD_TRIM 1099511627776"])
             try await export.write(pattern(1 << 20, seed: 3), at: 700 << 30)
             requests.withLockedValue { $0 = [] }
-            let ours = try await mapExport(export, context: NBDMetaContext.baseAllocation)
+            let ours = try await mapExport(export, context: .baseAllocation)
             let theirs = try nbdinfoMap122(folder, uri)
             #expect(ours == theirs)
             #expect(ours.contains { $0.offset == 700 << 30 && $0.type == 0 })

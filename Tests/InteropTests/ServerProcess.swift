@@ -164,7 +164,7 @@ struct MapEntry: Decodable, Hashable {
 
 /// Our extents over the whole export for `context`, adjacent equal ones merged as nbdinfo does
 /// (by the library's `mergingNeighbours()`, which the comparison with nbdinfo then checks).
-func mapExport(_ export: NBDExport, context: String) async throws -> [MapEntry] {
+func mapExport(_ export: NBDExport, context: NBDMetaContext) async throws -> [MapEntry] {
     var entries: [MapEntry] = []
     for try await extent in export.extents(of: context).mergingNeighbours() {
         entries.append(MapEntry(offset: extent.offset, length: extent.length, type: extent.flags))

@@ -120,7 +120,7 @@ struct ClientNegotiationStateMachineTests {
         }
         #expect(replies.count == 2)
         #expect(machine.isInTransmission)
-        #expect(machine.transmissionMetaContexts == [NBDMetaContext(id: 42, name: "base:allocation")])
+        #expect(machine.transmissionMetaContexts.map(\.description) == ["base:allocation (id 42)"])
     }
 
     @Test func contextsSelectedForAnotherExportDoNotCount() throws {

@@ -46,7 +46,7 @@ struct ConnectionBackToBackTests {
         }
         let start = try pair.go("disk")
         #expect(start.format == format)
-        #expect(start.metaContexts == (structured ? [NBDMetaContext(id: 1, name: "base:allocation")] : []))
+        #expect(start.metaContexts.map(\.description) == (structured ? ["base:allocation (id 1)"] : []))
 
         // Writes of random data at random places, then reads of all of it, checked against a model.
         var model = [UInt8](repeating: 0, count: Int(Pair.size))

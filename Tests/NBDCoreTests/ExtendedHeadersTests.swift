@@ -264,7 +264,7 @@ struct ExtendedHeadersTests {
             export: Self.export,
             flags: Self.export.flags.union(.blockStatusPayload),
             format: .extended,
-            metaContexts: [NBDMetaContext(id: 1, name: NBDMetaContext.baseAllocation)]
+            metaContexts: [NBDMetaContext(id: 1, name: "base:allocation")]
         )
         return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 8))
     }

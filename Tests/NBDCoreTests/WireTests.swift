@@ -203,4 +203,18 @@ struct DescriptionTests {
         #expect("\(BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536))" == "minimum 1, preferred 4096, maximum 65536")
         #expect("\(NBDMetaContext(id: 3, name: "base:allocation"))" == "base:allocation (id 3)")
     }
+
+    /// One type names a context in a configuration and in what a connection negotiated: the
+    /// ids are each connection's own, so they do not take part in equality.
+    @Test func metaContextsAreKnownByName() {
+        let negotiated = NBDMetaContext(id: 7, name: "base:allocation")
+        #expect(negotiated == .baseAllocation)
+        #expect([NBDMetaContext(id: 2, name: "base:allocation")].contains(.baseAllocation))
+        #expect(Set([negotiated, NBDMetaContext(id: 9, name: "base:allocation")]).count == 1)
+        #expect(NBDMetaContext.dirtyBitmap("b0") == "qemu:dirty-bitmap:b0")
+        #expect(NBDMetaContext.dirtyBitmap("b0").isDirtyBitmap && !NBDMetaContext.baseAllocation.isDirtyBitmap)
+        #expect(NBDMetaContext.allocationDepth.name == "qemu:allocation-depth")
+        #expect(NBDMetaContext("qemu:dirty-bitmap:b0") != .dirtyBitmap("b1"))
+        #expect("\(NBDMetaContext.baseAllocation)" == "base:allocation")
+    }
 }

@@ -32,7 +32,7 @@ struct ExtentSequenceTests {
 
     func withExport(
         size: UInt64,
-        metaContexts: [String] = [NBDMetaContext.baseAllocation],
+        metaContexts: [NBDMetaContext] = [.baseAllocation],
         _ body: (NBDExport, ShortAnswers) async throws -> Void
     ) async throws {
         let backend = ShortAnswers(memory: MemoryBackend(size: size))
@@ -77,7 +77,7 @@ struct ExtentSequenceTests {
 
     @Test func aContextNotNegotiatedFailsWithoutAsking() async throws {
         try await withExport(size: 1 << 20, metaContexts: []) { export, backend in
-            #expect(!export.hasMetaContext(NBDMetaContext.baseAllocation))
+            #expect(!export.hasMetaContext(.baseAllocation))
             await #expect(
                 performing: { _ = try await collect(export.extents()) },
                 throws: { ($0 as? NBDError)?.code == .notAdvertised }

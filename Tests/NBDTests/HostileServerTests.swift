@@ -466,16 +466,16 @@ extension HostileServerTests {
             let client = Task { () -> Void in
                 let connection = try await NBDConnection.connect(to: server.address)
                 #expect(try await connection.enableStructuredReplies())
-                _ = try await connection.setMetaContexts(queries: [NBDMetaContext.baseAllocation, "qemu:dirty-bitmap:b"])
+                _ = try await connection.setMetaContexts(queries: ["base:allocation", "qemu:dirty-bitmap:b"])
                 let export = try await connection.go()
-                for try await _ in export.extents(of: NBDMetaContext.baseAllocation) {}
+                for try await _ in export.extents(of: .baseAllocation) {}
             }
             let peer = await server.nextPeer()
             try await peer.handshake()
             #expect(try await peer.readOption().code == .structuredReply)
             try await peer.reply(.structuredReply, .ack)
             #expect(try await peer.readOption().code == .setMetaContext)
-            try await peer.reply(.setMetaContext, .metaContext(id: 1, name: NBDMetaContext.baseAllocation))
+            try await peer.reply(.setMetaContext, .metaContext(id: 1, name: "base:allocation"))
             try await peer.reply(.setMetaContext, .metaContext(id: 2, name: "qemu:dirty-bitmap:b"))
             try await peer.reply(.setMetaContext, .ack)
             try await peer.acceptGo(size: 1 << 20, flags: [.hasFlags])

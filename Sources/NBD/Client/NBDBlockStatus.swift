@@ -14,8 +14,8 @@ public struct NBDBlockStatus: Hashable, Sendable {
         self.contexts = contexts
     }
 
-    /// The extents of one context, e.g. `status["base:allocation"]`.
-    public subscript(context: String) -> [NBDExtent]? { contexts[context] }
+    /// The extents of one context, e.g. `status[.baseAllocation]` or `status["base:allocation"]`.
+    public subscript(context: NBDMetaContext) -> [NBDExtent]? { contexts[context.name] }
 
     init(offset: UInt64, descriptors: [UInt32: [BlockDescriptor]], metaContexts: [NBDMetaContext]) {
         var contexts: [String: [NBDExtent]] = [:]
@@ -24,7 +24,7 @@ public struct NBDBlockStatus: Hashable, Sendable {
             var position = offset
             contexts[context.name] = list.map { descriptor in
                 defer { position += descriptor.length }
-                return NBDExtent(offset: position, length: descriptor.length, flags: descriptor.flags, context: context.name)
+                return NBDExtent(offset: position, length: descriptor.length, flags: descriptor.flags, context: context)
             }
         }
         self.init(offset: offset, contexts: contexts)
@@ -47,7 +47,7 @@ public struct NBDExtent: Hashable, Sendable {
     public var range: Range<UInt64> { offset..<offset + length }
 
     /// An extent whose flags are decoded for `context`.
-    public init(offset: UInt64, length: UInt64, flags: UInt64, context: String) {
+    public init(offset: UInt64, length: UInt64, flags: UInt64, context: NBDMetaContext) {
         self.offset = offset
         self.length = length
         self.flags = flags
@@ -66,13 +66,13 @@ public struct NBDExtent: Hashable, Sendable {
         case other(UInt64)
 
         /// The flags decoded; the client has checked that the narrow contexts' flags fit 32 bits.
-        init(flags: UInt64, context: String) {
+        init(flags: UInt64, context: NBDMetaContext) {
             let narrow = UInt32(truncatingIfNeeded: flags)
-            if context == NBDMetaContext.baseAllocation {
+            if context == .baseAllocation {
                 self = .allocation(BaseAllocation(rawValue: narrow))
-            } else if context.hasPrefix("qemu:dirty-bitmap:") {
+            } else if context.isDirtyBitmap {
                 self = .dirtyBitmap(dirty: flags & 1 != 0)
-            } else if context == "qemu:allocation-depth" {
+            } else if context == .allocationDepth {
                 self = .allocationDepth(narrow)
             } else {
                 self = .other(flags)

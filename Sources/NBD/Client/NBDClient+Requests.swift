@@ -66,20 +66,24 @@ extension NBDClient {
     }
 
     /// `NBD_CMD_BLOCK_STATUS` for some contexts only. See ``NBDExport/blockStatus(at:length:contexts:flags:)``.
-    public func blockStatus(at offset: UInt64, length: UInt64, contexts: [String], flags: CommandFlags = []) async throws -> NBDBlockStatus
-    {
+    public func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        contexts: [NBDMetaContext],
+        flags: CommandFlags = []
+    ) async throws -> NBDBlockStatus {
         try await withConnection(weight: 0) { try await $0.blockStatus(at: offset, length: length, contexts: contexts, flags: flags) }
     }
 
     /// The extents of one metadata context over `range` (default: the whole export), in order,
     /// as ``NBDExport/extents(of:in:)`` walks them.
-    public func extents(of context: String = NBDMetaContext.baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
+    public func extents(of context: NBDMetaContext = .baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
         NBDExtentSequence(source: self, context: context, range: range)
     }
 
     /// Whether `context` was negotiated. Waits for a connection.
-    public func hasMetaContext(_ context: String) async throws -> Bool {
-        try await metaContexts.contains { $0.name == context }
+    public func hasMetaContext(_ context: NBDMetaContext) async throws -> Bool {
+        try await metaContexts.contains(context)
     }
 
     /// A request's share of a connection's load: its data.
@@ -87,7 +91,7 @@ extension NBDClient {
 }
 
 extension NBDClient: BlockStatusSource {
-    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool) {
+    func scope(of context: NBDMetaContext) async throws -> (size: UInt64, negotiated: Bool) {
         try await withConnection(weight: 0) { ($0.size, $0.hasMetaContext(context)) }
     }
 }

@@ -397,7 +397,7 @@ struct ExportIdentity: Equatable, Sendable {
     var size: UInt64
     var flags: TransmissionFlags
     var format: TransmissionFormat
-    var metaContexts: [String]
+    var metaContexts: Set<NBDMetaContext>
 
     /// What differs from `first`, in words, or nil. `strict` (connections of the start) asks
     /// for the same size, flags, framing and contexts; after a restart the size must be the
@@ -405,14 +405,14 @@ struct ExportIdentity: Equatable, Sendable {
     func difference(from first: ExportIdentity, strict: Bool) -> String? {
         if size != first.size { return "\(size) bytes instead of \(first.size)" }
         if flags.contains(.readOnly), !first.flags.contains(.readOnly) { return "it is read-only now" }
-        if let missing = first.metaContexts.first(where: { !metaContexts.contains($0) }) {
+        if let missing = first.metaContexts.subtracting(metaContexts).map(\.name).min() {
             return "the metadata context \(missing) is missing"
         }
         guard strict else { return nil }
         if format != first.format { return "\(format) framing instead of \(first.format)" }
         if flags != first.flags { return "flags \(flags) instead of \(first.flags)" }
-        if metaContexts.sorted() != first.metaContexts.sorted() {
-            return "metadata contexts \(metaContexts) instead of \(first.metaContexts)"
+        if metaContexts != first.metaContexts {
+            return "metadata contexts \(metaContexts.map(\.name).sorted()) instead of \(first.metaContexts.map(\.name).sorted())"
         }
         return nil
     }

@@ -299,7 +299,7 @@ public final class NBDClient: Sendable {
                 size: export.size,
                 flags: export.info.flags,
                 format: export.transmissionFormat,
-                metaContexts: export.metaContexts.map(\.name)
+                metaContexts: Set(export.metaContexts)
             )
             let (succeeded, generation) = machine.withLockedValue { machine in
                 let actions = machine.dialSucceeded(

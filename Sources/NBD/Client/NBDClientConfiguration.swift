@@ -12,7 +12,7 @@ public struct NBDClientConfiguration: Sendable {
     /// qemu does; `.structured` starts at the second step and `.simple` asks for neither.
     public var transmissionFormat = TransmissionFormat.extended
     /// Metadata contexts the one-call ``NBDExport/connect(to:configuration:)-(NBDURI,_)`` selects.
-    public var metaContexts: [String] = [NBDMetaContext.baseAllocation]
+    public var metaContexts: [NBDMetaContext] = [.baseAllocation]
     /// The `NBD_INFO_*` items asked for with INFO and GO. The export item always comes.
     public var infoRequests: [InfoType] = [.name, .description, .blockSize]
     /// Requests on the wire at once; more wait their turn (back-pressure).

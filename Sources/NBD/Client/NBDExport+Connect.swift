@@ -16,7 +16,7 @@ extension NBDExport {
         let format = try await connection.negotiateFormat(upTo: configuration.transmissionFormat)
         if format.hasChunks, !configuration.metaContexts.isEmpty {
             do {
-                try await connection.setMetaContexts(for: uri.exportName, queries: configuration.metaContexts)
+                try await connection.setMetaContexts(for: uri.exportName, queries: configuration.metaContexts.map(\.name))
             } catch let error as NBDError where error.connectionUsable {
                 // A server without metadata contexts still serves data: go on without block status.
                 configuration.logger.debug("no metadata contexts", metadata: ["error": "\(error)"])

@@ -240,16 +240,16 @@ public final class NBDExport: Sendable {
     public func blockStatus(
         at offset: UInt64,
         length: UInt64,
-        contexts: [String],
+        contexts: [NBDMetaContext],
         flags: CommandFlags = []
     ) async throws -> NBDBlockStatus {
         guard transmissionFormat == .extended, info.canBlockStatusPayload else {
             throw NBDError.unsupported("block status for some contexts only needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD")
         }
         var ids: [UInt32] = []
-        for name in contexts {
-            guard let context = metaContexts.first(where: { $0.name == name }) else {
-                throw NBDError.invalidArgument("the metadata context \(name) was not negotiated")
+        for wanted in contexts {
+            guard let context = metaContexts.first(where: { $0 == wanted }) else {
+                throw NBDError.invalidArgument("the metadata context \(wanted.name) was not negotiated")
             }
             if !ids.contains(context.id) { ids.append(context.id) }
         }

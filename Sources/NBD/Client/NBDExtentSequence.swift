@@ -3,8 +3,8 @@ import NBDCore
 extension NBDExport {
     /// Whether `context` (for example `NBDMetaContext.baseAllocation`) was negotiated, so that
     /// ``extents(of:in:)`` and ``blockStatus(at:length:flags:)`` can report it.
-    public func hasMetaContext(_ context: String) -> Bool {
-        metaContexts.contains { $0.name == context }
+    public func hasMetaContext(_ context: NBDMetaContext) -> Bool {
+        metaContexts.contains(context)
     }
 
     /// The extents of one metadata context over `range` (default: the whole export), in order.
@@ -14,14 +14,14 @@ extension NBDExport {
     /// same status are not merged.
     ///
     /// ```swift
-    /// for try await extent in export.extents(of: NBDMetaContext.baseAllocation) {
+    /// for try await extent in export.extents(of: .baseAllocation) {
     ///     print(extent)   // 0..<65536: data
     /// }
     /// ```
     ///
     /// Iterating fails with `NBDError.Code.notAdvertised` when `context` was not negotiated,
     /// and with a protocol violation when an answer has no extent for it.
-    public func extents(of context: String = NBDMetaContext.baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
+    public func extents(of context: NBDMetaContext = .baseAllocation, in range: Range<UInt64>? = nil) -> NBDExtentSequence {
         NBDExtentSequence(source: self, context: context, range: range)
     }
 }
@@ -29,12 +29,12 @@ extension NBDExport {
 /// What the extent walker asks block status of: an export, or a client's connections.
 protocol BlockStatusSource: Sendable {
     /// The export's size, and whether `context` was negotiated.
-    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool)
+    func scope(of context: NBDMetaContext) async throws -> (size: UInt64, negotiated: Bool)
     func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> NBDBlockStatus
 }
 
 extension NBDExport: BlockStatusSource {
-    func scope(of context: String) async throws -> (size: UInt64, negotiated: Bool) { (size, hasMetaContext(context)) }
+    func scope(of context: NBDMetaContext) async throws -> (size: UInt64, negotiated: Bool) { (size, hasMetaContext(context)) }
 }
 
 /// The extents of one metadata context over a range of an export: see ``NBDExport/extents(of:in:)``
@@ -43,7 +43,7 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
     public typealias Element = NBDExtent
 
     let source: any BlockStatusSource
-    let context: String
+    let context: NBDMetaContext
     /// Nil: the whole export.
     let range: Range<UInt64>?
 
@@ -54,7 +54,7 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
     /// Fetches one block status answer at a time and hands out its extents.
     public struct AsyncIterator: AsyncIteratorProtocol {
         let source: any BlockStatusSource
-        let context: String
+        let context: NBDMetaContext
         let range: Range<UInt64>?
         /// Where the walk ends, once the export's size is known.
         var end: UInt64?
@@ -62,7 +62,7 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
         var position: UInt64 = 0
         var pending: ArraySlice<NBDExtent> = []
 
-        init(source: any BlockStatusSource, context: String, range: Range<UInt64>?) {
+        init(source: any BlockStatusSource, context: NBDMetaContext, range: Range<UInt64>?) {
             self.source = source
             self.context = context
             self.range = range
@@ -72,7 +72,7 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
             if end == nil {
                 let (size, negotiated) = try await source.scope(of: context)
                 guard negotiated else {
-                    throw NBDError.unsupported("the metadata context \(context) was not negotiated with the server")
+                    throw NBDError.unsupported("the metadata context \(context.name) was not negotiated with the server")
                 }
                 end = Swift.min(range?.upperBound ?? size, size)
                 position = Swift.min(range?.lowerBound ?? 0, end!)
@@ -83,7 +83,7 @@ public struct NBDExtentSequence: AsyncSequence, Sendable {
                 let extents = try await source.blockStatus(at: position, length: end - position, flags: [])[context] ?? []
                 // "the server MUST return at least one status descriptor": without one there is no progress.
                 guard let last = extents.last else {
-                    throw NBDError.serverViolation("block status at offset \(position) has no extent for \(context)")
+                    throw NBDError.serverViolation("block status at offset \(position) has no extent for \(context.name)")
                 }
                 pending = extents[...]
                 position = last.offset + last.length

@@ -194,10 +194,11 @@ public struct ServerNegotiationStateMachine: Sendable {
                 reply(.error(.errUnknown, message: Self.unknownExport(name)))
                 return .send(out)
             }
-            let matches = queries.isEmpty ? !isSet : queries.contains { $0 == NBDMetaContext.baseAllocation || (!isSet && $0 == "base:") }
+            let matches =
+                queries.isEmpty ? !isSet : queries.contains { $0 == NBDMetaContext.baseAllocation.name || (!isSet && $0 == "base:") }
             var contexts: [NBDMetaContext] = []
             if matches {
-                contexts = [NBDMetaContext(id: isSet ? Self.baseAllocationID : 0, name: NBDMetaContext.baseAllocation)]
+                contexts = [NBDMetaContext(id: isSet ? Self.baseAllocationID : 0, name: NBDMetaContext.baseAllocation.name)]
                 reply(.metaContext(id: contexts[0].id, name: contexts[0].name))
             }
             if isSet { selected = (name, contexts) }
