@@ -11,11 +11,14 @@ import Testing
 struct ClientReconnectTests {
     static let size = 16 << 20
 
-    /// A server process that can be killed and started again with the same arguments.
+    /// A server process that can be killed and started again with the same arguments, on a
+    /// Unix socket or a loopback TCP port.
     final class Restartable: @unchecked Sendable {
         let server: ServerProcess
         let tool: String
+        /// The socket's path; empty on TCP.
         let socket: String
+        let port: Int?
         var arguments: [String]
         var process: Process?
 
@@ -23,17 +26,33 @@ struct ClientReconnectTests {
             self.server = server
             self.tool = tool
             self.socket = socket
+            self.port = nil
             self.arguments = arguments
         }
 
-        func start() async throws { process = try await server.start(tool, arguments, waitFor: socket) }
+        init(_ server: ServerProcess, _ tool: String, port: Int, _ arguments: [String]) {
+            self.server = server
+            self.tool = tool
+            self.socket = ""
+            self.port = port
+            self.arguments = arguments
+        }
+
+        func start() async throws {
+            guard let port else {
+                process = try await server.start(tool, arguments, waitFor: socket)
+                return
+            }
+            process = try await server.start(tool, arguments)
+            try await server.waitUntilListening(port: port, process: process!)
+        }
 
         /// SIGKILL, as a crash or a pulled plug: no goodbye on any connection.
         func kill() {
             guard let process else { return }
             Foundation.kill(process.processIdentifier, SIGKILL)
             for _ in 0..<500 where process.isRunning { usleep(2_000) }
-            try? FileManager.default.removeItem(atPath: socket)
+            if port == nil { try? FileManager.default.removeItem(atPath: socket) }
         }
 
         /// Killed, then started again after `pause`.
@@ -203,6 +222,60 @@ struct ClientReconnectTests {
         }
         #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
         #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 1, "\(events.all)")
+    }
+
+    /// On a TCP port instead of a Unix socket: each server killed twice while the client
+    /// writes through 4 connections and started again on the same port (nbdkit and qemu-nbd set
+    /// SO_REUSEADDR, as does our server), with the data checked by content.
+    @Test(arguments: ["nbdkit", "qemu-nbd", "nbd serve"])
+    func serversKilledOnATCPPort(which: String) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let file = server.path("disk.raw")
+        try zeroFile(file, size: Self.size)
+        let port = ServerProcess.freePort()
+        let arguments: [String] =
+            switch which {
+            case "nbdkit":
+                ["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", "\(port)", "--filter=rate", "file", file, "rate=64M"]
+            case "qemu-nbd": ["-b", "127.0.0.1", "-p", "\(port)", "-t", "-f", "raw", "-e", "4", "--cache=none", file]
+            default: ["serve", file, "--bind", "127.0.0.1", "--port", "\(port)"]
+            }
+        let restartable = Restartable(server, which == "nbd serve" ? nbdTool : which, port: port, arguments)
+        try await restartable.start()
+        let uri = try NBDURI("nbd://127.0.0.1:\(port)/")
+        let data = pattern(Self.size, seed: 23)
+        let client = NBDClient(uri, configuration: configuration(connections: 4, reconnectDelay: .seconds(20)))
+        let events = EventLog(client)
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await client.run() }
+            try await connected(client, 4)
+            #expect(client.connectionCount == 4)
+            // Written until both kills have landed in a pass: the fast servers finish a pass
+            // in well under a second, the rate-limited nbdkit in 2 s.
+            let killed = NIOLockedValueBox(0)
+            async let writing: Void = {
+                var seed: UInt8 = 100
+                while killed.withLockedValue({ $0 }) < 2 {
+                    seed += 1
+                    try await writeAll(pattern(Self.size, seed: seed), to: client)
+                }
+                try await writeAll(data, to: client)
+            }()
+            for _ in 0..<2 {
+                try await connected(client, 4)
+                try await Task.sleep(for: .milliseconds(300))
+                try await restartable.restart(after: .milliseconds(700))
+                killed.withLockedValue { $0 += 1 }
+            }
+            try await writing
+            try await client.flush()
+            #expect(try await readAll(from: client, size: Self.size) == data)
+            group.cancelAll()
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
+        #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 2, "\(events.all)")
+        #expect(events.count { if case .gaveUp = $0 { true } else { false } } == 0)
     }
 
     /// Over TLS: the reconnect negotiates TLS again, through the same transport.

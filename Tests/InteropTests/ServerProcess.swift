@@ -133,6 +133,21 @@ final class ServerProcess: @unchecked Sendable {
         try? FileManager.default.removeItem(at: directory)
     }
 
+    /// Waits (up to 10 s) until a server started by `process` accepts on loopback `port`: a
+    /// client is greeted, then aborts.
+    func waitUntilListening(port: Int, process: Process) async throws {
+        var configuration = NBDClientConfiguration()
+        configuration.connectTimeout = .seconds(1)
+        for _ in 0..<400 where process.isRunning {
+            if let connection = try? await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port), configuration: configuration) {
+                await connection.abort()
+                return
+            }
+            try await Task.sleep(for: .milliseconds(25))
+        }
+        throw InteropError("nothing accepted on port \(port)")
+    }
+
     /// A TCP port free right now on loopback.
     static func freePort() -> Int { Int.random(in: 20000..<60000) }
 }
