@@ -25,26 +25,39 @@ extension Benchmark {
         try await fill(uri, options)
 
         let mib = Double(options.size) / Double(1 << 20)
+        let cores = ProcessInfo.processInfo.activeProcessorCount
         var lines: [String] = []
         for connections in [1, 2, 4] {
             var ours: [Run] = []
             var theirs: [Run] = []
+            // nbdkit's CPU time during each run: with the client's, it shows whether the
+            // machine's cores, not either program, set the pace.
+            var oursServer: [Double] = []
+            var theirsServer: [Double] = []
             for _ in 1...options.rounds {
+                var serverCPU = cpuSeconds(of: server.processIdentifier)
                 ours.append(try await measureSelf { try await readWithClient(uri, options, connections: connections) })
+                oursServer.append(cpuSeconds(of: server.processIdentifier) - serverCPU)
                 let cpu = cpuSeconds(.children)
+                serverCPU = cpuSeconds(of: server.processIdentifier)
                 let nbdcopy = try measure("nbdcopy", ["--connections=\(connections)", "--no-extents", uri.description, "null:"])
+                theirsServer.append(cpuSeconds(of: server.processIdentifier) - serverCPU)
                 theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(.children) - cpu, peakKiB: nbdcopy.peakKiB))
                 print("\(connections) connections: NBDClient \(ours.last!), nbdcopy \(theirs.last!)")
             }
             let rate = mib / median(ours.map(\.seconds))
             let theirRate = mib / median(theirs.map(\.seconds))
-            for (name, runs, value) in [("NBDClient", ours, rate), ("nbdcopy", theirs, theirRate)] {
+            for (name, runs, server, value) in [("NBDClient", ours, oursServer, rate), ("nbdcopy", theirs, theirsServer, theirRate)] {
+                let busy = (median(runs.map(\.cpuSeconds)) + median(server)) / median(runs.map(\.seconds))
                 lines.append(
                     "\(connections) \(name.padding(toLength: 10, withPad: " ", startingAt: 0))"
                         + String(
-                            format: "%8.1f MiB/s   CPU %5.2f s   peak RSS %6.1f MiB%@",
+                            format: "%8.1f MiB/s   CPU %5.2f s   nbdkit CPU %5.2f s   cores busy %4.2f of %d   peak RSS %6.1f MiB%@",
                             value,
                             median(runs.map(\.cpuSeconds)),
+                            median(server),
+                            busy,
+                            cores,
                             Double(runs.map(\.peakKiB).max()!) / 1024,
                             name == "NBDClient" ? String(format: "   ratio to nbdcopy %.2f", rate / theirRate) : ""
                         )
