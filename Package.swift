@@ -33,11 +33,16 @@ let package = Package(
             name: "NBDEventLoop",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
         ),
+        // The package's one layer over the C library: files, block devices, socket calls.
+        .target(
+            name: "NBDSystem",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
+        ),
         // The async/await client over SwiftNIO.
         .target(
             name: "NBD",
             dependencies: [
-                "NBDCore", "NBDEventLoop",
+                "NBDCore", "NBDEventLoop", "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -50,7 +55,7 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "NBDCore", "NBDEventLoop",
+                "NBDCore", "NBDEventLoop", "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -63,6 +68,7 @@ let package = Package(
             dependencies: [
                 "NBD",
                 "NBDServer",
+                "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -94,9 +100,13 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "NBDSystemTests",
+            dependencies: ["NBDSystem", .product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBD", "NBDCore", "NBDServer",
+                "NBD", "NBDCore", "NBDServer", "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NBDServer
+import NBDSystem
 import NIOCore
 
 #if canImport(Glibc)
@@ -230,110 +231,120 @@ final class NBDEndpoint: CopySource, CopyDestination {
 
 // MARK: Files, block devices, stdin and stdout
 
-/// A local file or block device, read and written with pread/pwrite from many tasks.
-final class FileEndpoint: CopySource, CopyDestination, @unchecked Sendable {
-    let descriptor: Int32
+/// A local file or block device, or standard input or output, through the package's file
+/// layer: pread/pwrite on a thread pool, the holes of a sparse source skipped, the zero ranges
+/// of a destination punched (or zeroed in place with `--allocated`).
+final class FileEndpoint: CopySource, CopyDestination {
+    let file: LocalFile
     let size: UInt64?
     let startsZeroed: Bool
-    let isSequential: Bool
-    private let isStream: Bool
+    /// Zero ranges are allocated (`--allocated`): zeroed in place, never punched.
+    private let allocates: Bool
+    var isSequential: Bool { file.kind == .stream }
 
     /// Opens `path` to read.
     static func source(_ path: String) throws -> FileEndpoint {
-        if path == "-" { return FileEndpoint(descriptor: 0, size: nil, startsZeroed: false, stream: true) }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CommandError("cannot open \(path): \(String(cString: strerror(errno)))") }
-        return FileEndpoint(descriptor: fd, size: UInt64(max(0, lseek(fd, 0, SEEK_END))), startsZeroed: false, stream: false)
+        if path == "-" { return FileEndpoint(LocalFile(standardStream: 0), size: nil, startsZeroed: false, allocates: false) }
+        do {
+            let file = try LocalFile(path: path, access: .read)
+            return FileEndpoint(file, size: try file.size(), startsZeroed: false, allocates: false)
+        } catch {
+            throw CommandError("cannot open \(path): \(error)")
+        }
     }
 
     /// Opens `path` to write `size` bytes: a new file is created and a short regular file extended
     /// (both then read as zeroes where nothing is written); a smaller block device is an error.
-    /// With `allocates`, nothing counts as zeroed already: every zero area is written as zero bytes.
+    /// With `allocates`, nothing counts as zeroed already: every zero area is zeroed in place.
     static func destination(_ path: String, size: UInt64?, destinationIsZero: Bool, allocates: Bool = false) throws -> FileEndpoint {
-        if path == "-" { return FileEndpoint(descriptor: 1, size: nil, startsZeroed: false, stream: true) }
+        if path == "-" { return FileEndpoint(LocalFile(standardStream: 1), size: nil, startsZeroed: false, allocates: false) }
         let existed = FileManager.default.fileExists(atPath: path)
-        let fd = open(path, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw CommandError("cannot open \(path): \(String(cString: strerror(errno)))") }
-        var info = stat()
-        fstat(fd, &info)
-        let isRegular = (info.st_mode & S_IFMT) == S_IFREG
-        let current = UInt64(max(0, lseek(fd, 0, SEEK_END)))
+        let file: LocalFile
+        let current: UInt64
+        do {
+            file = try LocalFile(path: path, access: .createOrWrite)
+            current = try file.size() ?? 0
+        } catch {
+            throw CommandError("cannot open \(path): \(error)")
+        }
         var zeroed = destinationIsZero || !existed
-        if let size, current < size {
-            guard isRegular else {
-                _ = CLibrary.close(fd)
+        if let size, current < size, file.kind != .stream {
+            guard file.kind == .regular else {
                 throw CommandError("the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
             }
-            // The size is the source's, which a server sends: checked before it becomes an off_t.
-            guard let length = off_t(exactly: size) else {
-                _ = CLibrary.close(fd)
-                throw CommandError("the source's size of \(size) bytes is too large for a file")
-            }
-            guard ftruncate(fd, length) == 0 else {
-                _ = CLibrary.close(fd)
-                throw CommandError("cannot extend \(path): \(String(cString: strerror(errno)))")
+            do {
+                try file.setLength(size)
+            } catch {
+                throw CommandError("cannot extend \(path) to \(size) bytes: \(error)")
             }
             zeroed = zeroed || current == 0
         }
-        return FileEndpoint(descriptor: fd, size: nil, startsZeroed: zeroed && !allocates, stream: false)
+        return FileEndpoint(file, size: nil, startsZeroed: zeroed && !allocates, allocates: allocates)
     }
 
-    var currentSize: UInt64? { isStream ? nil : UInt64(max(0, lseek(descriptor, 0, SEEK_END))) }
+    var currentSize: UInt64? { try? file.size() }
 
-    private init(descriptor: Int32, size: UInt64?, startsZeroed: Bool, stream: Bool) {
-        self.descriptor = descriptor
+    private init(_ file: LocalFile, size: UInt64?, startsZeroed: Bool, allocates: Bool) {
+        self.file = file
         self.size = size
         self.startsZeroed = startsZeroed
-        self.isStream = stream
-        self.isSequential = stream
+        self.allocates = allocates
+    }
+
+    /// The holes of a sparse file (SEEK_HOLE): not read, and zeroed at the destination only
+    /// when it did not start zeroed.
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        guard let size, file.kind == .regular else { return [] }
+        var holes: [Range<UInt64>] = []
+        var position = offset
+        let end = min(size, offset + length)
+        while position < end {
+            let extents = try await file.extents(in: position..<end, size: size, limit: 1 << 16)
+            guard let last = extents.last else { break }
+            holes += extents.filter(\.isHole).map(\.range)
+            position = last.range.upperBound
+        }
+        return holes
     }
 
     func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
-        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
-            switch FileIO.read(
-                descriptor,
-                into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)),
-                at: isStream ? nil : offset
-            ) {
-            case .success(let count): return count
-            case .failure(let error): throw CommandError("read failed: \(error)")
-            }
+        do {
+            try await file.read(into: &buffer, at: offset, length: length)
+        } catch {
+            throw CommandError("read failed: \(error)")
         }
     }
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
-        var position = offset
-        for buffer in data {
-            try buffer.withUnsafeReadableBytes { pointer in
-                if case .failure(let error) = FileIO.write(descriptor, pointer, at: isStream ? nil : position) {
-                    throw CommandError(
-                        isStream ? "writing to standard output failed (\(error)): the copy is incomplete" : "write failed: \(error)"
-                    )
-                }
-            }
-            position += UInt64(buffer.readableBytes)
+        do {
+            try await file.write(data, at: offset)
+        } catch {
+            throw CommandError(
+                file.kind == .stream ? "writing to standard output failed (\(error)): the copy is incomplete" : "write failed: \(error)"
+            )
         }
     }
 
+    /// Only for a destination that did not start zeroed (an existing file, stdout): new and
+    /// extended files are left with holes by not writing at all.
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
-        // Only for a destination that did not start zeroed (an existing file, stdout): new and
-        // extended files are left with holes by not writing at all.
-        var position = offset
-        let block = ByteBuffer(repeating: 0, count: Int(min(length, 1 << 20)))
-        while position < offset + length {
-            let count = min(UInt64(block.readableBytes), offset + length - position)
-            try await write([block.getSlice(at: 0, length: Int(count))!], at: position, worker: worker)
-            position += count
+        do {
+            try await file.zero(offset..<offset + length, mayPunch: !allocates)
+        } catch {
+            throw CommandError("zeroing failed at offset \(offset): \(error)")
         }
     }
 
     func flush() async throws {
-        guard isStream || fsync(descriptor) == 0 else { throw CommandError("fsync failed: \(String(cString: strerror(errno)))") }
+        do {
+            try await file.sync()
+        } catch {
+            throw CommandError("fsync failed: \(error)")
+        }
     }
 
-    func close() async {
-        if !isStream { _ = CLibrary.close(descriptor) }
-    }
+    /// The descriptor is closed with the file.
+    func close() async {}
 }
 
 // MARK: Synthetic endpoints

@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NBDServer
+import NBDSystem
 import NIOConcurrencyHelpers
 
 #if canImport(Glibc)

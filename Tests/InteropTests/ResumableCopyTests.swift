@@ -305,21 +305,26 @@ struct ResumableCopyTests {
     }
 
     /// The first run's knowledge that the destination read as zeroes is kept: a resumed sparse
-    /// copy onto a file the first run created leaves its holes; onto one that had data, zero
-    /// areas are written.
+    /// copy onto a file the first run created leaves it alone; onto one that had data, the zero
+    /// areas are zeroed, as punched holes (not written as zero bytes).
     @Test func aResumedCopyKeepsWhatTheFirstRunKnewOfItsDestination() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
         let copy = server.path("copy.raw")
         for zeroed in [true, false] {
-            _ = try server.run("truncate", ["-s", "8M", copy])
+            // Data everywhere: what the run zeroes shows, and so does what it leaves.
+            try Data(repeating: 0xAB, count: 8 << 20).write(to: URL(fileURLWithPath: copy))
             let journal = try handJournal(server, source: "zero:8M", done: [[0, 1 << 20]], zeroed: zeroed)
             let result = try runNBD(["copy", "--resume", journal, "zero:8M", copy])
             #expect(result.status == 0, "\(result.error)")
+            let bytes = try Data(contentsOf: URL(fileURLWithPath: copy))
+            #expect(bytes.prefix(1 << 20).allSatisfy { $0 == 0xAB }, "what the first run did is left")
             if zeroed {
-                #expect(allocatedBytes(copy) == 0)
+                // The first run found it zeroed: nothing after the first MiB is touched.
+                #expect(bytes.suffix(7 << 20).allSatisfy { $0 == 0xAB })
             } else {
-                #expect(allocatedBytes(copy) >= 7 << 20)
+                #expect(bytes.suffix(7 << 20).allSatisfy { $0 == 0 })
+                #expect(allocatedBytes(copy) <= (1 << 20) + (64 << 10), "zeroes punched, not written")
             }
             try FileManager.default.removeItem(atPath: copy)
         }

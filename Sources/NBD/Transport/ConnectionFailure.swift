@@ -1,3 +1,4 @@
+import NBDSystem
 import NIOCore
 
 #if canImport(Glibc)

@@ -1,4 +1,5 @@
 import NBDCore
+import NBDSystem
 import NIOCore
 
 #if canImport(Glibc)

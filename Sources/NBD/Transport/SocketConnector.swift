@@ -1,4 +1,5 @@
 import NBDCore
+import NBDSystem
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix

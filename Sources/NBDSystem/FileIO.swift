@@ -5,7 +5,7 @@ import Darwin
 #endif
 
 /// Reads and writes of a file descriptor that loop over short transfers and `EINTR`: the one
-/// pread/pwrite loop of the package, used by ``FileBackend`` and by the `nbd` tool's files.
+/// pread/pwrite loop of the package, under ``LocalFile`` and the `nbd` tool's journal.
 package enum FileIO {
     /// Reads into `room` from `offset`, or from the descriptor's position when `offset` is nil
     /// (a pipe). Answers how many bytes were read: fewer than `room` only at the end of the
@@ -20,7 +20,7 @@ package enum FileIO {
                 guard let position = position(offset, done) else { return .failure(FileIOError(code: EOVERFLOW)) }
                 count = pread(descriptor, rest.baseAddress, rest.count, position)
             } else {
-                count = CLibraryCalls.read(descriptor, rest.baseAddress, rest.count)
+                count = CLibrary.read(descriptor, rest.baseAddress, rest.count)
             }
             if count < 0 && errno == EINTR { continue }
             guard count >= 0 else { return .failure(FileIOError(code: errno)) }
@@ -40,7 +40,7 @@ package enum FileIO {
                 guard let position = position(offset, done) else { return .failure(FileIOError(code: EOVERFLOW)) }
                 count = pwrite(descriptor, rest.baseAddress, rest.count, position)
             } else {
-                count = CLibraryCalls.write(descriptor, rest.baseAddress, rest.count)
+                count = CLibrary.write(descriptor, rest.baseAddress, rest.count)
             }
             if count < 0 && errno == EINTR { continue }
             guard count > 0 else { return .failure(FileIOError(code: count < 0 ? errno : EIO)) }
@@ -59,14 +59,8 @@ package enum FileIO {
 /// A C library error number from ``FileIO``, with its text.
 package struct FileIOError: Error, CustomStringConvertible {
     package let code: Int32
-    package var description: String { String(cString: strerror(code)) }
-}
-
-/// The stream calls by names a static method of ``FileIO`` does not hide.
-private enum CLibraryCalls {
-    #if canImport(Glibc)
-    static let read = Glibc.read, write = Glibc.write
-    #else
-    static let read = Darwin.read, write = Darwin.write
-    #endif
+    package init(code: Int32) { self.code = code }
+    /// `ENOSPC`: the file system is full.
+    package var isOutOfSpace: Bool { code == ENOSPC }
+    package var description: String { CLibrary.errorText(code) }
 }

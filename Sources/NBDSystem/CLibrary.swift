@@ -5,7 +5,8 @@ import Darwin
 #endif
 
 /// The C library's calls under names that are the same on Linux and macOS, and that a method
-/// of the same name inside a type does not hide. Used by the client and by the `nbd` tool.
+/// of the same name inside a type does not hide: the package's one shim over the C library,
+/// used by the client's sockets, the server's files and the `nbd` tool.
 package enum CLibrary {
     #if canImport(Glibc)
     package static let read = Glibc.read, write = Glibc.write, close = Glibc.close, connect = Glibc.connect

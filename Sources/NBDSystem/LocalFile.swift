@@ -1,0 +1,165 @@
+import NIOCore
+import NIOPosix
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// A local file, block device or standard stream: the one file layer of the server's
+/// `FileBackend` and the `nbd` tool's copies. Every call that can block (reads, writes,
+/// syncing, finding holes, zeroing) runs on a thread pool, never on an event loop or in
+/// Swift's cooperative pool.
+package final class LocalFile: Sendable {
+    /// What the descriptor is: it decides how the size is found and how zeroes are made.
+    package enum Kind: Sendable, Equatable {
+        case regular
+        case blockDevice
+        /// A pipe, terminal or character device, read and written in order, with no size.
+        case stream
+    }
+
+    /// How a file is opened.
+    package enum Access: Sendable {
+        case read
+        case readWrite
+        /// Write only, created (mode 0644) when it does not exist.
+        case createOrWrite
+    }
+
+    package let path: String
+    package let descriptor: Int32
+    package let kind: Kind
+    /// Standard input and output are not closed with the value.
+    private let ownsDescriptor: Bool
+    private let pool: NIOThreadPool
+
+    /// Opens `path`; fails with the C library's error.
+    package init(path: String, access: Access, pool: NIOThreadPool = .singleton) throws(FileIOError) {
+        let flags: Int32 =
+            switch access {
+            case .read: O_RDONLY
+            case .readWrite: O_RDWR
+            case .createOrWrite: O_WRONLY | O_CREAT
+            }
+        let fd = open(path, flags | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw FileIOError(code: errno) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else {
+            let code = errno
+            _ = CLibrary.close(fd)
+            throw FileIOError(code: code)
+        }
+        self.path = path
+        self.descriptor = fd
+        self.kind = Self.kind(of: info.st_mode)
+        self.ownsDescriptor = true
+        self.pool = pool
+    }
+
+    /// Standard input (0) or output (1), read or written in order and never closed here.
+    package init(standardStream descriptor: Int32, pool: NIOThreadPool = .singleton) {
+        self.path = descriptor == 0 ? "standard input" : "standard output"
+        self.descriptor = descriptor
+        // Even a regular file behind it is read or written from its position, in order.
+        self.kind = .stream
+        self.ownsDescriptor = false
+        self.pool = pool
+    }
+
+    deinit {
+        if ownsDescriptor { _ = CLibrary.close(descriptor) }
+    }
+
+    private static func kind(of mode: mode_t) -> Kind {
+        switch mode & S_IFMT {
+        case S_IFREG: .regular
+        case S_IFBLK: .blockDevice
+        default: .stream
+        }
+    }
+
+    /// The size in bytes: the end of a regular file, a block device's size from the kernel
+    /// (`BLKGETSIZE64`), nil for a stream.
+    package func size() throws(FileIOError) -> UInt64? {
+        switch kind {
+        case .stream:
+            return nil
+        case .regular:
+            let end = lseek(descriptor, 0, SEEK_END)
+            guard end >= 0 else { throw FileIOError(code: errno) }
+            return UInt64(end)
+        case .blockDevice:
+            #if os(Linux)
+            var bytes: UInt64 = 0
+            // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+            let result = withUnsafeMutablePointer(to: &bytes) { ioctl(descriptor, 0x8008_1272, $0) }
+            guard result == 0 else { throw FileIOError(code: errno) }
+            return bytes
+            #else
+            let end = lseek(descriptor, 0, SEEK_END)
+            guard end >= 0 else { throw FileIOError(code: errno) }
+            return UInt64(end)
+            #endif
+        }
+    }
+
+    /// Sets a regular file's length (`ftruncate`): what is added reads as zeroes and takes no space.
+    package func setLength(_ length: UInt64) throws(FileIOError) {
+        // The length may come from a peer: checked before it becomes an off_t.
+        guard let end = off_t(exactly: length) else { throw FileIOError(code: EFBIG) }
+        guard ftruncate(descriptor, end) == 0 else { throw FileIOError(code: errno) }
+    }
+
+    /// Runs `body` on the thread pool.
+    package func blocking<Result: Sendable>(_ body: @escaping @Sendable () throws -> Result) async throws -> Result {
+        try await pool.runIfActive(body)
+    }
+
+    /// Appends `length` bytes read at `offset` (a stream: the next bytes) to `buffer`; answers
+    /// how many came, fewer only at the end of the file. The buffer's storage is reused: the
+    /// bytes are read straight into it.
+    @discardableResult
+    package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int) async throws -> Int {
+        let box = BufferBox(buffer)
+        buffer = ByteBuffer()
+        defer { buffer = box.buffer }
+        let fd = descriptor
+        let position: UInt64? = kind == .stream ? nil : offset
+        return try await blocking {
+            try box.buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { pointer in
+                try FileIO.read(fd, into: UnsafeMutableRawBufferPointer(rebasing: pointer.prefix(length)), at: position).get()
+            }
+        }
+    }
+
+    /// Writes `buffers`, one after another, from `offset` (a stream: in order).
+    package func write(_ buffers: [ByteBuffer], at offset: UInt64) async throws {
+        let fd = descriptor
+        let isStream = kind == .stream
+        try await blocking {
+            var position = offset
+            for buffer in buffers {
+                try buffer.withUnsafeReadableBytes { try FileIO.write(fd, $0, at: isStream ? nil : position).get() }
+                position += UInt64(buffer.readableBytes)
+            }
+        }
+    }
+
+    /// `fsync`: what was written is on stable storage. Nothing to do for a stream.
+    package func sync() async throws {
+        guard kind != .stream else { return }
+        let fd = descriptor
+        try await blocking {
+            guard fsync(fd) == 0 else { throw FileIOError(code: errno) }
+        }
+    }
+}
+
+/// A buffer handed to the thread pool and back, so that it is uniquely held there and grows
+/// in place; used by one call at a time.
+private final class BufferBox: @unchecked Sendable {
+    var buffer: ByteBuffer
+    init(_ buffer: ByteBuffer) { self.buffer = buffer }
+}
