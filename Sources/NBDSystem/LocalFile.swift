@@ -122,6 +122,9 @@ package final class LocalFile: Sendable {
     /// bytes are read straight into it.
     @discardableResult
     package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int) async throws -> Int {
+        // Allocated here, by the caller's thread, which frees it too: memory that one thread
+        // allocates and another frees is returned to the system and faulted in again each time.
+        buffer.reserveCapacity(minimumWritableBytes: length)
         let box = BufferBox(buffer)
         buffer = ByteBuffer()
         defer { buffer = box.buffer }

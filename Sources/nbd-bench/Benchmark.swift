@@ -7,6 +7,7 @@
 //     swift build -c release && .build/release/nbd-bench client [--size 4G] [--rounds 3] (see ClientBench.swift)
 //     swift build -c release && .build/release/nbd-bench map [--rounds 5] (see MemoryMap.swift)
 //     swift build -c release && .build/release/nbd-bench soak [--clients 64] [--seconds 60] (see Soak.swift)
+//     swift build -c release && .build/release/nbd-bench sparse [--size 100G] [--rounds 3] (see SparseFileBench.swift)
 //
 // The first (the library):
 // Starts `nbdkit memory SIZE` on a temporary Unix socket, fills it with non-zero data (so no
@@ -47,6 +48,9 @@ struct Benchmark {
             } else if arguments.first == "map" {
                 arguments.removeFirst()
                 try await runMemoryMap(Options(arguments))
+            } else if arguments.first == "sparse" {
+                arguments.removeFirst()
+                try await runSparse(Options(arguments))
             } else if arguments.first == "soak" {
                 try await Soak.run(Array(arguments.dropFirst()))
             } else {

@@ -70,13 +70,17 @@ final class Copier: Sendable {
         let exports = [source as Any, destination as Any].compactMap { $0 as? NBDEndpoint }
         let connections = exports.map(\.connections).max() ?? 1
         let size = max(requestSize, UInt64(exports.map { $0.info.blockSizes.preferred }.max() ?? 0))
+        // Data that is only hashed or thrown away is held for no time: the memory bound is for
+        // data that waits for its writes.
+        var workers = destination.discards ? connections * requests : max(connections, min(connections * requests, Int(memory / size)))
+        // Between local files, requests in flight only wait for the thread pool: two per
+        // thread keep it busy, and fewer buffers stay warm in the processor's caches.
+        if exports.isEmpty { workers = min(workers, 2 * System.coreCount) }
         self.init(
             source: source,
             destination: destination,
             requestSize: size,
-            // Data that is only hashed or thrown away is held for no time: the memory bound is
-            // for data that waits for its writes.
-            workers: destination.discards ? connections * requests : max(connections, min(connections * requests, Int(memory / size))),
+            workers: workers,
             sparse: sparse,
             progress: progress,
             hasher: hasher,
@@ -95,10 +99,11 @@ final class Copier: Sendable {
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
                 // On the source's event loop when it is an export: each read resumes where its reply
-                // was read. Not on the destination's for other sources: making a pattern or reading a
-                // file there would hold up that loop's I/O, so that a dead destination went unnoticed
-                // for seconds.
-                let executor = source.taskExecutor(for: worker)
+                // was read. On the destination's when the source's reads do not hold up the thread
+                // (a file's run on a thread pool): each write is sent from where it is made. Not
+                // for a pattern, whose making would hold up that loop's I/O, so that a dead
+                // destination went unnoticed for seconds.
+                let executor = source.taskExecutor(for: worker) ?? (source.readsOffThread ? destination.taskExecutor(for: worker) : nil)
                 group.addTask(executorPreference: executor) {
                     // The worker's one buffer, read into again for each piece once the last
                     // piece's writes are done: the copy holds `workers` buffers, never more
@@ -159,8 +164,10 @@ final class Copier: Sendable {
                 }
             case .data:
                 let data: CopyData
-                if destination.discards {
-                    data = CopyData(try await source.readSegments(at: part.range.lowerBound, length: part.range.count, worker: worker))
+                if destination.discards,
+                    let segments = try await source.readSegments(at: part.range.lowerBound, length: part.range.count, worker: worker)
+                {
+                    data = CopyData(segments)
                 } else {
                     buffer.clear()
                     try await source.read(into: &buffer, at: part.range.lowerBound, length: part.range.count, worker: worker)

@@ -25,7 +25,12 @@ protocol CopySource: CopyEndpoint {
     func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
     /// The same bytes in the pieces they arrived in, for data that is hashed or thrown away
     /// at once: an export's receive buffers, free again as soon as the pieces are dropped.
-    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]
+    /// Nil (the default): the source has no such pieces, and the data is read into the
+    /// worker's own buffer instead.
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]?
+    /// True when reading waits for other threads and never holds up the caller's (an export,
+    /// a file read on the thread pool); false when reading is work on the caller's thread.
+    var readsOffThread: Bool { get }
     func close() async
 }
 
@@ -72,9 +77,8 @@ extension CopySource {
         return buffer
     }
 
-    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
-        [try await read(at: offset, length: length, worker: worker)]
-    }
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? { nil }
+    var readsOffThread: Bool { false }
 
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
@@ -100,6 +104,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
     /// The client's run(), until close().
     private let runner: Task<Void, any Error>
     var isSequential: Bool { false }
+    var readsOffThread: Bool { true }
     var size: UInt64? { info.size }
 
     /// Opens the export: throws when the first connection cannot be made or the bitmap is
@@ -197,7 +202,7 @@ final class NBDEndpoint: CopySource, CopyDestination {
         try await client.read(into: &buffer, at: offset, length: UInt64(length))
     }
 
-    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer] {
+    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
         guard !isTLS else { return [try await client.read(at: offset, length: UInt64(length))] }
@@ -241,6 +246,7 @@ final class FileEndpoint: CopySource, CopyDestination {
     /// Zero ranges are allocated (`--allocated`): zeroed in place, never punched.
     private let allocates: Bool
     var isSequential: Bool { file.kind == .stream }
+    var readsOffThread: Bool { true }
 
     /// Opens `path` to read.
     static func source(_ path: String) throws -> FileEndpoint {

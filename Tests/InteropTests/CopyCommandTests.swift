@@ -77,6 +77,53 @@ struct CopyCommandTests {
         #expect(kib < 100 * 1024, "the copy is not sparse: \(usage)")
     }
 
+    /// A sparse file as the source: its holes (found with SEEK_HOLE) are never read (strace
+    /// counts the bytes pread returned). Into an export only the data is written; into a new
+    /// file, and onto an existing file full of data, the copy is as sparse as the source (the
+    /// old data punched out, not overwritten with zero bytes); the content is the same each time.
+    @Test func aSparseFileSourceSkipsItsHoles() async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let source = server.path("sparse.raw")
+        let size = 512 << 20
+        _ = try server.run("truncate", ["-s", "\(size)", source])
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: source))
+        for (index, offset) in [0, (256 << 20) + 4096, size - (1 << 20)].enumerated() {
+            try handle.seek(toOffset: UInt64(offset))
+            try handle.write(contentsOf: Data(pattern(1 << 20, seed: UInt8(index + 1)).readableBytesView))
+        }
+        try handle.close()
+
+        let log = server.path("writes.log")
+        let uri = try await server.nbdkit(["--filter=log", "memory", "\(size)", "logfile=\(log)"]).description
+        let trace = server.path("reads.trace")
+        _ = try server.run("strace", ["-f", "-e", "trace=pread64", "-o", trace, nbdTool, "copy", source, uri])
+        // pread64(7, "..."..., 262144, 0) = 262144, or "<... pread64 resumed> ...) = 262144" when
+        // another thread came between: the data's reads, not the loader's.
+        let read = try String(contentsOfFile: trace, encoding: .utf8).split(separator: "\n")
+            .filter { $0.contains("pread64") && !$0.contains(".so") }
+            .compactMap { Int($0.split(separator: "=").last?.trimmingCharacters(in: .whitespaces) ?? "") }
+            .filter { $0 >= 4096 }
+            .reduce(0, +)
+        #expect(read == 3 << 20, "the source's holes were read: \(read) bytes")
+        let written = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Write id=") }
+            .compactMap { $0.split(separator: " ").first { $0.hasPrefix("count=0x") } }
+            .reduce(0) { $0 + (Int($1.dropFirst("count=0x".count), radix: 16) ?? 0) }
+        #expect(written == 3 << 20, "only the data is written")
+        try expectSuccess([uri, server.path("back.raw")])
+        #expect(try sameContents(source, server.path("back.raw")))
+
+        // A new file, and an existing one full of data.
+        let existing = server.path("existing.raw")
+        _ = try server.run("fallocate", ["-l", "\(size)", existing])
+        _ = try server.run("sh", ["-c", "tr '\\0' '\\377' < /dev/zero | head -c 64M | dd of=\(existing) conv=notrunc status=none"])
+        for destination in [server.path("new.raw"), existing] {
+            try expectSuccess([source, destination])
+            #expect(try sameContents(source, destination))
+            #expect(allocatedBytes(destination) <= 4 << 20, "\(destination) is not sparse: \(allocatedBytes(destination)) bytes")
+        }
+    }
+
     @Test func sourceErrorFailsTheCopy() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
