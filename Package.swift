@@ -62,11 +62,23 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // The copy engine: copies, checksums and resumable journals between exports, files and
+        // streams. Used by the tool; not a product yet (its public API is issue 22's work).
+        .target(
+            name: "NBDCopy",
+            dependencies: [
+                "NBD", "NBDSystem",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
         // The command-line tool: info, copy, dump, serve.
         .executableTarget(
             name: "nbd",
             dependencies: [
                 "NBD",
+                "NBDCopy",
                 "NBDServer",
                 "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),

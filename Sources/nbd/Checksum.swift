@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import NBD
+import NBDCopy
 
 /// `nbd checksum`: the blkhash of each source, printed as sha256sum prints digests.
 struct Checksum: AsyncParsableCommand {
@@ -56,7 +57,7 @@ struct Checksum: AsyncParsableCommand {
                     as: blkhash,
                     requestSize: 256 << 10,
                     requests: requests,
-                    interrupt: interrupt
+                    stop: interrupt.stop
                 )
             } catch {
                 await source.close()

@@ -2,6 +2,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import NBD
+import NBDCopy
 import NIOConcurrencyHelpers
 import NIOCore
 
@@ -236,6 +237,8 @@ struct Copy: AsyncParsableCommand {
         // What an earlier run copied is not read again: the blkhash of a resumed copy is made
         // by reading the source once more, after the copy.
         let hasher = resumed ? nil : hashing.map(BlockHasher.init)
+        let progress = CopyProgress(total: source.size)
+        let renderer = try Progress(self.progress, of: progress, connections: watch)
         let copier = Copier(
             source: source,
             destination: destination,
@@ -243,7 +246,7 @@ struct Copy: AsyncParsableCommand {
             requests: requests,
             memory: memory,
             sparse: Int(sparse),
-            progress: try Progress(progress, total: source.size, connections: watch),
+            progress: progress,
             hasher: hasher,
             journal: journal
         )
@@ -253,10 +256,10 @@ struct Copy: AsyncParsableCommand {
         do {
             if let journal {
                 copied = try await journal.checkpointing(flushing: destination) {
-                    try await copier.run(interrupt: interrupt)
+                    try await copier.run(stop: interrupt.stop)
                 }
             } else {
-                copied = try await copier.run(interrupt: interrupt)
+                copied = try await copier.run(stop: interrupt.stop)
             }
             // Before --verify reads back over new connections: "the effects of NBD_CMD_FLUSH ...
             // MUST be visible across all connections" is all the spec promises them.
@@ -264,7 +267,8 @@ struct Copy: AsyncParsableCommand {
         } catch {
             failure = error
         }
-        copier.progress.finish()
+        progress.finish()
+        await renderer.finished()
         var journalNote: String?
         if let journal { journalNote = await settle(journal, complete: failure == nil && !interrupt.happened, destination: destination) }
         await destination.close()
@@ -311,7 +315,7 @@ struct Copy: AsyncParsableCommand {
     /// is flushed and recorded. Returns what to tell the person about going on, if anything.
     private func settle(_ journal: CopyJournal, complete: Bool, destination: any CopyDestination) async -> String? {
         guard !complete else {
-            journal.remove()
+            do { try journal.remove() } catch { StandardStreams.error("nbd: \(error)\n") }
             return nil
         }
         var line = "nbd: "
@@ -339,7 +343,7 @@ struct Copy: AsyncParsableCommand {
             requestSize: requestSize,
             requests: requests,
             memory: memory,
-            interrupt: interrupt
+            stop: interrupt.stop
         )
     }
 
@@ -445,26 +449,23 @@ enum Endpoints {
     }
 }
 
-/// SIGINT: stop taking new work, let requests in flight finish. A second SIGINT exits at once,
-/// for a server that will never answer them.
+/// SIGINT: the copy's stop is requested (requests in flight finish, no new work starts). A
+/// second SIGINT exits at once, for a server that will never answer them.
 final class Interrupt: Sendable {
-    private let flag = NIOLockedValueBox(false)
+    let stop = CopyStop()
     private let handler = NIOLockedValueBox<SignalHandler?>(nil)
 
     init() {
-        handler.withLockedValue { $0 = SignalHandler([SIGINT]) { [unowned self] in self.set() } }
-    }
-
-    func set() {
-        let again = flag.withLockedValue { flag in
-            defer { flag = true }
-            return flag
-        }
-        if again {
-            StandardStreams.error("\nnbd: interrupted again: exiting without waiting for the requests in flight\n")
-            exit(130)
+        let stop = self.stop
+        handler.withLockedValue {
+            $0 = SignalHandler([SIGINT]) {
+                if stop.request() {
+                    StandardStreams.error("\nnbd: interrupted again: exiting without waiting for the requests in flight\n")
+                    exit(130)
+                }
+            }
         }
     }
 
-    var happened: Bool { flag.withLockedValue { $0 } }
+    var happened: Bool { stop.isRequested }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import NBDCopy
 import NIOConcurrencyHelpers
 
 #if canImport(Glibc)
@@ -7,8 +8,9 @@ import Glibc
 import Darwin
 #endif
 
-/// Progress of a copy: a bar on a terminal, plain lines otherwise, nbdcopy's `N/100` lines on a
-/// file descriptor, or a JSON object a second for scripts.
+/// Shows a copy's progress: a bar on a terminal, plain lines otherwise, nbdcopy's `N/100` lines
+/// on a file descriptor, or a JSON object a second for scripts. It renders the values the copy
+/// engine's `CopyProgress` hands out.
 final class Progress: Sendable {
     enum Mode {
         case off, terminal, lines, json
@@ -16,23 +18,20 @@ final class Progress: Sendable {
     }
 
     private struct State {
-        var done: UInt64 = 0
-        /// Of `done`, what needed no copying (clean in a bitmap, or copied by an earlier run of
-        /// a resumed copy): not part of the rate, or a resumed copy's ETA would be too short.
-        var skipped: UInt64 = 0
         var lastPercent = -1
-        var lastReport = Date.distantPast
+        var lastReport = ContinuousClock.now - .seconds(3600)
     }
 
     private let mode: Mode
-    private let total: UInt64?
+    private let progress: CopyProgress
     private let state = NIOLockedValueBox(State())
-    private let start = Date()
     /// Says when a connection is being dialled again: shown at once, since no bytes move then.
     private let connections: ConnectionWatch?
+    /// Reads the updates until the last one.
+    private let renderer = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
-    init(_ option: String?, total: UInt64?, connections: ConnectionWatch? = nil) throws {
-        self.total = total
+    init(_ option: String?, of progress: CopyProgress, connections: ConnectionWatch? = nil) throws {
+        self.progress = progress
         self.connections = connections
         switch option {
         case nil: mode = .off
@@ -41,42 +40,46 @@ final class Progress: Sendable {
         case let number?: mode = .descriptor(Int32(number)!)
         }
         connections?.onChange { [weak self] in self?.redraw() }
+        renderer.withLockedValue {
+            $0 = Task { [self] in
+                for await snapshot in progress.updates { self.show(snapshot) }
+            }
+        }
     }
 
     /// Shows the state now, whatever the interval: a connection was lost or came back.
     func redraw() {
-        let (done, skipped) = state.withLockedValue { ($0.done, $0.skipped) }
-        report(done, skipped: skipped, final: false)
+        report(progress.snapshot)
     }
 
-    func add(_ bytes: UInt64, skipped: Bool = false) {
-        let now = Date()
-        let interval: TimeInterval
+    /// Waits until the last snapshot (after `CopyProgress.finish()`) is shown.
+    func finished() async {
+        await renderer.withLockedValue { $0 }?.value
+    }
+
+    /// Shows `snapshot` when it is due: the last one always, others once an interval.
+    private func show(_ snapshot: CopyProgress.Snapshot) {
+        let interval: Duration
         switch mode {
-        case .off: interval = .infinity
-        case .terminal: interval = 0.2
-        case .lines, .json: interval = 1
-        case .descriptor: interval = 0
+        case .off: return
+        case .terminal: interval = .milliseconds(200)
+        case .lines, .json: interval = .seconds(1)
+        case .descriptor: interval = .zero
         }
-        let due: (UInt64, UInt64)? = state.withLockedValue { state in
-            state.done += bytes
-            if skipped { state.skipped += bytes }
-            guard now.timeIntervalSince(state.lastReport) >= interval else { return nil }
-            state.lastReport = now
-            return (state.done, state.skipped)
-        }
-        if let due { report(due.0, skipped: due.1, final: false) }
+        let now = ContinuousClock.now
+        let due =
+            snapshot.finished
+            || state.withLockedValue { state in
+                guard now - state.lastReport >= interval else { return false }
+                state.lastReport = now
+                return true
+            }
+        if due { report(snapshot) }
     }
 
-    func finish() {
-        let (done, skipped) = state.withLockedValue { ($0.done, $0.skipped) }
-        report(done, skipped: skipped, final: true)
-    }
-
-    private func report(_ done: UInt64, skipped: UInt64, final: Bool) {
-        let percent = total.map { $0 == 0 ? 100 : Int(done * 100 / $0) }
-        let elapsed = max(Date().timeIntervalSince(start), 0.001)
-        let rate = Double(done - skipped) / elapsed
+    private func report(_ snapshot: CopyProgress.Snapshot) {
+        let (done, total, final, percent, rate) = (snapshot.done, snapshot.total, snapshot.finished, snapshot.percent, snapshot.rate)
+        let elapsed = snapshot.seconds
         let reconnecting = !final && connections?.reconnecting == true
         switch mode {
         case .off:
@@ -105,7 +108,7 @@ final class Progress: Sendable {
                 text += "reconnecting"
             } else {
                 text += "\(Self.bytes(UInt64(rate)))/s"
-                if let eta = eta(done, rate) { text += ", ETA \(Self.time(eta))" }
+                if let eta = snapshot.secondsLeft { text += ", ETA \(Self.time(eta))" }
             }
             // ESC [ K clears what a longer line before this one left on the right.
             StandardStreams.error((text + "\u{1B}[K" + (final ? "\n" : "")))
@@ -118,17 +121,11 @@ final class Progress: Sendable {
             var fields = ["\"done\": \(done)", "\"total\": \(total.map(String.init) ?? "null")"]
             fields.append("\"elapsed\": \(String(format: "%.3f", elapsed))")
             fields.append("\"rate\": \(UInt64(rate))")
-            fields.append("\"eta\": \(eta(done, rate).map { String(format: "%.0f", $0) } ?? "null")")
+            fields.append("\"eta\": \(snapshot.secondsLeft.map { String(format: "%.0f", $0) } ?? "null")")
             fields.append("\"reconnecting\": \(reconnecting)")
             fields.append("\"finished\": \(final)")
             StandardStreams.error("{ \(fields.joined(separator: ", ")) }\n")
         }
-    }
-
-    /// Seconds left at `rate`, when the total is known.
-    private func eta(_ done: UInt64, _ rate: Double) -> Double? {
-        guard let total else { return nil }
-        return rate > 0 ? Double(total - min(done, total)) / rate : nil
     }
 
     static func bytes(_ count: UInt64) -> String {

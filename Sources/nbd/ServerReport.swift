@@ -109,16 +109,7 @@ struct ServerReport: Sendable {
     }
 
     /// Sizes as nbdinfo prints them: the largest unit that divides exactly (`64M`), else bytes.
-    static func humanSize(_ bytes: UInt64) -> String {
-        var value = bytes
-        var unit = 0
-        let units = ["", "K", "M", "G", "T", "P", "E"]
-        while value != 0, value % 1024 == 0, unit < units.count - 1 {
-            value /= 1024
-            unit += 1
-        }
-        return "\(value)\(units[unit])"
-    }
+    static func humanSize(_ bytes: UInt64) -> String { ByteCount.exactText(bytes) }
 }
 
 /// Just enough JSON writing for nbdinfo's layout.

@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import NBDCopy
 
 /// `nbd copy --verify`: reads the destination back over new connections, hashes it as the source
 /// was hashed during the copy, and when the two blkhashes differ, names the first block that
@@ -47,7 +48,7 @@ struct Verifier {
             requestSize: copy.requestSize,
             requests: copy.requests,
             memory: copy.memory,
-            interrupt: interrupt
+            stop: interrupt.stop
         )
         guard !interrupt.happened else { return nil }
         guard try hash.finish(size: length) != digest else {

@@ -19,4 +19,16 @@ package enum ByteCount {
         let (bytes, overflow) = number.multipliedReportingOverflow(by: unit)
         return overflow ? .failure(.tooLarge) : .success(bytes)
     }
+
+    /// A size as nbdinfo prints it: the largest unit that divides exactly (`64M`), else bytes.
+    package static func exactText(_ bytes: UInt64) -> String {
+        var value = bytes
+        var unit = 0
+        let units = ["", "K", "M", "G", "T", "P", "E"]
+        while value != 0, value % 1024 == 0, unit < units.count - 1 {
+            value /= 1024
+            unit += 1
+        }
+        return "\(value)\(units[unit])"
+    }
 }

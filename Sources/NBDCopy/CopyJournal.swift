@@ -1,6 +1,5 @@
 import Foundation
 import NBD
-import NBDServer
 import NBDSystem
 import NIOConcurrencyHelpers
 
@@ -17,46 +16,54 @@ import Darwin
 /// ... MUST NOT send a reply until all write commands ... that it has completed before
 /// processing this command have been written to permanent storage"), and the file is replaced
 /// whole (written beside it, synced, renamed): a crash leaves the old journal or the new one.
-final class CopyJournal: Sendable {
+package final class CopyJournal: Sendable {
     /// What a journal is for: its copy's source and destination, as given (files by their full
     /// path), with their sizes, and the dirty bitmap of an incremental copy.
-    struct Subject: Codable, Equatable, Sendable, CustomStringConvertible {
-        var source: String
-        var sourceSize: UInt64
-        var destination: String
-        var destinationSize: UInt64
-        var bitmap: String?
+    package struct Subject: Codable, Equatable, Sendable, CustomStringConvertible {
+        package var source: String
+        package var sourceSize: UInt64
+        package var destination: String
+        package var destinationSize: UInt64
+        package var bitmap: String?
 
-        var description: String {
+        package init(source: String, sourceSize: UInt64, destination: String, destinationSize: UInt64, bitmap: String?) {
+            self.source = source
+            self.sourceSize = sourceSize
+            self.destination = destination
+            self.destinationSize = destinationSize
+            self.bitmap = bitmap
+        }
+
+        package var description: String {
             "a copy of \(source) (\(sourceSize) bytes) onto \(destination) (\(destinationSize) bytes)"
                 + (bitmap.map { " with the bitmap \($0)" } ?? "")
         }
     }
 
     /// The file's contents.
-    struct Record: Codable, Sendable {
-        static let expectedFormat = "nbd copy journal"
-        var format = Record.expectedFormat
-        var version = 1
-        var subject: Subject
+    package struct Record: Codable, Sendable {
+        package static let expectedFormat = "nbd copy journal"
+        package var format = Record.expectedFormat
+        package var version = 1
+        package var subject: Subject
         /// True when the destination read as zeroes before the first run wrote to it (a new
         /// file): the runs after it may skip zero areas too, since every write any run made
         /// put the source's own bytes in place.
-        var destinationStartedZeroed: Bool
+        package var destinationStartedZeroed: Bool
         /// `[start, end]` pairs, in order.
-        var done: [[UInt64]]
+        package var done: [[UInt64]]
     }
 
     /// Records are read whole: a journal this large was not written by us.
-    static let maximumFileSize = 16 << 20
+    package static let maximumFileSize = 16 << 20
     /// How often what was written is flushed and recorded.
-    static let interval: Duration = .seconds(1)
+    package static let interval: Duration = .seconds(1)
 
-    let path: String
-    let subject: Subject
-    let destinationStartedZeroed: Bool
+    package let path: String
+    package let subject: Subject
+    package let destinationStartedZeroed: Bool
     /// What the journal held when this run began: the copy skips it.
-    let resumed: ByteRanges
+    package let resumed: ByteRanges
 
     private struct State {
         /// Flushed and in the file.
@@ -67,7 +74,7 @@ final class CopyJournal: Sendable {
 
     private let state: NIOLockedValueBox<State>
 
-    init(path: String, subject: Subject, destinationStartedZeroed: Bool, done: ByteRanges = ByteRanges()) {
+    package init(path: String, subject: Subject, destinationStartedZeroed: Bool, done: ByteRanges = ByteRanges()) {
         self.path = path
         self.subject = subject
         self.destinationStartedZeroed = destinationStartedZeroed
@@ -75,15 +82,15 @@ final class CopyJournal: Sendable {
         self.state = NIOLockedValueBox(State(durable: done))
     }
 
-    var doneBytes: UInt64 { state.withLockedValue { $0.durable.byteCount } }
+    package var doneBytes: UInt64 { state.withLockedValue { $0.durable.byteCount } }
 
     /// Called once every part of `range` was written (or needed nothing).
-    func completed(_ range: Range<UInt64>) {
+    package func completed(_ range: Range<UInt64>) {
         state.withLockedValue { $0.pending.insert(range) }
     }
 
     /// Flushes the destination and records what was written before the flush was sent.
-    func checkpoint(flushing destination: any CopyDestination) async throws {
+    package func checkpoint(flushing destination: any CopyDestination) async throws {
         let taken = state.withLockedValue { state in
             defer { state.pending = ByteRanges() }
             return state.pending
@@ -104,7 +111,7 @@ final class CopyJournal: Sendable {
     }
 
     /// Runs `work` with a checkpoint every `interval`; a checkpoint that fails stops the work.
-    func checkpointing<T: Sendable>(
+    package func checkpointing<T: Sendable>(
         flushing destination: any CopyDestination,
         _ work: @escaping @Sendable () async throws -> T
     ) async throws -> T {
@@ -128,7 +135,7 @@ final class CopyJournal: Sendable {
     // MARK: The file
 
     /// Writes the journal as it is now.
-    func save() throws { try save(state.withLockedValue { $0.durable }) }
+    package func save() throws { try save(state.withLockedValue { $0.durable }) }
 
     private func save(_ done: ByteRanges) throws {
         let record = Record(
@@ -142,24 +149,26 @@ final class CopyJournal: Sendable {
     }
 
     /// The journal at `path`, or nil when there is none.
-    static func load(_ path: String) throws -> Record? {
+    package static func load(_ path: String) throws -> Record? {
         let descriptor = open(path, O_RDONLY | O_CLOEXEC)
         if descriptor < 0, errno == ENOENT { return nil }
-        guard descriptor >= 0 else { throw CommandError("cannot read the journal \(path): \(String(cString: strerror(errno)))") }
+        guard descriptor >= 0 else { throw NBDCopyError(.journal, "cannot read the journal \(path): \(String(cString: strerror(errno)))") }
         let handle = FileHandle(fileDescriptor: descriptor, closeOnDealloc: true)
         let data = try handle.read(upToCount: maximumFileSize + 1) ?? Data()
         let notOurs = "\(path) is not a journal of nbd copy"
-        guard data.count <= maximumFileSize else { throw CommandError("\(notOurs) (it is larger than 16 MiB)") }
+        guard data.count <= maximumFileSize else { throw NBDCopyError(.journal, "\(notOurs) (it is larger than 16 MiB)") }
         guard let record = try? JSONDecoder().decode(Record.self, from: data), record.format == Record.expectedFormat else {
-            throw CommandError("\(notOurs); remove it to start over")
+            throw NBDCopyError(.journal, "\(notOurs); remove it to start over")
         }
-        guard record.version == 1 else { throw CommandError("the journal \(path) is of version \(record.version), and this nbd reads 1") }
-        guard done(of: record) != nil else { throw CommandError("\(notOurs): its ranges are out of order or past the end") }
+        guard record.version == 1 else {
+            throw NBDCopyError(.journal, "the journal \(path) is of version \(record.version), and this nbd reads 1")
+        }
+        guard done(of: record) != nil else { throw NBDCopyError(.journal, "\(notOurs): its ranges are out of order or past the end") }
         return record
     }
 
     /// A record's ranges, when they are in order and within the source.
-    static func done(of record: Record) -> ByteRanges? {
+    package static func done(of record: Record) -> ByteRanges? {
         var ranges: [Range<UInt64>] = []
         for pair in record.done {
             guard pair.count == 2, pair[0] < pair[1], pair[1] <= record.subject.sourceSize else { return nil }
@@ -169,17 +178,17 @@ final class CopyJournal: Sendable {
     }
 
     /// Removes the journal of a copy that ended: nothing is left to resume.
-    func remove() {
+    package func remove() throws {
         if unlink(path) != 0, errno != ENOENT {
-            StandardStreams.error("nbd: cannot remove the journal \(path): \(String(cString: strerror(errno)))\n")
+            throw NBDCopyError(.journal, "cannot remove the journal \(path): \(String(cString: strerror(errno)))")
         }
     }
 
     /// Replaces `path` with `data`: written beside it, synced, renamed over it, and the folder
     /// synced, so that the name points to the old contents or the new, never to a part.
     private static func replace(_ path: String, with data: Data) throws {
-        func failure(_ what: String) -> CommandError {
-            CommandError("cannot write the journal \(path): \(what): \(String(cString: strerror(errno)))")
+        func failure(_ what: String) -> NBDCopyError {
+            NBDCopyError(.journal, "cannot write the journal \(path): \(what): \(String(cString: strerror(errno)))")
         }
         let temporary = path + ".new"
         let descriptor = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -187,7 +196,7 @@ final class CopyJournal: Sendable {
         defer { _ = CLibrary.close(descriptor) }
         try data.withUnsafeBytes { bytes in
             if case .failure(let error) = FileIO.write(descriptor, bytes, at: 0) {
-                throw CommandError("cannot write the journal \(path): \(error)")
+                throw NBDCopyError(.journal, "cannot write the journal \(path): \(error)")
             }
         }
         guard fsync(descriptor) == 0 else { throw failure("fsync") }
@@ -202,52 +211,14 @@ final class CopyJournal: Sendable {
 }
 
 extension CopyJournal {
-    /// How the journal names a source or destination: a file by its full path, so that a copy
-    /// started again from another folder is still recognised; anything else as given.
-    static func name(of argument: String) -> String {
-        let given = Endpoints.isURI(argument) || argument == "-" || ["pattern:", "zero:", "null:"].contains { argument.hasPrefix($0) }
-        guard !given, let resolved = realpath(argument, nil) else { return argument }
-        defer { free(resolved) }
-        return String(cString: resolved)
-    }
-
-    /// Before a resumed copy opens its destination: the source (open already) must be the
-    /// journal's, and so must the destination; a file must still be there, of the size the
-    /// journal recorded (opening it could otherwise create or extend it).
-    static func requireResumable(
-        _ record: Record,
-        source: String,
-        sourceSize: UInt64?,
-        destination: String,
-        journal path: String
-    ) throws {
-        let subject = record.subject
-        guard name(of: source) == subject.source, sourceSize == subject.sourceSize else {
-            throw CommandError(
-                "the journal \(path) is for a copy of \(subject.source) (\(subject.sourceSize) bytes), "
-                    + "not of \(source) (\(sourceSize.map { "\($0) bytes" } ?? "a stream")): remove it to start over"
-            )
-        }
-        guard name(of: destination) == subject.destination else {
-            throw CommandError(
-                "the journal \(path) is for a copy onto \(subject.destination), not onto \(destination): remove it to start over"
-            )
-        }
-        guard !Endpoints.isURI(destination) else { return }
-        guard let file = Endpoints.onDisk(destination) else {
-            throw CommandError("the journal \(path) is for a copy onto \(subject.destination), which is not there: remove it to start over")
-        }
-        if let actual = file.regularSize, actual != subject.destinationSize {
-            throw CommandError(
-                "the journal \(path) is for a copy onto \(subject.destination) of \(subject.destinationSize) bytes, "
-                    + "and \(destination) has \(actual): remove the journal to start over"
-            )
-        }
-    }
-
     /// The journal of this copy: `record`'s when it is for `subject` (a mismatch is refused),
     /// or a new one when there was none.
-    static func startOrResume(_ path: String, record: Record?, subject: Subject, destinationStartsZeroed: Bool) throws -> CopyJournal {
+    package static func startOrResume(
+        _ path: String,
+        record: Record?,
+        subject: Subject,
+        destinationStartsZeroed: Bool
+    ) throws -> CopyJournal {
         guard let record else {
             let journal = CopyJournal(path: path, subject: subject, destinationStartedZeroed: destinationStartsZeroed)
             // Written now: a run stopped before its first checkpoint still leaves what the next
@@ -256,7 +227,7 @@ extension CopyJournal {
             return journal
         }
         guard record.subject == subject else {
-            throw CommandError("the journal \(path) is for \(record.subject), not for \(subject): remove it to start over")
+            throw NBDCopyError(.journal, "the journal \(path) is for \(record.subject), not for \(subject): remove it to start over")
         }
         return CopyJournal(
             path: path,
@@ -269,24 +240,24 @@ extension CopyJournal {
     /// Holds FILE.lock, locked, while a copy uses the journal FILE: the same copy started again
     /// while it runs (an overlapping cron job) is refused rather than let loose on the same
     /// journal and destination. The kernel lets go of a killed run's lock.
-    final class Lock: Sendable {
-        let journal: String
+    package final class Lock: Sendable {
+        package let journal: String
         private let descriptor: Int32
 
-        init(journal: String) throws {
+        package init(journal: String) throws {
             self.journal = journal
             let path = journal + ".lock"
             descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-            guard descriptor >= 0 else { throw CommandError("cannot create \(path): \(String(cString: strerror(errno)))") }
+            guard descriptor >= 0 else { throw NBDCopyError(.journal, "cannot create \(path): \(String(cString: strerror(errno)))") }
             guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
                 _ = CLibrary.close(descriptor)
-                throw CommandError("another nbd copy is using the journal \(journal) (it holds \(path))")
+                throw NBDCopyError(.journal, "another nbd copy is using the journal \(journal) (it holds \(path))")
             }
         }
 
         /// Lets go; the lock file goes too when no journal is left (the copy is complete, or
         /// never began).
-        func release() {
+        package func release() {
             if access(journal, F_OK) != 0 { unlink(journal + ".lock") }
             _ = CLibrary.close(descriptor)
         }

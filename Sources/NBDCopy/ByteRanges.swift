@@ -1,20 +1,20 @@
 /// Byte ranges kept in order, merged where they touch: what a resumable copy has done.
-struct ByteRanges: Sendable, Equatable {
-    private(set) var ranges: [Range<UInt64>] = []
+package struct ByteRanges: Sendable, Equatable {
+    package private(set) var ranges: [Range<UInt64>] = []
 
-    init() {}
+    package init() {}
 
     /// `ranges` as they are, when they are in order, non-empty and apart; nil otherwise.
-    init?(ordered ranges: [Range<UInt64>]) {
+    package init?(ordered ranges: [Range<UInt64>]) {
         for (previous, next) in zip(ranges, ranges.dropFirst()) where previous.upperBound >= next.lowerBound { return nil }
         guard !ranges.contains(where: \.isEmpty) else { return nil }
         self.ranges = ranges
     }
 
-    var byteCount: UInt64 { ranges.reduce(0) { $0 + UInt64($1.count) } }
+    package var byteCount: UInt64 { ranges.reduce(0) { $0 + UInt64($1.count) } }
 
     /// Adds `range`, merging it with those it touches.
-    mutating func insert(_ range: Range<UInt64>) {
+    package mutating func insert(_ range: Range<UInt64>) {
         guard !range.isEmpty else { return }
         // Everything before the first range that reaches `range` stays.
         let first = firstIndex(reaching: range.lowerBound)
@@ -27,12 +27,12 @@ struct ByteRanges: Sendable, Equatable {
         ranges.replaceSubrange(first..<last, with: [merged])
     }
 
-    mutating func formUnion(_ other: ByteRanges) {
+    package mutating func formUnion(_ other: ByteRanges) {
         for range in other.ranges { insert(range) }
     }
 
     /// The ranges cut to `window`.
-    func clamped(to window: Range<UInt64>) -> [Range<UInt64>] {
+    package func clamped(to window: Range<UInt64>) -> [Range<UInt64>] {
         var cut: [Range<UInt64>] = []
         var index = firstIndex(reaching: window.lowerBound)
         while index < ranges.count, ranges[index].lowerBound < window.upperBound {

@@ -9,8 +9,8 @@ import NIOConcurrencyHelpers
 /// digests of blocks ahead of the oldest piece still in flight, never one per block of the image
 /// (a terabyte of 64 KiB blocks would be 512 MiB of SHA-256 digests). Blocks cut by a piece's
 /// edge are gathered in a buffer of one block until their last byte comes.
-final class BlockHasher: Sendable {
-    let specification: BlockHashSpecification
+package final class BlockHasher: Sendable {
+    package let specification: BlockHashSpecification
     private let zeroDigest: [UInt8]
     /// The zero digest this many times over, so that a long run of zero blocks is folded in a
     /// few large updates rather than one per block.
@@ -42,13 +42,13 @@ final class BlockHasher: Sendable {
     /// Blocks per region: 16 MiB of image, whose digests are kept so that two images with
     /// different blkhashes can be told apart region by region (``firstDifferentRegion(from:)``)
     /// at a cost of 2 to 4 MiB per TiB.
-    let regionBlocks: UInt64
+    package let regionBlocks: UInt64
     /// The region digest of a region of zero blocks.
     private let zeroRegionDigest: [UInt8]
 
     private let state: NIOLockedValueBox<State>
 
-    init(_ specification: BlockHashSpecification) {
+    package init(_ specification: BlockHashSpecification) {
         self.specification = specification
         zeroDigest = [UInt8](repeating: 0, count: specification.blockSize).withUnsafeBytes { specification.digest($0) }
         zeroDigests = Array([[UInt8]](repeating: zeroDigest, count: Self.zeroBatch).joined())
@@ -63,7 +63,7 @@ final class BlockHasher: Sendable {
 
     /// The first region (of ``regionBlocks`` blocks) whose blocks differ from those `other`
     /// hashed, once both are finished; nil when they are the same.
-    func firstDifferentRegion(from other: BlockHasher) -> UInt64? {
+    package func firstDifferentRegion(from other: BlockHasher) -> UInt64? {
         let mine = state.withLockedValue { $0.regions }
         let theirs = other.state.withLockedValue { $0.regions }
         if let index = zip(mine, theirs).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset { return UInt64(index) }
@@ -73,7 +73,7 @@ final class BlockHasher: Sendable {
     private var blockSize: UInt64 { UInt64(specification.blockSize) }
 
     /// The bytes read at `offset`.
-    func add(_ data: CopyData, at offset: UInt64) {
+    package func add(_ data: CopyData, at offset: UInt64) {
         forEachBlock(of: offset..<(offset + UInt64(data.count))) { block, range, isWhole in
             let local = Int(range.lowerBound - offset)..<Int(range.upperBound - offset)
             if isWhole {
@@ -92,7 +92,7 @@ final class BlockHasher: Sendable {
 
     /// A range of the image that reads as zeroes: its whole blocks are one run, filed at once
     /// (a terabyte of zeroes is not walked block by block), the blocks it cuts are filled.
-    func addZeroes(at offset: UInt64, length: UInt64) {
+    package func addZeroes(at offset: UInt64, length: UInt64) {
         let end = offset + length
         let firstWhole = min(end, (offset + blockSize - 1) / blockSize * blockSize)
         let lastWhole = max(firstWhole, end / blockSize * blockSize)
@@ -109,7 +109,7 @@ final class BlockHasher: Sendable {
 
     /// The blkhash, once every byte of an image of `size` bytes was added; the last block is
     /// whatever is left of the image, hashed at its own length.
-    func finish(size: UInt64) throws -> [UInt8] {
+    package func finish(size: UInt64) throws -> [UInt8] {
         try state.withLockedValue { state in
             let blocks = (size + blockSize - 1) / blockSize
             if size % blockSize != 0, let last = state.partials.removeValue(forKey: blocks - 1),
@@ -119,7 +119,7 @@ final class BlockHasher: Sendable {
                 file(.digests(digest, count: 1), at: blocks - 1, in: &state)
             }
             guard state.next == blocks, state.runs.isEmpty, state.partials.isEmpty else {
-                throw CommandError("the blkhash misses blocks of the image: not every byte was read")
+                throw NBDCopyError(.incomplete, "the blkhash misses blocks of the image: not every byte was read")
             }
             if state.next % regionBlocks != 0 {
                 state.regions.append(state.region.finalize())
@@ -263,14 +263,14 @@ final class BlockHasher: Sendable {
 extension BlockHasher {
     /// Reads `source` (its first `length` bytes, or all of it) and hashes it; returns the hash
     /// with how many bytes were read.
-    static func reading(
+    package static func reading(
         _ source: any CopySource,
         as specification: BlockHashSpecification,
         length: UInt64? = nil,
         requestSize: UInt64,
         requests: Int,
         memory: UInt64 = Copier.defaultMemory,
-        interrupt: Interrupt
+        stop: CopyStop
     ) async throws -> (hash: BlockHasher, size: UInt64) {
         let hash = BlockHasher(specification)
         let reader = Copier(
@@ -280,10 +280,10 @@ extension BlockHasher {
             requests: requests,
             memory: memory,
             sparse: 0,
-            progress: try Progress(nil, total: nil),
+            progress: CopyProgress(total: nil),
             hasher: hash,
             length: length
         )
-        return (hash, try await reader.run(interrupt: interrupt))
+        return (hash, try await reader.run(stop: stop))
     }
 }

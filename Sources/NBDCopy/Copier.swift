@@ -11,27 +11,27 @@ import Darwin
 
 /// The copy itself: workers take pieces in order from a shared cursor (so reads stay
 /// sequential), skip what the source knows to be zero, and do not write blocks that read as zero.
-final class Copier: Sendable {
-    let source: any CopySource
-    let destination: any CopyDestination
-    let requestSize: UInt64
-    let workers: Int
-    let sparse: Int
-    let progress: Progress
+package final class Copier: Sendable {
+    package let source: any CopySource
+    package let destination: any CopyDestination
+    package let requestSize: UInt64
+    package let workers: Int
+    package let sparse: Int
+    package let progress: CopyProgress
     /// What is read is hashed into this, when a blkhash was asked for.
-    let hasher: BlockHasher?
+    package let hasher: BlockHasher?
     /// How much of the source to copy, when not all of it.
-    let length: UInt64?
+    package let length: UInt64?
     /// Of a resumable copy: what was done already is skipped, what gets done is recorded.
-    let journal: CopyJournal?
+    package let journal: CopyJournal?
 
-    init(
+    package init(
         source: any CopySource,
         destination: any CopyDestination,
         requestSize: UInt64,
         workers: Int,
         sparse: Int,
-        progress: Progress,
+        progress: CopyProgress,
         hasher: BlockHasher? = nil,
         length: UInt64? = nil,
         journal: CopyJournal? = nil
@@ -49,20 +49,20 @@ final class Copier: Sendable {
 
     /// What the workers' buffers may take at most, by default: with the rest of the process,
     /// about what nbdcopy takes for a copy between two exports.
-    static let defaultMemory: UInt64 = 24 << 20
+    package static let defaultMemory: UInt64 = 24 << 20
 
     /// The request size raised to the largest preferred block size of the NBD endpoints, and one
     /// worker per request in flight over every connection opened (`requests` per connection),
     /// as many as `memory` holds buffers of the request size (but one per connection at least)
     /// unless the destination discards what it gets.
-    convenience init(
+    package convenience init(
         source: any CopySource,
         destination: any CopyDestination,
         requestSize: UInt64,
         requests: Int,
         memory: UInt64 = Copier.defaultMemory,
         sparse: Int,
-        progress: Progress,
+        progress: CopyProgress,
         hasher: BlockHasher? = nil,
         length: UInt64? = nil,
         journal: CopyJournal? = nil
@@ -91,9 +91,9 @@ final class Copier: Sendable {
 
     /// Copies; returns how many bytes the source had.
     @discardableResult
-    func run(interrupt: Interrupt) async throws -> UInt64 {
+    package func run(stop: CopyStop) async throws -> UInt64 {
         guard let size = length ?? source.size, !destination.isSequential else {
-            return try await runSequentially(interrupt: interrupt)
+            return try await runSequentially(stop: stop)
         }
         let cursor = Cursor(source: source, size: size, pieceSize: requestSize, skipping: journal?.resumed ?? ByteRanges())
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -110,7 +110,7 @@ final class Copier: Sendable {
                     // (SwiftNIO's receive buffers are not held: the data is read straight in).
                     var buffer = ByteBuffer()
                     // Cancelled once another worker failed: no more pieces are read for nothing.
-                    while !interrupt.happened, !Task.isCancelled, let piece = try await cursor.next() {
+                    while !stop.isRequested, !Task.isCancelled, let piece = try await cursor.next() {
                         try await self.copy(piece, worker: worker, buffer: &buffer)
                         if let first = piece.parts.first, let last = piece.parts.last {
                             self.journal?.completed(first.range.lowerBound..<last.range.upperBound)
@@ -131,15 +131,15 @@ final class Copier: Sendable {
     }
 
     /// For a stream source or destination: one piece at a time, in order.
-    private func runSequentially(interrupt: Interrupt) async throws -> UInt64 {
+    private func runSequentially(stop: CopyStop) async throws -> UInt64 {
         var offset: UInt64 = 0
-        while !interrupt.happened {
+        while !stop.isRequested {
             let length = (self.length ?? source.size).map { min(requestSize, $0 - offset) } ?? requestSize
             guard length > 0 else { break }
             let data = CopyData([try await source.read(at: offset, length: Int(length), worker: 0)])
             guard data.count > 0 else { break }
             if let size = destination.size, offset + UInt64(data.count) > size {
-                throw CommandError("the source is larger than the destination (\(size) bytes)")
+                throw NBDCopyError(.sizeMismatch, "the source is larger than the destination (\(size) bytes)")
             }
             hasher?.add(data, at: offset)
             try await destination.write(data.buffers, at: offset, worker: 0)
@@ -174,7 +174,7 @@ final class Copier: Sendable {
                     data = CopyData([buffer])
                 }
                 guard data.count == part.range.count else {
-                    throw CommandError("short read from the source at offset \(part.range.lowerBound)")
+                    throw NBDCopyError(.incomplete, "short read from the source at offset \(part.range.lowerBound)")
                 }
                 hasher?.add(data, at: part.range.lowerBound)
                 try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
@@ -218,16 +218,16 @@ final class Copier: Sendable {
 /// Hands out pieces in order, with the source's zero areas looked up once per large window.
 /// A lock, not an actor: workers run on their connections' threads, and a hop to an actor and
 /// back for every piece would cost more than the piece's bookkeeping.
-final class Cursor: Sendable {
+package final class Cursor: Sendable {
     /// What a part of the source needs: reading, zeroing, or nothing (clean in the bitmap).
-    enum Kind: Sendable { case data, zero, clean }
+    package enum Kind: Sendable { case data, zero, clean }
 
-    struct Piece: Sendable {
-        var parts: [(range: Range<UInt64>, kind: Kind)]
+    package struct Piece: Sendable {
+        package var parts: [(range: Range<UInt64>, kind: Kind)]
     }
 
     /// The zero and clean areas of a window, in order, not overlapping.
-    typealias Areas = [(range: Range<UInt64>, kind: Kind)]
+    package typealias Areas = [(range: Range<UInt64>, kind: Kind)]
 
     private struct State {
         var position: UInt64 = 0
@@ -252,14 +252,14 @@ final class Cursor: Sendable {
     /// Block status is asked for this much at a time.
     private static let windowSize: UInt64 = 1 << 30
 
-    init(source: any CopySource, size: UInt64, pieceSize: UInt64, skipping: ByteRanges = ByteRanges()) {
+    package init(source: any CopySource, size: UInt64, pieceSize: UInt64, skipping: ByteRanges = ByteRanges()) {
         self.source = source
         self.size = size
         self.pieceSize = pieceSize
         self.skipping = skipping
     }
 
-    func next() async throws -> Piece? {
+    package func next() async throws -> Piece? {
         while true {
             switch state.withLockedValue({ step(&$0) }) {
             case .piece(let piece):
@@ -312,7 +312,7 @@ final class Cursor: Sendable {
 
     /// The source's clean ranges (and those `skipping` holds), and its zero ranges outside
     /// them, in order.
-    static func areas(
+    package static func areas(
         of source: any CopySource,
         from start: UInt64,
         length: UInt64,
@@ -345,7 +345,7 @@ final class Cursor: Sendable {
     }
 
     /// What `ranges` (in order, not overlapping) leave of `window`.
-    static func complement(of ranges: [Range<UInt64>], in window: Range<UInt64>) -> [Range<UInt64>] {
+    package static func complement(of ranges: [Range<UInt64>], in window: Range<UInt64>) -> [Range<UInt64>] {
         var gaps: [Range<UInt64>] = []
         var position = window.lowerBound
         for range in ranges {

@@ -8,13 +8,13 @@ import Darwin
 
 /// The bytes of one read, in the buffers they arrived in (slices of an NBD connection's
 /// receive buffers, or one buffer of a file): they are passed on as they are, never gathered.
-struct CopyData {
-    let buffers: [ByteBuffer]
+package struct CopyData {
+    package let buffers: [ByteBuffer]
     /// Where each buffer starts, from the first byte of the read.
     private let starts: [Int]
-    let count: Int
+    package let count: Int
 
-    init(_ buffers: [ByteBuffer]) {
+    package init(_ buffers: [ByteBuffer]) {
         self.buffers = buffers
         var starts: [Int] = []
         var count = 0
@@ -27,7 +27,7 @@ struct CopyData {
     }
 
     /// Slices covering `range` (offsets from the first byte of the read).
-    func slices(_ range: Range<Int>) -> [ByteBuffer] {
+    package func slices(_ range: Range<Int>) -> [ByteBuffer] {
         var slices: [ByteBuffer] = []
         forEachPart(of: range) { buffer, local in
             slices.append(buffer.getSlice(at: buffer.readerIndex + local.lowerBound, length: local.count)!)
@@ -37,7 +37,7 @@ struct CopyData {
     }
 
     /// Calls `body` with the bytes of `range`, a contiguous part at a time, in order.
-    func withBytes(of range: Range<Int>, _ body: (UnsafeRawBufferPointer) -> Void) {
+    package func withBytes(of range: Range<Int>, _ body: (UnsafeRawBufferPointer) -> Void) {
         forEachPart(of: range) { buffer, local in
             buffer.withUnsafeReadableBytes { body(UnsafeRawBufferPointer(rebasing: $0[local])) }
             return true
@@ -45,7 +45,7 @@ struct CopyData {
     }
 
     /// Whether every byte in `range` is zero.
-    func isZero(_ range: Range<Int>) -> Bool {
+    package func isZero(_ range: Range<Int>) -> Bool {
         var zero = true
         forEachPart(of: range) { buffer, local in
             zero = buffer.withUnsafeReadableBytes { Self.isZero(UnsafeRawBufferPointer(rebasing: $0[local])) }
@@ -70,7 +70,7 @@ struct CopyData {
     /// A page of zeroes to compare against with memcmp, which is fast in any build.
     private static let zeroPage = [UInt8](repeating: 0, count: 65536)
 
-    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+    package static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
         var position = 0
         while position < bytes.count {
             let count = min(bytes.count - position, zeroPage.count)

@@ -1,5 +1,6 @@
 import Crypto
 import Foundation
+import NBD
 
 /// Which blkhash: nbdcopy 1.24's `--blkhash=ALGORITHM/BLOCKSIZE` (https://gitlab.com/nirs/blkhash).
 ///
@@ -7,40 +8,39 @@ import Foundation
 /// the image's size as a little-endian 64-bit number. Every block is `blockSize` bytes but the
 /// last, which is what is left. Its worth is that blocks can be hashed in any order, on any
 /// thread, and that a block of zeroes costs nothing: its digest is always the same.
-struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
-    enum Algorithm: String, CaseIterable, Sendable {
+package struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
+    package enum Algorithm: String, CaseIterable, Sendable {
         case md5, sha1, sha256, sha512
     }
 
-    var algorithm: Algorithm = .sha256
-    var blockSize = 64 << 10
+    package var algorithm: Algorithm = .sha256
+    package var blockSize = 64 << 10
 
-    static let `default` = BlockHashSpecification()
+    package static let `default` = BlockHashSpecification()
 
     /// `ALGORITHM` or `ALGORITHM/BLOCKSIZE` (a power of two, with K, M or G), as nbdcopy takes it.
-    init(parsing text: String) throws {
+    package init(parsing text: String) throws {
         let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
         guard let algorithm = Algorithm(rawValue: parts[0].lowercased()) else {
             let names = Algorithm.allCases.map(\.rawValue).joined(separator: ", ")
-            throw CommandError("unknown blkhash digest \"\(parts[0])\" (expected \(names), optionally /BLOCKSIZE)")
+            throw NBDCopyError(.invalidArgument, "unknown blkhash digest \"\(parts[0])\" (expected \(names), optionally /BLOCKSIZE)")
         }
         self.algorithm = algorithm
         if parts.count == 2 {
-            let size = try Sizes.parse(String(parts[1]))
-            guard size > 0, size & (size - 1) == 0, size <= 1 << 30 else {
-                throw CommandError("the blkhash block size must be a power of two from 1 to 1G, not \(parts[1])")
+            guard case .success(let size) = ByteCount.parse(String(parts[1])), size > 0, size & (size - 1) == 0, size <= 1 << 30 else {
+                throw NBDCopyError(.invalidArgument, "the blkhash block size must be a power of two from 1 to 1G, not \(parts[1])")
             }
             blockSize = Int(size)
         }
     }
 
-    init() {}
+    package init() {}
 
     /// `sha256/64K`.
-    var description: String { "\(algorithm.rawValue)/\(ServerReport.humanSize(UInt64(blockSize)))" }
+    package var description: String { "\(algorithm.rawValue)/\(ByteCount.exactText(UInt64(blockSize)))" }
 
     /// The digest of `bytes` with this algorithm.
-    func digest(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
+    package func digest(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
         var hasher = IncrementalHash(algorithm)
         hasher.update(bytes)
         return hasher.finalize()
@@ -48,10 +48,10 @@ struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
 }
 
 /// One of swift-crypto's hash functions, chosen at run time.
-struct IncrementalHash {
+package struct IncrementalHash {
     private var function: any HashFunction
 
-    init(_ algorithm: BlockHashSpecification.Algorithm) {
+    package init(_ algorithm: BlockHashSpecification.Algorithm) {
         switch algorithm {
         case .md5: function = Insecure.MD5()
         case .sha1: function = Insecure.SHA1()
@@ -60,16 +60,16 @@ struct IncrementalHash {
         }
     }
 
-    mutating func update(_ bytes: UnsafeRawBufferPointer) { function.update(bufferPointer: bytes) }
+    package mutating func update(_ bytes: UnsafeRawBufferPointer) { function.update(bufferPointer: bytes) }
 
-    mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
+    package mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
 
-    func finalize() -> [UInt8] { function.finalize().withUnsafeBytes { Array($0) } }
+    package func finalize() -> [UInt8] { function.finalize().withUnsafeBytes { Array($0) } }
 }
 
 extension Array where Element == UInt8 {
     /// Lower-case hexadecimal, as nbdcopy and sha256sum print digests.
-    var hex: String {
+    package var hex: String {
         let digits = Array("0123456789abcdef".utf8)
         var out: [UInt8] = []
         out.reserveCapacity(count * 2)

@@ -1,0 +1,152 @@
+import NBD
+import NIOCore
+
+/// An export through an `NBDClient`: several connections when the server allows multi-conn,
+/// and, with `--reconnect-delay`, riding out a server restart.
+package final class NBDEndpoint: CopySource, CopyDestination {
+    package let client: NBDClient
+    package let info: NBDExportInfo
+    package let startsZeroed: Bool
+    /// The dirty-bitmap context whose clean extents an incremental copy skips.
+    package let bitmap: NBDMetaContext?
+    /// Zeroes are written with NBD_CMD_FLAG_NO_HOLE: `--allocated`.
+    package let allocates: Bool
+    /// Connections up when the copy started.
+    package let connections: Int
+    private let hasAllocation: Bool
+    private let isTLS: Bool
+    /// The client's run(), until close().
+    private let runner: Task<Void, any Error>
+    package var isSequential: Bool { false }
+    package var readsOffThread: Bool { true }
+    package var size: UInt64? { info.size }
+
+    /// Opens the export: throws when the first connection cannot be made or the bitmap is
+    /// missing. `onEvent` hears what happens to the connections (lost, reconnected).
+    package static func open(
+        _ uri: NBDURI,
+        connections: Int,
+        requests: Int,
+        destinationIsZero: Bool,
+        bitmap: NBDMetaContext? = nil,
+        allocates: Bool = false,
+        configuration base: NBDClient.Configuration,
+        onEvent: @escaping @Sendable (NBDClientEvent) -> Void = { _ in }
+    ) async throws -> NBDEndpoint {
+        var configuration = base
+        configuration.connections = max(1, connections)
+        configuration.connection.maximumRequestsInFlight = requests
+        if let bitmap { configuration.connection.metaContexts.append(bitmap) }
+        let client = NBDClient(uri, configuration: configuration)
+        let runner = Task { try await client.run() }
+        let listener = Task { for await event in client.events { onEvent(event) } }
+        do {
+            let info = try await client.info
+            let contexts = try await client.metaContexts
+            if let bitmap, !contexts.contains(bitmap) {
+                throw NBDCopyError(
+                    .unsupported,
+                    "the source does not offer the metadata context \(bitmap.name) (qemu-nbd -B NAME exports a bitmap)"
+                )
+            }
+            return NBDEndpoint(
+                client: client,
+                info: info,
+                startsZeroed: destinationIsZero,
+                bitmap: bitmap,
+                allocates: allocates,
+                connections: client.connectionCount,
+                hasAllocation: contexts.contains(.baseAllocation),
+                isTLS: try await client.tlsVersion != nil,
+                runner: runner
+            )
+        } catch {
+            runner.cancel()
+            listener.cancel()
+            _ = await runner.result
+            throw error
+        }
+    }
+
+    private init(
+        client: NBDClient,
+        info: NBDExportInfo,
+        startsZeroed: Bool,
+        bitmap: NBDMetaContext?,
+        allocates: Bool,
+        connections: Int,
+        hasAllocation: Bool,
+        isTLS: Bool,
+        runner: Task<Void, any Error>
+    ) {
+        self.client = client
+        self.info = info
+        self.startsZeroed = startsZeroed
+        self.bitmap = bitmap
+        self.allocates = allocates
+        self.connections = connections
+        self.hasAllocation = hasAllocation
+        self.isTLS = isTLS
+        self.runner = runner
+    }
+
+    /// Where worker `worker` runs best: on the thread of a connection, one per worker in turn.
+    package func taskExecutor(for worker: Int) -> (any TaskExecutor)? { client.taskExecutor(for: worker % connections) }
+
+    package func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        guard hasAllocation else { return [] }
+        var ranges: [Range<UInt64>] = []
+        for try await extent in client.extents(in: offset..<offset + length) {
+            guard case .allocation(let flags) = extent.status, flags.contains(.zero) else { continue }
+            ranges.append(extent.range)
+        }
+        return ranges
+    }
+
+    package func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        guard let bitmap else { return [] }
+        var ranges: [Range<UInt64>] = []
+        // In a qemu:dirty-bitmap context, status bit 0 set means dirty (qemu's docs/interop/nbd.rst).
+        for try await extent in client.extents(of: bitmap, in: offset..<offset + length) where extent.flags & 1 == 0 {
+            ranges.append(extent.range)
+        }
+        return ranges
+    }
+
+    package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        // In clear, the data goes from the socket straight into `buffer` (as libnbd reads):
+        // nothing else holds it, not even SwiftNIO's receive buffers.
+        try await client.read(into: &buffer, at: offset, length: UInt64(length))
+    }
+
+    package func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
+        // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
+        // costs less than passing on so many small pieces.
+        guard !isTLS else { return [try await client.read(at: offset, length: UInt64(length))] }
+        return try await client.readSegments(at: offset, length: UInt64(length))
+    }
+
+    package func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+        try await client.write(segments: data, at: offset)
+    }
+
+    package func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+        if info.canZero {
+            // NO_HOLE "SHOULD be set to 1 if the client wants to ensure that the server does not
+            // create a hole": what --allocated asks for.
+            try await client.writeZeroes(at: offset, length: length, flags: allocates ? .noHole : [])
+        } else {
+            try await client.write(ByteBuffer(repeating: 0, count: Int(length)), at: offset)
+        }
+    }
+
+    /// One flush covers every connection: with several, the server set CAN_MULTI_CONN.
+    package func flush() async throws {
+        if info.canFlush { try await client.flush() }
+    }
+
+    package func close() async {
+        runner.cancel()
+        _ = await runner.result
+    }
+}
