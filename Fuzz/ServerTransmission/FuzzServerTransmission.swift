@@ -19,7 +19,7 @@ public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) 
         export: export,
         flags: format == .extended ? export.flags.union(.blockStatusPayload) : export.flags,
         format: format,
-        metaContexts: format.hasChunks ? [NBDMetaContext(id: 1, name: NBDMetaContext.baseAllocation)] : []
+        metaContexts: format.hasChunks ? [NBDMetaContext(id: 1, name: "base:allocation")] : []
     )
     let limits = ServerTransmissionStateMachine.Limits(maximumPayload: 65536, maximumRequestsInFlight: 8, maximumBufferedBytes: 256 << 10)
     var machine = ServerTransmissionStateMachine(agreement: agreement, limits: limits)
