@@ -112,6 +112,14 @@ let package = Package(
             ]
         ),
         .testTarget(
+            name: "NBDCopyTests",
+            dependencies: [
+                "NBDCopy",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(
             name: "NBDSystemTests",
             dependencies: ["NBDSystem", .product(name: "NIOCore", package: "swift-nio")]
         ),

@@ -97,7 +97,7 @@ if [ $# -eq 0 ]; then
     scripts/fuzz.sh --all 30
     # The unit-test targets under ThreadSanitizer (the interop suite too would take 10 minutes more).
     step "TSan"
-    scripts/sanitize.sh thread --filter '^(NBDCoreTests|NBDTests|NBDServerTests|NBDSystemTests)\.'
+    scripts/sanitize.sh thread --filter '^(NBDCoreTests|NBDTests|NBDServerTests|NBDSystemTests|NBDCopyTests)\.'
 fi
 current=""
 echo "=== all steps passed"

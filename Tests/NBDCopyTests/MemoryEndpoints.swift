@@ -1,0 +1,110 @@
+import Foundation
+import NBDCopy
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// An image in memory, read as a copy source: `zeroes` are reported as known zero ranges (as
+/// block status or SEEK_HOLE would), and a read at `failingAt` fails.
+final class MemorySource: CopySource {
+    let bytes: [UInt8]
+    let zeroes: [Range<UInt64>]
+    let failingAt: UInt64?
+    private let readCount = NIOLockedValueBox(0)
+
+    init(_ bytes: [UInt8], zeroes: [Range<UInt64>] = [], failingAt: UInt64? = nil) {
+        self.bytes = bytes
+        self.zeroes = zeroes
+        self.failingAt = failingAt
+    }
+
+    var size: UInt64? { UInt64(bytes.count) }
+    var readsOffThread: Bool { false }
+    var reads: Int { readCount.withLockedValue { $0 } }
+
+    func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        zeroes.map { $0.clamped(to: offset..<offset + length) }.filter { !$0.isEmpty }
+    }
+
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        readCount.withLockedValue { $0 += 1 }
+        if let failingAt, (offset..<offset + UInt64(length)).contains(failingAt) {
+            throw NBDCopyError(.fileFailed, "injected read failure at \(offset)")
+        }
+        // A task switch here, so that workers interleave as they do over real I/O.
+        await Task.yield()
+        let end = min(bytes.count, Int(offset) + length)
+        buffer.writeBytes(bytes[Int(offset)..<end])
+    }
+}
+
+/// A destination in memory, of a fixed size, that starts as `initial` (zeroes unless said),
+/// and can fail a write at `failingAt` or ask a stop after `stopAfter` writes.
+final class MemoryDestination: CopyDestination {
+    private let storage: NIOLockedValueBox<[UInt8]>
+    let startsZeroed: Bool
+    let failingAt: UInt64?
+    let stopAfter: (writes: Int, stop: CopyStop)?
+    private let counts = NIOLockedValueBox((writes: 0, zeroes: 0, flushes: 0))
+
+    init(size: Int, initial: UInt8 = 0, failingAt: UInt64? = nil, stopAfter: (writes: Int, stop: CopyStop)? = nil) {
+        storage = NIOLockedValueBox([UInt8](repeating: initial, count: size))
+        startsZeroed = initial == 0
+        self.failingAt = failingAt
+        self.stopAfter = stopAfter
+    }
+
+    var size: UInt64? { UInt64(storage.withLockedValue { $0.count }) }
+    var isSequential: Bool { false }
+    var bytes: [UInt8] { storage.withLockedValue { $0 } }
+    var writes: Int { counts.withLockedValue { $0.writes } }
+    var flushes: Int { counts.withLockedValue { $0.flushes } }
+
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+        let length = data.reduce(0) { $0 + $1.readableBytes }
+        if let failingAt, (offset..<offset + UInt64(length)).contains(failingAt) {
+            throw NBDCopyError(.fileFailed, "injected write failure at \(offset)")
+        }
+        await Task.yield()
+        storage.withLockedValue { storage in
+            var position = Int(offset)
+            for buffer in data {
+                storage.replaceSubrange(position..<position + buffer.readableBytes, with: buffer.readableBytesView)
+                position += buffer.readableBytes
+            }
+        }
+        let writes = counts.withLockedValue {
+            $0.writes += 1
+            return $0.writes
+        }
+        if let stopAfter, writes >= stopAfter.writes { stopAfter.stop.request() }
+    }
+
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+        counts.withLockedValue { $0.zeroes += 1 }
+        storage.withLockedValue { $0.replaceSubrange(Int(offset)..<Int(offset + length), with: repeatElement(0, count: Int(length))) }
+    }
+
+    func flush() async throws {
+        counts.withLockedValue { $0.flushes += 1 }
+    }
+
+    func close() async {}
+}
+
+/// Bytes that are not zero anywhere, different at every offset of a 251-byte cycle.
+func image(_ count: Int, seed: UInt8 = 1) -> [UInt8] {
+    (0..<count).map { UInt8(($0 + Int(seed)) % 251 + 1) }
+}
+
+/// Where two images first differ (or where the shorter ends), nil when they are the same: a
+/// failed comparison of megabytes says where, not every byte.
+func firstDifference<A: Collection<UInt8>, B: Collection<UInt8>>(_ first: A, _ second: B) -> Int? {
+    let (left, right) = (Array(first), Array(second))
+    if left.count == right.count {
+        let same = left.withUnsafeBytes { one in
+            right.withUnsafeBytes { other in one.count == 0 || memcmp(one.baseAddress!, other.baseAddress!, one.count) == 0 }
+        }
+        if same { return nil }
+    }
+    return zip(left, right).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? min(left.count, right.count)
+}
