@@ -93,6 +93,7 @@ let package = Package(
             name: "nbd-bench",
             dependencies: [
                 "NBD", "NBDServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

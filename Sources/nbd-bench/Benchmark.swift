@@ -1,4 +1,5 @@
-// Throughput benchmarks, each beside libnbd's tool in the same run.
+// Throughput benchmarks, each beside libnbd's tool in the same run (`nbd-bench --help` lists
+// them; the arguments are parsed with ArgumentParser, as the `nbd` tool's are).
 //
 //     swift run -c release nbd-bench [--size 4G] [--request-size 256K] [--in-flight 64] [--rounds 3] [--tls]
 //     swift build -c release && .build/release/nbd-bench copy [--size 4G] [--rounds 3]
@@ -25,73 +26,15 @@ import NBDServer
 import NIOConcurrencyHelpers
 import NIOCore
 
-@main
+/// The benchmarks' shared code; the subcommands are in Commands.swift.
 struct Benchmark {
-    static func main() async {
-        do {
-            var arguments = Array(CommandLine.arguments.dropFirst())
-            if arguments.first == "copy" {
-                arguments.removeFirst()
-                try await runCopy(Options(arguments))
-            } else if arguments.first == "server" {
-                arguments.removeFirst()
-                try await runServer(Options(arguments))
-            } else if arguments.first == "checksum" {
-                arguments.removeFirst()
-                try await runChecksum(Options(arguments))
-            } else if arguments.first == "extended" {
-                arguments.removeFirst()
-                try await runExtended(Options(arguments))
-            } else if arguments.first == "client" {
-                arguments.removeFirst()
-                try await runClient(Options(arguments))
-            } else if arguments.first == "map" {
-                arguments.removeFirst()
-                try await runMemoryMap(Options(arguments))
-            } else if arguments.first == "sparse" {
-                arguments.removeFirst()
-                try await runSparse(Options(arguments))
-            } else if arguments.first == "soak" {
-                try await Soak.run(Array(arguments.dropFirst()))
-            } else {
-                try await run(Options(arguments))
-            }
-        } catch {
-            try? FileHandle.standardError.write(contentsOf: Data("nbd-bench: \(error)\n".utf8))
-            exit(1)
-        }
-    }
-
+    /// What every throughput benchmark takes.
     struct Options {
         var size: UInt64 = 4 << 30
         var requestSize = 256 << 10
         var inFlight = 64
         var rounds = 3
         var tls = false
-
-        init<S: Sequence>(_ arguments: S) throws where S.Element == String {
-            var iterator = arguments.makeIterator()
-            while let flag = iterator.next() {
-                if flag == "--tls" {
-                    tls = true
-                    continue
-                }
-                guard let value = iterator.next() else { throw BenchError("\(flag) needs a value") }
-                switch flag {
-                case "--size": size = try Self.bytes(value)
-                case "--request-size": requestSize = Int(try Self.bytes(value))
-                case "--in-flight": inFlight = Int(value) ?? 0
-                case "--rounds": rounds = Int(value) ?? 0
-                default: throw BenchError("unknown option \(flag)")
-                }
-            }
-            guard requestSize > 0, inFlight > 0, rounds > 0, size >= UInt64(requestSize) else { throw BenchError("bad sizes") }
-        }
-
-        static func bytes(_ text: String) throws -> UInt64 {
-            guard case .success(let bytes) = ByteCount.parse(text) else { throw BenchError("not a size: \(text)") }
-            return bytes
-        }
     }
 
     static func run(_ options: Options) async throws {

@@ -22,24 +22,6 @@ enum Soak {
         var seconds = 60
         var size: UInt64 = 1 << 30
         var restartEvery: Double?
-
-        init(_ arguments: [String]) throws {
-            var iterator = arguments.makeIterator()
-            while let flag = iterator.next() {
-                guard let value = iterator.next() else { throw BenchError("\(flag) needs a value") }
-                switch flag {
-                case "--clients": clients = Int(value) ?? 0
-                case "--in-flight": inFlight = Int(value) ?? 0
-                case "--seconds": seconds = Int(value) ?? 0
-                case "--size": size = try Benchmark.Options.bytes(value)
-                case "--restart-every":
-                    guard let seconds = Double(value), seconds > 0 else { throw BenchError("--restart-every takes seconds") }
-                    restartEvery = seconds
-                default: throw BenchError("unknown option \(flag)")
-                }
-            }
-            guard clients > 0, inFlight > 0, seconds > 0 else { throw BenchError("--clients, --in-flight and --seconds must be positive") }
-        }
     }
 
     /// What all the workers did.
@@ -53,8 +35,7 @@ enum Soak {
 
     static let block = 4096
 
-    static func run(_ arguments: [String]) async throws {
-        let options = try Options(arguments)
+    static func run(_ options: Options) async throws {
         let slots = options.clients * options.inFlight
         guard options.size / UInt64(slots) / UInt64(block) >= 16 else {
             throw BenchError("--size is too small for \(slots) workers of 16 blocks each")

@@ -16,7 +16,7 @@ extension Benchmark {
         guard FileManager.default.isExecutableFile(atPath: tool) else {
             throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
         }
-        let size = options.size == 4 << 30 ? 100 << 30 : options.size
+        let size = options.size
         guard size >= 2 << 30 else { throw BenchError("--size must be at least 2G: 1 GiB of it is data") }
         // Beside the build, not in /tmp: a tmpfs there would hold the data in memory.
         let directory = URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent(".nbd-bench-\(getpid())")

@@ -1,0 +1,134 @@
+import ArgumentParser
+import NBD
+
+/// `nbd-bench [BENCHMARK] [options]`: a throughput benchmark by name (the library's read
+/// benchmark without one), or `nbd-bench soak`.
+@main
+struct BenchmarkCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "nbd-bench",
+        abstract: "Benchmarks of swift-nbd, each beside the reference tool (nbdcopy, nbdinfo, nbdkit, qemu-nbd) in the same run.",
+        subcommands: [Throughput.self, SoakBench.self],
+        defaultSubcommand: Throughput.self
+    )
+}
+
+/// The benchmarks that time one thing beside its reference tool.
+struct Throughput: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "A throughput benchmark (the default).")
+
+    enum Benchmark: String, ExpressibleByArgument, CaseIterable {
+        /// The library reading nbdkit memory over one connection, beside nbdcopy (Benchmark.swift).
+        case read
+        /// nbd copy beside nbdcopy between nbdkit exports.
+        case copy
+        /// The built-in server beside nbdkit, driven by nbdcopy.
+        case server
+        /// nbd checksum beside nbdcopy --blkhash (ChecksumBench.swift).
+        case checksum
+        /// Extended headers against qemu-nbd 10 (ExtendedHeaders.swift).
+        case extended
+        /// NBDClient with 1, 2 and 4 connections, and a restart (ClientBench.swift).
+        case client
+        /// nbd info --map of a sparse terabyte (MemoryMap.swift).
+        case map
+        /// A sparse file copied by nbd copy and nbdcopy (SparseFileBench.swift).
+        case sparse
+    }
+
+    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map or sparse.")
+    var benchmark: Benchmark = .read
+
+    @OptionGroup var common: CommonOptions
+
+    func validate() throws {
+        if benchmark == .sparse, let size = common.size, size < 2 << 30 {
+            throw ValidationError("--size must be at least 2G: 1 GiB of it is data")
+        }
+    }
+
+    func run() async throws {
+        let options = common.options(defaultSize: benchmark == .sparse ? 100 << 30 : 4 << 30)
+        switch benchmark {
+        case .read: try await nbd_bench.Benchmark.run(options)
+        case .copy: try await nbd_bench.Benchmark.runCopy(options)
+        case .server: try await nbd_bench.Benchmark.runServer(options)
+        case .checksum: try await nbd_bench.Benchmark.runChecksum(options)
+        case .extended: try await nbd_bench.Benchmark.runExtended(options)
+        case .client: try await nbd_bench.Benchmark.runClient(options)
+        case .map: try await nbd_bench.Benchmark.runMemoryMap(options)
+        case .sparse: try await nbd_bench.Benchmark.runSparse(options)
+        }
+    }
+}
+
+/// A size with an optional K, M, G or T suffix, as the `nbd` tool takes them.
+private func parseSize(_ text: String) throws -> UInt64 {
+    guard case .success(let bytes) = ByteCount.parse(text) else {
+        throw ValidationError("not a size: \"\(text)\" (use a number of bytes, optionally with K, M, G or T)")
+    }
+    return bytes
+}
+
+/// The options of the throughput benchmarks.
+struct CommonOptions: ParsableArguments {
+    @Option(help: "Bytes to move (K, M, G, T suffixes; default: the benchmark's own).", transform: parseSize)
+    var size: UInt64?
+
+    @Option(help: "Bytes per request.", transform: parseSize)
+    var requestSize: UInt64 = 256 << 10
+
+    @Option(help: "Requests in flight per connection.")
+    var inFlight = 64
+
+    @Option(help: "Rounds, alternating the tools; medians are printed.")
+    var rounds = 3
+
+    @Flag(help: "Over TLS (the read benchmark only).")
+    var tls = false
+
+    func validate() throws {
+        guard requestSize > 0, requestSize <= 32 << 20 else { throw ValidationError("--request-size must be from 1 to 32M") }
+        guard inFlight > 0, inFlight <= 1024 else { throw ValidationError("--in-flight must be from 1 to 1024") }
+        guard rounds > 0, rounds <= 100 else { throw ValidationError("--rounds must be from 1 to 100") }
+        if let size, size < requestSize { throw ValidationError("--size must be at least --request-size") }
+    }
+
+    /// The options, with `defaultSize` when no --size was given.
+    func options(defaultSize: UInt64) -> nbd_bench.Benchmark.Options {
+        nbd_bench.Benchmark.Options(size: size ?? defaultSize, requestSize: Int(requestSize), inFlight: inFlight, rounds: rounds, tls: tls)
+    }
+}
+
+struct SoakBench: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "soak",
+        abstract: "Many clients against nbd serve for a while (see Soak.swift)."
+    )
+
+    @Option(help: "Clients, each with its own connection.")
+    var clients = 64
+
+    @Option(help: "Requests in flight per client.")
+    var inFlight = 64
+
+    @Option(help: "How long to run.")
+    var seconds = 60
+
+    @Option(help: "The export's size (K, M, G, T suffixes).", transform: parseSize)
+    var size: UInt64 = 1 << 30
+
+    @Option(help: "Drop the server hard and start it again every so many seconds; the clients reconnect.")
+    var restartEvery: Double?
+
+    func validate() throws {
+        guard clients > 0, clients <= 4096, inFlight > 0, inFlight <= 1024, seconds > 0 else {
+            throw ValidationError("--clients (1 to 4096), --in-flight (1 to 1024) and --seconds must be positive")
+        }
+        if let restartEvery, !(restartEvery > 0) { throw ValidationError("--restart-every takes a number of seconds") }
+    }
+
+    func run() async throws {
+        try await Soak.run(Soak.Options(clients: clients, inFlight: inFlight, seconds: seconds, size: size, restartEvery: restartEvery))
+    }
+}
