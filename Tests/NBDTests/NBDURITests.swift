@@ -82,6 +82,8 @@ struct NBDURITests {
         ("nbd://[:1z1%08:]/", "IPv6 literal holds hex digits"),
         // Found by fuzzing: it parsed, and printed back as a different URI.
         ("nbd://b::1]:111nb1d11::", "brackets"), ("nbd://::1/", "brackets"),
+        // Found by fuzzing: an escaped colon in a host name printed back as an IPv6 literal.
+        ("nbd://%0d%3A", "cannot hold \":\""), ("nbd://a%3ab:10809/", "cannot hold \":\""),
     ])
     func badURIsNameTheProblem(uri: String, mentions: String) {
         #expect { try NBDURI(uri) } throws: { error in

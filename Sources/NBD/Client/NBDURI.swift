@@ -150,6 +150,11 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         }
         if host?.isEmpty == true { host = nil }
         if let text = host, let decoded = Self.percentDecode(Substring(text)) { host = decoded }
+        // Found by fuzzing: "nbd://%0d%3A" decodes to a host with a colon, which only an IPv6
+        // literal in brackets may hold (and which would print back as one).
+        if !hostPort.hasPrefix("["), let host, host.contains(":") {
+            throw bad("a host name cannot hold \":\" (an IPv6 address goes in brackets, e.g. nbd://[::1]/)")
+        }
         if let portText, !portText.isEmpty {
             guard portText.allSatisfy(\.isASCII), let number = Int(portText), (1...65535).contains(number) else {
                 throw bad("port \"\(portText)\" is not a number from 1 to 65535")
