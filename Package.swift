@@ -92,7 +92,7 @@ let package = Package(
         .executableTarget(
             name: "nbd-bench",
             dependencies: [
-                "NBD", "NBDServer",
+                "NBD", "NBDServer", "NBDSystem",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -105,6 +105,13 @@ package final class LocalFile: Sendable {
         }
     }
 
+    /// The bytes of the blocks the file holds on disk (`st_blocks`): how sparse it is.
+    package func allocatedBytes() throws(FileIOError) -> UInt64 {
+        var info = stat()
+        guard fstat(descriptor, &info) == 0 else { throw FileIOError(code: errno) }
+        return UInt64(info.st_blocks) * 512
+    }
+
     /// Sets a regular file's length (`ftruncate`): what is added reads as zeroes and takes no space.
     package func setLength(_ length: UInt64) throws(FileIOError) {
         // The length may come from a peer: checked before it becomes an off_t.

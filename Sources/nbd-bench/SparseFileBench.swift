@@ -9,6 +9,7 @@
 //     .build/release/nbd-bench sparse [--size 100G] [--rounds 3]
 import Foundation
 import NBD
+import NBDSystem
 
 extension Benchmark {
     static func runSparse(_ options: Options) async throws {
@@ -50,7 +51,7 @@ extension Benchmark {
                     let run = try measure(program, arguments)
                     let measured = Run(seconds: run.seconds, cpuSeconds: cpuSeconds(.children) - cpu, peakKiB: run.peakKiB)
                     if who == "nbdcopy" { theirs.append(measured) } else { ours.append(measured) }
-                    if target == destination { allocated[who] = try allocatedBytes(destination) }
+                    if target == destination { allocated[who] = try LocalFile(path: destination, access: .read).allocatedBytes() }
                 }
             }
             let ourTime = median(ours.map(\.seconds))
@@ -88,12 +89,5 @@ extension Benchmark {
             try handle.write(contentsOf: piece)
         }
         try handle.synchronize()
-    }
-
-    /// The bytes of the blocks a file holds.
-    static func allocatedBytes(_ path: String) throws -> UInt64 {
-        var info = stat()
-        guard stat(path, &info) == 0 else { throw BenchError("cannot stat \(path)") }
-        return UInt64(info.st_blocks) * 512
     }
 }

@@ -15,12 +15,6 @@ struct LocalFileTests {
         deinit { try? FileManager.default.removeItem(at: url) }
     }
 
-    static func allocatedBytes(_ path: String) throws -> UInt64 {
-        var info = stat()
-        guard stat(path, &info) == 0 else { throw FileIOError(code: errno) }
-        return UInt64(info.st_blocks) * 512
-    }
-
     /// A 64 MiB file with 1 MiB of data at 8 MiB and 1 MiB at 40 MiB, the rest holes.
     static func sparseFile(_ folder: Folder) async throws -> LocalFile {
         _ = FileManager.default.createFile(atPath: folder.path("sparse.raw"), contents: nil)
@@ -75,21 +69,20 @@ struct LocalFileTests {
     @Test func zeroingPunchesOrZeroesInPlace() async throws {
         let folder = try Folder()
         let file = try await Self.sparseFile(folder)
-        let path = folder.path("sparse.raw")
-        #expect(try Self.allocatedBytes(path) >= 2 << 20)
+        #expect(try file.allocatedBytes() >= 2 << 20)
         // Punched: the data is gone and so are its blocks.
         #expect(try await file.zero((8 << 20)..<(9 << 20), mayPunch: true) == .punched)
-        #expect(try Self.allocatedBytes(path) < (3 << 20) / 2)
+        #expect(try file.allocatedBytes() < (3 << 20) / 2)
         // Zeroed in place: allocated, reading as zeroes.
         let zeroing = try await file.zero((40 << 20)..<(41 << 20), mayPunch: false)
         #expect(zeroing == .zeroRange || zeroing == .written)
-        #expect(try Self.allocatedBytes(path) >= 1 << 20)
+        #expect(try file.allocatedBytes() >= 1 << 20)
         var buffer = ByteBuffer()
         try await file.read(into: &buffer, at: 0, length: 64 << 20)
         #expect(buffer == ByteBuffer(repeating: 0, count: 64 << 20))
         // A discard on a regular file is a punched hole.
         #expect(try await file.discard((40 << 20)..<(41 << 20)))
-        #expect(try Self.allocatedBytes(path) < 1 << 20)
+        #expect(try file.allocatedBytes() < 1 << 20)
         #expect(try await file.extents(in: 0..<(64 << 20), size: 64 << 20, limit: 10) == [.init(0..<(64 << 20), isHole: true)])
     }
 
