@@ -1,82 +1,40 @@
-import Crypto
-import Foundation
-import NBD
+/// The blkhash of an image: what ``checksum(of:specification:options:progress:stop:)`` returns,
+/// and a copy's ``CopyReport/blockHash``.
+public struct BlockHash: Sendable, Equatable, CustomStringConvertible {
+    /// How it was computed.
+    public let specification: BlockHashSpecification
+    /// The image's size in bytes.
+    public let size: UInt64
+    /// The digest.
+    public let digest: [UInt8]
+    /// The digests of each 16 MiB region's block digests, so that two images with different
+    /// blkhashes can be told apart region by region (2 to 4 MiB of them per TiB).
+    package let regions: [[UInt8]]
 
-/// Which blkhash: nbdcopy 1.24's `--blkhash=ALGORITHM/BLOCKSIZE` (https://gitlab.com/nirs/blkhash).
-///
-/// The blkhash of an image is the digest of the digests of its blocks, in order, followed by
-/// the image's size as a little-endian 64-bit number. Every block is `blockSize` bytes but the
-/// last, which is what is left. Its worth is that blocks can be hashed in any order, on any
-/// thread, and that a block of zeroes costs nothing: its digest is always the same.
-package struct BlockHashSpecification: Sendable, Equatable, CustomStringConvertible {
-    package enum Algorithm: String, CaseIterable, Sendable {
-        case md5, sha1, sha256, sha512
+    package init(specification: BlockHashSpecification, size: UInt64, digest: [UInt8], regions: [[UInt8]]) {
+        self.specification = specification
+        self.size = size
+        self.digest = digest
+        self.regions = regions
     }
 
-    package var algorithm: Algorithm = .sha256
-    package var blockSize = 64 << 10
+    /// The digest in lower-case hexadecimal, as nbdcopy and sha256sum print it.
+    public var hex: String { digest.hex }
 
-    package static let `default` = BlockHashSpecification()
+    /// ``hex``.
+    public var description: String { hex }
 
-    /// `ALGORITHM` or `ALGORITHM/BLOCKSIZE` (a power of two, with K, M or G), as nbdcopy takes it.
-    package init(parsing text: String) throws {
-        let parts = text.split(separator: "/", maxSplits: 1, omittingEmptySubsequences: false)
-        guard let algorithm = Algorithm(rawValue: parts[0].lowercased()) else {
-            let names = Algorithm.allCases.map(\.rawValue).joined(separator: ", ")
-            throw NBDCopyError(.invalidArgument, "unknown blkhash digest \"\(parts[0])\" (expected \(names), optionally /BLOCKSIZE)")
-        }
-        self.algorithm = algorithm
-        if parts.count == 2 {
-            guard case .success(let size) = ByteCount.parse(String(parts[1])), size > 0, size & (size - 1) == 0, size <= 1 << 30 else {
-                throw NBDCopyError(.invalidArgument, "the blkhash block size must be a power of two from 1 to 1G, not \(parts[1])")
-            }
-            blockSize = Int(size)
-        }
+    /// Two blkhashes are the same when their digests are.
+    public static func == (lhs: BlockHash, rhs: BlockHash) -> Bool {
+        lhs.specification == rhs.specification && lhs.size == rhs.size && lhs.digest == rhs.digest
     }
 
-    package init() {}
-
-    /// `sha256/64K`.
-    package var description: String { "\(algorithm.rawValue)/\(ByteCount.exactText(UInt64(blockSize)))" }
-
-    /// The digest of `bytes` with this algorithm.
-    package func digest(_ bytes: UnsafeRawBufferPointer) -> [UInt8] {
-        var hasher = IncrementalHash(algorithm)
-        hasher.update(bytes)
-        return hasher.finalize()
-    }
-}
-
-/// One of swift-crypto's hash functions, chosen at run time.
-package struct IncrementalHash {
-    private var function: any HashFunction
-
-    package init(_ algorithm: BlockHashSpecification.Algorithm) {
-        switch algorithm {
-        case .md5: function = Insecure.MD5()
-        case .sha1: function = Insecure.SHA1()
-        case .sha256: function = SHA256()
-        case .sha512: function = SHA512()
+    /// The first region (of `regionSize` bytes) whose blocks differ from those of `other`, a
+    /// blkhash of the same specification; nil when there is none.
+    package func firstDifferentRegion(from other: BlockHash) -> Int? {
+        if let index = zip(regions, other.regions).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset {
+            return index
         }
-    }
-
-    package mutating func update(_ bytes: UnsafeRawBufferPointer) { function.update(bufferPointer: bytes) }
-
-    package mutating func update(_ bytes: [UInt8]) { bytes.withUnsafeBytes { update($0) } }
-
-    package func finalize() -> [UInt8] { function.finalize().withUnsafeBytes { Array($0) } }
-}
-
-extension Array where Element == UInt8 {
-    /// Lower-case hexadecimal, as nbdcopy and sha256sum print digests.
-    package var hex: String {
-        let digits = Array("0123456789abcdef".utf8)
-        var out: [UInt8] = []
-        out.reserveCapacity(count * 2)
-        for byte in self {
-            out.append(digits[Int(byte >> 4)])
-            out.append(digits[Int(byte & 15)])
-        }
-        return String(decoding: out, as: UTF8.self)
+        return regions.count == other.regions.count ? nil : min(regions.count, other.regions.count)
     }
 }

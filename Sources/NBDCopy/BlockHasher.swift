@@ -39,9 +39,7 @@ package final class BlockHasher: Sendable {
         var region: IncrementalHash
     }
 
-    /// Blocks per region: 16 MiB of image, whose digests are kept so that two images with
-    /// different blkhashes can be told apart region by region (``firstDifferentRegion(from:)``)
-    /// at a cost of 2 to 4 MiB per TiB.
+    /// Blocks per region: 16 MiB of image, whose digests are kept (``BlockHash/regions``).
     package let regionBlocks: UInt64
     /// The region digest of a region of zero blocks.
     private let zeroRegionDigest: [UInt8]
@@ -59,15 +57,6 @@ package final class BlockHasher: Sendable {
         state = NIOLockedValueBox(
             State(whole: IncrementalHash(specification.algorithm), region: IncrementalHash(specification.algorithm))
         )
-    }
-
-    /// The first region (of ``regionBlocks`` blocks) whose blocks differ from those `other`
-    /// hashed, once both are finished; nil when they are the same.
-    package func firstDifferentRegion(from other: BlockHasher) -> UInt64? {
-        let mine = state.withLockedValue { $0.regions }
-        let theirs = other.state.withLockedValue { $0.regions }
-        if let index = zip(mine, theirs).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset { return UInt64(index) }
-        return mine.count == theirs.count ? nil : UInt64(min(mine.count, theirs.count))
     }
 
     private var blockSize: UInt64 { UInt64(specification.blockSize) }
@@ -109,7 +98,7 @@ package final class BlockHasher: Sendable {
 
     /// The blkhash, once every byte of an image of `size` bytes was added; the last block is
     /// whatever is left of the image, hashed at its own length.
-    package func finish(size: UInt64) throws -> [UInt8] {
+    package func finish(size: UInt64) throws -> BlockHash {
         try state.withLockedValue { state in
             let blocks = (size + blockSize - 1) / blockSize
             if size % blockSize != 0, let last = state.partials.removeValue(forKey: blocks - 1),
@@ -126,7 +115,7 @@ package final class BlockHasher: Sendable {
             }
             var sizeField = size.littleEndian
             withUnsafeBytes(of: &sizeField) { state.whole.update($0) }
-            return state.whole.finalize()
+            return BlockHash(specification: specification, size: size, digest: state.whole.finalize(), regions: state.regions)
         }
     }
 
@@ -261,29 +250,29 @@ package final class BlockHasher: Sendable {
 }
 
 extension BlockHasher {
-    /// Reads `source` (its first `length` bytes, or all of it) and hashes it; returns the hash
-    /// with how many bytes were read.
+    /// Reads `source` (its first `length` bytes, or all of it) and hashes it; nil when `stop`
+    /// ended the reading first.
     package static func reading(
         _ source: any CopySource,
         as specification: BlockHashSpecification,
         length: UInt64? = nil,
-        requestSize: UInt64,
-        requests: Int,
-        memory: UInt64 = Copier.defaultMemory,
+        options: CopyOptions,
+        progress: CopyProgress = CopyProgress(total: nil),
         stop: CopyStop
-    ) async throws -> (hash: BlockHasher, size: UInt64) {
+    ) async throws -> BlockHash? {
         let hash = BlockHasher(specification)
         let reader = Copier(
             source: source,
             destination: NullDestination(),
-            requestSize: requestSize,
-            requests: requests,
-            memory: memory,
+            requestSize: options.requestSize,
+            requests: options.requests,
+            memory: options.memory,
             sparse: 0,
-            progress: CopyProgress(total: nil),
+            progress: progress,
             hasher: hash,
             length: length
         )
-        return (hash, try await reader.run(stop: stop))
+        let size = try await reader.run(stop: stop)
+        return stop.isRequested ? nil : try hash.finish(size: size)
     }
 }

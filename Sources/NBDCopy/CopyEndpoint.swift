@@ -1,13 +1,21 @@
 import NIOCore
 
-/// Where `nbd copy` reads from.
-package protocol CopySource: CopyEndpoint {
-    /// Size in bytes, or nil for a stream (stdin) read until its end.
+/// Something a copy or a checksum reads: an export (``NBDEndpoint``), a file, a block device or
+/// standard input (``FileEndpoint``), or made up (``SyntheticSource``).
+///
+/// A source of your own needs ``size`` and ``read(into:at:length:worker:)``; the rest has
+/// defaults. Reads come from several workers at once, each for a range no other worker reads.
+public protocol CopySource: CopyEndpoint {
+    /// Size in bytes, or nil for a stream (standard input) read until its end.
     var size: UInt64? { get }
-    /// Ranges known to read as zeroes, within `offset..<offset+length`, in order.
+    /// Ranges known to read as zeroes, within `offset..<offset+length`, in order: they are
+    /// not read. None, by default.
     func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
+    /// True when ``cleanRanges(from:length:)`` may name ranges: the source of an incremental
+    /// copy, which goes onto a full copy of the source's size and cannot be hashed whole.
+    var hasCleanRanges: Bool { get }
     /// Ranges that need no copying (clean in the dirty bitmap of an incremental copy), within
-    /// `offset..<offset+length`, in order.
+    /// `offset..<offset+length`, in order. None, by default.
     func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
     /// Appends up to `length` bytes at `offset` (fewer only at the end of a stream) to `buffer`:
     /// each worker reads into a buffer of its own, again and again, so that the copy's memory
@@ -19,58 +27,71 @@ package protocol CopySource: CopyEndpoint {
     /// worker's own buffer instead.
     func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]?
     /// True when reading waits for other threads and never holds up the caller's (an export,
-    /// a file read on the thread pool); false when reading is work on the caller's thread.
+    /// a file read on the thread pool); false (the default) when reading is work on the
+    /// caller's thread.
     var readsOffThread: Bool { get }
+    /// Lets go of what the source holds (connections, descriptors). Nothing, by default.
     func close() async
 }
 
-/// Where `nbd copy` writes to.
-package protocol CopyDestination: CopyEndpoint {
+/// Something a copy writes to: an export (``NBDEndpoint``), a file, a block device or
+/// standard output (``FileEndpoint``), or nowhere (``NullDestination``).
+///
+/// Writes and zeroes come from several workers at once, each for a range no other touches,
+/// unless ``isSequential`` asks for them one at a time, in order.
+public protocol CopyDestination: CopyEndpoint {
     /// Size in bytes, or nil when any size fits (a stream, `null:`, a file that grows).
     var size: UInt64? { get }
     /// How many bytes it holds now, when it has a size of its own (an export, a file or a
-    /// block device): what a resumable copy's journal records.
+    /// block device): what a resumable copy's journal records. ``size``, by default.
     var currentSize: UInt64? { get }
-    /// True when the destination reads as zeroes where nothing was written.
+    /// True when the destination reads as zeroes where nothing was written: zero areas of the
+    /// source are then skipped, not zeroed.
     var startsZeroed: Bool { get }
-    /// True when writes must come in order (stdout).
+    /// True when writes must come in order (standard output).
     var isSequential: Bool { get }
     /// True when what is written is thrown away (`null:`): no point looking for zeroes.
+    /// False, by default.
     var discards: Bool { get }
     /// Writes `data`, one buffer after another, from `offset`.
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
+    /// Makes `length` bytes at `offset` read as zeroes.
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
+    /// Makes what was written durable.
     func flush() async throws
+    /// Lets go of what the destination holds (connections, descriptors).
     func close() async
 }
 
-/// An endpoint whose I/O completes on threads of its own (an NBD connection's event loop).
-package protocol CopyEndpoint: Sendable {
-    /// The executor worker `worker` runs on with the least thread hopping, if any.
+/// What sources and destinations share: where their I/O completes.
+public protocol CopyEndpoint: Sendable {
+    /// The executor worker `worker` runs on with the least thread hopping (an NBD connection's
+    /// event loop), if any. None, by default.
     func taskExecutor(for worker: Int) -> (any TaskExecutor)?
 }
 
 extension CopyEndpoint {
-    package func taskExecutor(for worker: Int) -> (any TaskExecutor)? { nil }
+    public func taskExecutor(for worker: Int) -> (any TaskExecutor)? { nil }
 }
 
 extension CopyDestination {
-    package var discards: Bool { false }
-    package var currentSize: UInt64? { size }
+    public var discards: Bool { false }
+    public var currentSize: UInt64? { size }
 }
 
 extension CopySource {
     /// Up to `length` bytes at `offset`, in a new buffer: for reads off the copy's path.
-    package func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+    public func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
         var buffer = ByteBuffer()
         try await read(into: &buffer, at: offset, length: length, worker: worker)
         return buffer
     }
 
-    package func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? { nil }
-    package var readsOffThread: Bool { false }
+    public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? { nil }
+    public var readsOffThread: Bool { false }
 
-    package func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
-    package func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
-    package func close() async {}
+    public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
+    public var hasCleanRanges: Bool { false }
+    public func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
+    public func close() async {}
 }

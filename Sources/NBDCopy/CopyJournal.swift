@@ -237,6 +237,31 @@ extension CopyJournal {
         )
     }
 
+    /// The journal `options` name for a copy of `source` onto `destination`: the one found
+    /// there when it is for this copy (another copy's is refused), or a new one.
+    package static func forCopy(
+        _ options: CopyOptions.Journal,
+        source: any CopySource,
+        destination: any CopyDestination
+    ) throws -> CopyJournal {
+        let record = try load(options.path)
+        let subject = Subject(
+            source: options.source,
+            sourceSize: source.size ?? 0,
+            destination: options.destination,
+            destinationSize: destination.currentSize ?? 0,
+            bitmap: (source as? NBDEndpoint)?.bitmap?.name
+        )
+        if let record, !record.done.isEmpty, let file = destination as? FileEndpoint, file.isNew {
+            throw NBDCopyError(
+                .journal,
+                "the journal \(options.path) is for a copy onto \(options.destination), which was created or extended "
+                    + "when it was opened: what the journal records is not in it; remove the journal to start over"
+            )
+        }
+        return try startOrResume(options.path, record: record, subject: subject, destinationStartsZeroed: destination.startsZeroed)
+    }
+
     /// Holds FILE.lock, locked, while a copy uses the journal FILE: the same copy started again
     /// while it runs (an overlapping cron job) is refused rather than let loose on the same
     /// journal and destination. The kernel lets go of a killed run's lock.

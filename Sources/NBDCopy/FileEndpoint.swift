@@ -4,19 +4,34 @@ import NIOCore
 
 /// A local file or block device, or standard input or output, through the package's file
 /// layer: pread/pwrite on a thread pool, the holes of a sparse source skipped, the zero ranges
-/// of a destination punched (or zeroed in place with `--allocated`).
-package final class FileEndpoint: CopySource, CopyDestination {
+/// of a destination punched (or zeroed in place with `allocates`).
+public final class FileEndpoint: CopySource, CopyDestination {
     package let file: LocalFile
-    package let size: UInt64?
-    package let startsZeroed: Bool
+    /// The file's size, as a source; nil for standard input, and for any destination (a file
+    /// grows as written, a block device's size is checked when it is opened).
+    public let size: UInt64?
+    public let startsZeroed: Bool
     /// Zero ranges are allocated (`--allocated`): zeroed in place, never punched.
     private let allocates: Bool
-    package var isSequential: Bool { file.kind == .stream }
-    package var readsOffThread: Bool { true }
+    /// This destination was created or extended when it was opened: it cannot hold what an
+    /// earlier run of a resumed copy wrote.
+    package let isNew: Bool
+    public var isSequential: Bool { file.kind == .stream }
+    public var readsOffThread: Bool { true }
 
-    /// Opens `path` to read.
-    package static func source(_ path: String) throws -> FileEndpoint {
-        if path == "-" { return FileEndpoint(LocalFile(standardStream: 0), size: nil, startsZeroed: false, allocates: false) }
+    /// Standard input, read until its end.
+    public static var standardInput: FileEndpoint {
+        FileEndpoint(LocalFile(standardStream: 0), size: nil, startsZeroed: false, allocates: false)
+    }
+
+    /// Standard output, written in order.
+    public static var standardOutput: FileEndpoint {
+        FileEndpoint(LocalFile(standardStream: 1), size: nil, startsZeroed: false, allocates: false)
+    }
+
+    /// Opens the file or block device at `path` to read (`-`: standard input).
+    public static func source(_ path: String) throws -> FileEndpoint {
+        if path == "-" { return standardInput }
         do {
             let file = try LocalFile(path: path, access: .read)
             return FileEndpoint(file, size: try file.size(), startsZeroed: false, allocates: false)
@@ -25,12 +40,22 @@ package final class FileEndpoint: CopySource, CopyDestination {
         }
     }
 
-    /// Opens `path` to write `size` bytes: a new file is created and a short regular file extended
-    /// (both then read as zeroes where nothing is written); a smaller block device is an error.
-    /// With `allocates`, nothing counts as zeroed already: every zero area is zeroed in place.
-    package static func destination(_ path: String, size: UInt64?, destinationIsZero: Bool, allocates: Bool = false) throws -> FileEndpoint
-    {
-        if path == "-" { return FileEndpoint(LocalFile(standardStream: 1), size: nil, startsZeroed: false, allocates: false) }
+    /// Opens the file or block device at `path` (`-`: standard output) to write `size` bytes:
+    /// a new file is created and a short regular file extended (both then read as zeroes where
+    /// nothing is written); a smaller block device is an error.
+    ///
+    /// - Parameters:
+    ///   - destinationIsZero: the file is known to read as zeroes already (nbdcopy's
+    ///     `--target-is-zero`): zero areas of the source are skipped.
+    ///   - allocates: zero areas are zeroed in place, never punched, and nothing counts as
+    ///     zeroed already: the file ends fully allocated.
+    public static func destination(
+        _ path: String,
+        size: UInt64?,
+        destinationIsZero: Bool = false,
+        allocates: Bool = false
+    ) throws -> FileEndpoint {
+        if path == "-" { return standardOutput }
         let existed = FileManager.default.fileExists(atPath: path)
         let file: LocalFile
         let current: UInt64
@@ -41,6 +66,7 @@ package final class FileEndpoint: CopySource, CopyDestination {
             throw NBDCopyError(.fileFailed, "cannot open \(path): \(error)")
         }
         var zeroed = destinationIsZero || !existed
+        var extended = false
         if let size, current < size, file.kind != .stream {
             guard file.kind == .regular else {
                 throw NBDCopyError(.sizeMismatch, "the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
@@ -51,22 +77,24 @@ package final class FileEndpoint: CopySource, CopyDestination {
                 throw NBDCopyError(.fileFailed, "cannot extend \(path) to \(size) bytes: \(error)")
             }
             zeroed = zeroed || current == 0
+            extended = true
         }
-        return FileEndpoint(file, size: nil, startsZeroed: zeroed && !allocates, allocates: allocates)
+        return FileEndpoint(file, size: nil, startsZeroed: zeroed && !allocates, allocates: allocates, isNew: !existed || extended)
     }
 
-    package var currentSize: UInt64? { try? file.size() }
+    public var currentSize: UInt64? { try? file.size() }
 
-    private init(_ file: LocalFile, size: UInt64?, startsZeroed: Bool, allocates: Bool) {
+    private init(_ file: LocalFile, size: UInt64?, startsZeroed: Bool, allocates: Bool, isNew: Bool = false) {
         self.file = file
         self.size = size
         self.startsZeroed = startsZeroed
         self.allocates = allocates
+        self.isNew = isNew
     }
 
     /// The holes of a sparse file (SEEK_HOLE): not read, and zeroed at the destination only
     /// when it did not start zeroed.
-    package func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+    public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         guard let size, file.kind == .regular else { return [] }
         var holes: [Range<UInt64>] = []
         var position = offset
@@ -80,7 +108,7 @@ package final class FileEndpoint: CopySource, CopyDestination {
         return holes
     }
 
-    package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         do {
             try await file.read(into: &buffer, at: offset, length: length)
         } catch {
@@ -88,7 +116,7 @@ package final class FileEndpoint: CopySource, CopyDestination {
         }
     }
 
-    package func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+    public func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
         do {
             try await file.write(data, at: offset)
         } catch {
@@ -101,7 +129,7 @@ package final class FileEndpoint: CopySource, CopyDestination {
 
     /// Only for a destination that did not start zeroed (an existing file, stdout): new and
     /// extended files are left with holes by not writing at all.
-    package func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+    public func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         do {
             try await file.zero(offset..<offset + length, mayPunch: !allocates)
         } catch {
@@ -109,7 +137,7 @@ package final class FileEndpoint: CopySource, CopyDestination {
         }
     }
 
-    package func flush() async throws {
+    public func flush() async throws {
         do {
             try await file.sync()
         } catch {
@@ -118,5 +146,5 @@ package final class FileEndpoint: CopySource, CopyDestination {
     }
 
     /// The descriptor is closed with the file.
-    package func close() async {}
+    public func close() async {}
 }

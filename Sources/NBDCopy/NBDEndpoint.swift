@@ -2,35 +2,52 @@ import NBD
 import NIOCore
 
 /// An export through an `NBDClient`: several connections when the server allows multi-conn,
-/// and, with `--reconnect-delay`, riding out a server restart.
-package final class NBDEndpoint: CopySource, CopyDestination {
-    package let client: NBDClient
-    package let info: NBDExportInfo
-    package let startsZeroed: Bool
+/// and, with the client's reconnect delay, riding out a server restart. A source skips the
+/// zero areas that block status reports; with a dirty bitmap, it is the source of an
+/// incremental copy.
+public final class NBDEndpoint: CopySource, CopyDestination {
+    /// The client the endpoint reads and writes through, running until ``close()``.
+    public let client: NBDClient
+    /// What the server said of the export.
+    public let info: NBDExportInfo
+    public let startsZeroed: Bool
     /// The dirty-bitmap context whose clean extents an incremental copy skips.
-    package let bitmap: NBDMetaContext?
+    public let bitmap: NBDMetaContext?
     /// Zeroes are written with NBD_CMD_FLAG_NO_HOLE: `--allocated`.
-    package let allocates: Bool
-    /// Connections up when the copy started.
-    package let connections: Int
+    public let allocates: Bool
+    /// Connections up when the endpoint was opened.
+    public let connections: Int
     private let hasAllocation: Bool
     private let isTLS: Bool
     /// The client's run(), until close().
     private let runner: Task<Void, any Error>
-    package var isSequential: Bool { false }
-    package var readsOffThread: Bool { true }
-    package var size: UInt64? { info.size }
+    public var isSequential: Bool { false }
+    public var readsOffThread: Bool { true }
+    public var size: UInt64? { info.size }
+    public var hasCleanRanges: Bool { bitmap != nil }
 
-    /// Opens the export: throws when the first connection cannot be made or the bitmap is
-    /// missing. `onEvent` hears what happens to the connections (lost, reconnected).
-    package static func open(
+    /// Opens the export at `uri`: throws when the first connection cannot be made or the
+    /// bitmap is missing.
+    ///
+    /// - Parameters:
+    ///   - connections: connections to open when the server allows multi-conn (one otherwise).
+    ///   - requests: requests in flight per connection.
+    ///   - destinationIsZero: as a destination, the export is known to read as zeroes already
+    ///     (nbdcopy's `--target-is-zero`): zero areas of the source are skipped.
+    ///   - bitmap: as a source, copy only what this dirty bitmap marks dirty (an incremental
+    ///     copy, onto a full copy made earlier); see ``NBDMetaContext/dirtyBitmap(_:)``.
+    ///   - allocates: as a destination, zeroes are written with `NBD_CMD_FLAG_NO_HOLE`.
+    ///   - configuration: the client's configuration (TLS, reconnect delay, timeouts);
+    ///     `connections`, `requests` and `bitmap` are set on it.
+    ///   - onEvent: hears what happens to the connections (lost, reconnected).
+    public static func open(
         _ uri: NBDURI,
-        connections: Int,
-        requests: Int,
-        destinationIsZero: Bool,
+        connections: Int = 4,
+        requests: Int = 64,
+        destinationIsZero: Bool = false,
         bitmap: NBDMetaContext? = nil,
         allocates: Bool = false,
-        configuration base: NBDClient.Configuration,
+        configuration base: NBDClient.Configuration = NBDClient.Configuration(),
         onEvent: @escaping @Sendable (NBDClientEvent) -> Void = { _ in }
     ) async throws -> NBDEndpoint {
         var configuration = base
@@ -91,9 +108,9 @@ package final class NBDEndpoint: CopySource, CopyDestination {
     }
 
     /// Where worker `worker` runs best: on the thread of a connection, one per worker in turn.
-    package func taskExecutor(for worker: Int) -> (any TaskExecutor)? { client.taskExecutor(for: worker % connections) }
+    public func taskExecutor(for worker: Int) -> (any TaskExecutor)? { client.taskExecutor(for: worker % connections) }
 
-    package func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+    public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         guard hasAllocation else { return [] }
         var ranges: [Range<UInt64>] = []
         for try await extent in client.extents(in: offset..<offset + length) {
@@ -103,7 +120,7 @@ package final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    package func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+    public func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         guard let bitmap else { return [] }
         var ranges: [Range<UInt64>] = []
         // In a qemu:dirty-bitmap context, status bit 0 set means dirty (qemu's docs/interop/nbd.rst).
@@ -113,24 +130,24 @@ package final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         // In clear, the data goes from the socket straight into `buffer` (as libnbd reads):
         // nothing else holds it, not even SwiftNIO's receive buffers.
         try await client.read(into: &buffer, at: offset, length: UInt64(length))
     }
 
-    package func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
+    public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
         guard !isTLS else { return [try await client.read(at: offset, length: UInt64(length))] }
         return try await client.readSegments(at: offset, length: UInt64(length))
     }
 
-    package func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+    public func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
         try await client.write(segments: data, at: offset)
     }
 
-    package func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+    public func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         if info.canZero {
             // NO_HOLE "SHOULD be set to 1 if the client wants to ensure that the server does not
             // create a hole": what --allocated asks for.
@@ -141,11 +158,11 @@ package final class NBDEndpoint: CopySource, CopyDestination {
     }
 
     /// One flush covers every connection: with several, the server set CAN_MULTI_CONN.
-    package func flush() async throws {
+    public func flush() async throws {
         if info.canFlush { try await client.flush() }
     }
 
-    package func close() async {
+    public func close() async {
         runner.cancel()
         _ = await runner.result
     }

@@ -6,35 +6,36 @@ import Glibc
 import Darwin
 #endif
 
-/// `null:`: discards everything.
-package struct NullDestination: CopyDestination {
-    package init() {}
-    package var discards: Bool { true }
-    package var size: UInt64? { nil }
-    package var startsZeroed: Bool { true }
-    package var isSequential: Bool { false }
-    package func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {}
-    package func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {}
-    package func flush() async throws {}
-    package func close() async {}
+/// `null:`: discards everything; what a checksum copies to.
+public struct NullDestination: CopyDestination {
+    public init() {}
+    public var discards: Bool { true }
+    public var size: UInt64? { nil }
+    public var startsZeroed: Bool { true }
+    public var isSequential: Bool { false }
+    public func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {}
+    public func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {}
+    public func flush() async throws {}
+    public func close() async {}
 }
 
-/// `pattern:SIZE` (every 8-byte word holds its own offset, big-endian, like nbdkit's pattern
-/// plugin) and `zero:SIZE` (all zeroes, known as such).
-package struct SyntheticSource: CopySource {
-    package let size: UInt64?
-    package let isZero: Bool
+/// Data made up as it is read: `pattern:SIZE` (every 8-byte word holds its own offset,
+/// big-endian, like nbdkit's pattern plugin) and `zero:SIZE` (all zeroes, known as such).
+public struct SyntheticSource: CopySource {
+    public let size: UInt64?
+    /// True for ``zero(size:)``.
+    public let isZero: Bool
 
     package init(size: UInt64?, isZero: Bool) {
         self.size = size
         self.isZero = isZero
     }
 
-    package func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+    public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         isZero ? [offset..<(offset + length)] : []
     }
 
-    package func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         guard !isZero else {
             buffer.writeRepeatingByte(0, count: length)
             return
@@ -53,4 +54,17 @@ package struct SyntheticSource: CopySource {
             return length
         }
     }
+}
+
+extension CopySource where Self == SyntheticSource {
+    /// `size` bytes in which every 8-byte word holds its own offset, big-endian (`pattern:SIZE`).
+    public static func pattern(size: UInt64) -> SyntheticSource { SyntheticSource(size: size, isZero: false) }
+
+    /// `size` bytes of zeroes, known as such: nothing is read or written for them (`zero:SIZE`).
+    public static func zero(size: UInt64) -> SyntheticSource { SyntheticSource(size: size, isZero: true) }
+}
+
+extension CopyDestination where Self == NullDestination {
+    /// Discards everything (`null:`).
+    public static var null: NullDestination { NullDestination() }
 }

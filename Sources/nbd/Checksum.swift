@@ -47,28 +47,18 @@ struct Checksum: AsyncParsableCommand {
         // The data is hashed and dropped: taken as it arrived, in SwiftNIO's large reads.
         configuration.connection.readsDataDirectly = false
         let interrupt = Interrupt()
+        var options = CopyOptions()
+        options.requests = requests
         for text in sources {
-            let source = try await Endpoints.source(text, connections: connections, requests: requests, configuration: configuration)
-            let hash: BlockHasher
-            let size: UInt64
-            do {
-                (hash, size) = try await BlockHasher.reading(
-                    source,
-                    as: blkhash,
-                    requestSize: 256 << 10,
-                    requests: requests,
-                    stop: interrupt.stop
-                )
-            } catch {
-                await source.close()
-                throw error
+            let hash = try await Endpoints.withSource(text, connections: connections, requests: requests, configuration: configuration) {
+                source in
+                try await checksum(of: source, specification: blkhash, options: options, stop: interrupt.stop)
             }
-            await source.close()
-            if interrupt.happened {
+            guard let hash else {
                 StandardStreams.error("nbd: interrupted\n")
                 throw ExitCode(130)
             }
-            StandardStreams.output("\(try hash.finish(size: size).hex)  \(text)\n")
+            StandardStreams.output("\(hash.hex)  \(text)\n")
         }
     }
 }

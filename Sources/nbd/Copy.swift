@@ -165,20 +165,20 @@ struct Copy: AsyncParsableCommand {
         // Data read only to be thrown away is taken as it arrived (readSegments), where
         // SwiftNIO's large reads do best; data to be written is read straight into buffers.
         configuration.connection.readsDataDirectly = destination != "null:"
+        // Taken before anything is opened: a second run of the same copy touches nothing.
         let lock = try resume.map(CopyJournal.Lock.init(journal:))
         defer { lock?.release() }
         let previous = try resume.flatMap { try CopyJournal.load($0) }
         let watch = ConnectionWatch()
-        let source = try await Endpoints.source(
+        let interrupt = Interrupt()
+        try await Endpoints.withSource(
             self.source,
             connections: connections,
             requests: requests,
             bitmap: bitmapContext,
             configuration: configuration,
             watch: watch
-        )
-        let destination: any CopyDestination
-        do {
+        ) { source in
             if let previous, let resume {
                 try CopyJournal.requireResumable(
                     previous,
@@ -189,7 +189,7 @@ struct Copy: AsyncParsableCommand {
                 )
             }
             if bitmapContext != nil { try Self.requireExisting(self.destination, size: source.size) }
-            destination = try await Endpoints.destination(
+            let report = try await Endpoints.withDestination(
                 self.destination,
                 size: source.size,
                 connections: connections,
@@ -199,152 +199,69 @@ struct Copy: AsyncParsableCommand {
                 allocated: allocated,
                 configuration: configuration,
                 watch: watch
-            )
-        } catch {
-            await source.close()
-            throw error
-        }
-        if bitmapContext != nil, let needed = source.size, let available = destination.size, available != needed {
-            await source.close()
-            await destination.close()
-            throw CommandError("an incremental copy needs a destination of the source's size (\(needed) bytes), not \(available)")
-        }
-        if let needed = source.size, let available = destination.size, available < needed {
-            await source.close()
-            await destination.close()
-            throw CommandError("the destination (\(available) bytes) is smaller than the source (\(needed) bytes)")
-        }
-        let journal: CopyJournal?
-        do {
-            journal = try resume.map { path in
-                try CopyJournal.startOrResume(
-                    path,
-                    record: previous,
-                    subject: journalSubject(source: source, destination: destination),
-                    destinationStartsZeroed: destination.startsZeroed
-                )
+            ) { destination in
+                try await copy(source, to: destination, resuming: previous, watch: watch, stop: interrupt.stop)
             }
-        } catch {
-            await source.close()
-            await destination.close()
-            throw error
-        }
-        let resumed = journal.map { !$0.resumed.ranges.isEmpty } ?? false
-        if let journal, resumed, let size = source.size {
-            StandardStreams.error("nbd: resuming: \(journal.doneBytes) of \(size) bytes were copied already\n")
-        }
-        let hashing = blkhash ?? (verify ? .default : nil)
-        // What an earlier run copied is not read again: the blkhash of a resumed copy is made
-        // by reading the source once more, after the copy.
-        let hasher = resumed ? nil : hashing.map(BlockHasher.init)
-        let progress = CopyProgress(total: source.size)
-        let renderer = try Progress(self.progress, of: progress, connections: watch)
-        let copier = Copier(
-            source: source,
-            destination: destination,
-            requestSize: requestSize,
-            requests: requests,
-            memory: memory,
-            sparse: Int(sparse),
-            progress: progress,
-            hasher: hasher,
-            journal: journal
-        )
-        let interrupt = Interrupt()
-        var failure: (any Error)?
-        var copied: UInt64 = 0
-        do {
-            if let journal {
-                copied = try await journal.checkpointing(flushing: destination) {
-                    try await copier.run(stop: interrupt.stop)
+            guard !report.stopped else { return }
+            if let hash = report.blockHash {
+                if blkhash != nil { try output(hash) }
+                if verify {
+                    try await Verifier(copy: self, configuration: configuration).check(source: source, against: hash, stop: interrupt.stop)
                 }
-            } else {
-                copied = try await copier.run(stop: interrupt.stop)
             }
-            // Before --verify reads back over new connections: "the effects of NBD_CMD_FLUSH ...
-            // MUST be visible across all connections" is all the spec promises them.
-            if (flush || verify || journal != nil) && !interrupt.happened { try await destination.flush() }
-        } catch {
-            failure = error
-        }
-        progress.finish()
-        await renderer.finished()
-        var journalNote: String?
-        if let journal { journalNote = await settle(journal, complete: failure == nil && !interrupt.happened, destination: destination) }
-        await destination.close()
-        if failure == nil, let hashing, !interrupt.happened {
-            do {
-                let (hash, size) = if let hasher { (hasher, copied) } else { try await rehash(source, as: hashing, interrupt: interrupt) }
-                if !interrupt.happened {
-                    let digest = try hash.finish(size: size)
-                    if blkhash != nil { try output(digest) }
-                    if verify {
-                        try await Verifier(copy: self, configuration: configuration, interrupt: interrupt)
-                            .check(source: source, length: size, against: hash, digest: digest)
-                    }
-                }
-            } catch {
-                failure = error
-            }
-        }
-        await source.close()
-        if let failure {
-            if let journalNote { StandardStreams.error(journalNote) }
-            throw failure
         }
         if interrupt.happened {
             // 128 + SIGINT, as shells report a command ended by Ctrl-C.
             StandardStreams.error("nbd: interrupted: requests in flight were completed and the connections closed\n")
-            if let journalNote { StandardStreams.error(journalNote) }
+            if let resume { StandardStreams.error(Self.journalNote(resume)) }
             throw ExitCode(130)
         }
     }
 
-    /// What the journal of this copy is for.
-    private func journalSubject(source: any CopySource, destination: any CopyDestination) -> CopyJournal.Subject {
-        CopyJournal.Subject(
-            source: CopyJournal.name(of: self.source),
-            sourceSize: source.size ?? 0,
-            destination: CopyJournal.name(of: self.destination),
-            destinationSize: destination.currentSize ?? 0,
-            bitmap: bitmapContext?.name
-        )
-    }
-
-    /// After the copy: a complete copy needs its journal no more; otherwise what was written
-    /// is flushed and recorded. Returns what to tell the person about going on, if anything.
-    private func settle(_ journal: CopyJournal, complete: Bool, destination: any CopyDestination) async -> String? {
-        guard !complete else {
-            do { try journal.remove() } catch { StandardStreams.error("nbd: \(error)\n") }
-            return nil
-        }
-        var line = "nbd: "
-        do {
-            try await journal.checkpoint(flushing: destination)
-        } catch {
-            line += "the last writes could not be recorded (\(error)); "
-        }
-        return line + "the journal \(journal.path) holds \(journal.doneBytes) of \(journal.subject.sourceSize) bytes copied: "
-            + "run the same command again to copy the rest\n"
-    }
-
-    /// The source's blkhash, read again in full.
-    private func rehash(
+    /// The copy itself, between open endpoints, with the progress shown.
+    private func copy(
         _ source: any CopySource,
-        as specification: BlockHashSpecification,
-        interrupt: Interrupt
-    ) async throws -> (
-        BlockHasher, UInt64
-    ) {
-        StandardStreams.error("nbd: reading the source again for the blkhash of the resumed copy\n")
-        return try await BlockHasher.reading(
-            source,
-            as: specification,
-            requestSize: requestSize,
-            requests: requests,
-            memory: memory,
-            stop: interrupt.stop
-        )
+        to destination: any CopyDestination,
+        resuming previous: CopyJournal.Record?,
+        watch: ConnectionWatch,
+        stop: CopyStop
+    ) async throws -> CopyReport {
+        var options = CopyOptions()
+        options.requestSize = requestSize
+        options.requests = requests
+        options.memory = memory
+        options.sparseBlockSize = Int(sparse)
+        // Before --verify reads back over new connections: "the effects of NBD_CMD_FLUSH ...
+        // MUST be visible across all connections" is all the spec promises them.
+        options.flush = flush || verify
+        options.blockHash = blkhash ?? (verify ? .default : nil)
+        options.journal = resume.map {
+            CopyOptions.Journal(path: $0, source: CopyJournal.name(of: self.source), destination: CopyJournal.name(of: self.destination))
+        }
+        if let previous, let done = CopyJournal.done(of: previous), done.byteCount > 0 {
+            StandardStreams.error("nbd: resuming: \(done.byteCount) of \(previous.subject.sourceSize) bytes were copied already\n")
+            if options.blockHash != nil { StandardStreams.error("nbd: the blkhash is made by reading the source again after the copy\n") }
+        }
+        let progress = CopyProgress(total: source.size)
+        let renderer = try Progress(self.progress, of: progress, connections: watch)
+        do {
+            let report = try await copyHoldingJournalLock(from: source, to: destination, options: options, progress: progress, stop: stop)
+            await renderer.finished()
+            return report
+        } catch {
+            await renderer.finished()
+            // Not for a refusal before the copy began: the journal is as it was, or not ours.
+            let refused = (error as? NBDCopyError).map { [.invalidArgument, .sizeMismatch, .journal].contains($0.code) } ?? false
+            if let resume, !refused { StandardStreams.error(Self.journalNote(resume)) }
+            throw error
+        }
+    }
+
+    /// What the journal holds after a run that did not complete, and how to go on.
+    private static func journalNote(_ path: String) -> String {
+        guard let record = try? CopyJournal.load(path), let done = CopyJournal.done(of: record) else { return "" }
+        return "nbd: the journal \(path) holds \(done.byteCount) of \(record.subject.sourceSize) bytes copied: "
+            + "run the same command again to copy the rest\n"
     }
 
     /// An incremental copy goes onto the full copy it updates: a file must be there already,
@@ -360,8 +277,8 @@ struct Copy: AsyncParsableCommand {
     }
 
     /// The digest on a line, on stdout or in --blkhash-file, as nbdcopy prints it.
-    private func output(_ digest: [UInt8]) throws {
-        let line = digest.hex + "\n"
+    private func output(_ hash: BlockHash) throws {
+        let line = hash.hex + "\n"
         guard let blkhashFile else {
             StandardStreams.output(line)
             return
@@ -394,7 +311,65 @@ enum Endpoints {
         return ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(text[..<colon].lowercased())
     }
 
-    static func source(
+    /// Runs `body` with the source `text` names, and closes it after, whatever happened.
+    static func withSource<T>(
+        _ text: String,
+        connections: Int,
+        requests: Int,
+        bitmap: NBDMetaContext? = nil,
+        configuration: NBDClient.Configuration,
+        watch: ConnectionWatch? = nil,
+        _ body: (any CopySource) async throws -> T
+    ) async throws -> T {
+        let source = try await self.source(
+            text,
+            connections: connections,
+            requests: requests,
+            bitmap: bitmap,
+            configuration: configuration,
+            watch: watch
+        )
+        return try await closing(source.close) { try await body(source) }
+    }
+
+    /// Runs `body` with the destination `text` names, and closes it after, whatever happened.
+    static func withDestination<T>(
+        _ text: String,
+        size: UInt64?,
+        connections: Int,
+        requests: Int,
+        destinationIsZero: Bool,
+        allocated: Bool,
+        configuration: NBDClient.Configuration,
+        watch: ConnectionWatch?,
+        _ body: (any CopyDestination) async throws -> T
+    ) async throws -> T {
+        let destination = try await self.destination(
+            text,
+            size: size,
+            connections: connections,
+            requests: requests,
+            destinationIsZero: destinationIsZero,
+            allocated: allocated,
+            configuration: configuration,
+            watch: watch
+        )
+        return try await closing(destination.close) { try await body(destination) }
+    }
+
+    private static func closing<T>(_ close: () async -> Void, _ body: () async throws -> T) async throws -> T {
+        let result: T
+        do {
+            result = try await body()
+        } catch {
+            await close()
+            throw error
+        }
+        await close()
+        return result
+    }
+
+    private static func source(
         _ text: String,
         connections: Int,
         requests: Int,
@@ -421,7 +396,7 @@ enum Endpoints {
         return try FileEndpoint.source(text)
     }
 
-    static func destination(
+    private static func destination(
         _ text: String,
         size: UInt64?,
         connections: Int,

@@ -24,15 +24,12 @@ struct BlockHashTests {
         let specification = try BlockHashSpecification(parsing: answer.blkhash)
         // Requests that cut blocks, and ones larger than them.
         for requestSize: UInt64 in [1000, 64 << 10] {
-            let (hash, size) = try await BlockHasher.reading(
-                SyntheticSource(size: answer.size, isZero: false),
-                as: specification,
-                requestSize: requestSize,
-                requests: 4,
-                stop: CopyStop()
-            )
-            #expect(size == answer.size)
-            #expect(try hash.finish(size: size).hex == answer.digest, "\(answer.blkhash) of \(answer.size) bytes")
+            var options = CopyOptions()
+            options.requestSize = requestSize
+            options.requests = 4
+            let hash = try #require(await checksum(of: .pattern(size: answer.size), specification: specification, options: options))
+            #expect(hash.size == answer.size)
+            #expect(hash.hex == answer.digest, "\(answer.blkhash) of \(answer.size) bytes")
         }
     }
 
@@ -40,21 +37,23 @@ struct BlockHashTests {
     @Test func knownZeroesHashAsReadZeroes() async throws {
         let specification = try BlockHashSpecification(parsing: "sha256/4k")
         let size = UInt64(3 << 20) + 1234
-        let known = try await BlockHasher.reading(
-            SyntheticSource(size: size, isZero: true),
-            as: specification,
-            requestSize: 1 << 20,
-            requests: 2,
-            stop: CopyStop()
+        var options = CopyOptions()
+        options.requestSize = 1 << 20
+        options.requests = 2
+        let known = try await checksum(of: .zero(size: size), specification: specification, options: options)
+        let read = try await checksum(
+            of: MemorySource([UInt8](repeating: 0, count: Int(size))),
+            specification: specification,
+            options: options
         )
-        let read = try await BlockHasher.reading(
-            MemorySource([UInt8](repeating: 0, count: Int(size))),
-            as: specification,
-            requestSize: 1 << 20,
-            requests: 2,
-            stop: CopyStop()
-        )
-        #expect(try known.hash.finish(size: size) == (try read.hash.finish(size: size)))
+        #expect(known != nil && known == read)
+    }
+
+    /// A checksum stopped before its end has no result, rather than a wrong one.
+    @Test func aStoppedChecksumHasNoResult() async throws {
+        let stop = CopyStop()
+        stop.request()
+        #expect(try await checksum(of: .pattern(size: UInt64(1 << 20)), stop: stop) == nil)
     }
 
     @Test func aHashMissingBytesIsRefused() throws {
@@ -67,6 +66,10 @@ struct BlockHashTests {
         #expect("\(try BlockHashSpecification(parsing: "SHA256/64k"))" == "sha256/64K")
         for bad in ["sha3", "sha256/3000", "sha256/0", "sha256/2G", "sha256/x"] {
             #expect(throws: NBDCopyError.self, "\(bad)") { try BlockHashSpecification(parsing: bad) }
+        }
+        #expect(try BlockHashSpecification(.sha512, blockSize: 1 << 20) == (try BlockHashSpecification(parsing: "sha512/1M")))
+        for bad in [0, 3000, 2 << 30] {
+            #expect(throws: NBDCopyError.self, "\(bad)") { try BlockHashSpecification(.sha256, blockSize: bad) }
         }
     }
 }
