@@ -250,7 +250,7 @@ package final class Cursor: Sendable {
     private let skipping: ByteRanges
     private let state = NIOLockedValueBox(State())
     /// Block status is asked for this much at a time.
-    private static let windowSize: UInt64 = 1 << 30
+    package static let windowSize: UInt64 = 1 << 30
 
     package init(source: any CopySource, size: UInt64, pieceSize: UInt64, skipping: ByteRanges = ByteRanges()) {
         self.source = source

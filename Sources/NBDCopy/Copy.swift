@@ -23,6 +23,9 @@ public func copy(
     progress: CopyProgress? = nil,
     stop: CopyStop = CopyStop()
 ) async throws -> CopyReport {
+    // Refusals first: a journal is not even locked for a copy that cannot work.
+    try options.validate()
+    try requireFit(source, destination, options)
     let lock = try options.journal.map { try CopyJournal.Lock(journal: $0.path) }
     defer { lock?.release() }
     return try await copyHoldingJournalLock(from: source, to: destination, options: options, progress: progress, stop: stop)

@@ -30,27 +30,32 @@ final class MemorySource: CopySource {
         if let failingAt, (offset..<offset + UInt64(length)).contains(failingAt) {
             throw NBDCopyError(.fileFailed, "injected read failure at \(offset)")
         }
-        // A task switch here, so that workers interleave as they do over real I/O.
+        // A task switch here, so that workers interleave as they do over real I/O, and a
+        // cancelled task's read is abandoned, as an export's requests are.
         await Task.yield()
+        try Task.checkCancellation()
         let end = min(bytes.count, Int(offset) + length)
         buffer.writeBytes(bytes[Int(offset)..<end])
     }
 }
 
 /// A destination in memory, of a fixed size, that starts as `initial` (zeroes unless said),
-/// and can fail a write at `failingAt` or ask a stop after `stopAfter` writes.
+/// and can fail a write at `failingAt`, ask a stop after `stopAfter` writes, or cancel the
+/// task of write number `cancelAt` (the copy then fails with the writes in flight abandoned).
 final class MemoryDestination: CopyDestination {
     private let storage: NIOLockedValueBox<[UInt8]>
     let startsZeroed: Bool
     let failingAt: UInt64?
     let stopAfter: (writes: Int, stop: CopyStop)?
+    let cancelAt: Int?
     private let counts = NIOLockedValueBox((writes: 0, zeroes: 0, flushes: 0))
 
-    init(size: Int, initial: UInt8 = 0, failingAt: UInt64? = nil, stopAfter: (writes: Int, stop: CopyStop)? = nil) {
+    init(size: Int, initial: UInt8 = 0, failingAt: UInt64? = nil, stopAfter: (writes: Int, stop: CopyStop)? = nil, cancelAt: Int? = nil) {
         storage = NIOLockedValueBox([UInt8](repeating: initial, count: size))
         startsZeroed = initial == 0
         self.failingAt = failingAt
         self.stopAfter = stopAfter
+        self.cancelAt = cancelAt
     }
 
     var size: UInt64? { UInt64(storage.withLockedValue { $0.count }) }
@@ -64,17 +69,19 @@ final class MemoryDestination: CopyDestination {
         if let failingAt, (offset..<offset + UInt64(length)).contains(failingAt) {
             throw NBDCopyError(.fileFailed, "injected write failure at \(offset)")
         }
+        let writes = counts.withLockedValue {
+            $0.writes += 1
+            return $0.writes
+        }
+        if writes == cancelAt { withUnsafeCurrentTask { $0?.cancel() } }
         await Task.yield()
+        try Task.checkCancellation()
         storage.withLockedValue { storage in
             var position = Int(offset)
             for buffer in data {
                 storage.replaceSubrange(position..<position + buffer.readableBytes, with: buffer.readableBytesView)
                 position += buffer.readableBytes
             }
-        }
-        let writes = counts.withLockedValue {
-            $0.writes += 1
-            return $0.writes
         }
         if let stopAfter, writes >= stopAfter.writes { stopAfter.stop.request() }
     }

@@ -1,0 +1,230 @@
+import Foundation
+import NBDCopy
+import NIOConcurrencyHelpers
+import NIOCore
+import Testing
+
+/// The library's public calls, between endpoints in memory and in files: copy, checksum and
+/// verify, their refusals, and copies cancelled or stopped at random points, then resumed.
+@Suite("copy, checksum and verify")
+struct CopyAPITests {
+    static let size = 4 << 20
+
+    func options(blockHash: BlockHashSpecification? = nil, journal: CopyOptions.Journal? = nil) -> CopyOptions {
+        var options = CopyOptions()
+        options.requestSize = 64 << 10
+        options.requests = 8
+        options.blockHash = blockHash
+        options.journal = journal
+        return options
+    }
+
+    @Test func aCopyReportsItsBytesAndTheSourcesBlockHash() async throws {
+        let bytes = image(Self.size)
+        let source = MemorySource(bytes)
+        let destination = MemoryDestination(size: Self.size, initial: 0x55)
+        let progress = CopyProgress(total: source.size)
+        let report = try await copy(from: source, to: destination, options: options(blockHash: .default), progress: progress)
+        #expect(report.bytes == UInt64(Self.size) && report.resumedBytes == 0 && !report.stopped)
+        #expect(firstDifference(destination.bytes, bytes) == nil)
+        let expected = try #require(await checksum(of: MemorySource(bytes)))
+        #expect(report.blockHash == expected)
+        #expect(progress.snapshot.finished && progress.snapshot.done == UInt64(Self.size))
+        #expect(try await verify(MemorySource(destination.bytes), matches: expected))
+    }
+
+    @Test func verifyNamesTheFirstBlockThatDiffers() async throws {
+        let bytes = image(Self.size)
+        let hash = try #require(await checksum(of: MemorySource(bytes), specification: try BlockHashSpecification(.sha256)))
+        for offset in [0, 65536 * 5 + 17, Self.size - 1] {
+            var changed = bytes
+            changed[offset] ^= 0xFF
+            let block = offset / 65536
+            let expected =
+                "verify failed: the destination differs from the source first in block \(block) of 64K, "
+                + "bytes \(block * 65536)..<\((block + 1) * 65536)"
+            await #expect {
+                try await verify(MemorySource(changed), matches: hash, source: MemorySource(bytes))
+            } throws: { error in
+                let error = error as? NBDCopyError
+                return error?.code == .verificationFailed && error?.message == expected
+            }
+        }
+        // Without a source to read again, the 16 MiB region is named.
+        var changed = bytes
+        changed[1000] = 0
+        await #expect {
+            try await verify(MemorySource(changed), matches: hash)
+        } throws: { ($0 as? NBDCopyError)?.message == "verify failed: the destination differs from the source in bytes 0..<\(Self.size)" }
+        // Stopped before the end: no verdict either way.
+        let stop = CopyStop()
+        stop.request()
+        #expect(try await verify(MemorySource(changed), matches: hash, stop: stop) == false)
+    }
+
+    @Test func whatCannotFitIsRefusedBeforeAnythingIsWritten() async throws {
+        let source = MemorySource(image(Self.size))
+        let small = MemoryDestination(size: Self.size / 2)
+        await #expect {
+            try await copy(from: source, to: small)
+        } throws: { ($0 as? NBDCopyError)?.code == .sizeMismatch }
+        #expect(small.writes == 0 && source.reads == 0)
+        var bad = CopyOptions()
+        bad.requestSize = 64 << 20
+        await #expect { try await copy(from: source, to: MemoryDestination(size: Self.size), options: bad) } throws: {
+            ($0 as? NBDCopyError)?.code == .invalidArgument
+        }
+        let journal = CopyOptions.Journal(path: "/nonexistent/journal", source: "a", destination: "b")
+        await #expect { try await copy(from: source, to: .null, options: options(journal: journal)) } throws: {
+            ($0 as? NBDCopyError)?.code == .invalidArgument
+        }
+    }
+
+    /// A source with a dirty bitmap: only the dirty ranges are read and written, onto a
+    /// destination of the source's size; a blkhash, or a destination of another size, is refused.
+    @Test func anIncrementalCopyCopiesOnlyWhatIsDirty() async throws {
+        let old = image(Self.size, seed: 1)
+        var new = old
+        let dirty: [Range<UInt64>] = [65536..<131072, 1_048_576..<1_310_720]
+        for range in dirty {
+            for index in Int(range.lowerBound)..<Int(range.upperBound) { new[index] = 0xA5 }
+        }
+        let source = BitmapSource(MemorySource(new), dirty: dirty, size: UInt64(Self.size))
+        let destination = MemoryDestination(size: Self.size, initial: 0)
+        _ = try await copy(from: MemorySource(old), to: destination, options: options())
+        let report = try await copy(from: source, to: destination, options: options())
+        #expect(report.bytes == UInt64(Self.size))
+        #expect(firstDifference(destination.bytes, new) == nil)
+        #expect(source.inner.reads == 5, "one 64K piece and four of the 256K range")
+        await #expect { try await copy(from: source, to: MemoryDestination(size: Self.size * 2)) } throws: {
+            ($0 as? NBDCopyError)?.code == .sizeMismatch
+        }
+        await #expect { try await copy(from: source, to: destination, options: options(blockHash: .default)) } throws: {
+            ($0 as? NBDCopyError)?.code == .invalidArgument
+        }
+        await #expect { try await checksum(of: source) } throws: { ($0 as? NBDCopyError)?.code == .invalidArgument }
+    }
+
+    /// Cancelled at a random write (the writes in flight abandoned), or stopped after a random
+    /// number of writes, then run again with the same journal: the destination ends as the
+    /// source, and the journal is gone.
+    @Test(arguments: 0..<12)
+    func aCopyCutAtARandomPointResumesToTheSameBytes(seed: Int) async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        var generator = SeededGenerator(seed: UInt64(seed))
+        let bytes = image(Self.size, seed: UInt8(seed))
+        let stop = CopyStop()
+        let cut = Int.random(in: 1...60, using: &generator)
+        // A destination full of something else: a range recorded but not written would show.
+        let destination = MemoryDestination(
+            size: Self.size,
+            initial: 0x55,
+            stopAfter: seed.isMultiple(of: 2) ? (cut, stop) : nil,
+            cancelAt: seed.isMultiple(of: 2) ? nil : cut
+        )
+        let firstResult: Result<CopyReport, any Error>
+        do {
+            firstResult = .success(
+                try await copy(from: MemorySource(bytes), to: destination, options: options(journal: journal), stop: stop)
+            )
+        } catch {
+            firstResult = .failure(error)
+        }
+        switch firstResult {
+        case .success(let report): #expect(report.stopped)
+        case .failure(let error): #expect(error is CancellationError)
+        }
+        let source = MemorySource(bytes)
+        let second = try await copy(from: source, to: destination, options: options(blockHash: .default, journal: journal))
+        #expect(!second.stopped && second.bytes == UInt64(Self.size))
+        #expect(firstDifference(destination.bytes, bytes) == nil, "seed \(seed), first run \(firstResult)")
+        #expect(second.blockHash == (try await checksum(of: MemorySource(bytes))), "a resumed copy's blkhash reads the source again")
+        #expect(!FileManager.default.fileExists(atPath: journal.path) && !FileManager.default.fileExists(atPath: journal.path + ".lock"))
+    }
+
+    /// A journal with progress is never applied to a file that opening just created: what it
+    /// records is not in it.
+    @Test func aJournalIsNotAppliedToAFileCreatedAnew() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let path = folder.appendingPathComponent("copy.raw").path
+        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "pattern", destination: path)
+        let stop = CopyStop()
+        let progress = CopyProgress(total: UInt64(Self.size))
+        let watcher = Task {
+            for await snapshot in progress.updates where snapshot.done >= UInt64(Self.size / 4) { stop.request() }
+        }
+        let first = try await copy(
+            from: .pattern(size: UInt64(Self.size)),
+            to: try FileEndpoint.destination(path, size: UInt64(Self.size)),
+            options: options(journal: journal),
+            progress: progress,
+            stop: stop
+        )
+        await watcher.value
+        #expect(first.stopped)
+        try FileManager.default.removeItem(atPath: path)
+        await #expect {
+            try await copy(
+                from: .pattern(size: UInt64(Self.size)),
+                to: try FileEndpoint.destination(path, size: UInt64(Self.size)),
+                options: options(journal: journal)
+            )
+        } throws: { error in
+            (error as? NBDCopyError)?.code == .journal && "\(error)".contains("created or extended")
+        }
+    }
+
+    func temporaryFolder() throws -> URL {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("copy-api-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        return folder
+    }
+}
+
+/// A source whose bitmap calls everything clean but `dirty`, as an NBD source opened on a
+/// dirty bitmap does.
+final class BitmapSource: CopySource {
+    let inner: MemorySource
+    let dirty: [Range<UInt64>]
+    let size: UInt64?
+
+    init(_ inner: MemorySource, dirty: [Range<UInt64>], size: UInt64) {
+        self.inner = inner
+        self.dirty = dirty
+        self.size = size
+    }
+
+    var hasCleanRanges: Bool { true }
+
+    func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
+        var clean: [Range<UInt64>] = []
+        var position = offset
+        for range in dirty where range.upperBound > offset {
+            if range.lowerBound > position { clean.append(position..<min(range.lowerBound, offset + length)) }
+            position = max(position, range.upperBound)
+        }
+        if position < offset + length { clean.append(position..<offset + length) }
+        return clean.filter { !$0.isEmpty }
+    }
+
+    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+        try await inner.read(into: &buffer, at: offset, length: length, worker: worker)
+    }
+}
+
+/// The same numbers for the same seed, run after run (SplitMix64).
+struct SeededGenerator: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
+
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
