@@ -8,6 +8,8 @@ let package = Package(
     products: [
         .library(name: "NBD", targets: ["NBD"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
+        // Pre-1.0 API: may change in a minor release until it has had users.
+        .library(name: "NBDCopy", targets: ["NBDCopy"]),
         .executable(name: "nbd", targets: ["nbd"]),
         .executable(name: "nbd-example", targets: ["nbd-example"]),
         .executable(name: "nbd-bench", targets: ["nbd-bench"]),
@@ -62,8 +64,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // The copy engine: copies, checksums and resumable journals between exports, files and
-        // streams. Used by the tool; not a product yet (its public API is issue 22's work).
+        // The copy engine: copies, checksums, verification and resumable journals between
+        // exports, files and streams; the tool's copy-family commands are built on it.
         .target(
             name: "NBDCopy",
             dependencies: [

@@ -85,12 +85,14 @@ if [ $# -eq 0 ]; then
         exit 1
     fi
     step "docs"
-    docs=$(swift package --disable-sandbox generate-documentation --target NBD 2>&1) || { echo "$docs" >&2; exit 1; }
-    if grep -q '^warning' <<<"$docs"; then
-        grep -A4 '^warning' <<<"$docs" >&2
-        echo "the DocC catalog has warnings" >&2
-        exit 1
-    fi
+    for target in NBD NBDCopy; do
+        docs=$(swift package --disable-sandbox generate-documentation --target "$target" 2>&1) || { echo "$docs" >&2; exit 1; }
+        if grep -q '^warning' <<<"$docs"; then
+            grep -A4 '^warning' <<<"$docs" >&2
+            echo "the DocC catalog of $target has warnings" >&2
+            exit 1
+        fi
+    done
     echo "formatting and documentation: fine"
     # Every libFuzzer target for 30 s (a crash, leak or timeout fails the run).
     step "fuzz"

@@ -2,6 +2,8 @@
 /// zero areas of the source are not read, and a block of zeroes costs one comparison.
 ///
 /// - Parameters:
+///   - source: what to hash; left open.
+///   - specification: the algorithm and block size.
 ///   - options: the request size, requests in flight and memory of the reads.
 ///   - progress: counts the bytes as they are hashed; made for the source's size when nil.
 ///   - stop: ends the reading after what is in flight; the result is then nil.

@@ -10,6 +10,9 @@
 /// The endpoints are not closed: they are the caller's.
 ///
 /// - Parameters:
+///   - source: where to read.
+///   - destination: where to write.
+///   - options: sizes, counts, flush, blkhash and journal; the tool's defaults otherwise.
 ///   - progress: counts the bytes as they are done; made for the source's size when nil.
 ///     Finished when the copy ends.
 ///   - stop: asks the copy to end after what is in flight (the report then says
@@ -95,7 +98,13 @@ package func copyHoldingJournalLock(
             blockHash = try await BlockHasher.reading(source, as: specification, options: options, stop: stop)
         }
     }
-    return CopyReport(bytes: copied, resumedBytes: resumedBytes, blockHash: blockHash, stopped: stop.isRequested)
+    return CopyReport(
+        bytes: copied,
+        skippedBytes: progress.snapshot.skipped,
+        resumedBytes: resumedBytes,
+        blockHash: blockHash,
+        stopped: stop.isRequested
+    )
 }
 
 /// Refuses, before anything is read or written, what cannot work together.

@@ -45,6 +45,8 @@ public final class FileEndpoint: CopySource, CopyDestination {
     /// nothing is written); a smaller block device is an error.
     ///
     /// - Parameters:
+    ///   - path: the file or block device; `-` is standard output.
+    ///   - size: the source's size, when it has one.
     ///   - destinationIsZero: the file is known to read as zeroes already (nbdcopy's
     ///     `--target-is-zero`): zero areas of the source are skipped.
     ///   - allocates: zero areas are zeroed in place, never punched, and nothing counts as

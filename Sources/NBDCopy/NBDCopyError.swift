@@ -1,5 +1,5 @@
 /// Why a copy, checksum or verification failed, in words for people, with a ``Code`` for
-/// programs. Errors of the library's own (``NBDError``, thrown by an export) pass through as
+/// programs. Errors of the library's own (`NBDError`, thrown by an export) pass through as
 /// they are.
 public struct NBDCopyError: Error, Sendable, CustomStringConvertible {
     /// What kind of failure this is. Open-ended: new codes can be added without breaking users.

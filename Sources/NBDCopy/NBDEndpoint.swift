@@ -30,14 +30,15 @@ public final class NBDEndpoint: CopySource, CopyDestination {
     /// bitmap is missing.
     ///
     /// - Parameters:
+    ///   - uri: the export.
     ///   - connections: connections to open when the server allows multi-conn (one otherwise).
     ///   - requests: requests in flight per connection.
     ///   - destinationIsZero: as a destination, the export is known to read as zeroes already
     ///     (nbdcopy's `--target-is-zero`): zero areas of the source are skipped.
     ///   - bitmap: as a source, copy only what this dirty bitmap marks dirty (an incremental
-    ///     copy, onto a full copy made earlier); see ``NBDMetaContext/dirtyBitmap(_:)``.
+    ///     copy, onto a full copy made earlier); see `NBDMetaContext.dirtyBitmap(_:)`.
     ///   - allocates: as a destination, zeroes are written with `NBD_CMD_FLAG_NO_HOLE`.
-    ///   - configuration: the client's configuration (TLS, reconnect delay, timeouts);
+    ///   - base: the client's configuration (TLS, reconnect delay, timeouts);
     ///     `connections`, `requests` and `bitmap` are set on it.
     ///   - onEvent: hears what happens to the connections (lost, reconnected).
     public static func open(

@@ -7,8 +7,11 @@ import NBD
 /// the effects of a flush are all the protocol promises other connections.
 ///
 /// - Parameters:
+///   - copy: what to read back; left open.
+///   - expected: the blkhash it must have, and how to compute it.
 ///   - source: when given, and the blkhashes differ, the first 16 MiB region that differs is
 ///     read from both, to name the first block that does.
+///   - options: the request size, requests in flight and memory of the reads.
 ///   - stop: ends the reading after what is in flight; the result is then false.
 /// - Returns: true when `copy` reads back with the blkhash `expected`; false when `stop`
 ///   ended the reading first.

@@ -49,6 +49,31 @@ struct BlockHashTests {
         #expect(known != nil && known == read)
     }
 
+    /// The format as BlockHashFormat.md writes it down, computed the plain way, is what the
+    /// engine computes: block digests in order, the last block at its own length, zero blocks
+    /// hashed like any other, then the size as 8 little-endian bytes.
+    @Test(arguments: ["sha256/4K", "md5/512", "sha1/64K", "sha512/1K"])
+    func theDocumentedFormatIsWhatTheEngineComputes(text: String) async throws {
+        let specification = try BlockHashSpecification(parsing: text)
+        var bytes = image(300_007, seed: 9)
+        for index in 8192..<(8192 + 20000) { bytes[index] = 0 }
+        var outer = IncrementalHash(specification.algorithm)
+        for start in stride(from: 0, to: bytes.count, by: specification.blockSize) {
+            outer.update(bytes[start..<min(bytes.count, start + specification.blockSize)].withUnsafeBytes { specification.digest($0) })
+        }
+        withUnsafeBytes(of: UInt64(bytes.count).littleEndian) { outer.update($0) }
+        let engine = try await checksum(
+            of: MemorySource(bytes, zeroes: [8192..<(8192 + 20000)]),
+            specification: specification,
+            options: {
+                var options = CopyOptions()
+                options.requestSize = 5000
+                return options
+            }()
+        )
+        #expect(engine?.digest == outer.finalize())
+    }
+
     /// A checksum stopped before its end has no result, rather than a wrong one.
     @Test func aStoppedChecksumHasNoResult() async throws {
         let stop = CopyStop()

@@ -93,7 +93,7 @@ struct CopyAPITests {
         let destination = MemoryDestination(size: Self.size, initial: 0)
         _ = try await copy(from: MemorySource(old), to: destination, options: options())
         let report = try await copy(from: source, to: destination, options: options())
-        #expect(report.bytes == UInt64(Self.size))
+        #expect(report.bytes == UInt64(Self.size) && report.skippedBytes == UInt64(Self.size) - (65536 + 262_144))
         #expect(firstDifference(destination.bytes, new) == nil)
         #expect(source.inner.reads == 5, "one 64K piece and four of the 256K range")
         await #expect { try await copy(from: source, to: MemoryDestination(size: Self.size * 2)) } throws: {

@@ -1,0 +1,25 @@
+// The README's backup recipe: an incremental backup of a qemu dirty bitmap, resumable, then
+// verified against the whole export's blkhash.
+// snippet.show
+import NBD
+import NBDCopy
+
+func incrementalBackup() async throws {
+    // qemu-nbd -B backup-0 (or a fleecing export of a backup job): a view that holds still.
+    let uri = try NBDURI("nbd+unix:///vda?socket=/run/vda-backup.sock")
+    let backup = "/backups/vda.raw"  // last night's full copy
+    // Only what the bitmap marks dirty is read, and written onto the full copy.
+    let changes = try await NBDEndpoint.open(uri, bitmap: .dirtyBitmap("backup-0"))
+    var options = CopyOptions()
+    options.flush = true
+    options.journal = .init(path: backup + ".journal", source: "\(uri)", destination: backup)
+    let report = try await copy(from: changes, to: try FileEndpoint.destination(backup, size: changes.size), options: options)
+    await changes.close()
+    // The whole export's blkhash; the backup must read back with it.
+    let export = try await NBDEndpoint.open(uri)
+    let expected = try await checksum(of: export)
+    await export.close()
+    guard let expected, try await verify(FileEndpoint.source(backup), matches: expected) else { return }
+    print("wrote \(report.bytes - report.skippedBytes) of \(report.bytes) bytes; the backup's blkhash is \(expected)")
+}
+// snippet.end
