@@ -137,7 +137,7 @@ let package = Package(
         .testTarget(
             name: "InteropTests",
             dependencies: [
-                "NBD", "NBDCore", "NBDServer", "nbd", "nbd-example",
+                "NBD", "NBDCopy", "NBDCore", "NBDServer", "nbd", "nbd-example",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
