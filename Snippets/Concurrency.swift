@@ -1,4 +1,4 @@
-// The README's concurrency examples: many tasks on one export, and data passed on uncopied.
+// docs/Library.md's concurrency examples: many tasks on one export, and data passed on uncopied.
 import NBD
 
 // snippet.executor

@@ -1,4 +1,4 @@
-// The README's one-call forms: connect from an NBD URI, or use an export for a scope.
+// The README's and docs/Library.md's one-call forms: connect from an NBD URI, or use an export for a scope.
 // snippet.show
 import NBD
 

@@ -1,4 +1,4 @@
-// The README's TLS examples: from a URI, or configured by hand.
+// docs/Library.md's TLS examples: from a URI, or configured by hand.
 import NBD
 
 // snippet.uri

@@ -1,4 +1,4 @@
-// The README's logging example: every option, request and reply at trace level.
+// docs/Library.md's logging example: every option, request and reply at trace level.
 // snippet.show
 import Logging
 import NBD

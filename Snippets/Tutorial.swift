@@ -1,4 +1,4 @@
-// The README's tutorial, phase by phase, as one function: built with the package so that it
+// docs/Library.md's tutorial, phase by phase, as one function: built with the package so that it
 // cannot rot. Run it against any writable export on /tmp/nbd.sock (`nbd serve` makes one).
 // snippet.dial
 import NBD

@@ -1,15 +1,16 @@
 import Foundation
 import Testing
 
-/// The README's code cannot rot: every Swift block in it is part of a file of `Snippets/`,
-/// which `swift build` compiles; the manifest block names products the package has.
+/// The code of the README and `docs/` cannot rot: every Swift block in them is part of a file
+/// of `Snippets/`, which `swift build` compiles; the manifest block names products the package has.
 @Suite("README code is compiled")
 struct ReadmeSnippetTests {
     static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
-    /// The Swift blocks of the README, each as its lines without leading and trailing blanks.
-    static func readmeBlocks() throws -> [[String]] {
-        let text = try String(contentsOf: root.appendingPathComponent("README.md"), encoding: .utf8)
+    /// The Swift blocks of the README (or of `file`), each as its lines without leading and
+    /// trailing blanks.
+    static func readmeBlocks(_ file: String = "README.md") throws -> [[String]] {
+        let text = try String(contentsOf: root.appendingPathComponent(file), encoding: .utf8)
         var blocks: [[String]] = []
         var current: [String]?
         for line in text.components(separatedBy: "\n") {
@@ -46,11 +47,17 @@ struct ReadmeSnippetTests {
 
     @Test func everySwiftBlockIsInASnippet() throws {
         let snippets = try Self.snippets()
-        let blocks = try Self.readmeBlocks().filter { $0.first != "// Package.swift" }
-        #expect(blocks.count >= 10)
-        for block in blocks {
-            #expect(snippets.values.contains { Self.contains($0, block) }, "not in Snippets/:\n\(block.joined(separator: "\n"))")
+        let documents = try FileManager.default.contentsOfDirectory(atPath: Self.root.appendingPathComponent("docs").path)
+            .filter { $0.hasSuffix(".md") }.map { "docs/" + $0 }
+        var count = 0
+        for file in ["README.md"] + documents {
+            let blocks = try Self.readmeBlocks(file).filter { $0.first != "// Package.swift" }
+            count += blocks.count
+            for block in blocks {
+                #expect(snippets.values.contains { Self.contains($0, block) }, "\(file), not in Snippets/:\n\(block.joined(separator: "\n"))")
+            }
         }
+        #expect(count >= 15)
     }
 
     @Test func theManifestBlockNamesRealProducts() throws {
@@ -60,7 +67,7 @@ struct ReadmeSnippetTests {
             guard let range = line.range(of: ".product(name: \"") else { return nil }
             return String(line[range.upperBound...].prefix { $0 != "\"" })
         }
-        #expect(named == ["NBD", "NBDServer", "NIOCore"])
+        #expect(named == ["NBD", "NBDCopy", "NBDServer", "NIOCore"])
         for product in named.dropLast() { #expect(manifest.contains(".library(name: \"\(product)\"")) }
         // No release is tagged: the block follows main, and names the swift-nio this package uses.
         #expect(block.contains { $0.contains("swift-nbd\", branch: \"main\")") })
