@@ -39,14 +39,20 @@ public final class CopyProgress: Sendable {
         var done: UInt64 = 0
         var skipped: UInt64 = 0
         var finished = false
+        var lastUpdate: ContinuousClock.Instant?
     }
+
+    /// Snapshots go to ``updates`` at most this often (the last one always): a copy does
+    /// thousands of pieces a second, and waking a reader for each would cost more than the
+    /// pieces' own bookkeeping.
+    public static let updateInterval: Duration = .milliseconds(50)
 
     private let total: UInt64?
     private let start = ContinuousClock.now
     private let counts = NIOLockedValueBox(Counts())
     private let continuation: AsyncStream<Snapshot>.Continuation
-    /// Snapshots as the work moves, the newest one kept for a slow reader; ends after the
-    /// finished one. One reader at a time.
+    /// Snapshots as the work moves, at most one per ``updateInterval``, the newest one kept for
+    /// a slow reader; ends after the finished one. One reader at a time.
     public let updates: AsyncStream<Snapshot>
 
     /// Progress towards `total` bytes (nil: unknown, a stream).
@@ -63,11 +69,15 @@ public final class CopyProgress: Sendable {
 
     /// Counts `bytes` more as done (and as skipped, with `skipped`).
     package func add(_ bytes: UInt64, skipped: Bool = false) {
-        counts.withLockedValue { counts in
+        let now = ContinuousClock.now
+        let due = counts.withLockedValue { counts in
             counts.done += bytes
             if skipped { counts.skipped += bytes }
+            if let last = counts.lastUpdate, now - last < Self.updateInterval { return false }
+            counts.lastUpdate = now
+            return true
         }
-        continuation.yield(snapshot)
+        if due { continuation.yield(snapshot) }
     }
 
     /// The work has ended: the last snapshot says so, and ``updates`` ends.

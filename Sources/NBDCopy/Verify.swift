@@ -24,6 +24,9 @@ public func verify(
     stop: CopyStop = CopyStop()
 ) async throws -> Bool {
     try options.validate()
+    if let size = copy.size, size < expected.size {
+        throw NBDCopyError(.verificationFailed, "verify failed: the destination has \(size) bytes, and the source \(expected.size)")
+    }
     guard
         let hash = try await BlockHasher.reading(
             copy,

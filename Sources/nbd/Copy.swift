@@ -170,7 +170,8 @@ struct Copy: AsyncParsableCommand {
         defer { lock?.release() }
         let previous = try resume.flatMap { try CopyJournal.load($0) }
         let watch = ConnectionWatch()
-        let interrupt = Interrupt()
+        // Armed once both ends are open: until then Ctrl-C ends a connect that hangs at once.
+        let interrupt = Interrupt(armed: false)
         try await Endpoints.withSource(
             self.source,
             connections: connections,
@@ -200,7 +201,8 @@ struct Copy: AsyncParsableCommand {
                 configuration: configuration,
                 watch: watch
             ) { destination in
-                try await copy(source, to: destination, resuming: previous, watch: watch, stop: interrupt.stop)
+                interrupt.arm()
+                return try await copy(source, to: destination, resuming: previous, watch: watch, stop: interrupt.stop)
             }
             guard !report.stopped else { return }
             if let hash = report.blockHash {
@@ -424,16 +426,23 @@ enum Endpoints {
     }
 }
 
-/// SIGINT: the copy's stop is requested (requests in flight finish, no new work starts). A
-/// second SIGINT exits at once, for a server that will never answer them.
+/// SIGINT, once armed: the copy's stop is requested (requests in flight finish, no new work
+/// starts). A second SIGINT exits at once, for a server that will never answer them. Until it
+/// is armed, SIGINT ends the process as usual (while connecting, say).
 final class Interrupt: Sendable {
     let stop = CopyStop()
     private let handler = NIOLockedValueBox<SignalHandler?>(nil)
 
-    init() {
+    init(armed: Bool = true) {
+        if armed { arm() }
+    }
+
+    /// From now on, SIGINT asks the stop.
+    func arm() {
         let stop = self.stop
-        handler.withLockedValue {
-            $0 = SignalHandler([SIGINT]) {
+        handler.withLockedValue { handler in
+            guard handler == nil else { return }
+            handler = SignalHandler([SIGINT]) {
                 if stop.request() {
                     StandardStreams.error("\nnbd: interrupted again: exiting without waiting for the requests in flight\n")
                     exit(130)

@@ -39,6 +39,8 @@ final class Progress: Sendable {
         case "json": mode = .json
         case let number?: mode = .descriptor(Int32(number)!)
         }
+        // Nothing to show, so nothing reads the updates.
+        if case .off = mode { return }
         connections?.onChange { [weak self] in self?.redraw() }
         renderer.withLockedValue {
             $0 = Task { [self] in

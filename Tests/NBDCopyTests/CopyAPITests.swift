@@ -56,6 +56,10 @@ struct CopyAPITests {
         await #expect {
             try await verify(MemorySource(changed), matches: hash)
         } throws: { ($0 as? NBDCopyError)?.message == "verify failed: the destination differs from the source in bytes 0..<\(Self.size)" }
+        // A copy too short is named as such, before anything is read.
+        await #expect {
+            try await verify(MemorySource(Array(bytes.prefix(1000))), matches: hash)
+        } throws: { ($0 as? NBDCopyError)?.message == "verify failed: the destination has 1000 bytes, and the source \(Self.size)" }
         // Stopped before the end: no verdict either way.
         let stop = CopyStop()
         stop.request()
@@ -152,18 +156,13 @@ struct CopyAPITests {
         let path = folder.appendingPathComponent("copy.raw").path
         let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "pattern", destination: path)
         let stop = CopyStop()
-        let progress = CopyProgress(total: UInt64(Self.size))
-        let watcher = Task {
-            for await snapshot in progress.updates where snapshot.done >= UInt64(Self.size / 4) { stop.request() }
-        }
+        let file = try FileEndpoint.destination(path, size: UInt64(Self.size))
         let first = try await copy(
             from: .pattern(size: UInt64(Self.size)),
-            to: try FileEndpoint.destination(path, size: UInt64(Self.size)),
+            to: StoppingDestination(file, stop: stop, afterWrites: 8),
             options: options(journal: journal),
-            progress: progress,
             stop: stop
         )
-        await watcher.value
         #expect(first.stopped)
         try FileManager.default.removeItem(atPath: path)
         await #expect {
@@ -175,6 +174,31 @@ struct CopyAPITests {
         } throws: { error in
             (error as? NBDCopyError)?.code == .journal && "\(error)".contains("created or extended")
         }
+    }
+
+    /// A reader of the progress is woken at most once an interval, not once a piece: a copy
+    /// does thousands a second.
+    @Test func progressUpdatesComeAtMostOnceAnInterval() async throws {
+        let progress = CopyProgress(total: 10_000)
+        let reader = Task {
+            var count = 0
+            var last: CopyProgress.Snapshot?
+            for await snapshot in progress.updates {
+                count += 1
+                last = snapshot
+            }
+            return (count, last)
+        }
+        let start = ContinuousClock.now
+        for _ in 0..<10_000 {
+            progress.add(1)
+            await Task.yield()
+        }
+        progress.finish()
+        let elapsed = ContinuousClock.now - start
+        let (count, last) = await reader.value
+        #expect(last?.finished == true && last?.done == 10_000)
+        #expect(count <= Int(elapsed / CopyProgress.updateInterval) + 2, "\(count) updates in \(elapsed)")
     }
 
     func temporaryFolder() throws -> URL {
@@ -213,6 +237,41 @@ final class BitmapSource: CopySource {
     func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         try await inner.read(into: &buffer, at: offset, length: length, worker: worker)
     }
+}
+
+/// A destination that asks `stop` after so many writes, and otherwise is `inner`.
+struct StoppingDestination: CopyDestination {
+    let inner: any CopyDestination
+    let stop: CopyStop
+    let afterWrites: Int
+    private let writes = NIOLockedValueBox(0)
+
+    init(_ inner: any CopyDestination, stop: CopyStop, afterWrites: Int) {
+        self.inner = inner
+        self.stop = stop
+        self.afterWrites = afterWrites
+    }
+
+    var size: UInt64? { inner.size }
+    var currentSize: UInt64? { inner.currentSize }
+    var startsZeroed: Bool { inner.startsZeroed }
+    var isSequential: Bool { inner.isSequential }
+
+    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+        try await inner.write(data, at: offset, worker: worker)
+        if writes.withLockedValue({
+            $0 += 1
+            return $0
+        }) >= afterWrites {
+            stop.request()
+        }
+    }
+
+    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+        try await inner.zero(at: offset, length: length, worker: worker)
+    }
+    func flush() async throws { try await inner.flush() }
+    func close() async { await inner.close() }
 }
 
 /// The same numbers for the same seed, run after run (SplitMix64).

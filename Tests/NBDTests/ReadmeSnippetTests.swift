@@ -54,7 +54,10 @@ struct ReadmeSnippetTests {
             let blocks = try Self.readmeBlocks(file).filter { $0.first != "// Package.swift" }
             count += blocks.count
             for block in blocks {
-                #expect(snippets.values.contains { Self.contains($0, block) }, "\(file), not in Snippets/:\n\(block.joined(separator: "\n"))")
+                #expect(
+                    snippets.values.contains { Self.contains($0, block) },
+                    "\(file), not in Snippets/:\n\(block.joined(separator: "\n"))"
+                )
             }
         }
         #expect(count >= 15)
