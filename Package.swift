@@ -40,11 +40,16 @@ let package = Package(
             name: "NBDSystem",
             dependencies: [.product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio")]
         ),
+        // What the client and the server share about TLS: credential files, PSK key files.
+        .target(
+            name: "NBDTLS",
+            dependencies: ["NBDCore", .product(name: "NIOSSL", package: "swift-nio-ssl")]
+        ),
         // The async/await client over SwiftNIO.
         .target(
             name: "NBD",
             dependencies: [
-                "NBDCore", "NBDEventLoop", "NBDSystem",
+                "NBDCore", "NBDEventLoop", "NBDSystem", "NBDTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
@@ -57,10 +62,12 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "NBDCore", "NBDEventLoop", "NBDSystem",
+                "NBDCore", "NBDEventLoop", "NBDSystem", "NBDTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -107,7 +114,7 @@ let package = Package(
         .testTarget(
             name: "NBDTests",
             dependencies: [
-                "NBD", "NBDCore",
+                "NBD", "NBDCore", "NBDTLS",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -154,7 +161,7 @@ if Context.environment["NBD_FUZZ"] != nil {
     package.targets.append(.target(name: "FuzzSupport", dependencies: [nio], path: "Fuzz/Support"))
     for (name, module) in [
         ("ClientNegotiation", "NBDCore"), ("ClientTransmission", "NBDCore"), ("ServerNegotiation", "NBDCore"),
-        ("ServerTransmission", "NBDCore"), ("URI", "NBD"), ("ServerHello", "NBD"), ("PSKFile", "NBD"),
+        ("ServerTransmission", "NBDCore"), ("URI", "NBD"), ("ServerHello", "NBD"), ("PSKFile", "NBDTLS"),
     ] {
         package.targets.append(
             .executableTarget(

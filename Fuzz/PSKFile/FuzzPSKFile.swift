@@ -1,5 +1,5 @@
 import FuzzSupport
-import NBD
+import NBDTLS
 
 /// Pre-shared key files in psktool's format, with any contents.
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -8,6 +8,13 @@ public func fuzzPSKFile(_ start: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     for user in ["alice", "", "bob:x"] {
         if let key = try? PSKFile.key(of: user, in: text, path: "keys.psk") {
             precondition(!key.isEmpty, "an empty key was accepted")
+        }
+    }
+    // The server's reading: every user's key, each as the client would read it.
+    if let keys = try? PSKFile.keys(in: text, path: "keys.psk") {
+        for (user, key) in keys {
+            precondition(!user.isEmpty && !user.contains(":") && !key.isEmpty, "a bad line was accepted")
+            precondition((try? PSKFile.key(of: user, in: text, path: "keys.psk")) == key, "the client and the server read \(user) apart")
         }
     }
     return 0

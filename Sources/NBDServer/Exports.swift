@@ -3,3 +3,4 @@
 @_exported import enum NBDCore.NBDAddress
 @_exported import struct NBDCore.NBDErrno
 @_exported import enum NBDCore.NBDServerReadPart
+@_exported import enum NBDCore.NBDServerTLSMode

@@ -54,6 +54,8 @@ public final class NBDServer: Sendable {
         /// A connection whose client reads none of its replies for this long, while its
         /// requests are not being read, is closed. Idle connections are kept.
         public var replyStallTimeout: TimeAmount = .seconds(60)
+        /// TLS, when the server offers it (nil: it does not, as `--tls=off`).
+        public var tls: NBDServerTLSConfiguration?
         /// Where connection and error logs go; by default nowhere.
         public var logger = Logger(label: "nbd-server", factory: { _ in SwiftLogNoOpLogHandler() })
         /// The defaults.
@@ -115,12 +117,14 @@ public final class NBDServer: Sendable {
         var all: [Channel] { state.withLockedValue { Array($0.channels.values) } }
     }
 
-    /// Starts serving `exports` on `address` and returns once the socket listens.
+    /// Starts serving `exports` on `address` and returns once the socket listens. TLS
+    /// credentials are read first: a missing or bad file throws `tlsFailed`, naming it.
     public static func start(
         exports: [NBDServerExport],
         on address: NBDAddress,
         configuration: Configuration = Configuration()
     ) async throws -> NBDServer {
+        let tls = try configuration.tls.flatMap { $0.mode == .off ? nil : try ServerTLSCredentials($0) }
         let connections = Connections()
         let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -153,7 +157,7 @@ public final class NBDServer: Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDServerChannelHandler(exports: exports, configuration: configuration, logger: configuration.logger) {
+                        NBDServerChannelHandler(exports: exports, configuration: configuration, tls: tls, logger: configuration.logger) {
                             connections.negotiated(channel)
                         }
                     )

@@ -2,6 +2,8 @@ import Logging
 import NBDCore
 import NBDEventLoop
 import NIOCore
+import NIOSSL
+import NIOTLS
 
 /// One client connection: feeds the client's bytes to a ``ServerConnectionStateMachine`` and
 /// performs what it decides; requests run concurrently, each answered as soon as its backend
@@ -26,15 +28,23 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     /// Requests handed out after this are dropped unperformed: nobody would read their replies.
     private var closed = false
     private let transmissionStarted: @Sendable () -> Void
+    /// What a TLS handler is made from, when the server offers TLS.
+    private let tls: ServerTLSCredentials?
+    /// The PSK user the TLS handshake negotiated.
+    private let pskIdentity = PSKIdentity()
+    /// The TLS handler, once STARTTLS was acknowledged.
+    private var tlsHandler: NIOSSLServerHandler?
 
     /// A connection serving `exports`; `transmissionStarted` is called when it leaves negotiation.
     init(
         exports: [NBDServerExport],
         configuration: NBDServer.Configuration,
+        tls: ServerTLSCredentials? = nil,
         logger: Logger,
         transmissionStarted: @escaping @Sendable () -> Void = {}
     ) {
         self.transmissionStarted = transmissionStarted
+        self.tls = tls
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
@@ -59,7 +69,9 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 maximumBufferedBytes: configuration.maximumBufferedBytes,
                 replyStallTimeout: configuration.replyStallTimeout
             ),
-            handshakeTimeout: configuration.handshakeTimeout
+            handshakeTimeout: configuration.handshakeTimeout,
+            tlsMode: tls == nil ? .off : configuration.tls?.mode ?? .off,
+            allowedIdentities: configuration.tls?.allowedIdentities
         )
         backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
         self.logger = logger
@@ -90,9 +102,24 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.warning("connection error", metadata: ["error": "\(error)"])
+        if tlsHandler != nil, error is NIOSSLError || error is BoringSSLError {
+            // "If the handshake is unsuccessful ... the server MUST terminate the session."
+            logger.warning("TLS failed: closing the client", metadata: ["error": "\(error)"])
+        } else {
+            logger.warning("connection error", metadata: ["error": "\(error)"])
+        }
         connectionEnded()
         context.close(promise: nil)
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent, let tls {
+            let identity = tls.identity(of: tlsHandler, psk: pskIdentity)
+            logger.info("TLS established", metadata: ["identity": "\(identity ?? "none")"])
+            machine.tlsEstablished(identity: identity)
+            run()
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     private func connectionEnded() {
@@ -164,6 +191,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             case .writeAndClose(let bytes):
                 let channel = context.channel
                 context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
+            case .startTLS(let bytes):
+                startTLS(after: bytes, context: context)
             case .transmissionStarted(let agreement):
                 backend = backends[agreement.export.name]
                 transmissionStarted()
@@ -182,6 +211,23 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             }
         }
         if flush { context.flush() }
+    }
+
+    /// Sends STARTTLS's acknowledgement in clear, then puts TLS in front of everything: the
+    /// acknowledgement is in the channel's buffer, flushed, before the TLS handler is added.
+    private func startTLS(after acknowledgement: ByteBuffer, context: ChannelHandlerContext) {
+        write([acknowledgement], context: context)
+        context.flush()
+        do {
+            guard let tls else { throw NBDError(.tlsFailed, "TLS is not configured", connectionUsable: false) }
+            let handler = try tls.makeHandler(recording: pskIdentity)
+            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+            tlsHandler = handler
+        } catch {
+            logger.error("cannot start TLS: closing the client", metadata: ["error": "\(error)"])
+            connectionEnded()
+            context.close(promise: nil)
+        }
     }
 
     /// Writes a reply's buffers and tells the machine once they are all written.

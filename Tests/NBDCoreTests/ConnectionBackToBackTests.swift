@@ -181,6 +181,34 @@ struct ConnectionBackToBackTests {
         }
     }
 
+    /// A client that requires TLS and a server that requires it: STARTTLS first, then the
+    /// whole negotiation again over TLS, then data. A client in clear learns nothing but that
+    /// TLS is required.
+    @Test(arguments: [NBDServerTLSMode.require, .on])
+    func startTLSBackToBack(mode: NBDServerTLSMode) throws {
+        var pair = Pair(seed: 21, tlsPolicy: .require, serverTLS: mode)
+        try pair.connect()
+        #expect(pair.client.tlsVersion == "tlsv13")
+        let start = try pair.go("disk")
+        let sizes = start.goReplies?.compactMap { reply -> UInt64? in
+            if case .info(.export(let size, _)) = reply { size } else { nil }
+        }
+        #expect(sizes == [Pair.size])
+        let write = pair.submit(.write, offset: 4096, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4]))
+        let read = pair.submit(.read, offset: 4096, length: 4)
+        try pair.settle()
+        #expect(write.isDone && write.error == nil && Array(read.data.readableBytesView) == [1, 2, 3, 4])
+
+        var plain = Pair(seed: 22, serverTLS: mode)
+        try plain.connect()
+        if mode == .require {
+            #expect(try plain.option(.list).first?.isError == true)
+            #expect { try plain.go("disk") } throws: { ($0 as? NBDError)?.optionReply == .errTLSRequired }
+        } else {
+            #expect(try plain.go("disk").goReplies?.isEmpty == false)
+        }
+    }
+
     @Test func aSilentServerTimesOut() throws {
         var pair = Pair(seed: 10, serverSilent: true)
         try pair.settle()
@@ -323,11 +351,16 @@ struct Pair {
     /// When not 0, one piece in this many that the server sends has a byte changed.
     var corruptOneIn: UInt64 = 0
     let serverSilent: Bool
+    /// Each side is ready for its TLS handshake; once both are, it "happens" (no encryption
+    /// here: the machines only learn that it succeeded).
+    var serverAwaitsTLS = false
+    var clientAwaitsTLS = false
 
     init(
         seed: UInt64,
         maximumInFlight: Int = 64,
         tlsPolicy: NBDTLSPolicy = .disable,
+        serverTLS: NBDServerTLSMode = .off,
         serverSilent: Bool = false,
         requestTimeout: TimeAmount? = nil
     ) {
@@ -350,7 +383,8 @@ struct Pair {
                 .init(name: "ro", size: Pair.size, flags: [.hasFlags, .readOnly], blockSizes: blockSizes),
             ],
             maximumOptionLength: 4096,
-            limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16)
+            limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16),
+            tlsMode: serverTLS
         )
         client.channelActive()
         if !serverSilent { server.channelActive() }
@@ -453,6 +487,12 @@ struct Pair {
             client.bytesReceived(piece)
         }
         toClient = queue + toClient
+        if serverAwaitsTLS, clientAwaitsTLS, toServer.isEmpty, toClient.isEmpty {
+            moved = true
+            (serverAwaitsTLS, clientAwaitsTLS) = (false, false)
+            server.tlsEstablished(identity: "alice")
+            client.tlsEstablished(version: "tlsv13", cipherSuite: nil)
+        }
         mostPerformedAtOnce = max(mostPerformedAtOnce, performing.count)
         if !holding, !performing.isEmpty, random(3) == 0 || toServer.isEmpty {
             moved = true
@@ -487,7 +527,7 @@ struct Pair {
             toServer.append(buffer)
             clientClosed = true
         case .startTLS:
-            Issue.record("the server offers no TLS")
+            clientAwaitsTLS = true
         case .armTimer(let delay):
             timerArmed = true
             timerDelay = delay
@@ -535,6 +575,10 @@ struct Pair {
             break
         case .perform(let request, let data, let sparse):
             performing.append((request, data, sparse))
+        case .startTLS(let bytes):
+            toClient.append(bytes)
+            server.bytesWritten(bytes.readableBytes)
+            serverAwaitsTLS = true
         case .close, .fatal:
             serverClosed = true
         }

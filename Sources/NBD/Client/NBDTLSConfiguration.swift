@@ -1,5 +1,6 @@
 import Foundation
 import NBDCore
+import NBDTLS
 import NIOSSL
 
 /// How a client uses TLS (`NBD_OPT_STARTTLS`, "TLS support"), with libnbd's three policies.
@@ -55,11 +56,10 @@ public struct NBDTLSConfiguration: Sendable {
     /// Takes the certificates from a directory in the layout nbdkit, qemu and libnbd share:
     /// `ca-cert.pem` to trust, and `client-cert.pem` with `client-key.pem` when they exist.
     public mutating func useCertificates(in directory: String) {
-        let file = { (name: String) in URL(fileURLWithPath: directory).appendingPathComponent(name).path }
-        caCertificateFile = file("ca-cert.pem")
-        if FileManager.default.fileExists(atPath: file("client-cert.pem")) {
-            clientCertificateFile = file("client-cert.pem")
-            clientKeyFile = file("client-key.pem")
+        caCertificateFile = TLSFiles.path(.caCertificate, in: directory)
+        if FileManager.default.fileExists(atPath: TLSFiles.path(.clientCertificate, in: directory)) {
+            clientCertificateFile = TLSFiles.path(.clientCertificate, in: directory)
+            clientKeyFile = TLSFiles.path(.clientKey, in: directory)
         }
     }
 
@@ -69,12 +69,8 @@ public struct NBDTLSConfiguration: Sendable {
         if let pskFile {
             let (identity, key) = try Self.loadPSK(pskFile, username: pskUsername ?? NSUserName())
             tls.pskClientProvider = { _ in PSKClientIdentityResponse(key: NIOSSLSecureBytes(key), identity: identity) }
-            // BoringSSL offers PSK only with the TLS 1.2 PSK cipher suites.
             tls.maximumTLSVersion = .tlsv12
-            tls.cipherSuiteValues = [
-                .TLS_ECDHE_PSK_WITH_AES_128_CBC_SHA, .TLS_ECDHE_PSK_WITH_AES_256_CBC_SHA,
-                .TLS_PSK_WITH_AES_128_CBC_SHA, .TLS_PSK_WITH_AES_256_CBC_SHA,
-            ]
+            tls.cipherSuiteValues = TLSFiles.pskCipherSuites
             tls.certificateVerification = .none
             return try NIOSSLContext(configuration: tls)
         }
@@ -83,9 +79,7 @@ public struct NBDTLSConfiguration: Sendable {
         for (what, path) in [
             ("CA certificate", caCertificateFile), ("client certificate", clientCertificateFile), ("client key", clientKeyFile),
         ] {
-            guard let path, access(path, R_OK) != 0 else { continue }
-            let reason = String(cString: strerror(errno))
-            throw NBDError(.tlsFailed, "cannot read the \(what) \(path): \(reason)", connectionUsable: false)
+            if let path { try TLSFiles.requireReadable(path, as: what) }
         }
         if let caCertificateFile {
             tls.trustRoots = .file(caCertificateFile)
@@ -99,12 +93,6 @@ public struct NBDTLSConfiguration: Sendable {
 
     /// Reads the key of `username` from a psktool file.
     static func loadPSK(_ path: String, username: String) throws -> (String, [UInt8]) {
-        let text: String
-        do {
-            text = try String(contentsOfFile: path, encoding: .utf8)
-        } catch {
-            throw NBDError(.tlsFailed, "cannot read the PSK file \(path)", connectionUsable: false, underlying: error)
-        }
-        return (username, try PSKFile.key(of: username, in: text, path: path))
+        (username, try PSKFile.key(of: username, in: try TLSFiles.pskText(path), path: path))
     }
 }

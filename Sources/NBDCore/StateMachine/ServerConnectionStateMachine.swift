@@ -5,7 +5,9 @@ import NIOCore
 /// and performs the actions ``next()`` returns, and nothing else.
 ///
 /// Negotiation has a deadline: a client that has not entered transmission within the handshake
-/// timeout is closed, so that silent connections cannot hold the server's slots.
+/// timeout is closed, so that silent connections cannot hold the server's slots. The deadline
+/// covers a TLS handshake too. Once TLS is up, the client's identity must be on the allow-list,
+/// when there is one.
 public struct ServerConnectionStateMachine: Sendable {
     /// What the caller does next.
     public enum Action: Sendable {
@@ -13,6 +15,10 @@ public struct ServerConnectionStateMachine: Sendable {
         case write([ByteBuffer])
         /// Write these bytes, then close the connection.
         case writeAndClose(ByteBuffer)
+        /// Write these bytes in clear and flush them, then start TLS on the connection: every
+        /// byte after them, both ways, is TLS. Report the handshake with
+        /// ``tlsEstablished(identity:)``; a failed one ends the connection.
+        case startTLS(ByteBuffer)
         /// Transmission starts with `agreement`: requests for its export follow.
         case transmissionStarted(ServerNegotiationStateMachine.Agreement)
         /// Perform this request on the export (a WRITE with its data) and report the result
@@ -50,15 +56,42 @@ public struct ServerConnectionStateMachine: Sendable {
 
     /// A connection that will serve `exports` within `limits`, closed if it has not entered
     /// transmission within `handshakeTimeout`.
+    private let allowedIdentities: Set<String>?
+
+    /// A connection that will serve `exports` within `limits`, closed if it has not entered
+    /// transmission within `handshakeTimeout`. With `tlsMode` other than `.off`, clients may
+    /// (or must) start TLS; with `allowedIdentities`, only clients whose TLS identity (an X.509
+    /// subject or a PSK user name) is in it are served.
     public init(
         exports: [ServerNegotiationStateMachine.Export],
         maximumOptionLength: Int,
         limits: ServerTransmissionStateMachine.Limits,
-        handshakeTimeout: TimeAmount = .seconds(10)
+        handshakeTimeout: TimeAmount = .seconds(10),
+        tlsMode: NBDServerTLSMode = .off,
+        allowedIdentities: Set<String>? = nil
     ) {
-        phase = .negotiating(ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength))
+        phase = .negotiating(
+            ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength, tlsMode: tlsMode)
+        )
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
+        self.allowedIdentities = allowedIdentities
+    }
+
+    /// The TLS handshake that ``Action/startTLS(_:)`` began completed; `identity` is the
+    /// client's X.509 subject or PSK user name, when it has one. Negotiation goes on over TLS,
+    /// unless the allow-list refuses the identity.
+    public mutating func tlsEstablished(identity: String?) {
+        guard case .negotiating(var negotiation) = phase else { return }
+        if let allowedIdentities, !allowedIdentities.contains(identity ?? "") {
+            phase = .ended
+            let who = identity.map { "\"\($0)\"" } ?? "without an identity"
+            outbox = [.fatal(NBDError(.tlsFailed, "the client \(who) is not on the TLS allow-list", connectionUsable: false))]
+            return
+        }
+        phase = .ended
+        negotiation.tlsEstablished()
+        phase = .negotiating(negotiation)
     }
 
     /// The client connected: the greeting goes first, and the handshake deadline starts.
@@ -172,6 +205,16 @@ public struct ServerConnectionStateMachine: Sendable {
             case .close(let bytes):
                 phase = .ended
                 return .writeAndClose(bytes)
+            case .startTLS(let bytes):
+                // Bytes the client sent behind STARTTLS, before its TLS handshake, were sent in
+                // clear: read as options after the handshake, they would be an attacker's
+                // (the STARTTLS command injection of CVE-2021-3716, in nbdkit).
+                guard input.readableBytes == 0 else {
+                    phase = .ended
+                    return .fatal(.clientViolation("\(input.readableBytes) bytes followed NBD_OPT_STARTTLS before the TLS handshake"))
+                }
+                negotiationUnwritten += bytes.readableBytes
+                return .startTLS(bytes)
             case .fatal(let error):
                 phase = .ended
                 return .fatal(error)

@@ -4,7 +4,9 @@ import NIOCore
 ///
 /// It sends the fixed-newstyle greeting, checks the client flags ("the server MUST close the
 /// TCP connection if it does not recognize the client's flags"), and answers every option;
-/// unknown options get `NBD_REP_ERR_UNSUP` and negotiation goes on.
+/// unknown options get `NBD_REP_ERR_UNSUP` and negotiation goes on. It holds the rules of the
+/// server's TLS mode (``NBDServerTLSMode``): which options are answered before TLS, STARTTLS
+/// itself, and what is forgotten once TLS is up.
 public struct ServerNegotiationStateMachine: Sendable {
     /// What the server offers for one export.
     public struct Export: Hashable, Sendable {
@@ -57,11 +59,14 @@ public struct ServerNegotiationStateMachine: Sendable {
         /// Send these bytes, then close the connection (ABORT, or an export refused to
         /// EXPORT_NAME).
         case close(ByteBuffer)
+        /// Send these bytes (STARTTLS's acknowledgement) in clear, then start the TLS handshake;
+        /// report its success with ``tlsEstablished()``. No option is read until then.
+        case startTLS(ByteBuffer)
         /// The client broke the protocol: close at once, sending nothing more.
         case fatal(NBDError)
     }
 
-    enum State: Sendable { case awaitingClientFlags, negotiating, done }
+    enum State: Sendable { case awaitingClientFlags, negotiating, awaitingTLS, done }
 
     /// The id of `base:allocation`, the one context this server offers.
     public static let baseAllocationID: UInt32 = 1
@@ -73,12 +78,29 @@ public struct ServerNegotiationStateMachine: Sendable {
     private var noZeroes = false
     private var format = TransmissionFormat.simple
     private var selected: (export: String, contexts: [NBDMetaContext])?
+    private let tlsMode: NBDServerTLSMode
+    /// The TLS handshake that followed STARTTLS completed.
+    public private(set) var isTLS = false
 
-    /// A machine serving `exports`; options longer than `maximumOptionLength` end the session.
-    public init(exports: [Export], maximumOptionLength: Int = 64 * 1024) {
+    /// A machine serving `exports` in `tlsMode`; options longer than `maximumOptionLength`
+    /// end the session.
+    public init(exports: [Export], maximumOptionLength: Int = 64 * 1024, tlsMode: NBDServerTLSMode = .off) {
         self.exports = Dictionary(exports.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         self.exportOrder = exports.map(\.name)
         self.maximumOptionLength = maximumOptionLength
+        self.tlsMode = tlsMode
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: negotiation goes on, over TLS, from scratch.
+    public mutating func tlsEstablished() {
+        guard state == .awaitingTLS else { return }
+        // "When this command succeeds, the server MUST NOT preserve any negotiation state
+        // (such as a request for NBD_OPT_STRUCTURED_REPLY, or metadata contexts from
+        // NBD_OPT_SET_META_CONTEXT) issued before this command."
+        format = .simple
+        selected = nil
+        isTLS = true
+        state = .negotiating
     }
 
     /// The greeting to send first: fixed newstyle, with NO_ZEROES offered.
@@ -91,7 +113,7 @@ public struct ServerNegotiationStateMachine: Sendable {
     /// Consumes what it can of `buffer` and says what to do.
     public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         switch state {
-        case .done:
+        case .done, .awaitingTLS:
             return .wait
         case .awaitingClientFlags:
             guard let raw = buffer.readInteger(as: UInt32.self) else { return .wait }
@@ -121,6 +143,25 @@ public struct ServerNegotiationStateMachine: Sendable {
         let code = request.code
         var out = ByteBuffer()
         func reply(_ body: OptionReply.Body) { OptionReply(option: code, body: body).encode(into: &out) }
+
+        if tlsMode == .require, !isTLS {
+            switch request {
+            case .startTLS, .abort:
+                break
+            case .exportName:
+                // "If the server receives a request to enter transmission mode via
+                // NBD_OPT_EXPORT_NAME when TLS has not been initiated, then as this request
+                // cannot error, it MUST terminate the session."
+                state = .done
+                return .close(out)
+            default:
+                // "If the server receives any other option, including NBD_OPT_INFO and
+                // unsupported options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has not
+                // been initiated."
+                reply(.error(.errTLSRequired, message: "this server requires TLS: send NBD_OPT_STARTTLS first"))
+                return .send(out)
+            }
+        }
 
         switch request {
         case .exportName(let name):
@@ -204,8 +245,25 @@ public struct ServerNegotiationStateMachine: Sendable {
             if isSet { selected = (name, contexts) }
             reply(.ack)
         case .startTLS:
-            // The seam for TLS: a server without it refuses the option.
-            reply(.error(.errUnsupported, message: "this server does not offer TLS"))
+            guard tlsMode != .off else {
+                // NOTLS: "it MUST respond with ... NBD_REP_ERR_UNSUP (if it does not support
+                // the NBD_OPT_STARTTLS option at all)".
+                reply(.error(.errUnsupported, message: "this server does not offer TLS"))
+                return .send(out)
+            }
+            guard !isTLS else {
+                // "If the server receives NBD_OPT_STARTTLS when TLS has already been
+                // negotiated, it MUST reply with NBD_REP_ERR_INVALID."
+                reply(.error(.errInvalid, message: "TLS is already on"))
+                return .send(out)
+            }
+            // "If the server receives NBD_OPT_STARTTLS prior to negotiating TLS, it MUST reply
+            // with NBD_REP_ACK"; "After an NBD_REP_ACK reply has been sent, the server MUST be
+            // prepared for a TLS handshake, and all further data MUST be sent and received
+            // over TLS."
+            reply(.ack)
+            state = .awaitingTLS
+            return .startTLS(out)
         case .other:
             reply(.error(.errUnsupported, message: "\(code) is not supported"))
         }

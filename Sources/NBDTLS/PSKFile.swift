@@ -1,8 +1,25 @@
 import NBDCore
 
 /// A pre-shared key file in psktool's format, as nbdkit and qemu read it: `username:hexkey`
-/// lines.
+/// lines. The client takes one user's key from it, the server every user's.
 package enum PSKFile {
+    /// Every user's key in `text`, the contents of the file at `path` (named in errors); the
+    /// first line of a user counts. An empty file, or a line that is not `username:hexkey`,
+    /// is refused.
+    package static func keys(in text: String, path: String) throws(NBDError) -> [String: [UInt8]] {
+        var keys: [String: [UInt8]] = [:]
+        for (number, line) in text.split(whereSeparator: \.isNewline).enumerated() where !line.isEmpty {
+            let parts = line.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
+            guard parts.count == 2, !parts[0].isEmpty else {
+                throw NBDError(.tlsFailed, "line \(number + 1) of the PSK file \(path) is not username:hexkey", connectionUsable: false)
+            }
+            let user = String(parts[0])
+            if keys[user] == nil { keys[user] = try key(of: user, in: String(line), path: path) }
+        }
+        guard !keys.isEmpty else { throw NBDError(.tlsFailed, "the PSK file \(path) holds no key", connectionUsable: false) }
+        return keys
+    }
+
     /// The key of `username` in `text`, the contents of the file at `path` (named in errors).
     package static func key(of username: String, in text: String, path: String) throws(NBDError) -> [UInt8] {
         for line in text.split(whereSeparator: \.isNewline) {
