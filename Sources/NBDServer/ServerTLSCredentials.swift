@@ -27,7 +27,9 @@ struct ServerTLSCredentials: Sendable {
             kind = .psk(keys: try PSKFile.keys(in: try TLSFiles.pskText(pskFile), path: pskFile))
         case (let folder?, nil):
             if configuration.allowedIdentities != nil, !configuration.verifyPeer {
-                throw refuse("an allow-list of certificate subjects needs the client's certificate verified: an unverified one can name anyone")
+                throw refuse(
+                    "an allow-list of certificate subjects needs the client's certificate verified: an unverified one can name anyone"
+                )
             }
             kind = .certificates(try Self.context(folder: folder, verifyPeer: configuration.verifyPeer))
         }
@@ -74,7 +76,9 @@ struct ServerTLSCredentials: Sendable {
             tls.pskServerProvider = { context in
                 // An unknown user fails the handshake (the client sees a bad record MAC or an
                 // unknown PSK identity alert).
-                guard let key = keys[context.clientIdentity] else { throw NBDError(.tlsFailed, "unknown PSK user", connectionUsable: false) }
+                guard let key = keys[context.clientIdentity] else {
+                    throw NBDError(.tlsFailed, "unknown PSK user", connectionUsable: false)
+                }
                 identity.name = context.clientIdentity
                 return PSKServerIdentityResponse(key: NIOSSLSecureBytes(key))
             }

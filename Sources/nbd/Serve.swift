@@ -13,11 +13,17 @@ struct Serve: AsyncParsableCommand {
 
             More exports: --export NAME=FILE or --export NAME=memory:SIZE, as often as needed.
 
+            TLS, in nbdkit's words: --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE \
+            (psktool's username:hexkey lines) turn it on, required unless --tls=on; --tls-verify-peer requires a client \
+            certificate signed by the folder's CA; --tls-allow IDENTITY (an X.509 subject such as CN=backup,O=Example, or a \
+            PSK user name; as often as needed) serves only those clients.
+
             Examples:
               nbd serve disk.raw --name disk
               nbd serve --memory 1G --socket /tmp/nbd.sock
               nbd serve disk.raw --read-only --bind 0.0.0.0 --port 10810
               nbd serve --memory 1G --name scratch --export iso=/srv/boot.iso --export big=memory:1T
+              nbd serve disk.raw --bind 0.0.0.0 --tls-certificates /etc/pki/nbd --tls-verify-peer --tls-allow CN=backup
             """
     )
 
@@ -60,7 +66,48 @@ struct Serve: AsyncParsableCommand {
     )
     var connectionBuffer: UInt64 = 64 << 20
 
+    @Option(
+        help: ArgumentHelp(
+            "off, on (TLS for clients that ask) or require (TLS or nothing; the default with credentials).",
+            valueName: "mode"
+        )
+    )
+    var tls: String?
+
+    @Option(help: ArgumentHelp("X.509 credentials: ca-cert.pem, server-cert.pem and server-key.pem in this folder.", valueName: "dir"))
+    var tlsCertificates: String?
+
+    @Option(help: ArgumentHelp("TLS-PSK: the keys of a psktool file (username:hexkey lines).", valueName: "file"))
+    var tlsPsk: String?
+
+    @Flag(help: "Require a client certificate signed by the CA of --tls-certificates.")
+    var tlsVerifyPeer = false
+
+    @Option(help: ArgumentHelp("Serve only this TLS client: an X.509 subject (CN=...,O=...) or a PSK user name.", valueName: "identity"))
+    var tlsAllow: [String] = []
+
+    /// The TLS mode asked for: credentials turn TLS on, required unless said otherwise.
+    var tlsMode: NBDServerTLSMode {
+        switch tls {
+        case "off": .off
+        case "on": .on
+        case "require": .require
+        default: tlsCertificates != nil || tlsPsk != nil ? .require : .off
+        }
+    }
+
     func validate() throws {
+        if let tls, !["off", "on", "require"].contains(tls) { throw ValidationError("--tls takes off, on or require, not \"\(tls)\"") }
+        let credentials = tlsCertificates != nil || tlsPsk != nil
+        if tlsMode == .off, credentials || tlsVerifyPeer || !tlsAllow.isEmpty {
+            throw ValidationError("--tls=off does not go with --tls-certificates, --tls-psk, --tls-verify-peer or --tls-allow")
+        }
+        if tlsMode != .off, !credentials { throw ValidationError("--tls=\(tlsMode) needs --tls-certificates DIR or --tls-psk FILE") }
+        if tlsCertificates != nil, tlsPsk != nil { throw ValidationError("give --tls-certificates or --tls-psk, not both") }
+        if tlsVerifyPeer, tlsCertificates == nil { throw ValidationError("--tls-verify-peer needs --tls-certificates") }
+        if !tlsAllow.isEmpty, tlsCertificates != nil, !tlsVerifyPeer {
+            throw ValidationError("--tls-allow with certificates needs --tls-verify-peer: an unverified certificate can name anyone")
+        }
         guard file == nil || memory == nil else { throw ValidationError("give either a FILE or --memory SIZE, not both") }
         guard file != nil || memory != nil || !extraExports.isEmpty else {
             throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
@@ -98,10 +145,21 @@ struct Serve: AsyncParsableCommand {
         configuration.logger = Logger(label: "nbd-serve") { StreamLogHandler.standardError(label: $0) }
         configuration.handshakeTimeout = .nanoseconds(Int64(handshakeTimeout * 1e9))
         configuration.maximumBufferedBytes = Int(connectionBuffer)
+        if tlsMode != .off {
+            var tls =
+                if let tlsPsk { NBDServerTLSConfiguration(mode: tlsMode, pskFile: tlsPsk) } else {
+                    NBDServerTLSConfiguration(mode: tlsMode, certificates: tlsCertificates ?? "")
+                }
+            tls.verifyPeer = tlsVerifyPeer
+            tls.allowedIdentities = tlsAllow.isEmpty ? nil : Set(tlsAllow)
+            configuration.tls = tls
+        }
         let address: NBDAddress = socket.map { .unix(path: $0) } ?? .tcp(host: bind, port: port)
         let server: NBDServer
         do {
             server = try await NBDServer.start(exports: exports, on: address, configuration: configuration)
+        } catch let error as NBDError where error.code == .tlsFailed {
+            throw CommandError(error.message)
         } catch {
             throw CommandError("cannot listen on \(address): \(error)")
         }

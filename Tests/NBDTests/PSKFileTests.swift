@@ -14,7 +14,9 @@ struct PSKFileTests {
     @Test func theServerReadsEveryUsersKey() throws {
         let keys = try PSKFile.keys(in: "bob:00ff\nalice:0a\n\nbob:11\n", path: "k")
         #expect(keys == ["bob": [0x00, 0xff], "alice": [0x0a]])
-        for (text, message) in [("", "holds no key"), ("alice\n", "line 1"), (":00\n", "line 1"), ("bob:00\nalice:zz\n", "not hexadecimal")] {
+        for (text, message) in [
+            ("", "holds no key"), ("alice\n", "line 1"), (":00\n", "line 1"), ("bob:00\nalice:zz\n", "not hexadecimal"),
+        ] {
             #expect { try PSKFile.keys(in: text, path: "keys.psk") } throws: { error in
                 (error as? NBDError)?.message.contains(message) == true
             }
