@@ -122,7 +122,7 @@ struct Benchmark {
     }
 
     static func runCopy(_ options: Options) async throws {
-        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+        let tool = nbdTool
         guard FileManager.default.isExecutableFile(atPath: tool) else {
             throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
         }
@@ -284,6 +284,11 @@ struct Benchmark {
     }
 
     // MARK: Processes and memory
+
+    /// The `nbd` tool built beside this executable.
+    static var nbdTool: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+    }
 
     /// Starts nbdkit on a Unix socket and waits for the socket to appear.
     static func startNBDKit(socket: String, _ arguments: [String]) async throws -> Process {

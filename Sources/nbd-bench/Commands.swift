@@ -52,7 +52,7 @@ struct Throughput: AsyncParsableCommand {
         switch benchmark {
         case .read: try await nbd_bench.Benchmark.run(options)
         case .copy: try await nbd_bench.Benchmark.runCopy(options)
-        case .server: try await nbd_bench.Benchmark.runServer(options)
+        case .server: try await options.tls ? nbd_bench.Benchmark.runServerTLS(options) : nbd_bench.Benchmark.runServer(options)
         case .checksum: try await nbd_bench.Benchmark.runChecksum(options)
         case .extended: try await nbd_bench.Benchmark.runExtended(options)
         case .client: try await nbd_bench.Benchmark.runClient(options)
@@ -84,7 +84,7 @@ struct CommonOptions: ParsableArguments {
     @Option(help: "Rounds, alternating the tools; medians are printed.")
     var rounds = 3
 
-    @Flag(help: "Over TLS (the read benchmark only).")
+    @Flag(help: "Over TLS (the read and server benchmarks).")
     var tls = false
 
     func validate() throws {

@@ -126,7 +126,7 @@ extension Benchmark {
     }
 
     static func compareMaps(_ trixie: Chroot, _ options: Options) async throws {
-        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+        let tool = nbdTool
         guard FileManager.default.isExecutableFile(atPath: tool) else {
             throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
         }

@@ -15,7 +15,7 @@ extension Benchmark {
     static func runMemoryMap(_ options: Options) async throws {
         let trixie = try Chroot("trixie", holding: "qemu-nbd")
         defer { try? FileManager.default.removeItem(atPath: trixie.hostDirectory) }
-        let tool = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+        let tool = nbdTool
         guard FileManager.default.isExecutableFile(atPath: tool) else {
             throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
         }
