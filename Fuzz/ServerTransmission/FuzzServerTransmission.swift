@@ -28,7 +28,7 @@ public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) 
         machine.bytesReceived(piece)
         while let action = machine.next() {
             switch action {
-            case .perform(let request, _, _): performing.append(request)
+            case .perform(let request, _): performing.append(request)
             case .write(let buffers): machine.bytesWritten(buffers.reduce(0) { $0 + $1.readableBytes })
             case .close, .fatal: return 0
             case .pauseReading, .resumeReading, .armTimer, .cancelTimer: break

@@ -47,19 +47,14 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         self.tls = tls
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
-                var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
-                if export.backend.isReadOnly {
-                    flags.insert(.readOnly)
-                } else {
-                    flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
-                }
-                if export.backend.flushCoversAllConnections { flags.insert(.canMultiConn) }
-                return .init(
-                    name: export.name,
+                .init(
+                    serving: export.name,
                     description: export.description,
                     size: export.backend.size,
-                    flags: flags,
-                    blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(configuration.maximumPayload))
+                    isReadOnly: export.backend.isReadOnly,
+                    flushCoversAllConnections: export.backend.flushCoversAllConnections,
+                    zeroIsFast: export.backend.zeroIsFast,
+                    maximumPayload: configuration.maximumPayload
                 )
             },
             maximumOptionLength: configuration.maximumOptionLength,
@@ -200,8 +195,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                     "export opened",
                     metadata: ["export": "\(agreement.export.name)", "format": "\(agreement.format)"]
                 )
-            case .perform(let request, let data, let sparse):
-                perform(request, data: data, sparse: sparse, context: context)
+            case .perform(let request, let operation):
+                perform(request, operation, context: context)
             case .close:
                 context.close(promise: nil)
             case .fatal(let error):
@@ -244,13 +239,13 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         }
     }
 
-    private func perform(_ request: RequestHeader, data: [ByteBuffer], sparse: Bool, context: ChannelHandlerContext) {
+    private func perform(_ request: RequestHeader, _ operation: ServerOperation, context: ChannelHandlerContext) {
         let backend = self.backend!
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         Task(executorPreference: executor) {
             // Requests of a client that has gone are dropped, not performed.
             if handler.eventLoop.inEventLoop, handler.value.closed { return }
-            let reply = await RequestPerformer.run(request, data: data, backend: backend, sparse: sparse)
+            let reply = await RequestPerformer.run(operation, on: backend)
             handler.eventLoop.runOnLoop {
                 if case .failed(let errno, _) = reply {
                     handler.value.logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(errno)"])

@@ -1,11 +1,12 @@
 import NBDCore
 import NIOCore
 
-/// Runs one request against a backend, off the event loop.
+/// Makes the backend calls the transmission machine decided, off the event loop. What a
+/// request's flags mean is the machine's to say (``ServerOperation``); this only calls.
 enum RequestPerformer {
-    static func run(_ request: RequestHeader, data: [ByteBuffer], backend: any NBDServerBackend, sparse: Bool) async -> ServerReply {
+    static func run(_ operation: ServerOperation, on backend: any NBDServerBackend) async -> ServerReply {
         do {
-            return try await perform(request, data: data, backend: backend, sparse: sparse)
+            return try await perform(operation, on: backend)
         } catch let error as NBDServerError {
             return .failed(error.errno, message: error.message)
         } catch {
@@ -13,44 +14,24 @@ enum RequestPerformer {
         }
     }
 
-    static func perform(
-        _ request: RequestHeader,
-        data: [ByteBuffer],
-        backend: any NBDServerBackend,
-        sparse: Bool
-    ) async throws -> ServerReply {
-        let fua = request.flags.contains(.fua)
-        switch request.type {
-        case .read:
-            guard request.length > 0 else { return .data([]) }
-            if sparse {
-                return .data(try await backend.readSparse(at: request.offset, length: Int(request.length)))
-            }
-            return .data([.data(try await backend.read(at: request.offset, length: Int(request.length)))])
-        case .write:
-            try await backend.write(segments: data, at: request.offset, fua: fua)
+    static func perform(_ operation: ServerOperation, on backend: any NBDServerBackend) async throws -> ServerReply {
+        switch operation {
+        case .read(let offset, let length, let sparse):
+            guard length > 0 else { return .data([]) }
+            if sparse { return .data(try await backend.readSparse(at: offset, length: length)) }
+            return .data([.data(try await backend.read(at: offset, length: length))])
+        case .write(let data, let offset, let fua):
+            try await backend.write(segments: data, at: offset, fua: fua)
         case .flush:
             try await backend.flush()
-        case .trim:
-            try await backend.trim(at: request.offset, length: UInt64(request.length))
-            if fua { try await backend.flush() }
-        case .cache:
-            break
-        case .writeZeroes:
-            // "MUST fail quickly with NBD_ENOTSUP unless the request can be serviced in less time than a corresponding NBD_CMD_WRITE"
-            if request.flags.contains(.fastZero), !backend.zeroIsFast {
-                throw NBDServerError(.ENOTSUP, "zeroing is not faster than writing here")
-            }
-            try await backend.zero(at: request.offset, length: UInt64(request.length), noHole: request.flags.contains(.noHole))
-            if fua { try await backend.flush() }
-        case .blockStatus:
-            var extents = try await backend.extents(at: request.offset, length: max(1, UInt64(request.length)))
-            if request.flags.contains(.requestOne), let first = extents.first {
-                extents = [BlockDescriptor(length: min(first.length, max(1, request.length)), flags: first.flags)]
-            }
-            return .extents(extents)
-        default:
-            break
+        case .trim(let offset, let length, let flush):
+            try await backend.trim(at: offset, length: length)
+            if flush { try await backend.flush() }
+        case .zero(let offset, let length, let noHole, let flush):
+            try await backend.zero(at: offset, length: length, noHole: noHole)
+            if flush { try await backend.flush() }
+        case .blockStatus(let offset, let length):
+            return .extents(try await backend.extents(at: offset, length: length))
         }
         return .done
     }

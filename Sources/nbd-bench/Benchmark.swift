@@ -122,10 +122,7 @@ struct Benchmark {
     }
 
     static func runCopy(_ options: Options) async throws {
-        let tool = nbdTool
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
-        }
+        let tool = try requireNBDTool()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-bench-\(getpid())")
         try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: directory) }
@@ -286,8 +283,16 @@ struct Benchmark {
     // MARK: Processes and memory
 
     /// The `nbd` tool built beside this executable.
-    static var nbdTool: String {
+    private static var nbdTool: String {
         URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("nbd").path
+    }
+
+    /// ``nbdTool``, or a message that says how to build it.
+    static func requireNBDTool() throws -> String {
+        guard FileManager.default.isExecutableFile(atPath: nbdTool) else {
+            throw BenchError("\(nbdTool) is missing: build it with `swift build -c release --product nbd`")
+        }
+        return nbdTool
     }
 
     /// Starts nbdkit on a Unix socket and waits for the socket to appear.

@@ -9,10 +9,7 @@ import NBD
 
 extension Benchmark {
     static func runChecksum(_ options: Options) async throws {
-        let tool = nbdTool
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
-        }
+        let tool = try requireNBDTool()
         let sid = try Chroot("sid", holding: "nbdcopy")
         defer { try? FileManager.default.removeItem(atPath: sid.hostDirectory) }
         var servers: [Process] = []

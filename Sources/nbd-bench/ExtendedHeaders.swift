@@ -126,10 +126,7 @@ extension Benchmark {
     }
 
     static func compareMaps(_ trixie: Chroot, _ options: Options) async throws {
-        let tool = nbdTool
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
-        }
+        let tool = try requireNBDTool()
         let hostURI = NBDURI(socket: "\(trixie.hostDirectory)/sparse.sock")
         let chrootURI = NBDURI(socket: "\(trixie.directory)/sparse.sock").description
         var structured = NBDClientConfiguration()

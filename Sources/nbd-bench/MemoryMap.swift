@@ -15,10 +15,7 @@ extension Benchmark {
     static func runMemoryMap(_ options: Options) async throws {
         let trixie = try Chroot("trixie", holding: "qemu-nbd")
         defer { try? FileManager.default.removeItem(atPath: trixie.hostDirectory) }
-        let tool = nbdTool
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
-        }
+        let tool = try requireNBDTool()
         let size: UInt64 = 1 << 40
         let page = 64 << 10
         let offsets = (0..<1000).map { UInt64($0) * (size / 1000) / UInt64(page) * UInt64(page) }

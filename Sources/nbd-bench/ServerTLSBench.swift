@@ -18,7 +18,10 @@ extension Benchmark {
         func tlsURI(_ socket: String) -> String { "nbds+unix:///?socket=\(socket)&tls-certificates=\(pki)&tls-hostname=localhost" }
 
         let ourSocket = directory.appendingPathComponent("ours.sock").path
-        let ours = try start(nbdTool, ["serve", "--memory", "\(options.size)", "--socket", ourSocket, "--tls-certificates", pki])
+        let ours = try start(
+            try requireNBDTool(),
+            ["serve", "--memory", "\(options.size)", "--socket", ourSocket, "--tls-certificates", pki]
+        )
         defer { kill(ours.processIdentifier, SIGKILL) }
         let theirSocket = directory.appendingPathComponent("nbdkit.sock").path
         let nbdkit = try await startNBDKit(socket: theirSocket, ["--tls=require", "--tls-certificates", pki, "memory", "\(options.size)"])

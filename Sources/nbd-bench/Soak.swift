@@ -51,8 +51,7 @@ enum Soak {
             (elapsed, serverPeak) = try await runRestarting(options, socket: socket, every: restartEvery, tally: tally)
         } else {
             // The server in its own process, so that its peak memory is its own.
-            let tool = nbdTool
-            let server = try Benchmark.start(tool, ["serve", "--memory", "\(options.size)", "--socket", socket])
+            let server = try Benchmark.start(try Benchmark.requireNBDTool(), ["serve", "--memory", "\(options.size)", "--socket", socket])
             defer { kill(server.processIdentifier, SIGKILL) }
             for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
             var exports: [NBDExport] = []

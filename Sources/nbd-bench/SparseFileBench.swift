@@ -13,10 +13,7 @@ import NBDSystem
 
 extension Benchmark {
     static func runSparse(_ options: Options) async throws {
-        let tool = nbdTool
-        guard FileManager.default.isExecutableFile(atPath: tool) else {
-            throw BenchError("\(tool) is missing: build it with `swift build -c release --product nbd`")
-        }
+        let tool = try requireNBDTool()
         let size = options.size
         guard size >= 2 << 30 else { throw BenchError("--size must be at least 2G: 1 GiB of it is data") }
         // Beside the build, not in /tmp: a tmpfs there would hold the data in memory.

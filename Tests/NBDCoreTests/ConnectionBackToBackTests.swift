@@ -573,8 +573,8 @@ struct Pair {
             serverClosed = true
         case .transmissionStarted:
             break
-        case .perform(let request, let data, let sparse):
-            performing.append((request, data, sparse))
+        case .perform(let request, let operation):
+            performing.append((request, operation.payload, operation.isSparseRead))
         case .startTLS(let bytes):
             toClient.append(bytes)
             server.bytesWritten(bytes.readableBytes)

@@ -48,7 +48,7 @@ struct ServerBoundsTests {
     }
 
     func performed(_ actions: [ServerTransmissionStateMachine.Action]) -> [RequestHeader] {
-        actions.compactMap { if case .perform(let header, _, _) = $0 { header } else { nil } }
+        actions.compactMap { if case .perform(let header, _) = $0 { header } else { nil } }
     }
 
     func names(_ actions: [ServerTransmissionStateMachine.Action]) -> [String] {

@@ -121,7 +121,7 @@ struct ServerStateMachineTests {
         machine.bytesReceived(request(CommandType(rawValue: 99)))
         #expect(simpleError(machine.next()) == .EINVAL)
         machine.bytesReceived(request(.read, flags: .fua))
-        guard case .perform(let header, _, _)? = machine.next() else {
+        guard case .perform(let header, _)? = machine.next() else {
             Issue.record("a valid READ was not performed")
             return
         }
@@ -135,10 +135,11 @@ struct ServerStateMachineTests {
         machine.bytesReceived(bytes)
         #expect(isNothing(machine.next()))
         machine.bytesReceived(ByteBuffer(bytes: [7]))
-        guard case .perform(_, let data, _)? = machine.next() else {
+        guard case .perform(_, let operation)? = machine.next() else {
             Issue.record("the WRITE was not performed")
             return
         }
+        let data = operation.payload
         #expect(data.reduce(0) { $0 + $1.readableBytes } == 1000)
         #expect(data.allSatisfy { $0.readableBytesView.allSatisfy { $0 == 7 } })
     }
@@ -171,7 +172,7 @@ struct ServerStateMachineTests {
     @Test func disconnectClosesOnceEveryRequestIsAnswered() {
         var machine = transmission()
         machine.bytesReceived(request(.read))
-        guard case .perform(let header, _, _)? = machine.next() else {
+        guard case .perform(let header, _)? = machine.next() else {
             Issue.record("not performed")
             return
         }

@@ -21,9 +21,9 @@ public struct ServerConnectionStateMachine: Sendable {
         case startTLS(ByteBuffer)
         /// Transmission starts with `agreement`: requests for its export follow.
         case transmissionStarted(ServerNegotiationStateMachine.Agreement)
-        /// Perform this request on the export (a WRITE with its data) and report the result
-        /// with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as holes.
-        case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
+        /// Make the backend call `operation` for this request, and report the result with
+        /// ``requestCompleted(_:_:)``.
+        case perform(RequestHeader, ServerOperation)
         /// Stop reading from the client (see ``ServerTransmissionStateMachine``).
         case pauseReading
         /// Read from the client again.
@@ -154,7 +154,7 @@ public struct ServerConnectionStateMachine: Sendable {
         }
     }
 
-    /// A request handed out by ``Action/perform(_:data:)`` finished with `reply`.
+    /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }
         phase = .ended
@@ -233,7 +233,7 @@ public struct ServerConnectionStateMachine: Sendable {
             let action = transmission.next()
             phase = .transmission(transmission)
             switch action {
-            case .perform(let request, let data, let sparse): return .perform(request, data: data, sparse: sparse)
+            case .perform(let request, let operation): return .perform(request, operation)
             case .write(let buffers): return .write(buffers)
             case .pauseReading: return .pauseReading
             case .resumeReading: return .resumeReading

@@ -15,14 +15,53 @@ public struct ServerNegotiationStateMachine: Sendable {
         public var size: UInt64
         public var flags: TransmissionFlags
         public var blockSizes: BlockSizeConstraints
+        /// Zeroing is faster than writing zeroes: `NBD_CMD_FLAG_FAST_ZERO` succeeds.
+        public var zeroIsFast: Bool
 
         /// An export description.
-        public init(name: String, description: String = "", size: UInt64, flags: TransmissionFlags, blockSizes: BlockSizeConstraints) {
+        public init(
+            name: String,
+            description: String = "",
+            size: UInt64,
+            flags: TransmissionFlags,
+            blockSizes: BlockSizeConstraints,
+            zeroIsFast: Bool = false
+        ) {
             self.name = name
             self.description = description
             self.size = size
             self.flags = flags
             self.blockSizes = blockSizes
+            self.zeroIsFast = zeroIsFast
+        }
+
+        /// What a server offers for storage with these properties: the one place the
+        /// advertised transmission flags and block sizes are decided. Every command is sent
+        /// for (FLUSH, FUA and CACHE always; TRIM, WRITE_ZEROES and FAST_ZERO unless
+        /// read-only), multi-conn when a flush covers every connection, and block sizes of 1
+        /// byte minimum, 4 KiB preferred and `maximumPayload` at most.
+        public init(
+            serving name: String,
+            description: String = "",
+            size: UInt64,
+            isReadOnly: Bool,
+            flushCoversAllConnections: Bool,
+            zeroIsFast: Bool,
+            maximumPayload: Int
+        ) {
+            var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+            if isReadOnly {
+                flags.insert(.readOnly)
+            } else {
+                // FAST_ZERO is advertised whatever the storage: a slow zero is then refused with
+                // NBD_ENOTSUP at once, which is what the flag asks for.
+                flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+            }
+            // "NBD_FLAG_CAN_MULTI_CONN: ... the server ... will ensure that ... a flush on one
+            // connection covers every connection."
+            if flushCoversAllConnections { flags.insert(.canMultiConn) }
+            let blockSizes = BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(maximumPayload))
+            self.init(name: name, description: description, size: size, flags: flags, blockSizes: blockSizes, zeroIsFast: zeroIsFast)
         }
     }
 

@@ -49,10 +49,9 @@ public struct ServerTransmissionStateMachine: Sendable {
 
     /// What the caller does next.
     public enum Action: Sendable {
-        /// Perform this request, whose checks passed (a WRITE with its data), and report the
-        /// result with ``requestCompleted(_:_:)``. A READ with `sparse` may answer holes as
-        /// holes; without it, every byte as data.
-        case perform(RequestHeader, data: [ByteBuffer], sparse: Bool)
+        /// Perform this request, whose checks passed, with the backend call `operation` says,
+        /// and report the result with ``requestCompleted(_:_:)``.
+        case perform(RequestHeader, ServerOperation)
         /// Write these buffers in order, then flush; report with ``bytesWritten(_:)`` once written.
         case write([ByteBuffer])
         /// Stop reading from the client: the connection holds as much as it may.
@@ -108,11 +107,18 @@ public struct ServerTransmissionStateMachine: Sendable {
         input.appendReceived(bytes)
     }
 
-    /// A request handed out by ``Action/perform(_:data:)`` finished with `reply`.
+    /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         inFlight -= 1
         held -= Self.payloadHeld(by: request)
         guard !ended else { return }
+        var reply = reply
+        if request.type == .blockStatus, request.flags.contains(.requestOne), case .extents(let extents) = reply, let first = extents.first
+        {
+            // NBD_CMD_FLAG_REQ_ONE: "the server MUST return ... a single extent" whose length
+            // "MUST NOT exceed the length of the original request".
+            reply = .extents([BlockDescriptor(length: min(first.length, max(1, request.length)), flags: first.flags)])
+        }
         let framed = reply.framed(for: request, format: agreement.format, contextID: ServerNegotiationStateMachine.baseAllocationID)
         outbox.append(write(framed))
         closeIfDone()
@@ -274,16 +280,47 @@ public struct ServerTransmissionStateMachine: Sendable {
         if let (errno, message) = check(request) {
             return failed(request, errno, message)
         }
+        if request.type == .cache {
+            // A hint the server may ignore: answered at once, with no backend call.
+            return write(ServerReply.done.framed(for: request, format: agreement.format, contextID: 0))
+        }
+        if request.type == .writeZeroes, request.flags.contains(.fastZero), !agreement.export.zeroIsFast {
+            // "the server MUST fail quickly with NBD_ENOTSUP unless the request can be serviced
+            // in less time than a corresponding NBD_CMD_WRITE"
+            return failed(request, .ENOTSUP, "zeroing is not faster than writing here")
+        }
         guard inFlight < limits.maximumRequestsInFlight else {
             channelClosed()
             return .fatal(.clientViolation("more than \(limits.maximumRequestsInFlight) requests in flight"))
         }
         inFlight += 1
         held += Self.payloadHeld(by: request)
-        // Holes go out as NBD_REPLY_TYPE_OFFSET_HOLE only with structured replies, and not when
-        // the client asked for one data chunk (NBD_CMD_FLAG_DF).
-        let sparse = agreement.structuredReplies && !request.flags.contains(.dontFragment)
-        return .perform(request, data: data, sparse: sparse)
+        return .perform(request, operation(for: request, data: data))
+    }
+
+    /// The backend call a request that passed its checks needs.
+    private func operation(for request: RequestHeader, data: [ByteBuffer]) -> ServerOperation {
+        // "NBD_CMD_FLAG_FUA ... the server MUST NOT send its reply until the effects of the
+        // command are durable": for TRIM and WRITE_ZEROES, a flush once the call is done.
+        let fua = request.flags.contains(.fua)
+        switch request.type {
+        case .read:
+            // Holes go out as NBD_REPLY_TYPE_OFFSET_HOLE only with structured replies, and not
+            // when the client asked for one data chunk (NBD_CMD_FLAG_DF).
+            let sparse = agreement.structuredReplies && !request.flags.contains(.dontFragment)
+            return .read(offset: request.offset, length: Int(request.length), sparse: sparse)
+        case .write:
+            return .write(data, offset: request.offset, fua: fua)
+        case .trim:
+            return .trim(offset: request.offset, length: request.length, flush: fua)
+        case .writeZeroes:
+            return .zero(offset: request.offset, length: request.length, noHole: request.flags.contains(.noHole), flush: fua)
+        case .blockStatus:
+            return .blockStatus(offset: request.offset, length: max(1, request.length))
+        default:
+            // FLUSH; check() refuses every command it does not know.
+            return .flush
+        }
     }
 
     private mutating func failed(_ request: RequestHeader, _ errno: NBDErrno, _ message: String) -> Action {

@@ -1,0 +1,130 @@
+import NIOCore
+import Testing
+
+@testable import NBDCore
+
+/// What a request's flags mean, decided by the server's transmission machine rather than by
+/// whoever calls the backend: FUA on trim and zero, FAST_ZERO, REQ_ONE, CACHE; and the flags
+/// and block sizes an export advertises, decided in one place.
+@Suite("Server request rules")
+struct ServerRequestRulesTests {
+    func machine(zeroIsFast: Bool = false) -> ServerTransmissionStateMachine {
+        let export = ServerNegotiationStateMachine.Export(
+            serving: "disk",
+            size: 1 << 20,
+            isReadOnly: false,
+            flushCoversAllConnections: true,
+            zeroIsFast: zeroIsFast,
+            maximumPayload: 65536
+        )
+        let agreement = ServerNegotiationStateMachine.Agreement(
+            export: export,
+            flags: export.flags.union(.sendDF),
+            format: .structured,
+            metaContexts: [NBDMetaContext(id: 1, name: "base:allocation")]
+        )
+        return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 8))
+    }
+
+    func send(_ machine: inout ServerTransmissionStateMachine, _ type: CommandType, flags: CommandFlags = [], length: UInt64 = 4096) {
+        var buffer = ByteBuffer()
+        RequestHeader(flags: flags, type: type, cookie: 7, offset: 0, length: length).encode(into: &buffer)
+        machine.bytesReceived(buffer)
+    }
+
+    /// The error value of a structured error reply, or nil.
+    func errorValue(_ action: ServerTransmissionStateMachine.Action?) -> NBDErrno? {
+        guard case .write(let buffers)? = action else { return nil }
+        var bytes = buffers.gathered(capacity: buffers.reduce(0) { $0 + $1.readableBytes })
+        guard case .structured(let header)? = try? ReplyHeader.decode(from: &bytes, format: .structured), header.type == .error
+        else { return nil }
+        return bytes.readInteger(as: UInt32.self).map { NBDErrno(rawValue: $0) }
+    }
+
+    @Test func fuaOnTrimAndZeroMeansAFlushAfterTheCall() {
+        var machine = machine()
+        for (type, fua) in [(CommandType.trim, true), (.trim, false), (.writeZeroes, true), (.writeZeroes, false)] {
+            send(&machine, type, flags: fua ? .fua : [])
+            switch machine.next() {
+            case .perform(let request, .trim(_, _, let flush))?, .perform(let request, .zero(_, _, _, let flush))?:
+                #expect(flush == fua, "\(type) FUA \(fua)")
+                machine.requestCompleted(request, .done)
+                _ = machine.next()
+            default:
+                Issue.record("\(type) was not performed as itself")
+            }
+        }
+    }
+
+    /// "the server MUST fail quickly with NBD_ENOTSUP unless the request can be serviced in
+    /// less time than a corresponding NBD_CMD_WRITE": the backend is not even called.
+    @Test func fastZeroIsRefusedWhereZeroingIsSlow() {
+        var slow = machine(zeroIsFast: false)
+        send(&slow, .writeZeroes, flags: .fastZero)
+        #expect(errorValue(slow.next()) == .ENOTSUP)
+        var fast = machine(zeroIsFast: true)
+        send(&fast, .writeZeroes, flags: [.fastZero, .noHole])
+        guard case .perform(_, .zero(_, _, let noHole, _))? = fast.next() else {
+            Issue.record("a fast zero was not performed")
+            return
+        }
+        #expect(noHole)
+    }
+
+    /// NBD_CMD_FLAG_REQ_ONE: one extent, no longer than the request, whatever the backend gave.
+    @Test func requestOneAnswersOneExtentWithinTheRequest() throws {
+        var machine = machine()
+        send(&machine, .blockStatus, flags: .requestOne, length: 1000)
+        guard case .perform(let request, .blockStatus(let offset, let length))? = machine.next() else {
+            Issue.record("block status was not performed")
+            return
+        }
+        #expect(offset == 0 && length == 1000)
+        machine.requestCompleted(request, .extents([BlockDescriptor(length: 65536, flags: 3), BlockDescriptor(length: 4096, flags: 0)]))
+        guard case .write(let buffers)? = machine.next() else {
+            Issue.record("no reply")
+            return
+        }
+        var bytes = buffers.gathered(capacity: buffers.reduce(0) { $0 + $1.readableBytes })
+        guard case .structured(let header)? = try ReplyHeader.decode(from: &bytes, format: .structured) else {
+            Issue.record("not a structured reply")
+            return
+        }
+        // A context id, then one descriptor of 8 bytes.
+        #expect(header.type == .blockStatus && header.length == 4 + 8)
+        #expect(bytes.getInteger(at: bytes.readerIndex + 4, as: UInt32.self) == 1000)
+    }
+
+    @Test func cacheIsAnsweredWithoutTheBackend() {
+        var machine = machine()
+        send(&machine, .cache)
+        guard case .write? = machine.next() else {
+            Issue.record("CACHE was handed to the backend, or not answered")
+            return
+        }
+        #expect(machine.inFlightCount == 0)
+    }
+
+    @Test func anExportsFlagsAndBlockSizesAreDecidedInOnePlace() {
+        let writable = ServerNegotiationStateMachine.Export(
+            serving: "w",
+            size: 1,
+            isReadOnly: false,
+            flushCoversAllConnections: true,
+            zeroIsFast: false,
+            maximumPayload: 1 << 20
+        )
+        #expect(writable.flags == [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendTrim, .sendWriteZeroes, .sendFastZero, .canMultiConn])
+        #expect(writable.blockSizes == BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 1 << 20))
+        let readOnly = ServerNegotiationStateMachine.Export(
+            serving: "r",
+            size: 1,
+            isReadOnly: true,
+            flushCoversAllConnections: false,
+            zeroIsFast: true,
+            maximumPayload: 65536
+        )
+        #expect(readOnly.flags == [.hasFlags, .sendFlush, .sendFUA, .sendCache, .readOnly])
+        #expect(readOnly.zeroIsFast)
+    }
+}
