@@ -3,6 +3,7 @@ import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import ServiceLifecycle
 
 /// One named export and the backend that stores it.
 public struct NBDServerExport: Sendable {
@@ -28,7 +29,10 @@ public struct NBDServerExport: Sendable {
 /// // ... clients connect ...
 /// await server.shutdown()
 /// ```
-public final class NBDServer: Sendable {
+///
+/// It is a swift-service-lifecycle `Service`: in a `ServiceGroup`, ``run()`` serves until the
+/// group shuts down gracefully (SIGTERM, say) or its task is cancelled, then stops cleanly.
+public final class NBDServer: Service, Sendable {
     /// Limits that protect the server from its clients.
     public struct Configuration: Sendable {
         /// Longest option data accepted; longer ends the session.
@@ -56,6 +60,8 @@ public final class NBDServer: Sendable {
         public var replyStallTimeout: TimeAmount = .seconds(60)
         /// TLS, when the server offers it (nil: it does not, as `--tls=off`).
         public var tls: NBDServerTLSConfiguration?
+        /// The event loops that accept and serve connections.
+        public var eventLoopGroup: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
         /// Where connection and error logs go; by default nowhere.
         public var logger = Logger(label: "nbd-server", factory: { _ in SwiftLogNoOpLogHandler() })
         /// The defaults.
@@ -64,6 +70,8 @@ public final class NBDServer: Sendable {
 
     private let channel: Channel
     let connections: Connections
+    /// The clean stop, once begun: every caller of ``shutdown()`` waits for the same one.
+    private let stopping = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
     /// The address the server listens on (with the port chosen when 0 was asked for).
     public var localAddress: SocketAddress? { channel.localAddress }
@@ -124,9 +132,48 @@ public final class NBDServer: Sendable {
         on address: NBDAddress,
         configuration: Configuration = Configuration()
     ) async throws -> NBDServer {
+        if case .abstractUnix = address { throw NBDError.invalidArgument("the server does not listen on abstract sockets") }
+        return try await start(exports, configuration, listening: "\(address)") { bootstrap in
+            switch address {
+            case .tcp(let host, let port): try await bootstrap.bind(host: host, port: port).get()
+            case .unix(let path), .abstractUnix(let path):
+                try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            }
+        }
+    }
+
+    /// Starts serving `exports` on a socket that already listens, such as one systemd passes
+    /// by socket activation (descriptor 3 when `LISTEN_FDS` is set): the server owns it from now.
+    public static func start(
+        exports: [NBDServerExport],
+        listeningOn descriptor: CInt,
+        configuration: Configuration = Configuration()
+    ) async throws -> NBDServer {
+        try await start(exports, configuration, listening: "descriptor \(descriptor)") { bootstrap in
+            try await bootstrap.withBoundSocket(descriptor).get()
+        }
+    }
+
+    private static func start(
+        _ exports: [NBDServerExport],
+        _ configuration: Configuration,
+        listening description: String,
+        _ bind: (ServerBootstrap) async throws -> Channel
+    ) async throws -> NBDServer {
+        let bootstrap = try bootstrap(exports: exports, configuration: configuration)
+        let channel = try await bind(bootstrap.bootstrap)
+        let address = channel.localAddress.map { "\($0)" } ?? "?"
+        configuration.logger.info("listening", metadata: ["on": "\(description)", "address": "\(address)"])
+        return NBDServer(channel: channel, connections: bootstrap.connections)
+    }
+
+    private static func bootstrap(
+        exports: [NBDServerExport],
+        configuration: Configuration
+    ) throws -> (bootstrap: ServerBootstrap, connections: Connections) {
         let tls = try configuration.tls.flatMap { $0.mode == .off ? nil : try ServerTLSCredentials($0) }
         let connections = Connections()
-        let bootstrap = ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+        let bootstrap = ServerBootstrap(group: configuration.eventLoopGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
             // Large reads: WRITE payloads are big, and each read costs a syscall.
@@ -163,23 +210,44 @@ public final class NBDServer: Sendable {
                     )
                 }
             }
-        let channel: Channel
-        switch address {
-        case .tcp(let host, let port):
-            channel = try await bootstrap.bind(host: host, port: port).get()
-        case .unix(let path):
-            channel = try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
-        case .abstractUnix:
-            throw NBDError.invalidArgument("the server does not listen on abstract sockets")
+        return (bootstrap, connections)
+    }
+
+    /// Serves until the task is cancelled or the `ServiceGroup` it runs in shuts down
+    /// gracefully; then stops as ``shutdown()`` does, and returns once every connection is
+    /// closed.
+    public func run() async throws {
+        await withGracefulShutdownHandler {
+            await withTaskCancellationHandler {
+                await wait()
+            } onCancel: {
+                self.beginShutdown()
+            }
+        } onGracefulShutdown: {
+            self.beginShutdown()
         }
-        configuration.logger.info("listening", metadata: ["address": "\(address)"])
-        return NBDServer(channel: channel, connections: connections)
+        await beginShutdown().value
     }
 
     /// Stops listening, then ends every connection cleanly: requests in flight finish and are
     /// answered, new ones get `NBD_ESHUTDOWN` (as the spec asks of a server shutting down),
     /// clients still negotiating are closed. Returns when every connection is closed.
     public func shutdown() async {
+        await beginShutdown().value
+    }
+
+    /// The one clean stop, started on the first call.
+    @discardableResult
+    private func beginShutdown() -> Task<Void, Never> {
+        stopping.withLockedValue { stopping in
+            if let stopping { return stopping }
+            let task = Task { await self.drain() }
+            stopping = task
+            return task
+        }
+    }
+
+    private func drain() async {
         try? await channel.close()
         for connection in connections.all {
             let drained = connection.eventLoop.flatSubmit {

@@ -198,6 +198,11 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             case .perform(let request, let operation):
                 perform(request, operation, context: context)
             case .close:
+                // The last replies are written first: a close drops what is not flushed.
+                if flush {
+                    context.flush()
+                    flush = false
+                }
                 context.close(promise: nil)
             case .fatal(let error):
                 // A client that breaks the protocol gets a hard disconnect, and nothing else.

@@ -3,13 +3,20 @@ import Foundation
 import Logging
 import NBD
 import NBDServer
+import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `nbd serve`: the built-in server, for a file or for memory.
 struct Serve: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Serve a file, a block device or memory over NBD.",
         discussion: """
-            Listens on localhost:10809 by default; --bind chooses another address, --socket a Unix socket. Stops on Ctrl-C or SIGTERM.
+            Listens on localhost:10809 by default; --bind chooses another address, --socket a Unix socket, --port 0 a free \
+            port (with --print-uri to learn it). Started by systemd with a socket (LISTEN_FDS), it serves that. Stops on \
+            Ctrl-C or SIGTERM, after answering the requests in flight, or when its parent exits, with --exit-with-parent.
 
             More exports: --export NAME=FILE or --export NAME=memory:SIZE, as often as needed.
 
@@ -48,8 +55,14 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Refuse writes.")
     var readOnly = false
 
-    @Option(help: "TCP port.")
-    var port = 10809
+    @Option(help: "TCP port (default 10809); 0 lets the kernel choose one.")
+    var port: Int?
+
+    @Flag(help: "Print the URI of the export on standard output once the server listens.")
+    var printUri = false
+
+    @Flag(help: "Exit (cleanly) when the process that started this one exits.")
+    var exitWithParent = false
 
     @Option(help: "Address to listen on.")
     var bind = "127.0.0.1"
@@ -112,7 +125,8 @@ struct Serve: AsyncParsableCommand {
         guard file != nil || memory != nil || !extraExports.isEmpty else {
             throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
         }
-        guard (1...65535).contains(port) else { throw ValidationError("--port must be from 1 to 65535") }
+        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be from 0 to 65535") }
+        if socket != nil, port != nil { throw ValidationError("--socket and --port do not go together") }
         guard handshakeTimeout > 0, handshakeTimeout <= 86400 else {
             throw ValidationError("--handshake-timeout must be more than 0 and at most 86400 seconds")
         }
@@ -154,28 +168,54 @@ struct Serve: AsyncParsableCommand {
             tls.allowedIdentities = tlsAllow.isEmpty ? nil : Set(tlsAllow)
             configuration.tls = tls
         }
-        let address: NBDAddress = socket.map { .unix(path: $0) } ?? .tcp(host: bind, port: port)
-        let server: NBDServer
-        do {
-            server = try await NBDServer.start(exports: exports, on: address, configuration: configuration)
-        } catch let error as NBDError where error.code == .tlsFailed {
-            throw CommandError(error.message)
-        } catch {
-            throw CommandError("cannot listen on \(address): \(error)")
+        let server = try await start(exports, configuration: configuration)
+        if printUri { StandardStreams.output(uri(of: server).description + "\n") }
+        var services = [ServiceGroupConfiguration.ServiceConfiguration(service: server)]
+        if exitWithParent {
+            services.append(.init(service: ParentWatch(), successTerminationBehavior: .gracefullyShutdownGroup))
         }
-        let stopped = AsyncStream<Void>.makeStream()
-        let stop = SignalHandler([SIGINT, SIGTERM]) {
-            // Stop listening, let requests in flight finish, then return from run().
-            Task {
-                await server.shutdown()
-                stopped.continuation.finish()
-            }
-        }
-        for await _ in stopped.stream {}
-        withExtendedLifetime(stop) {}
+        // Children of Swift concurrency threads start with these blocked: the group would
+        // never hear them.
+        SignalHandler.unblock([SIGINT, SIGTERM])
+        let group = ServiceGroup(
+            configuration: .init(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: configuration.logger)
+        )
+        // On SIGINT or SIGTERM the server stops listening and answers what is in flight.
+        try await group.run()
         // Connections have drained; make what they wrote durable before exiting.
         for export in exports where !export.backend.isReadOnly { try await export.backend.flush() }
         configuration.logger.info("stopped")
+    }
+
+    /// Starts the server: on the socket systemd passed (socket activation), or on the address
+    /// the options name.
+    private func start(_ exports: [NBDServerExport], configuration: NBDServer.Configuration) async throws -> NBDServer {
+        do {
+            if let activated = SocketActivation.take() {
+                guard socket == nil, port == nil else {
+                    throw CommandError("started with a socket (LISTEN_FDS): --socket and --port do not apply")
+                }
+                return try await NBDServer.start(exports: exports, listeningOn: activated, configuration: configuration)
+            }
+            let address: NBDAddress = socket.map { .unix(path: $0) } ?? .tcp(host: bind, port: port ?? 10809)
+            do {
+                return try await NBDServer.start(exports: exports, on: address, configuration: configuration)
+            } catch let error as NBDError where error.code == .tlsFailed {
+                throw error
+            } catch {
+                throw CommandError("cannot listen on \(address): \(error)")
+            }
+        } catch let error as NBDError where error.code == .tlsFailed {
+            throw CommandError(error.message)
+        }
+    }
+
+    /// The URI a client uses for the first export: the port the kernel chose, when 0 was asked.
+    private func uri(of server: NBDServer) -> NBDURI {
+        let requiresTLS = tlsMode == .require
+        if let socket { return NBDURI(socket: socket, exportName: name, requiresTLS: requiresTLS) }
+        let host = server.localAddress?.ipAddress ?? bind
+        return NBDURI(host: host, port: server.localAddress?.port ?? port ?? 10809, exportName: name, requiresTLS: requiresTLS)
     }
 
     static func fileBackend(_ path: String, readOnly: Bool) throws -> FileBackend {

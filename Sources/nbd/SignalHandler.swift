@@ -10,14 +10,18 @@ import Darwin
 final class SignalHandler: @unchecked Sendable {
     private let sources: [DispatchSourceSignal]
 
+    /// Lets `signals` through to this thread: a parent may have started us with them blocked
+    /// (children of Swift concurrency threads inherit such a mask), and then none would arrive.
+    static func unblock(_ signals: [Int32]) {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for number in signals { sigaddset(&set, number) }
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+    }
+
     init(_ signals: [Int32], action: @escaping @Sendable () -> Void) {
+        Self.unblock(signals)
         sources = signals.map { number in
-            // A parent may have started us with the signal blocked (children of Swift
-            // concurrency threads inherit such a mask): unblock it, or it would never arrive.
-            var set = sigset_t()
-            sigemptyset(&set)
-            sigaddset(&set, number)
-            pthread_sigmask(SIG_UNBLOCK, &set, nil)
             signal(number, SIG_IGN)
             let source = DispatchSource.makeSignalSource(signal: number)
             source.setEventHandler(handler: action)

@@ -1,0 +1,145 @@
+import Foundation
+import Logging
+import NBD
+import NBDServer
+import NIOCore
+import ServiceLifecycle
+import Testing
+
+/// How the server starts and stops: as a Service in a ServiceGroup (a graceful shutdown answers
+/// the requests in flight), `nbd serve --port 0 --print-uri`, socket activation (LISTEN_FDS, as
+/// systemd passes a socket) and `--exit-with-parent`.
+@Suite("Server lifecycle", .serialized)
+struct ServerLifecycleTests {
+    /// Memory whose reads take `delay`: a request is in flight when the shutdown comes.
+    struct SlowBackend: NBDServerBackend {
+        let inner = MemoryBackend(size: 1 << 20)
+        let delay: Duration
+        var size: UInt64 { inner.size }
+        var isReadOnly: Bool { false }
+        var flushCoversAllConnections: Bool { true }
+        var zeroIsFast: Bool { true }
+        func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
+            try await Task.sleep(for: delay)
+            return try await inner.read(at: offset, length: length)
+        }
+        func write(_ data: ByteBuffer, at offset: UInt64, fua: Bool) async throws { try await inner.write(data, at: offset, fua: fua) }
+        func flush() async throws {}
+        func trim(at offset: UInt64, length: UInt64) async throws {}
+        func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
+            try await inner.zero(at: offset, length: length, noHole: noHole)
+        }
+        func extents(at offset: UInt64, length: UInt64) async throws -> [BlockDescriptor] {
+            try await inner.extents(at: offset, length: length)
+        }
+    }
+
+    @Test func aGracefulShutdownOfTheGroupAnswersWhatIsInFlight() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("service.sock")
+        let backend = SlowBackend(delay: .milliseconds(500))
+        try await backend.write(ByteBuffer(repeating: 0x42, count: 4096), at: 0, fua: false)
+        let server = try await NBDServer.start(exports: [NBDServerExport(backend: backend)], on: .unix(path: socket))
+        let group = ServiceGroup(services: [server], logger: Logger(label: "test"))
+        let running = Task { try await group.run() }
+        let export = try await NBDExport.connect(to: NBDURI(socket: socket))
+        let read = Task { try await export.read(at: 0, length: 4096) }
+        try await Task.sleep(for: .milliseconds(100))
+        await group.triggerGracefulShutdown()
+        // The read in flight is answered with its data; then the group's run returns.
+        #expect(try await read.value.readableBytesView.allSatisfy { $0 == 0x42 })
+        try await running.value
+        await #expect(throws: (any Error).self) { _ = try await NBDExport.connect(to: NBDURI(socket: socket)) }
+        await export.close()
+    }
+
+    @Test func cancellingTheServiceStopsIt() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("cancel.sock")
+        let server = try await NBDServer.start(exports: [NBDServerExport(backend: MemoryBackend(size: 1 << 20))], on: .unix(path: socket))
+        let running = Task { try await server.run() }
+        #expect(try await NBDExport.connect(to: NBDURI(socket: socket)).size == 1 << 20)
+        running.cancel()
+        try await running.value
+        await #expect(throws: (any Error).self) { _ = try await NBDExport.connect(to: NBDURI(socket: socket)) }
+    }
+
+    @Test func portZeroPrintsTheURIAndSIGTERMStopsCleanly() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: nbdTool)
+        process.arguments = ["serve", "--memory", "16M", "--name", "disk", "--port", "0", "--print-uri"]
+        let output = Pipe()
+        process.standardOutput = output
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+        let line = String(decoding: output.fileHandleForReading.availableData, as: UTF8.self).trimmingCharacters(
+            in: .whitespacesAndNewlines
+        )
+        let uri = try NBDURI(line)
+        guard case .tcp(_, let port?) = uri.transport else {
+            Issue.record("not a TCP URI with a port: \(line)")
+            kill(process.processIdentifier, SIGKILL)
+            return
+        }
+        #expect(port != 0 && port != 10809 && uri.exportName == "disk")
+        #expect(try folder.run("nbdinfo", ["--size", line]) == Data("16777216\n".utf8))
+        kill(process.processIdentifier, SIGTERM)
+        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(!process.isRunning && process.terminationStatus == 0)
+    }
+
+    @Test func aSocketFromSystemdIsServed() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("activated.sock")
+        // What systemd does: a listening socket as descriptor 3, LISTEN_PID naming the process.
+        let script = """
+            import os, socket, sys
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(sys.argv[1]); s.listen(16)
+            if s.fileno() != 3: os.dup2(s.fileno(), 3)
+            os.set_inheritable(3, True)
+            os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="nbd")
+            os.execv(sys.argv[2], sys.argv[2:])
+            """
+        try await folder.start("/usr/bin/python3", ["-c", script, socket, nbdTool, "serve", "--memory", "8M"], waitFor: socket)
+        #expect(try folder.run("nbdinfo", ["--size", NBDURI(socket: socket).description]) == Data("8388608\n".utf8))
+        let refused = try runProcess(
+            "/usr/bin/python3",
+            ["-c", script, folder.path("other.sock"), nbdTool, "serve", "--memory", "8M", "--port", "7"]
+        )
+        #expect(refused.status == 1 && refused.error.contains("--socket and --port do not apply"), "\(refused.error)")
+    }
+
+    @Test func exitWithParentEndsTheServerWithItsParent() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("child.sock")
+        // A parent that starts the server, says its pid, and exits a second later.
+        let script = """
+            import os, sys, time
+            pid = os.fork()
+            if pid == 0: os.execv(sys.argv[1], sys.argv[1:])
+            print(pid, flush=True); time.sleep(1); os._exit(0)
+            """
+        let parent = try runProcess(
+            "/usr/bin/python3",
+            ["-c", script, nbdTool, "serve", "--memory", "8M", "--socket", socket, "--exit-with-parent"]
+        )
+        let pid = try #require(Int32(String(decoding: parent.output, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)))
+        defer { kill(pid, SIGKILL) }
+        var alive = true
+        for _ in 0..<300 {
+            if kill(pid, 0) != 0 {
+                alive = false
+                break
+            }
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        #expect(!alive, "the server outlived its parent by 3 s")
+    }
+}
