@@ -21,6 +21,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     private let logger: Logger
     /// Requests run on the connection's own thread: a memory backend answers without a hop.
     private var executor: EventLoopTaskExecutor?
+    /// The connection's requests, in a task group of its own.
+    private var requests: ConnectionRequests?
     private var timer: Scheduled<Void>?
     private var readingPaused = false
     /// A read the channel asked for while reading was paused, made on resuming.
@@ -75,12 +77,14 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         executor = EventLoopTaskExecutor(context.eventLoop)
+        requests = ConnectionRequests(executor: executor)
     }
 
     /// The pipeline is torn down (the channel closed): let go of the context, which holds this
     /// handler, or the two keep each other, and the connection's buffers, alive for ever.
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        requests?.finish()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -119,6 +123,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
 
     private func connectionEnded() {
         closed = true
+        requests?.finish()
         machine.channelClosed()
         timer?.cancel()
         timer = nil
@@ -247,7 +252,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     private func perform(_ request: RequestHeader, _ operation: ServerOperation, context: ChannelHandlerContext) {
         let backend = self.backend!
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        Task(executorPreference: executor) {
+        requests?.submit {
             // Requests of a client that has gone are dropped, not performed.
             if handler.eventLoop.inEventLoop, handler.value.closed { return }
             let reply = await RequestPerformer.run(operation, on: backend)
