@@ -87,6 +87,18 @@ struct ServerTLSTests {
         _ = try folder.run("qemu-io", ["--object", object, "--image-opts", image, "-c", "write -P 0x5a 1M 64k"])
         let qemuInfo = String(decoding: try folder.run("qemu-img", ["info", "--object", object, "--image-opts", image]), as: UTF8.self)
         #expect(qemuInfo.contains("64 MiB"), "\(qemuInfo)")
+        // Trixie's peers too: libnbd 1.22 (which asks for extended headers) and qemu 10.
+        let newer = try attempt(folder, "trixie:nbdinfo", ["--json", uri])
+        #expect(newer.status == 0 && newer.output.contains("\"TLS\": true"), "\(newer.error)")
+        let copied = try attempt(folder, "trixie:nbdcopy", [uri, folder.path("trixie.raw")])
+        #expect(copied.status == 0, "\(copied.error)")
+        // What qemu-io wrote above is in it too.
+        var expected = data
+        expected.replaceSubrange((1 << 20)..<((1 << 20) + 65536), with: Data(repeating: 0x5a, count: 65536))
+        #expect(try Data(contentsOf: URL(fileURLWithPath: folder.path("trixie.raw"))).prefix(8 << 20) == expected)
+        let qemu10 = try attempt(folder, "trixie:qemu-img", ["info", "--object", object, "--image-opts", image])
+        #expect(qemu10.status == 0 && qemu10.output.contains("64 MiB"), "\(qemu10.error)")
+
         let export = try await NBDExport.connect(to: NBDURI(uri), configuration: .filesFromURIs)
         #expect(export.tlsVersion != nil)
         let read = try await export.read(at: 1 << 20, length: 65536)
