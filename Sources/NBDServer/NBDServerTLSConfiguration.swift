@@ -19,7 +19,8 @@ public struct NBDServerTLSConfiguration: Sendable {
     /// When set, only these clients are served: X.509 subjects as RFC 4514 writes them, most
     /// specific first (`CN=backup,O=Example,C=GB`, as qemu's `tls-authz` names them), or PSK user
     /// names. Any other client is disconnected once its TLS handshake is done, and logged.
-    /// With certificates, it needs ``verifyPeer``: an unverified certificate can name anyone.
+    /// With certificates, it needs ``verifyPeer``: an unverified certificate can name anyone;
+    /// and it needs ``NBDServerTLSMode/require``: under `on`, clients in clear would pass it.
     public var allowedIdentities: Set<String>?
 
     /// X.509 from the `certificates` folder, under `mode`.

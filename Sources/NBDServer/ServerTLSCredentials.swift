@@ -17,6 +17,9 @@ struct ServerTLSCredentials: Sendable {
     init(_ configuration: NBDServerTLSConfiguration) throws {
         func refuse(_ message: String) -> NBDError { NBDError(.tlsFailed, message, connectionUsable: false) }
         guard configuration.mode != .off else { throw refuse("TLS is off: no credentials are needed") }
+        if configuration.allowedIdentities != nil, configuration.mode != .require {
+            throw refuse("an allow-list needs TLS required: under on, clients in clear would pass it")
+        }
         switch (configuration.certificates, configuration.pskFile) {
         case (nil, nil):
             throw refuse("TLS needs credentials: a certificates folder or a PSK file")

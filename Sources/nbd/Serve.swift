@@ -118,6 +118,9 @@ struct Serve: AsyncParsableCommand {
         if tlsMode != .off, !credentials { throw ValidationError("--tls=\(tlsMode) needs --tls-certificates DIR or --tls-psk FILE") }
         if tlsCertificates != nil, tlsPsk != nil { throw ValidationError("give --tls-certificates or --tls-psk, not both") }
         if tlsVerifyPeer, tlsCertificates == nil { throw ValidationError("--tls-verify-peer needs --tls-certificates") }
+        if !tlsAllow.isEmpty, tlsMode == .on {
+            throw ValidationError("--tls-allow needs --tls=require: under --tls=on, clients in clear would pass it")
+        }
         if !tlsAllow.isEmpty, tlsCertificates != nil, !tlsVerifyPeer {
             throw ValidationError("--tls-allow with certificates needs --tls-verify-peer: an unverified certificate can name anyone")
         }

@@ -198,6 +198,7 @@ struct ServerTLSTests {
             (["--tls-psk", "/nonexistent.psk"], "cannot read the PSK file /nonexistent.psk"),
             (["--tls-psk", "/k", "--tls-verify-peer"], "--tls-verify-peer needs --tls-certificates"),
             (["--tls=off", "--tls-allow", "alice"], "--tls=off does not go with"),
+            (["--tls=on", "--tls-psk", "/k", "--tls-allow", "alice"], "--tls-allow needs --tls=require"),
         ]
         for (options, message) in cases {
             let result = try runNBD(["serve", "--memory", "1M", "--socket", "/tmp/nbd-tls-never.sock"] + options)

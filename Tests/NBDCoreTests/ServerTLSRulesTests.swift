@@ -151,13 +151,13 @@ struct ServerTLSRulesTests {
         #expect(agreement.format == .simple && agreement.metaContexts.isEmpty)
     }
 
-    func connection(allowing identities: Set<String>? = nil) -> ServerConnectionStateMachine {
+    func connection(allowing identities: Set<String>? = nil, mode: NBDServerTLSMode = .require) -> ServerConnectionStateMachine {
         var machine = ServerConnectionStateMachine(
             exports: [Self.export],
             maximumOptionLength: 4096,
             limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 4),
             handshakeTimeout: .seconds(10),
-            tlsMode: .require,
+            tlsMode: mode,
             allowedIdentities: identities
         )
         machine.channelActive()
@@ -202,6 +202,19 @@ struct ServerTLSRulesTests {
             return
         }
         #expect(error.code == .timedOut)
+    }
+
+    /// A client in clear has no identity: with an allow-list, TLS is required even under `on`.
+    @Test func anAllowListRequiresTLS() {
+        var machine = connection(allowing: ["alice"], mode: .on)
+        var input = clientFlags()
+        input.writeImmutableBuffer(bytes(.list))
+        machine.bytesReceived(input)
+        guard case .write(let buffers)? = actions(&machine).last, case .error(let type, _)? = replies(buffers[0]).first else {
+            Issue.record("LIST in clear was answered under an allow-list")
+            return
+        }
+        #expect(type == .errTLSRequired)
     }
 
     @Test func anIdentityNotOnTheAllowListIsRefused() {

@@ -61,7 +61,8 @@ public struct ServerConnectionStateMachine: Sendable {
     /// A connection that will serve `exports` within `limits`, closed if it has not entered
     /// transmission within `handshakeTimeout`. With `tlsMode` other than `.off`, clients may
     /// (or must) start TLS; with `allowedIdentities`, only clients whose TLS identity (an X.509
-    /// subject or a PSK user name) is in it are served.
+    /// subject or a PSK user name) is in it are served, and so TLS is required whatever
+    /// `tlsMode` says: a client in clear has no identity to check.
     public init(
         exports: [ServerNegotiationStateMachine.Export],
         maximumOptionLength: Int,
@@ -70,9 +71,8 @@ public struct ServerConnectionStateMachine: Sendable {
         tlsMode: NBDServerTLSMode = .off,
         allowedIdentities: Set<String>? = nil
     ) {
-        phase = .negotiating(
-            ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength, tlsMode: tlsMode)
-        )
+        let mode = allowedIdentities != nil && tlsMode == .on ? .require : tlsMode
+        phase = .negotiating(ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength, tlsMode: mode))
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout
         self.allowedIdentities = allowedIdentities
