@@ -351,6 +351,43 @@ struct HostileServerTests {
 }
 
 extension HostileServerTests {
+    /// A request from a task cancelled before it was sent fails with CancellationError and
+    /// sends nothing: its event loop promise is failed, not dropped (a dropped one stopped a
+    /// debug build of `nbd copy` as "leaking promise", when a journal's checkpoint flush was
+    /// cancelled at the end of a copy).
+    @Test func aRequestFromACancelledTaskFailsAndSendsNothing() async throws {
+        try await withServer { server in
+            let peerTask = Task { () -> Void in
+                let peer = await server.nextPeer()
+                try await peer.handshake()
+                try await peer.acceptGo()
+                // The first request the server sees is the read after the cancelled ones.
+                let read = try await peer.readRequest()
+                #expect(read.type == .read)
+                try await peer.send {
+                    ReplyHeader.simple(SimpleReplyHeader(cookie: read.cookie)).encode(into: &$0)
+                    $0.writeRepeatingByte(0x11, count: Int(read.length))
+                }
+                #expect(try await peer.readRequest().type == .disconnect)
+            }
+            let connection = try await NBDConnection.connect(to: server.address)
+            let export = try await connection.go()
+            let cancelled = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                try await export.flush()
+            }
+            await #expect(throws: CancellationError.self) { try await cancelled.value }
+            let cancelledRead = Task {
+                withUnsafeCurrentTask { $0?.cancel() }
+                return try await export.read(at: 0, length: 512)
+            }
+            await #expect(throws: CancellationError.self) { _ = try await cancelledRead.value }
+            #expect(try await export.read(at: 4096, length: 512) == ByteBuffer(repeating: 0x11, count: 512))
+            await export.disconnect()
+            try await peerTask.value
+        }
+    }
+
     @Test func everyReplyDrippedOneByteAtATime() async throws {
         try await withServer { server in
             let client = Task { () -> ([NBDExportListing], ByteBuffer) in

@@ -324,9 +324,14 @@ public final class NBDExport: Sendable {
     /// Sends the requests and waits for all of them: a failure is thrown only once every piece
     /// has finished, so no reply still writes into a buffer handed back to the caller.
     private func perform(_ requests: [PendingRequest]) async throws -> [UInt32: [BlockDescriptor]] {
-        try Task.checkCancellation()
         let handler = self.handler
         let loop = channel.eventLoop
+        guard !Task.isCancelled else {
+            // Each request was made with a promise of the event loop's: failed, not dropped,
+            // or NIO reports it leaked (and a debug build stops there).
+            loop.runOnLoop { for request in requests { request.fail(CancellationError()) } }
+            throw CancellationError()
+        }
         return try await withTaskCancellationHandler {
             loop.runOnLoop { handler.value.submit(requests) }
             var firstError: (any Error)?
