@@ -12,15 +12,12 @@ struct BackupRecipeTests {
     @Test func anIncrementalBackupIsVerifiedByItsBlockHash() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let image = server.path("disk.qcow2")
-        _ = try server.run("qemu-img", ["create", "-q", "-f", "qcow2", image, "64M"])
-        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 30M 2M", image])
+        let image = try QemuBitmapImage(server)
         let backup = server.path("backup.raw")
 
         // Last night's full copy, with the export's blkhash from the copy itself.
-        let fullSocket = server.path("full.sock")
-        let full = try await server.start("qemu-nbd", ["-k", fullSocket, "-t", "-r", "-f", "qcow2", image], waitFor: fullSocket)
-        let fullSource = try await NBDEndpoint.open(NBDURI(socket: fullSocket))
+        let full = try await image.serveForFullCopy()
+        let fullSource = try await NBDEndpoint.open(full.uri)
         var options = CopyOptions()
         options.flush = true
         options.blockHash = .default
@@ -28,20 +25,10 @@ struct BackupRecipeTests {
         await fullSource.close()
         let firstHash = try #require(first.blockHash)
         #expect(try await verify(FileEndpoint.source(backup), matches: firstHash))
-        kill(full.processIdentifier, SIGKILL)
-        while full.isRunning { usleep(1000) }
 
         // A bitmap, then the guest's writes: new data, and zeroes over old data.
-        _ = try server.run("qemu-img", ["bitmap", "--add", image, "b0"])
-        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 10M 1M", "-c", "write -z 31M 512K", image])
-        let socket = server.path("q.sock")
-        let trace = server.path("trace.log")
-        try await server.start(
-            "qemu-nbd",
-            ["-k", socket, "-t", "-r", "-f", "qcow2", "-B", "b0", "--trace", "enable=nbd_co_send_structured_read*,file=\(trace)", image],
-            waitFor: socket
-        )
-        let uri = NBDURI(socket: socket)
+        try image.dirty(after: full.process)
+        let (uri, trace) = try await image.serveWithBitmap()
 
         // The recipe.
         let changes = try await NBDEndpoint.open(uri, bitmap: .dirtyBitmap("b0"))

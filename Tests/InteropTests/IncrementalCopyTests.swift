@@ -12,35 +12,20 @@ struct IncrementalCopyTests {
     @Test func onlyTheDirtyExtentsAreCopied() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let image = server.path("disk.qcow2")
-        _ = try server.run("qemu-img", ["create", "-q", "-f", "qcow2", image, "64M"])
-        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x11 0 8M", "-c", "write -P 0x22 30M 2M", image])
+        let image = try QemuBitmapImage(server)
 
         // The full copy, to a file and to an NBD export.
-        let fullSocket = server.path("full.sock")
-        let full = try await server.start("qemu-nbd", ["-k", fullSocket, "-t", "-r", "-f", "qcow2", image], waitFor: fullSocket)
+        let full = try await image.serveForFullCopy()
         let file = server.path("backup.raw")
         let memory = try await server.nbdkit(["memory", "64M"]).description
         for destination in [file, memory] {
-            #expect(try runNBD(["copy", NBDURI(socket: fullSocket).description, destination]).status == 0)
+            #expect(try runNBD(["copy", full.uri.description, destination]).status == 0)
         }
-        // SIGKILL: children of Swift concurrency threads start with SIGTERM blocked. The image
-        // must be free before qemu-img and qemu-io write to it.
-        kill(full.processIdentifier, SIGKILL)
-        while full.isRunning { usleep(1000) }
 
         // Then a bitmap, and writes: new data, and zeroes over old data.
-        _ = try server.run("qemu-img", ["bitmap", "--add", image, "b0"])
-        _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 10M 1M", "-c", "write -z 31M 512K", image])
-
-        let socket = server.path("q.sock")
-        let trace = server.path("trace.log")
-        try await server.start(
-            "qemu-nbd",
-            ["-k", socket, "-t", "-r", "-f", "qcow2", "-B", "b0", "--trace", "enable=nbd_co_send_structured_read*,file=\(trace)", image],
-            waitFor: socket
-        )
-        let uri = NBDURI(socket: socket).description
+        try image.dirty(after: full.process)
+        let (bitmapURI, trace) = try await image.serveWithBitmap()
+        let uri = bitmapURI.description
         // What the source holds now, by nbdcopy.
         _ = try server.run("nbdcopy", [uri, server.path("expected.raw")])
         let expected = try contents(server.path("expected.raw"))
