@@ -8,7 +8,7 @@ public struct CopyOptions: Sendable {
     public var requests = 64
     /// The most memory the data in flight takes: requests in flight are capped at this over
     /// the request size, with one per connection at least.
-    public var memory: UInt64 = 24 << 20
+    public var memory: UInt64 = Copier.defaultMemory
     /// Blocks of this many zero bytes are zeroed (or skipped, on a destination that starts
     /// zeroed), not written; 0 writes zeroes as data.
     public var sparseBlockSize = 4096

@@ -298,8 +298,13 @@ struct Benchmark {
     /// Starts nbdkit on a Unix socket and waits for the socket to appear.
     static func startNBDKit(socket: String, _ arguments: [String]) async throws -> Process {
         let process = try start("nbdkit", ["--foreground", "--exit-with-parent", "--unix", socket] + arguments)
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+        try await waitFor(socket)
         return process
+    }
+
+    /// Waits (5 s at most) until a server has made its socket `path`.
+    static func waitFor(_ path: String) async throws {
+        for _ in 0..<200 where !FileManager.default.fileExists(atPath: path) { try await Task.sleep(for: .milliseconds(25)) }
     }
 
     static func start(_ tool: String, _ arguments: [String]) throws -> Process {

@@ -46,9 +46,7 @@ extension Benchmark {
                 arguments.append("--trace=enable=nbd_co_receive_request_decode_type,file=\(directory)/\(trace)")
             }
             let process = try start("/usr/sbin/chroot", command("qemu-nbd", arguments + ["\(directory)/\(image)"]))
-            for _ in 0..<200 where !FileManager.default.fileExists(atPath: "\(hostDirectory)/\(socket)") {
-                try await Task.sleep(for: .milliseconds(25))
-            }
+            try await Benchmark.waitFor("\(hostDirectory)/\(socket)")
             return process
         }
 

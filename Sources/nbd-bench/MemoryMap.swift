@@ -35,7 +35,7 @@ extension Benchmark {
         let oursSocket = "\(trixie.hostDirectory)/ours.sock"
         let ours = try start(tool, ["serve", "--memory", "1T", "--socket", oursSocket])
         defer { for server in [qemu, ours] { kill(server.processIdentifier, SIGKILL) } }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: oursSocket) { try await Task.sleep(for: .milliseconds(25)) }
+        try await waitFor(oursSocket)
         let oursURI = NBDURI(socket: oursSocket)
         try await NBDExport.withExport(oursURI) { export in
             for offset in offsets { try await export.write(data, at: offset) }

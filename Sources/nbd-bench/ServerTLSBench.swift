@@ -29,7 +29,7 @@ extension Benchmark {
         let patternSocket = directory.appendingPathComponent("pattern.sock").path
         let pattern = try await startNBDKit(socket: patternSocket, ["pattern", "\(options.size)"])
         defer { kill(pattern.processIdentifier, SIGKILL) }
-        for _ in 0..<200 where !FileManager.default.fileExists(atPath: ourSocket) { try await Task.sleep(for: .milliseconds(25)) }
+        try await waitFor(ourSocket)
 
         print("filling both servers with \(options.size >> 20) MiB of nbdkit's pattern, over TLS ...")
         for socket in [ourSocket, theirSocket] { _ = try measure("nbdcopy", [NBDURI(socket: patternSocket).description, tlsURI(socket)]) }

@@ -53,7 +53,7 @@ enum Soak {
             // The server in its own process, so that its peak memory is its own.
             let server = try Benchmark.start(try Benchmark.requireNBDTool(), ["serve", "--memory", "\(options.size)", "--socket", socket])
             defer { kill(server.processIdentifier, SIGKILL) }
-            for _ in 0..<200 where !FileManager.default.fileExists(atPath: socket) { try await Task.sleep(for: .milliseconds(25)) }
+            try await Benchmark.waitFor(socket)
             var exports: [NBDExport] = []
             for _ in 0..<options.clients { exports.append(try await NBDExport.connect(to: NBDURI(socket: socket))) }
             print(

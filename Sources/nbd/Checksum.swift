@@ -33,7 +33,7 @@ struct Checksum: AsyncParsableCommand {
     var connections = 4
 
     @Option(help: "Requests in flight per connection.")
-    var requests = 64
+    var requests = CopyOptions().requests
 
     @OptionGroup var connection: ConnectionOptions
 

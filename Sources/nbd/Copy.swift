@@ -41,13 +41,13 @@ struct Copy: AsyncParsableCommand {
     var connections = 4
 
     @Option(help: "Requests in flight per connection.")
-    var requests = 64
+    var requests = CopyOptions().requests
 
     @Option(
         help: ArgumentHelp("Bytes per request (K, M, G, T suffixes); raised to the preferred block size.", valueName: "size"),
         transform: Sizes.parse
     )
-    var requestSize: UInt64 = 256 << 10
+    var requestSize: UInt64 = CopyOptions().requestSize
 
     @Option(
         help: ArgumentHelp(
@@ -57,7 +57,7 @@ struct Copy: AsyncParsableCommand {
         ),
         transform: Sizes.parse
     )
-    var memory: UInt64 = Copier.defaultMemory
+    var memory: UInt64 = CopyOptions().memory
 
     @Option(
         help: ArgumentHelp(
