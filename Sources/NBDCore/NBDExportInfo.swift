@@ -82,6 +82,8 @@ public struct NBDExportInfo: Hashable, Sendable {
     /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`: block status can be asked for some contexts only
     /// (advertised only with extended headers).
     public var canBlockStatusPayload: Bool { flags.contains(.blockStatusPayload) }
+    /// `NBD_FLAG_SEND_RESIZE`: the size can be changed (the experimental RESIZE extension).
+    public var canResize: Bool { flags.contains(.sendResize) }
     /// `NBD_FLAG_CAN_MULTI_CONN`: several connections see each other's flushed writes.
     public var canMultiConn: Bool { flags.contains(.canMultiConn) }
 }

@@ -81,6 +81,20 @@ public struct RequestValidator: Sendable {
         }
     }
 
+    /// Throws an ``NBDError`` when `NBD_CMD_RESIZE` to `size` must not be sent: "Clients MUST
+    /// NOT send a resize request unless the NBD_FLAG_SEND_RESIZE flag was set", a read-only
+    /// export, a size no offset can hold, or one that is not a multiple of the minimum block
+    /// size (which every request's offset and length must be).
+    public func validateResize(to size: UInt64) throws(NBDError) {
+        try require(.sendResize, "NBD_FLAG_SEND_RESIZE", for: CommandType.resize)
+        if export.isReadOnly { throw .unsupported("\(CommandType.resize) on a read-only export") }
+        guard size <= UInt64(Int64.max) else { throw .invalidArgument("a size of \(size) bytes is too large") }
+        let minimum = UInt64(export.blockSizes.minimum)
+        guard size % minimum == 0 else {
+            throw .invalidArgument("a size of \(size) bytes is not a multiple of the minimum block size \(minimum)")
+        }
+    }
+
     private func require(_ flag: TransmissionFlags, _ name: String, for what: CustomStringConvertible) throws(NBDError) {
         guard export.flags.contains(flag) else { throw .unsupported("\(what) is not supported by this export (no \(name))") }
     }

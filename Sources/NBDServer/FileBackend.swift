@@ -1,17 +1,20 @@
 import NBDCore
 import NBDSystem
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// A file or block device: reads and writes with pread/pwrite on NIO's thread pool, FLUSH as
 /// fsync, holes found with SEEK_DATA/SEEK_HOLE, trims and zeroes as punched holes (or, on a
-/// block device, `BLKDISCARD` and `BLKZEROOUT`).
+/// block device, `BLKDISCARD` and `BLKZEROOUT`). A regular file can change size (see
+/// ``resize(to:)``); a block device cannot.
 public final class FileBackend: NBDServerBackend {
-    public let size: UInt64
+    public var size: UInt64 { currentSize.withLockedValue { $0 } }
     public let isReadOnly: Bool
     public var flushCoversAllConnections: Bool { true }
     /// Zeroing may fall back to writing zero bytes, so a fast zero is refused.
     public var zeroIsFast: Bool { false }
     private let file: LocalFile
+    private let currentSize: NIOLockedValueBox<UInt64>
 
     /// Opens `path` (for reading only with `readOnly`): a regular file or a block device.
     public init(path: String, readOnly: Bool = false) throws {
@@ -21,7 +24,7 @@ public final class FileBackend: NBDServerBackend {
                 throw NBDServerError(.EINVAL, "cannot serve \(path): it is neither a file nor a block device")
             }
             self.file = file
-            self.size = size
+            self.currentSize = NIOLockedValueBox(size)
         } catch let error as FileIOError {
             throw NBDServerError(.EIO, "cannot open \(path): \(error)")
         }
@@ -70,6 +73,19 @@ public final class FileBackend: NBDServerBackend {
             try await self.file.extents(in: offset..<(overflow ? UInt64.max : end), size: self.size, limit: BlockDescriptor.mostInOneAnswer)
         }
         return extents.map { BlockDescriptor(length: UInt64($0.range.count), flags: $0.isHole ? 3 : 0) }
+    }
+
+    /// Sets the file's length with `ftruncate`: what a grow adds reads as zeroes and takes no
+    /// space; a shrink frees what is cut off. A block device keeps its size (`EPERM`); a file
+    /// system without room for the new length answers `ENOSPC`.
+    public func resize(to size: UInt64) async throws {
+        guard file.kind == .regular else { throw NBDServerError(.EPERM, "a block device cannot change size") }
+        do {
+            try await file.blocking { [file] in try file.setLength(size) }
+        } catch let error as FileIOError {
+            throw NBDServerError(error.isOutOfSpace ? .ENOSPC : .EIO, "cannot make the file \(size) bytes long: \(error)")
+        }
+        currentSize.withLockedValue { $0 = size }
     }
 
     /// Runs `body`, turning the C library's errors into the NBD error the client gets.

@@ -10,12 +10,19 @@ public struct NBDServerExport: Sendable {
     public var name: String
     public var description: String
     public var backend: any NBDServerBackend
+    /// Whether clients may change the export's size with `NBD_CMD_RESIZE`, the experimental
+    /// RESIZE extension (advertised with `NBD_FLAG_SEND_RESIZE` unless the backend is
+    /// read-only). The backend's ``NBDServerBackend/resize(to:)`` does the work; the server
+    /// keeps it apart from every other request and checks every connection's requests against
+    /// the new size. Off by default.
+    public var isResizable: Bool
 
     /// An export called `name` (the empty name is the default export).
-    public init(name: String = "", description: String = "", backend: any NBDServerBackend) {
+    public init(name: String = "", description: String = "", backend: any NBDServerBackend, isResizable: Bool = false) {
         self.name = name
         self.description = description
         self.backend = backend
+        self.isResizable = isResizable
     }
 }
 
@@ -173,6 +180,11 @@ public final class NBDServer: Service, Sendable {
     ) throws -> (bootstrap: ServerBootstrap, connections: Connections) {
         let tls = try configuration.tls.flatMap { $0.mode == .off ? nil : try ServerTLSCredentials($0) }
         let connections = Connections()
+        // One per resizable export, shared by all its connections.
+        let gates = Dictionary(
+            exports.filter(\.isResizable).map { ($0.name, ResizeGate(size: $0.backend.size)) },
+            uniquingKeysWith: { first, _ in first }
+        )
         let bootstrap = ServerBootstrap(group: configuration.eventLoopGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.so_keepalive), value: 1)
@@ -204,7 +216,13 @@ public final class NBDServer: Service, Sendable {
                 }
                 return channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(
-                        NBDServerChannelHandler(exports: exports, configuration: configuration, tls: tls, logger: configuration.logger) {
+                        NBDServerChannelHandler(
+                            exports: exports,
+                            gates: gates,
+                            configuration: configuration,
+                            tls: tls,
+                            logger: configuration.logger
+                        ) {
                             connections.negotiated(channel)
                         }
                     )

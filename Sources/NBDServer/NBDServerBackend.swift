@@ -5,13 +5,15 @@ import NIOCore
 ///
 /// Implement it to serve anything over NBD; ``MemoryBackend`` is one. Every method may be
 /// called from many tasks at once. Ranges are already checked against ``size`` and
-/// ``isReadOnly`` when they arrive here.
+/// ``isReadOnly`` when they arrive here. On an export made resizable
+/// (``NBDServerExport/isResizable``) the server never runs ``resize(to:)`` beside another
+/// call: the others wait for it, and are checked against the new size.
 ///
 /// The methods are called on the thread of the client's connection, so that a fast backend
 /// answers without a thread hop. Do not block it: blocking I/O belongs on a thread pool, as
 /// ``FileBackend`` does with `NIOThreadPool`.
 public protocol NBDServerBackend: Sendable {
-    /// Size in bytes.
+    /// Size in bytes; after a ``resize(to:)``, the new size.
     var size: UInt64 { get }
     /// Writes, trims and zeroes are refused with `EPERM`.
     var isReadOnly: Bool { get }
@@ -38,6 +40,11 @@ public protocol NBDServerBackend: Sendable {
     /// Reads `length` bytes at `offset` as data and holes in order, so that a structured reply
     /// can skip the holes. The default reads everything as data.
     func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart]
+    /// Changes the size to `size` (`NBD_CMD_RESIZE`, an experimental extension): a grow adds
+    /// bytes that read as zeroes, a shrink drops what is past the new end. Throw
+    /// ``NBDServerError`` with `ENOSPC` when there is no room to grow, `EPERM` when the storage
+    /// cannot change size. The default refuses with `EPERM`.
+    func resize(to size: UInt64) async throws
 }
 
 extension NBDServerBackend {
@@ -51,6 +58,10 @@ extension NBDServerBackend {
 
     public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
         [.data(try await read(at: offset, length: length))]
+    }
+
+    public func resize(to size: UInt64) async throws {
+        throw NBDServerError(.EPERM, "this export cannot change size")
     }
 }
 

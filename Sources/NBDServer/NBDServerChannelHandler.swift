@@ -18,6 +18,9 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     private let backends: [String: any NBDServerBackend]
     private var backend: (any NBDServerBackend)?
+    /// The gates of the resizable exports, and that of the export opened, if resizable.
+    private let gates: [String: ResizeGate]
+    private var gate: ResizeGate?
     private let logger: Logger
     /// Requests run on the connection's own thread: a memory backend answers without a hop.
     private var executor: EventLoopTaskExecutor?
@@ -40,6 +43,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     /// A connection serving `exports`; `transmissionStarted` is called when it leaves negotiation.
     init(
         exports: [NBDServerExport],
+        gates: [String: ResizeGate] = [:],
         configuration: NBDServer.Configuration,
         tls: ServerTLSCredentials? = nil,
         logger: Logger,
@@ -52,10 +56,11 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 .init(
                     serving: export.name,
                     description: export.description,
-                    size: export.backend.size,
+                    size: gates[export.name]?.size ?? export.backend.size,
                     isReadOnly: export.backend.isReadOnly,
                     flushCoversAllConnections: export.backend.flushCoversAllConnections,
                     zeroIsFast: export.backend.zeroIsFast,
+                    isResizable: gates[export.name] != nil,
                     maximumPayload: configuration.maximumPayload
                 )
             },
@@ -71,6 +76,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             allowedIdentities: configuration.tls?.allowedIdentities
         )
         backends = Dictionary(exports.map { ($0.name, $0.backend) }, uniquingKeysWith: { first, _ in first })
+        self.gates = gates
         self.logger = logger
     }
 
@@ -145,6 +151,9 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        // Another connection may have resized the export: its requests are checked against
+        // the size of now (the gate checks again as each runs).
+        if let gate { machine.exportSizeChanged(to: gate.size) }
         machine.bytesReceived(unwrapInboundIn(data))
         run()
     }
@@ -195,6 +204,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 startTLS(after: bytes, context: context)
             case .transmissionStarted(let agreement):
                 backend = backends[agreement.export.name]
+                gate = gates[agreement.export.name]
                 transmissionStarted()
                 logger.info(
                     "export opened",
@@ -251,11 +261,12 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
 
     private func perform(_ request: RequestHeader, _ operation: ServerOperation, context: ChannelHandlerContext) {
         let backend = self.backend!
+        let gate = self.gate
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         requests?.submit {
             // Requests of a client that has gone are dropped, not performed.
             if handler.eventLoop.inEventLoop, handler.value.closed { return }
-            let reply = await RequestPerformer.run(operation, on: backend)
+            let reply = await RequestPerformer.run(operation, on: backend, within: gate)
             handler.eventLoop.runOnLoop {
                 if case .failed(let errno, _) = reply {
                     handler.value.logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(errno)"])

@@ -4,9 +4,25 @@ import NIOCore
 /// Makes the backend calls the transmission machine decided, off the event loop. What a
 /// request's flags mean is the machine's to say (``ServerOperation``); this only calls.
 enum RequestPerformer {
-    static func run(_ operation: ServerOperation, on backend: any NBDServerBackend) async -> ServerReply {
+    /// Performs `operation`; on a resizable export, through its `gate`, which checks the range
+    /// against the size of the moment and keeps resizes apart from everything else.
+    static func run(_ operation: ServerOperation, on backend: any NBDServerBackend, within gate: ResizeGate?) async -> ServerReply {
         do {
-            return try await perform(operation, on: backend)
+            guard let gate else { return try await perform(operation, on: backend) }
+            if case .resize(let size, _) = operation {
+                return try await gate.resize(to: size) { try await perform(operation, on: backend) }
+            }
+            if case .blockStatus = operation {
+                // The last extent may run past the end; only where the range starts must be inside.
+                return try await gate.request(operation.range, clampedToSize: true) { range in
+                    let range = range!
+                    return try await perform(
+                        .blockStatus(offset: range.lowerBound, length: range.upperBound - range.lowerBound),
+                        on: backend
+                    )
+                }
+            }
+            return try await gate.request(operation.range) { _ in try await perform(operation, on: backend) }
         } catch let error as NBDServerError {
             return .failed(error.errno, message: error.message)
         } catch {
@@ -32,6 +48,9 @@ enum RequestPerformer {
             if flush { try await backend.flush() }
         case .blockStatus(let offset, let length):
             return .extents(try await backend.extents(at: offset, length: length))
+        case .resize(let size, let flush):
+            try await backend.resize(to: size)
+            if flush { try await backend.flush() }
         }
         return .done
     }

@@ -28,6 +28,14 @@ struct SparsePages {
     private var chunks: [UInt64: Chunk] = [:]
     /// The keys of `chunks`, sorted.
     private var order: [UInt64] = []
+    /// The disk's size in bytes, kept with its pages so that a resize and the I/O beside it
+    /// see one another whole.
+    var size: UInt64
+
+    /// A disk of `size` bytes with no page written.
+    init(size: UInt64) {
+        self.size = size
+    }
 
     /// The page's bytes, or nil when it was never written (or was trimmed).
     subscript(page: UInt64) -> ByteBuffer? {

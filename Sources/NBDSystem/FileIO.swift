@@ -61,6 +61,7 @@ package struct FileIOError: Error, CustomStringConvertible {
     package let code: Int32
     package init(code: Int32) { self.code = code }
     /// `ENOSPC`: the file system is full.
-    package var isOutOfSpace: Bool { code == ENOSPC }
+    /// No room: the file system is full, or the file would be larger than it allows.
+    package var isOutOfSpace: Bool { code == ENOSPC || code == EFBIG }
     package var description: String { CLibrary.errorText(code) }
 }

@@ -20,6 +20,10 @@ struct Serve: AsyncParsableCommand {
 
             More exports: --export NAME=FILE or --export NAME=memory:SIZE, as often as needed.
 
+            --resizable lets clients change the size of every export (NBD_CMD_RESIZE, an experimental extension that \
+            libnbd, qemu and nbdkit do not implement): a file grows or shrinks with ftruncate, a memory disk in memory; a \
+            block device refuses.
+
             TLS, in nbdkit's words: --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE \
             (psktool's username:hexkey lines) turn it on, required unless --tls=on; --tls-verify-peer requires a client \
             certificate signed by the folder's CA; --tls-allow IDENTITY (an X.509 subject such as CN=backup,O=Example, or a \
@@ -54,6 +58,9 @@ struct Serve: AsyncParsableCommand {
 
     @Flag(help: "Refuse writes.")
     var readOnly = false
+
+    @Flag(help: "Let clients change the export's size (NBD_CMD_RESIZE, experimental).")
+    var resizable = false
 
     @Option(help: "TCP port (default 10809); 0 lets the kernel choose one.")
     var port: Int?
@@ -128,6 +135,7 @@ struct Serve: AsyncParsableCommand {
         guard file != nil || memory != nil || !extraExports.isEmpty else {
             throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
         }
+        if resizable, readOnly { throw ValidationError("--resizable and --read-only do not go together") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be from 0 to 65535") }
         if socket != nil, port != nil { throw ValidationError("--socket and --port do not go together") }
         guard handshakeTimeout > 0, handshakeTimeout <= 86400 else {
@@ -141,9 +149,23 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         var exports: [NBDServerExport] = []
         if let memory {
-            exports.append(NBDServerExport(name: name, description: description, backend: MemoryBackend(size: memory, readOnly: readOnly)))
+            exports.append(
+                NBDServerExport(
+                    name: name,
+                    description: description,
+                    backend: MemoryBackend(size: memory, readOnly: readOnly),
+                    isResizable: resizable
+                )
+            )
         } else if let file {
-            exports.append(NBDServerExport(name: name, description: description, backend: try Self.fileBackend(file, readOnly: readOnly)))
+            exports.append(
+                NBDServerExport(
+                    name: name,
+                    description: description,
+                    backend: try Self.fileBackend(file, readOnly: readOnly),
+                    isResizable: resizable
+                )
+            )
         }
         for spec in extraExports {
             guard let equals = spec.firstIndex(of: "=") else {
@@ -156,7 +178,7 @@ struct Serve: AsyncParsableCommand {
                 source.hasPrefix("memory:")
                 ? MemoryBackend(size: try Sizes.parse(String(source.dropFirst("memory:".count))), readOnly: readOnly)
                 : try Self.fileBackend(source, readOnly: readOnly)
-            exports.append(NBDServerExport(name: exportName, backend: backend))
+            exports.append(NBDServerExport(name: exportName, backend: backend, isResizable: resizable))
         }
         var configuration = NBDServer.Configuration()
         configuration.logger = Logger(label: "nbd-serve") { StreamLogHandler.standardError(label: $0) }

@@ -17,7 +17,7 @@ struct ConnectionBackToBackTests {
         let listing = try pair.option(.list).compactMap { reply -> String? in
             if case .server(let name, _) = reply { name } else { nil }
         }
-        #expect(listing == ["disk", "ro"])
+        #expect(listing == ["disk", "ro", "resizable"])
         let info = try NBDExportInfo(
             requestedName: "disk",
             replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize]))
@@ -121,7 +121,9 @@ struct ConnectionBackToBackTests {
         let read = pair.submit(.read, offset: 0, length: 512)
         try pair.settle()
         #expect(write.error?.serverErrno == .EPERM)
-        #expect(past.error?.serverErrno == .EINVAL)
+        // Past the end the client's machine refuses it itself: nothing reaches the server.
+        #expect(past.error?.code == .invalidArgument && past.error?.serverErrno == nil)
+        #expect(past.error?.message.contains("runs past the end of the export (1048576 bytes)") == true)
         #expect(read.error == nil && read.data.readableBytes == 512)
     }
 
@@ -381,6 +383,12 @@ struct Pair {
                     blockSizes: blockSizes
                 ),
                 .init(name: "ro", size: Pair.size, flags: [.hasFlags, .readOnly], blockSizes: blockSizes),
+                .init(
+                    name: "resizable",
+                    size: Pair.size,
+                    flags: [.hasFlags, .sendFlush, .sendWriteZeroes, .sendResize],
+                    blockSizes: blockSizes
+                ),
             ],
             maximumOptionLength: 4096,
             limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16),
@@ -609,6 +617,14 @@ struct Pair {
             return .done
         case .blockStatus:
             return .extents([BlockDescriptor(length: request.length, flags: 0)])
+        case .resize:
+            let size = Int(request.offset)
+            if size < storage.count {
+                storage.removeLast(storage.count - size)
+            } else {
+                storage += repeatElement(0, count: size - storage.count)
+            }
+            return .done
         default:
             return .done
         }

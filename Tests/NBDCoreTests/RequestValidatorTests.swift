@@ -97,4 +97,16 @@ struct RequestValidatorTests {
         #expect(throws: NBDError.self) { try BlockSizeConstraints(minimum: 512, preferred: 256, maximum: 1 << 20).validate() }
         #expect(throws: NBDError.self) { try BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1024).validate() }
     }
+
+    /// "Clients MUST NOT send a resize request unless the NBD_FLAG_SEND_RESIZE flag was set";
+    /// and a size every offset and length can still be aligned to.
+    @Test func resizeNeedsItsFlagAWritableExportAndAnAlignedSize() {
+        #expect(code { try validator([]).validateResize(to: 2 << 20) } == .notAdvertised)
+        #expect(code { try validator([.sendResize, .readOnly]).validateResize(to: 2 << 20) } == .notAdvertised)
+        let resizable = validator([.sendResize], sizes: BlockSizeConstraints(minimum: 512, preferred: 4096, maximum: 1 << 20))
+        #expect(code { try resizable.validateResize(to: 2 << 20) } == nil)
+        #expect(code { try resizable.validateResize(to: 0) } == nil)
+        #expect(code { try resizable.validateResize(to: (2 << 20) + 1) } == .invalidArgument)
+        #expect(code { try resizable.validateResize(to: UInt64.max - 511) } == .invalidArgument)
+    }
 }

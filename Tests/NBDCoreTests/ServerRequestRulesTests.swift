@@ -8,13 +8,14 @@ import Testing
 /// and block sizes an export advertises, decided in one place.
 @Suite("Server request rules")
 struct ServerRequestRulesTests {
-    func machine(zeroIsFast: Bool = false) -> ServerTransmissionStateMachine {
+    func machine(zeroIsFast: Bool = false, resizable: Bool = false) -> ServerTransmissionStateMachine {
         let export = ServerNegotiationStateMachine.Export(
             serving: "disk",
             size: 1 << 20,
             isReadOnly: false,
             flushCoversAllConnections: true,
             zeroIsFast: zeroIsFast,
+            isResizable: resizable,
             maximumPayload: 65536
         )
         let agreement = ServerNegotiationStateMachine.Agreement(
@@ -26,9 +27,15 @@ struct ServerRequestRulesTests {
         return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 8))
     }
 
-    func send(_ machine: inout ServerTransmissionStateMachine, _ type: CommandType, flags: CommandFlags = [], length: UInt64 = 4096) {
+    func send(
+        _ machine: inout ServerTransmissionStateMachine,
+        _ type: CommandType,
+        flags: CommandFlags = [],
+        offset: UInt64 = 0,
+        length: UInt64 = 4096
+    ) {
         var buffer = ByteBuffer()
-        RequestHeader(flags: flags, type: type, cookie: 7, offset: 0, length: length).encode(into: &buffer)
+        RequestHeader(flags: flags, type: type, cookie: 7, offset: offset, length: length).encode(into: &buffer)
         machine.bytesReceived(buffer)
     }
 
@@ -126,5 +133,53 @@ struct ServerRequestRulesTests {
         )
         #expect(readOnly.flags == [.hasFlags, .sendFlush, .sendFUA, .sendCache, .readOnly])
         #expect(readOnly.zeroIsFast)
+    }
+
+    /// RESIZE only where it is advertised, to a size an offset can hold; once done the new size
+    /// bounds the connection, and a resizable export answers past its end with ENOSPC ("requests
+    /// beyond the new size but not beyond the old one MUST fail with ENOSPC").
+    @Test func resizeIsCheckedPerformedAndMovesTheEnd() {
+        var fixed = machine()
+        #expect(!fixed.agreement.flags.contains(.sendResize))
+        send(&fixed, .resize, offset: 2 << 20, length: 0)
+        #expect(errorValue(fixed.next()) == .EPERM)
+
+        var resizable = machine(resizable: true)
+        #expect(resizable.agreement.flags.contains(.sendResize))
+        send(&resizable, .resize, offset: UInt64(Int64.max) + 1, length: 0)
+        #expect(errorValue(resizable.next()) == .EINVAL)
+        send(&resizable, .read, offset: 1 << 20, length: 512)
+        #expect(errorValue(resizable.next()) == .ENOSPC)
+        send(&resizable, .resize, flags: .fua, offset: 2 << 20, length: 0)
+        guard case .perform(let request, .resize(let size, let flush))? = resizable.next() else {
+            Issue.record("the resize was not performed")
+            return
+        }
+        #expect(size == 2 << 20 && flush)
+        resizable.requestCompleted(request, .done)
+        _ = resizable.next()
+        #expect(resizable.exportSize == 2 << 20)
+        send(&resizable, .read, offset: 1 << 20, length: 512)
+        guard case .perform(_, .read)? = resizable.next() else {
+            Issue.record("a read within the new size was refused")
+            return
+        }
+        // Another connection shrank it: the end follows.
+        resizable.exportSizeChanged(to: 4096)
+        send(&resizable, .writeZeroes, offset: 4096, length: 512)
+        #expect(errorValue(resizable.next()) == .ENOSPC)
+    }
+
+    @Test func aReadOnlyExportIsNeverResizable() {
+        let export = ServerNegotiationStateMachine.Export(
+            serving: "ro",
+            size: 1 << 20,
+            isReadOnly: true,
+            flushCoversAllConnections: true,
+            zeroIsFast: false,
+            isResizable: true,
+            maximumPayload: 65536
+        )
+        #expect(!export.flags.contains(.sendResize))
     }
 }

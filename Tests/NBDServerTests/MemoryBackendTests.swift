@@ -65,7 +65,7 @@ struct MemoryBackendTests {
     /// The cap on one answer: it ends where the last extent that fits ends, never claiming data
     /// as a hole or a hole as data, whichever kind the cap falls on.
     @Test(arguments: 1...6) func theCapEndsTheAnswerAtAnExtent(cap: Int) {
-        var pages = SparsePages()
+        var pages = SparsePages(size: 1 << 40)
         for page: UInt64 in [2, 4, 5, 9] { pages.modify(page: page) { $0.setInteger(UInt8(1), at: 0) } }
         let whole: [BlockDescriptor] = [
             .init(length: 2 * Self.page, flags: 3), .init(length: Self.page, flags: 0), .init(length: Self.page, flags: 3),

@@ -1,5 +1,6 @@
 import NBDCore
 import NBDEventLoop
+import NIOConcurrencyHelpers
 import NIOCore
 
 /// An export in the transmission phase: the only type that can read, write and query.
@@ -14,11 +15,18 @@ import NIOCore
 /// minimum block size fails with `NBDError` and nothing is sent. Reads and writes larger than
 /// the maximum payload are split into several requests.
 ///
+/// A server that sets `NBD_FLAG_SEND_RESIZE` lets ``resize(to:)`` change the export's size.
+///
 /// End it with ``disconnect()`` (soft: in-flight requests finish, then `NBD_CMD_DISC`).
 /// An export dropped without it is disconnected softly in the background.
 public final class NBDExport: Sendable {
-    /// The export's name, size, flags and block sizes.
-    public let info: NBDExportInfo
+    /// The export's name, size, flags and block sizes; the size is that of the last
+    /// ``resize(to:)``.
+    public var info: NBDExportInfo {
+        var info = negotiatedInfo
+        info.size = size
+        return info
+    }
     /// How requests and replies are framed: `.extended` (64-bit requests and block status),
     /// `.structured` or `.simple`.
     public let transmissionFormat: TransmissionFormat
@@ -35,7 +43,12 @@ public final class NBDExport: Sendable {
 
     let channel: Channel
     let handler: NIOLoopBound<NBDClientChannelHandler>
-    private let validator: RequestValidator
+    /// What negotiation said.
+    private let negotiatedInfo: NBDExportInfo
+    /// The size, and the one a resize in progress goes to.
+    private let sizes: NIOLockedValueBox<(current: UInt64, target: UInt64?)>
+    /// Strict mode for an export whose size cannot change; nil when it can.
+    private let fixedValidator: RequestValidator?
     private let executor: EventLoopTaskExecutor
 
     /// The thread that reads this export's replies, as a task executor. Tasks that issue many
@@ -65,12 +78,14 @@ public final class NBDExport: Sendable {
     ) {
         self.channel = channel
         self.handler = handler
-        self.info = info
+        self.negotiatedInfo = info
+        self.sizes = NIOLockedValueBox((info.size, nil))
         self.transmissionFormat = transmissionFormat
         self.metaContexts = metaContexts
         self.tlsVersion = tlsVersion
         self.tlsCipherSuite = tlsCipherSuite
-        self.validator = RequestValidator(export: info, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
+        self.fixedValidator =
+            info.canResize ? nil : RequestValidator(export: info, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
         self.executor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
@@ -79,8 +94,18 @@ public final class NBDExport: Sendable {
         channel.eventLoop.execute { _ = handler.value.disconnect() }
     }
 
-    /// The export's size in bytes.
-    public var size: UInt64 { info.size }
+    /// The export's size in bytes: the negotiated one, then that of each ``resize(to:)``.
+    public var size: UInt64 { sizes.withLockedValue { $0.current } }
+
+    /// Strict mode's checks. While a resize is in progress requests may reach up to the larger
+    /// of the two sizes: the connection's state machine holds back those between the two until
+    /// the server has answered, then fails those past the size it settled on.
+    private var validator: RequestValidator {
+        if let fixedValidator { return fixedValidator }
+        var export = negotiatedInfo
+        export.size = sizes.withLockedValue { max($0.current, $0.target ?? 0) }
+        return RequestValidator(export: export, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
+    }
 
     /// READ data read from the socket straight into its destination so far (see `DirectRead`).
     var bytesReadDirectly: Int {
@@ -271,6 +296,45 @@ public final class NBDExport: Sendable {
             )
         ])
         return NBDBlockStatus(offset: offset, descriptors: descriptors, metaContexts: metaContexts)
+    }
+
+    /// `NBD_CMD_RESIZE`: changes the export's size to `size` bytes, when the server advertises
+    /// the experimental RESIZE extension (`info.canResize`); otherwise, for a read-only export,
+    /// or for a size that is not a multiple of the minimum block size, it fails with nothing
+    /// sent.
+    ///
+    /// The resize goes on the wire once no request touching the bytes between the old and the
+    /// new size is there, and requests to those bytes wait for its reply, as the extension
+    /// demands; requests elsewhere go on. Afterwards ``size`` and strict mode follow the new
+    /// size, and requests past it fail. One resize at a time: another one made meanwhile fails.
+    /// Once sent, a resize cannot be taken back: cancelling the task does not stop the wait for
+    /// the server's answer.
+    ///
+    /// Other connections to the export learn the size from their server; ``NBDClient`` makes
+    /// its connections follow.
+    public func resize(to size: UInt64) async throws {
+        try validator.validateResize(to: size)
+        let alone = sizes.withLockedValue { sizes in
+            guard sizes.target == nil else { return false }
+            sizes.target = size
+            return true
+        }
+        guard alone else { throw NBDError.invalidArgument("another resize of this export is in progress") }
+        let request = PendingRequest(.resize, flags: [], offset: size, length: 0, promise: channel.eventLoop.makePromise())
+        let handler = self.handler
+        do {
+            guard !Task.isCancelled else {
+                channel.eventLoop.runOnLoop { request.fail(CancellationError()) }
+                throw CancellationError()
+            }
+            channel.eventLoop.runOnLoop { handler.value.submit([request]) }
+            // Not cancellable: the server may resize whatever the caller does now.
+            _ = try await request.future.get()
+            sizes.withLockedValue { $0 = (size, nil) }
+        } catch {
+            sizes.withLockedValue { $0.target = nil }
+            throw error
+        }
     }
 
     // MARK: Ends

@@ -22,6 +22,14 @@ public struct ClientTransmissionStart: Sendable {
     public var format: TransmissionFormat
     /// The metadata contexts usable with block status.
     public var metaContexts: [NBDMetaContext]
+
+    /// The export's size the server gave (EXPORT_NAME's answer, or GO's `NBD_INFO_EXPORT`).
+    public var exportSize: UInt64? {
+        if let exportNameReply { return exportNameReply.size }
+        var size: UInt64?
+        for case .info(.export(let exportSize, _)) in goReplies ?? [] { size = exportSize }
+        return size
+    }
 }
 
 /// A client connection without I/O, from the greeting to the close: it composes
@@ -32,8 +40,9 @@ public struct ClientTransmissionStart: Sendable {
 /// the server says it has no TLS; nothing sent in clear under `.require` once refused), the
 /// downgrade rule, the negotiation deadlines, the queue of requests under the in-flight cap,
 /// the soft disconnects (`NBD_OPT_ABORT` then close; `NBD_CMD_DISC` once requests in flight
-/// are answered; after `NBD_REP_ERR_SHUTDOWN` and `NBD_ESHUTDOWN`), and the reason the
-/// connection ended.
+/// are answered; after `NBD_REP_ERR_SHUTDOWN` and `NBD_ESHUTDOWN`), the export's size and the
+/// barrier of a resize (see ``requestSubmitted(_:command:flags:offset:length:onlyContexts:)``),
+/// and the reason the connection ended.
 ///
 /// Every input is an event (`xxxReceived`, `xxxRequested`, `timerFired`, `tlsEstablished`,
 /// `errorCaught`, `channelClosed`); what to do then comes out of ``next()`` until it returns
@@ -170,6 +179,15 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     @usableFromInline var input = ByteBuffer()
     @usableFromInline var handshakeWaiter: Waiter?
     @usableFromInline var queued = CircularBuffer<Queued>()
+    /// How many of `queued` are resizes: while none is queued or on the wire, requests go in
+    /// order with no look at ranges.
+    @usableFromInline var queuedResizes = 0
+    /// The resize on the wire: its request, and the sizes before and after.
+    @usableFromInline var resizing: (request: Request, from: UInt64, to: UInt64)?
+    /// The export's size: the server's, then that of each resize it accepted. Every request
+    /// is checked against it as it goes on the wire.
+    public var exportSize: UInt64 { size }
+    @usableFromInline var size: UInt64 = 0
     @usableFromInline var outbox = CircularBuffer<Action>()
     /// A soft disconnect was asked for (by a caller, or by the server's shutdown).
     @usableFromInline var disconnecting = false
@@ -280,7 +298,16 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// A caller submits a request. It is sent now, or queued while the in-flight cap is reached.
     /// `length` is the length the command acts on; see
     /// ``ClientTransmissionStateMachine/startRequest(_:flags:offset:length:onlyContexts:context:stamp:)``
-    /// for `onlyContexts`.
+    /// for `onlyContexts`. A request that runs past the end of the export as it is when the
+    /// request would go on the wire completes with an error, unsent.
+    ///
+    /// `NBD_CMD_RESIZE` (the new size in `offset`) is sent only once no request touching the
+    /// bytes between the old and the new size is on the wire, and until its reply such requests
+    /// wait (the extension: "Clients MUST NOT issue requests for offsets in the area between the
+    /// old and new sizes between the time this request is issued and the reply has been received
+    /// ... clients MUST also make sure that no such requests are outstanding when the resize
+    /// request is sent"); requests submitted after it wait for it to be sent. The new size
+    /// bounds every request after a successful reply.
     @inlinable public mutating func requestSubmitted(
         _ request: Request,
         command: CommandType,
@@ -303,6 +330,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                 queued.append(
                     Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
                 )
+                if command == .resize { queuedResizes += 1 }
                 sendQueued()
             }
         }
@@ -311,7 +339,9 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// The caller of `request` stopped waiting.
     public mutating func requestCancelled(_ request: Request) {
         if let index = queued.firstIndex(where: { $0.request === request }) {
-            queued.remove(at: index)
+            if queued.remove(at: index).command == .resize { queuedResizes -= 1 }
+            // What waited behind a resize may go now.
+            sendQueued()
         }
         outbox.append(.cancel(request))
     }
@@ -410,6 +440,10 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         case .blockStatus(let request, let id, let descriptors):
             return .deliverExtents(request, contextID: id, descriptors: descriptors)
         case .complete(let request, let error):
+            if let resize = resizing, resize.request === request {
+                if error == nil { size = resize.to }
+                resizing = nil
+            }
             if error?.serverErrno == .ESHUTDOWN {
                 // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
                 disconnectRequested(waiter: nil)
@@ -426,7 +460,15 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     // MARK: Internals
 
     @inlinable mutating func sendQueued() {
-        while transmission.inFlightCount < configuration.maximumRequestsInFlight, !transmission.hasFailed, let next = queued.popFirst() {
+        while transmission.inFlightCount < configuration.maximumRequestsInFlight, !transmission.hasFailed, let next = nextToSend() {
+            if next.command != .flush, next.command != .resize, next.offset > exportSize || next.length > exportSize - next.offset {
+                outbox.append(.complete(next.request, error: Self.pastTheEnd(next, size: exportSize)))
+                continue
+            }
+            if next.command == .resize {
+                queuedResizes -= 1
+                resizing = (next.request, exportSize, next.offset)
+            }
             let header = transmission.startRequest(
                 next.command,
                 flags: next.flags,
@@ -442,6 +484,38 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
                 outbox.append(.armTimer(after: configuration.tick))
             }
         }
+    }
+
+    /// The queued request that may go on the wire now, taken out of the queue; nil when none
+    /// may. In order, except around a resize: see
+    /// ``requestSubmitted(_:command:flags:offset:length:onlyContexts:)``.
+    @inlinable mutating func nextToSend() -> Queued? {
+        guard resizing != nil || queuedResizes > 0 else { return queued.popFirst() }
+        for index in queued.indices {
+            let next = queued[index]
+            if next.command == .resize {
+                // After what was submitted before it, alone, and with nothing on the wire in
+                // the bytes it adds or removes.
+                guard index == queued.startIndex, resizing == nil else { return nil }
+                let zone = min(exportSize, next.offset)..<max(exportSize, next.offset)
+                guard !transmission.hasRequestInFlight(touching: zone) else { return nil }
+                return queued.remove(at: index)
+            }
+            if let resize = resizing, next.command != .flush, next.length > 0 {
+                let zone = min(resize.from, resize.to)..<max(resize.from, resize.to)
+                // Held back until the reply: the range is past one of the two sizes.
+                if zone.overlaps(next.offset, length: next.length) { continue }
+            }
+            return queued.remove(at: index)
+        }
+        return nil
+    }
+
+    /// The error of a request past the end of the export.
+    @usableFromInline static func pastTheEnd(_ request: Queued, size: UInt64) -> NBDError {
+        .invalidArgument(
+            "\(request.command) of \(request.length) bytes at offset \(request.offset) runs past the end of the export (\(size) bytes)"
+        )
     }
 
     /// One tick of the request clock: the oldest request on the wire has had its time, or
@@ -612,6 +686,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
             )
         )
         phase = .transmission
+        size = start.exportSize ?? 0
         // Bytes behind the reply are transmission bytes: the transmission machine judges them.
         if input.readableBytes > 0 { transmission.feed(input) }
         input = ByteBuffer()
@@ -632,6 +707,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         if case .fatal(_, let inFlight)? = transmission.connectionClosed(reason) { requests += inFlight }
         requests += queued.map(\.request)
         queued.removeAll()
+        queuedResizes = 0
         var waiters: [Waiter] = []
         if let handshakeWaiter { waiters.append(handshakeWaiter) }
         handshakeWaiter = nil

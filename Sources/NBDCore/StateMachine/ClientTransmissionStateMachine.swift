@@ -121,6 +121,13 @@ public struct ClientTransmissionStateMachine<Context> {
         inFlight.values.min { ($0.stamp, $0.header.cookie) < ($1.stamp, $1.header.cookie) }.map { ($0.header, $0.stamp) }
     }
 
+    /// Whether a request in flight acts on a byte of `range` (a flush acts on none).
+    @inlinable public func hasRequestInFlight(touching range: Range<UInt64>) -> Bool {
+        inFlight.values.contains { request in
+            request.header.type != .flush && range.overlaps(request.header.offset, length: request.effectLength)
+        }
+    }
+
     /// True once a fatal error was reported.
     @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 

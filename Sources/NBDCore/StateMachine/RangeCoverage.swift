@@ -34,3 +34,11 @@ struct RangeCoverage: Sendable {
         return true
     }
 }
+
+extension Range<UInt64> {
+    /// Whether the `length` bytes at `offset` share a byte with the range, with no overflow
+    /// whatever the values.
+    @inlinable func overlaps(_ offset: UInt64, length: UInt64) -> Bool {
+        !isEmpty && length > 0 && offset < upperBound && lowerBound - Swift.min(lowerBound, offset) < length
+    }
+}

@@ -154,6 +154,15 @@ public struct ServerConnectionStateMachine: Sendable {
         }
     }
 
+    /// The export's size changed (a resize made on another connection): requests are checked
+    /// against `size` from now on.
+    public mutating func exportSizeChanged(to size: UInt64) {
+        guard case .transmission(var transmission) = phase, transmission.exportSize != size else { return }
+        phase = .ended
+        transmission.exportSizeChanged(to: size)
+        phase = .transmission(transmission)
+    }
+
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }

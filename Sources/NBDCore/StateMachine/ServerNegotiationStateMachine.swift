@@ -39,7 +39,8 @@ public struct ServerNegotiationStateMachine: Sendable {
         /// advertised transmission flags and block sizes are decided. Every command is sent
         /// for (FLUSH, FUA and CACHE always; TRIM, WRITE_ZEROES and FAST_ZERO unless
         /// read-only), multi-conn when a flush covers every connection, and block sizes of 1
-        /// byte minimum, 4 KiB preferred and `maximumPayload` at most.
+        /// byte minimum, 4 KiB preferred and `maximumPayload` at most. `NBD_FLAG_SEND_RESIZE`
+        /// when `isResizable` and not read-only.
         public init(
             serving name: String,
             description: String = "",
@@ -47,6 +48,7 @@ public struct ServerNegotiationStateMachine: Sendable {
             isReadOnly: Bool,
             flushCoversAllConnections: Bool,
             zeroIsFast: Bool,
+            isResizable: Bool = false,
             maximumPayload: Int
         ) {
             var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
@@ -56,6 +58,7 @@ public struct ServerNegotiationStateMachine: Sendable {
                 // FAST_ZERO is advertised whatever the storage: a slow zero is then refused with
                 // NBD_ENOTSUP at once, which is what the flag asks for.
                 flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+                if isResizable { flags.insert(.sendResize) }
             }
             // "NBD_FLAG_CAN_MULTI_CONN: ... the server ... will ensure that ... a flush on one
             // connection covers every connection."

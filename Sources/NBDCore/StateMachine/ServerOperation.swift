@@ -16,4 +16,19 @@ public enum ServerOperation: Sendable {
     case zero(offset: UInt64, length: UInt64, noHole: Bool, flush: Bool)
     /// The extents from `offset`, covering at least one byte of the `length` asked for.
     case blockStatus(offset: UInt64, length: UInt64)
+    /// Change the export's size to `size` (`NBD_CMD_RESIZE`); then, with `flush`, make the
+    /// change durable before the reply.
+    case resize(to: UInt64, flush: Bool)
+
+    /// The bytes of the export the operation touches, or nil for one that touches none in
+    /// particular (a flush) or changes the size itself (a resize).
+    public var range: Range<UInt64>? {
+        switch self {
+        case .read(let offset, let length, _): offset..<offset + UInt64(length)
+        case .write(let data, let offset, _): offset..<offset + UInt64(data.reduce(0) { $0 + $1.readableBytes })
+        case .trim(let offset, let length, _), .zero(let offset, let length, _, _), .blockStatus(let offset, let length):
+            offset..<offset + length
+        case .flush, .resize: nil
+        }
+    }
 }

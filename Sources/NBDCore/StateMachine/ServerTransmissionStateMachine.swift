@@ -88,11 +88,20 @@ public struct ServerTransmissionStateMachine: Sendable {
     private var paused = false
     /// Whether a reply was written since the stall timer was armed.
     private var wroteSinceArmed = false
+    /// The export's size as last known: negotiated, then changed by `NBD_CMD_RESIZE`.
+    public private(set) var exportSize: UInt64
 
     /// A machine for the transmission phase of `agreement`.
     public init(agreement: ServerNegotiationStateMachine.Agreement, limits: Limits) {
         self.agreement = agreement
         self.limits = limits
+        self.exportSize = agreement.export.size
+    }
+
+    /// The export's size changed (a resize made on any connection): requests are checked
+    /// against `size` from now on.
+    public mutating func exportSizeChanged(to size: UInt64) {
+        exportSize = size
     }
 
     /// How many requests are being performed.
@@ -113,6 +122,7 @@ public struct ServerTransmissionStateMachine: Sendable {
         held -= Self.payloadHeld(by: request)
         guard !ended else { return }
         var reply = reply
+        if request.type == .resize, case .done = reply { exportSize = request.offset }
         if request.type == .blockStatus, request.flags.contains(.requestOne), case .extents(let extents) = reply, let first = extents.first
         {
             // NBD_CMD_FLAG_REQ_ONE: "the server MUST return ... a single extent" whose length
@@ -317,6 +327,8 @@ public struct ServerTransmissionStateMachine: Sendable {
             return .zero(offset: request.offset, length: request.length, noHole: request.flags.contains(.noHole), flush: fua)
         case .blockStatus:
             return .blockStatus(offset: request.offset, length: max(1, request.length))
+        case .resize:
+            return .resize(to: request.offset, flush: fua)
         default:
             // FLUSH; check() refuses every command it does not know.
             return .flush
@@ -369,12 +381,31 @@ public struct ServerTransmissionStateMachine: Sendable {
         if request.type == .blockStatus, agreement.metaContexts.isEmpty {
             return (.EINVAL, "no metadata context was selected")
         }
+        if request.type == .resize { return checkResize(to: request.offset) }
         if request.type != .flush {
             let (end, overflow) = request.offset.addingReportingOverflow(request.length)
-            guard !overflow, end <= agreement.export.size else {
-                // "the server SHOULD return ... ENOSPC" for a write past the end, EINVAL otherwise.
-                return (request.type == .write || request.type == .writeZeroes ? .ENOSPC : .EINVAL, "range past the end of the export")
+            guard !overflow, end <= exportSize else {
+                // "the server SHOULD return ... ENOSPC" for a write past the end, EINVAL
+                // otherwise. A resizable export says ENOSPC for every command: "requests
+                // beyond the new size but not beyond the old one MUST fail with ENOSPC".
+                let resizable = agreement.flags.contains(.sendResize)
+                let errno: NBDErrno = resizable || request.type == .write || request.type == .writeZeroes ? .ENOSPC : .EINVAL
+                return (errno, "range past the end of the export (\(exportSize) bytes)")
             }
+        }
+        return nil
+    }
+
+    /// The checks on `NBD_CMD_RESIZE`, whose offset field is the new size.
+    private func checkResize(to size: UInt64) -> (NBDErrno, String)? {
+        // "EPERM: server configuration does not allow this" (the export did not advertise
+        // NBD_FLAG_SEND_RESIZE, so the client broke "MUST NOT send a resize request unless").
+        guard agreement.flags.contains(.sendResize) else { return (.EPERM, "this export cannot be resized") }
+        // Offsets are signed 64-bit in every file system and in the spec's size checks.
+        guard size <= UInt64(Int64.max) else { return (.EINVAL, "a size of \(size) bytes is too large") }
+        let minimum = UInt64(agreement.export.blockSizes.minimum)
+        guard size % minimum == 0 else {
+            return (.EINVAL, "a size of \(size) bytes is not a multiple of the minimum block size \(minimum)")
         }
         return nil
     }

@@ -11,6 +11,8 @@ extension CommandType {
         case .write, .flush, .trim, .cache: [.fua]
         case .writeZeroes: [.fua, .noHole, .fastZero]
         case .blockStatus: [.fua, .requestOne]
+        // The RESIZE extension documents no flag of its own; FUA is valid for all commands.
+        case .resize: [.fua]
         default: nil
         }
     }
@@ -21,5 +23,5 @@ extension CommandType {
     public var writesData: Bool { self == .write || self == .writeZeroes || self == .trim }
 
     /// Whether the command changes the export, and so is refused on a read-only one.
-    public var modifiesExport: Bool { writesData }
+    public var modifiesExport: Bool { writesData || self == .resize }
 }
