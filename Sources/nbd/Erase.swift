@@ -83,7 +83,7 @@ struct EraseOptions: ParsableArguments {
             // Only the whole export is asked about (as nbdzero and nbddiscard do): a range the user
             // spelled out is what they meant. A range that happens to cover everything is everything.
             if !yes, offset == 0, end == info.size {
-                try confirm("PERMANENTLY ERASE everything on \(uri) (\(end) bytes)")
+                try Self.confirm("PERMANENTLY ERASE everything on \(uri) (\(end) bytes)", doing: "erase", done: "erased")
             }
             try await perform(client, offset..<end)
             // The spec promises only that "all writes ... that the server completes" before a
@@ -92,13 +92,14 @@ struct EraseOptions: ParsableArguments {
         }
     }
 
-    /// Asks on the terminal; anything but y or yes is no. Without a terminal, refuses.
-    private func confirm(_ question: String) throws {
+    /// Asks on the terminal before destroying data; anything but y or yes is no. Without a
+    /// terminal, refuses: `doing` and `done` name the act ("erase", "erased").
+    static func confirm(_ question: String, doing: String, done: String) throws {
         guard isatty(0) != 0 else {
-            throw CommandError("refusing to erase without -y: standard input is not a terminal to ask on")
+            throw CommandError("refusing to \(doing) without -y: standard input is not a terminal to ask on")
         }
         StandardStreams.error("\(question)\n(y/N)? ")
         let answer = readLine()?.trimmingCharacters(in: .whitespaces).lowercased()
-        guard answer == "y" || answer == "yes" else { throw CommandError("not erased: the answer was not yes") }
+        guard answer == "y" || answer == "yes" else { throw CommandError("not \(done): the answer was not yes") }
     }
 }

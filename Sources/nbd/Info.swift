@@ -123,7 +123,7 @@ struct Info: AsyncParsableCommand {
         "read": { _, _ in true }, "write": { !$1.info.isReadOnly },
         "flush": { $1.info.canFlush }, "fua": { $1.info.canFUA }, "trim": { $1.info.canTrim },
         "zero": { $1.info.canZero }, "fast-zero": { $1.info.canFastZero }, "df": { $1.info.canDF },
-        "multi-conn": { $1.info.canMultiConn }, "cache": { $1.info.canCache },
+        "multi-conn": { $1.info.canMultiConn }, "cache": { $1.info.canCache }, "resize": { $1.info.canResize },
         "block-status": { !$1.contexts.isEmpty },
     ]
 

@@ -24,7 +24,7 @@ struct NBDCommand: AsyncParsableCommand {
               nbd zero nbd://localhost/disk
               nbd dump nbd://localhost/disk
             """,
-        subcommands: [Info.self, Copy.self, Checksum.self, Zero.self, Trim.self, Dump.self, Serve.self]
+        subcommands: [Info.self, Copy.self, Checksum.self, Zero.self, Trim.self, Resize.self, Dump.self, Serve.self]
     )
 
     static func main() async {

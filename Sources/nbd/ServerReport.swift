@@ -49,14 +49,16 @@ struct ServerReport: Sendable {
         return ServerReport(format: format, tls: tls, exports: exports)
     }
 
-    /// nbdinfo's boolean fields, in its order.
+    /// nbdinfo's boolean fields, in its order; and `can_resize`, which nbdinfo does not know,
+    /// only where it is true, so that the output is nbdinfo's everywhere else.
     static func flags(_ info: NBDExportInfo) -> [(String, Bool)] {
         [
             ("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly),
             ("can_block_status_payload", info.canBlockStatusPayload), ("can_cache", info.canCache),
             ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
-            ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_trim", info.canTrim),
-            ("can_zero", info.canZero),
+            ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn),
+        ] + (info.canResize ? [("can_resize", true)] : []) + [
+            ("can_trim", info.canTrim), ("can_zero", info.canZero),
         ]
     }
 

@@ -47,6 +47,40 @@ struct BuiltInServerTests {
         await server.shutdown()
     }
 
+    /// `nbd resize` and `nbd info` on a resizable export; libnbd's nbdinfo, which knows nothing
+    /// of the extension, sees each new size.
+    @Test func nbdResizeGrowsAndShrinksOnlyWithYes() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20), isResizable: true)])
+        let uri = NBDURI(socket: socket).description
+        let info = try runNBD(["info", "--json", uri])
+        #expect(info.status == 0 && info.output.contains("\"can_resize\": true"))
+        #expect(try runNBD(["info", "--can", "resize", uri]).status == 0)
+        let grow = try runNBD(["resize", uri, "3M"])
+        #expect(grow.status == 0, "\(grow.error)")
+        #expect(String(decoding: try folder.run("nbdinfo", ["--size", uri]), as: UTF8.self) == "3145728\n")
+        // A shrink destroys data: without a terminal to ask on, only with -y.
+        let refused = try runNBD(["resize", uri, "512K"])
+        #expect(refused.status == 1 && refused.error == "nbd: refusing to shrink without -y: standard input is not a terminal to ask on\n")
+        #expect(try runNBD(["info", "--size", uri]).output == "3145728\n")
+        #expect(try runNBD(["resize", "-y", uri, "512K"]).status == 0)
+        #expect(String(decoding: try folder.run("nbdinfo", ["--size", uri]), as: UTF8.self) == "524288\n")
+        let unaligned = try runNBD(["resize", uri, "9000000T"])
+        #expect(unaligned.status == 1 && unaligned.error.contains("too large"))
+        await server.shutdown()
+
+        let (fixed, fixedSocket) = try await serve(folder, [NBDServerExport(name: "fixed", backend: MemoryBackend(size: 1 << 20))])
+        let fixedURI = NBDURI(socket: fixedSocket, exportName: "fixed").description
+        #expect(try runNBD(["info", "--can", "resize", fixedURI]).status == 2)
+        #expect(!(try runNBD(["info", fixedURI]).output.contains("can_resize")))
+        let notResizable = try runNBD(["resize", fixedURI, "2M"])
+        #expect(notResizable.status == 1 && notResizable.error.contains("does not set NBD_FLAG_SEND_RESIZE"))
+        await fixed.shutdown()
+        let both = try runNBD(["serve", "--memory", "1M", "--resizable", "--read-only"])
+        #expect(both.status != 0 && both.error.contains("--resizable and --read-only do not go together"))
+    }
+
     @Test func nbdcopyBothWaysByContent() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }

@@ -138,6 +138,38 @@ struct ClientStateMachineTests {
         }
     }
 
+    /// A resize leases alone: it waits for every request out, requests after it wait for it,
+    /// and its size is what reconnections must find; the other connections are named to learn it.
+    @Test func aLeaseAloneWaitsForTheOthersAndHoldsBackTheRest() {
+        var machine = machine(connections: 2, admitted: 8)
+        running(&machine, connections: 2)
+        guard case .use(let read) = machine.lease(id: 1, waiter: "read", weight: 10) else {
+            Issue.record("no lease")
+            return
+        }
+        guard case .wait = machine.lease(id: 2, waiter: "resize", weight: 0, exclusive: true) else {
+            Issue.record("the resize did not wait for the read")
+            return
+        }
+        #expect(machine.tryLease(weight: 10, onLoop: nil) == nil)
+        guard case .wait = machine.lease(id: 3, waiter: "write", weight: 10) else {
+            Issue.record("a request went ahead of the waiting resize")
+            return
+        }
+        let afterRead = machine.released(read, weight: 10)
+        guard afterRead.count == 1, case .resume("resize", let resize) = afterRead.first else {
+            Issue.record("the resize was not resumed alone: \(afterRead)")
+            return
+        }
+        #expect(machine.exportResized(to: 4 << 20, through: resize.slot) == [resize.slot == 0 ? 101 : 100])
+        #expect(machine.identity?.size == 4 << 20)
+        let afterResize = machine.released(resize, weight: 0)
+        guard afterResize.count == 1, case .resume("write", _) = afterResize.first else {
+            Issue.record("the write was not resumed after the resize: \(afterResize)")
+            return
+        }
+    }
+
     /// A loss is dialled again at once, then after 100 ms, 200 ms, ... at most 2 s; requests
     /// wait meanwhile; the reconnect resumes them and says after how many tries.
     @Test func aLostConnectionIsDialledAgainWithBackoff() {

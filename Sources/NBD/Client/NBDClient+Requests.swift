@@ -52,6 +52,21 @@ extension NBDClient {
         try await withConnection(weight: 0) { try await $0.cache(at: offset, length: length) }
     }
 
+    /// `NBD_CMD_RESIZE`: changes the export's size, when the server advertises the experimental
+    /// RESIZE extension (`info.canResize`). See ``NBDExport/resize(to:)``.
+    ///
+    /// The extension asks that no request be outstanding to the bytes between the two sizes
+    /// while a resize is, on any connection: the resize waits until no other request of this
+    /// client is out, and requests made meanwhile wait for it. Afterwards every connection, and
+    /// every reconnection, works to the new size. A connection lost with the resize unanswered
+    /// sends it again on another (resizing twice to one size is harmless).
+    public func resize(to size: UInt64) async throws {
+        try await withConnection(weight: 0, alone: true) { export, slot in
+            try await export.resize(to: size)
+            await resized(to: size, through: slot)
+        }
+    }
+
     /// `NBD_CMD_FLUSH`: every write already answered, on any connection, reaches permanent
     /// storage. One connection is enough: with more than one the server set
     /// `NBD_FLAG_CAN_MULTI_CONN`, which promises that "the effects of NBD_CMD_FLUSH ... MUST

@@ -87,8 +87,10 @@ extension NBDClient {
         /// Secondary connections of the start still dialling, and why one failed.
         private var startingSecondaries = 0
         private var secondaryFailure: String?
-        private var waiters: [(id: Int, waiter: Waiter, weight: Int)] = []
+        private var waiters: [(id: Int, waiter: Waiter, weight: Int, exclusive: Bool)] = []
         private var admitted = 0
+        /// A lease taken alone is out (a resize): nothing else is admitted until it is back.
+        private var exclusiveHeld = false
 
         init(configuration: Configuration) {
             self.configuration = configuration
@@ -232,24 +234,33 @@ extension NBDClient {
         /// A request of `weight` bytes wants a connection: the one with the fewest bytes
         /// outstanding (one on the caller's event loop `onLoop` if it is within the slack of
         /// that), or a turn once one is up and the admission cap allows.
-        mutating func lease(id: Int, waiter: Waiter, weight: Int, onLoop: Int? = nil) -> LeaseResult {
+        mutating func lease(id: Int, waiter: Waiter, weight: Int, onLoop: Int? = nil, exclusive: Bool = false) -> LeaseResult {
             if case .ended(let error) = phase { return .fail(error ?? Self.shutDown) }
-            if admitted < configuration.maximumAdmitted, let lease = leastLoaded(onLoop: onLoop) {
-                take(lease, weight: weight)
+            if mayAdmit(exclusive: exclusive, waiting: !waiters.isEmpty && exclusive), let lease = leastLoaded(onLoop: onLoop) {
+                take(lease, weight: weight, exclusive: exclusive)
                 return .use(lease)
             }
-            waiters.append((id, waiter, weight))
+            waiters.append((id, waiter, weight, exclusive))
             return .wait
         }
 
-        /// ``lease(id:waiter:weight:onLoop:)`` when a connection is free now and nobody waits
+        /// ``lease(id:waiter:weight:onLoop:exclusive:)`` when a connection is free now and nobody waits
         /// before the caller; nil otherwise (the caller then waits with a waiter).
         mutating func tryLease(weight: Int, onLoop: Int?) -> Lease? {
-            guard case .running = phase, waiters.isEmpty, admitted < configuration.maximumAdmitted,
+            guard case .running = phase, waiters.isEmpty, mayAdmit(exclusive: false, waiting: false),
                 let lease = leastLoaded(onLoop: onLoop)
             else { return nil }
-            take(lease, weight: weight)
+            take(lease, weight: weight, exclusive: false)
             return lease
+        }
+
+        /// Whether a lease may be taken now: one alone once nothing else is out and nobody
+        /// waits before it (`waiting`); any other under the cap, while none is alone and none
+        /// waits to be.
+        private func mayAdmit(exclusive: Bool, waiting: Bool) -> Bool {
+            guard !exclusiveHeld else { return false }
+            if exclusive { return admitted == 0 && !waiting }
+            return admitted < configuration.maximumAdmitted && !waiters.contains { $0.exclusive }
         }
 
         /// The caller of a waiting request stopped waiting: its waiter, to resume with the
@@ -262,6 +273,8 @@ extension NBDClient {
         /// A request finished with its lease (answered, failed or cancelled).
         mutating func released(_ lease: Lease, weight: Int) -> [Action] {
             admitted -= 1
+            // Nothing else is out while a lease alone is: this is it.
+            exclusiveHeld = false
             if case .up(let connection, let load, lease.generation) = slots[lease.slot] {
                 slots[lease.slot] = .up(connection, load: load - weight, generation: lease.generation)
             }
@@ -365,18 +378,32 @@ extension NBDClient {
             return best?.lease
         }
 
-        private mutating func take(_ lease: Lease, weight: Int) {
+        private mutating func take(_ lease: Lease, weight: Int, exclusive: Bool) {
             admitted += 1
+            exclusiveHeld = exclusive
             if case .up(let connection, let load, let generation) = slots[lease.slot] {
                 slots[lease.slot] = .up(connection, load: load + weight, generation: generation)
             }
         }
 
+        /// Whether the first waiter, not one alone, may be admitted.
+        private var mayAdmitNext: Bool { !exclusiveHeld && admitted < configuration.maximumAdmitted }
+
+        /// The export was resized to `size` through one connection: reconnections must find
+        /// that size from now on. Answers the other connections up, which must learn it too.
+        mutating func exportResized(to size: UInt64, through slot: Int) -> [Connection] {
+            identity?.size = size
+            return slots.indices.compactMap { index in
+                guard index != slot, case .up(let connection, _, _) = slots[index] else { return nil }
+                return connection
+            }
+        }
+
         private mutating func resumeWaiters() -> [Action] {
             var actions: [Action] = []
-            while !waiters.isEmpty, admitted < configuration.maximumAdmitted, let lease = leastLoaded() {
-                let entry = waiters.removeFirst()
-                take(lease, weight: entry.weight)
+            while let entry = waiters.first, entry.exclusive ? admitted == 0 && !exclusiveHeld : mayAdmitNext, let lease = leastLoaded() {
+                waiters.removeFirst()
+                take(lease, weight: entry.weight, exclusive: entry.exclusive)
                 actions.append(.resume(entry.waiter, lease))
             }
             return actions

@@ -226,13 +226,15 @@ public final class NBDClient: Sendable {
 
     /// Runs `body` on a connection leased for a request of `weight` bytes. When the connection
     /// is lost before the reply, and reconnecting is on, `body` runs again on a live one.
-    func withConnection<T>(weight: Int, _ body: (NBDExport) async throws -> T) async throws -> T {
+    /// With `alone`, no other request is out while `body` runs (a resize: see
+    /// ``resize(to:)``).
+    func withConnection<T>(weight: Int, alone: Bool = false, _ body: (NBDExport, _ slot: Int) async throws -> T) async throws -> T {
         var firstLoss: ContinuousClock.Instant?
         while true {
-            let lease = try await self.lease(weight: weight)
+            let lease = try await self.lease(weight: weight, alone: alone)
             let result: Result<T, any Error>
             do {
-                result = .success(try await body(lease.connection))
+                result = .success(try await body(lease.connection, lease.slot))
             } catch {
                 result = .failure(error)
             }
@@ -248,6 +250,17 @@ public final class NBDClient: Sendable {
         }
     }
 
+    /// Connection `slot` resized the export: the others, and reconnections, follow.
+    func resized(to size: UInt64, through slot: Int) async {
+        let others = machine.withLockedValue { $0.exportResized(to: size, through: slot) }
+        for other in others { await other.exportResizedElsewhere(to: size) }
+    }
+
+    /// ``withConnection(weight:alone:_:)`` for a body that needs only the connection.
+    func withConnection<T>(weight: Int, _ body: (NBDExport) async throws -> T) async throws -> T {
+        try await withConnection(weight: weight, alone: false) { export, _ in try await body(export) }
+    }
+
     /// The error, when it means the connection is gone: closed, reset, timed out, shut down
     /// by the server, or broken by a violation.
     private static func lostConnection(_ error: any Error) -> NBDError? {
@@ -255,18 +268,19 @@ public final class NBDClient: Sendable {
         return !error.connectionUsable || error.serverErrno == .ESHUTDOWN ? error : nil
     }
 
-    private func lease(weight: Int) async throws -> Machine.Lease {
+    private func lease(weight: Int, alone: Bool) async throws -> Machine.Lease {
         // The caller's thread, when it is a connection's: its requests stay there if the load allows.
         let onLoop = executors.firstIndex { $0.eventLoop.inEventLoop }
         // Most requests find a connection free: no continuation, no cancellation handler.
-        if let lease = machine.withLockedValue({ $0.tryLease(weight: weight, onLoop: onLoop) }) { return lease }
+        if !alone, let lease = machine.withLockedValue({ $0.tryLease(weight: weight, onLoop: onLoop) }) { return lease }
         let id = requestIDs.withLockedValue { id in
             id += 1
             return id
         }
         return try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<ConnectionLease<NBDExport>, any Error>) in
-                switch machine.withLockedValue({ $0.lease(id: id, waiter: continuation, weight: weight, onLoop: onLoop) }) {
+                switch machine.withLockedValue({ $0.lease(id: id, waiter: continuation, weight: weight, onLoop: onLoop, exclusive: alone) })
+                {
                 case .use(let lease): continuation.resume(returning: lease)
                 case .fail(let error): continuation.resume(throwing: error)
                 case .wait:

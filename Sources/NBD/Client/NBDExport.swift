@@ -337,6 +337,13 @@ public final class NBDExport: Sendable {
         }
     }
 
+    /// Another connection to the export resized it: requests are bounded by `size` from now on.
+    func exportResizedElsewhere(to size: UInt64) async {
+        sizes.withLockedValue { $0.current = size }
+        let handler = self.handler
+        try? await channel.eventLoop.submit { handler.value.exportResizedElsewhere(to: size) }.get()
+    }
+
     // MARK: Ends
 
     /// Soft disconnect: waits for the requests in flight, sends `NBD_CMD_DISC`, closes.

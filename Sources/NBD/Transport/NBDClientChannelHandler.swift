@@ -92,6 +92,12 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         run()
     }
 
+    /// Another connection resized the export.
+    func exportResizedElsewhere(to size: UInt64) {
+        machine.exportResizedElsewhere(to: size)
+        run()
+    }
+
     /// The caller stopped waiting for `request`.
     func cancel(_ request: PendingRequest) {
         machine.requestCancelled(request)

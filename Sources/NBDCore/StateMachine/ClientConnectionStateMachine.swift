@@ -336,6 +336,14 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         }
     }
 
+    /// Another connection to the export resized it (its client made sure nothing was on the
+    /// wire here meanwhile): requests are bounded by `newSize` from now on.
+    public mutating func exportResizedElsewhere(to newSize: UInt64) {
+        guard case .transmission = phase else { return }
+        size = newSize
+        sendQueued()
+    }
+
     /// The caller of `request` stopped waiting.
     public mutating func requestCancelled(_ request: Request) {
         if let index = queued.firstIndex(where: { $0.request === request }) {
