@@ -3,7 +3,7 @@ import NBDCore
 import NIOCore
 
 /// A client's requests in transmission: framing, the spec's checks, the in-flight and memory
-/// bounds, and the framing of every kind of reply.
+/// bounds, and the framing of every kind of reply; on a writable export, resizes too.
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     var input = FuzzInput(start, count)
@@ -12,7 +12,7 @@ public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) 
     let export = ServerNegotiationStateMachine.Export(
         name: "",
         size: 1 << 24,
-        flags: readOnly ? [.hasFlags, .readOnly] : [.hasFlags, .sendFlush, .sendTrim, .sendWriteZeroes],
+        flags: readOnly ? [.hasFlags, .readOnly] : [.hasFlags, .sendFlush, .sendTrim, .sendWriteZeroes, .sendResize],
         blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 65536)
     )
     let agreement = ServerNegotiationStateMachine.Agreement(
