@@ -145,6 +145,8 @@ public final class NBDServer: Service, Sendable {
             case .tcp(let host, let port): try await bootstrap.bind(host: host, port: port).get()
             case .unix(let path), .abstractUnix(let path):
                 try await bootstrap.bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true).get()
+            case .vsock:
+                throw NBDError.invalidArgument("the server does not listen on vsock")
             }
         }
     }

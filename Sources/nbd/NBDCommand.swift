@@ -29,16 +29,25 @@ struct NBDCommand: AsyncParsableCommand {
 
     static func main() async {
         StandardStreams.ignoreBrokenPipes()
+        let servers = ServerCommands()
         do {
-            var command = try parseAsRoot(rewritingOptionalValues(Array(CommandLine.arguments.dropFirst())))
-            if var asyncCommand = command as? any AsyncParsableCommand {
-                try await asyncCommand.run()
-            } else {
-                try command.run()
+            let arguments = try await servers.start(in: rewritingOptionalValues(Array(CommandLine.arguments.dropFirst())))
+            var command = try parseAsRoot(arguments)
+            do {
+                if var asyncCommand = command as? any AsyncParsableCommand {
+                    try await asyncCommand.run()
+                } else {
+                    try command.run()
+                }
+            } catch {
+                throw await servers.explain(error)
             }
+            await servers.stop()
         } catch let exit as ExitCode {
+            await servers.stop()
             Foundation.exit(exit.rawValue)
         } catch {
+            await servers.stop()
             let code = exitCode(for: error)
             guard code != .success else { NBDCommand.exit(withError: error) }
             let message = error is NBDError || error is CommandError ? "\(error)" : fullMessage(for: error)

@@ -41,6 +41,41 @@ struct NBDURITests {
         #expect(try NBDURI(abstract.description) == abstract)
     }
 
+    /// libnbd's `nbd+vsock://CID:PORT/EXPORT`: `nbd+vsock:///` is the host (CID 2) from a guest.
+    @Test func vsockURIs() throws {
+        #expect(try NBDURI("nbd+vsock:///").address == .vsock(cid: 2, port: 10809))
+        #expect(try NBDURI("nbd+vsock://3:10810/disk").address == .vsock(cid: 3, port: 10810))
+        let secure = try NBDURI("nbds+vsock://42/e?tls-psk-file=/k")
+        #expect(secure.requiresTLS && !secure.isUnix && secure.transport == .vsock(cid: 42, port: nil) && secure.exportName == "e")
+        for text in ["nbd+vsock:///", "nbd+vsock://3:10810/disk", "nbds+vsock://42/e?tls-psk-file=/k"] {
+            #expect(try NBDURI(text).description == text)
+            #expect(try NBDURI(NBDURI(text).description) == NBDURI(text))
+        }
+        #expect(NBDAddress.vsock(cid: 3, port: 10810).description == "vsock:3:10810")
+        for (text, why) in [
+            ("nbd+vsock://host/", "is not a number"), ("nbd+vsock://4294967295/", "is not a number"),
+            ("nbd+vsock:///?socket=/s", "needs the nbd+unix"), ("nbd+vsock://alice@2/", "names no user"),
+            ("nbd+vsock://2:0/", "is not a number from 1 to 65535"),
+        ] {
+            #expect(throws: NBDError.self) { try NBDURI(text) }
+            do { _ = try NBDURI(text) } catch { #expect("\(error)".contains(why), "\(text): \(error)") }
+        }
+    }
+
+    /// This machine has no vsock loopback: the dial is tested up to the system call, whose
+    /// failure comes back as a `connectFailed` naming the address.
+    @Test func aVsockDialThatFailsSaysWhere() async throws {
+        var configuration = NBDClientConfiguration()
+        configuration.connectTimeout = .seconds(5)
+        do {
+            _ = try await NBDConnection.connect(to: .vsock(cid: 3, port: 10809), configuration: configuration)
+            Issue.record("a vsock connection to context 3 succeeded on a machine without virtual machines")
+        } catch let error as NBDError {
+            #expect(error.code == .connectFailed)
+            #expect(error.message.hasPrefix("cannot connect to vsock:3:10809: "), "\(error.message)")
+        }
+    }
+
     @Test func unixSocketsIncludingAbstract() throws {
         #expect(try NBDURI("nbd+unix:///e?socket=/tmp/s.sock").address == .unix(path: "/tmp/s.sock"))
         #expect(try NBDURI("nbd+unix:///?socket=%00/abstract").address == .abstractUnix(name: "/abstract"))

@@ -92,6 +92,7 @@ public final class NBDClient: Sendable {
             case .tcp(let host, let port): .tcp(host: host, port: port)
             case .unix(let path): .unix(path: path)
             case .abstractUnix(let name): .abstractUnix(name: name)
+            case .vsock(let cid, let port): .vsock(cid: cid, port: Int(port))
             }
         self.init(NBDURI(transport, exportName: exportName), configuration: configuration)
     }

@@ -1,6 +1,8 @@
 import NBDCore
+import NBDSystem
 import NIOConcurrencyHelpers
 import NIOCore
+import NIOPosix
 
 /// A connection in the negotiation phase: handshake done, options can be sent.
 ///
@@ -36,20 +38,96 @@ public struct NBDConnection: ~Copyable, Sendable {
         to address: NBDAddress,
         configuration: NBDClientConfiguration = NBDClientConfiguration()
     ) async throws -> NBDConnection {
-        var tls: NBDClientChannelHandler.TLSSetup?
-        if configuration.tls.policy != .disable {
-            // Loaded before dialing: bad certificates or keys fail here, with nothing sent.
-            do {
-                var hostname = configuration.tls.hostname
-                if hostname == nil, case .tcp(let host, _) = address { hostname = host }
-                tls = NBDClientChannelHandler.TLSSetup(context: try configuration.tls.makeContext(), hostname: hostname)
-            } catch let error as NBDError {
-                throw error
-            } catch {
-                throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
-            }
+        var hostname: String?
+        if case .tcp(let host, _) = address { hostname = host }
+        let tls = try tlsSetup(configuration, hostname: hostname)
+        return try await handshake(Dialer.dial(address, configuration: configuration, tls: tls), configuration)
+    }
+
+    /// Completes the handshake on `socket`, a connected stream socket you opened (or were
+    /// handed, by a parent process, say), as ``connect(to:configuration:)-(NBDAddress,_)`` does
+    /// after dialing. The connection owns the descriptor from now on: it closes it at the end,
+    /// and on failure. TLS certificates are checked against `configuration.tls.hostname`.
+    public static func connect(
+        socket descriptor: CInt,
+        configuration: NBDClientConfiguration = NBDClientConfiguration()
+    ) async throws -> NBDConnection {
+        let tls: NBDClientChannelHandler.TLSSetup?
+        do {
+            tls = try tlsSetup(configuration, hostname: nil)
+        } catch {
+            _ = CLibrary.close(descriptor)
+            throw error
         }
-        let dialed = try await Dialer.dial(address, configuration: configuration, tls: tls)
+        let dialed = try await Dialer.attach(
+            descriptor,
+            named: "descriptor \(descriptor)",
+            isTCP: false,
+            configuration: configuration,
+            tls: tls
+        )
+        return try await handshake(dialed, configuration)
+    }
+
+    /// Starts `command` (its first element found on `PATH`) as a server that speaks NBD on its
+    /// standard input and output, as libnbd's `nbd_connect_command` does (`nbdkit -s ...`,
+    /// `nbd-server -c`...), and completes the handshake with it. The server serves this one
+    /// connection: it gets SIGTERM when the connection closes (after a grace of 5 seconds,
+    /// SIGKILL). A command that cannot start throws `connectFailed` saying why.
+    public static func connect(
+        command: [String],
+        configuration: NBDClientConfiguration = NBDClientConfiguration()
+    ) async throws -> NBDConnection {
+        let tls = try tlsSetup(configuration, hostname: nil)
+        let server: Subprocess
+        let ours: CInt
+        do {
+            let (mine, theirs) = try Subprocess.socketPair()
+            defer { _ = CLibrary.close(theirs) }
+            do {
+                server = try Subprocess(command, descriptors: [(theirs, 0), (theirs, 1)])
+            } catch {
+                _ = CLibrary.close(mine)
+                throw error
+            }
+            ours = mine
+        } catch let failure as Subprocess.Failure {
+            throw NBDError(.connectFailed, failure.description, connectionUsable: false)
+        }
+        let dialed: Dialer.Dialed
+        do {
+            dialed = try await Dialer.attach(ours, named: server.name, isTCP: false, configuration: configuration, tls: tls)
+        } catch {
+            await Self.stop(server)
+            throw error
+        }
+        dialed.channel.closeFuture.whenComplete { _ in Task { await Self.stop(server) } }
+        return try await handshake(dialed, configuration)
+    }
+
+    /// Stops a server started for a connection, off the caller's thread.
+    static func stop(_ server: Subprocess) async {
+        try? await NIOThreadPool.singleton.runIfActive { server.stop() }
+    }
+
+    /// TLS from `configuration` (nil when it is off): certificates and keys loaded before
+    /// anything is sent, so that a bad file fails with nothing sent.
+    private static func tlsSetup(_ configuration: NBDClientConfiguration, hostname: String?) throws -> NBDClientChannelHandler.TLSSetup? {
+        guard configuration.tls.policy != .disable else { return nil }
+        do {
+            return NBDClientChannelHandler.TLSSetup(
+                context: try configuration.tls.makeContext(),
+                hostname: configuration.tls.hostname ?? hostname
+            )
+        } catch let error as NBDError {
+            throw error
+        } catch {
+            throw NBDError(.tlsFailed, "cannot load the TLS certificates or keys", connectionUsable: false, underlying: error)
+        }
+    }
+
+    /// Waits for the handshake (and TLS) of a connection just set up.
+    private static func handshake(_ dialed: Dialer.Dialed, _ configuration: NBDClientConfiguration) async throws -> NBDConnection {
         let flags: HandshakeFlags
         do {
             guard case .connected(let serverFlags) = try await dialed.handshake.get() else {

@@ -1,7 +1,8 @@
 import NBDCore
 
 /// An NBD URI ("The NBD Uniform Resource Indicator (URI) format"): `nbd://host:port/export`,
-/// `nbds://...`, `nbd+unix:///export?socket=PATH`, `nbds+unix://...`.
+/// `nbds://...`, `nbd+unix:///export?socket=PATH`, `nbds+unix://...`, and libnbd's
+/// `nbd+vsock://CID:PORT/export` (`nbds+vsock`) for `AF_VSOCK`.
 ///
 /// Parsing is strict: an unknown scheme or query parameter, a Unix URI without `socket`, or a
 /// bad port is an `NBDError` with code `invalidURI` naming what is wrong. ``description``
@@ -15,6 +16,9 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         case unix(path: String)
         /// `nbd+unix:///?socket=%00NAME`: a Linux abstract socket, named without its NUL byte.
         case abstractUnix(name: String)
+        /// `nbd+vsock://CID:PORT`: a nil context id means the host (2, for a client in a
+        /// virtual machine, as libnbd reads `nbd+vsock:///`), a nil port 10809.
+        case vsock(cid: UInt32?, port: Int?)
     }
 
     /// Whether the scheme demands TLS (`nbds`, `nbds+unix`): "If encryption cannot be
@@ -63,8 +67,10 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
 
     /// True for `nbd+unix` and `nbds+unix`.
     public var isUnix: Bool {
-        if case .tcp = transport { return false }
-        return true
+        switch transport {
+        case .tcp, .vsock: false
+        case .unix, .abstractUnix: true
+        }
     }
 
     /// Parses `string`.
@@ -77,10 +83,12 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         guard let colon = string.firstIndex(of: ":") else { throw bad("no scheme") }
         let scheme = string[..<colon].lowercased()
         let isUnix: Bool
+        let isVsock: Bool
         switch scheme {
-        case "nbd", "nbds": isUnix = false
-        case "nbd+unix", "nbds+unix": isUnix = true
-        default: throw bad("unknown scheme \"\(scheme)\" (expected nbd, nbds, nbd+unix or nbds+unix)")
+        case "nbd", "nbds": (isUnix, isVsock) = (false, false)
+        case "nbd+unix", "nbds+unix": (isUnix, isVsock) = (true, false)
+        case "nbd+vsock", "nbds+vsock": (isUnix, isVsock) = (false, true)
+        default: throw bad("unknown scheme \"\(scheme)\" (expected nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock)")
         }
         self.init(.tcp(host: nil, port: nil), requiresTLS: scheme.hasPrefix("nbds"))
         var rest = string[string.index(after: colon)...]
@@ -107,6 +115,17 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             guard let socket, !socket.isEmpty else { throw bad("\(scheme) needs a socket parameter, e.g. ?socket=/tmp/nbd.sock") }
             guard host == nil, port == nil else { throw bad("a Unix socket URI must not name a host or port") }
             transport = socket.hasPrefix("\0") ? .abstractUnix(name: String(socket.dropFirst())) : .unix(path: socket)
+        } else if isVsock {
+            guard socket == nil else { throw bad("the socket parameter needs the nbd+unix or nbds+unix scheme") }
+            guard user == nil else { throw bad("a vsock URI names no user") }
+            var cid: UInt32?
+            if let host {
+                guard host.allSatisfy(\.isASCII), let number = UInt32(host), number != UInt32.max else {
+                    throw bad("the vsock context id \"\(host)\" is not a number (2 is the host)")
+                }
+                cid = number
+            }
+            transport = .vsock(cid: cid, port: port)
         } else {
             guard socket == nil else { throw bad("the socket parameter needs the nbd+unix or nbds+unix scheme") }
             transport = .tcp(host: host, port: port)
@@ -208,12 +227,15 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         case .tcp(let host, let port): .tcp(host: host ?? "localhost", port: port ?? NBDAddress.defaultPort)
         case .unix(let path): .unix(path: path)
         case .abstractUnix(let name): .abstractUnix(name: name)
+        case .vsock(let cid, let port): .vsock(cid: cid ?? NBDAddress.vsockHostCID, port: UInt32(port ?? NBDAddress.defaultPort))
         }
     }
 
     /// The URI as text, percent-encoded: parsing it gives back an equal ``NBDURI``.
     public var description: String {
-        var text = (requiresTLS ? "nbds" : "nbd") + (isUnix ? "+unix" : "") + "://"
+        var text = (requiresTLS ? "nbds" : "nbd") + (isUnix ? "+unix" : "")
+        if case .vsock = transport { text += "+vsock" }
+        text += "://"
         if let user { text += Self.percentEncode(user, keeping: Self.subDelimiters) + "@" }
         var socket: String?
         switch transport {
@@ -222,6 +244,9 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
             if let port { text += ":\(port)" }
         case .unix(let path): socket = path
         case .abstractUnix(let name): socket = "\0" + name
+        case .vsock(let cid, let port):
+            if let cid { text += "\(cid)" }
+            if let port { text += ":\(port)" }
         }
         text += "/" + Self.percentEncode(exportName, keeping: Self.subDelimiters + ":@/")
         let parameters: [(String, String?)] = [

@@ -17,6 +17,23 @@ enum Dialer {
         configuration: NBDClientConfiguration,
         tls: NBDClientChannelHandler.TLSSetup?
     ) async throws -> Dialed {
+        configuration.logger.debug("dialing", metadata: ["address": "\(address)"])
+        // Connected here, not by SwiftNIO, so that the client knows the descriptor.
+        let socket = try await SocketConnector.connect(to: address, timeout: configuration.connectTimeout)
+        var isTCP = false
+        if case .tcp = address { isTCP = true }
+        return try await attach(socket, named: "\(address)", isTCP: isTCP, configuration: configuration, tls: tls)
+    }
+
+    /// Sets up the connection on `socket`, a connected stream socket the connection owns from
+    /// now on (closed on failure too); `name` says where it leads, in messages.
+    static func attach(
+        _ socket: NIOBSDSocket.Handle,
+        named name: String,
+        isTCP: Bool,
+        configuration: NBDClientConfiguration,
+        tls: NBDClientChannelHandler.TLSSetup?
+    ) async throws -> Dialed {
         let machineConfiguration = NBDClientChannelHandler.Machine.Configuration(
             limits: configuration.negotiationLimits,
             maximumRequestsInFlight: configuration.maximumRequestsInFlight,
@@ -25,9 +42,6 @@ enum Dialer {
             requestTimeout: configuration.requestTimeout
         )
         let logger = configuration.logger
-        logger.debug("dialing", metadata: ["address": "\(address)"])
-        // Connected here, not by SwiftNIO, so that the client knows the descriptor.
-        let socket = try await SocketConnector.connect(to: address, timeout: configuration.connectTimeout)
         let directRead = configuration.readsDataDirectly ? DirectRead(socket: socket) : nil
         // The handler is kept as it is added: a server that misbehaves at once can close the
         // channel, and empty its pipeline, before a lookup after connect() would run.
@@ -61,18 +75,18 @@ enum Dialer {
                 .channelOption(.recvAllocator, value: receiveAllocator)
                 .channelOption(.maxMessagesPerRead, value: readsPerEvent)
         }
-        if case .tcp = address {
+        if isTCP {
             bootstrap = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1)
         }
         let channel: Channel
         do {
             channel = try await bootstrap.withConnectedSocket(socket).get()
         } catch {
-            throw NBDError(.connectFailed, "cannot set up the connection to \(address)", connectionUsable: false, underlying: error)
+            throw NBDError(.connectFailed, "cannot set up the connection to \(name)", connectionUsable: false, underlying: error)
         }
         guard let (handler, handshake) = added.withLockedValue({ $0 }) else {
             try? await channel.close()
-            throw NBDError(.connectFailed, "cannot set up the connection to \(address)", connectionUsable: false)
+            throw NBDError(.connectFailed, "cannot set up the connection to \(name)", connectionUsable: false)
         }
         return Dialed(channel: channel, handler: handler, handshake: handshake)
     }

@@ -40,6 +40,12 @@ enum SocketConnector {
                 #else
                 throw Failure("abstract Unix sockets exist only on Linux")
                 #endif
+            case .vsock(let cid, let port):
+                #if os(Linux)
+                return try vsock(cid: cid, port: port, deadline: deadline, cancelled: cancelled)
+                #else
+                throw Failure("vsock exists only on Linux")
+                #endif
             }
         } catch let failure as Failure {
             if failure.cancelled { throw CancellationError() }
@@ -98,6 +104,34 @@ enum SocketConnector {
             )
         }
     }
+
+    #if os(Linux)
+    /// `AF_VSOCK` (`linux/vm_sockets.h`, which Glibc's module does not carry): a
+    /// `struct sockaddr_vm` of 16 bytes, family, reserved, port and context id in host order.
+    private static func vsock(
+        cid: UInt32,
+        port: UInt32,
+        deadline: NIODeadline,
+        cancelled: NIOLockedValueBox<Bool>
+    ) throws(Failure) -> NIOBSDSocket.Handle {
+        let family: Int32 = 40  // AF_VSOCK
+        var address: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &address) { bytes in
+            bytes.storeBytes(of: UInt16(family), toByteOffset: 0, as: UInt16.self)
+            bytes.storeBytes(of: port, toByteOffset: 4, as: UInt32.self)
+            bytes.storeBytes(of: cid, toByteOffset: 8, as: UInt32.self)
+        }
+        return try withUnsafeBytes(of: &address) { raw throws(Failure) in
+            try connect(
+                family: family,
+                raw.baseAddress!.assumingMemoryBound(to: sockaddr.self),
+                socklen_t(raw.count),
+                deadline: deadline,
+                cancelled: cancelled
+            )
+        }
+    }
+    #endif
 
     /// Tries each address of `host` in turn, as SwiftNIO and libnbd do.
     private static func tcp(
