@@ -5,18 +5,18 @@
 /// is not documented for the particular command", "the client MUST ensure that offset and length
 /// are integer multiples of any advertised minimum block size" and "MUST NOT use a length which,
 /// when added to offset, would exceed the export size".
-public struct RequestValidator: Sendable {
+package struct RequestValidator: Sendable {
     /// The export requests go to.
-    public var export: NBDExportInfo
+    package var export: NBDExportInfo
     /// How transmission is framed.
-    public var format: TransmissionFormat
+    package var format: TransmissionFormat
     /// Whether replies come as chunks (structured or extended).
-    public var structuredReplies: Bool { format.hasChunks }
+    package var structuredReplies: Bool { format.hasChunks }
     /// Whether at least one metadata context was selected for this export.
-    public var hasMetaContexts: Bool
+    package var hasMetaContexts: Bool
 
     /// A validator for `export` with what was negotiated.
-    public init(export: NBDExportInfo, format: TransmissionFormat, hasMetaContexts: Bool) {
+    package init(export: NBDExportInfo, format: TransmissionFormat, hasMetaContexts: Bool) {
         self.export = export
         self.format = format
         self.hasMetaContexts = hasMetaContexts
@@ -26,7 +26,7 @@ public struct RequestValidator: Sendable {
     /// request must not be sent. `length` is the whole range, before any splitting.
     /// `NBD_CMD_FLAG_PAYLOAD_LEN` is not the caller's: the client sets it where the format
     /// wants it, and it is refused here with the other undocumented flags.
-    public func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
+    package func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
         switch command {
         case .read:
             break
@@ -85,7 +85,7 @@ public struct RequestValidator: Sendable {
     /// NOT send a resize request unless the NBD_FLAG_SEND_RESIZE flag was set", a read-only
     /// export, a size no offset can hold, or one that is not a multiple of the minimum block
     /// size (which every request's offset and length must be).
-    public func validateResize(to size: UInt64) throws(NBDError) {
+    package func validateResize(to size: UInt64) throws(NBDError) {
         try require(.sendResize, "NBD_FLAG_SEND_RESIZE", for: CommandType.resize)
         if export.isReadOnly { throw .unsupported("\(CommandType.resize) on a read-only export") }
         guard size <= UInt64(Int64.max) else { throw .invalidArgument("a size of \(size) bytes is too large") }

@@ -174,7 +174,9 @@ extension FaultInjectionTests {
         try await rude.stopReading()
         try await rude.send { buffer in
             for index in 0..<500 {
-                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index % 256) << 20, length: 1 << 20).encode(into: &buffer)
+                RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 256) << 20, length: 1 << 20).encode(
+                    into: &buffer
+                )
             }
         }
         // Garbage, an oversized option, and a WRITE cut off part way, on three more connections.

@@ -49,7 +49,9 @@ struct ServerUnderAbuseTests {
         // 500 READs of 1 MiB (500 MiB of replies), sent in 14 KB, never read.
         try await rude.send { buffer in
             for index in 0..<500 {
-                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index % 64) << 20, length: 1 << 20).encode(into: &buffer)
+                RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 64) << 20, length: 1 << 20).encode(
+                    into: &buffer
+                )
             }
         }
         try await Task.sleep(for: .seconds(1))
@@ -78,7 +80,9 @@ struct ServerUnderAbuseTests {
         try await rude.stopReading()
         try await rude.send { buffer in
             for index in 0..<64 {
-                RequestHeader(type: .read, cookie: UInt64(index), offset: UInt64(index) << 20, length: 1 << 20).encode(into: &buffer)
+                RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index) << 20, length: 1 << 20).encode(
+                    into: &buffer
+                )
             }
         }
         // An idle client is kept; one that leaves its replies unread past the deadline is not.

@@ -30,7 +30,7 @@ struct ClientTransmissionStateMachineTests {
         return events
     }
 
-    func chunk(_ cookie: UInt64, _ type: ReplyChunkType, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
+    func chunk(_ cookie: NBDCookie, _ type: ReplyChunkType, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
         encoded {
             ReplyHeader.structured(
                 StructuredReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, length: UInt32(payload.count))
@@ -39,11 +39,11 @@ struct ClientTransmissionStateMachineTests {
         }
     }
 
-    func data(_ cookie: UInt64, offset: UInt64, _ bytes: [UInt8], done: Bool = true) -> [UInt8] {
+    func data(_ cookie: NBDCookie, offset: UInt64, _ bytes: [UInt8], done: Bool = true) -> [UInt8] {
         chunk(cookie, .offsetData, done: done, encoded { $0.writeInteger(offset) } + bytes)
     }
 
-    func simple(_ cookie: UInt64, error: UInt32 = 0) -> [UInt8] {
+    func simple(_ cookie: NBDCookie, error: UInt32 = 0) -> [UInt8] {
         encoded { ReplyHeader.simple(SimpleReplyHeader(error: NBDErrno(rawValue: error), cookie: cookie)).encode(into: &$0) }
     }
 

@@ -92,7 +92,7 @@ struct ExtendedHeadersTests {
 
     // MARK: The client's checks
 
-    func extendedChunk(_ cookie: UInt64, _ type: ReplyChunkType, offset: UInt64, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
+    func extendedChunk(_ cookie: NBDCookie, _ type: ReplyChunkType, offset: UInt64, done: Bool = true, _ payload: [UInt8]) -> [UInt8] {
         encoded {
             ReplyHeader.extended(
                 ExtendedReplyHeader(flags: done ? .done : [], type: type, cookie: cookie, offset: offset, length: UInt64(payload.count))
@@ -166,7 +166,7 @@ struct ExtendedHeadersTests {
         #expect(events.count == 1 && events[0].contains("exceeds the bound"))
     }
 
-    func statusMachine(_ only: [UInt32]? = nil, length: UInt64 = 1 << 40) -> (Machine, UInt64) {
+    func statusMachine(_ only: [UInt32]? = nil, length: UInt64 = 1 << 40) -> (Machine, NBDCookie) {
         var machine = Machine(configuration: .init(format: .extended, metaContextIDs: [1, 2], narrowStatusContextIDs: [1]))
         let header = machine.startRequest(.blockStatus, offset: 0, length: length, onlyContexts: only, context: "b")
         return (machine, header.cookie)

@@ -55,7 +55,7 @@ struct PeerNumbersTests {
         var machine = ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: 4))
         for (cookie, type) in [(1, CommandType.read), (2, .trim), (3, .writeZeroes)] {
             var bytes = ByteBuffer()
-            RequestHeader(type: type, cookie: UInt64(cookie), offset: .max - 100, length: 512).encode(into: &bytes)
+            RequestHeader(type: type, cookie: NBDCookie(UInt64(cookie)), offset: .max - 100, length: 512).encode(into: &bytes)
             machine.bytesReceived(bytes)
             guard case .write(let buffers)? = machine.next(), var reply = buffers.first,
                 case .simple(let header)? = try? ReplyHeader.decode(from: &reply)

@@ -32,9 +32,10 @@ struct ServerBoundsTests {
     func requests(_ type: CommandType, count: Int, length: UInt32 = 65536, withData: Bool = false) -> ByteBuffer {
         var buffer = ByteBuffer()
         for index in 0..<count {
-            RequestHeader(type: type, cookie: UInt64(index), offset: UInt64(index) * UInt64(length), length: UInt64(length)).encode(
-                into: &buffer
-            )
+            RequestHeader(type: type, cookie: NBDCookie(UInt64(index)), offset: UInt64(index) * UInt64(length), length: UInt64(length))
+                .encode(
+                    into: &buffer
+                )
             if withData { buffer.writeRepeatingByte(UInt8(index), count: Int(length)) }
         }
         return buffer

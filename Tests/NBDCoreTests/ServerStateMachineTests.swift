@@ -92,8 +92,13 @@ struct ServerStateMachineTests {
         return ServerTransmissionStateMachine(agreement: agreement, limits: .init(maximumPayload: 65536, maximumRequestsInFlight: inFlight))
     }
 
-    func request(_ type: CommandType, cookie: UInt64 = 1, flags: CommandFlags = [], offset: UInt64 = 0, length: UInt64 = 512) -> ByteBuffer
-    {
+    func request(
+        _ type: CommandType,
+        cookie: NBDCookie = 1,
+        flags: CommandFlags = [],
+        offset: UInt64 = 0,
+        length: UInt64 = 512
+    ) -> ByteBuffer {
         var buffer = ByteBuffer()
         RequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length).encode(into: &buffer)
         return buffer
@@ -155,7 +160,7 @@ struct ServerStateMachineTests {
             machine.bytesReceived(request(.disconnect, cookie: 2))
             machine.bytesReceived(request(.read, cookie: 3))
         case "too many in flight":
-            for cookie in 1...3 { machine.bytesReceived(request(.read, cookie: UInt64(cookie))) }
+            for cookie in 1...3 { machine.bytesReceived(request(.read, cookie: NBDCookie(UInt64(cookie)))) }
             _ = machine.next()
             _ = machine.next()
         default: machine.bytesReceived(ByteBuffer(bytes: [UInt8](repeating: 0x42, count: 28)))

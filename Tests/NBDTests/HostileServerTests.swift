@@ -247,7 +247,9 @@ struct HostileServerTests {
             try await peer.handshake()
             try await peer.acceptGo()
             let request = try await peer.readRequest()
-            try await peer.send { ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie &+ 1000)).encode(into: &$0) }
+            try await peer.send {
+                ReplyHeader.simple(SimpleReplyHeader(cookie: NBDCookie(request.cookie.rawValue &+ 1000))).encode(into: &$0)
+            }
             try await client.value
             // Hard disconnect: the client closed its side.
             for _ in 0..<100 where !peer.isClosed { try await Task.sleep(for: .milliseconds(10)) }

@@ -34,8 +34,11 @@ public struct NBDClientConfiguration: Sendable {
     /// connection is closed hard (what the server did is unknown), and every other request
     /// fails at once with the same error. The `nbd` tool uses 60 s.
     public var requestTimeout: TimeAmount?
-    /// Bounds on what the server may send during negotiation.
-    public var negotiationLimits = ClientNegotiationStateMachine.Limits()
+    /// Largest single reply to an option accepted while negotiating (by default 8196 bytes:
+    /// two strings of the spec's 4096-byte limit); a larger one ends the connection.
+    public var maximumOptionReplyLength = OptionReply.defaultMaximumLength
+    /// Largest total of the replies to one option (16 MiB by default: a long `NBD_OPT_LIST`).
+    public var maximumOptionRepliesLength = 16 << 20
     /// TLS: off by default; `NBDConnection.connect(to: NBDURI)` takes it from the URI.
     public var tls = NBDTLSConfiguration()
     /// Whether a URI's `tls-certificates` and `tls-psk-file` parameters may make the library

@@ -35,7 +35,10 @@ enum Dialer {
         tls: NBDClientChannelHandler.TLSSetup?
     ) async throws -> Dialed {
         let machineConfiguration = NBDClientChannelHandler.Machine.Configuration(
-            limits: configuration.negotiationLimits,
+            limits: ClientNegotiationStateMachine.Limits(
+                maximumReplyLength: configuration.maximumOptionReplyLength,
+                maximumRepliesLength: configuration.maximumOptionRepliesLength
+            ),
             maximumRequestsInFlight: configuration.maximumRequestsInFlight,
             negotiationTimeout: configuration.negotiationTimeout,
             tlsPolicy: configuration.tls.policy,

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// What a caller waiting on a client connection is answered with.
-public enum ClientConnectionOutcome: Sendable {
+package enum ClientConnectionOutcome: Sendable {
     /// The handshake is done, and TLS too when the policy asked for it.
     case connected(HandshakeFlags)
     /// Every reply to an option, the final `NBD_REP_ACK` last.
@@ -13,18 +13,18 @@ public enum ClientConnectionOutcome: Sendable {
 }
 
 /// What transmission starts with, as the negotiation left it.
-public struct ClientTransmissionStart: Sendable {
+package struct ClientTransmissionStart: Sendable {
     /// GO's replies (its `NBD_REP_INFO`s), or nil after EXPORT_NAME.
-    public var goReplies: [OptionReply.Body]?
+    package var goReplies: [OptionReply.Body]?
     /// EXPORT_NAME's answer, or nil after GO.
-    public var exportNameReply: ExportNameReply?
+    package var exportNameReply: ExportNameReply?
     /// How requests and replies are framed.
-    public var format: TransmissionFormat
+    package var format: TransmissionFormat
     /// The metadata contexts usable with block status.
-    public var metaContexts: [NBDMetaContext]
+    package var metaContexts: [NBDMetaContext]
 
     /// The export's size the server gave (EXPORT_NAME's answer, or GO's `NBD_INFO_EXPORT`).
-    public var exportSize: UInt64? {
+    package var exportSize: UInt64? {
         if let exportNameReply { return exportNameReply.size }
         var size: UInt64?
         for case .info(.export(let exportSize, _)) in goReplies ?? [] { size = exportSize }
@@ -48,24 +48,24 @@ public struct ClientTransmissionStart: Sendable {
 /// `errorCaught`, `channelClosed`); what to do then comes out of ``next()`` until it returns
 /// nil. `Request` is the caller's handle of one request (compared by identity); `Waiter` that
 /// of one call waiting for an ``ClientConnectionOutcome``.
-public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
+package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// What the connection negotiates and its bounds.
-    public struct Configuration: Sendable {
+    package struct Configuration: Sendable {
         /// Bounds on what the server may send while negotiating.
-        public var limits: ClientNegotiationStateMachine.Limits
+        package var limits: ClientNegotiationStateMachine.Limits
         /// Requests on the wire at once; more wait in a queue.
-        public var maximumRequestsInFlight: Int
+        package var maximumRequestsInFlight: Int
         /// How long the server may take to answer each negotiation step.
-        public var negotiationTimeout: TimeAmount
+        package var negotiationTimeout: TimeAmount
         /// Whether TLS is negotiated right after the handshake.
-        public var tlsPolicy: NBDTLSPolicy
+        package var tlsPolicy: NBDTLSPolicy
         /// How long a request on the wire may wait for its reply; nil for ever. Past it the
         /// connection is closed hard (its state is unknown) and every request fails with
         /// ``NBDError/Code/timedOut``.
-        public var requestTimeout: TimeAmount?
+        package var requestTimeout: TimeAmount?
 
         /// A configuration with the given settings.
-        public init(
+        package init(
             limits: ClientNegotiationStateMachine.Limits = .init(),
             maximumRequestsInFlight: Int = 64,
             negotiationTimeout: TimeAmount = .seconds(30),
@@ -94,7 +94,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// What the caller does next.
-    public enum Action {
+    package enum Action {
         /// Write these bytes (a negotiation message) and flush.
         case write(ByteBuffer)
         /// Write this request header, then the request's payload if any.
@@ -171,7 +171,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         case closed(NBDError)
     }
 
-    public let configuration: Configuration
+    package let configuration: Configuration
     @usableFromInline var phase: Phase = .negotiating(pending: .greeting)
     @usableFromInline var negotiation: ClientNegotiationStateMachine
     @usableFromInline var transmission: ClientTransmissionStateMachine<Request>
@@ -186,7 +186,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     @usableFromInline var resizing: (request: Request, from: UInt64, to: UInt64)?
     /// The export's size: the server's, then that of each resize it accepted. Every request
     /// is checked against it as it goes on the wire.
-    public var exportSize: UInt64 { size }
+    package var exportSize: UInt64 { size }
     @usableFromInline var size: UInt64 = 0
     @usableFromInline var outbox = CircularBuffer<Action>()
     /// A soft disconnect was asked for (by a caller, or by the server's shutdown).
@@ -200,13 +200,13 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     @usableFromInline var ticks: UInt64 = 0
     @usableFromInline var clockRunning = false
     /// The TLS version agreed, e.g. "tlsv13", once TLS is up.
-    public private(set) var tlsVersion: String?
+    package private(set) var tlsVersion: String?
     /// The TLS cipher suite agreed, by its IANA name, once TLS is up.
-    public private(set) var tlsCipherSuite: String?
+    package private(set) var tlsCipherSuite: String?
 
     /// A connection that has just been dialed; `handshakeWaiter` is answered with
     /// ``ClientConnectionOutcome/connected(_:)`` once the handshake (and TLS, when asked) is done.
-    public init(configuration: Configuration, handshakeWaiter: Waiter) {
+    package init(configuration: Configuration, handshakeWaiter: Waiter) {
         self.configuration = configuration
         self.negotiation = ClientNegotiationStateMachine(limits: configuration.limits)
         self.transmission = ClientTransmissionStateMachine(configuration: .init(format: .simple))
@@ -216,52 +216,52 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     // MARK: State
 
     /// What the negotiation agreed so far.
-    public var negotiated: ClientNegotiationStateMachine.Negotiated { negotiation.negotiated }
+    package var negotiated: ClientNegotiationStateMachine.Negotiated { negotiation.negotiated }
 
     /// Whether the connection is in the transmission phase.
-    @inlinable public var isInTransmission: Bool { if case .transmission = phase { true } else { false } }
+    @inlinable package var isInTransmission: Bool { if case .transmission = phase { true } else { false } }
 
     /// Why the connection ended, once it has.
-    public var closedReason: NBDError? { if case .closed(let error) = phase { error } else { nil } }
+    package var closedReason: NBDError? { if case .closed(let error) = phase { error } else { nil } }
 
     /// When the next bytes from the server are READ data: see
     /// ``ClientTransmissionStateMachine/expectedData``. Nil outside transmission.
-    @inlinable public var expectedData: (context: Request, offset: UInt64, count: Int, chunkLength: Int)? {
+    @inlinable package var expectedData: (context: Request, offset: UInt64, count: Int, chunkLength: Int)? {
         guard case .transmission = phase else { return nil }
         return transmission.expectedData
     }
 
     /// Whether the caller may read from the socket itself now (transmission, nothing failed).
-    @inlinable public var readsDirectly: Bool {
+    @inlinable package var readsDirectly: Bool {
         guard case .transmission = phase else { return false }
         return !transmission.hasFailed
     }
 
     /// How requests and replies are framed (simple until transmission starts).
-    @inlinable public var format: TransmissionFormat { transmission.configuration.format }
+    @inlinable package var format: TransmissionFormat { transmission.configuration.format }
 
     /// Writes a request header of ``Action/sendRequest(_:_:)`` (or ``Action/sendDisconnect(_:)``)
     /// as the negotiated format frames it, with any payload of its own; a WRITE's data follows.
-    @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+    @inlinable package func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         transmission.encode(header, into: &buffer)
     }
 
     /// Bytes fed in transmission and not parsed yet.
-    @inlinable public var unparsedByteCount: Int { transmission.unparsedByteCount }
+    @inlinable package var unparsedByteCount: Int { transmission.unparsedByteCount }
 
     /// Removes the transmission bytes fed and not parsed yet; see
     /// ``ClientTransmissionStateMachine/takeUnparsed()``.
-    @inlinable public mutating func takeUnparsed() -> ByteBuffer { transmission.takeUnparsed() }
+    @inlinable package mutating func takeUnparsed() -> ByteBuffer { transmission.takeUnparsed() }
 
     // MARK: Events
 
     /// The connection is up: the greeting has a deadline.
-    public mutating func channelActive() {
+    package mutating func channelActive() {
         arm("the server sent no NBD greeting")
     }
 
     /// Bytes from the server.
-    @inlinable public mutating func bytesReceived(_ bytes: ByteBuffer) {
+    @inlinable package mutating func bytesReceived(_ bytes: ByteBuffer) {
         switch phase {
         case .transmission:
             transmission.feed(bytes)
@@ -274,13 +274,13 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed.
-    @inlinable public mutating func dataReadDirectly(_ count: Int) {
+    @inlinable package mutating func dataReadDirectly(_ count: Int) {
         transmission.dataReadDirectly(count)
     }
 
     /// A caller sends an option (EXPORT_NAME included); `waiter` gets its replies, or
     /// ``ClientConnectionOutcome/transmissionStarted(_:)`` for GO and EXPORT_NAME.
-    public mutating func optionRequested(_ option: OptionRequest, waiter: Waiter) {
+    package mutating func optionRequested(_ option: OptionRequest, waiter: Waiter) {
         switch phase {
         case .closed(let error):
             outbox.append(.fail(waiter, error))
@@ -308,7 +308,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// ... clients MUST also make sure that no such requests are outstanding when the resize
     /// request is sent"); requests submitted after it wait for it to be sent. The new size
     /// bounds every request after a successful reply.
-    @inlinable public mutating func requestSubmitted(
+    @inlinable package mutating func requestSubmitted(
         _ request: Request,
         command: CommandType,
         flags: CommandFlags,
@@ -338,14 +338,14 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     /// Another connection to the export resized it (its client made sure nothing was on the
     /// wire here meanwhile): requests are bounded by `newSize` from now on.
-    public mutating func exportResizedElsewhere(to newSize: UInt64) {
+    package mutating func exportResizedElsewhere(to newSize: UInt64) {
         guard case .transmission = phase else { return }
         size = newSize
         sendQueued()
     }
 
     /// The caller of `request` stopped waiting.
-    public mutating func requestCancelled(_ request: Request) {
+    package mutating func requestCancelled(_ request: Request) {
         if let index = queued.firstIndex(where: { $0.request === request }) {
             if queued.remove(at: index).command == .resize { queuedResizes -= 1 }
             // What waited behind a resize may go now.
@@ -357,7 +357,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// A soft disconnect: `NBD_OPT_ABORT` while negotiating, `NBD_CMD_DISC` once the requests
     /// in flight are answered in transmission. `waiter` (if any) is answered when the
     /// connection has closed.
-    public mutating func disconnectRequested(waiter: Waiter?) {
+    package mutating func disconnectRequested(waiter: Waiter?) {
         if case .closed = phase {
             // Answered once the channel has closed, as every disconnect is.
             if let waiter { channelIsOpen ? disconnectWaiters.append(waiter) : outbox.append(.succeed(waiter, .disconnected)) }
@@ -381,7 +381,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// The armed deadline passed.
-    public mutating func timerFired() {
+    package mutating func timerFired() {
         if case .transmission = phase, clockRunning {
             tickRequestClock()
             return
@@ -397,7 +397,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// The TLS handshake completed.
-    public mutating func tlsEstablished(version: String?, cipherSuite: String?) {
+    package mutating func tlsEstablished(version: String?, cipherSuite: String?) {
         guard case .negotiating(pending: .tlsHandshake) = phase else { return }
         tlsVersion = version
         tlsCipherSuite = cipherSuite
@@ -407,7 +407,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// The channel reported an error; the connection ends.
-    public mutating func errorCaught(_ error: any Error) {
+    package mutating func errorCaught(_ error: any Error) {
         if case .negotiating(pending: .tlsHandshake) = phase {
             fail(
                 NBDError(
@@ -424,7 +424,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     /// The channel closed. Everything still waiting fails with the reason the connection
     /// ended; callers of a disconnect are answered.
-    public mutating func channelClosed() {
+    package mutating func channelClosed() {
         channelIsOpen = false
         if case .closed = phase {
         } else {
@@ -437,7 +437,7 @@ public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     // MARK: Actions
 
     /// The next thing to do, or nil until the next event.
-    @inlinable public mutating func next() -> Action? {
+    @inlinable package mutating func next() -> Action? {
         if let action = outbox.popFirst() { return action }
         guard case .transmission = phase, let action = transmission.next() else { return nil }
         switch action {

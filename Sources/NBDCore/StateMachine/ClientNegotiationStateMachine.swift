@@ -7,19 +7,22 @@ import NIOCore
 /// ``Action/fatal(_:)``, and the machine accepts nothing more. It enforces the order the spec sets ("The
 /// client MUST NOT send any option until it has received a final reply to any option it has
 /// sent") and checks each reply against the option it answers.
-public struct ClientNegotiationStateMachine: Sendable {
+package struct ClientNegotiationStateMachine: Sendable {
     /// Bounds on what a server may send while negotiating.
-    public struct Limits: Hashable, Sendable {
+    package struct Limits: Hashable, Sendable {
         /// Largest single option reply accepted.
-        public var maximumReplyLength: Int = OptionReply.defaultMaximumLength
+        package var maximumReplyLength: Int
         /// Largest total of the replies to one option (for example a long `NBD_OPT_LIST`).
-        public var maximumRepliesLength: Int = 16 * 1024 * 1024
-        /// The default bounds.
-        public init() {}
+        package var maximumRepliesLength: Int
+        /// Bounds of these sizes (the defaults otherwise).
+        package init(maximumReplyLength: Int = OptionReply.defaultMaximumLength, maximumRepliesLength: Int = 16 << 20) {
+            self.maximumReplyLength = maximumReplyLength
+            self.maximumRepliesLength = maximumRepliesLength
+        }
     }
 
     /// What the caller does next.
-    public enum Action: Equatable, Sendable {
+    package enum Action: Equatable, Sendable {
         /// More bytes are needed.
         case wait
         /// The greeting was accepted: send these client flags (32 bits).
@@ -32,7 +35,7 @@ public struct ClientNegotiationStateMachine: Sendable {
         /// connection (hard disconnect).
         case fatal(NBDError)
 
-        public static func == (lhs: Action, rhs: Action) -> Bool {
+        package static func == (lhs: Action, rhs: Action) -> Bool {
             switch (lhs, rhs) {
             case (.wait, .wait): true
             case (.sendClientFlags(let a), .sendClientFlags(let b)): a == b
@@ -56,50 +59,50 @@ public struct ClientNegotiationStateMachine: Sendable {
 
     private(set) var state: State = .awaitingGreeting
     /// The handshake flags the server sent.
-    public private(set) var serverFlags: HandshakeFlags = []
+    package private(set) var serverFlags: HandshakeFlags = []
     /// The client flags sent back.
-    public private(set) var clientFlags: ClientFlags = []
+    package private(set) var clientFlags: ClientFlags = []
     private let limits: Limits
 
     /// A machine waiting for the server's greeting.
-    public init(limits: Limits = Limits()) {
+    package init(limits: Limits = Limits()) {
         self.limits = limits
     }
 
     /// True once GO or EXPORT_NAME succeeded.
-    public var isInTransmission: Bool { state == .transmission }
+    package var isInTransmission: Bool { state == .transmission }
 
     /// True when an option can be sent now.
-    public var canSendOption: Bool { state == .ready }
+    package var canSendOption: Bool { state == .ready }
 
     /// What the options negotiated so far mean for the transmission phase.
-    public struct Negotiated: Hashable, Sendable {
+    package struct Negotiated: Hashable, Sendable {
         /// How transmission is framed: extended once `NBD_OPT_EXTENDED_HEADERS` was
         /// acknowledged, structured once `NBD_OPT_STRUCTURED_REPLY` was.
-        public var format = TransmissionFormat.simple
+        package var format = TransmissionFormat.simple
         /// Whether replies come as chunks.
-        public var structuredReplies: Bool { format.hasChunks }
+        package var structuredReplies: Bool { format.hasChunks }
         /// The contexts the last `NBD_OPT_SET_META_CONTEXT` selected, and for which export.
-        public var metaContexts: [NBDMetaContext] = []
+        package var metaContexts: [NBDMetaContext] = []
         /// The export the last `NBD_OPT_SET_META_CONTEXT` named.
-        public var metaContextExport: String?
+        package var metaContextExport: String?
         /// The export named by the last INFO, GO or EXPORT_NAME.
-        public var export: String?
+        package var export: String?
     }
 
     /// What has been negotiated so far.
-    public private(set) var negotiated = Negotiated()
+    package private(set) var negotiated = Negotiated()
 
     /// The metadata contexts usable in transmission: the spec allows `NBD_CMD_BLOCK_STATUS` only
     /// when the final `NBD_OPT_SET_META_CONTEXT` "referred to the same export name that was
     /// ultimately selected for transmission phase".
-    public var transmissionMetaContexts: [NBDMetaContext] {
+    package var transmissionMetaContexts: [NBDMetaContext] {
         guard negotiated.structuredReplies, negotiated.metaContextExport == negotiated.export else { return [] }
         return negotiated.metaContexts
     }
 
     /// Records that `request` is about to be sent.
-    public mutating func optionSent(_ request: OptionRequest) throws(NBDError) {
+    package mutating func optionSent(_ request: OptionRequest) throws(NBDError) {
         let option = request.code
         guard state == .ready else {
             throw .invalidArgument("cannot send \(option) now: the previous option has no final reply yet or negotiation is over")
@@ -141,10 +144,10 @@ public struct ClientNegotiationStateMachine: Sendable {
     }
 
     /// Marks the machine closed (ABORT sent, or the connection lost).
-    public mutating func close() { state = .closed }
+    package mutating func close() { state = .closed }
 
     /// Consumes what it can of `buffer` and says what to do.
-    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
+    package mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         guard state != .failed else { return .wait }
         do {
             return try step(&buffer)

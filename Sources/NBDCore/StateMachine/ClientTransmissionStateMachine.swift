@@ -14,23 +14,23 @@ import NIOCore
 ///
 /// Its code is `@inlinable`: it runs for every reply, and specialized for the caller's
 /// `Context` it costs no generic dispatch.
-public struct ClientTransmissionStateMachine<Context> {
+package struct ClientTransmissionStateMachine<Context> {
     /// What negotiation agreed, and the bounds applied to replies.
-    public struct Configuration: Sendable {
+    package struct Configuration: Sendable {
         /// How requests and replies are framed.
-        public var format: TransmissionFormat
+        package var format: TransmissionFormat
         /// The ids of the metadata contexts `NBD_OPT_SET_META_CONTEXT` selected.
-        public var metaContextIDs: Set<UInt32>
+        package var metaContextIDs: Set<UInt32>
         /// The ids of those whose status has 32 bits: "For metadata contexts that only return
         /// a 32-bit status (including all contexts in the "base:" namespace), the
         /// most-significant 32 bits of *status* MUST be all zeroes."
-        public var narrowStatusContextIDs: Set<UInt32>
+        package var narrowStatusContextIDs: Set<UInt32>
         /// Largest payload accepted for a chunk that is buffered whole (block status, errors).
         /// The spec says servers "SHOULD NOT send more than 2^20 extents in a single reply chunk".
-        public var maximumBufferedChunkLength: Int
+        package var maximumBufferedChunkLength: Int
 
         /// A configuration with the given settings.
-        public init(
+        package init(
             format: TransmissionFormat,
             metaContextIDs: Set<UInt32> = [],
             narrowStatusContextIDs: Set<UInt32> = [],
@@ -43,11 +43,11 @@ public struct ClientTransmissionStateMachine<Context> {
         }
 
         /// Whether replies come as chunks (structured or extended).
-        @inlinable public var structuredReplies: Bool { format.hasChunks }
+        @inlinable package var structuredReplies: Bool { format.hasChunks }
     }
 
     /// What the caller does next.
-    public enum Action {
+    package enum Action {
         /// Data for a READ: `bytes` belong at absolute export `offset`.
         case data(Context, offset: UInt64, bytes: ByteBuffer)
         /// A hole in a READ: `length` zero bytes at absolute export `offset`.
@@ -95,41 +95,41 @@ public struct ClientTransmissionStateMachine<Context> {
         case header
         /// Streaming the last `remaining` of the `length` data bytes of a chunk (or simple
         /// reply) for `cookie`, the next at `offset`.
-        case data(cookie: UInt64, offset: UInt64, remaining: Int, length: Int, done: Bool)
+        case data(cookie: NBDCookie, offset: UInt64, remaining: Int, length: Int, done: Bool)
         case failed
     }
 
     /// What negotiation agreed.
-    public var configuration: Configuration
-    @usableFromInline var inFlight: [UInt64: InFlight] = [:]
-    @usableFromInline var nextCookie: UInt64 = 1
+    package var configuration: Configuration
+    @usableFromInline var inFlight: [NBDCookie: InFlight] = [:]
+    @usableFromInline var nextCookie: NBDCookie = 1
     @usableFromInline var parseState = ParseState.header
     @usableFromInline var input = ByteBuffer()
     @usableFromInline var queued: [Action] = []
 
     /// A machine with no request in flight.
-    @inlinable public init(configuration: Configuration) {
+    @inlinable package init(configuration: Configuration) {
         self.configuration = configuration
     }
 
     /// How many requests await their reply.
-    @inlinable public var inFlightCount: Int { inFlight.count }
+    @inlinable package var inFlightCount: Int { inFlight.count }
 
     /// The request in flight with the smallest stamp (of those, the first sent), and that
     /// stamp; nil when none is.
-    public var oldestInFlight: (header: RequestHeader, stamp: UInt64)? {
+    package var oldestInFlight: (header: RequestHeader, stamp: UInt64)? {
         inFlight.values.min { ($0.stamp, $0.header.cookie) < ($1.stamp, $1.header.cookie) }.map { ($0.header, $0.stamp) }
     }
 
     /// Whether a request in flight acts on a byte of `range` (a flush acts on none).
-    @inlinable public func hasRequestInFlight(touching range: Range<UInt64>) -> Bool {
+    @inlinable package func hasRequestInFlight(touching range: Range<UInt64>) -> Bool {
         inFlight.values.contains { request in
             request.header.type != .flush && range.overlaps(request.header.offset, length: request.effectLength)
         }
     }
 
     /// True once a fatal error was reported.
-    @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
+    @inlinable package var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 
     /// Registers a request and returns its header, with a fresh cookie, to send with
     /// ``encode(_:into:)``. `NBD_CMD_DISC` gets no reply and is not registered. `stamp` marks
@@ -140,7 +140,7 @@ public struct ClientTransmissionStateMachine<Context> {
     /// for NBD_CMD_WRITE"), and a BLOCK_STATUS given `onlyContexts` is sent in the payload
     /// form that limits the reply to those ids (the server must advertise
     /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`); the header's length is then that of the payload.
-    @inlinable public mutating func startRequest(
+    @inlinable package mutating func startRequest(
         _ type: CommandType,
         flags: CommandFlags = [],
         offset: UInt64,
@@ -150,7 +150,7 @@ public struct ClientTransmissionStateMachine<Context> {
         stamp: UInt64 = 0
     ) -> RequestHeader {
         let cookie = nextCookie
-        nextCookie &+= 1
+        nextCookie = nextCookie.next
         var flags = flags
         var headerLength = length
         if configuration.format == .extended, type == .write { flags.insert(.payloadLength) }
@@ -173,7 +173,7 @@ public struct ClientTransmissionStateMachine<Context> {
     /// Writes `header` as the negotiated format frames it, with the payload of a filtered
     /// BLOCK_STATUS ("64 bits, effect length; n * 32 bits, list of metacontext ids to use").
     /// A WRITE's data is the caller's to send after it.
-    @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+    @inlinable package func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         header.encode(into: &buffer, format: configuration.format)
         guard let request = inFlight[header.cookie], let ids = request.filter else { return }
         buffer.writeInteger(request.effectLength)
@@ -181,7 +181,7 @@ public struct ClientTransmissionStateMachine<Context> {
     }
 
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
-    @inlinable public mutating func feed(_ bytes: ByteBuffer) {
+    @inlinable package mutating func feed(_ bytes: ByteBuffer) {
         guard !hasFailed else { return }
         input.appendReceived(bytes)
     }
@@ -191,14 +191,14 @@ public struct ClientTransmissionStateMachine<Context> {
     /// (or simple reply) carries in all. A caller that can read from the socket itself may put
     /// them straight where they belong and report them with ``dataReadDirectly(_:)`` instead
     /// of feeding them.
-    @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
+    @inlinable package var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
         guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, _) = parseState else { return nil }
         return (inFlight[cookie]!.context, offset, remaining, length)
     }
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed. Follow with
     /// ``next()``: the request completes there when these were its last bytes.
-    @inlinable public mutating func dataReadDirectly(_ count: Int) {
+    @inlinable package mutating func dataReadDirectly(_ count: Int) {
         guard input.readableBytes == 0, case .data(_, _, let remaining, _, _) = parseState, count <= remaining else {
             preconditionFailure("dataReadDirectly(\(count)) without that much expected data")
         }
@@ -223,24 +223,24 @@ public struct ClientTransmissionStateMachine<Context> {
     }
 
     /// How many bytes were fed and are not parsed yet (part of a header, say).
-    @inlinable public var unparsedByteCount: Int { input.readableBytes }
+    @inlinable package var unparsedByteCount: Int { input.readableBytes }
 
     /// Removes the bytes fed and not parsed yet, for a caller that reads the socket itself:
     /// it puts them in front of the bytes it reads next and feeds them all, so that a header
     /// split between two reads is whole without copying the second read.
-    @inlinable public mutating func takeUnparsed() -> ByteBuffer {
+    @inlinable package mutating func takeUnparsed() -> ByteBuffer {
         defer { input = ByteBuffer() }
         return input
     }
 
     /// The connection ended: every request in flight fails with `error`.
-    @inlinable public mutating func connectionClosed(_ error: NBDError) -> Action? {
+    @inlinable package mutating func connectionClosed(_ error: NBDError) -> Action? {
         guard !hasFailed else { return nil }
         return fail(error)
     }
 
     /// The next thing to do with what was fed, or nil when more bytes are needed.
-    @inlinable public mutating func next() -> Action? {
+    @inlinable package mutating func next() -> Action? {
         if !queued.isEmpty { return queued.removeFirst() }
         do {
             if let action = try parse() { return action }
@@ -282,7 +282,7 @@ public struct ClientTransmissionStateMachine<Context> {
         guard var request = inFlight[header.cookie] else {
             throw .serverViolation("reply with cookie \(header.cookie), which matches no request in flight")
         }
-        let chunk: (flags: ReplyFlags, type: ReplyChunkType, cookie: UInt64, length: UInt64)
+        let chunk: (flags: ReplyFlags, type: ReplyChunkType, cookie: NBDCookie, length: UInt64)
         switch header {
         case .simple(let simple):
             return try simpleReply(simple, request: request)
@@ -460,7 +460,7 @@ public struct ClientTransmissionStateMachine<Context> {
     }
 
     /// The request's last reply arrived: check it is whole, and report it.
-    @inlinable mutating func finish(_ cookie: UInt64) throws(NBDError) -> Action {
+    @inlinable mutating func finish(_ cookie: NBDCookie) throws(NBDError) -> Action {
         // Checked while still in the table, so that a violation fails this request too.
         let request = inFlight[cookie]!
         if request.error == nil {

@@ -8,9 +8,9 @@ import NIOCore
 /// timeout is closed, so that silent connections cannot hold the server's slots. The deadline
 /// covers a TLS handshake too. Once TLS is up, the client's identity must be on the allow-list,
 /// when there is one.
-public struct ServerConnectionStateMachine: Sendable {
+package struct ServerConnectionStateMachine: Sendable {
     /// What the caller does next.
-    public enum Action: Sendable {
+    package enum Action: Sendable {
         /// Write these buffers in order, then flush; report with ``bytesWritten(_:)`` once written.
         case write([ByteBuffer])
         /// Write these bytes, then close the connection.
@@ -63,7 +63,7 @@ public struct ServerConnectionStateMachine: Sendable {
     /// (or must) start TLS; with `allowedIdentities`, only clients whose TLS identity (an X.509
     /// subject or a PSK user name) is in it are served, and so TLS is required whatever
     /// `tlsMode` says: a client in clear has no identity to check.
-    public init(
+    package init(
         exports: [ServerNegotiationStateMachine.Export],
         maximumOptionLength: Int,
         limits: ServerTransmissionStateMachine.Limits,
@@ -81,7 +81,7 @@ public struct ServerConnectionStateMachine: Sendable {
     /// The TLS handshake that ``Action/startTLS(_:)`` began completed; `identity` is the
     /// client's X.509 subject or PSK user name, when it has one. Negotiation goes on over TLS,
     /// unless the allow-list refuses the identity.
-    public mutating func tlsEstablished(identity: String?) {
+    package mutating func tlsEstablished(identity: String?) {
         guard case .negotiating(var negotiation) = phase else { return }
         if let allowedIdentities, !allowedIdentities.contains(identity ?? "") {
             phase = .ended
@@ -95,14 +95,14 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The client connected: the greeting goes first, and the handshake deadline starts.
-    public mutating func channelActive() {
+    package mutating func channelActive() {
         guard case .negotiating(let negotiation) = phase else { return }
         outbox.append(negotiationWrite(negotiation.greeting()))
         outbox.append(.armTimer(after: handshakeTimeout))
     }
 
     /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written.
-    public mutating func bytesWritten(_ count: Int) {
+    package mutating func bytesWritten(_ count: Int) {
         let paid = min(count, negotiationUnwritten)
         negotiationUnwritten -= paid
         guard count > paid, case .transmission(var transmission) = phase else { return }
@@ -112,7 +112,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The channel became writable or stopped being so.
-    public mutating func writabilityChanged(_ isWritable: Bool) {
+    package mutating func writabilityChanged(_ isWritable: Bool) {
         guard case .transmission(var transmission) = phase else { return }
         phase = .ended
         transmission.writabilityChanged(isWritable)
@@ -120,7 +120,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The timer of the last ``Action/armTimer(after:)`` went off.
-    public mutating func timerFired() {
+    package mutating func timerFired() {
         switch phase {
         case .negotiating:
             phase = .ended
@@ -141,7 +141,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// Bytes from the client; follow with ``next()``.
-    public mutating func bytesReceived(_ bytes: ByteBuffer) {
+    package mutating func bytesReceived(_ bytes: ByteBuffer) {
         switch phase {
         case .negotiating:
             input.appendReceived(bytes)
@@ -156,7 +156,7 @@ public struct ServerConnectionStateMachine: Sendable {
 
     /// The export's size changed (a resize made on another connection): requests are checked
     /// against `size` from now on.
-    public mutating func exportSizeChanged(to size: UInt64) {
+    package mutating func exportSizeChanged(to size: UInt64) {
         guard case .transmission(var transmission) = phase, transmission.exportSize != size else { return }
         phase = .ended
         transmission.exportSizeChanged(to: size)
@@ -164,7 +164,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
-    public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
+    package mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }
         phase = .ended
         transmission.requestCompleted(request, reply)
@@ -173,7 +173,7 @@ public struct ServerConnectionStateMachine: Sendable {
 
     /// The server is stopping: a connection still negotiating closes now; one in transmission
     /// answers what is in flight, refuses new requests with `NBD_ESHUTDOWN`, then closes.
-    public mutating func shutdownRequested() {
+    package mutating func shutdownRequested() {
         switch phase {
         case .negotiating:
             phase = .ended
@@ -188,7 +188,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The connection is gone: nothing more is sent.
-    public mutating func channelClosed() {
+    package mutating func channelClosed() {
         if case .transmission(var transmission) = phase {
             transmission.channelClosed()
         }
@@ -198,7 +198,7 @@ public struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The next thing to do, or nil until the next event.
-    public mutating func next() -> Action? {
+    package mutating func next() -> Action? {
         if !outbox.isEmpty { return outbox.removeFirst() }
         switch phase {
         case .negotiating(var negotiation):

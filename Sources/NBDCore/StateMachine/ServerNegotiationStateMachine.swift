@@ -7,19 +7,19 @@ import NIOCore
 /// unknown options get `NBD_REP_ERR_UNSUP` and negotiation goes on. It holds the rules of the
 /// server's TLS mode (``NBDServerTLSMode``): which options are answered before TLS, STARTTLS
 /// itself, and what is forgotten once TLS is up.
-public struct ServerNegotiationStateMachine: Sendable {
+package struct ServerNegotiationStateMachine: Sendable {
     /// What the server offers for one export.
-    public struct Export: Hashable, Sendable {
-        public var name: String
-        public var description: String
-        public var size: UInt64
-        public var flags: TransmissionFlags
-        public var blockSizes: BlockSizeConstraints
+    package struct Export: Hashable, Sendable {
+        package var name: String
+        package var description: String
+        package var size: UInt64
+        package var flags: TransmissionFlags
+        package var blockSizes: BlockSizeConstraints
         /// Zeroing is faster than writing zeroes: `NBD_CMD_FLAG_FAST_ZERO` succeeds.
-        public var zeroIsFast: Bool
+        package var zeroIsFast: Bool
 
         /// An export description.
-        public init(
+        package init(
             name: String,
             description: String = "",
             size: UInt64,
@@ -41,7 +41,7 @@ public struct ServerNegotiationStateMachine: Sendable {
         /// read-only), multi-conn when a flush covers every connection, and block sizes of 1
         /// byte minimum, 4 KiB preferred and `maximumPayload` at most. `NBD_FLAG_SEND_RESIZE`
         /// when `isResizable` and not read-only.
-        public init(
+        package init(
             serving name: String,
             description: String = "",
             size: UInt64,
@@ -69,20 +69,20 @@ public struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// What was agreed when transmission starts.
-    public struct Agreement: Hashable, Sendable {
-        public var export: Export
+    package struct Agreement: Hashable, Sendable {
+        package var export: Export
         /// The transmission flags sent, which depend on the format (`NBD_FLAG_SEND_DF`,
         /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`).
-        public var flags: TransmissionFlags
+        package var flags: TransmissionFlags
         /// How requests and replies are framed.
-        public var format: TransmissionFormat
+        package var format: TransmissionFormat
         /// The metadata contexts selected for this export, by id.
-        public var metaContexts: [NBDMetaContext]
+        package var metaContexts: [NBDMetaContext]
         /// Whether replies come as chunks (structured or extended).
-        public var structuredReplies: Bool { format.hasChunks }
+        package var structuredReplies: Bool { format.hasChunks }
 
         /// An agreement with the given terms.
-        public init(export: Export, flags: TransmissionFlags, format: TransmissionFormat, metaContexts: [NBDMetaContext]) {
+        package init(export: Export, flags: TransmissionFlags, format: TransmissionFormat, metaContexts: [NBDMetaContext]) {
             self.export = export
             self.flags = flags
             self.format = format
@@ -91,7 +91,7 @@ public struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// What the caller does next.
-    public enum Action: Sendable {
+    package enum Action: Sendable {
         /// More bytes are needed.
         case wait
         /// Send these bytes and go on.
@@ -111,7 +111,7 @@ public struct ServerNegotiationStateMachine: Sendable {
     enum State: Sendable { case awaitingClientFlags, negotiating, awaitingTLS, done }
 
     /// The id of `base:allocation`, the one context this server offers.
-    public static let baseAllocationID: UInt32 = 1
+    package static let baseAllocationID: UInt32 = 1
 
     private let exports: [String: Export]
     private let exportOrder: [String]
@@ -122,11 +122,11 @@ public struct ServerNegotiationStateMachine: Sendable {
     private var selected: (export: String, contexts: [NBDMetaContext])?
     private let tlsMode: NBDServerTLSMode
     /// The TLS handshake that followed STARTTLS completed.
-    public private(set) var isTLS = false
+    package private(set) var isTLS = false
 
     /// A machine serving `exports` in `tlsMode`; options longer than `maximumOptionLength`
     /// end the session.
-    public init(exports: [Export], maximumOptionLength: Int = 64 * 1024, tlsMode: NBDServerTLSMode = .off) {
+    package init(exports: [Export], maximumOptionLength: Int = 64 * 1024, tlsMode: NBDServerTLSMode = .off) {
         self.exports = Dictionary(exports.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         self.exportOrder = exports.map(\.name)
         self.maximumOptionLength = maximumOptionLength
@@ -134,7 +134,7 @@ public struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// The TLS handshake after STARTTLS succeeded: negotiation goes on, over TLS, from scratch.
-    public mutating func tlsEstablished() {
+    package mutating func tlsEstablished() {
         guard state == .awaitingTLS else { return }
         // "When this command succeeds, the server MUST NOT preserve any negotiation state
         // (such as a request for NBD_OPT_STRUCTURED_REPLY, or metadata contexts from
@@ -146,14 +146,14 @@ public struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// The greeting to send first: fixed newstyle, with NO_ZEROES offered.
-    public func greeting() -> ByteBuffer {
+    package func greeting() -> ByteBuffer {
         var buffer = ByteBuffer()
         ServerGreeting.newstyle([.fixedNewstyle, .noZeroes]).encode(into: &buffer)
         return buffer
     }
 
     /// Consumes what it can of `buffer` and says what to do.
-    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
+    package mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         switch state {
         case .done, .awaitingTLS:
             return .wait

@@ -1,15 +1,7 @@
 import NIOCore
 
-/// One part of a sparse read, in order: what a server's backend reads.
-public enum NBDServerReadPart: Sendable {
-    /// Bytes of data.
-    case data(ByteBuffer)
-    /// This many bytes that read as zeroes.
-    case hole(Int)
-}
-
 /// What performing one request gave, before it is framed for the wire.
-public enum ServerReply: Sendable {
+package enum ServerReply: Sendable {
     /// Success with nothing to send but the reply header.
     case done
     /// A READ's data and holes, in order from the request's offset.

@@ -16,12 +16,3 @@ public struct CommandFlags: OptionSet, Hashable, Sendable {
     /// `NBD_CMD_FLAG_PAYLOAD_LEN` (experimental extended headers).
     public static let payloadLength = CommandFlags(rawValue: 1 << 5)
 }
-
-/// Flags of a structured reply chunk ("Structured reply flags").
-public struct ReplyFlags: OptionSet, Hashable, Sendable {
-    public var rawValue: UInt16
-    public init(rawValue: UInt16) { self.rawValue = rawValue }
-
-    /// `NBD_REPLY_FLAG_DONE`: the last chunk of a reply.
-    public static let done = ReplyFlags(rawValue: 1 << 0)
-}

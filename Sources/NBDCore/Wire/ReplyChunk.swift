@@ -2,7 +2,7 @@ import NIOCore
 
 /// The payload of a structured reply chunk other than the data of `NBD_REPLY_TYPE_OFFSET_DATA`
 /// ("Structured reply types"). OFFSET_DATA's data is streamed, not decoded here.
-public enum ReplyChunk: Hashable, Sendable {
+package enum ReplyChunk: Hashable, Sendable {
     /// `NBD_REPLY_TYPE_NONE`: length MUST be 0.
     case none
     /// `NBD_REPLY_TYPE_OFFSET_HOLE`: `length` bytes at `offset` read as zeroes (length MUST be 12).
@@ -18,7 +18,7 @@ public enum ReplyChunk: Hashable, Sendable {
     case error(ReplyChunkType, errno: NBDErrno, message: String, offset: UInt64?)
 
     /// Decodes a complete payload of a chunk of type `type`.
-    public static func decode(type: ReplyChunkType, payload: inout ByteBuffer) throws(NBDError) -> ReplyChunk {
+    package static func decode(type: ReplyChunkType, payload: inout ByteBuffer) throws(NBDError) -> ReplyChunk {
         let length = payload.readableBytes
         switch type {
         case .none:
@@ -82,7 +82,7 @@ public enum ReplyChunk: Hashable, Sendable {
     }
 
     /// Encodes the payload only (for servers and tests).
-    public func encode(into buffer: inout ByteBuffer) {
+    package func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .none: break
         case .offsetHole(let offset, let length): buffer.writeMultipleIntegers(offset, length)
@@ -100,20 +100,5 @@ public enum ReplyChunk: Hashable, Sendable {
             buffer.writeString(message)
             if let offset { buffer.writeInteger(offset) }
         }
-    }
-}
-
-/// One block status descriptor: an extent's length and its status flags, whose meaning
-/// depends on the metadata context. Both are 32 bits on the wire unless extended headers are
-/// in use (`NBD_REPLY_TYPE_BLOCK_STATUS_EXT`).
-public struct BlockDescriptor: Hashable, Sendable {
-    /// Length of the extent in bytes (MUST be nonzero).
-    public var length: UInt64
-    /// Status flags, meaning set by the metadata context.
-    public var flags: UInt64
-    /// A descriptor with the given length and flags.
-    public init(length: UInt64, flags: UInt64) {
-        self.length = length
-        self.flags = flags
     }
 }
