@@ -523,16 +523,12 @@ struct Pair {
         switch action {
         case .write(let bytes):
             toServer.append(bytes)
-        case .sendRequest(let header, let request):
-            var buffer = ByteBuffer()
-            client.encode(header, into: &buffer)
-            toServer.append(buffer)
+        case .sendRequest(_, let bytes, let request):
+            toServer.append(bytes)
             if let payload = request.payload { toServer.append(payload) }
             request.payload = nil
-        case .sendDisconnect(let header):
-            var buffer = ByteBuffer()
-            client.encode(header, into: &buffer)
-            toServer.append(buffer)
+        case .sendDisconnect(let bytes):
+            toServer.append(bytes)
             clientClosed = true
         case .startTLS:
             clientAwaitsTLS = true

@@ -61,8 +61,6 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     // MARK: What the API asks
 
-    /// What the negotiation agreed so far.
-    var negotiated: ClientNegotiationStateMachine.Negotiated { machine.negotiated }
     /// The TLS version agreed, e.g. "tlsv13".
     var tlsVersion: String? { machine.tlsVersion }
     /// The cipher suite agreed, e.g. "TLS_AES_256_GCM_SHA384".
@@ -180,7 +178,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             case .write(let bytes):
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 flush = true
-            case .sendRequest(let header, let request):
+            case .sendRequest(let header, let bytes, let request):
                 logger.trace(
                     "request",
                     metadata: [
@@ -188,15 +186,15 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                         "length": "\(header.length)",
                     ]
                 )
-                context.write(wrapOutboundOut(encoded(header, context: context)), promise: nil)
+                context.write(wrapOutboundOut(bytes), promise: nil)
                 for buffer in request.takePayload() {
                     context.write(wrapOutboundOut(buffer), promise: nil)
                 }
                 flush = true
-            case .sendDisconnect(let header):
+            case .sendDisconnect(let bytes):
                 logger.debug("sending NBD_CMD_DISC")
                 let channel = context.channel
-                context.writeAndFlush(wrapOutboundOut(encoded(header, context: context))).whenComplete { _ in channel.close(promise: nil) }
+                context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
             case .startTLS:
                 startTLS(context: context)
             case .armTimer(let after):
@@ -255,12 +253,6 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                 break
             }
         }
-    }
-
-    private func encoded(_ header: RequestHeader, context: ChannelHandlerContext) -> ByteBuffer {
-        var buffer = context.channel.allocator.buffer(capacity: RequestHeader.extendedSize)
-        machine.encode(header, into: &buffer)
-        return buffer
     }
 
     /// STARTTLS was acknowledged: TLS on the same connection, then negotiation goes on encrypted.
