@@ -105,7 +105,7 @@ package struct ClientTransmissionStateMachine<Context> {
     @usableFromInline var nextCookie: NBDCookie = 1
     @usableFromInline var parseState = ParseState.header
     @usableFromInline var input = ByteBuffer()
-    @usableFromInline var queued: [Action] = []
+    @usableFromInline var outbox = Outbox<Action>()
 
     /// A machine with no request in flight.
     @inlinable package init(configuration: Configuration) {
@@ -206,7 +206,7 @@ package struct ClientTransmissionStateMachine<Context> {
             try passData(count)
         } catch {
             let failure = fail(error)
-            queued.append(failure)
+            outbox.append(failure)
         }
     }
 
@@ -218,7 +218,7 @@ package struct ClientTransmissionStateMachine<Context> {
             parseState = .data(cookie: cookie, offset: offset + UInt64(count), remaining: remaining - count, length: length, done: done)
         } else {
             parseState = .header
-            if done { queued.append(try finish(cookie)) }
+            if done { outbox.append(try finish(cookie)) }
         }
     }
 
@@ -241,7 +241,7 @@ package struct ClientTransmissionStateMachine<Context> {
 
     /// The next thing to do with what was fed, or nil when more bytes are needed.
     @inlinable package mutating func next() -> Action? {
-        if !queued.isEmpty { return queued.removeFirst() }
+        if let action = outbox.next() { return action }
         do {
             if let action = try parse() { return action }
             input.releaseIfRead()
@@ -254,7 +254,7 @@ package struct ClientTransmissionStateMachine<Context> {
     @inlinable mutating func fail(_ error: NBDError) -> Action {
         parseState = .failed
         input = ByteBuffer()
-        queued = []
+        outbox.removeAll()
         let contexts = inFlight.values.map(\.context)
         inFlight = [:]
         return .fatal(error, contexts)
@@ -337,7 +337,7 @@ package struct ClientTransmissionStateMachine<Context> {
         if chunk.flags.contains(.done) {
             let completion = try finish(chunk.cookie)
             guard let action else { return completion }
-            queued.append(completion)
+            outbox.append(completion)
             return action
         }
         if case .none = body { throw .serverViolation("NBD_REPLY_TYPE_NONE without NBD_REPLY_FLAG_DONE") }

@@ -42,6 +42,9 @@ package struct ServerConnectionStateMachine: Sendable {
         case negotiating(ServerNegotiationStateMachine)
         case transmission(ServerTransmissionStateMachine)
         case ended
+        /// A child is being changed in place (so that its storage is not shared, and not
+        /// copied); never seen between two events.
+        case modifying
     }
 
     private var phase: Phase
@@ -49,7 +52,7 @@ package struct ServerConnectionStateMachine: Sendable {
     private var input = ByteBuffer()
     private let limits: ServerTransmissionStateMachine.Limits
     private let handshakeTimeout: TimeAmount
-    private var outbox: [Action] = []
+    private var outbox = Outbox<Action>()
     /// Bytes of negotiation writes not yet reported written: written in order, they are paid
     /// off before any of transmission.
     private var negotiationUnwritten = 0
@@ -86,10 +89,10 @@ package struct ServerConnectionStateMachine: Sendable {
         if let allowedIdentities, !allowedIdentities.contains(identity ?? "") {
             phase = .ended
             let who = identity.map { "\"\($0)\"" } ?? "without an identity"
-            outbox = [.fatal(NBDError(.tlsFailed, "the client \(who) is not on the TLS allow-list", connectionUsable: false))]
+            outbox.replaceAll(with: .fatal(NBDError(.tlsFailed, "the client \(who) is not on the TLS allow-list", connectionUsable: false)))
             return
         }
-        phase = .ended
+        phase = .modifying
         negotiation.tlsEstablished()
         phase = .negotiating(negotiation)
     }
@@ -106,7 +109,7 @@ package struct ServerConnectionStateMachine: Sendable {
         let paid = min(count, negotiationUnwritten)
         negotiationUnwritten -= paid
         guard count > paid, case .transmission(var transmission) = phase else { return }
-        phase = .ended
+        phase = .modifying
         transmission.bytesWritten(count - paid)
         phase = .transmission(transmission)
     }
@@ -114,7 +117,7 @@ package struct ServerConnectionStateMachine: Sendable {
     /// The channel became writable or stopped being so.
     package mutating func writabilityChanged(_ isWritable: Bool) {
         guard case .transmission(var transmission) = phase else { return }
-        phase = .ended
+        phase = .modifying
         transmission.writabilityChanged(isWritable)
         phase = .transmission(transmission)
     }
@@ -125,12 +128,12 @@ package struct ServerConnectionStateMachine: Sendable {
         case .negotiating:
             phase = .ended
             let message = "the client did not finish negotiating within \(handshakeTimeout.secondsText)"
-            outbox = [.fatal(NBDError(.timedOut, message, connectionUsable: false))]
+            outbox.replaceAll(with: .fatal(NBDError(.timedOut, message, connectionUsable: false)))
         case .transmission(var transmission):
-            phase = .ended
+            phase = .modifying
             transmission.timerFired()
             phase = .transmission(transmission)
-        case .ended:
+        case .ended, .modifying:
             break
         }
     }
@@ -146,10 +149,10 @@ package struct ServerConnectionStateMachine: Sendable {
         case .negotiating:
             input.appendReceived(bytes)
         case .transmission(var transmission):
-            phase = .ended
+            phase = .modifying
             transmission.bytesReceived(bytes)
             phase = .transmission(transmission)
-        case .ended:
+        case .ended, .modifying:
             break
         }
     }
@@ -158,7 +161,7 @@ package struct ServerConnectionStateMachine: Sendable {
     /// against `size` from now on.
     package mutating func exportSizeChanged(to size: UInt64) {
         guard case .transmission(var transmission) = phase, transmission.exportSize != size else { return }
-        phase = .ended
+        phase = .modifying
         transmission.exportSizeChanged(to: size)
         phase = .transmission(transmission)
     }
@@ -166,7 +169,7 @@ package struct ServerConnectionStateMachine: Sendable {
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
     package mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }
-        phase = .ended
+        phase = .modifying
         transmission.requestCompleted(request, reply)
         phase = .transmission(transmission)
     }
@@ -177,12 +180,12 @@ package struct ServerConnectionStateMachine: Sendable {
         switch phase {
         case .negotiating:
             phase = .ended
-            outbox = [.close]
+            outbox.replaceAll(with: .close)
         case .transmission(var transmission):
-            phase = .ended
+            phase = .modifying
             transmission.shutdownRequested()
             phase = .transmission(transmission)
-        case .ended:
+        case .ended, .modifying:
             break
         }
     }
@@ -193,16 +196,16 @@ package struct ServerConnectionStateMachine: Sendable {
             transmission.channelClosed()
         }
         phase = .ended
-        outbox = []
+        outbox.removeAll()
         input = ByteBuffer()
     }
 
     /// The next thing to do, or nil until the next event.
     package mutating func next() -> Action? {
-        if !outbox.isEmpty { return outbox.removeFirst() }
+        if let action = outbox.next() { return action }
         switch phase {
         case .negotiating(var negotiation):
-            phase = .ended
+            phase = .modifying
             let action = negotiation.receive(&input)
             phase = .negotiating(negotiation)
             switch action {
@@ -238,7 +241,7 @@ package struct ServerConnectionStateMachine: Sendable {
                 return negotiationWrite(bytes)
             }
         case .transmission(var transmission):
-            phase = .ended
+            phase = .modifying
             let action = transmission.next()
             phase = .transmission(transmission)
             switch action {
@@ -256,7 +259,7 @@ package struct ServerConnectionStateMachine: Sendable {
                 return .fatal(error)
             case nil: return nil
             }
-        case .ended:
+        case .ended, .modifying:
             return nil
         }
     }

@@ -75,7 +75,7 @@ package struct ServerTransmissionStateMachine: Sendable {
     private var input = ByteBuffer()
     /// A WRITE whose header arrived and whose data has not all arrived yet.
     private var pendingWrite: PendingWrite?
-    private var outbox: [Action] = []
+    private var outbox = Outbox<Action>()
     private var inFlight = 0
     private var disconnectReceived = false
     private var shuttingDown = false
@@ -153,7 +153,7 @@ package struct ServerTransmissionStateMachine: Sendable {
         if unwritten > 0 && !wroteSinceArmed {
             channelClosed()
             let message = "the client read none of its replies for \(limits.replyStallTimeout.secondsText)"
-            outbox = [.fatal(NBDError(.timedOut, message, connectionUsable: false))]
+            outbox.replaceAll(with: .fatal(NBDError(.timedOut, message, connectionUsable: false)))
             return
         }
         wroteSinceArmed = false
@@ -172,12 +172,12 @@ package struct ServerTransmissionStateMachine: Sendable {
         ended = true
         input = ByteBuffer()
         pendingWrite = nil
-        outbox = []
+        outbox.removeAll()
     }
 
     /// The next thing to do, or nil when more bytes (or results) are needed.
     package mutating func next() -> Action? {
-        if !outbox.isEmpty { return outbox.removeFirst() }
+        if let action = outbox.next() { return action }
         guard !ended else { return nil }
         if let change = readingChange() { return change }
         // Paused: the bytes already read wait, and the kernel holds the rest.
@@ -281,7 +281,7 @@ package struct ServerTransmissionStateMachine: Sendable {
             // "The server MUST handle all outstanding requests ... and close the TCP session."
             disconnectReceived = true
             closeIfDone()
-            return outbox.isEmpty ? nil : outbox.removeFirst()
+            return outbox.next()
         }
         if shuttingDown {
             // "the server ... SHOULD ... return an NBD_ESHUTDOWN error for any subsequent request"
