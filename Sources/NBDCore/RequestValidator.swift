@@ -25,8 +25,22 @@ package struct RequestValidator: Sendable {
     /// Throws an ``NBDError`` with code `invalidArgument` or `notAdvertised` when the
     /// request must not be sent. `length` is the whole range, before any splitting.
     /// `NBD_CMD_FLAG_PAYLOAD_LEN` is not the caller's: the client sets it where the format
-    /// wants it, and it is refused here with the other undocumented flags.
-    package func validate(_ command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64) throws(NBDError) {
+    /// wants it, and it is refused here with the other undocumented flags. `onlyContexts`, for a
+    /// BLOCK_STATUS, are the ids of the payload form, which needs extended headers and
+    /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`.
+    package func validate(
+        _ command: CommandType,
+        flags: CommandFlags,
+        offset: UInt64,
+        length: UInt64,
+        onlyContexts: [UInt32]? = nil
+    ) throws(NBDError) {
+        if let onlyContexts {
+            guard command == .blockStatus, format == .extended, export.canBlockStatusPayload else {
+                throw .unsupported("block status for some contexts only needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD")
+            }
+            guard !onlyContexts.isEmpty else { throw .invalidArgument("block status for no metadata context") }
+        }
         switch command {
         case .read:
             break

@@ -17,7 +17,7 @@ struct ConnectionBackToBackTests {
         let listing = try pair.option(.list).compactMap { reply -> String? in
             if case .server(let name, _) = reply { name } else { nil }
         }
-        #expect(listing == ["disk", "ro", "resizable"])
+        #expect(listing == ["disk", "ro", "resizable", "small-payload", "huge"])
         let info = try NBDExportInfo(
             requestedName: "disk",
             replies: pair.option(.info(export: "disk", requests: [.name, .description, .blockSize]))
@@ -114,14 +114,39 @@ struct ConnectionBackToBackTests {
 
     @Test func theServersRefusalsReachTheRightRequests() throws {
         var pair = Pair(seed: 5)
+        pair.badSector = 512 * 1000
+        try pair.connect()
+        // Structured replies carry the server's message with its error.
+        _ = try pair.option(.structuredReply)
+        _ = try pair.go("disk")
+        let before = pair.submit(.read, offset: 0, length: 512)
+        let bad = pair.submit(.read, offset: 512 * 1000, length: 512)
+        let after = pair.submit(.read, offset: 1024, length: 512)
+        try pair.settle()
+        #expect(bad.error?.serverErrno == .EIO && bad.error?.serverMessage == "bad sector" && bad.error?.connectionUsable == true)
+        #expect(before.error == nil && before.data.readableBytes == 512)
+        #expect(after.error == nil && after.data.readableBytes == 512)
+    }
+
+    /// Strict mode in the client's machine: what the export does not allow is refused before
+    /// the wire, and nothing reaches the server.
+    @Test func strictModeRefusesBeforeTheWire() throws {
+        var pair = Pair(seed: 7)
         try pair.connect()
         _ = try pair.go("ro")
+        pair.holding = true
         let write = pair.submit(.write, offset: 0, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4]))
         let past = pair.submit(.read, offset: Pair.size, length: 512)
+        let empty = pair.submit(.read, offset: 0, length: 0)
+        let trim = pair.submit(.trim, offset: 0, length: 512)
         let read = pair.submit(.read, offset: 0, length: 512)
         try pair.settle()
-        #expect(write.error?.serverErrno == .EPERM)
-        // Past the end the client's machine refuses it itself: nothing reaches the server.
+        #expect(pair.performing.map(\.0.type) == [.read])
+        pair.holding = false
+        try pair.settle()
+        #expect(write.error?.code == .notAdvertised && write.error?.serverErrno == nil)
+        #expect(trim.error?.code == .notAdvertised)
+        #expect(empty.error?.code == .invalidArgument)
         #expect(past.error?.code == .invalidArgument && past.error?.serverErrno == nil)
         #expect(past.error?.message.contains("runs past the end of the export (1048576 bytes)") == true)
         #expect(read.error == nil && read.data.readableBytes == 512)
@@ -332,6 +357,13 @@ struct Pair {
     }
 
     static let size: UInt64 = 1 << 20
+    static let hugeSize: UInt64 = 8 << 30
+    /// Where the server's disk is bad, when set: a read there fails with EIO.
+    var badSector: UInt64?
+    /// Every request the server was handed, in order.
+    var performed: [RequestHeader] = []
+    /// The largest size a resize may grow the resizable export to; beyond, ENOSPC.
+    static let largestSize: UInt64 = 4 << 20
 
     var client: ClientConnectionStateMachine<Request, Waiter>
     var server: ServerConnectionStateMachine
@@ -389,6 +421,15 @@ struct Pair {
                     flags: [.hasFlags, .sendFlush, .sendWriteZeroes, .sendResize],
                     blockSizes: blockSizes
                 ),
+                // Payloads of at most 64 KiB: larger reads and writes go in pieces.
+                .init(
+                    name: "small-payload",
+                    size: Pair.size,
+                    flags: [.hasFlags, .sendFlush, .sendTrim],
+                    blockSizes: BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: 64 << 10)
+                ),
+                // 8 GiB, of which only the first MiB holds data: for requests of 4 GiB or more.
+                .init(name: "huge", size: Pair.hugeSize, flags: [.hasFlags, .sendTrim, .sendWriteZeroes], blockSizes: blockSizes),
             ],
             maximumOptionLength: 4096,
             limits: .init(maximumPayload: 1 << 20, maximumRequestsInFlight: 16),
@@ -523,10 +564,11 @@ struct Pair {
         switch action {
         case .write(let bytes):
             toServer.append(bytes)
-        case .sendRequest(_, let bytes, let request):
+        case .sendRequest(_, let bytes, let request, let range):
             toServer.append(bytes)
-            if let payload = request.payload { toServer.append(payload) }
-            request.payload = nil
+            if let payload = request.payload {
+                toServer.append(range.map { payload.getSlice(at: payload.readerIndex + $0.lowerBound, length: $0.count)! } ?? payload)
+            }
         case .sendDisconnect(let bytes):
             toServer.append(bytes)
             clientClosed = true
@@ -579,6 +621,7 @@ struct Pair {
             break
         case .perform(let request, let operation):
             performing.append((request, operation.payload, operation.isSparseRead))
+            performed.append(request)
         case .startTLS(let bytes):
             toClient.append(bytes)
             server.bytesWritten(bytes.readableBytes)
@@ -591,7 +634,19 @@ struct Pair {
     /// A memory backend: zero runs of 4 KiB pages read back as holes when `sparse`.
     mutating func perform(_ request: RequestHeader, data: [ByteBuffer], sparse: Bool) -> ServerReply {
         let range = Int(request.offset)..<Int(request.offset) + Int(request.length)
+        if request.type == .trim || request.type == .writeZeroes,
+            request.length > ClientConnectionStateMachine<Request, Waiter>.largestEffectLength
+        {
+            // "MAY reply with an NBD_EOVERFLOW ... error if the oversize request would require too many server resources"
+            return .failed(.EOVERFLOW, message: "too large at once")
+        }
+        if range.upperBound > storage.count, request.type != .read, request.type != .resize {
+            // Past the data of the huge export: nothing to store.
+            return request.type == .blockStatus ? .extents([BlockDescriptor(length: request.length, flags: 3)]) : .done
+        }
         switch request.type {
+        case .read where badSector.map { range.contains(Int($0)) } ?? false:
+            return .failed(.EIO, message: "bad sector")
         case .read:
             let bytes = Array(storage[range])
             guard sparse, bytes.count > 8192 else { return .data([.data(ByteBuffer(bytes: bytes))]) }
@@ -613,6 +668,8 @@ struct Pair {
             return .done
         case .blockStatus:
             return .extents([BlockDescriptor(length: request.length, flags: 0)])
+        case .resize where request.offset > Pair.largestSize:
+            return .failed(.ENOSPC, message: "no room")
         case .resize:
             let size = Int(request.offset)
             if size < storage.count {

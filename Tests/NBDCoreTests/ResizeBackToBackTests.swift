@@ -68,19 +68,32 @@ struct ResizeBackToBackTests {
     @Test func aRefusedResizeLeavesTheSizeAndReleasesWhatWaited() throws {
         var pair = Pair(seed: 23)
         try pair.connect()
-        // "disk" has no NBD_FLAG_SEND_RESIZE: its server refuses with EPERM.
-        _ = try pair.go("disk")
+        _ = try pair.go("resizable")
         pair.holding = true
-        let resize = pair.submit(.resize, offset: 2 * Self.size, length: 0)
+        // Beyond what the server can hold: it refuses with ENOSPC.
+        let resize = pair.submit(.resize, offset: 2 * Pair.largestSize, length: 0)
         try pair.settle()
         let past = pair.submit(.write, offset: Self.size, length: 4, payload: ByteBuffer(bytes: [9, 9, 9, 9]))
         try pair.settle()
         pair.holding = false
         try pair.settle()
-        #expect(resize.error?.serverErrno == .EPERM)
+        #expect(resize.error?.serverErrno == .ENOSPC)
         #expect(pair.client.exportSize == Self.size)
         // Held until the refusal, then refused at the end that stands.
         #expect(past.error?.code == .invalidArgument && past.error?.serverErrno == nil)
+    }
+
+    /// "Clients MUST NOT send a resize request unless the NBD_FLAG_SEND_RESIZE flag was set":
+    /// refused by the client's machine, with nothing sent.
+    @Test func noResizeWithoutTheFlag() throws {
+        var pair = Pair(seed: 26)
+        try pair.connect()
+        _ = try pair.go("disk")
+        pair.holding = true
+        let resize = pair.submit(.resize, offset: 2 * Self.size, length: 0)
+        try pair.settle()
+        #expect(pair.performing.isEmpty)
+        #expect(resize.error?.code == .notAdvertised && resize.error?.message.contains("NBD_FLAG_SEND_RESIZE") == true)
     }
 
     @Test func resizesGoOneAtATimeInOrder() throws {

@@ -47,8 +47,6 @@ public final class NBDExport: Sendable {
     private let negotiatedInfo: NBDExportInfo
     /// The size, and the one a resize in progress goes to.
     private let sizes: NIOLockedValueBox<(current: UInt64, target: UInt64?)>
-    /// Strict mode for an export whose size cannot change; nil when it can.
-    private let fixedValidator: RequestValidator?
     private let executor: EventLoopTaskExecutor
 
     /// The thread that reads this export's replies, as a task executor. Tasks that issue many
@@ -84,8 +82,6 @@ public final class NBDExport: Sendable {
         self.metaContexts = metaContexts
         self.tlsVersion = tlsVersion
         self.tlsCipherSuite = tlsCipherSuite
-        self.fixedValidator =
-            info.canResize ? nil : RequestValidator(export: info, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
         self.executor = EventLoopTaskExecutor(channel.eventLoop)
     }
 
@@ -96,16 +92,6 @@ public final class NBDExport: Sendable {
 
     /// The export's size in bytes: the negotiated one, then that of each ``resize(to:)``.
     public var size: UInt64 { sizes.withLockedValue { $0.current } }
-
-    /// Strict mode's checks. While a resize is in progress requests may reach up to the larger
-    /// of the two sizes: the connection's state machine holds back those between the two until
-    /// the server has answered, then fails those past the size it settled on.
-    private var validator: RequestValidator {
-        if let fixedValidator { return fixedValidator }
-        var export = negotiatedInfo
-        export.size = sizes.withLockedValue { max($0.current, $0.target ?? 0) }
-        return RequestValidator(export: export, format: transmissionFormat, hasMetaContexts: !metaContexts.isEmpty)
-    }
 
     /// READ data read from the socket straight into its destination so far (see `DirectRead`).
     var bytesReadDirectly: Int {
@@ -123,9 +109,9 @@ public final class NBDExport: Sendable {
     /// of up to 1 MiB. Holding many such buffers for long holds that memory too;
     /// ``read(into:at:length:flags:)`` fills a buffer you own instead.
     public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
-        let length = try validateRead(at: offset, length: length, flags: flags)
+        let length = try bufferSize(of: length)
         let destination = ReadDestination(exportOffset: offset, length: length, allocator: channel.allocator)
-        _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
+        _ = try await perform(.read, flags: flags, offset: offset, length: UInt64(length), destination: destination)
         return destination.take()
     }
 
@@ -136,13 +122,13 @@ public final class NBDExport: Sendable {
     /// In clear, the data of a reply of 64 KiB or more is read from the socket straight into
     /// `buffer`, as libnbd does; smaller replies, and data over TLS, are copied into it once.
     public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        let length = try validateRead(at: offset, length: length, flags: flags)
+        let length = try bufferSize(of: length)
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
         swap(&taken, &buffer)
         let destination = ReadDestination(appendingTo: consume taken, exportOffset: offset, length: length)
         do {
-            _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
+            _ = try await perform(.read, flags: flags, offset: offset, length: UInt64(length), destination: destination)
             buffer = destination.take()
         } catch {
             buffer = destination.take()
@@ -158,32 +144,16 @@ public final class NBDExport: Sendable {
     /// its receive buffer (256 KiB in clear, up to 1 MiB over TLS) alive, so hand them on and
     /// let them go; the connection reuses a receive buffer once nothing holds a piece of it.
     public func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> [ByteBuffer] {
-        let length = try validateRead(at: offset, length: length, flags: flags)
+        let length = try bufferSize(of: length)
         let destination = ReadDestination(segmentsOf: length, exportOffset: offset)
-        _ = try await perform(readRequests(offset: offset, length: length, flags: flags, into: destination))
+        _ = try await perform(.read, flags: flags, offset: offset, length: UInt64(length), destination: destination)
         return destination.takeSegments()
     }
 
-    /// Strict mode for the three kinds of READ: a bad one fails here and nothing is sent.
-    /// Returns the length as a buffer size.
-    private func validateRead(at offset: UInt64, length: UInt64, flags: CommandFlags) throws -> Int {
-        try validator.validate(.read, flags: flags, offset: offset, length: length)
+    /// A read's length as a buffer size.
+    private func bufferSize(of length: UInt64) throws -> Int {
         guard let size = Int(exactly: length) else { throw NBDError.invalidArgument("a read of \(length) bytes cannot fit in memory") }
         return size
-    }
-
-    /// The READ requests that fill `destination`, split at the maximum payload.
-    private func readRequests(offset: UInt64, length: Int, flags: CommandFlags, into destination: ReadDestination) -> [PendingRequest] {
-        pieces(offset: offset, length: UInt64(length), limit: UInt64(info.maximumPayload)).map { piece in
-            PendingRequest(
-                .read,
-                flags: flags,
-                offset: piece.offset,
-                length: piece.length,
-                destination: destination,
-                promise: channel.eventLoop.makePromise()
-            )
-        }
     }
 
     /// `NBD_CMD_WRITE`: writes the readable bytes of `data` at `offset`. `flags` may hold `.fua`.
@@ -196,57 +166,31 @@ public final class NBDExport: Sendable {
     /// returns can be passed on this way). `flags` may hold `.fua`.
     public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
         let length = segments.reduce(UInt64(0)) { $0 + UInt64($1.readableBytes) }
-        try validator.validate(.write, flags: flags, offset: offset, length: length)
-        var rest = segments[...]
-        let requests = pieces(offset: offset, length: length, limit: UInt64(info.maximumPayload)).map { piece in
-            PendingRequest(
-                .write,
-                flags: flags,
-                offset: piece.offset,
-                length: piece.length,
-                payload: Self.take(Int(piece.length), from: &rest),
-                promise: channel.eventLoop.makePromise()
-            )
-        }
-        _ = try await perform(requests)
-    }
-
-    /// The first `count` bytes of `buffers`, as slices; what is left stays in `buffers`.
-    private static func take(_ count: Int, from buffers: inout ArraySlice<ByteBuffer>) -> [ByteBuffer] {
-        var taken: [ByteBuffer] = []
-        var missing = count
-        while missing > 0, var first = buffers.first {
-            let slice = first.readSlice(length: min(missing, first.readableBytes))!
-            missing -= slice.readableBytes
-            if first.readableBytes == 0 { buffers.removeFirst() } else { buffers[buffers.startIndex] = first }
-            if slice.readableBytes > 0 { taken.append(slice) }
-        }
-        return taken
+        _ = try await perform(.write, flags: flags, offset: offset, length: length, payload: segments)
     }
 
     /// `NBD_CMD_FLUSH`: every write already answered reaches permanent storage.
     public func flush() async throws {
-        try validator.validate(.flush, flags: [], offset: 0, length: 0)
-        _ = try await perform([PendingRequest(.flush, flags: [], offset: 0, length: 0, promise: channel.eventLoop.makePromise())])
+        _ = try await perform(.flush, flags: [], offset: 0, length: 0)
     }
 
     /// `NBD_CMD_TRIM`: the range is no longer needed; the server may discard it. With extended
     /// headers the whole range goes in one request (a server that finds it too large with
     /// `EOVERFLOW` gets it again in pieces of under 4 GiB, as without them).
     public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        try await effect(.trim, offset: offset, length: length, flags: flags)
+        _ = try await perform(.trim, flags: flags, offset: offset, length: length)
     }
 
     /// `NBD_CMD_CACHE`: the range will be read soon.
     public func cache(at offset: UInt64, length: UInt64) async throws {
-        try await effect(.cache, offset: offset, length: length, flags: [])
+        _ = try await perform(.cache, flags: [], offset: offset, length: length)
     }
 
     /// `NBD_CMD_WRITE_ZEROES`: the range reads as zeroes afterwards. `flags` may hold `.fua`,
     /// `.noHole` (keep it allocated) and `.fastZero` (fail with `ENOTSUP` unless it is fast).
     /// One request with extended headers, as ``trim(at:length:flags:)``.
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        try await effect(.writeZeroes, offset: offset, length: length, flags: flags)
+        _ = try await perform(.writeZeroes, flags: flags, offset: offset, length: length)
     }
 
     /// `NBD_CMD_BLOCK_STATUS`: the status of the range in every negotiated metadata context.
@@ -268,9 +212,6 @@ public final class NBDExport: Sendable {
         contexts: [NBDMetaContext],
         flags: CommandFlags = []
     ) async throws -> NBDBlockStatus {
-        guard transmissionFormat == .extended, info.canBlockStatusPayload else {
-            throw NBDError.unsupported("block status for some contexts only needs extended headers and NBD_FLAG_BLOCK_STATUS_PAYLOAD")
-        }
         var ids: [UInt32] = []
         for wanted in contexts {
             guard let context = metaContexts.first(where: { $0 == wanted }) else {
@@ -278,23 +219,11 @@ public final class NBDExport: Sendable {
             }
             if !ids.contains(context.id) { ids.append(context.id) }
         }
-        guard !ids.isEmpty else { throw NBDError.invalidArgument("block status for no metadata context") }
         return try await blockStatus(at: offset, length: length, flags: flags, only: ids)
     }
 
     private func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags, only: [UInt32]?) async throws -> NBDBlockStatus {
-        try validator.validate(.blockStatus, flags: flags, offset: offset, length: length)
-        let asked = transmissionFormat == .extended ? length : min(length, Self.largestEffectLength)
-        let descriptors = try await perform([
-            PendingRequest(
-                .blockStatus,
-                flags: flags,
-                offset: offset,
-                length: asked,
-                onlyContexts: only,
-                promise: channel.eventLoop.makePromise()
-            )
-        ])
+        let descriptors = try await perform(.blockStatus, flags: flags, offset: offset, length: length, onlyContexts: only)
         return NBDBlockStatus(offset: offset, descriptors: descriptors, metaContexts: metaContexts)
     }
 
@@ -313,7 +242,6 @@ public final class NBDExport: Sendable {
     /// Other connections to the export learn the size from their server; ``NBDClient`` makes
     /// its connections follow.
     public func resize(to size: UInt64) async throws {
-        try validator.validateResize(to: size)
         let alone = sizes.withLockedValue { sizes in
             guard sizes.target == nil else { return false }
             sizes.target = size
@@ -327,7 +255,7 @@ public final class NBDExport: Sendable {
                 channel.eventLoop.runOnLoop { request.fail(CancellationError()) }
                 throw CancellationError()
             }
-            channel.eventLoop.runOnLoop { handler.value.submit([request]) }
+            channel.eventLoop.runOnLoop { handler.value.submit(request) }
             // Not cancellable: the server may resize whatever the caller does now.
             _ = try await request.future.get()
             sizes.withLockedValue { $0 = (size, nil) }
@@ -360,66 +288,42 @@ public final class NBDExport: Sendable {
 
     // MARK: Internals
 
-    /// Largest length of one request without payload: 2^32 less 64 KiB, a multiple of any
-    /// minimum block size.
-    static let largestEffectLength: UInt64 = 0xFFFF_0000
-
-    /// TRIM, WRITE_ZEROES or CACHE of the range: in one request with extended headers, in
-    /// pieces under 4 GiB without them or when the server finds one request too large
-    /// ("MAY reply with an NBD_EOVERFLOW ... error if the oversize request would require too
-    /// many server resources").
-    private func effect(_ type: CommandType, offset: UInt64, length: UInt64, flags: CommandFlags) async throws {
-        try validator.validate(type, flags: flags, offset: offset, length: length)
-        if transmissionFormat == .extended, length > Self.largestEffectLength {
-            do {
-                _ = try await perform([
-                    PendingRequest(type, flags: flags, offset: offset, length: length, promise: channel.eventLoop.makePromise())
-                ])
-                return
-            } catch let error as NBDError where error.serverErrno == .EOVERFLOW {
-                // Too large for the server at once: in pieces, as without extended headers.
-            }
-        }
-        let requests = pieces(offset: offset, length: length, limit: Self.largestEffectLength).map { piece in
-            PendingRequest(type, flags: flags, offset: piece.offset, length: piece.length, promise: channel.eventLoop.makePromise())
-        }
-        _ = try await perform(requests)
-    }
-
-    private func pieces(offset: UInt64, length: UInt64, limit: UInt64) -> [(offset: UInt64, length: UInt64)] {
-        stride(from: UInt64(0), to: length, by: Int(limit)).map { start in
-            (offset + start, min(limit, length - start))
-        }
-    }
-
-    /// Sends the requests and waits for all of them: a failure is thrown only once every piece
-    /// has finished, so no reply still writes into a buffer handed back to the caller.
-    private func perform(_ requests: [PendingRequest]) async throws -> [UInt32: [BlockDescriptor]] {
-        let handler = self.handler
+    /// Submits one request and waits for its answer: the extents of a BLOCK_STATUS by context
+    /// id, nothing for the rest. The connection's state machine applies strict mode, splits it
+    /// as the protocol wants, and answers once every piece is done, so that no reply still
+    /// writes into a buffer handed back to the caller.
+    private func perform(
+        _ type: CommandType,
+        flags: CommandFlags,
+        offset: UInt64,
+        length: UInt64,
+        onlyContexts: [UInt32]? = nil,
+        payload: [ByteBuffer] = [],
+        destination: ReadDestination? = nil
+    ) async throws -> [UInt32: [BlockDescriptor]] {
         let loop = channel.eventLoop
+        let request = PendingRequest(
+            type,
+            flags: flags,
+            offset: offset,
+            length: length,
+            onlyContexts: onlyContexts,
+            payload: payload,
+            destination: destination,
+            promise: loop.makePromise()
+        )
+        let handler = self.handler
         guard !Task.isCancelled else {
-            // Each request was made with a promise of the event loop's: failed, not dropped,
+            // The request was made with a promise of the event loop's: failed, not dropped,
             // or NIO reports it leaked (and a debug build stops there).
-            loop.runOnLoop { for request in requests { request.fail(CancellationError()) } }
+            loop.runOnLoop { request.fail(CancellationError()) }
             throw CancellationError()
         }
         return try await withTaskCancellationHandler {
-            loop.runOnLoop { handler.value.submit(requests) }
-            var firstError: (any Error)?
-            var result: [UInt32: [BlockDescriptor]] = [:]
-            for request in requests {
-                do {
-                    result = try await request.future.get()
-                } catch {
-                    if firstError == nil { firstError = error }
-                }
-            }
-            if let firstError { throw firstError }
-            return result
+            loop.runOnLoop { handler.value.submit(request) }
+            return try await request.future.get()
         } onCancel: {
-            loop.execute {
-                for request in requests { handler.value.cancel(request) }
-            }
+            loop.execute { handler.value.cancel(request) }
         }
     }
 }

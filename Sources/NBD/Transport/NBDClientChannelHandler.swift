@@ -75,18 +75,17 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         return promise.futureResult
     }
 
-    /// Submits requests: sent now, or queued under the in-flight cap; one flush for all.
-    func submit(_ requests: [PendingRequest]) {
-        for request in requests {
-            machine.requestSubmitted(
-                request,
-                command: request.type,
-                flags: request.flags,
-                offset: request.offset,
-                length: request.length,
-                onlyContexts: request.onlyContexts
-            )
-        }
+    /// Submits a request: checked, then sent now (in pieces if it must be), or queued under
+    /// the in-flight cap.
+    func submit(_ request: PendingRequest) {
+        machine.requestSubmitted(
+            request,
+            command: request.type,
+            flags: request.flags,
+            offset: request.offset,
+            length: request.length,
+            onlyContexts: request.onlyContexts
+        )
         run()
     }
 
@@ -178,7 +177,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             case .write(let bytes):
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 flush = true
-            case .sendRequest(let header, let bytes, let request):
+            case .sendRequest(let header, let bytes, let request, let payload):
                 logger.trace(
                     "request",
                     metadata: [
@@ -187,7 +186,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                     ]
                 )
                 context.write(wrapOutboundOut(bytes), promise: nil)
-                for buffer in request.takePayload() {
+                for buffer in request.takePayload(payload) {
                     context.write(wrapOutboundOut(buffer), promise: nil)
                 }
                 flush = true

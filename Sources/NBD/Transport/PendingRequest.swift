@@ -45,10 +45,26 @@ final class PendingRequest: @unchecked Sendable {
         self.future = promise.futureResult
     }
 
-    /// The WRITE's data, for sending; the request keeps none of it.
-    func takePayload() -> [ByteBuffer] {
-        defer { payload = [] }
-        return payload
+    /// The WRITE's data, for sending: all of it (`range` nil), or the bytes `range` of it for
+    /// one piece, as slices. The request lets go of the data once its end is sent, so that
+    /// buffers are not kept until the reply.
+    func takePayload(_ range: Range<Int>?) -> [ByteBuffer] {
+        guard let range else {
+            defer { payload = [] }
+            return payload
+        }
+        var slices: [ByteBuffer] = []
+        var start = 0
+        for buffer in payload {
+            let end = start + buffer.readableBytes
+            defer { start = end }
+            guard end > range.lowerBound, start < range.upperBound else { continue }
+            let from = max(start, range.lowerBound) - start
+            let to = min(end, range.upperBound) - start
+            slices.append(buffer.getSlice(at: buffer.readerIndex + from, length: to - from)!)
+        }
+        if range.upperBound >= Int(length) { payload = [] }
+        return slices
     }
 
     func succeed() {

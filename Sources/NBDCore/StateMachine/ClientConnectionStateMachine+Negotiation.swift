@@ -16,7 +16,7 @@ extension ClientConnectionStateMachine {
                 outbox.append(.fail(waiter, .invalidArgument("cannot send \(option.code) now: the previous option has no final reply yet")))
                 return
             }
-            send(option, pending: .option(option.code, waiter))
+            send(option, pending: .option(option, waiter))
         }
     }
 
@@ -181,13 +181,22 @@ extension ClientConnectionStateMachine {
     }
 
     mutating func startTransmission(goReplies: [OptionReply.Body]?, exportNameReply: ExportNameReply?, pending: Pending?) {
-        guard case .option(_, let waiter) = pending, case .negotiating(let negotiating) = phase else { return }
+        guard case .option(let option, let waiter) = pending, case .negotiating(let negotiating) = phase else { return }
+        let info: NBDExportInfo
+        do {
+            info = try Self.exportInfo(of: option, goReplies: goReplies, exportNameReply: exportNameReply)
+        } catch {
+            outbox.append(.fail(waiter, error))
+            fail(error)
+            return
+        }
         // The one metadata-context rule: see ClientNegotiationStateMachine.transmissionMetaContexts.
         let start = ClientTransmissionStart(
             goReplies: goReplies,
             exportNameReply: exportNameReply,
             format: negotiating.machine.negotiated.format,
-            metaContexts: negotiating.machine.transmissionMetaContexts
+            metaContexts: negotiating.machine.transmissionMetaContexts,
+            info: info
         )
         var state = Transmitting(
             machine: ClientTransmissionStateMachine(
@@ -197,12 +206,29 @@ extension ClientConnectionStateMachine {
                     narrowStatusContextIDs: Set(start.metaContexts.filter(\.hasNarrowStatus).map(\.id))
                 )
             ),
-            size: start.exportSize ?? 0
+            validator: RequestValidator(export: info, format: start.format, hasMetaContexts: !start.metaContexts.isEmpty)
         )
         // Bytes behind the reply are transmission bytes: the transmission machine judges them.
         if negotiating.input.readableBytes > 0 { state.machine.feed(negotiating.input) }
         phase = .transmission(state)
         outbox.append(.succeed(waiter, .transmissionStarted(start)))
+    }
+
+    /// The export GO or EXPORT_NAME opened, as the server described it.
+    static func exportInfo(
+        of option: OptionRequest,
+        goReplies: [OptionReply.Body]?,
+        exportNameReply: ExportNameReply?
+    ) throws(NBDError) -> NBDExportInfo {
+        switch option {
+        case .go(let name, _):
+            return try NBDExportInfo(requestedName: name, replies: goReplies ?? [])
+        case .exportName(let name):
+            let reply = exportNameReply ?? ExportNameReply(size: 0, flags: [])
+            return NBDExportInfo(name: name, size: reply.size, flags: reply.flags)
+        default:
+            throw .serverViolation("transmission started after \(option.code)")
+        }
     }
 
     /// The error for an option the server refused.

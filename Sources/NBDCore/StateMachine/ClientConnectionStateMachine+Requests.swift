@@ -3,16 +3,28 @@ import NIOCore
 // The requests: submitted, queued under the in-flight cap, checked against the export's size,
 // held around a resize, and sent.
 extension ClientConnectionStateMachine {
-    /// A caller submits a request. It is sent now, or queued while the in-flight cap is reached.
-    /// `length` is the length the command acts on; see
-    /// ``ClientTransmissionStateMachine/startRequest(_:flags:offset:length:onlyContexts:context:stamp:)``
-    /// for `onlyContexts`. A request that runs past the end of the export as it is when the
-    /// request would go on the wire completes with an error, unsent.
+    /// A caller submits a request: `length` is the length the command acts on (for
+    /// `NBD_CMD_RESIZE`, `offset` is the new size), `onlyContexts` the ids of a block status
+    /// limited to some contexts (the payload form). It is answered once, with
+    /// ``Action/complete(_:error:)`` (or ``Action/cancel(_:)``).
     ///
-    /// `NBD_CMD_RESIZE` (the new size in `offset`) is sent only once no request touching the
-    /// bytes between the old and the new size is on the wire, and until its reply such requests
-    /// wait (the extension: "Clients MUST NOT issue requests for offsets in the area between the
-    /// old and new sizes between the time this request is issued and the reply has been received
+    /// Strict mode first (libnbd's): a command or flag the export did not advertise, a zero
+    /// length, a range past the end or not aligned to the minimum block size completes with
+    /// an error at once, and nothing is sent (see ``RequestValidator``). Then the request goes
+    /// on the wire as the protocol wants it: a READ or WRITE larger than the maximum payload in
+    /// pieces; a TRIM, WRITE_ZEROES or CACHE of 4 GiB or more in pieces of under 4 GiB
+    /// without extended headers, and whole with them, sent again in pieces if the server
+    /// answers `EOVERFLOW` ("MAY reply with an NBD_EOVERFLOW ... error if the oversize request
+    /// would require too many server resources"); a BLOCK_STATUS whole with extended
+    /// headers, and for at most 4 GiB of its range without. A request in pieces completes
+    /// once its last piece is answered, with the first error of any.
+    ///
+    /// It is sent now, or queued while the in-flight cap is reached; a request that runs past
+    /// the end of the export as it is when it would go on the wire completes with an error,
+    /// unsent. `NBD_CMD_RESIZE` is sent only once no request touching the bytes between the
+    /// old and the new size is on the wire, and until its reply such requests wait (the
+    /// extension: "Clients MUST NOT issue requests for offsets in the area between the old
+    /// and new sizes between the time this request is issued and the reply has been received
     /// ... clients MUST also make sure that no such requests are outstanding when the resize
     /// request is sent"); requests submitted after it wait for it to be sent. The new size
     /// bounds every request after a successful reply.
@@ -37,20 +49,152 @@ extension ClientConnectionStateMachine {
                 return
             }
             phase = .modifying
-            state.queue.append(
-                Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
-            )
-            if command == .resize { state.queuedResizes += 1 }
-            sendQueued(&state)
+            do {
+                try Self.strictMode(command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts, state)
+                Self.enqueue(
+                    Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts),
+                    &state
+                )
+                sendQueued(&state)
+            } catch {
+                outbox.append(.complete(request, error: error))
+            }
             phase = .transmission(state)
         }
     }
 
-    /// The caller of `request` stopped waiting.
+    /// Largest length of one request that carries no payload, without extended headers: 2^32
+    /// less 64 KiB, a multiple of any minimum block size.
+    package static var largestEffectLength: UInt64 { 0xFFFF_0000 }
+
+    /// Strict mode's checks of a request before anything is sent. While a resize is under way
+    /// a request may reach up to the larger of the sizes: those between the two wait for the
+    /// resize's reply, and are checked again as they go on the wire.
+    @inlinable static func strictMode(
+        _ command: CommandType,
+        flags: CommandFlags,
+        offset: UInt64,
+        length: UInt64,
+        onlyContexts: [UInt32]?,
+        _ state: Transmitting
+    ) throws(NBDError) {
+        if command == .resize {
+            try state.validator.validateResize(to: offset)
+            return
+        }
+        guard state.resizing != nil || state.queuedResizes > 0 else {
+            try state.validator.validate(command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
+            return
+        }
+        var validator = state.validator
+        let targets = state.queue.lazy.filter { $0.command == .resize }.map(\.offset)
+        validator.export.size = max(state.size, state.resizing?.to ?? 0, targets.max() ?? 0)
+        try validator.validate(command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
+    }
+
+    /// Queues `request` as the protocol wants it on the wire: whole, or in pieces.
+    @inlinable static func enqueue(_ request: Queued, _ state: inout Transmitting) {
+        let limit: UInt64
+        switch request.command {
+        case .read, .write:
+            limit = UInt64(state.validator.export.maximumPayload)
+        case .trim, .writeZeroes, .cache:
+            limit = largestEffectLength
+            if state.validator.format == .extended, request.length > limit {
+                // Whole, in one request: sent again in pieces after EOVERFLOW.
+                state.splits[ObjectIdentifier(request.request)] = Split(remaining: 1, whole: request)
+                state.queue.append(request)
+                return
+            }
+        case .blockStatus where state.validator.format != .extended && request.length > largestEffectLength:
+            // At most 4 GiB of the range: the server answers for what it can, and the caller
+            // asks again from where the answer ends.
+            state.queue.append(
+                Queued(
+                    request: request.request,
+                    command: request.command,
+                    flags: request.flags,
+                    offset: request.offset,
+                    length: largestEffectLength,
+                    onlyContexts: request.onlyContexts
+                )
+            )
+            return
+        default:
+            if request.command == .resize { state.queuedResizes += 1 }
+            state.queue.append(request)
+            return
+        }
+        guard request.length > limit else {
+            state.queue.append(request)
+            return
+        }
+        inPieces(request, limit: limit, &state)
+    }
+
+    /// Queues `request` in pieces of at most `limit` bytes, each with its share of a WRITE's data.
+    @inlinable static func inPieces(_ request: Queued, limit: UInt64, _ state: inout Transmitting) {
+        var count = 0
+        var start: UInt64 = 0
+        while start < request.length {
+            let length = min(limit, request.length - start)
+            let payload = request.command == .write ? Int(start)..<Int(start + length) : nil
+            state.queue.append(
+                Queued(
+                    request: request.request,
+                    command: request.command,
+                    flags: request.flags,
+                    offset: request.offset + start,
+                    length: length,
+                    payload: payload
+                )
+            )
+            count += 1
+            start += length
+        }
+        let id = ObjectIdentifier(request.request)
+        if var split = state.splits[id] {
+            // Sent again in pieces after EOVERFLOW: the whole one is answered.
+            split.remaining += count - 1
+            split.whole = nil
+            state.splits[id] = split
+        } else {
+            state.splits[id] = Split(remaining: count)
+        }
+    }
+
+    /// A piece of `request` was answered with `error`: the request's answer once it was its
+    /// last piece (`.some(nil)` for success), nil while pieces are left. A whole TRIM,
+    /// WRITE_ZEROES or CACHE the server found too large goes again in pieces.
+    @inlinable static func pieceAnswered(_ request: Request, _ error: NBDError?, _ state: inout Transmitting) -> NBDError?? {
+        let id = ObjectIdentifier(request)
+        guard var split = state.splits[id] else { return .some(error) }
+        if let whole = split.whole, error?.serverErrno == .EOVERFLOW {
+            inPieces(whole, limit: largestEffectLength, &state)
+            return nil
+        }
+        split.remaining -= 1
+        if split.error == nil { split.error = error }
+        guard split.remaining > 0 else {
+            state.splits[id] = nil
+            return .some(split.error)
+        }
+        state.splits[id] = split
+        return nil
+    }
+
+    /// The caller of `request` stopped waiting: its pieces not yet sent are dropped.
     package mutating func requestCancelled(_ request: Request) {
-        if case .transmission(var state) = phase, let index = state.queue.firstIndex(where: { $0.request === request }) {
+        if case .transmission(var state) = phase, state.queue.contains(where: { $0.request === request }) {
             phase = .modifying
-            if state.queue.remove(at: index).command == .resize { state.queuedResizes -= 1 }
+            let dropped = state.queue.filter { $0.request === request }
+            state.queue.removeAll { $0.request === request }
+            state.queuedResizes -= dropped.count { $0.command == .resize }
+            let id = ObjectIdentifier(request)
+            if var split = state.splits[id] {
+                split.remaining -= dropped.count
+                state.splits[id] = split.remaining > 0 ? split : nil
+            }
             // What waited behind a resize may go now.
             sendQueued(&state)
             phase = .transmission(state)
@@ -93,7 +237,7 @@ extension ClientConnectionStateMachine {
             var bytes = ByteBuffer()
             bytes.reserveCapacity(RequestHeader.extendedSize + 8 + 4 * (next.onlyContexts?.count ?? 0))
             state.machine.encode(header, into: &bytes)
-            outbox.append(.sendRequest(header, bytes: bytes, next.request))
+            outbox.append(.sendRequest(header, bytes: bytes, next.request, payload: next.payload))
             if configuration.requestTimeout != nil, !state.clockRunning {
                 state.clockRunning = true
                 outbox.append(.armTimer(after: configuration.tick))

@@ -22,14 +22,9 @@ package struct ClientTransmissionStart: Sendable {
     package var format: TransmissionFormat
     /// The metadata contexts usable with block status.
     package var metaContexts: [NBDMetaContext]
-
-    /// The export's size the server gave (EXPORT_NAME's answer, or GO's `NBD_INFO_EXPORT`).
-    package var exportSize: UInt64? {
-        if let exportNameReply { return exportNameReply.size }
-        var size: UInt64?
-        for case .info(.export(let exportSize, _)) in goReplies ?? [] { size = exportSize }
-        return size
-    }
+    /// The export as the server described it (GO's `NBD_INFO_*`, or EXPORT_NAME's size and
+    /// flags), under the name asked for unless the server gave its own.
+    package var info: NBDExportInfo
 }
 
 /// A client connection without I/O, from the greeting to the close: it composes
@@ -105,8 +100,9 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         /// Write these bytes (a negotiation message) and flush.
         case write(ByteBuffer)
         /// Write `bytes` (the request's header, as the negotiated format frames it, with any
-        /// payload of its own), then the request's data if it is a WRITE.
-        case sendRequest(RequestHeader, bytes: ByteBuffer, Request)
+        /// payload of its own), then, for a WRITE, the request's data: the bytes `payload` of
+        /// it for a piece, all of it when nil.
+        case sendRequest(RequestHeader, bytes: ByteBuffer, Request, payload: Range<Int>?)
         /// Write these bytes (`NBD_CMD_DISC`), flush, then close the connection.
         case sendDisconnect(ByteBuffer)
         /// Start TLS on the connection now: STARTTLS was acknowledged.
@@ -145,15 +141,43 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         @usableFromInline let offset: UInt64
         @usableFromInline let length: UInt64
         @usableFromInline let onlyContexts: [UInt32]?
+        /// For a piece of a WRITE, the bytes of the request's data it carries; nil for all.
+        @usableFromInline let payload: Range<Int>?
 
         @usableFromInline
-        init(request: Request, command: CommandType, flags: CommandFlags, offset: UInt64, length: UInt64, onlyContexts: [UInt32]?) {
+        init(
+            request: Request,
+            command: CommandType,
+            flags: CommandFlags,
+            offset: UInt64,
+            length: UInt64,
+            onlyContexts: [UInt32]? = nil,
+            payload: Range<Int>? = nil
+        ) {
             self.request = request
             self.command = command
             self.flags = flags
             self.offset = offset
             self.length = length
             self.onlyContexts = onlyContexts
+            self.payload = payload
+        }
+    }
+
+    /// A request sent in several pieces, until its last piece is answered.
+    @usableFromInline
+    struct Split {
+        /// Pieces not answered yet, queued or on the wire.
+        @usableFromInline var remaining: Int
+        /// The first error of a piece: the request's.
+        @usableFromInline var error: NBDError?
+        /// A TRIM, WRITE_ZEROES or CACHE sent whole with extended headers, to send again in
+        /// pieces if the server finds it too large (`EOVERFLOW`).
+        @usableFromInline var whole: Queued?
+
+        @usableFromInline init(remaining: Int, whole: Queued? = nil) {
+            self.remaining = remaining
+            self.whole = whole
         }
     }
 
@@ -167,7 +191,7 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         /// The TLS handshake.
         case tlsHandshake
         /// The final reply to an option a caller sent.
-        case option(OptionCode, Waiter)
+        case option(OptionRequest, Waiter)
         /// The reply to the ABORT of a soft disconnect.
         case abort
     }
@@ -187,27 +211,34 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         }
     }
 
-    /// The transmission phase: its machine, the requests waiting to go on the wire, the
-    /// export's size, a resize under way, and the request clock.
+    /// The transmission phase: its machine, strict mode, the requests waiting to go on the
+    /// wire, those sent in pieces, a resize under way, and the request clock.
     @usableFromInline
     struct Transmitting {
         @usableFromInline var machine: ClientTransmissionStateMachine<Request>
+        /// Strict mode: the export as negotiated, its size that of the last resize.
+        @usableFromInline var validator: RequestValidator
         @usableFromInline var queue = CircularBuffer<Queued>()
+        /// Requests sent in several pieces, by identity.
+        @usableFromInline var splits: [ObjectIdentifier: Split] = [:]
         /// How many of `queue` are resizes: while none is queued or on the wire, requests go
         /// in order with no look at ranges.
         @usableFromInline var queuedResizes = 0
         /// The resize on the wire: its request, and the sizes before and after.
         @usableFromInline var resizing: (request: Request, from: UInt64, to: UInt64)?
         /// The export's size: the server's, then that of each resize it accepted.
-        @usableFromInline var size: UInt64
+        @inlinable var size: UInt64 {
+            get { validator.export.size }
+            set { validator.export.size = newValue }
+        }
         /// The request clock (see ``Configuration/tick``): ticks gone by, and whether it runs,
         /// which it does only while requests are on the wire.
         @usableFromInline var ticks: UInt64 = 0
         @usableFromInline var clockRunning = false
 
-        @usableFromInline init(machine: ClientTransmissionStateMachine<Request>, size: UInt64) {
+        @usableFromInline init(machine: ClientTransmissionStateMachine<Request>, validator: RequestValidator) {
             self.machine = machine
-            self.size = size
+            self.validator = validator
         }
     }
 
@@ -292,40 +323,43 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
 
     /// The next thing to do, or nil until the next event.
     @inlinable package mutating func next() -> Action? {
-        if let action = outbox.next() { return action }
-        guard case .transmission(var state) = phase else { return nil }
-        phase = .modifying
-        guard let action = state.machine.next() else {
-            phase = .transmission(state)
-            return nil
-        }
-        switch action {
-        case .data(let request, let offset, let bytes):
-            phase = .transmission(state)
-            return .deliverData(request, offset: offset, bytes: bytes)
-        case .hole(let request, let offset, let length):
-            phase = .transmission(state)
-            return .deliverHole(request, offset: offset, length: length)
-        case .blockStatus(let request, let id, let descriptors):
-            phase = .transmission(state)
-            return .deliverExtents(request, contextID: id, descriptors: descriptors)
-        case .complete(let request, let error):
-            if let resize = state.resizing, resize.request === request {
-                if error == nil { state.size = resize.to }
-                state.resizing = nil
+        while true {
+            if let action = outbox.next() { return action }
+            guard case .transmission(var state) = phase else { return nil }
+            phase = .modifying
+            guard let action = state.machine.next() else {
+                phase = .transmission(state)
+                return nil
             }
-            sendQueued(&state)
-            phase = .transmission(state)
-            if error?.serverErrno == .ESHUTDOWN {
-                // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
-                disconnectRequested(waiter: nil)
+            switch action {
+            case .data(let request, let offset, let bytes):
+                phase = .transmission(state)
+                return .deliverData(request, offset: offset, bytes: bytes)
+            case .hole(let request, let offset, let length):
+                phase = .transmission(state)
+                return .deliverHole(request, offset: offset, length: length)
+            case .blockStatus(let request, let id, let descriptors):
+                phase = .transmission(state)
+                return .deliverExtents(request, contextID: id, descriptors: descriptors)
+            case .complete(let request, let pieceError):
+                if let resize = state.resizing, resize.request === request {
+                    if pieceError == nil { state.size = resize.to }
+                    state.resizing = nil
+                }
+                // A piece of a request sent in pieces: the request is done with its last.
+                let answer = state.splits.isEmpty ? .some(pieceError) : Self.pieceAnswered(request, pieceError, &state)
+                sendQueued(&state)
+                phase = .transmission(state)
+                if pieceError?.serverErrno == .ESHUTDOWN {
+                    // "If the client receives an NBD_ESHUTDOWN error it MUST initiate a soft disconnect."
+                    disconnectRequested(waiter: nil)
+                }
+                disconnectIfIdle()
+                if let error = answer { return .complete(request, error: error) }
+            case .fatal(let error, let requests):
+                phase = .transmission(state)
+                end(error, requests: requests)
             }
-            disconnectIfIdle()
-            return .complete(request, error: error)
-        case .fatal(let error, let requests):
-            phase = .transmission(state)
-            end(error, requests: requests)
-            return outbox.next()
         }
     }
 
@@ -364,4 +398,5 @@ extension ClientConnectionStateMachine.Queued: Sendable where Request: Sendable 
 extension ClientConnectionStateMachine.Pending: Sendable where Waiter: Sendable {}
 extension ClientConnectionStateMachine.Negotiating: Sendable where Waiter: Sendable {}
 extension ClientConnectionStateMachine.Transmitting: Sendable where Request: Sendable {}
+extension ClientConnectionStateMachine.Split: Sendable where Request: Sendable {}
 extension ClientConnectionStateMachine.Phase: Sendable where Request: Sendable, Waiter: Sendable {}
