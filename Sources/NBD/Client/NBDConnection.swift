@@ -277,15 +277,14 @@ public struct NBDConnection: ~Copyable, Sendable {
     }
 
     /// `NBD_OPT_GO`: chooses the export and enters transmission. A server that does not know
-    /// GO (`NBD_REP_ERR_UNSUP`) gets `NBD_OPT_EXPORT_NAME` instead, as libnbd does. On any
-    /// other refusal the connection is ended softly and the error thrown; an export the server
-    /// does not know fails with the names it lists, when it lists them.
+    /// GO (`NBD_REP_ERR_UNSUP`) gets `NBD_OPT_EXPORT_NAME` instead, as the spec asks and libnbd
+    /// does (the connection's state machine falls back). On any other refusal the connection is
+    /// ended softly and the error thrown; an export the server does not know fails with the
+    /// names it lists, when it lists them.
     public consuming func go(_ name: String = "", requests: [InfoType]? = nil) async throws -> NBDExport {
         let start: ClientTransmissionStart
         do {
             start = try await transmission(.go(export: name, requests: requests ?? configuration.infoRequests))
-        } catch let error as NBDError where error.optionReply == .errUnsupported {
-            return try await exportName(name)
         } catch let error as NBDError where error.optionReply == .errUnknown && error.connectionUsable {
             let described = await unknownExport(name, error)
             await end()
@@ -295,8 +294,7 @@ public struct NBDConnection: ~Copyable, Sendable {
             throw error
         }
         do {
-            let info = try NBDExportInfo(requestedName: name, replies: start.goReplies ?? [])
-            return try await makeExport(info, start)
+            return try await makeExport(start)
         } catch {
             await end()
             throw error
@@ -306,17 +304,8 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// `NBD_OPT_EXPORT_NAME`: enters transmission on `name` the old way, with size and flags only.
     /// A server that refuses the export closes the connection, the only answer it has.
     public consuming func exportName(_ name: String) async throws -> NBDExport {
-        do {
-            let start = try await transmission(.exportName(name))
-            let reply = start.exportNameReply ?? ExportNameReply(size: 0, flags: [])
-            return try await makeExport(NBDExportInfo(name: name, size: reply.size, flags: reply.flags), start)
-        } catch let error as NBDError where error.code == .connectionClosed {
-            throw NBDError(
-                .connectionClosed,
-                "the server closed the connection after NBD_OPT_EXPORT_NAME \"\(name)\" (no such export, or it is refused)",
-                connectionUsable: false
-            )
-        }
+        let start = try await transmission(.exportName(name))
+        return try await makeExport(start)
     }
 
     /// `NBD_OPT_ABORT`: the soft end of negotiation. Waits for the server's ACK (bounded by the
@@ -364,7 +353,7 @@ public struct NBDConnection: ~Copyable, Sendable {
         try? await channel.eventLoop.flatSubmit { handler.value.disconnect() }.get()
     }
 
-    private func makeExport(_ info: NBDExportInfo, _ start: ClientTransmissionStart) async throws -> NBDExport {
+    private func makeExport(_ start: ClientTransmissionStart) async throws -> NBDExport {
         let handler = self.handler
         let (tlsVersion, tlsCipherSuite) = try await channel.eventLoop.submit { (handler.value.tlsVersion, handler.value.tlsCipherSuite) }
             .get()
@@ -372,7 +361,7 @@ public struct NBDConnection: ~Copyable, Sendable {
         return NBDExport(
             channel: channel,
             handler: handler,
-            info: info,
+            info: start.info,
             transmissionFormat: start.format,
             metaContexts: start.metaContexts,
             tlsVersion: tlsVersion,

@@ -35,8 +35,18 @@ extension ClientConnectionStateMachine {
     /// ended; callers of a disconnect are answered.
     package mutating func channelClosed() {
         channelIsOpen = false
-        if case .closed = phase {
-        } else {
+        switch phase {
+        case .closed, .modifying:
+            break
+        case .negotiating(let state):
+            if case .option(.exportName(let name), _)? = state.pending {
+                // The only answer EXPORT_NAME has for an export the server will not serve.
+                let message = "the server closed the connection after NBD_OPT_EXPORT_NAME \"\(name)\" (no such export, or it is refused)"
+                end(NBDError(.connectionClosed, message, connectionUsable: false))
+            } else {
+                end(NBDError(.connectionClosed, "the server closed the connection", connectionUsable: false))
+            }
+        case .transmission:
             end(NBDError(.connectionClosed, "the server closed the connection", connectionUsable: false))
         }
         for waiter in disconnectWaiters { outbox.append(.succeed(waiter, .disconnected)) }

@@ -125,8 +125,14 @@ extension ClientConnectionStateMachine {
             startedTLS(replies.last)
         case .abort:
             aborted()
-        case .option(_, let waiter):
+        case .option(let request, let waiter):
             if case .error(let type, let message) = replies.last {
+                if type == .errUnsupported, case .go(let name, _) = request {
+                    // "A client thus SHOULD use NBD_OPT_GO in preference to NBD_OPT_EXPORT_NAME
+                    // but SHOULD fall back to NBD_OPT_EXPORT_NAME if NBD_OPT_GO is not supported."
+                    send(.exportName(name), pending: .option(.exportName(name), waiter))
+                    return
+                }
                 outbox.append(.fail(waiter, Self.rejection(of: option, type, message)))
                 if type == .errShutdown {
                     // "If the client receives NBD_REP_ERR_SHUTDOWN it MUST initiate a soft disconnect."
