@@ -1,5 +1,5 @@
 import FuzzSupport
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// The server's bytes while the client negotiates: the greeting and the replies to options the

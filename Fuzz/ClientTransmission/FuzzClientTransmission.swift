@@ -1,5 +1,5 @@
 import FuzzSupport
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// The server's replies to a table of requests in flight that the input builds: every check

@@ -1,5 +1,5 @@
 import FuzzSupport
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// A client's bytes while the server negotiates: a TLS mode (the first byte: off, on or

@@ -1,5 +1,5 @@
 import FuzzSupport
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// A client's requests in transmission: framing, the spec's checks, the in-flight and memory

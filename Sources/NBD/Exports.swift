@@ -1,6 +1,6 @@
 // What users of the client need from NBDCore, by name: the errors, addresses, the export's
 // description and the flags and values its calls take. The wire types and state machines are
-// `package` in NBDCore: the library's own targets, tests and fuzzers use them.
+// SPI of NBDCore (`@_spi(NBDMachines)`): the library's own targets, tests and fuzzers use them.
 @_exported import struct NBDCore.BlockSizeConstraints
 @_exported import struct NBDCore.CommandFlags
 @_exported import struct NBDCore.HandshakeFlags

@@ -29,7 +29,7 @@ public struct NBDExportInfo: Hashable, Sendable {
     }
 
     /// Builds the description from the `NBD_REP_INFO` replies of a successful INFO or GO.
-    package init(requestedName: String, replies: [OptionReply.Body]) throws(NBDError) {
+    @_spi(NBDMachines) public init(requestedName: String, replies: [OptionReply.Body]) throws(NBDError) {
         var info = NBDExportInfo(name: requestedName, size: 0, flags: [])
         var sawExport = false
         for case .info(let item) in replies {

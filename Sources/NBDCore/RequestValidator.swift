@@ -5,18 +5,18 @@
 /// is not documented for the particular command", "the client MUST ensure that offset and length
 /// are integer multiples of any advertised minimum block size" and "MUST NOT use a length which,
 /// when added to offset, would exceed the export size".
-package struct RequestValidator: Sendable {
+@_spi(NBDMachines) public struct RequestValidator: Sendable {
     /// The export requests go to.
-    package var export: NBDExportInfo
+    public var export: NBDExportInfo
     /// How transmission is framed.
-    package var format: TransmissionFormat
+    public var format: TransmissionFormat
     /// Whether replies come as chunks (structured or extended).
-    package var structuredReplies: Bool { format.hasChunks }
+    public var structuredReplies: Bool { format.hasChunks }
     /// Whether at least one metadata context was selected for this export.
-    package var hasMetaContexts: Bool
+    public var hasMetaContexts: Bool
 
     /// A validator for `export` with what was negotiated.
-    package init(export: NBDExportInfo, format: TransmissionFormat, hasMetaContexts: Bool) {
+    public init(export: NBDExportInfo, format: TransmissionFormat, hasMetaContexts: Bool) {
         self.export = export
         self.format = format
         self.hasMetaContexts = hasMetaContexts
@@ -28,7 +28,7 @@ package struct RequestValidator: Sendable {
     /// wants it, and it is refused here with the other undocumented flags. `onlyContexts`, for a
     /// BLOCK_STATUS, are the ids of the payload form, which needs extended headers and
     /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`.
-    package func validate(
+    public func validate(
         _ command: CommandType,
         flags: CommandFlags,
         offset: UInt64,
@@ -99,7 +99,7 @@ package struct RequestValidator: Sendable {
     /// NOT send a resize request unless the NBD_FLAG_SEND_RESIZE flag was set", a read-only
     /// export, a size no offset can hold, or one that is not a multiple of the minimum block
     /// size (which every request's offset and length must be).
-    package func validateResize(to size: UInt64) throws(NBDError) {
+    public func validateResize(to size: UInt64) throws(NBDError) {
         try require(.sendResize, "NBD_FLAG_SEND_RESIZE", for: CommandType.resize)
         if export.isReadOnly { throw .unsupported("\(CommandType.resize) on a read-only export") }
         guard size <= UInt64(Int64.max) else { throw .invalidArgument("a size of \(size) bytes is too large") }

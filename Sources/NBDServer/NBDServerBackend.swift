@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// The storage behind an export: what `NBDServer` needs to serve it.

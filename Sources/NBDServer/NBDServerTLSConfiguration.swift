@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 /// TLS for the server, in nbdkit's words (`--tls`, `--tls-certificates`, `--tls-psk`,
 /// `--tls-verify-peer`), with an allow-list of client identities as qemu's `tls-authz` has.

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// Makes the backend calls the transmission machine decided, off the event loop. What a

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOConcurrencyHelpers
 
 /// Keeps the requests of every connection to a resizable export within its current size, and

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NBDTLS
 import NIOConcurrencyHelpers
 import NIOSSL

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// The written pages of a sparse in-memory disk, in a two-level directory as nbdkit's sparse

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 /// A pre-shared key file in psktool's format, as nbdkit and qemu read it: `username:hexkey`
 /// lines. The client takes one user's key from it, the server every user's.

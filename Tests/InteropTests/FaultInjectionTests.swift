@@ -1,6 +1,6 @@
 import Foundation
 import NBD
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NBDServer
 import NIOCore
 import Testing

@@ -1,6 +1,6 @@
 import Foundation
 import NBD
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 import Testing
 

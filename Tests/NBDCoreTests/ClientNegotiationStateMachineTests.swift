@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 @Suite("Negotiation state machine")
 struct ClientNegotiationStateMachineTests {

@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 @Suite("Transmission state machine")
 struct ClientTransmissionStateMachineTests {

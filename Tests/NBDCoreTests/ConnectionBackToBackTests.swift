@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// The client and server connection machines run back to back in memory, as swift-nio-ssh
 /// tests its machines: every byte one sends is dripped to the other in random-sized pieces

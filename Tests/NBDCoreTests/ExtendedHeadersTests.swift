@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// Extended headers (`NBD_OPT_EXTENDED_HEADERS`): the spec's layouts byte by byte, and what
 /// each machine accepts and refuses once they are agreed.

@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// Random bytes from a hostile server never crash the parsers: each ends in a wait or an error.
 @Suite("Garbage in")

@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// Bytes from a hex string with spaces and comments-free groups, e.g. "4e42444d 41474943".
 func hex(_ text: String) -> [UInt8] {

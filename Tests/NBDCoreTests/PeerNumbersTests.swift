@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// Every number a peer sends is checked before it is added, converted or trusted as a count:
 /// each site below gets the number that would wrap, overflow or overrun, and gives a typed

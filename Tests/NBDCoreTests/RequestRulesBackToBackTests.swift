@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// How the client's connection machine puts a request on the wire, against the server's
 /// machine: in pieces at the maximum payload, whole with extended headers and again in pieces

@@ -1,6 +1,6 @@
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 @Suite("Strict mode: checks before the wire")
 struct RequestValidatorTests {

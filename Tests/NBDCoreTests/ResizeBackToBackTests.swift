@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// `NBD_CMD_RESIZE` between the client and server machines, back to back: the client's barrier
 /// ("Clients MUST NOT issue requests for offsets in the area between the old and new sizes

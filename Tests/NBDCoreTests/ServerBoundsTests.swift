@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// What a server connection may hold, and for how long: back-pressure and deadlines.
 @Suite("Server state machines: memory bounds and deadlines")

@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// What a request's flags mean, decided by the server's transmission machine rather than by
 /// whoever calls the backend: FUA on trim and zero, FAST_ZERO, REQ_ONE, CACHE; and the flags

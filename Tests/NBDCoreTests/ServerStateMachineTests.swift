@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// The server's machines on their own: what a client may and may not do.
 @Suite("Server state machines")

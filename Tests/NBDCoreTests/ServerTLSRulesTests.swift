@@ -1,7 +1,7 @@
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 
 /// The spec's rules for a TLS server, each held by the server's machines: what is answered
 /// before TLS in each mode, STARTTLS itself, what is forgotten once TLS is up, bytes injected

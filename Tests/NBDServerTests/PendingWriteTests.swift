@@ -3,7 +3,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 @testable import NBDServer
 
 /// A WRITE's data as it arrives at the built-in server: kept as slices, then gathered.

@@ -2,7 +2,7 @@ import NBD
 import NIOCore
 import Testing
 
-@testable import NBDCore
+@_spi(NBDMachines) @testable import NBDCore
 @testable import NBDServer
 
 /// How the built-in server frames a structured READ, decoded by the client's own machine.

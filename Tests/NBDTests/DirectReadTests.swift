@@ -1,5 +1,5 @@
 import Foundation
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 import NIOPosix
 import Testing

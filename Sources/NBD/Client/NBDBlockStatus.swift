@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 /// The answer to `NBD_CMD_BLOCK_STATUS`: for each negotiated metadata context, consecutive
 /// extents starting at the requested offset ("Metadata querying").

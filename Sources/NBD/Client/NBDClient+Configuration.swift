@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 extension NBDClient {
     /// How an ``NBDClient`` connects, how many connections it keeps, and how long it waits

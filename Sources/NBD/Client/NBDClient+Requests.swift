@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 // The data calls of NBDExport, each on the connection with the fewest bytes outstanding and,

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 extension NBDClient {
     /// The rules of an `NBDClient`'s connections, without sockets, tasks or clocks: which

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 /// What happened to an ``NBDClient``'s connections, in order: see ``NBDClient/events``.
 public enum NBDClientEvent: Sendable, Equatable, CustomStringConvertible {

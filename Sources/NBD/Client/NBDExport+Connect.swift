@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 extension NBDExport {
     /// Connects to the export a URI names, ready for I/O, in one call: dial, handshake,

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 extension NBDExport {
     /// Whether `context` (for example `NBDMetaContext.baseAllocation`) was negotiated, so that

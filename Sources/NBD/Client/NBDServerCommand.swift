@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NBDSystem
 import NIOCore
 import NIOPosix

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 
 /// An NBD URI ("The NBD Uniform Resource Indicator (URI) format"): `nbd://host:port/export`,
 /// `nbds://...`, `nbd+unix:///export?socket=PATH`, `nbds+unix://...`, and libnbd's

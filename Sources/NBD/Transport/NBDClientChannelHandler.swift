@@ -1,5 +1,5 @@
 import Logging
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 import NIOSSL
 import NIOTLS

@@ -1,4 +1,4 @@
-import NBDCore
+@_spi(NBDMachines) import NBDCore
 import NIOCore
 
 /// One request on its way: what to send, where a READ's bytes go, what a BLOCK_STATUS

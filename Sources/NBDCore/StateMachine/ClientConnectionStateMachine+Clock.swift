@@ -3,7 +3,7 @@
 extension ClientConnectionStateMachine {
     /// The armed deadline passed: a tick of the request clock in transmission, a negotiation
     /// step's deadline before.
-    package mutating func timerFired() {
+    public mutating func timerFired() {
         guard case .transmission(var state) = phase, state.clockRunning else {
             negotiationTimerFired()
             return

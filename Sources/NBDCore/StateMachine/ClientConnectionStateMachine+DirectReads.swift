@@ -4,19 +4,19 @@ import NIOCore
 extension ClientConnectionStateMachine {
     /// When the next bytes from the server are READ data: see
     /// ``ClientTransmissionStateMachine/expectedData``. Nil outside transmission.
-    @inlinable package var expectedData: (context: Request, offset: UInt64, count: Int, chunkLength: Int)? {
+    @inlinable public var expectedData: (context: Request, offset: UInt64, count: Int, chunkLength: Int)? {
         guard case .transmission(let state) = phase else { return nil }
         return state.machine.expectedData
     }
 
     /// Whether the caller may read from the socket itself now (transmission, nothing failed).
-    @inlinable package var readsDirectly: Bool {
+    @inlinable public var readsDirectly: Bool {
         guard case .transmission(let state) = phase else { return false }
         return !state.machine.hasFailed
     }
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed.
-    @inlinable package mutating func dataReadDirectly(_ count: Int) {
+    @inlinable public mutating func dataReadDirectly(_ count: Int) {
         guard case .transmission(var state) = phase else { return }
         phase = .modifying
         state.machine.dataReadDirectly(count)
@@ -24,14 +24,14 @@ extension ClientConnectionStateMachine {
     }
 
     /// Bytes fed in transmission and not parsed yet.
-    @inlinable package var unparsedByteCount: Int {
+    @inlinable public var unparsedByteCount: Int {
         guard case .transmission(let state) = phase else { return 0 }
         return state.machine.unparsedByteCount
     }
 
     /// Removes the transmission bytes fed and not parsed yet; see
     /// ``ClientTransmissionStateMachine/takeUnparsed()``.
-    @inlinable package mutating func takeUnparsed() -> ByteBuffer {
+    @inlinable public mutating func takeUnparsed() -> ByteBuffer {
         guard case .transmission(var state) = phase else { return ByteBuffer() }
         phase = .modifying
         let unparsed = state.machine.takeUnparsed()

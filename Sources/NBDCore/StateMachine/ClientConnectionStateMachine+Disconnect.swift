@@ -6,7 +6,7 @@ extension ClientConnectionStateMachine {
     /// A soft disconnect: `NBD_OPT_ABORT` while negotiating, `NBD_CMD_DISC` once the requests
     /// in flight are answered in transmission. `waiter` (if any) is answered when the
     /// connection has closed.
-    package mutating func disconnectRequested(waiter: Waiter?) {
+    public mutating func disconnectRequested(waiter: Waiter?) {
         if case .closed = phase {
             // Answered once the channel has closed, as every disconnect is.
             if let waiter { channelIsOpen ? disconnectWaiters.append(waiter) : outbox.append(.succeed(waiter, .disconnected)) }
@@ -33,7 +33,7 @@ extension ClientConnectionStateMachine {
 
     /// The channel closed. Everything still waiting fails with the reason the connection
     /// ended; callers of a disconnect are answered.
-    package mutating func channelClosed() {
+    public mutating func channelClosed() {
         channelIsOpen = false
         switch phase {
         case .closed, .modifying:

@@ -5,7 +5,7 @@ import NIOCore
 extension ClientConnectionStateMachine {
     /// A caller sends an option (EXPORT_NAME included); `waiter` gets its replies, or
     /// ``ClientConnectionOutcome/transmissionStarted(_:)`` for GO and EXPORT_NAME.
-    package mutating func optionRequested(_ option: OptionRequest, waiter: Waiter) {
+    public mutating func optionRequested(_ option: OptionRequest, waiter: Waiter) {
         switch phase {
         case .closed(let error):
             outbox.append(.fail(waiter, error))
@@ -21,7 +21,7 @@ extension ClientConnectionStateMachine {
     }
 
     /// The TLS handshake completed.
-    package mutating func tlsEstablished(version: String?, cipherSuite: String?) {
+    public mutating func tlsEstablished(version: String?, cipherSuite: String?) {
         guard case .negotiating(var state) = phase, case .tlsHandshake? = state.pending else { return }
         tlsVersion = version
         tlsCipherSuite = cipherSuite

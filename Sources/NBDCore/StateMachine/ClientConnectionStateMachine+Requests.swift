@@ -28,7 +28,7 @@ extension ClientConnectionStateMachine {
     /// ... clients MUST also make sure that no such requests are outstanding when the resize
     /// request is sent"); requests submitted after it wait for it to be sent. The new size
     /// bounds every request after a successful reply.
-    @inlinable package mutating func requestSubmitted(
+    @inlinable public mutating func requestSubmitted(
         _ request: Request,
         command: CommandType,
         flags: CommandFlags,
@@ -65,7 +65,7 @@ extension ClientConnectionStateMachine {
 
     /// Largest length of one request that carries no payload, without extended headers: 2^32
     /// less 64 KiB, a multiple of any minimum block size.
-    package static var largestEffectLength: UInt64 { 0xFFFF_0000 }
+    public static var largestEffectLength: UInt64 { 0xFFFF_0000 }
 
     /// Strict mode's checks of a request before anything is sent. While a resize is under way
     /// a request may reach up to the larger of the sizes: those between the two wait for the
@@ -184,7 +184,7 @@ extension ClientConnectionStateMachine {
     }
 
     /// The caller of `request` stopped waiting: its pieces not yet sent are dropped.
-    package mutating func requestCancelled(_ request: Request) {
+    public mutating func requestCancelled(_ request: Request) {
         if case .transmission(var state) = phase, state.queue.contains(where: { $0.request === request }) {
             phase = .modifying
             let dropped = state.queue.filter { $0.request === request }
@@ -204,7 +204,7 @@ extension ClientConnectionStateMachine {
 
     /// Another connection to the export resized it (its client made sure nothing was on the
     /// wire here meanwhile): requests are bounded by `newSize` from now on.
-    package mutating func exportResizedElsewhere(to newSize: UInt64) {
+    public mutating func exportResizedElsewhere(to newSize: UInt64) {
         guard case .transmission(var state) = phase else { return }
         phase = .modifying
         state.size = newSize

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// What a caller waiting on a client connection is answered with.
-package enum ClientConnectionOutcome: Sendable {
+@_spi(NBDMachines) public enum ClientConnectionOutcome: Sendable {
     /// The handshake is done, and TLS too when the policy asked for it.
     case connected(HandshakeFlags)
     /// Every reply to an option, the final `NBD_REP_ACK` last.
@@ -13,18 +13,18 @@ package enum ClientConnectionOutcome: Sendable {
 }
 
 /// What transmission starts with, as the negotiation left it.
-package struct ClientTransmissionStart: Sendable {
+@_spi(NBDMachines) public struct ClientTransmissionStart: Sendable {
     /// GO's replies (its `NBD_REP_INFO`s), or nil after EXPORT_NAME.
-    package var goReplies: [OptionReply.Body]?
+    public var goReplies: [OptionReply.Body]?
     /// EXPORT_NAME's answer, or nil after GO.
-    package var exportNameReply: ExportNameReply?
+    public var exportNameReply: ExportNameReply?
     /// How requests and replies are framed.
-    package var format: TransmissionFormat
+    public var format: TransmissionFormat
     /// The metadata contexts usable with block status.
-    package var metaContexts: [NBDMetaContext]
+    public var metaContexts: [NBDMetaContext]
     /// The export as the server described it (GO's `NBD_INFO_*`, or EXPORT_NAME's size and
     /// flags), under the name asked for unless the server gave its own.
-    package var info: NBDExportInfo
+    public var info: NBDExportInfo
 }
 
 /// A client connection without I/O, from the greeting to the close: it composes
@@ -50,24 +50,24 @@ package struct ClientTransmissionStart: Sendable {
 /// `errorCaught`, `channelClosed`); what to do then comes out of ``next()`` until it returns
 /// nil. `Request` is the caller's handle of one request (compared by identity); `Waiter` that
 /// of one call waiting for an ``ClientConnectionOutcome``.
-package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
+@_spi(NBDMachines) public struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// What the connection negotiates and its bounds.
-    package struct Configuration: Sendable {
+    public struct Configuration: Sendable {
         /// Bounds on what the server may send while negotiating.
-        package var limits: ClientNegotiationStateMachine.Limits
+        public var limits: ClientNegotiationStateMachine.Limits
         /// Requests on the wire at once; more wait in a queue.
-        package var maximumRequestsInFlight: Int
+        public var maximumRequestsInFlight: Int
         /// How long the server may take to answer each negotiation step.
-        package var negotiationTimeout: TimeAmount
+        public var negotiationTimeout: TimeAmount
         /// Whether TLS is negotiated right after the handshake.
-        package var tlsPolicy: NBDTLSPolicy
+        public var tlsPolicy: NBDTLSPolicy
         /// How long a request on the wire may wait for its reply; nil for ever. Past it the
         /// connection is closed hard (its state is unknown) and every request fails with
         /// ``NBDError/Code/timedOut``.
-        package var requestTimeout: TimeAmount?
+        public var requestTimeout: TimeAmount?
 
         /// A configuration with the given settings.
-        package init(
+        public init(
             limits: ClientNegotiationStateMachine.Limits = .init(),
             maximumRequestsInFlight: Int = 64,
             negotiationTimeout: TimeAmount = .seconds(30),
@@ -96,7 +96,7 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// What the caller does next.
-    package enum Action {
+    public enum Action {
         /// Write these bytes (a negotiation message) and flush.
         case write(ByteBuffer)
         /// Write `bytes` (the request's header, as the negotiated format frames it, with any
@@ -252,7 +252,7 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
         case modifying
     }
 
-    package let configuration: Configuration
+    public let configuration: Configuration
     @usableFromInline var phase: Phase
     @usableFromInline var outbox = Outbox<Action>()
     @usableFromInline var handshakeWaiter: Waiter?
@@ -263,13 +263,13 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     /// What the armed deadline waits for, said as the error it becomes.
     @usableFromInline var deadline: String?
     /// The TLS version agreed, e.g. "tlsv13", once TLS is up.
-    package internal(set) var tlsVersion: String?
+    public internal(set) var tlsVersion: String?
     /// The TLS cipher suite agreed, by its IANA name, once TLS is up.
-    package internal(set) var tlsCipherSuite: String?
+    public internal(set) var tlsCipherSuite: String?
 
     /// A connection that has just been dialed; `handshakeWaiter` is answered with
     /// ``ClientConnectionOutcome/connected(_:)`` once the handshake (and TLS, when asked) is done.
-    package init(configuration: Configuration, handshakeWaiter: Waiter) {
+    public init(configuration: Configuration, handshakeWaiter: Waiter) {
         self.configuration = configuration
         self.phase = .negotiating(Negotiating(machine: ClientNegotiationStateMachine(limits: configuration.limits), pending: .greeting))
         self.handshakeWaiter = handshakeWaiter
@@ -278,24 +278,24 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     // MARK: State
 
     /// Whether the connection is in the transmission phase.
-    @inlinable package var isInTransmission: Bool { if case .transmission = phase { true } else { false } }
+    @inlinable public var isInTransmission: Bool { if case .transmission = phase { true } else { false } }
 
     /// Why the connection ended, once it has.
-    package var closedReason: NBDError? { if case .closed(let error) = phase { error } else { nil } }
+    public var closedReason: NBDError? { if case .closed(let error) = phase { error } else { nil } }
 
     /// The export's size in transmission: the server's, then that of each resize it accepted.
     /// Every request is checked against it as it goes on the wire.
-    package var exportSize: UInt64? { if case .transmission(let state) = phase { state.size } else { nil } }
+    public var exportSize: UInt64? { if case .transmission(let state) = phase { state.size } else { nil } }
 
     // MARK: Events
 
     /// The connection is up: the greeting has a deadline.
-    package mutating func channelActive() {
+    public mutating func channelActive() {
         arm("the server sent no NBD greeting")
     }
 
     /// Bytes from the server.
-    @inlinable package mutating func bytesReceived(_ bytes: ByteBuffer) {
+    @inlinable public mutating func bytesReceived(_ bytes: ByteBuffer) {
         switch phase {
         case .transmission(var state):
             phase = .modifying
@@ -311,7 +311,7 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     }
 
     /// The channel reported an error; the connection ends.
-    package mutating func errorCaught(_ error: any Error) {
+    public mutating func errorCaught(_ error: any Error) {
         if case .negotiating(let state) = phase, case .tlsHandshake? = state.pending {
             fail(NBDError(.tlsFailed, "the TLS handshake failed", connectionUsable: false, underlying: error))
         } else {
@@ -322,7 +322,7 @@ package struct ClientConnectionStateMachine<Request: AnyObject, Waiter> {
     // MARK: Actions
 
     /// The next thing to do, or nil until the next event.
-    @inlinable package mutating func next() -> Action? {
+    @inlinable public mutating func next() -> Action? {
         while true {
             if let action = outbox.next() { return action }
             guard case .transmission(var state) = phase else { return nil }

@@ -7,22 +7,22 @@ import NIOCore
 /// ``Action/fatal(_:)``, and the machine accepts nothing more. It enforces the order the spec sets ("The
 /// client MUST NOT send any option until it has received a final reply to any option it has
 /// sent") and checks each reply against the option it answers.
-package struct ClientNegotiationStateMachine: Sendable {
+@_spi(NBDMachines) public struct ClientNegotiationStateMachine: Sendable {
     /// Bounds on what a server may send while negotiating.
-    package struct Limits: Hashable, Sendable {
+    public struct Limits: Hashable, Sendable {
         /// Largest single option reply accepted.
-        package var maximumReplyLength: Int
+        public var maximumReplyLength: Int
         /// Largest total of the replies to one option (for example a long `NBD_OPT_LIST`).
-        package var maximumRepliesLength: Int
+        public var maximumRepliesLength: Int
         /// Bounds of these sizes (the defaults otherwise).
-        package init(maximumReplyLength: Int = OptionReply.defaultMaximumLength, maximumRepliesLength: Int = 16 << 20) {
+        public init(maximumReplyLength: Int = OptionReply.defaultMaximumLength, maximumRepliesLength: Int = 16 << 20) {
             self.maximumReplyLength = maximumReplyLength
             self.maximumRepliesLength = maximumRepliesLength
         }
     }
 
     /// What the caller does next.
-    package enum Action: Equatable, Sendable {
+    public enum Action: Equatable, Sendable {
         /// More bytes are needed.
         case wait
         /// The greeting was accepted: send these client flags (32 bits).
@@ -35,7 +35,7 @@ package struct ClientNegotiationStateMachine: Sendable {
         /// connection (hard disconnect).
         case fatal(NBDError)
 
-        package static func == (lhs: Action, rhs: Action) -> Bool {
+        public static func == (lhs: Action, rhs: Action) -> Bool {
             switch (lhs, rhs) {
             case (.wait, .wait): true
             case (.sendClientFlags(let a), .sendClientFlags(let b)): a == b
@@ -59,50 +59,50 @@ package struct ClientNegotiationStateMachine: Sendable {
 
     private(set) var state: State = .awaitingGreeting
     /// The handshake flags the server sent.
-    package private(set) var serverFlags: HandshakeFlags = []
+    public private(set) var serverFlags: HandshakeFlags = []
     /// The client flags sent back.
-    package private(set) var clientFlags: ClientFlags = []
+    public private(set) var clientFlags: ClientFlags = []
     private let limits: Limits
 
     /// A machine waiting for the server's greeting.
-    package init(limits: Limits = Limits()) {
+    public init(limits: Limits = Limits()) {
         self.limits = limits
     }
 
     /// True once GO or EXPORT_NAME succeeded.
-    package var isInTransmission: Bool { state == .transmission }
+    public var isInTransmission: Bool { state == .transmission }
 
     /// True when an option can be sent now.
-    package var canSendOption: Bool { state == .ready }
+    public var canSendOption: Bool { state == .ready }
 
     /// What the options negotiated so far mean for the transmission phase.
-    package struct Negotiated: Hashable, Sendable {
+    public struct Negotiated: Hashable, Sendable {
         /// How transmission is framed: extended once `NBD_OPT_EXTENDED_HEADERS` was
         /// acknowledged, structured once `NBD_OPT_STRUCTURED_REPLY` was.
-        package var format = TransmissionFormat.simple
+        public var format = TransmissionFormat.simple
         /// Whether replies come as chunks.
-        package var structuredReplies: Bool { format.hasChunks }
+        public var structuredReplies: Bool { format.hasChunks }
         /// The contexts the last `NBD_OPT_SET_META_CONTEXT` selected, and for which export.
-        package var metaContexts: [NBDMetaContext] = []
+        public var metaContexts: [NBDMetaContext] = []
         /// The export the last `NBD_OPT_SET_META_CONTEXT` named.
-        package var metaContextExport: String?
+        public var metaContextExport: String?
         /// The export named by the last INFO, GO or EXPORT_NAME.
-        package var export: String?
+        public var export: String?
     }
 
     /// What has been negotiated so far.
-    package private(set) var negotiated = Negotiated()
+    public private(set) var negotiated = Negotiated()
 
     /// The metadata contexts usable in transmission: the spec allows `NBD_CMD_BLOCK_STATUS` only
     /// when the final `NBD_OPT_SET_META_CONTEXT` "referred to the same export name that was
     /// ultimately selected for transmission phase".
-    package var transmissionMetaContexts: [NBDMetaContext] {
+    public var transmissionMetaContexts: [NBDMetaContext] {
         guard negotiated.structuredReplies, negotiated.metaContextExport == negotiated.export else { return [] }
         return negotiated.metaContexts
     }
 
     /// Records that `request` is about to be sent.
-    package mutating func optionSent(_ request: OptionRequest) throws(NBDError) {
+    public mutating func optionSent(_ request: OptionRequest) throws(NBDError) {
         let option = request.code
         guard state == .ready else {
             throw .invalidArgument("cannot send \(option) now: the previous option has no final reply yet or negotiation is over")
@@ -144,10 +144,10 @@ package struct ClientNegotiationStateMachine: Sendable {
     }
 
     /// Marks the machine closed (ABORT sent, or the connection lost).
-    package mutating func close() { state = .closed }
+    public mutating func close() { state = .closed }
 
     /// Consumes what it can of `buffer` and says what to do.
-    package mutating func receive(_ buffer: inout ByteBuffer) -> Action {
+    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         guard state != .failed else { return .wait }
         do {
             return try step(&buffer)

@@ -14,23 +14,23 @@ import NIOCore
 ///
 /// Its code is `@inlinable`: it runs for every reply, and specialized for the caller's
 /// `Context` it costs no generic dispatch.
-package struct ClientTransmissionStateMachine<Context> {
+@_spi(NBDMachines) public struct ClientTransmissionStateMachine<Context> {
     /// What negotiation agreed, and the bounds applied to replies.
-    package struct Configuration: Sendable {
+    public struct Configuration: Sendable {
         /// How requests and replies are framed.
-        package var format: TransmissionFormat
+        public var format: TransmissionFormat
         /// The ids of the metadata contexts `NBD_OPT_SET_META_CONTEXT` selected.
-        package var metaContextIDs: Set<UInt32>
+        public var metaContextIDs: Set<UInt32>
         /// The ids of those whose status has 32 bits: "For metadata contexts that only return
         /// a 32-bit status (including all contexts in the "base:" namespace), the
         /// most-significant 32 bits of *status* MUST be all zeroes."
-        package var narrowStatusContextIDs: Set<UInt32>
+        public var narrowStatusContextIDs: Set<UInt32>
         /// Largest payload accepted for a chunk that is buffered whole (block status, errors).
         /// The spec says servers "SHOULD NOT send more than 2^20 extents in a single reply chunk".
-        package var maximumBufferedChunkLength: Int
+        public var maximumBufferedChunkLength: Int
 
         /// A configuration with the given settings.
-        package init(
+        public init(
             format: TransmissionFormat,
             metaContextIDs: Set<UInt32> = [],
             narrowStatusContextIDs: Set<UInt32> = [],
@@ -43,11 +43,11 @@ package struct ClientTransmissionStateMachine<Context> {
         }
 
         /// Whether replies come as chunks (structured or extended).
-        @inlinable package var structuredReplies: Bool { format.hasChunks }
+        @inlinable public var structuredReplies: Bool { format.hasChunks }
     }
 
     /// What the caller does next.
-    package enum Action {
+    public enum Action {
         /// Data for a READ: `bytes` belong at absolute export `offset`.
         case data(Context, offset: UInt64, bytes: ByteBuffer)
         /// A hole in a READ: `length` zero bytes at absolute export `offset`.
@@ -100,7 +100,7 @@ package struct ClientTransmissionStateMachine<Context> {
     }
 
     /// What negotiation agreed.
-    package var configuration: Configuration
+    public var configuration: Configuration
     @usableFromInline var inFlight: [NBDCookie: InFlight] = [:]
     @usableFromInline var nextCookie: NBDCookie = 1
     @usableFromInline var parseState = ParseState.header
@@ -108,28 +108,28 @@ package struct ClientTransmissionStateMachine<Context> {
     @usableFromInline var outbox = Outbox<Action>()
 
     /// A machine with no request in flight.
-    @inlinable package init(configuration: Configuration) {
+    @inlinable public init(configuration: Configuration) {
         self.configuration = configuration
     }
 
     /// How many requests await their reply.
-    @inlinable package var inFlightCount: Int { inFlight.count }
+    @inlinable public var inFlightCount: Int { inFlight.count }
 
     /// The request in flight with the smallest stamp (of those, the first sent), and that
     /// stamp; nil when none is.
-    package var oldestInFlight: (header: RequestHeader, stamp: UInt64)? {
+    public var oldestInFlight: (header: RequestHeader, stamp: UInt64)? {
         inFlight.values.min { ($0.stamp, $0.header.cookie) < ($1.stamp, $1.header.cookie) }.map { ($0.header, $0.stamp) }
     }
 
     /// Whether a request in flight acts on a byte of `range` (a flush acts on none).
-    @inlinable package func hasRequestInFlight(touching range: Range<UInt64>) -> Bool {
+    @inlinable public func hasRequestInFlight(touching range: Range<UInt64>) -> Bool {
         inFlight.values.contains { request in
             request.header.type != .flush && range.overlaps(request.header.offset, length: request.effectLength)
         }
     }
 
     /// True once a fatal error was reported.
-    @inlinable package var hasFailed: Bool { if case .failed = parseState { true } else { false } }
+    @inlinable public var hasFailed: Bool { if case .failed = parseState { true } else { false } }
 
     /// Registers a request and returns its header, with a fresh cookie, to send with
     /// ``encode(_:into:)``. `NBD_CMD_DISC` gets no reply and is not registered. `stamp` marks
@@ -140,7 +140,7 @@ package struct ClientTransmissionStateMachine<Context> {
     /// for NBD_CMD_WRITE"), and a BLOCK_STATUS given `onlyContexts` is sent in the payload
     /// form that limits the reply to those ids (the server must advertise
     /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`); the header's length is then that of the payload.
-    @inlinable package mutating func startRequest(
+    @inlinable public mutating func startRequest(
         _ type: CommandType,
         flags: CommandFlags = [],
         offset: UInt64,
@@ -173,7 +173,7 @@ package struct ClientTransmissionStateMachine<Context> {
     /// Writes `header` as the negotiated format frames it, with the payload of a filtered
     /// BLOCK_STATUS ("64 bits, effect length; n * 32 bits, list of metacontext ids to use").
     /// A WRITE's data is the caller's to send after it.
-    @inlinable package func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
+    @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         header.encode(into: &buffer, format: configuration.format)
         guard let request = inFlight[header.cookie], let ids = request.filter else { return }
         buffer.writeInteger(request.effectLength)
@@ -181,7 +181,7 @@ package struct ClientTransmissionStateMachine<Context> {
     }
 
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
-    @inlinable package mutating func feed(_ bytes: ByteBuffer) {
+    @inlinable public mutating func feed(_ bytes: ByteBuffer) {
         guard !hasFailed else { return }
         input.appendReceived(bytes)
     }
@@ -191,14 +191,14 @@ package struct ClientTransmissionStateMachine<Context> {
     /// (or simple reply) carries in all. A caller that can read from the socket itself may put
     /// them straight where they belong and report them with ``dataReadDirectly(_:)`` instead
     /// of feeding them.
-    @inlinable package var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
+    @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
         guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, _) = parseState else { return nil }
         return (inFlight[cookie]!.context, offset, remaining, length)
     }
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed. Follow with
     /// ``next()``: the request completes there when these were its last bytes.
-    @inlinable package mutating func dataReadDirectly(_ count: Int) {
+    @inlinable public mutating func dataReadDirectly(_ count: Int) {
         guard input.readableBytes == 0, case .data(_, _, let remaining, _, _) = parseState, count <= remaining else {
             preconditionFailure("dataReadDirectly(\(count)) without that much expected data")
         }
@@ -223,24 +223,24 @@ package struct ClientTransmissionStateMachine<Context> {
     }
 
     /// How many bytes were fed and are not parsed yet (part of a header, say).
-    @inlinable package var unparsedByteCount: Int { input.readableBytes }
+    @inlinable public var unparsedByteCount: Int { input.readableBytes }
 
     /// Removes the bytes fed and not parsed yet, for a caller that reads the socket itself:
     /// it puts them in front of the bytes it reads next and feeds them all, so that a header
     /// split between two reads is whole without copying the second read.
-    @inlinable package mutating func takeUnparsed() -> ByteBuffer {
+    @inlinable public mutating func takeUnparsed() -> ByteBuffer {
         defer { input = ByteBuffer() }
         return input
     }
 
     /// The connection ended: every request in flight fails with `error`.
-    @inlinable package mutating func connectionClosed(_ error: NBDError) -> Action? {
+    @inlinable public mutating func connectionClosed(_ error: NBDError) -> Action? {
         guard !hasFailed else { return nil }
         return fail(error)
     }
 
     /// The next thing to do with what was fed, or nil when more bytes are needed.
-    @inlinable package mutating func next() -> Action? {
+    @inlinable public mutating func next() -> Action? {
         if let action = outbox.next() { return action }
         do {
             if let action = try parse() { return action }

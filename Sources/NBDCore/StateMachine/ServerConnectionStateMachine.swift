@@ -8,9 +8,9 @@ import NIOCore
 /// timeout is closed, so that silent connections cannot hold the server's slots. The deadline
 /// covers a TLS handshake too. Once TLS is up, the client's identity must be on the allow-list,
 /// when there is one.
-package struct ServerConnectionStateMachine: Sendable {
+@_spi(NBDMachines) public struct ServerConnectionStateMachine: Sendable {
     /// What the caller does next.
-    package enum Action: Sendable {
+    public enum Action: Sendable {
         /// Write these buffers in order, then flush; report with ``bytesWritten(_:)`` once written.
         case write([ByteBuffer])
         /// Write these bytes, then close the connection.
@@ -66,7 +66,7 @@ package struct ServerConnectionStateMachine: Sendable {
     /// (or must) start TLS; with `allowedIdentities`, only clients whose TLS identity (an X.509
     /// subject or a PSK user name) is in it are served, and so TLS is required whatever
     /// `tlsMode` says: a client in clear has no identity to check.
-    package init(
+    public init(
         exports: [ServerNegotiationStateMachine.Export],
         maximumOptionLength: Int,
         limits: ServerTransmissionStateMachine.Limits,
@@ -84,7 +84,7 @@ package struct ServerConnectionStateMachine: Sendable {
     /// The TLS handshake that ``Action/startTLS(_:)`` began completed; `identity` is the
     /// client's X.509 subject or PSK user name, when it has one. Negotiation goes on over TLS,
     /// unless the allow-list refuses the identity.
-    package mutating func tlsEstablished(identity: String?) {
+    public mutating func tlsEstablished(identity: String?) {
         guard case .negotiating(var negotiation) = phase else { return }
         if let allowedIdentities, !allowedIdentities.contains(identity ?? "") {
             phase = .ended
@@ -98,14 +98,14 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The client connected: the greeting goes first, and the handshake deadline starts.
-    package mutating func channelActive() {
+    public mutating func channelActive() {
         guard case .negotiating(let negotiation) = phase else { return }
         outbox.append(negotiationWrite(negotiation.greeting()))
         outbox.append(.armTimer(after: handshakeTimeout))
     }
 
     /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written.
-    package mutating func bytesWritten(_ count: Int) {
+    public mutating func bytesWritten(_ count: Int) {
         let paid = min(count, negotiationUnwritten)
         negotiationUnwritten -= paid
         guard count > paid, case .transmission(var transmission) = phase else { return }
@@ -115,7 +115,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The channel became writable or stopped being so.
-    package mutating func writabilityChanged(_ isWritable: Bool) {
+    public mutating func writabilityChanged(_ isWritable: Bool) {
         guard case .transmission(var transmission) = phase else { return }
         phase = .modifying
         transmission.writabilityChanged(isWritable)
@@ -123,7 +123,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The timer of the last ``Action/armTimer(after:)`` went off.
-    package mutating func timerFired() {
+    public mutating func timerFired() {
         switch phase {
         case .negotiating:
             phase = .ended
@@ -144,7 +144,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// Bytes from the client; follow with ``next()``.
-    package mutating func bytesReceived(_ bytes: ByteBuffer) {
+    public mutating func bytesReceived(_ bytes: ByteBuffer) {
         switch phase {
         case .negotiating:
             input.appendReceived(bytes)
@@ -159,7 +159,7 @@ package struct ServerConnectionStateMachine: Sendable {
 
     /// The export's size changed (a resize made on another connection): requests are checked
     /// against `size` from now on.
-    package mutating func exportSizeChanged(to size: UInt64) {
+    public mutating func exportSizeChanged(to size: UInt64) {
         guard case .transmission(var transmission) = phase, transmission.exportSize != size else { return }
         phase = .modifying
         transmission.exportSizeChanged(to: size)
@@ -167,7 +167,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
-    package mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
+    public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }
         phase = .modifying
         transmission.requestCompleted(request, reply)
@@ -176,7 +176,7 @@ package struct ServerConnectionStateMachine: Sendable {
 
     /// The server is stopping: a connection still negotiating closes now; one in transmission
     /// answers what is in flight, refuses new requests with `NBD_ESHUTDOWN`, then closes.
-    package mutating func shutdownRequested() {
+    public mutating func shutdownRequested() {
         switch phase {
         case .negotiating:
             phase = .ended
@@ -191,7 +191,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The connection is gone: nothing more is sent.
-    package mutating func channelClosed() {
+    public mutating func channelClosed() {
         if case .transmission(var transmission) = phase {
             transmission.channelClosed()
         }
@@ -201,7 +201,7 @@ package struct ServerConnectionStateMachine: Sendable {
     }
 
     /// The next thing to do, or nil until the next event.
-    package mutating func next() -> Action? {
+    public mutating func next() -> Action? {
         if let action = outbox.next() { return action }
         switch phase {
         case .negotiating(var negotiation):

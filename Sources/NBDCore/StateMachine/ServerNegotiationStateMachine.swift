@@ -7,19 +7,19 @@ import NIOCore
 /// unknown options get `NBD_REP_ERR_UNSUP` and negotiation goes on. It holds the rules of the
 /// server's TLS mode (``NBDServerTLSMode``): which options are answered before TLS, STARTTLS
 /// itself, and what is forgotten once TLS is up.
-package struct ServerNegotiationStateMachine: Sendable {
+@_spi(NBDMachines) public struct ServerNegotiationStateMachine: Sendable {
     /// What the server offers for one export.
-    package struct Export: Hashable, Sendable {
-        package var name: String
-        package var description: String
-        package var size: UInt64
-        package var flags: TransmissionFlags
-        package var blockSizes: BlockSizeConstraints
+    public struct Export: Hashable, Sendable {
+        public var name: String
+        public var description: String
+        public var size: UInt64
+        public var flags: TransmissionFlags
+        public var blockSizes: BlockSizeConstraints
         /// Zeroing is faster than writing zeroes: `NBD_CMD_FLAG_FAST_ZERO` succeeds.
-        package var zeroIsFast: Bool
+        public var zeroIsFast: Bool
 
         /// An export description.
-        package init(
+        public init(
             name: String,
             description: String = "",
             size: UInt64,
@@ -41,7 +41,7 @@ package struct ServerNegotiationStateMachine: Sendable {
         /// read-only), multi-conn when a flush covers every connection, and block sizes of 1
         /// byte minimum, 4 KiB preferred and `maximumPayload` at most. `NBD_FLAG_SEND_RESIZE`
         /// when `isResizable` and not read-only.
-        package init(
+        public init(
             serving name: String,
             description: String = "",
             size: UInt64,
@@ -69,20 +69,20 @@ package struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// What was agreed when transmission starts.
-    package struct Agreement: Hashable, Sendable {
-        package var export: Export
+    public struct Agreement: Hashable, Sendable {
+        public var export: Export
         /// The transmission flags sent, which depend on the format (`NBD_FLAG_SEND_DF`,
         /// `NBD_FLAG_BLOCK_STATUS_PAYLOAD`).
-        package var flags: TransmissionFlags
+        public var flags: TransmissionFlags
         /// How requests and replies are framed.
-        package var format: TransmissionFormat
+        public var format: TransmissionFormat
         /// The metadata contexts selected for this export, by id.
-        package var metaContexts: [NBDMetaContext]
+        public var metaContexts: [NBDMetaContext]
         /// Whether replies come as chunks (structured or extended).
-        package var structuredReplies: Bool { format.hasChunks }
+        public var structuredReplies: Bool { format.hasChunks }
 
         /// An agreement with the given terms.
-        package init(export: Export, flags: TransmissionFlags, format: TransmissionFormat, metaContexts: [NBDMetaContext]) {
+        public init(export: Export, flags: TransmissionFlags, format: TransmissionFormat, metaContexts: [NBDMetaContext]) {
             self.export = export
             self.flags = flags
             self.format = format
@@ -91,7 +91,7 @@ package struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// What the caller does next.
-    package enum Action: Sendable {
+    public enum Action: Sendable {
         /// More bytes are needed.
         case wait
         /// Send these bytes and go on.
@@ -111,7 +111,7 @@ package struct ServerNegotiationStateMachine: Sendable {
     enum State: Sendable { case awaitingClientFlags, negotiating, awaitingTLS, done }
 
     /// The id of `base:allocation`, the one context this server offers.
-    package static let baseAllocationID: UInt32 = 1
+    public static let baseAllocationID: UInt32 = 1
 
     private let exports: [String: Export]
     private let exportOrder: [String]
@@ -122,11 +122,11 @@ package struct ServerNegotiationStateMachine: Sendable {
     private var selected: (export: String, contexts: [NBDMetaContext])?
     private let tlsMode: NBDServerTLSMode
     /// The TLS handshake that followed STARTTLS completed.
-    package private(set) var isTLS = false
+    public private(set) var isTLS = false
 
     /// A machine serving `exports` in `tlsMode`; options longer than `maximumOptionLength`
     /// end the session.
-    package init(exports: [Export], maximumOptionLength: Int = 64 * 1024, tlsMode: NBDServerTLSMode = .off) {
+    public init(exports: [Export], maximumOptionLength: Int = 64 * 1024, tlsMode: NBDServerTLSMode = .off) {
         self.exports = Dictionary(exports.map { ($0.name, $0) }, uniquingKeysWith: { first, _ in first })
         self.exportOrder = exports.map(\.name)
         self.maximumOptionLength = maximumOptionLength
@@ -134,7 +134,7 @@ package struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// The TLS handshake after STARTTLS succeeded: negotiation goes on, over TLS, from scratch.
-    package mutating func tlsEstablished() {
+    public mutating func tlsEstablished() {
         guard state == .awaitingTLS else { return }
         // "When this command succeeds, the server MUST NOT preserve any negotiation state
         // (such as a request for NBD_OPT_STRUCTURED_REPLY, or metadata contexts from
@@ -146,14 +146,14 @@ package struct ServerNegotiationStateMachine: Sendable {
     }
 
     /// The greeting to send first: fixed newstyle, with NO_ZEROES offered.
-    package func greeting() -> ByteBuffer {
+    public func greeting() -> ByteBuffer {
         var buffer = ByteBuffer()
         ServerGreeting.newstyle([.fixedNewstyle, .noZeroes]).encode(into: &buffer)
         return buffer
     }
 
     /// Consumes what it can of `buffer` and says what to do.
-    package mutating func receive(_ buffer: inout ByteBuffer) -> Action {
+    public mutating func receive(_ buffer: inout ByteBuffer) -> Action {
         switch state {
         case .done, .awaitingTLS:
             return .wait

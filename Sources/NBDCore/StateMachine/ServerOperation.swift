@@ -3,7 +3,7 @@ import NIOCore
 /// What a backend does for one request. The server's transmission machine decides it from the
 /// request and the export (what FUA, FAST_ZERO and REQ_ONE mean, what needs no call at all);
 /// the caller only makes the calls.
-package enum ServerOperation: Sendable {
+@_spi(NBDMachines) public enum ServerOperation: Sendable {
     /// Read `length` bytes at `offset`; with `sparse`, holes may be answered as holes.
     case read(offset: UInt64, length: Int, sparse: Bool)
     /// Write the buffers one after another from `offset`; with `fua`, durable before the reply.
@@ -22,7 +22,7 @@ package enum ServerOperation: Sendable {
 
     /// The bytes of the export the operation touches, or nil for one that touches none in
     /// particular (a flush) or changes the size itself (a resize).
-    package var range: Range<UInt64>? {
+    public var range: Range<UInt64>? {
         switch self {
         case .read(let offset, let length, _): offset..<offset + UInt64(length)
         case .write(let data, let offset, _): offset..<offset + UInt64(data.reduce(0) { $0 + $1.readableBytes })

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// What performing one request gave, before it is framed for the wire.
-package enum ServerReply: Sendable {
+@_spi(NBDMachines) public enum ServerReply: Sendable {
     /// Success with nothing to send but the reply header.
     case done
     /// A READ's data and holes, in order from the request's offset.

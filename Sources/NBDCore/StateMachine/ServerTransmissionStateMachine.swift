@@ -18,23 +18,23 @@ import NIOCore
 ///
 /// A client that breaks the protocol gets ``Action/fatal(_:)``: a hard disconnect, and the
 /// machine accepts nothing more.
-package struct ServerTransmissionStateMachine: Sendable {
+@_spi(NBDMachines) public struct ServerTransmissionStateMachine: Sendable {
     /// Bounds a client must keep to.
-    package struct Limits: Hashable, Sendable {
+    public struct Limits: Hashable, Sendable {
         /// Largest READ or WRITE payload (advertised with `NBD_INFO_BLOCK_SIZE`).
-        package var maximumPayload: Int
+        public var maximumPayload: Int
         /// Requests one client may have in flight; more end its session.
-        package var maximumRequestsInFlight: Int
+        public var maximumRequestsInFlight: Int
         /// Bytes one connection may hold before its requests are no longer read: WRITE data
         /// not yet stored, READ replies being made and replies not yet written. A connection
         /// holds at most this plus one request's payload.
-        package var maximumBufferedBytes: Int
+        public var maximumBufferedBytes: Int
         /// How long reading may stay paused with replies waiting and none of them read by the
         /// client before the connection is closed.
-        package var replyStallTimeout: TimeAmount
+        public var replyStallTimeout: TimeAmount
 
         /// Limits with the given bounds.
-        package init(
+        public init(
             maximumPayload: Int,
             maximumRequestsInFlight: Int,
             maximumBufferedBytes: Int = 64 << 20,
@@ -48,7 +48,7 @@ package struct ServerTransmissionStateMachine: Sendable {
     }
 
     /// What the caller does next.
-    package enum Action: Sendable {
+    public enum Action: Sendable {
         /// Perform this request, whose checks passed, with the backend call `operation` says,
         /// and report the result with ``requestCompleted(_:_:)``.
         case perform(RequestHeader, ServerOperation)
@@ -70,7 +70,7 @@ package struct ServerTransmissionStateMachine: Sendable {
     }
 
     /// What negotiation agreed.
-    package let agreement: ServerNegotiationStateMachine.Agreement
+    public let agreement: ServerNegotiationStateMachine.Agreement
     private let limits: Limits
     private var input = ByteBuffer()
     /// A WRITE whose header arrived and whose data has not all arrived yet.
@@ -89,10 +89,10 @@ package struct ServerTransmissionStateMachine: Sendable {
     /// Whether a reply was written since the stall timer was armed.
     private var wroteSinceArmed = false
     /// The export's size as last known: negotiated, then changed by `NBD_CMD_RESIZE`.
-    package private(set) var exportSize: UInt64
+    public private(set) var exportSize: UInt64
 
     /// A machine for the transmission phase of `agreement`.
-    package init(agreement: ServerNegotiationStateMachine.Agreement, limits: Limits) {
+    public init(agreement: ServerNegotiationStateMachine.Agreement, limits: Limits) {
         self.agreement = agreement
         self.limits = limits
         self.exportSize = agreement.export.size
@@ -100,24 +100,24 @@ package struct ServerTransmissionStateMachine: Sendable {
 
     /// The export's size changed (a resize made on any connection): requests are checked
     /// against `size` from now on.
-    package mutating func exportSizeChanged(to size: UInt64) {
+    public mutating func exportSizeChanged(to size: UInt64) {
         exportSize = size
     }
 
     /// How many requests are being performed.
-    package var inFlightCount: Int { inFlight }
+    public var inFlightCount: Int { inFlight }
 
     /// How many bytes the connection holds now: see ``Limits/maximumBufferedBytes``.
-    package var heldBytes: Int { held }
+    public var heldBytes: Int { held }
 
     /// Appends bytes from the client. Bytes after the end are ignored.
-    package mutating func bytesReceived(_ bytes: ByteBuffer) {
+    public mutating func bytesReceived(_ bytes: ByteBuffer) {
         guard !ended else { return }
         input.appendReceived(bytes)
     }
 
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
-    package mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
+    public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         inFlight -= 1
         held -= Self.payloadHeld(by: request)
         guard !ended else { return }
@@ -136,19 +136,19 @@ package struct ServerTransmissionStateMachine: Sendable {
 
     /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written (or failed
     /// with the connection).
-    package mutating func bytesWritten(_ count: Int) {
+    public mutating func bytesWritten(_ count: Int) {
         unwritten -= count
         held -= count
         wroteSinceArmed = true
     }
 
     /// The channel became writable or stopped being so (its write watermarks).
-    package mutating func writabilityChanged(_ isWritable: Bool) {
+    public mutating func writabilityChanged(_ isWritable: Bool) {
         writable = isWritable
     }
 
     /// The timer of the last ``Action/armTimer(after:)`` went off.
-    package mutating func timerFired() {
+    public mutating func timerFired() {
         guard paused, !ended else { return }
         if unwritten > 0 && !wroteSinceArmed {
             channelClosed()
@@ -162,13 +162,13 @@ package struct ServerTransmissionStateMachine: Sendable {
 
     /// The server is stopping: requests in flight finish and are answered, new ones get
     /// `NBD_ESHUTDOWN`, then the connection closes.
-    package mutating func shutdownRequested() {
+    public mutating func shutdownRequested() {
         shuttingDown = true
         closeIfDone()
     }
 
     /// The connection is gone: nothing more is sent.
-    package mutating func channelClosed() {
+    public mutating func channelClosed() {
         ended = true
         input = ByteBuffer()
         pendingWrite = nil
@@ -176,7 +176,7 @@ package struct ServerTransmissionStateMachine: Sendable {
     }
 
     /// The next thing to do, or nil when more bytes (or results) are needed.
-    package mutating func next() -> Action? {
+    public mutating func next() -> Action? {
         if let action = outbox.next() { return action }
         guard !ended else { return nil }
         if let change = readingChange() { return change }

@@ -1,7 +1,7 @@
 import NIOCore
 
 /// The spec's bound on every string: "MUST be no longer than 4096 bytes".
-package let nbdMaximumStringLength = 4096
+@_spi(NBDMachines) public let nbdMaximumStringLength = 4096
 
 extension ByteBuffer {
     /// Reads `length` bytes as UTF-8 text; invalid sequences are replaced, never trusted.

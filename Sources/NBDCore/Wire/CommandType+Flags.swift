@@ -5,7 +5,7 @@ extension CommandType {
     ///
     /// "NBD_CMD_FLAG_FUA; This flag is valid for all commands, provided NBD_FLAG_SEND_FUA has
     /// been negotiated, in which case the server MUST accept all commands with this bit set."
-    package var documentedFlags: CommandFlags? {
+    public var documentedFlags: CommandFlags? {
         switch self {
         case .read: [.fua, .dontFragment]
         case .write, .flush, .trim, .cache: [.fua]
@@ -20,8 +20,8 @@ extension CommandType {
     /// Whether the command may write data: "The client SHOULD NOT set [FUA] unless the command
     /// has the potential of writing data (current commands are NBD_CMD_WRITE,
     /// NBD_CMD_WRITE_ZEROES and NBD_CMD_TRIM)".
-    package var writesData: Bool { self == .write || self == .writeZeroes || self == .trim }
+    public var writesData: Bool { self == .write || self == .writeZeroes || self == .trim }
 
     /// Whether the command changes the export, and so is refused on a read-only one.
-    package var modifiesExport: Bool { writesData || self == .resize }
+    public var modifiesExport: Bool { writesData || self == .resize }
 }

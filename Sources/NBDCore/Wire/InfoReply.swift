@@ -1,7 +1,7 @@
 import NIOCore
 
 /// The payload of an `NBD_REP_INFO` reply: one `NBD_INFO_*` item ("`NBD_REP_INFO`").
-package enum InfoReply: Hashable, Sendable {
+@_spi(NBDMachines) public enum InfoReply: Hashable, Sendable {
     /// `NBD_INFO_EXPORT`: export size in bytes and transmission flags (length MUST be 12).
     case export(size: UInt64, flags: TransmissionFlags)
     /// `NBD_INFO_NAME`: the canonical name.
@@ -14,7 +14,7 @@ package enum InfoReply: Hashable, Sendable {
     case unknown(InfoType)
 
     /// Decodes a whole payload (the reply's `length` bytes).
-    package static func decode(payload: inout ByteBuffer) throws(NBDError) -> InfoReply {
+    public static func decode(payload: inout ByteBuffer) throws(NBDError) -> InfoReply {
         guard let raw = payload.readInteger(as: UInt16.self) else { throw .serverViolation("NBD_REP_INFO shorter than 2 bytes") }
         let type = InfoType(rawValue: raw)
         let rest = payload.readableBytes
@@ -40,7 +40,7 @@ package enum InfoReply: Hashable, Sendable {
     }
 
     /// Encodes the payload (type and data), without the option reply header.
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .export(let size, let flags):
             buffer.writeMultipleIntegers(InfoType.export.rawValue, size, flags.rawValue)

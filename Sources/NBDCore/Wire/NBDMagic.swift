@@ -1,21 +1,21 @@
 /// The magic numbers that frame every NBD message ("Protocol phases", "Transmission").
-package enum NBDMagic {
+@_spi(NBDMachines) public enum NBDMagic {
     /// `NBDMAGIC`, the first 8 bytes a server sends (also `INIT_PASSWD`).
-    package static let initPassword: UInt64 = 0x4e42_444d_4147_4943
+    public static let initPassword: UInt64 = 0x4e42_444d_4147_4943
     /// `IHAVEOPT`: newstyle greeting, and the prefix of every option request.
-    package static let haveOption: UInt64 = 0x4948_4156_454F_5054
+    public static let haveOption: UInt64 = 0x4948_4156_454F_5054
     /// `cliserv_magic`: the greeting of an oldstyle server.
-    package static let oldstyle: UInt64 = 0x0042_0281_8612_53
+    public static let oldstyle: UInt64 = 0x0042_0281_8612_53
     /// Prefix of every option reply in fixed newstyle negotiation.
-    package static let optionReply: UInt64 = 0x3_e889_0455_65a9
+    public static let optionReply: UInt64 = 0x3_e889_0455_65a9
     /// `NBD_REQUEST_MAGIC`.
-    package static let request: UInt32 = 0x2560_9513
+    public static let request: UInt32 = 0x2560_9513
     /// `NBD_SIMPLE_REPLY_MAGIC`.
-    package static let simpleReply: UInt32 = 0x6744_6698
+    public static let simpleReply: UInt32 = 0x6744_6698
     /// `NBD_STRUCTURED_REPLY_MAGIC`.
-    package static let structuredReply: UInt32 = 0x668e_33ef
+    public static let structuredReply: UInt32 = 0x668e_33ef
     /// `NBD_EXTENDED_REQUEST_MAGIC`: a 32-byte request, once extended headers are negotiated.
-    package static let extendedRequest: UInt32 = 0x21e4_1c71
+    public static let extendedRequest: UInt32 = 0x21e4_1c71
     /// `NBD_EXTENDED_REPLY_MAGIC`: a 32-byte reply chunk header, once extended headers are negotiated.
-    package static let extendedReply: UInt32 = 0x6e8a_278c
+    public static let extendedReply: UInt32 = 0x6e8a_278c
 }

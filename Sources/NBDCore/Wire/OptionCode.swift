@@ -1,33 +1,33 @@
 /// An option the client sends in the negotiation phase ("Option types").
-package struct OptionCode: WireCode {
-    package var rawValue: UInt32
-    package init(rawValue: UInt32) { self.rawValue = rawValue }
+@_spi(NBDMachines) public struct OptionCode: WireCode {
+    public var rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
 
     /// `NBD_OPT_EXPORT_NAME`
-    package static let exportName = OptionCode(rawValue: 1)
+    public static let exportName = OptionCode(rawValue: 1)
     /// `NBD_OPT_ABORT`
-    package static let abort = OptionCode(rawValue: 2)
+    public static let abort = OptionCode(rawValue: 2)
     /// `NBD_OPT_LIST`
-    package static let list = OptionCode(rawValue: 3)
+    public static let list = OptionCode(rawValue: 3)
     /// `NBD_OPT_PEEK_EXPORT`
-    package static let peekExport = OptionCode(rawValue: 4)
+    public static let peekExport = OptionCode(rawValue: 4)
     /// `NBD_OPT_STARTTLS`
-    package static let startTLS = OptionCode(rawValue: 5)
+    public static let startTLS = OptionCode(rawValue: 5)
     /// `NBD_OPT_INFO`
-    package static let info = OptionCode(rawValue: 6)
+    public static let info = OptionCode(rawValue: 6)
     /// `NBD_OPT_GO`
-    package static let go = OptionCode(rawValue: 7)
+    public static let go = OptionCode(rawValue: 7)
     /// `NBD_OPT_STRUCTURED_REPLY`
-    package static let structuredReply = OptionCode(rawValue: 8)
+    public static let structuredReply = OptionCode(rawValue: 8)
     /// `NBD_OPT_LIST_META_CONTEXT`
-    package static let listMetaContext = OptionCode(rawValue: 9)
+    public static let listMetaContext = OptionCode(rawValue: 9)
     /// `NBD_OPT_SET_META_CONTEXT`
-    package static let setMetaContext = OptionCode(rawValue: 10)
+    public static let setMetaContext = OptionCode(rawValue: 10)
     /// `NBD_OPT_EXTENDED_HEADERS`
-    package static let extendedHeaders = OptionCode(rawValue: 11)
+    public static let extendedHeaders = OptionCode(rawValue: 11)
 
     /// The spec's name of each value this library knows.
-    package static let names: [UInt32: String] = [
+    public static let names: [UInt32: String] = [
         1: "NBD_OPT_EXPORT_NAME", 2: "NBD_OPT_ABORT", 3: "NBD_OPT_LIST", 4: "NBD_OPT_PEEK_EXPORT",
         5: "NBD_OPT_STARTTLS", 6: "NBD_OPT_INFO", 7: "NBD_OPT_GO", 8: "NBD_OPT_STRUCTURED_REPLY",
         9: "NBD_OPT_LIST_META_CONTEXT", 10: "NBD_OPT_SET_META_CONTEXT", 11: "NBD_OPT_EXTENDED_HEADERS",

@@ -2,14 +2,14 @@ import NIOCore
 
 /// One option reply ("Fixed newstyle negotiation", "Option reply types"):
 /// magic, 32 bits option, 32 bits reply type, 32 bits length, data.
-package struct OptionReply: Hashable, Sendable {
+@_spi(NBDMachines) public struct OptionReply: Hashable, Sendable {
     /// The option this replies to; the spec says it is "the option as sent by the client".
-    package var option: OptionCode
+    public var option: OptionCode
     /// The decoded reply.
-    package var body: Body
+    public var body: Body
 
     /// What a reply says, by reply type.
-    package enum Body: Hashable, Sendable {
+    public enum Body: Hashable, Sendable {
         /// `NBD_REP_ACK`.
         case ack
         /// `NBD_REP_SERVER`: one export of a list, with its description (may be empty).
@@ -23,13 +23,13 @@ package struct OptionReply: Hashable, Sendable {
     }
 
     /// A reply to `option`.
-    package init(option: OptionCode, body: Body) {
+    public init(option: OptionCode, body: Body) {
         self.option = option
         self.body = body
     }
 
     /// The reply type on the wire.
-    package var type: OptionReplyType {
+    public var type: OptionReplyType {
         switch body {
         case .ack: .ack
         case .server: .server
@@ -40,11 +40,11 @@ package struct OptionReply: Hashable, Sendable {
     }
 
     /// Largest reply this library reads by default: a SERVER reply of two maximal strings.
-    package static let defaultMaximumLength = 4 + 2 * nbdMaximumStringLength
+    public static let defaultMaximumLength = 4 + 2 * nbdMaximumStringLength
 
     /// Decodes one reply; nil when more bytes are needed. A length over `maximumLength` is
     /// refused as soon as the header is read, before its data is awaited or allocated.
-    package static func decode(from buffer: inout ByteBuffer, maximumLength: Int = defaultMaximumLength) throws(NBDError) -> OptionReply? {
+    public static func decode(from buffer: inout ByteBuffer, maximumLength: Int = defaultMaximumLength) throws(NBDError) -> OptionReply? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> OptionReply? in
             guard let (magic, rawOption, rawType, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32, UInt32).self) else {
                 return nil
@@ -84,7 +84,7 @@ package struct OptionReply: Hashable, Sendable {
     }
 
     /// Encodes the whole reply (for servers and tests).
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         buffer.writeMultipleIntegers(NBDMagic.optionReply, option.rawValue, type.rawValue, UInt32(0))
         let lengthIndex = buffer.writerIndex - 4
         let start = buffer.writerIndex

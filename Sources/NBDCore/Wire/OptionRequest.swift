@@ -2,7 +2,7 @@ import NIOCore
 
 /// An option request of the negotiation phase ("Newstyle negotiation", "Option types"):
 /// `IHAVEOPT`, 32 bits option, 32 bits length, data.
-package enum OptionRequest: Hashable, Sendable {
+@_spi(NBDMachines) public enum OptionRequest: Hashable, Sendable {
     /// `NBD_OPT_EXPORT_NAME`: choose an export and enter transmission, with no error reporting.
     case exportName(String)
     /// `NBD_OPT_ABORT`: end the session softly.
@@ -27,7 +27,7 @@ package enum OptionRequest: Hashable, Sendable {
     case other(OptionCode, ByteBuffer)
 
     /// The option's code.
-    package var code: OptionCode {
+    public var code: OptionCode {
         switch self {
         case .exportName: .exportName
         case .abort: .abort
@@ -44,7 +44,7 @@ package enum OptionRequest: Hashable, Sendable {
     }
 
     /// Encodes the whole request, header and data.
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         buffer.writeInteger(NBDMagic.haveOption)
         buffer.writeInteger(code.rawValue)
         let lengthIndex = buffer.writerIndex
@@ -71,7 +71,7 @@ package enum OptionRequest: Hashable, Sendable {
 
     /// Decodes a request (the server side); nil when more bytes are needed.
     /// A length over `maximumLength` is refused before its data is awaited.
-    package static func decode(from buffer: inout ByteBuffer, maximumLength: Int = 64 * 1024) throws(NBDError) -> OptionRequest? {
+    public static func decode(from buffer: inout ByteBuffer, maximumLength: Int = 64 * 1024) throws(NBDError) -> OptionRequest? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> OptionRequest? in
             guard let (magic, rawCode, length) = buffer.readMultipleIntegers(as: (UInt64, UInt32, UInt32).self) else { return nil }
             guard magic == NBDMagic.haveOption else { throw .clientViolation("option request without IHAVEOPT magic") }

@@ -2,7 +2,7 @@ import NIOCore
 
 /// The payload of a structured reply chunk other than the data of `NBD_REPLY_TYPE_OFFSET_DATA`
 /// ("Structured reply types"). OFFSET_DATA's data is streamed, not decoded here.
-package enum ReplyChunk: Hashable, Sendable {
+@_spi(NBDMachines) public enum ReplyChunk: Hashable, Sendable {
     /// `NBD_REPLY_TYPE_NONE`: length MUST be 0.
     case none
     /// `NBD_REPLY_TYPE_OFFSET_HOLE`: `length` bytes at `offset` read as zeroes (length MUST be 12).
@@ -18,7 +18,7 @@ package enum ReplyChunk: Hashable, Sendable {
     case error(ReplyChunkType, errno: NBDErrno, message: String, offset: UInt64?)
 
     /// Decodes a complete payload of a chunk of type `type`.
-    package static func decode(type: ReplyChunkType, payload: inout ByteBuffer) throws(NBDError) -> ReplyChunk {
+    public static func decode(type: ReplyChunkType, payload: inout ByteBuffer) throws(NBDError) -> ReplyChunk {
         let length = payload.readableBytes
         switch type {
         case .none:
@@ -82,7 +82,7 @@ package enum ReplyChunk: Hashable, Sendable {
     }
 
     /// Encodes the payload only (for servers and tests).
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .none: break
         case .offsetHole(let offset, let length): buffer.writeMultipleIntegers(offset, length)

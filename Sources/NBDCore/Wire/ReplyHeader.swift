@@ -5,13 +5,13 @@ import NIOCore
 /// magic, 16 bits flags, 16 bits type, 64 bits cookie, 32 bits payload length) or an extended
 /// reply chunk ("Extended reply chunk message": magic, 16 bits flags, 16 bits type, 64 bits
 /// cookie, 64 bits offset, 64 bits payload length).
-package enum ReplyHeader: Hashable, Sendable {
+@_spi(NBDMachines) public enum ReplyHeader: Hashable, Sendable {
     case simple(SimpleReplyHeader)
     case structured(StructuredReplyHeader)
     case extended(ExtendedReplyHeader)
 
     /// The cookie of the request this answers.
-    package var cookie: NBDCookie {
+    public var cookie: NBDCookie {
         switch self {
         case .simple(let header): header.cookie
         case .structured(let header): header.cookie
@@ -22,7 +22,7 @@ package enum ReplyHeader: Hashable, Sendable {
     /// Decodes a header that `format` allows; nil when more bytes are needed. With extended
     /// headers "all server replies MUST use an extended reply"; without, an extended one, and
     /// without structured replies a chunk, is a violation too.
-    package static func decode(from buffer: inout ByteBuffer, format: TransmissionFormat) throws(NBDError) -> ReplyHeader? {
+    public static func decode(from buffer: inout ByteBuffer, format: TransmissionFormat) throws(NBDError) -> ReplyHeader? {
         guard let magic = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
         switch (magic, format) {
         case (NBDMagic.extendedReply, .extended), (NBDMagic.simpleReply, .simple), (NBDMagic.simpleReply, .structured),
@@ -42,7 +42,7 @@ package enum ReplyHeader: Hashable, Sendable {
     }
 
     /// Decodes a header of any kind by its magic; nil when more bytes are needed.
-    package static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ReplyHeader? {
+    public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ReplyHeader? {
         guard let magic = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
         switch magic {
         case NBDMagic.extendedReply:
@@ -79,7 +79,7 @@ package enum ReplyHeader: Hashable, Sendable {
     }
 
     /// Encodes the header (16 bytes simple, 20 bytes structured, 32 bytes extended).
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .extended(let header):
             buffer.writeMultipleIntegers(
@@ -105,56 +105,56 @@ package enum ReplyHeader: Hashable, Sendable {
 }
 
 /// A simple reply; a successful READ's data follows it.
-package struct SimpleReplyHeader: Hashable, Sendable {
+@_spi(NBDMachines) public struct SimpleReplyHeader: Hashable, Sendable {
     /// Zero for success.
-    package var error: NBDErrno
+    public var error: NBDErrno
     /// The cookie of the request answered.
-    package var cookie: NBDCookie
+    public var cookie: NBDCookie
     /// A simple reply header; `error` 0 means success.
-    package init(error: NBDErrno = NBDErrno(rawValue: 0), cookie: NBDCookie) {
+    public init(error: NBDErrno = NBDErrno(rawValue: 0), cookie: NBDCookie) {
         self.error = error
         self.cookie = cookie
     }
     /// Bytes on the wire.
-    package static let size = 16
+    public static let size = 16
 }
 
 /// The header of one structured reply chunk; `length` bytes of payload follow.
-package struct StructuredReplyHeader: Hashable, Sendable {
+@_spi(NBDMachines) public struct StructuredReplyHeader: Hashable, Sendable {
     /// Chunk flags (`NBD_REPLY_FLAG_DONE`).
-    package var flags: ReplyFlags
+    public var flags: ReplyFlags
     /// The chunk type.
-    package var type: ReplyChunkType
+    public var type: ReplyChunkType
     /// The cookie of the request answered.
-    package var cookie: NBDCookie
+    public var cookie: NBDCookie
     /// Length of the payload that follows.
-    package var length: UInt32
+    public var length: UInt32
     /// A chunk header with the given fields.
-    package init(flags: ReplyFlags, type: ReplyChunkType, cookie: NBDCookie, length: UInt32) {
+    public init(flags: ReplyFlags, type: ReplyChunkType, cookie: NBDCookie, length: UInt32) {
         self.flags = flags
         self.type = type
         self.cookie = cookie
         self.length = length
     }
     /// Bytes on the wire.
-    package static let size = 20
+    public static let size = 20
 }
 
 /// The header of one extended reply chunk; `length` bytes of payload follow. Its `offset`
 /// "MUST match the *offset* of the client's request".
-package struct ExtendedReplyHeader: Hashable, Sendable {
+@_spi(NBDMachines) public struct ExtendedReplyHeader: Hashable, Sendable {
     /// Chunk flags (`NBD_REPLY_FLAG_DONE`).
-    package var flags: ReplyFlags
+    public var flags: ReplyFlags
     /// The chunk type.
-    package var type: ReplyChunkType
+    public var type: ReplyChunkType
     /// The cookie of the request answered.
-    package var cookie: NBDCookie
+    public var cookie: NBDCookie
     /// The offset of the request answered.
-    package var offset: UInt64
+    public var offset: UInt64
     /// Length of the payload that follows.
-    package var length: UInt64
+    public var length: UInt64
     /// A chunk header with the given fields.
-    package init(flags: ReplyFlags, type: ReplyChunkType, cookie: NBDCookie, offset: UInt64, length: UInt64) {
+    public init(flags: ReplyFlags, type: ReplyChunkType, cookie: NBDCookie, offset: UInt64, length: UInt64) {
         self.flags = flags
         self.type = type
         self.cookie = cookie
@@ -162,5 +162,5 @@ package struct ExtendedReplyHeader: Hashable, Sendable {
         self.length = length
     }
     /// Bytes on the wire.
-    package static let size = 32
+    public static let size = 32
 }

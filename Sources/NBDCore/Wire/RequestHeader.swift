@@ -5,22 +5,22 @@ import NIOCore
 /// `NBD_OPT_EXTENDED_HEADERS` is agreed: the same with another magic and a 64-bit length
 /// (32 bytes). A WRITE's data follows; with extended headers, so does any payload flagged
 /// `NBD_CMD_FLAG_PAYLOAD_LEN`.
-package struct RequestHeader: Hashable, Sendable {
+@_spi(NBDMachines) public struct RequestHeader: Hashable, Sendable {
     /// Command flags.
-    package var flags: CommandFlags
+    public var flags: CommandFlags
     /// The command.
-    package var type: CommandType
+    public var type: CommandType
     /// The client's handle for matching the reply.
-    package var cookie: NBDCookie
+    public var cookie: NBDCookie
     /// Export offset in bytes.
-    package var offset: UInt64
+    public var offset: UInt64
     /// Length in bytes: of the payload that follows (a WRITE, or with
     /// `NBD_CMD_FLAG_PAYLOAD_LEN`), otherwise of the part of the export the command acts on.
     /// Only an extended request carries more than 32 bits.
-    package var length: UInt64
+    public var length: UInt64
 
     /// A request header with the given fields.
-    package init(flags: CommandFlags = [], type: CommandType, cookie: NBDCookie, offset: UInt64, length: UInt64) {
+    public init(flags: CommandFlags = [], type: CommandType, cookie: NBDCookie, offset: UInt64, length: UInt64) {
         self.flags = flags
         self.type = type
         self.cookie = cookie
@@ -29,21 +29,21 @@ package struct RequestHeader: Hashable, Sendable {
     }
 
     /// Bytes of a compact request on the wire.
-    package static let size = 28
+    public static let size = 28
     /// Bytes of an extended request on the wire.
-    package static let extendedSize = 32
+    public static let extendedSize = 32
 
     /// Bytes on the wire in `format`.
-    package static func size(in format: TransmissionFormat) -> Int { format == .extended ? extendedSize : size }
+    public static func size(in format: TransmissionFormat) -> Int { format == .extended ? extendedSize : size }
 
     /// Encodes the 28-byte compact header; `length` must fit in 32 bits.
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         precondition(length <= UInt32.max, "a compact request carries a 32-bit length")
         buffer.writeMultipleIntegers(NBDMagic.request, flags.rawValue, type.rawValue, cookie.rawValue, offset, UInt32(length))
     }
 
     /// Encodes the header as `format` frames it (32 bytes extended, 28 otherwise).
-    package func encode(into buffer: inout ByteBuffer, format: TransmissionFormat) {
+    public func encode(into buffer: inout ByteBuffer, format: TransmissionFormat) {
         guard format == .extended else { return encode(into: &buffer) }
         buffer.writeMultipleIntegers(NBDMagic.extendedRequest, flags.rawValue, type.rawValue, cookie.rawValue, offset, length)
     }
@@ -52,20 +52,20 @@ package struct RequestHeader: Hashable, Sendable {
     /// headers whatever `NBD_CMD_FLAG_PAYLOAD_LEN` announces. A WRITE's data follows it with or
     /// without the flag: the spec says the flag "MUST be set for NBD_CMD_WRITE", but qemu 10
     /// sends extended writes without it, and a WRITE's length can only be its payload's.
-    package func payloadLength(in format: TransmissionFormat) -> UInt64 {
+    public func payloadLength(in format: TransmissionFormat) -> UInt64 {
         if type == .write || (format == .extended && flags.contains(.payloadLength)) { return length }
         return 0
     }
 
     /// Decodes a compact header (the server side); nil when more bytes are needed.
-    package static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> RequestHeader? {
+    public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> RequestHeader? {
         try decode(from: &buffer, format: .structured)
     }
 
     /// Decodes a header framed as `format` (the server side); nil when more bytes are needed.
     /// A header of the other size is a violation: "the client MUST use the 32-byte extended
     /// request header" once extended headers are agreed, and the compact one otherwise.
-    package static func decode(from buffer: inout ByteBuffer, format: TransmissionFormat) throws(NBDError) -> RequestHeader? {
+    public static func decode(from buffer: inout ByteBuffer, format: TransmissionFormat) throws(NBDError) -> RequestHeader? {
         guard let magic = buffer.getInteger(at: buffer.readerIndex, as: UInt32.self) else { return nil }
         let expected = format == .extended ? NBDMagic.extendedRequest : NBDMagic.request
         guard magic == expected else {

@@ -5,7 +5,7 @@ import NIOCore
 /// `NBDMAGIC`, then `IHAVEOPT` and 16 bits of handshake flags for newstyle servers, or
 /// `cliserv_magic` for oldstyle ones (which this library recognises in order to refuse them
 /// by name).
-package enum ServerGreeting: Hashable, Sendable {
+@_spi(NBDMachines) public enum ServerGreeting: Hashable, Sendable {
     /// A newstyle server and its handshake flags.
     case newstyle(HandshakeFlags)
     /// An oldstyle server: export size and flags follow (not read).
@@ -13,7 +13,7 @@ package enum ServerGreeting: Hashable, Sendable {
 
     /// Decodes a greeting; nil when more bytes are needed.
     /// Throws ``NBDError/Code-swift.struct/incompatibleServer`` when the peer is not NBD at all.
-    package static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ServerGreeting? {
+    public static func decode(from buffer: inout ByteBuffer) throws(NBDError) -> ServerGreeting? {
         try buffer.rewindingOnNil { (buffer) throws(NBDError) -> ServerGreeting? in
             guard let (password, magic) = buffer.readMultipleIntegers(as: (UInt64, UInt64).self) else { return nil }
             guard password == NBDMagic.initPassword else {
@@ -32,7 +32,7 @@ package enum ServerGreeting: Hashable, Sendable {
     }
 
     /// Encodes a newstyle greeting (for servers and tests); oldstyle writes only the two magics.
-    package func encode(into buffer: inout ByteBuffer) {
+    public func encode(into buffer: inout ByteBuffer) {
         switch self {
         case .newstyle(let flags):
             buffer.writeMultipleIntegers(NBDMagic.initPassword, NBDMagic.haveOption, flags.rawValue)
