@@ -142,7 +142,7 @@ struct ClientReconnectTests {
             server,
             "nbdkit",
             socket: socket,
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=rate", "file", file, "rate=\(rate)"]
+            ["--foreground", "--unix", socket, "--filter=rate", "file", file, "rate=\(rate)"]
         )
         try await nbdkit.start()
         return (file, nbdkit)
@@ -237,7 +237,7 @@ struct ClientReconnectTests {
         let arguments: [String] =
             switch which {
             case "nbdkit":
-                ["--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", "\(port)", "--filter=rate", "file", file, "rate=64M"]
+                ["--foreground", "-i", "127.0.0.1", "-p", "\(port)", "--filter=rate", "file", file, "rate=64M"]
             case "qemu-nbd": ["-b", "127.0.0.1", "-p", "\(port)", "-t", "-f", "raw", "-e", "4", "--cache=none", file]
             default: ["serve", file, "--bind", "127.0.0.1", "--port", "\(port)"]
             }
@@ -291,7 +291,7 @@ struct ClientReconnectTests {
             "nbdkit",
             socket: socket,
             [
-                "--foreground", "--exit-with-parent", "--unix", socket, "--tls=require", "--tls-certificates", certificates.server,
+                "--foreground", "--unix", socket, "--tls=require", "--tls-certificates", certificates.server,
                 "--filter=rate", "file", file, "rate=32M",
             ]
         )
@@ -355,7 +355,7 @@ struct ClientReconnectTests {
             nbdkit.kill()
             let smaller = server.path("smaller.raw")
             try zeroFile(smaller, size: Self.size / 2)
-            nbdkit.arguments = ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=log", "file", smaller, "logfile=\(log)"]
+            nbdkit.arguments = ["--foreground", "--unix", socket, "--filter=log", "file", smaller, "logfile=\(log)"]
             try await nbdkit.start()
             await #expect {
                 try await writing.value
@@ -430,7 +430,7 @@ struct ClientReconnectTests {
         let socket = server.path("file.sock")
         let process = try await server.start(
             "nbdkit",
-            ["--foreground", "--exit-with-parent", "--unix", socket, "file", file],
+            ["--foreground", "--unix", socket, "file", file],
             waitFor: socket
         )
         var configuration = configuration(connections: 1, reconnectDelay: .seconds(20))

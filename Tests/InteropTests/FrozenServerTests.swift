@@ -89,7 +89,7 @@ struct FrozenServerTests {
         let socket = server.path("doomed.sock")
         let nbdkit = try await server.start(
             "nbdkit",
-            ["--foreground", "--exit-with-parent", "--unix", socket, "--filter=delay", "pattern", "64M", "delay-read=30"],
+            ["--foreground", "--unix", socket, "--filter=delay", "pattern", "64M", "delay-read=30"],
             waitFor: socket
         )
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))

@@ -22,7 +22,7 @@ struct NBDKitTests {
             let log = server.path("nbdkit.pid")
             try await server.start(
                 "nbdkit",
-                ["--foreground", "--exit-with-parent", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"],
+                ["--foreground", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"],
                 waitFor: log
             )
             let uri = try NBDURI(host.contains(":") ? "nbd://[\(host)]:\(port)/" : "nbd://\(host):\(port)")
