@@ -108,10 +108,10 @@ final class ServerProcess: @unchecked Sendable {
     /// nbdkit on a Unix socket. Not with `--exit-with-parent`: on Linux that is
     /// PR_SET_PDEATHSIG, sent when the *thread* that spawned it ends, and the threads of Swift's
     /// concurrency pool come and go, so nbdkit died at random between two steps of a test.
-    /// ``stop()`` ends it.
-    func nbdkit(_ arguments: [String]) async throws -> NBDURI {
+    /// ``stop()`` ends it. `tool` may be `trixie:nbdkit`.
+    func nbdkit(_ arguments: [String], tool: String = "nbdkit") async throws -> NBDURI {
         let socket = path(processes.isEmpty ? "nbdkit.sock" : "nbdkit-\(processes.count).sock")
-        try await start("nbdkit", ["--foreground", "--unix", socket] + arguments, waitFor: socket)
+        try await start(tool, ["--foreground", "--unix", socket] + arguments, waitFor: socket)
         return NBDURI(socket: socket)
     }
 
