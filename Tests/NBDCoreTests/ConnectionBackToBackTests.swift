@@ -98,9 +98,7 @@ struct ConnectionBackToBackTests {
 
     @Test func theInFlightCapHoldsRequestsBackInOrder() throws {
         var pair = Pair(seed: 9, maximumInFlight: 3)
-        try pair.connect()
-        _ = try pair.option(.structuredReply)
-        _ = try pair.go("disk")
+        try pair.open("disk", options: [.structuredReply])
         pair.holding = true
         let reads = (0..<20).map { pair.submit(.read, offset: UInt64($0) * 4096, length: 4096) }
         try pair.settle()
@@ -132,8 +130,7 @@ struct ConnectionBackToBackTests {
     /// the wire, and nothing reaches the server.
     @Test func strictModeRefusesBeforeTheWire() throws {
         var pair = Pair(seed: 7)
-        try pair.connect()
-        _ = try pair.go("ro")
+        try pair.open("ro")
         pair.holding = true
         let write = pair.submit(.write, offset: 0, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4]))
         let past = pair.submit(.read, offset: Pair.size, length: 512)
@@ -154,8 +151,7 @@ struct ConnectionBackToBackTests {
 
     @Test func aServerShuttingDownMakesTheClientDisconnectSoftly() throws {
         var pair = Pair(seed: 6)
-        try pair.connect()
-        _ = try pair.go("disk")
+        try pair.open("disk")
         pair.holding = true
         let first = pair.submit(.read, offset: 0, length: 512)
         try pair.settle()
@@ -217,10 +213,7 @@ struct ConnectionBackToBackTests {
         try pair.connect()
         #expect(pair.client.tlsVersion == "tlsv13")
         let start = try pair.go("disk")
-        let sizes = start.goReplies?.compactMap { reply -> UInt64? in
-            if case .info(.export(let size, _)) = reply { size } else { nil }
-        }
-        #expect(sizes == [Pair.size])
+        #expect(start.info.size == Pair.size)
         let write = pair.submit(.write, offset: 4096, length: 4, payload: ByteBuffer(bytes: [1, 2, 3, 4]))
         let read = pair.submit(.read, offset: 4096, length: 4)
         try pair.settle()
@@ -232,7 +225,7 @@ struct ConnectionBackToBackTests {
             #expect(try plain.option(.list).first?.isError == true)
             #expect { try plain.go("disk") } throws: { ($0 as? NBDError)?.optionReply == .errTLSRequired }
         } else {
-            #expect(try plain.go("disk").goReplies?.isEmpty == false)
+            #expect(try plain.go("disk").info.size == Pair.size)
         }
     }
 
@@ -248,8 +241,7 @@ struct ConnectionBackToBackTests {
 
     @Test func aRequestNotAnsweredInTimeFailsEveryRequestAndClosesTheConnection() throws {
         var pair = Pair(seed: 12, maximumInFlight: 2, requestTimeout: .seconds(8))
-        try pair.connect()
-        _ = try pair.go("disk")
+        try pair.open("disk")
         pair.holding = true
         let reads = (0..<4).map { pair.submit(.read, offset: UInt64($0) * 4096, length: 4096) }
         try pair.settle()
@@ -266,8 +258,7 @@ struct ConnectionBackToBackTests {
 
     @Test func answersInTimeKeepTheConnectionAndStopTheClock() throws {
         var pair = Pair(seed: 13, requestTimeout: .seconds(8))
-        try pair.connect()
-        _ = try pair.go("disk")
+        try pair.open("disk")
         pair.holding = true
         let slow = pair.submit(.read, offset: 0, length: 4096)
         try pair.settle()
@@ -298,10 +289,7 @@ struct ConnectionBackToBackTests {
             var pair = Pair(seed: seed, requestTimeout: .seconds(8))
             pair.corruptOneIn = 8
             do {
-                try pair.connect()
-                _ = try pair.option(.structuredReply)
-                _ = try pair.option(.setMetaContext(export: "disk", queries: ["base:allocation"]))
-                _ = try pair.go("disk")
+                try pair.open("disk", options: [.structuredReply, .setMetaContext(export: "disk", queries: ["base:allocation"])])
                 let requests = [
                     pair.submit(.write, offset: 4096, length: 8, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5, 6, 7, 8])),
                     pair.submit(.read, offset: 0, length: 65536),
@@ -475,6 +463,13 @@ struct Pair {
             throw waiter.error ?? NBDError.invalidArgument("GO unanswered")
         }
         return start
+    }
+
+    /// Connects, sends `options` (their replies unread), then GO to `export`: transmission.
+    mutating func open(_ export: String, options: [OptionRequest] = []) throws {
+        try connect()
+        for request in options { _ = try option(request) }
+        _ = try go(export)
     }
 
     /// The client's timer goes off, and both sides run.

@@ -17,9 +17,7 @@ struct RequestRulesBackToBackTests {
 
     @Test func readsAndWritesGoInPiecesOfTheMaximumPayload() throws {
         var pair = Pair(seed: 31)
-        try pair.connect()
-        _ = try pair.option(.structuredReply)
-        _ = try pair.go("small-payload")
+        try pair.open("small-payload", options: [.structuredReply])
         let data = (0..<150_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
         let write = pair.submit(.write, offset: 1000, length: UInt64(data.count), payload: ByteBuffer(bytes: data))
         try pair.settle()
@@ -36,9 +34,7 @@ struct RequestRulesBackToBackTests {
     @Test func aRequestInPiecesCompletesOnceWithTheFirstError() throws {
         var pair = Pair(seed: 32)
         pair.badSector = 70_000
-        try pair.connect()
-        _ = try pair.option(.structuredReply)
-        _ = try pair.go("small-payload")
+        try pair.open("small-payload", options: [.structuredReply])
         let read = pair.submit(.read, offset: 0, length: 200_000)
         try pair.settle()
         // Every piece was sent and answered; the one at the bad sector failed the read.
@@ -65,10 +61,7 @@ struct RequestRulesBackToBackTests {
 
     @Test func withoutExtendedHeadersLongRangesGoInPiecesUnder4GiB() throws {
         var pair = Pair(seed: 34)
-        try pair.connect()
-        _ = try pair.option(.structuredReply)
-        _ = try pair.option(.setMetaContext(export: "huge", queries: ["base:allocation"]))
-        _ = try pair.go("huge")
+        try pair.open("huge", options: [.structuredReply, .setMetaContext(export: "huge", queries: ["base:allocation"])])
         let largest = Machine.largestEffectLength
         let zero = pair.submit(.writeZeroes, offset: 0, length: 6 << 30)
         try pair.settle()

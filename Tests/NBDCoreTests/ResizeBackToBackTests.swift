@@ -19,8 +19,7 @@ struct ResizeBackToBackTests {
 
     @Test func aGrowHoldsBackRequestsPastTheOldEndUntilItsReply() throws {
         var pair = Pair(seed: 21)
-        try pair.connect()
-        _ = try pair.go("resizable")
+        try pair.open("resizable")
         pair.holding = true
         let resize = pair.submit(.resize, offset: 2 * Self.size, length: 0)
         try pair.settle()
@@ -42,8 +41,7 @@ struct ResizeBackToBackTests {
 
     @Test func aShrinkWaitsForRequestsInTheCutThenItsEndBoundsBothSides() throws {
         var pair = Pair(seed: 22)
-        try pair.connect()
-        _ = try pair.go("resizable")
+        try pair.open("resizable")
         pair.holding = true
         let cut = pair.submit(.read, offset: Self.size - 4096, length: 4096)
         let kept = pair.submit(.read, offset: 0, length: 4096)
@@ -67,8 +65,7 @@ struct ResizeBackToBackTests {
 
     @Test func aRefusedResizeLeavesTheSizeAndReleasesWhatWaited() throws {
         var pair = Pair(seed: 23)
-        try pair.connect()
-        _ = try pair.go("resizable")
+        try pair.open("resizable")
         pair.holding = true
         // Beyond what the server can hold: it refuses with ENOSPC.
         let resize = pair.submit(.resize, offset: 2 * Pair.largestSize, length: 0)
@@ -87,8 +84,7 @@ struct ResizeBackToBackTests {
     /// refused by the client's machine, with nothing sent.
     @Test func noResizeWithoutTheFlag() throws {
         var pair = Pair(seed: 26)
-        try pair.connect()
-        _ = try pair.go("disk")
+        try pair.open("disk")
         pair.holding = true
         let resize = pair.submit(.resize, offset: 2 * Self.size, length: 0)
         try pair.settle()
@@ -98,8 +94,7 @@ struct ResizeBackToBackTests {
 
     @Test func resizesGoOneAtATimeInOrder() throws {
         var pair = Pair(seed: 24)
-        try pair.connect()
-        _ = try pair.go("resizable")
+        try pair.open("resizable")
         pair.holding = true
         let first = pair.submit(.resize, offset: 3 * Self.size, length: 0)
         let second = pair.submit(.resize, offset: Self.size / 4, length: 0)
@@ -113,8 +108,7 @@ struct ResizeBackToBackTests {
 
     @Test func aCancelledResizeInTheQueueReleasesWhatWaitedBehindIt() throws {
         var pair = Pair(seed: 25, maximumInFlight: 1)
-        try pair.connect()
-        _ = try pair.go("resizable")
+        try pair.open("resizable")
         pair.holding = true
         let first = pair.submit(.read, offset: 0, length: 512)
         let resize = pair.submit(.resize, offset: 2 * Self.size, length: 0)

@@ -45,8 +45,8 @@ public final class NBDExport: Sendable {
     let handler: NIOLoopBound<NBDClientChannelHandler>
     /// What negotiation said.
     private let negotiatedInfo: NBDExportInfo
-    /// The size, and the one a resize in progress goes to.
-    private let sizes: NIOLockedValueBox<(current: UInt64, target: UInt64?)>
+    /// The size, and whether a resize is under way.
+    private let sizes: NIOLockedValueBox<(current: UInt64, resizing: Bool)>
     private let executor: EventLoopTaskExecutor
 
     /// The thread that reads this export's replies, as a task executor. Tasks that issue many
@@ -77,7 +77,7 @@ public final class NBDExport: Sendable {
         self.channel = channel
         self.handler = handler
         self.negotiatedInfo = info
-        self.sizes = NIOLockedValueBox((info.size, nil))
+        self.sizes = NIOLockedValueBox((info.size, false))
         self.transmissionFormat = transmissionFormat
         self.metaContexts = metaContexts
         self.tlsVersion = tlsVersion
@@ -243,8 +243,8 @@ public final class NBDExport: Sendable {
     /// its connections follow.
     public func resize(to size: UInt64) async throws {
         let alone = sizes.withLockedValue { sizes in
-            guard sizes.target == nil else { return false }
-            sizes.target = size
+            guard !sizes.resizing else { return false }
+            sizes.resizing = true
             return true
         }
         guard alone else { throw NBDError.invalidArgument("another resize of this export is in progress") }
@@ -258,9 +258,9 @@ public final class NBDExport: Sendable {
             channel.eventLoop.runOnLoop { handler.value.submit(request) }
             // Not cancellable: the server may resize whatever the caller does now.
             _ = try await request.future.get()
-            sizes.withLockedValue { $0 = (size, nil) }
+            sizes.withLockedValue { $0 = (size, false) }
         } catch {
-            sizes.withLockedValue { $0.target = nil }
+            sizes.withLockedValue { $0.resizing = false }
             throw error
         }
     }

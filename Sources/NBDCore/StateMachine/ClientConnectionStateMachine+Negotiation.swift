@@ -198,8 +198,6 @@ extension ClientConnectionStateMachine {
         }
         // The one metadata-context rule: see ClientNegotiationStateMachine.transmissionMetaContexts.
         let start = ClientTransmissionStart(
-            goReplies: goReplies,
-            exportNameReply: exportNameReply,
             format: negotiating.machine.negotiated.format,
             metaContexts: negotiating.machine.transmissionMetaContexts,
             info: info

@@ -14,10 +14,6 @@ import NIOCore
 
 /// What transmission starts with, as the negotiation left it.
 @_spi(NBDMachines) public struct ClientTransmissionStart: Sendable {
-    /// GO's replies (its `NBD_REP_INFO`s), or nil after EXPORT_NAME.
-    public var goReplies: [OptionReply.Body]?
-    /// EXPORT_NAME's answer, or nil after GO.
-    public var exportNameReply: ExportNameReply?
     /// How requests and replies are framed.
     public var format: TransmissionFormat
     /// The metadata contexts usable with block status.
