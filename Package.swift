@@ -111,6 +111,8 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
+        // What more than one test target needs: running programs.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(
             name: "NBDCoreTests",
             dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]
@@ -140,7 +142,7 @@ let package = Package(
         .testTarget(
             name: "NBDServerTests",
             dependencies: [
-                "NBD", "NBDCore", "NBDServer", "NBDSystem",
+                "NBD", "NBDCore", "NBDServer", "NBDSystem", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
@@ -148,7 +150,7 @@ let package = Package(
         .testTarget(
             name: "InteropTests",
             dependencies: [
-                "NBD", "NBDCopy", "NBDCore", "NBDServer", "nbd", "nbd-example",
+                "NBD", "NBDCopy", "NBDCore", "NBDServer", "nbd", "nbd-example", "TestSupport",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -2,6 +2,7 @@ import Foundation
 import NBD
 import NIOConcurrencyHelpers
 import NIOCore
+import TestSupport
 import Testing
 
 /// `NBDClient` against real servers: several connections to one export, and servers killed
@@ -480,7 +481,7 @@ struct ClientReconnectTests {
         try await Task.sleep(for: .milliseconds(600))
         try await source.restart(after: .seconds(1))
         let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        copy.waitUntilExit()
+        await copy.exited()
         #expect(copy.terminationStatus == 0, "\(said)")
         #expect(try Data(contentsOf: URL(fileURLWithPath: destinationFile)) == Data(data.readableBytesView))
         #expect(!FileManager.default.fileExists(atPath: journal))
@@ -503,7 +504,7 @@ struct ClientReconnectTests {
         source.kill()
         let killed = ContinuousClock.now
         let said = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        copy.waitUntilExit()
+        await copy.exited()
         #expect(ContinuousClock.now - killed < .seconds(2))
         #expect(copy.terminationStatus == 1)
         #expect(said.hasPrefix("nbd: ") && said.split(separator: "\n").count == 1, "\(said)")

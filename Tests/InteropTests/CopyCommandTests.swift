@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NIOCore
+import TestSupport
 import Testing
 
 @Suite("nbd copy", .serialized)
@@ -235,7 +236,7 @@ extension CopyCommandTests {
         try await Task.sleep(for: .milliseconds(1500))
         kill(process.processIdentifier, SIGINT)
         let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        while process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        await process.exited()
         #expect(process.terminationStatus == 130)
         #expect(message.hasPrefix("nbd: interrupted"), "\(message)")
     }

@@ -2,6 +2,7 @@ import Foundation
 import NBD
 import NBDServer
 import NIOCore
+import TestSupport
 import Testing
 
 /// `nbd zero` and `nbd trim` (libnbd 1.24's nbdzero and nbddiscard), and the question they ask.

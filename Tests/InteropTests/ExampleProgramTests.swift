@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import TestSupport
 import Testing
 
 /// `nbd-example`, the README's first command, walks every phase and says what it saw.

@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import TestSupport
 import Testing
 
 /// Every printing command piped into a reader that goes away (`| head -1`, `| true`): no crash

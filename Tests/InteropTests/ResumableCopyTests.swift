@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import TestSupport
 import Testing
 
 /// `nbd copy --resume FILE`: a copy interrupted by Ctrl-C, by its source's death or by its
@@ -48,7 +49,7 @@ struct ResumableCopyTests {
         #expect(process.isRunning, "the copy ended before it was interrupted")
         interrupt(process)
         let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        while process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        await process.exited()
         return (process.terminationStatus, message)
     }
 
@@ -66,7 +67,7 @@ struct ResumableCopyTests {
         #expect(first.error.contains("run the same command again"), "\(first.error)")
         let done = try #require(journalledBytes(journal))
         #expect(done > 0 && done < Self.size)
-        while victim.isRunning { try await Task.sleep(for: .milliseconds(10)) }
+        await victim.exited()
         return done
     }
 

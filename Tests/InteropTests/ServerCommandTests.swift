@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NIOCore
+import TestSupport
 import Testing
 
 /// Servers started for the connection, as libnbd starts them: on standard input and output

@@ -4,6 +4,7 @@ import NBD
 import NBDServer
 import NIOCore
 import ServiceLifecycle
+import TestSupport
 import Testing
 
 /// How the server starts and stops: as a Service in a ServiceGroup (a graceful shutdown answers

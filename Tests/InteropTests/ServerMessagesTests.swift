@@ -2,6 +2,7 @@ import Foundation
 import NBD
 import NBDServer
 import NIOCore
+import TestSupport
 import Testing
 
 /// A backend's failure reaches the client in words: the structured error chunk carries the

@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NIOCore
+import TestSupport
 import Testing
 
 /// A real NBD server (or helper) started for one test in a temporary folder, and stopped after.
@@ -214,28 +215,6 @@ let nbdTool: String = {
 func runNBD(_ arguments: [String]) throws -> (status: Int32, output: String, error: String) {
     let result = try runProcess(nbdTool, arguments)
     return (result.status, String(decoding: result.output, as: UTF8.self), result.error)
-}
-
-/// Runs a program to its end: exit status, standard output, standard error.
-func runProcess(
-    _ executable: String,
-    _ arguments: [String],
-    in directory: URL? = nil
-) throws -> (status: Int32, output: Data, error: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    process.currentDirectoryURL = directory
-    let output = Pipe()
-    let error = Pipe()
-    process.standardOutput = output
-    process.standardError = error
-    try process.run()
-    let data = output.fileHandleForReading.readDataToEndOfFile()
-    let errorText = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    // Not waitUntilExit(): it can hang when called from a Swift concurrency thread.
-    while process.isRunning { usleep(1000) }
-    return (process.terminationStatus, data, errorText)
 }
 
 extension NBDURI {

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import TestSupport
 import Testing
 
 @testable import NBD
@@ -176,19 +177,12 @@ struct ResizeTests {
     }
 
     static func run(_ tool: String, _ arguments: [String]) throws -> String {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: tool)
-        process.arguments = arguments
-        let output = Pipe()
-        process.standardOutput = output
-        try process.run()
-        let data = output.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        guard process.terminationStatus == 0 else {
+        let result = try runProcess(tool, arguments)
+        guard result.status == 0 else {
             throw NBDError.invalidArgument(
-                "\(tool) \(arguments.joined(separator: " ")) failed (util-linux's losetup needs root and loop devices)"
+                "\(tool) \(arguments.joined(separator: " ")) failed (util-linux's losetup needs root and loop devices): \(result.error)"
             )
         }
-        return String(decoding: data, as: UTF8.self)
+        return String(decoding: result.output, as: UTF8.self)
     }
 }
