@@ -305,6 +305,23 @@ struct ClientStateMachineTests {
         #expect(!actions.contains { if case .resume = $0 { true } else { false } })
     }
 
+    /// A connection lost during a resize may come back to an export the server has resized
+    /// already: that size is no change while the resize is under way, and one after it.
+    @Test func aReconnectionDuringAResizeMayFindItsSize() {
+        var machine = machine(connections: 1)
+        running(&machine, connections: 1)
+        machine.resizeStarted(to: 4 << 20)
+        var found = identity
+        found.size = 4 << 20
+        _ = machine.connectionLost(slot: 0, generation: 1, cause: NBDError(.connectionClosed, "reset", connectionUsable: false), now: t0)
+        #expect(!finish(machine.dialSucceeded(slot: 0, connection: 200, identity: found, canMultiConn: true, now: t0)).ends)
+        _ = machine.exportResized(to: 4 << 20, through: 0)
+        machine.resizeEnded(to: 4 << 20)
+        _ = machine.connectionLost(slot: 0, generation: 2, cause: NBDError(.connectionClosed, "reset", connectionUsable: false), now: t0)
+        let actions = machine.dialSucceeded(slot: 0, connection: 201, identity: identity, canMultiConn: true, now: t0)
+        #expect(finish(actions).error?.code == .exportChanged)
+    }
+
     /// A flags change alone (a restarted server with other options) is no change of export.
     @Test func aRestartMayChangeFlagsThatDoNotMatter() {
         var machine = machine(connections: 1)

@@ -59,11 +59,14 @@ extension NBDClient {
     /// while a resize is, on any connection: the resize waits until no other request of this
     /// client is out, and requests made meanwhile wait for it. Afterwards every connection, and
     /// every reconnection, works to the new size. A connection lost with the resize unanswered
-    /// sends it again on another (resizing twice to one size is harmless).
+    /// sends it again on another (resizing twice to one size is harmless); a reconnection made
+    /// meanwhile may find the export at either size.
     public func resize(to size: UInt64) async throws {
-        try await withConnection(weight: 0, alone: true) { export, slot in
-            try await export.resize(to: size)
-            await resized(to: size, through: slot)
+        try await resizing(to: size) {
+            try await withConnection(weight: 0, alone: true) { export, slot in
+                try await export.resize(to: size)
+                await resized(to: size, through: slot)
+            }
         }
     }
 

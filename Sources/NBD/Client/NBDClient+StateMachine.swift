@@ -91,6 +91,8 @@ extension NBDClient {
         private var admitted = 0
         /// A lease taken alone is out (a resize): nothing else is admitted until it is back.
         private var exclusiveHeld = false
+        /// The sizes of the resizes under way: a reconnection meanwhile may find one of them.
+        private var resizesUnderWay: [UInt64] = []
 
         init(configuration: Configuration) {
             self.configuration = configuration
@@ -167,7 +169,7 @@ extension NBDClient {
                 }
                 // After a restart the export must be the same one; anything else could write the
                 // rest of a job onto another disk.
-                if let difference = found.difference(from: first, strict: false) {
+                if let difference = reconnectionDifference(found, from: first) {
                     return end(NBDError(.exportChanged, "the export changed while reconnecting: \(difference)", connectionUsable: false))
                         + [.close(connection)]
                 }
@@ -388,6 +390,28 @@ extension NBDClient {
 
         /// Whether the first waiter, not one alone, may be admitted.
         private var mayAdmitNext: Bool { !exclusiveHeld && admitted < configuration.maximumAdmitted }
+
+        /// A resize to `size` starts: until ``resizeEnded(to:)``, a reconnection may find the
+        /// export at that size (the server may have resized before the connection was lost).
+        mutating func resizeStarted(to size: UInt64) {
+            resizesUnderWay.append(size)
+        }
+
+        mutating func resizeEnded(to size: UInt64) {
+            if let index = resizesUnderWay.firstIndex(of: size) { resizesUnderWay.remove(at: index) }
+        }
+
+        /// How a reconnection's export differs from `first`, or nil when it is the same one:
+        /// at the size of a resize under way, it is.
+        private func reconnectionDifference(_ found: ExportIdentity, from first: ExportIdentity) -> String? {
+            guard let difference = found.difference(from: first, strict: false) else { return nil }
+            for size in resizesUnderWay {
+                var resized = first
+                resized.size = size
+                if found.difference(from: resized, strict: false) == nil { return nil }
+            }
+            return difference
+        }
 
         /// The export was resized to `size` through one connection: reconnections must find
         /// that size from now on. Answers the other connections up, which must learn it too.

@@ -251,6 +251,13 @@ public final class NBDClient: Sendable {
         }
     }
 
+    /// Runs `body`, a resize to `size`: reconnections meanwhile may find the export at that size.
+    func resizing(to size: UInt64, _ body: () async throws -> Void) async throws {
+        machine.withLockedValue { $0.resizeStarted(to: size) }
+        defer { machine.withLockedValue { $0.resizeEnded(to: size) } }
+        try await body()
+    }
+
     /// Connection `slot` resized the export: the others, and reconnections, follow.
     func resized(to size: UInt64, through slot: Int) async {
         let others = machine.withLockedValue { $0.exportResized(to: size, through: slot) }
