@@ -85,8 +85,9 @@ package func copyHoldingJournalLock(
             try? journal.remove()
         } else {
             // What was written is flushed and recorded; should that fail, the journal holds
-            // less, and the next run copies more.
-            try? await journal.checkpoint(flushing: destination)
+            // less, and the next run copies more. In a task of its own: a copy cancelled by its
+            // caller records its work all the same (an NBD flush in a cancelled task fails).
+            await Task { try? await journal.checkpoint(flushing: destination) }.value
         }
     }
     if let failure { throw failure }

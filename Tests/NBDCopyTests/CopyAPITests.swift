@@ -148,6 +148,33 @@ struct CopyAPITests {
         #expect(!FileManager.default.fileExists(atPath: journal.path) && !FileManager.default.fileExists(atPath: journal.path + ".lock"))
     }
 
+    /// A copy whose own task is cancelled still records what it wrote: its last checkpoint's
+    /// flush is not cancelled with it (an NBD destination's flush would fail at once).
+    @Test func aCancelledCopyRecordsWhatItWrote() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        let bytes = image(Self.size, seed: 9)
+        let memory = MemoryDestination(size: Self.size, initial: 0x55)
+        let running = NIOLockedValueBox<Task<CopyReport, any Error>?>(nil)
+        let destination = InterruptingDestination(memory, afterWrites: 8) {
+            // The copy may get here before its starter has recorded the task.
+            while running.withLockedValue({ $0 == nil }) { await Task.yield() }
+            running.withLockedValue { $0?.cancel() }
+        }
+        let task = Task { try await copy(from: MemorySource(bytes), to: destination, options: options(journal: journal)) }
+        running.withLockedValue { $0 = task }
+        await #expect(throws: CancellationError.self) { _ = try await task.value }
+        let data = try Data(contentsOf: URL(fileURLWithPath: journal.path))
+        let done = (try JSONSerialization.jsonObject(with: data) as? [String: Any])?["done"] as? [[Int]]
+        let recorded = done?.reduce(0) { $0 + $1[1] - $1[0] } ?? 0
+        #expect(recorded > 0 && recorded < Self.size, "\(String(decoding: data, as: UTF8.self))")
+        for range in done ?? [] { #expect(memory.bytes[range[0]..<range[1]] == bytes[range[0]..<range[1]]) }
+
+        let second = try await copy(from: MemorySource(bytes), to: memory, options: options(journal: journal))
+        #expect(second.resumedBytes == UInt64(recorded) && firstDifference(memory.bytes, bytes) == nil)
+    }
+
     /// A journal with progress is never applied to a file that opening just created: what it
     /// records is not in it.
     @Test func aJournalIsNotAppliedToAFileCreatedAnew() async throws {
@@ -159,7 +186,7 @@ struct CopyAPITests {
         let file = try FileEndpoint.destination(path, size: UInt64(Self.size))
         let first = try await copy(
             from: .pattern(size: UInt64(Self.size)),
-            to: StoppingDestination(file, stop: stop, afterWrites: 8),
+            to: InterruptingDestination(file, afterWrites: 8) { stop.request() },
             options: options(journal: journal),
             stop: stop
         )
@@ -239,17 +266,18 @@ final class BitmapSource: CopySource {
     }
 }
 
-/// A destination that asks `stop` after so many writes, and otherwise is `inner`.
-struct StoppingDestination: CopyDestination {
+/// `inner`, which calls `interrupt` after so many writes (to stop the copy, or cancel its
+/// task); its flush fails in a cancelled task, as an NBD destination's does.
+struct InterruptingDestination: CopyDestination {
     let inner: any CopyDestination
-    let stop: CopyStop
     let afterWrites: Int
+    let interrupt: @Sendable () async -> Void
     private let writes = NIOLockedValueBox(0)
 
-    init(_ inner: any CopyDestination, stop: CopyStop, afterWrites: Int) {
+    init(_ inner: any CopyDestination, afterWrites: Int, then interrupt: @escaping @Sendable () async -> Void) {
         self.inner = inner
-        self.stop = stop
         self.afterWrites = afterWrites
+        self.interrupt = interrupt
     }
 
     var size: UInt64? { inner.size }
@@ -259,18 +287,20 @@ struct StoppingDestination: CopyDestination {
 
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
         try await inner.write(data, at: offset, worker: worker)
-        if writes.withLockedValue({
+        let count = writes.withLockedValue {
             $0 += 1
             return $0
-        }) >= afterWrites {
-            stop.request()
         }
+        if count == afterWrites { await interrupt() }
     }
 
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         try await inner.zero(at: offset, length: length, worker: worker)
     }
-    func flush() async throws { try await inner.flush() }
+    func flush() async throws {
+        try Task.checkCancellation()
+        try await inner.flush()
+    }
     func close() async { await inner.close() }
 }
 
