@@ -1,6 +1,7 @@
 import Logging
 @_spi(NBDMachines) import NBDCore
 import NBDEventLoop
+import NBDTLS
 import NIOCore
 import NIOSSL
 import NIOTLS
@@ -109,7 +110,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if tlsHandler != nil, error is NIOSSLError || error is BoringSSLError {
             // "If the handshake is unsuccessful ... the server MUST terminate the session."
-            logger.warning("TLS failed: closing the client", metadata: ["error": "\(error)"])
+            logger.warning("TLS failed: closing the client", metadata: ["error": "\(TLSFailure(error, side: .server))"])
         } else {
             logger.warning("connection error", metadata: ["error": "\(error)"])
         }

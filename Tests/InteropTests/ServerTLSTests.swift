@@ -2,6 +2,7 @@ import Foundation
 import NBD
 @_spi(NBDMachines) import NBDCore
 import NIOCore
+import TestSupport
 import Testing
 
 /// `nbd serve` over TLS, against real clients: nbdinfo, nbdsh, nbdcopy (both ways, compared by
@@ -144,6 +145,9 @@ struct ServerTLSTests {
         // No client certificate, or one from another CA: refused. The CA's own: served.
         #expect(try attempt(folder, "nbdinfo", ["--size", x509URI(verifying, credentials.client)]).status != 0)
         #expect(try attempt(folder, "nbdinfo", ["--size", x509URI(verifying, credentials.stranger)]).status != 0)
+        // The server's log says why, in words.
+        #expect(log(folder).contains("the client sent no certificate, and this server requires one"), "\(log(folder))")
+        #expect(log(folder).contains("the client's certificate could not be verified"), "\(log(folder))")
         #expect(try attempt(folder, "nbdinfo", ["--size", x509URI(verifying, credentials.identity)]).output == "67108864\n")
 
         let allowing = try await serve(
@@ -177,6 +181,9 @@ struct ServerTLSTests {
         #expect(try attempt(folder, "nbdinfo", ["--size", uri("carol", "carol.psk")]).status != 0, "an unknown user")
         #expect(try attempt(folder, "nbdinfo", ["--size", uri("bob", "psk/keys.psk")]).status != 0, "a user not allowed")
         #expect(log(folder).contains("the client \"bob\" is not on the TLS allow-list"), "\(log(folder))")
+        #expect(log(folder).contains("the client's pre-shared key or user name is not this server's"), "\(log(folder))")
+        #expect(log(folder).contains("the client's user name is not in this server's pre-shared key file"), "\(log(folder))")
+        #expect(!log(folder).contains("BoringSSL") && !log(folder).contains("SSL_"), "\(log(folder))")
 
         // qemu with a tls-creds-psk object, and our own client.
         let object = "tls-creds-psk,id=tls0,dir=\(folder.path("psk")),username=alice,endpoint=client"

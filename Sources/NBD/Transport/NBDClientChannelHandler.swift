@@ -1,5 +1,6 @@
 import Logging
 @_spi(NBDMachines) import NBDCore
+import NBDTLS
 import NIOCore
 import NIOSSL
 import NIOTLS
@@ -148,7 +149,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // In words: which TLS check failed, or which socket error happened.
         if let tls, !machine.isInTransmission, error is NIOSSLError || error is NIOSSLExtraError || error is BoringSSLError {
-            machine.errorCaught(TLSFailure(error, hostname: tls.hostname))
+            machine.errorCaught(TLSFailure(error, side: .client(hostname: tls.hostname)))
         } else {
             machine.errorCaught(ConnectionFailure(error) ?? error)
         }
