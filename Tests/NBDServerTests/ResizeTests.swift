@@ -39,6 +39,24 @@ struct ResizeTests {
         ByteBuffer(bytes: (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) })
     }
 
+    /// Resizes made at once on one export go one after the other: the size it keeps is the
+    /// server's, the one a new connection negotiates.
+    @Test func resizesAtOnceEndAtTheServersSize() async throws {
+        try await serving(MemoryBackend(size: Self.size, maximumSize: 16 * Self.size)) { uri in
+            let export = try await NBDExport.connect(to: uri)
+            for round in 1...5 {
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for factor in UInt64(1)...4 { group.addTask { try await export.resize(to: factor * UInt64(round) * 65536) } }
+                    try await group.waitForAll()
+                }
+                let fresh = try await NBDExport.connect(to: uri)
+                #expect(export.size == fresh.size, "round \(round)")
+                await fresh.disconnect()
+            }
+            await export.disconnect()
+        }
+    }
+
     @Test func oneConnectionShrinksAndTheOtherGetsENOSPCPastTheNewEnd() async throws {
         try await serving(MemoryBackend(size: Self.size)) { uri in
             let resizer = try await NBDExport.connect(to: uri)

@@ -45,8 +45,8 @@ public final class NBDExport: Sendable {
     let handler: NIOLoopBound<NBDClientChannelHandler>
     /// What negotiation said.
     private let negotiatedInfo: NBDExportInfo
-    /// The size, and whether a resize is under way.
-    private let sizes: NIOLockedValueBox<(current: UInt64, resizing: Bool)>
+    /// The size: the negotiated one, then that of each resize as its reply comes.
+    private let currentSize: NIOLockedValueBox<UInt64>
     private let executor: EventLoopTaskExecutor
 
     /// The thread that reads this export's replies, as a task executor. Tasks that issue many
@@ -77,7 +77,7 @@ public final class NBDExport: Sendable {
         self.channel = channel
         self.handler = handler
         self.negotiatedInfo = info
-        self.sizes = NIOLockedValueBox((info.size, false))
+        self.currentSize = NIOLockedValueBox(info.size)
         self.transmissionFormat = transmissionFormat
         self.metaContexts = metaContexts
         self.tlsVersion = tlsVersion
@@ -91,7 +91,7 @@ public final class NBDExport: Sendable {
     }
 
     /// The export's size in bytes: the negotiated one, then that of each ``resize(to:)``.
-    public var size: UInt64 { sizes.withLockedValue { $0.current } }
+    public var size: UInt64 { currentSize.withLockedValue { $0 } }
 
     /// READ data read from the socket straight into its destination so far (see `DirectRead`).
     var bytesReadDirectly: Int {
@@ -235,39 +235,33 @@ public final class NBDExport: Sendable {
     /// The resize goes on the wire once no request touching the bytes between the old and the
     /// new size is there, and requests to those bytes wait for its reply, as the extension
     /// demands; requests elsewhere go on. Afterwards ``size`` and strict mode follow the new
-    /// size, and requests past it fail. One resize at a time: another one made meanwhile fails.
+    /// size, and requests past it fail. Resizes made at the same time go one after the other,
+    /// in the order they were made; ``size`` follows each reply.
     /// Once sent, a resize cannot be taken back: cancelling the task does not stop the wait for
     /// the server's answer.
     ///
     /// Other connections to the export learn the size from their server; ``NBDClient`` makes
     /// its connections follow.
     public func resize(to size: UInt64) async throws {
-        let alone = sizes.withLockedValue { sizes in
-            guard !sizes.resizing else { return false }
-            sizes.resizing = true
-            return true
-        }
-        guard alone else { throw NBDError.invalidArgument("another resize of this export is in progress") }
         let request = PendingRequest(.resize, flags: [], offset: size, length: 0, promise: channel.eventLoop.makePromise())
-        let handler = self.handler
-        do {
-            guard !Task.isCancelled else {
-                channel.eventLoop.runOnLoop { request.fail(CancellationError()) }
-                throw CancellationError()
-            }
-            channel.eventLoop.runOnLoop { handler.value.submit(request) }
-            // Not cancellable: the server may resize whatever the caller does now.
-            _ = try await request.future.get()
-            sizes.withLockedValue { $0 = (size, false) }
-        } catch {
-            sizes.withLockedValue { $0.resizing = false }
-            throw error
+        guard !Task.isCancelled else {
+            channel.eventLoop.runOnLoop { request.fail(CancellationError()) }
+            throw CancellationError()
         }
+        let (handler, currentSize) = (self.handler, self.currentSize)
+        channel.eventLoop.runOnLoop {
+            // Recorded by a callback on the event loop, set before the request goes: replies come
+            // in the order the machine sent the resizes, and so the sizes are recorded.
+            request.future.whenSuccess { _ in currentSize.withLockedValue { $0 = size } }
+            handler.value.submit(request)
+        }
+        // Not cancellable: the server may resize whatever the caller does now.
+        _ = try await request.future.get()
     }
 
     /// Another connection to the export resized it: requests are bounded by `size` from now on.
     func exportResizedElsewhere(to size: UInt64) async {
-        sizes.withLockedValue { $0.current = size }
+        currentSize.withLockedValue { $0 = size }
         let handler = self.handler
         try? await channel.eventLoop.submit { handler.value.exportResizedElsewhere(to: size) }.get()
     }
