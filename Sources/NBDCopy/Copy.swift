@@ -16,7 +16,8 @@
 ///   - progress: counts the bytes as they are done; made for the source's size when nil.
 ///     Finished when the copy ends.
 ///   - stop: asks the copy to end after what is in flight (the report then says
-///     ``CopyReport/stopped``). Cancelling the task instead ends it at once.
+///     ``CopyReport/stopped``). Cancelling the task instead ends it at once; a resumable
+///     copy still records what was written, giving the destination's flush at most 2 s.
 /// - Throws: ``NBDCopyError`` (or the endpoints' own errors, such as `NBDError`). A resumable
 ///   copy's journal records what was written before the failure.
 public func copy(
@@ -85,9 +86,8 @@ package func copyHoldingJournalLock(
             try? journal.remove()
         } else {
             // What was written is flushed and recorded; should that fail, the journal holds
-            // less, and the next run copies more. In a task of its own: a copy cancelled by its
-            // caller records its work all the same (an NBD flush in a cancelled task fails).
-            await Task { try? await journal.checkpoint(flushing: destination) }.value
+            // less, and the next run copies more.
+            await journal.lastCheckpoint(flushing: destination)
         }
     }
     if let failure { throw failure }

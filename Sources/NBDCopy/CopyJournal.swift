@@ -110,6 +110,26 @@ package final class CopyJournal: Sendable {
         try save(done)
     }
 
+    /// How long a cancelled copy waits for its last checkpoint's flush.
+    package static let cancelledGrace: Duration = .seconds(2)
+
+    /// The checkpoint of a copy that did not complete, in a task of its own: a copy cancelled
+    /// by its caller records its work all the same (an NBD flush fails at once in a cancelled
+    /// task), but gives a destination that does not answer only ``cancelledGrace``.
+    package func lastCheckpoint(flushing destination: any CopyDestination) async {
+        let checkpoint = Task { _ = try? await self.checkpoint(flushing: destination) }
+        guard Task.isCancelled else {
+            await checkpoint.value
+            return
+        }
+        let deadline = Task {
+            try? await Task.sleep(for: Self.cancelledGrace)
+            checkpoint.cancel()
+        }
+        await checkpoint.value
+        deadline.cancel()
+    }
+
     /// Runs `work` with a checkpoint every `interval`; a checkpoint that fails stops the work.
     package func checkpointing<T: Sendable>(
         flushing destination: any CopyDestination,

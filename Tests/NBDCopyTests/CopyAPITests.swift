@@ -175,6 +175,26 @@ struct CopyAPITests {
         #expect(second.resumedBytes == UInt64(recorded) && firstDifference(memory.bytes, bytes) == nil)
     }
 
+    /// A cancelled copy whose destination does not answer its last flush gives up on it after
+    /// the grace period: the journal keeps what earlier checkpoints recorded.
+    @Test func aCancelledCopyWaitsForAFrozenFlushOnlyBriefly() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        let running = NIOLockedValueBox<Task<CopyReport, any Error>?>(nil)
+        let destination = InterruptingDestination(MemoryDestination(size: Self.size), afterWrites: 8, flushFreezes: true) {
+            while running.withLockedValue({ $0 == nil }) { await Task.yield() }
+            running.withLockedValue { $0?.cancel() }
+        }
+        let task = Task { try await copy(from: MemorySource(image(Self.size)), to: destination, options: options(journal: journal)) }
+        running.withLockedValue { $0 = task }
+        let started = ContinuousClock.now
+        await #expect(throws: CancellationError.self) { _ = try await task.value }
+        // Well under the frozen flush's minute, with room for a loaded machine.
+        #expect(ContinuousClock.now - started < .seconds(30))
+        #expect(FileManager.default.fileExists(atPath: journal.path))
+    }
+
     /// A journal with progress is never applied to a file that opening just created: what it
     /// records is not in it.
     @Test func aJournalIsNotAppliedToAFileCreatedAnew() async throws {
@@ -267,16 +287,24 @@ final class BitmapSource: CopySource {
 }
 
 /// `inner`, which calls `interrupt` after so many writes (to stop the copy, or cancel its
-/// task); its flush fails in a cancelled task, as an NBD destination's does.
+/// task); its flush fails in a cancelled task, as an NBD destination's does, and with
+/// `flushFreezes` first waits a minute, or until cancelled.
 struct InterruptingDestination: CopyDestination {
     let inner: any CopyDestination
     let afterWrites: Int
+    let flushFreezes: Bool
     let interrupt: @Sendable () async -> Void
     private let writes = NIOLockedValueBox(0)
 
-    init(_ inner: any CopyDestination, afterWrites: Int, then interrupt: @escaping @Sendable () async -> Void) {
+    init(
+        _ inner: any CopyDestination,
+        afterWrites: Int,
+        flushFreezes: Bool = false,
+        then interrupt: @escaping @Sendable () async -> Void
+    ) {
         self.inner = inner
         self.afterWrites = afterWrites
+        self.flushFreezes = flushFreezes
         self.interrupt = interrupt
     }
 
@@ -298,6 +326,7 @@ struct InterruptingDestination: CopyDestination {
         try await inner.zero(at: offset, length: length, worker: worker)
     }
     func flush() async throws {
+        if flushFreezes { try await Task.sleep(for: .seconds(60)) }
         try Task.checkCancellation()
         try await inner.flush()
     }
