@@ -25,6 +25,9 @@ extension Process {
     /// Waits until the process has ended. Not `waitUntilExit()`: it runs the calling thread's
     /// run loop, and on a Swift concurrency thread it can wait for ever.
     public func exited() async {
-        while isRunning { try? await Task.sleep(for: .milliseconds(10)) }
+        while isRunning {
+            // In a cancelled task the sleep returns at once: wait all the same, without spinning.
+            do { try await Task.sleep(for: .milliseconds(10)) } catch { usleep(10_000) }
+        }
     }
 }
