@@ -243,20 +243,13 @@ public final class NBDExport: Sendable {
     /// Other connections to the export learn the size from their server; ``NBDClient`` makes
     /// its connections follow.
     public func resize(to size: UInt64) async throws {
-        let request = PendingRequest(.resize, flags: [], offset: size, length: 0, promise: channel.eventLoop.makePromise())
-        guard !Task.isCancelled else {
-            channel.eventLoop.runOnLoop { request.fail(CancellationError()) }
-            throw CancellationError()
+        let currentSize = self.currentSize
+        // Not cancellable once submitted: the server may resize whatever the caller does now.
+        // The size is recorded on the event loop as the reply comes: replies come in the order
+        // the machine sent the resizes, and so the sizes are recorded.
+        _ = try await perform(.resize, flags: [], offset: size, length: 0, cancellable: false) {
+            currentSize.withLockedValue { $0 = size }
         }
-        let (handler, currentSize) = (self.handler, self.currentSize)
-        channel.eventLoop.runOnLoop {
-            // Recorded by a callback on the event loop, set before the request goes: replies come
-            // in the order the machine sent the resizes, and so the sizes are recorded.
-            request.future.whenSuccess { _ in currentSize.withLockedValue { $0 = size } }
-            handler.value.submit(request)
-        }
-        // Not cancellable: the server may resize whatever the caller does now.
-        _ = try await request.future.get()
     }
 
     /// Another connection to the export resized it: requests are bounded by `size` from now on.
@@ -285,7 +278,9 @@ public final class NBDExport: Sendable {
     /// Submits one request and waits for its answer: the extents of a BLOCK_STATUS by context
     /// id, nothing for the rest. The connection's state machine applies strict mode, splits it
     /// as the protocol wants, and answers once every piece is done, so that no reply still
-    /// writes into a buffer handed back to the caller.
+    /// writes into a buffer handed back to the caller. Unless `cancellable`, cancelling the task
+    /// once the request is submitted does not stop the wait; `whenAnswered` runs on the event
+    /// loop on success, before the caller resumes.
     private func perform(
         _ type: CommandType,
         flags: CommandFlags,
@@ -293,7 +288,9 @@ public final class NBDExport: Sendable {
         length: UInt64,
         onlyContexts: [UInt32]? = nil,
         payload: [ByteBuffer] = [],
-        destination: ReadDestination? = nil
+        destination: ReadDestination? = nil,
+        cancellable: Bool = true,
+        whenAnswered: (@Sendable () -> Void)? = nil
     ) async throws -> [UInt32: [BlockDescriptor]] {
         let loop = channel.eventLoop
         let request = PendingRequest(
@@ -312,6 +309,14 @@ public final class NBDExport: Sendable {
             // or NIO reports it leaked (and a debug build stops there).
             loop.runOnLoop { request.fail(CancellationError()) }
             throw CancellationError()
+        }
+        if let whenAnswered {
+            // Registered before the request goes, so that it runs in the order replies come.
+            loop.runOnLoop { request.future.whenSuccess { _ in whenAnswered() } }
+        }
+        guard cancellable else {
+            loop.runOnLoop { handler.value.submit(request) }
+            return try await request.future.get()
         }
         return try await withTaskCancellationHandler {
             loop.runOnLoop { handler.value.submit(request) }
