@@ -109,7 +109,7 @@ extension ClientConnectionStateMachine {
                 }
             case .exportNameAccepted(let reply):
                 disarm()
-                startTransmission(goReplies: nil, exportNameReply: reply, pending: state.pending)
+                startTransmission(.exportName(reply), pending: state.pending)
                 return
             case .optionCompleted(let option, let replies):
                 disarm()
@@ -139,7 +139,7 @@ extension ClientConnectionStateMachine {
                     disconnectRequested(waiter: nil)
                 }
             } else if option == .go {
-                startTransmission(goReplies: replies, exportNameReply: nil, pending: pending)
+                startTransmission(.go(replies), pending: pending)
             } else {
                 outbox.append(.succeed(waiter, .optionReplies(replies)))
             }
@@ -186,11 +186,18 @@ extension ClientConnectionStateMachine {
         )
     }
 
-    mutating func startTransmission(goReplies: [OptionReply.Body]?, exportNameReply: ExportNameReply?, pending: Pending?) {
+    /// How the server let the client into transmission.
+    enum TransmissionAnswer {
+        /// GO's replies (its `NBD_REP_INFO`s, the final ACK last).
+        case go([OptionReply.Body])
+        case exportName(ExportNameReply)
+    }
+
+    mutating func startTransmission(_ answer: TransmissionAnswer, pending: Pending?) {
         guard case .option(let option, let waiter) = pending, case .negotiating(let negotiating) = phase else { return }
         let info: NBDExportInfo
         do {
-            info = try Self.exportInfo(of: option, goReplies: goReplies, exportNameReply: exportNameReply)
+            info = try Self.exportInfo(of: option, answer)
         } catch {
             outbox.append(.fail(waiter, error))
             fail(error)
@@ -219,16 +226,11 @@ extension ClientConnectionStateMachine {
     }
 
     /// The export GO or EXPORT_NAME opened, as the server described it.
-    static func exportInfo(
-        of option: OptionRequest,
-        goReplies: [OptionReply.Body]?,
-        exportNameReply: ExportNameReply?
-    ) throws(NBDError) -> NBDExportInfo {
-        switch option {
-        case .go(let name, _):
-            return try NBDExportInfo(requestedName: name, replies: goReplies ?? [])
-        case .exportName(let name):
-            let reply = exportNameReply ?? ExportNameReply(size: 0, flags: [])
+    static func exportInfo(of option: OptionRequest, _ answer: TransmissionAnswer) throws(NBDError) -> NBDExportInfo {
+        switch (option, answer) {
+        case (.go(let name, _), .go(let replies)):
+            return try NBDExportInfo(requestedName: name, replies: replies)
+        case (.exportName(let name), .exportName(let reply)):
             return NBDExportInfo(name: name, size: reply.size, flags: reply.flags)
         default:
             throw .serverViolation("transmission started after \(option.code)")
