@@ -111,16 +111,16 @@ let package = Package(
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]
         ),
-        // What more than one test target needs: running programs.
+        // What more than one test target needs: running programs, waiting on them, seeds, ports.
         .target(name: "TestSupport", path: "Tests/TestSupport"),
         .testTarget(
             name: "NBDCoreTests",
-            dependencies: ["NBDCore", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBDCore", "TestSupport", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "NBDTests",
             dependencies: [
-                "NBD", "NBDCore", "NBDTLS",
+                "NBD", "NBDCore", "NBDTLS", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
@@ -130,7 +130,7 @@ let package = Package(
         .testTarget(
             name: "NBDCopyTests",
             dependencies: [
-                "NBDCopy",
+                "NBDCopy", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

@@ -53,7 +53,7 @@ if [ -z "$mirror" ]; then
     echo "no Debian mirror found in apt's sources to make the $suite chroot from" >&2
     exit 1
 fi
-# Never through the bind mount of the host's /tmp that scripts/test.sh makes.
+# Never through a bind mount of the host's /tmp (older versions of scripts/test.sh made one).
 umount "$root/tmp" 2>/dev/null || true
 rm -rf --one-file-system "$root"
 mkdir -p "$(dirname "$root")"

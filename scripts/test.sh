@@ -3,8 +3,18 @@
 # when they are missing (Debian's packages, as root), says what to install when it cannot,
 # then runs every test, one suite at a time. Extra arguments go to `swift test`
 # (for example: scripts/test.sh --filter BackToBack).
+#
+#   scripts/test.sh --under-load [ARGS]   the tests step alone (every suite; not format, docs,
+#                                         fuzz, TSan) with two CPU-bound processes beside it for
+#                                         the whole run: what a loaded CI machine looks like.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+under_load=""
+if [ "${1:-}" = "--under-load" ]; then
+    under_load=yes
+    shift
+fi
 
 # Each step prints a heading; a failing run ends with a line naming the step that failed, so
 # that CI's log can be read from its tail.
@@ -13,12 +23,11 @@ step() {
     current=$1
     echo "=== step: $current ($(date -u +%H:%M:%S))"
 }
-# The bind mount of /tmp into the chroot is undone at the end: left in place, `rm -rf` of the
-# clone would go through it and empty the host's /tmp.
-mounted=""
+# The load of --under-load ends with the run, however it ends.
+load=()
 finish() {
     status=$?
-    if [ -n "$mounted" ]; then umount "$mounted" || true; fi
+    if [ ${#load[@]} -gt 0 ]; then kill "${load[@]}" 2>/dev/null || true; fi
     if [ $status -ne 0 ] && [ -n "$current" ]; then echo "FAILED step: $current (exit $status)"; fi
 }
 trap finish EXIT
@@ -35,7 +44,7 @@ for command in "${!packages[@]}"; do
     command -v "$command" >/dev/null 2>&1 || missing+=("${packages[$command]}")
 done
 # nbdsh needs the Python bindings too, which a command check does not see.
-python3 -c 'import nbd' 2>/dev/null || missing+=(python3-libnbd)
+/usr/bin/python3 -c 'import nbd' 2>/dev/null || missing+=(python3-libnbd)
 
 if [ ${#missing[@]} -gt 0 ]; then
     wanted=$(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')
@@ -53,25 +62,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # The newer peers that speak extended headers (qemu 10, libnbd 1.22) live in a Debian trixie
-# chroot, made once (about a minute) and reused. Its /tmp is the host's, so that the tests'
-# sockets and images have the same paths inside and out.
+# chroot, made once (about a minute) and reused. Each tool started there sees the host's /tmp
+# through a bind mount in a mount namespace of its own (Tests/InteropTests/ServerProcess.swift),
+# which ends with the tool: no mount outlives a run, however it ends.
 step "the trixie chroot"
 trixie=$(scripts/chroot.sh)
-if ! mountpoint -q "$trixie/tmp"; then
-    if [ "$(id -u)" = 0 ]; then
-        mount --bind /tmp "$trixie/tmp"
-        mounted="$trixie/tmp"
-    else
-        echo "the trixie chroot needs the host's /tmp: as root, mount --bind /tmp $trixie/tmp" >&2
-        exit 1
-    fi
-fi
 export NBD_TRIXIE_ROOT=$trixie
 
-# One suite at a time: dozens of real servers started at once would starve a small machine
-# and make the timing-sensitive tests (cancellation) flaky.
+# One suite at a time: dozens of real servers started at once would starve a small machine.
 step "tests"
+if [ -n "$under_load" ]; then
+    for _ in 1 2; do
+        # Busy, and never ending on its own; killed by the trap.
+        sh -c 'while :; do :; done' &
+        load+=($!)
+    done
+    echo "under load: two CPU-bound processes (${load[*]}) run beside the tests"
+fi
 swift test --no-parallel "$@"
+if [ -n "$under_load" ]; then
+    current=""
+    echo "=== the tests passed under load"
+    exit 0
+fi
 
 # The whole run also checks the formatting, builds the documentation (warnings being errors)
 # fuzzes every parser of a peer's bytes for 30 s each, and runs the unit tests under TSan.

@@ -124,6 +124,9 @@ public final class NBDServer: Service, Sendable {
             return result
         }
 
+        /// How many are open.
+        var count: Int { state.withLockedValue { $0.channels.count } }
+
         /// `channel` entered transmission.
         func negotiated(_ channel: Channel) {
             state.withLockedValue { $0.negotiating.removeAll { $0 === channel } }

@@ -27,7 +27,7 @@ struct BackupRecipeTests {
         #expect(try await verify(FileEndpoint.source(backup), matches: firstHash))
 
         // A bitmap, then the guest's writes: new data, and zeroes over old data.
-        try image.dirty(after: full.process)
+        try await image.dirty(after: full.process)
         let (uri, trace) = try await image.serveWithBitmap()
 
         // The recipe.

@@ -4,6 +4,7 @@ import NBD
 import NBDServer
 import NIOCore
 import NIOPosix
+import TestSupport
 import Testing
 
 /// The built-in server against libnbd's tools, qemu-img and our own client.
@@ -171,8 +172,7 @@ struct BuiltInServerTests {
     func rawSessionIsClosed(socket: String, sending bytes: ByteBuffer) async throws -> Bool {
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton).connect(unixDomainSocketPath: socket).get()
         try await channel.writeAndFlush(bytes)
-        for _ in 0..<200 where channel.isActive { try await Task.sleep(for: .milliseconds(10)) }
-        let closed = !channel.isActive
+        let closed = (try? await waitUntil("the server to close the connection") { !channel.isActive }) != nil
         try? await channel.close()
         return closed
     }
@@ -236,6 +236,7 @@ extension BuiltInServerTests {
             RequestHeader(type: .write, cookie: 1, offset: 4096, length: 5000).encode(into: &$0)
             $0.writeBytes(payload.prefix(3000))
         }
+        // A pause on purpose, so that the two pieces tend to arrive apart.
         try await Task.sleep(for: .milliseconds(50))
         try await client.send {
             $0.writeBytes(payload.suffix(2000))
@@ -259,6 +260,7 @@ extension BuiltInServerTests {
         try await client.send { RequestHeader(type: .write, cookie: 1, offset: 0, length: 6000).encode(into: &$0) }
         for start in stride(from: 0, to: 6000, by: 300) {
             try await client.send { $0.writeBytes(payload[start..<(start + 300)]) }
+            // A pause on purpose, so that the pieces tend to arrive apart.
             try await Task.sleep(for: .milliseconds(5))
         }
         #expect(try await client.simpleReply() == SimpleReplyHeader(cookie: 1))
@@ -287,12 +289,13 @@ extension BuiltInServerTests {
         // The two admitted are unaffected, and a place freed is taken again.
         #expect(try await second.read(at: 0, length: 4096) == ByteBuffer(repeating: 0, count: 4096))
         await first.disconnect()
+        // The server sees the first go a moment later: until then the third is still refused.
         var third: NBDExport?
-        for _ in 0..<100 where third == nil {
-            third = try? await NBDExport.connect(to: uri)
-            if third == nil { try await Task.sleep(for: .milliseconds(20)) }
+        var seen = ""
+        try await waitUntil("a third connection to be admitted", seen: seen) {
+            do { third = try await NBDExport.connect(to: uri) } catch { seen = "\(error)" }
+            return third != nil
         }
-        #expect(third != nil)
         await third?.disconnect()
         await second.disconnect()
         await server.shutdown()
@@ -311,6 +314,7 @@ extension BuiltInServerTests {
                 try await group.waitForAll()
             }
         }
+        // A pause on purpose: the shutdown comes while the writes are going, at whatever point.
         try await Task.sleep(for: .milliseconds(5))
         await server.shutdown()
         // Every write either completed or was refused with ESHUTDOWN / a closed connection:
@@ -388,8 +392,7 @@ extension BuiltInServerTests {
         try await export.write(data, at: 0)
         await export.disconnect()
         kill(process.processIdentifier, SIGTERM)
-        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
-        #expect(!process.isRunning)
+        try await process.exited()
         #expect(process.terminationStatus == 0)
         let written = try Data(contentsOf: URL(fileURLWithPath: folder.path("disk.raw")))
         #expect(written.prefix(65536) == Data(data.readableBytesView))

@@ -225,18 +225,21 @@ extension CopyCommandTests {
     @Test func interruptDrainsAndSaysSo() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        // Every read takes half a second: the copy is still running when Ctrl-C comes.
-        let uri = try await server.nbdkit(["--filter=delay", "pattern", "64M", "delay-read=500ms"]).description
+        // Every read takes half a second: the copy is still running when Ctrl-C comes. The log
+        // filter, outside the delay, writes a line as each read arrives.
+        let log = server.path("reads.log")
+        let uri = try await server.nbdkit(["--filter=log", "--filter=delay", "pattern", "64M", "delay-read=500ms", "logfile=\(log)"])
         let process = Process()
         process.executableURL = URL(fileURLWithPath: nbdTool)
-        process.arguments = ["copy", uri, "null:"]
+        process.arguments = ["copy", uri.description, "null:"]
         let errors = Pipe()
         process.standardError = errors
         try process.run()
-        try await Task.sleep(for: .milliseconds(1500))
+        // Ctrl-C once the copy is under way: its first read has reached the server.
+        try await waitUntil(file: log, holds: " Read ")
         kill(process.processIdentifier, SIGINT)
         let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        await process.exited()
+        try await process.exited()
         #expect(process.terminationStatus == 130)
         #expect(message.hasPrefix("nbd: interrupted"), "\(message)")
     }

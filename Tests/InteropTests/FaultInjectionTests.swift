@@ -3,6 +3,7 @@ import NBD
 @_spi(NBDMachines) import NBDCore
 import NBDServer
 import NIOCore
+import TestSupport
 import Testing
 
 /// Faults injected into real peers: nbdkit's error and delay filters, servers killed part way,
@@ -96,7 +97,8 @@ struct FaultInjectionTests {
     }
 
     /// nbdkit 1.32's delay filter has fixed delays only; an sh plugin of nbdkit makes each read
-    /// and write wait 0 to 9 ms at random, on many threads, so replies overtake each other.
+    /// and write wait 0 to 9 ms at random (sleeps on purpose), on many threads, so replies
+    /// overtake each other.
     @Test func randomlyDelayedRepliesGiveExactData() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
@@ -137,14 +139,19 @@ struct FaultInjectionTests {
         process.standardError = errors
         process.standardOutput = FileHandle.nullDevice
         try process.run()
-        try await Task.sleep(for: .milliseconds(800))
-        #expect(process.isRunning)
+        // Killed once the copy is under way: 4 MiB through the copy's sockets.
+        try await waitUntil("nbd copy to move 4 MiB", seen: "\(bytesMoved(by: process.processIdentifier))") {
+            guard process.isRunning else { throw InteropError("nbd copy ended before the server was killed") }
+            let moved = bytesMoved(by: process.processIdentifier)
+            return (side == "source" ? moved.read : moved.written) >= 4 << 20
+        }
         kill(nbdkit.processIdentifier, SIGKILL)
         let killedAt = ContinuousClock.now
-        while process.isRunning, ContinuousClock.now - killedAt < .seconds(10) { try await Task.sleep(for: .milliseconds(20)) }
+        try await process.exited()
         let text = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        #expect(!process.isRunning && process.terminationStatus == 1, "\(text)")
-        #expect(ContinuousClock.now - killedAt < within(.seconds(2)))
+        #expect(process.terminationStatus == 1, "\(text)")
+        // At once: not after the tool's 60 s request timeout, which a missed loss would wait for.
+        #expect(ContinuousClock.now - killedAt < within(.seconds(10)))
         #expect(text.contains("the server closed the connection") || text.contains("reset the connection"), "\(text)")
     }
 }
@@ -166,7 +173,6 @@ extension FaultInjectionTests {
             ["serve", "--memory", "256M", "--connection-buffer", "8M", "--socket", socket],
             waitFor: socket
         )
-        try await Task.sleep(for: .milliseconds(300))
         let baseline = try residentMiB(serve.processIdentifier)
         // A client that never reads: 500 READs of 1 MiB (500 MiB of replies).
         let rude = try await RawClient(socket: socket)
@@ -196,12 +202,13 @@ extension FaultInjectionTests {
             $0.writeRepeatingByte(0xEE, count: 1000)
         }
         await cut.close()
+        #expect(try await garbage.isClosedByServer())
+        #expect(try await oversized.isClosedByServer())
+        // A pause on purpose, for the rude client's replies to pile up if the bound failed.
         try await Task.sleep(for: .seconds(1))
         let held = try residentMiB(serve.processIdentifier)
         // The bound (8 MiB) plus one payload (32 MiB) per connection, not 500 MiB.
         #expect(held - baseline < 80, "serve grew from \(baseline) MiB to \(held) MiB")
-        #expect(try await garbage.isClosedByServer())
-        #expect(try await oversized.isClosedByServer())
         // Everyone else is served, exactly; the cut-off WRITE was not applied.
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
         #expect(try await export.read(at: 128 << 20, length: 1000) == ByteBuffer(repeating: 0, count: 1000))
@@ -210,9 +217,11 @@ extension FaultInjectionTests {
         #expect(try await export.read(at: 16 << 20, length: 4 << 20) == data)
         await export.disconnect()
         await rude.close()
-        try await Task.sleep(for: .milliseconds(500))
-        let after = try residentMiB(serve.processIdentifier)
-        #expect(after - baseline < 80, "serve holds \(after) MiB after the clients left (started at \(baseline) MiB)")
+        var after = 0
+        try await waitUntil("serve to hold less than 80 MiB over its start after the clients left", seen: "\(after) MiB over") {
+            after = try residentMiB(serve.processIdentifier) - baseline
+            return after < 80
+        }
         kill(serve.processIdentifier, SIGTERM)
     }
 

@@ -23,7 +23,7 @@ struct IncrementalCopyTests {
         }
 
         // Then a bitmap, and writes: new data, and zeroes over old data.
-        try image.dirty(after: full.process)
+        try await image.dirty(after: full.process)
         let (bitmapURI, trace) = try await image.serveWithBitmap()
         let uri = bitmapURI.description
         // What the source holds now, by nbdcopy.

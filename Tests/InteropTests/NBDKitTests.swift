@@ -2,6 +2,7 @@ import Foundation
 import NBD
 import NIOCore
 import NIOPosix
+import TestSupport
 import Testing
 
 // Serialized: the helpers block a thread while a tool runs, and the machine has two cores.
@@ -18,13 +19,10 @@ struct NBDKitTests {
         for host in ["127.0.0.1", "::1"] {
             let server = try ServerProcess()
             defer { server.stop() }
-            let port = ServerProcess.freePort()
-            let log = server.path("nbdkit.pid")
-            try await server.start(
-                "nbdkit",
-                ["--foreground", "-i", host, "-p", "\(port)", "-P", log, "memory", "16M"],
-                waitFor: log
-            )
+            let pidFile = server.path("nbdkit.pid")
+            let (_, port) = try await server.startOnFreePort("nbdkit", waitFor: pidFile) { port in
+                ["--foreground", "-i", host, "-p", "\(port)", "-P", pidFile, "memory", "16M"]
+            }
             let uri = try NBDURI(host.contains(":") ? "nbd://[\(host)]:\(port)/" : "nbd://\(host):\(port)")
             let export = try await NBDExport.connect(to: uri)
             let data = pattern(65536, seed: 3)
@@ -125,11 +123,16 @@ struct NBDKitTests {
         let uri = try await server.nbdkit(["memory", "16M"])
         let name = "swift-nbd-test-\(UUID().uuidString.prefix(8))"
         try await server.start("socat", ["ABSTRACT-LISTEN:\(name),fork", "UNIX-CONNECT:\(try uri.socketPath)"])
-        // socat listens a moment after it starts: try for up to 5 s.
+        // socat listens a moment after it starts.
         var connected: NBDExport?
-        for _ in 0..<50 where connected == nil {
-            connected = try? await NBDExport.connect(to: NBDURI("nbd+unix:///?socket=%00\(name)"))
-            if connected == nil { try await Task.sleep(for: .milliseconds(100)) }
+        var seen = ""
+        try await waitUntil("socat to listen on @\(name)", seen: seen) {
+            do {
+                connected = try await NBDExport.connect(to: NBDURI("nbd+unix:///?socket=%00\(name)"))
+            } catch {
+                seen = "\(error)"
+            }
+            return connected != nil
         }
         let export = try #require(connected)
         let data = pattern(8192, seed: 5)
@@ -202,10 +205,13 @@ struct NBDKitTests {
     @Test func cancelledReadLeavesTheConnectionUsable() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let uri = try await server.nbdkit(["--filter=delay", "memory", "16M", "delay-read=3"])
+        // The log filter, outside the delay, writes a line as the read arrives.
+        let log = server.path("reads.log")
+        let uri = try await server.nbdkit(["--filter=log", "--filter=delay", "memory", "16M", "delay-read=3", "logfile=\(log)"])
         let export = try await NBDExport.connect(to: uri)
         let slow = Task { try await export.read(at: 0, length: 4096) }
-        try await Task.sleep(for: .milliseconds(200))
+        // Cancelled once on the wire, so that its late reply must be read and dropped.
+        try await waitUntil(file: log, holds: " Read ")
         slow.cancel()
         await #expect(throws: CancellationError.self) { _ = try await slow.value }
         let data = pattern(4096, seed: 2)

@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import TestSupport
 
 /// The incremental-backup scene the bitmap tests share: a 64 MiB qcow2 holding data (8 MiB at 0,
 /// 2 MiB at 30M), served read-only for the full copy; then a dirty bitmap `b0` and the guest's
@@ -24,11 +25,11 @@ struct QemuBitmapImage {
     }
 
     /// Stops the full copy's server, then adds the bitmap and makes the guest's writes.
-    func dirty(after fullCopyServer: Process) throws {
+    func dirty(after fullCopyServer: Process) async throws {
         // SIGKILL: children of Swift concurrency threads start with SIGTERM blocked. The image
         // must be free before qemu-img and qemu-io write to it.
         kill(fullCopyServer.processIdentifier, SIGKILL)
-        while fullCopyServer.isRunning { usleep(1000) }
+        try await fullCopyServer.exited()
         _ = try server.run("qemu-img", ["bitmap", "--add", path, "b0"])
         _ = try server.run("qemu-io", ["-f", "qcow2", "-c", "write -P 0x77 10M 1M", "-c", "write -z 31M 512K", path])
     }

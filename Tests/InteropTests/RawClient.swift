@@ -4,6 +4,7 @@ import NBD
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import TestSupport
 
 /// A client that sends whatever bytes a test wants, to check how a server treats bad clients.
 final class RawClient: Sendable {
@@ -34,20 +35,26 @@ final class RawClient: Sendable {
         try await channel.writeAndFlush(buffer)
     }
 
-    /// Waits (up to 2 s) for `count` bytes and takes them.
+    /// Waits for `count` bytes and takes them.
     func read(_ count: Int) async throws -> ByteBuffer {
-        for _ in 0..<200 {
+        var bytes: [UInt8]?
+        try await waitUntil(
+            "\(count) bytes from the server",
+            seen: "\(self.received.withLockedValue { $0.readableBytes }) bytes, connection \(self.channel.isActive ? "open" : "closed")"
+        ) {
             // Copied out under the lock: a slice would share storage that the event loop grows.
-            if let bytes = received.withLockedValue({ $0.readBytes(length: count) }) { return ByteBuffer(bytes: bytes) }
-            try await Task.sleep(for: .milliseconds(10))
+            let active = channel.isActive
+            bytes = received.withLockedValue { $0.readBytes(length: count) }
+            if bytes == nil, !active { throw InteropError("the server closed the connection before sending \(count) bytes") }
+            return bytes != nil
         }
-        throw InteropError("the server sent fewer than \(count) bytes")
+        return ByteBuffer(bytes: bytes!)
     }
 
-    /// Waits (up to 2 s) for the server to close the connection.
+    /// Waits for the server to close the connection; fails when it does not.
     func isClosedByServer() async throws -> Bool {
-        for _ in 0..<200 where channel.isActive { try await Task.sleep(for: .milliseconds(10)) }
-        return !channel.isActive
+        try await waitUntil("the server to close the connection", seen: "still open") { !channel.isActive }
+        return true
     }
 
     /// Handshake and GO on the default export, with simple replies.

@@ -41,15 +41,13 @@ struct ResumableCopyTests {
         let errors = Pipe()
         process.standardError = errors
         try process.run()
-        var waited = 0
-        while process.isRunning, (journalledBytes(journal) ?? 0) < bytes, waited < 3000 {
-            try await Task.sleep(for: .milliseconds(10))
-            waited += 1
+        try await waitUntil("the journal \(journal) to record \(bytes) bytes", seen: "\(journalledBytes(journal) ?? 0)") {
+            guard process.isRunning else { throw InteropError("the copy ended before it was interrupted") }
+            return (journalledBytes(journal) ?? 0) >= bytes
         }
-        #expect(process.isRunning, "the copy ended before it was interrupted")
         interrupt(process)
         let message = String(decoding: errors.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        await process.exited()
+        try await process.exited()
         return (process.terminationStatus, message)
     }
 
@@ -67,7 +65,7 @@ struct ResumableCopyTests {
         #expect(first.error.contains("run the same command again"), "\(first.error)")
         let done = try #require(journalledBytes(journal))
         #expect(done > 0 && done < Self.size)
-        await victim.exited()
+        try await victim.exited()
         return done
     }
 

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NBD
 import NBDServer
+import NIOConcurrencyHelpers
 import NIOCore
 import ServiceLifecycle
 import TestSupport
@@ -16,11 +17,15 @@ struct ServerLifecycleTests {
     struct SlowBackend: NBDServerBackend {
         let inner = MemoryBackend(size: 1 << 20)
         let delay: Duration
+        /// Reads begun so far.
+        let reads = NIOLockedValueBox(0)
         var size: UInt64 { inner.size }
         var isReadOnly: Bool { false }
         var flushCoversAllConnections: Bool { true }
         var zeroIsFast: Bool { true }
         func read(at offset: UInt64, length: Int) async throws -> ByteBuffer {
+            reads.withLockedValue { $0 += 1 }
+            // Slow on purpose: the read is in flight when the shutdown comes.
             try await Task.sleep(for: delay)
             return try await inner.read(at: offset, length: length)
         }
@@ -46,7 +51,7 @@ struct ServerLifecycleTests {
         let running = Task { try await group.run() }
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
         let read = Task { try await export.read(at: 0, length: 4096) }
-        try await Task.sleep(for: .milliseconds(100))
+        try await waitUntil("the read to reach the backend") { backend.reads.withLockedValue { $0 } > 0 }
         await group.triggerGracefulShutdown()
         // The read in flight is answered with its data; then the group's run returns.
         #expect(try await read.value.readableBytesView.allSatisfy { $0 == 0x42 })
@@ -89,8 +94,8 @@ struct ServerLifecycleTests {
         #expect(port != 0 && port != 10809 && uri.exportName == "disk")
         #expect(try folder.run("nbdinfo", ["--size", line]) == Data("16777216\n".utf8))
         kill(process.processIdentifier, SIGTERM)
-        for _ in 0..<300 where process.isRunning { try await Task.sleep(for: .milliseconds(10)) }
-        #expect(!process.isRunning && process.terminationStatus == 0)
+        try await process.exited()
+        #expect(process.terminationStatus == 0)
     }
 
     @Test func aSocketFromSystemdIsServed() async throws {
@@ -120,7 +125,8 @@ struct ServerLifecycleTests {
         let folder = try ServerProcess()
         defer { folder.stop() }
         let socket = folder.path("child.sock")
-        // A parent that starts the server, says its pid, and exits a second later.
+        // A parent that starts the server, says its pid, and exits a second later (a pause on
+        // purpose: the server is up and serving before its parent goes).
         let script = """
             import os, sys, time
             pid = os.fork()
@@ -132,15 +138,6 @@ struct ServerLifecycleTests {
             ["-c", script, nbdTool, "serve", "--memory", "8M", "--socket", socket, "--exit-with-parent"]
         )
         let pid = try #require(Int32(String(decoding: parent.output, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)))
-        defer { kill(pid, SIGKILL) }
-        var alive = true
-        for _ in 0..<300 {
-            if kill(pid, 0) != 0 {
-                alive = false
-                break
-            }
-            try await Task.sleep(for: .milliseconds(10))
-        }
-        #expect(!alive, "the server outlived its parent by 3 s")
+        try await waitUntil("the server (\(pid)) to end with its parent", seen: "it still runs") { kill(pid, 0) != 0 }
     }
 }

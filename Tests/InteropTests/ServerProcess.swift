@@ -23,17 +23,21 @@ final class ServerProcess: @unchecked Sendable {
     static let packages = [
         "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
         "nbd-server": "nbd-server", "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbddump": "libnbd-bin",
-        "nbdsh": "python3-libnbd", "socat": "socat", "strace": "strace",
+        "nbdsh": "python3-libnbd", "socat": "socat", "strace": "strace", "unshare": "util-linux",
     ]
 
     /// The Debian trixie chroot of scripts/chroot.sh: qemu 10 and libnbd 1.22, which speak
-    /// extended headers. Its /tmp is the host's (bind-mounted), so paths are the same in both.
+    /// extended headers.
     static let trixieRoot: String =
         ProcessInfo.processInfo.environment["NBD_TRIXIE_ROOT"]
         ?? URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
         .appendingPathComponent(".chroot/trixie").path
 
-    /// A tool named `trixie:TOOL` runs in the trixie chroot, in `directory`.
+    /// A tool named `trixie:TOOL` runs in the trixie chroot, in `directory`. It sees the host's
+    /// /tmp, so that paths are the same in both, through a bind mount made in a mount namespace
+    /// of its own: the mount ends with the tool and is never seen outside it, so no mount is left
+    /// behind by a run that is killed (one left in the host's namespace once made `rm -rf` of
+    /// the clone empty the host's /tmp).
     static func command(_ tool: String, _ arguments: [String], in directory: URL) throws -> (String, [String]) {
         guard tool.hasPrefix("trixie:") else { return (try executable(tool), arguments) }
         let name = String(tool.dropFirst("trixie:".count))
@@ -43,10 +47,15 @@ final class ServerProcess: @unchecked Sendable {
                 "\(name) from Debian trixie is missing: run scripts/chroot.sh (trixie's \(packages[name] ?? name) in \(root))"
             )
         }
-        guard FileManager.default.fileExists(atPath: root + directory.path) else {
-            throw InteropError("the trixie chroot does not share /tmp: mount --bind /tmp \(root)/tmp (scripts/test.sh does)")
-        }
-        return ("/usr/sbin/chroot", [root, "/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", directory.path, name] + arguments)
+        // unshare, sh and chroot each exec the next: the process is the tool, for signals.
+        let enter = [
+            #"root=$1 folder=$2; shift 2; mount --bind /tmp "$root/tmp" &&"#,
+            #"exec chroot "$root" /bin/sh -c 'cd "$0" && exec "$@"' "$folder" "$@""#,
+        ].joined(separator: " ")
+        return (
+            try executable("unshare"),
+            ["--mount", "--propagation", "private", "/bin/sh", "-c", enter, "sh", root, directory.path, name] + arguments
+        )
     }
 
     static func executable(_ tool: String) throws -> String {
@@ -74,19 +83,21 @@ final class ServerProcess: @unchecked Sendable {
         try process.run()
         processes.append(process)
         if let socket {
-            for _ in 0..<400 {
-                // A socket file exists from bind(); the server accepts only after listen(), so
-                // a socket is waited for until a connection goes through.
-                if FileManager.default.fileExists(atPath: socket) {
-                    // nbd-server -d serves one connection at a time and is not probed.
-                    if !socket.hasSuffix(".sock") || !probe { return process }
-                    if try await RawClientProbe.canConnect(socket) { return process }
+            // A socket file exists from bind(); the server accepts only after listen(), so a
+            // socket is waited for until a connection goes through. nbd-server -d serves one
+            // connection at a time and is not probed; neither is a file that is not a socket.
+            let probing = socket.hasSuffix(".sock") && probe
+            do {
+                try await waitUntil("\(tool) to create \(socket)\(probing ? " and accept on it" : "")") {
+                    guard process.isRunning else { throw InteropError("\(tool) ended") }
+                    guard FileManager.default.fileExists(atPath: socket) else { return false }
+                    guard probing else { return true }
+                    return try await RawClientProbe.canConnect(socket)
                 }
-                guard process.isRunning else { break }
-                try await Task.sleep(for: .milliseconds(25))
+            } catch {
+                let output = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+                throw InteropError("\(tool) did not create \(socket) (\(error)): \(output)")
             }
-            let output = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
-            throw InteropError("\(tool) did not create \(socket): \(output)")
         }
         return process
     }
@@ -132,36 +143,61 @@ final class ServerProcess: @unchecked Sendable {
             // its blocked signal mask, SIGTERM included. And not waitUntilExit(), which can hang
             // on such a thread.
             kill(process.processIdentifier, SIGKILL)
-            for _ in 0..<500 where process.isRunning { usleep(2_000) }
+            let deadline = ContinuousClock.now + waitDeadline
+            while process.isRunning, ContinuousClock.now < deadline { usleep(2_000) }
         }
         processes = []
         try? FileManager.default.removeItem(at: directory)
     }
 
-    /// Waits (up to 10 s) until a server started by `process` accepts on loopback `port`: a
-    /// client is greeted, then aborts.
+    /// Waits until a server started by `process` accepts on loopback `port`: a client is
+    /// greeted, then aborts. Fails at once when the process ends first (its port taken, say).
     func waitUntilListening(port: Int, process: Process) async throws {
         var configuration = NBDClientConfiguration()
         configuration.connectTimeout = .seconds(1)
         // A server that accepts but does not greet is listening all the same: qemu-nbd -e 4
         // leaves a fifth client waiting once a reconnecting client has its four back.
         configuration.negotiationTimeout = .seconds(1)
-        for _ in 0..<400 where process.isRunning {
+        var seen = "nothing tried"
+        try await waitUntil("a server to accept on port \(port)", seen: seen) {
+            guard process.isRunning else { throw InteropError("the server for port \(port) ended: \(seen)") }
             do {
                 let connection = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port), configuration: configuration)
                 await connection.abort()
-                return
+                return true
             } catch let error as NBDError where error.code == .timedOut {
-                return
+                return true
             } catch {
-                try await Task.sleep(for: .milliseconds(25))
+                seen = "\(error)"
+                return false
             }
         }
-        throw InteropError("nothing accepted on port \(port)")
     }
 
-    /// A TCP port free right now on loopback.
-    static func freePort() -> Int { Int.random(in: 20000..<60000) }
+    /// Starts `tool` listening on a loopback TCP port that the kernel handed out, with the
+    /// command line `arguments(port)`, and waits until it accepts (or, with `waitFor`, until
+    /// that file exists: a pid file written once it listens). A port another process took
+    /// between the reservation and the server's bind makes the server end: it is started again
+    /// on a new port, up to five times.
+    func startOnFreePort(
+        _ tool: String,
+        waitFor file: String? = nil,
+        _ arguments: (Int) -> [String]
+    ) async throws -> (process: Process, port: Int) {
+        var failures: [String] = []
+        for _ in 0..<5 {
+            let port = try freeLoopbackPort()
+            do {
+                if let file { return (try await start(tool, arguments(port), waitFor: file), port) }
+                let process = try await start(tool, arguments(port))
+                try await waitUntilListening(port: port, process: process)
+                return (process, port)
+            } catch let error as InteropError where processes.last.map({ !$0.isRunning }) ?? true {
+                failures.append(error.description)
+            }
+        }
+        throw InteropError("\(tool) could not listen on five ports the kernel gave: \(failures.joined(separator: "; "))")
+    }
 }
 
 struct InteropError: Error, CustomStringConvertible {

@@ -1,6 +1,7 @@
 import Foundation
 import NBD
 import NIOCore
+import TestSupport
 import Testing
 
 /// TLS (X.509) against nbdkit, with certificates made by the test with openssl.
@@ -112,7 +113,8 @@ struct TLSTests {
         } throws: {
             ($0 as? NBDError)?.code == .tlsRequired
         }
-        try await Task.sleep(for: .milliseconds(200))
+        // nbdkit has seen the whole conversation once it logs the client's hang-up.
+        try await waitUntil(file: folder.path("nbdkit.log"), holds: "client closed input socket")
         let log = try String(contentsOfFile: folder.path("nbdkit.log"), encoding: .utf8)
         #expect(log.contains("STARTTLS"))
         #expect(!log.contains("NBD_OPT_GO") && !log.contains("NBD_OPT_EXPORT_NAME") && !log.contains("NBD_OPT_INFO"))

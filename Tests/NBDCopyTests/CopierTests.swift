@@ -88,6 +88,7 @@ struct CopierTests {
         for delay in [0, 1, 3, 10] {
             let destination = MemoryDestination(size: Self.size)
             let task = Task { try await copier(MemorySource(bytes), destination).run(stop: CopyStop()) }
+            // A pause on purpose: the cancel comes at a different point of the copy each time.
             try await Task.sleep(for: .milliseconds(delay))
             task.cancel()
             // Ends, one way or the other: cancelled, or done before the cancel came.

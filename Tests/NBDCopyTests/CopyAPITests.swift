@@ -2,6 +2,7 @@ import Foundation
 import NBDCopy
 import NIOConcurrencyHelpers
 import NIOCore
+import TestSupport
 import Testing
 
 /// The library's public calls, between endpoints in memory and in files: copy, checksum and
@@ -326,23 +327,10 @@ struct InterruptingDestination: CopyDestination {
         try await inner.zero(at: offset, length: length, worker: worker)
     }
     func flush() async throws {
+        // A flush that does not answer: time passes on purpose.
         if flushFreezes { try await Task.sleep(for: .seconds(60)) }
         try Task.checkCancellation()
         try await inner.flush()
     }
     func close() async { await inner.close() }
-}
-
-/// The same numbers for the same seed, run after run (SplitMix64).
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed &+ 0x9E37_79B9_7F4A_7C15 }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import TestSupport
 import Testing
 
 @testable import NBD
@@ -26,9 +27,11 @@ struct ConnectionLifetimeTests {
             #expect(client.object != nil && served.object != nil)
             await export.disconnect()
         }
-        for _ in 0..<200 where client.object != nil || served.object != nil { try await Task.sleep(for: .milliseconds(10)) }
-        #expect(client.object == nil, "the client's handler outlived its connection")
-        #expect(served.object == nil, "the server's handler outlived its connection")
+        try await waitUntil(
+            "both handlers to be freed",
+            seen:
+                "the client's handler \(client.object == nil ? "freed" : "alive"), the server's \(served.object == nil ? "freed" : "alive")"
+        ) { client.object == nil && served.object == nil }
         await server.shutdown()
         try? FileManager.default.removeItem(atPath: socket)
     }

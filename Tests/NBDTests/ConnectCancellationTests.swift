@@ -39,6 +39,7 @@ struct ConnectCancellationTests {
             let attempt = Task {
                 _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port), configuration: configuration)
             }
+            // A pause on purpose, to cancel a connect under way (one not yet begun ends the same).
             try await Task.sleep(for: .milliseconds(300))
             let cancelledAt = ContinuousClock.now
             attempt.cancel()

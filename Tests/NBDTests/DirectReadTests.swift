@@ -41,6 +41,7 @@ struct DirectReadTests {
         for size in sizes + [rest.readableBytes] where rest.readableBytes > 0 {
             let piece = rest.readSlice(length: min(size, rest.readableBytes))!
             try await peer.send { $0.writeImmutableBuffer(piece) }
+            // A pause on purpose, so that the pieces tend to arrive apart.
             try await Task.sleep(for: .milliseconds(2))
         }
     }

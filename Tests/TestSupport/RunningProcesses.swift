@@ -17,17 +17,13 @@ public func runProcess(
     try process.run()
     let data = output.fileHandleForReading.readDataToEndOfFile()
     let errorText = String(decoding: error.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-    while process.isRunning { usleep(1000) }
-    return (process.terminationStatus, data, errorText)
-}
-
-extension Process {
-    /// Waits until the process has ended. Not `waitUntilExit()`: it runs the calling thread's
-    /// run loop, and on a Swift concurrency thread it can wait for ever.
-    public func exited() async {
-        while isRunning {
-            // In a cancelled task the sleep returns at once: wait all the same, without spinning.
-            do { try await Task.sleep(for: .milliseconds(10)) } catch { usleep(10_000) }
+    // Both pipes are at their end: the process has closed them, and is ending or has ended.
+    let deadline = ContinuousClock.now + waitDeadline
+    while process.isRunning {
+        guard ContinuousClock.now < deadline else {
+            throw WaitTimedOut(description: "waited \(waitDeadline) for \(executable) to end after closing its output; saw: still running")
         }
+        usleep(1000)
     }
+    return (process.terminationStatus, data, errorText)
 }
