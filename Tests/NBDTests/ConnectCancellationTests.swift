@@ -46,7 +46,8 @@ struct ConnectCancellationTests {
             let result = await attempt.result
             let waited = ContinuousClock.now - cancelledAt
             #expect(throws: CancellationError.self) { try result.get() }
-            #expect(waited < .seconds(2), "the connect went on \(waited) after the cancellation")
+            // Promptly, with room for a busy machine: not the 60 s of the connect timeout.
+            #expect(waited < .seconds(10), "the connect went on \(waited) after the cancellation")
         }
     }
 
