@@ -79,7 +79,7 @@ let package = Package(
         .target(
             name: "NBDCopy",
             dependencies: [
-                "NBD", "NBDSystem",
+                "NBD", "NBDCore", "NBDSystem",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "Crypto", package: "swift-crypto"),
@@ -130,7 +130,7 @@ let package = Package(
         .testTarget(
             name: "NBDCopyTests",
             dependencies: [
-                "NBDCopy", "TestSupport",
+                "NBDCopy", "NBDCore", "TestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ]

@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
 

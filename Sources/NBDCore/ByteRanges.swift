@@ -1,4 +1,5 @@
-/// Byte ranges kept in order, merged where they touch: what a resumable copy has done.
+/// Byte ranges kept in order, merged where they touch: what a resumable copy has done, what a
+/// client has written since its last flush.
 package struct ByteRanges: Sendable, Equatable {
     package private(set) var ranges: [Range<UInt64>] = []
 

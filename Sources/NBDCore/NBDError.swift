@@ -46,6 +46,10 @@ public struct NBDError: Error, Sendable, CustomStringConvertible {
         public static let invalidURI = Code("invalidURI")
         /// The server did not answer within the configured time.
         public static let timedOut = Code("timedOut")
+        /// A flush of `NBDClient` with its replay window off, after a reconnection: writes
+        /// the server answered before it went away, and had not yet been asked to flush, may be
+        /// lost. The message names the byte ranges in doubt; the next flush succeeds as usual.
+        public static let writesInDoubt = Code("writesInDoubt")
     }
 
     /// What kind of failure this is.

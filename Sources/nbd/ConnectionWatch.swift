@@ -37,7 +37,7 @@ final class ConnectionWatch: Sendable {
                 case .reconnected(let number, _, _): state.lost.remove(Connection(endpoint: endpoint, number: number))
                 // Given up (one connection, or the client): nothing of this endpoint is coming back.
                 case .gaveUp, .fewerConnections: state.lost = state.lost.filter { $0.endpoint != endpoint }
-                case .connected: return nil
+                case .connected, .replayed: return nil
                 }
                 return state.onChange
             }

@@ -1,4 +1,5 @@
 import NBDCopy
+import NBDCore
 import Testing
 
 @Suite("ByteRanges")

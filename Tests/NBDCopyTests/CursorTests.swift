@@ -1,4 +1,5 @@
 import NBDCopy
+import NBDCore
 import NIOConcurrencyHelpers
 import NIOCore
 import Testing

@@ -19,6 +19,21 @@ extension NBDClient {
         /// a server that advertises multi-conn may still accept fewer clients (`qemu-nbd -e 2`),
         /// and the client then goes on with those that connected.
         public var additionalConnectionTimeout: Duration = .seconds(2)
+        /// Bytes of write data answered and not yet flushed that the client keeps, with a
+        /// reconnect delay, to send again after a reconnection (default 64 MiB).
+        ///
+        /// A server answers a write before it is durable: only a flush makes it so, and a
+        /// server that restarts before the flush (a write-back cache, a host that crashed) may
+        /// lose it. So each write, write-zeroes and trim answered is kept, from the caller's own
+        /// buffer (nothing is copied), until a flush covers it; after a reconnection they are
+        /// sent again in the order they were answered, and flushed, before any other request.
+        /// When the kept data would pass the window, the client flushes by itself and drops
+        /// what that flush covered; writes in flight meanwhile may take it past the window by
+        /// their own size. Zero keeps no data: a flush after a reconnection that may have lost
+        /// writes then fails with ``NBDError/Code-swift.struct/writesInDoubt``. Writes with FUA
+        /// are durable once answered and are not kept; nothing is kept for a server that cannot
+        /// flush.
+        public var replayWindow = 64 << 20
 
         /// The defaults.
         public init() {}

@@ -26,7 +26,8 @@ extension NBDClient {
     }
 
     /// `NBD_CMD_WRITE` of `data` at `offset`. A write sent again after a lost connection
-    /// goes from the same buffer: nothing is copied to make that possible.
+    /// goes from the same buffer: nothing is copied to make that possible. Once answered, it is
+    /// kept in the replay log until a flush covers it (see ``Configuration-swift.struct/replayWindow``).
     public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
         try await write(segments: [data], at: offset, flags: flags)
     }
@@ -34,17 +35,20 @@ extension NBDClient {
     /// `NBD_CMD_WRITE` of several buffers, one after another. See ``NBDExport/write(segments:at:flags:)``.
     public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
         let length = segments.reduce(0) { $0 + $1.readableBytes }
-        try await withConnection(weight: length) { try await $0.write(segments: segments, at: offset, flags: flags) }
+        let answer = Self.logged(.write(segments, flags: flags), at: offset, length: UInt64(length), flags: flags)
+        try await withConnection(weight: length, logs: answer) { try await $0.write(segments: segments, at: offset, flags: flags) }
     }
 
     /// `NBD_CMD_WRITE_ZEROES`. See ``NBDExport/writeZeroes(at:length:flags:)``.
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        try await withConnection(weight: 0) { try await $0.writeZeroes(at: offset, length: length, flags: flags) }
+        let answer = Self.logged(.writeZeroes(flags: flags), at: offset, length: length, flags: flags)
+        try await withConnection(weight: 0, logs: answer) { try await $0.writeZeroes(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_TRIM`. See ``NBDExport/trim(at:length:flags:)``.
     public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        try await withConnection(weight: 0) { try await $0.trim(at: offset, length: length, flags: flags) }
+        let answer = Self.logged(.trim, at: offset, length: length, flags: flags)
+        try await withConnection(weight: 0, logs: answer) { try await $0.trim(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_CACHE`. See ``NBDExport/cache(at:length:)``.
@@ -74,8 +78,24 @@ extension NBDClient {
     /// storage. One connection is enough: with more than one the server set
     /// `NBD_FLAG_CAN_MULTI_CONN`, which promises that "the effects of NBD_CMD_FLUSH ... MUST
     /// be visible across all connections".
+    ///
+    /// Across a reconnection too: a server that restarted gets the writes it had answered and
+    /// not flushed again from the replay log before anything else, so that a flush answered
+    /// by it covers every write answered before the flush was made. With the replay window
+    /// off, the first flush after a reconnection that may have lost such writes fails instead,
+    /// with ``NBDError/Code-swift.struct/writesInDoubt`` naming their byte ranges; the next
+    /// one succeeds as usual.
     public func flush() async throws {
-        try await withConnection(weight: 0) { try await $0.flush() }
+        let sequence = try await flushCovering()
+        guard let doubt = flushed(through: sequence) else { return }
+        let ranges = doubt.ranges.prefix(8).map { "\($0.lowerBound)-\($0.upperBound - 1)" }.joined(separator: ", ")
+        let more = doubt.ranges.count > 8 ? " and \(doubt.ranges.count - 8) more ranges" : ""
+        throw NBDError(
+            .writesInDoubt,
+            "the server went away with writes it had answered and not flushed, which it may have lost (the replay "
+                + "window is off): bytes \(ranges)\(more), \(doubt.byteCount) bytes in all",
+            connectionUsable: true
+        )
     }
 
     /// `NBD_CMD_BLOCK_STATUS`. See ``NBDExport/blockStatus(at:length:flags:)``.
@@ -102,6 +122,17 @@ extension NBDClient {
     /// Whether `context` was negotiated. Waits for a connection.
     public func hasMetaContext(_ context: NBDMetaContext) async throws -> Bool {
         try await metaContexts.contains(context)
+    }
+
+    /// What the replay log keeps of an answered write, write-zeroes or trim; nil for one with
+    /// FUA, which is durable once answered.
+    private static func logged(
+        _ operation: ReplayLog.Operation,
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags
+    ) -> (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? {
+        flags.contains(.fua) ? nil : (operation, offset, length)
     }
 
     /// A request's share of a connection's load: its data.

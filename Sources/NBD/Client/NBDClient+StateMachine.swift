@@ -29,6 +29,9 @@ extension NBDClient {
             /// outstanding and still be chosen: a request from a task on a connection's thread
             /// stays there (no thread hop), as long as that keeps the load even within this.
             var preferenceSlack = 1 << 20
+            /// Bytes of write data answered and not yet flushed that are kept to send again
+            /// after a reconnection (see ``ReplayLog``); zero keeps only where they went.
+            var replayWindow = 64 << 20
         }
 
         enum Slot {
@@ -56,6 +59,11 @@ extension NBDClient {
             case emit(NBDClientEvent)
             /// The client is done: shut down (nil) or given up with this error.
             case finish(NBDError?)
+            /// Send these entries of the log again on the lease's connection, in order, then
+            /// flush, and report with ``replayFinished(_:through:error:)``: nothing else is out.
+            case replay(Lease, [ReplayLog.Entry], through: Int)
+            /// The log is past its window: flush, and report with ``logFlushed(through:)``.
+            case flushLog
         }
 
         typealias Lease = ConnectionLease<Connection>
@@ -93,6 +101,22 @@ extension NBDClient {
         private var exclusiveHeld = false
         /// The sizes of the resizes under way: a reconnection meanwhile may find one of them.
         private var resizesUnderWay: [UInt64] = []
+        /// Writes answered and not yet covered by a flush, kept while reconnecting is on and
+        /// the export can flush.
+        private(set) var log: ReplayLog
+        private var replay = Replay.none
+        /// A flush of the log's own is out.
+        private var flushingLog = false
+        /// With the window off: what reconnections may have lost, for the next flush to say.
+        private var rangesInDoubt = ByteRanges()
+
+        private enum Replay {
+            case none
+            /// After a reconnection: the log goes again before anything else, once nothing is out.
+            case pending
+            /// Sent again: this many requests, with this much data.
+            case running(requests: Int, bytes: Int)
+        }
 
         init(configuration: Configuration) {
             self.configuration = configuration
@@ -100,6 +124,14 @@ extension NBDClient {
             slots = Array(repeating: .unused, count: count)
             lostAt = Array(repeating: nil, count: count)
             generations = Array(repeating: 0, count: count)
+            log = ReplayLog(window: configuration.replayWindow)
+        }
+
+        /// Whether answers are logged: a lost connection is dialled again (else the client
+        /// ends), and the export can flush (else nothing would ever leave the log; and a
+        /// server without a flush promises nothing more after one).
+        private var logging: Bool {
+            configuration.reconnectDelay > .zero && identity?.flags.contains(.sendFlush) == true
         }
 
         /// Connections that are up.
@@ -177,6 +209,15 @@ extension NBDClient {
                 lostAt[slot] = nil
                 if outage != nil { outage = nil }
                 let event = NBDClientEvent.reconnected(connection: slot, tries: attempt, after: now - since)
+                // The server may have restarted and lost what it answered and never flushed.
+                // A replay under way already sends it to the server this connection reaches.
+                if !log.isEmpty, case .none = replay {
+                    if log.window > 0 {
+                        replay = .pending
+                    } else {
+                        rangesInDoubt.formUnion(log.takeRangesInDoubt())
+                    }
+                }
                 return bringUp(slot, connection, event: event) + resumeWaiters()
             }
         }
@@ -249,7 +290,7 @@ extension NBDClient {
         /// ``lease(id:waiter:weight:onLoop:exclusive:)`` when a connection is free now and nobody waits
         /// before the caller; nil otherwise (the caller then waits with a waiter).
         mutating func tryLease(weight: Int, onLoop: Int?) -> Lease? {
-            guard case .running = phase, waiters.isEmpty, mayAdmit(exclusive: false, waiting: false),
+            guard case .running = phase, case .none = replay, waiters.isEmpty, mayAdmit(exclusive: false, waiting: false),
                 let lease = leastLoaded(onLoop: onLoop)
             else { return nil }
             take(lease, weight: weight, exclusive: false)
@@ -260,7 +301,7 @@ extension NBDClient {
         /// waits before it (`waiting`); any other under the cap, while none is alone and none
         /// waits to be.
         private func mayAdmit(exclusive: Bool, waiting: Bool) -> Bool {
-            guard !exclusiveHeld else { return false }
+            guard !exclusiveHeld, case .none = replay else { return false }
             if exclusive { return admitted == 0 && !waiting }
             return admitted < configuration.maximumAdmitted && !waiters.contains { $0.exclusive }
         }
@@ -272,15 +313,64 @@ extension NBDClient {
             return waiters.remove(at: index).waiter
         }
 
-        /// A request finished with its lease (answered, failed or cancelled).
-        mutating func released(_ lease: Lease, weight: Int) -> [Action] {
-            admitted -= 1
-            // Nothing else is out while a lease alone is: this is it.
-            exclusiveHeld = false
-            if case .up(let connection, let load, lease.generation) = slots[lease.slot] {
-                slots[lease.slot] = .up(connection, load: load - weight, generation: lease.generation)
+        /// A request finished with its lease (answered, failed or cancelled); `answered` is the
+        /// write, write-zeroes or trim the server answered, for the log.
+        mutating func released(
+            _ lease: Lease,
+            weight: Int,
+            answered: (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? = nil
+        ) -> [Action] {
+            giveBack(lease, weight: weight)
+            var actions: [Action] = []
+            if let answered, logging, log.answered(answered.operation, offset: answered.offset, length: answered.length),
+                !flushingLog
+            {
+                flushingLog = true
+                actions.append(.flushLog)
             }
-            return resumeWaiters()
+            return actions + resumeWaiters()
+        }
+
+        /// A flush was answered that was sent after answer `sequence` of the log: what came
+        /// before is durable. Returns the ranges a reconnection put in doubt since the last
+        /// flush (the window off), for the caller to fail with once.
+        mutating func flushed(through sequence: Int) -> ByteRanges? {
+            log.flushed(through: sequence)
+            guard !rangesInDoubt.ranges.isEmpty else { return nil }
+            defer { rangesInDoubt = ByteRanges() }
+            return rangesInDoubt
+        }
+
+        /// The log's own flush is done (answered through `sequence`, or failed: nil).
+        mutating func logFlushed(through sequence: Int?) {
+            flushingLog = false
+            if let sequence { log.flushed(through: sequence) }
+        }
+
+        /// The replay of ``Action/replay(_:_:through:)`` is done: sent and flushed (error
+        /// nil), or failed. A lost connection leaves it to go again on the next one; a server
+        /// that refuses a write it had answered before ends the client, since what it holds
+        /// is not what was answered.
+        mutating func replayFinished(_ lease: Lease, through sequence: Int, error: NBDError?) -> [Action] {
+            giveBack(lease, weight: 0)
+            guard case .running(let requests, let bytes) = replay else { return [] }
+            replay = .none
+            guard let error else {
+                log.flushed(through: sequence)
+                return [.emit(.replayed(requests: requests, bytes: bytes))] + resumeWaiters()
+            }
+            guard error.connectionUsable, error.serverErrno != .ESHUTDOWN else {
+                replay = .pending
+                return resumeWaiters()
+            }
+            return end(
+                NBDError(
+                    .unavailable,
+                    "the writes answered before the reconnection could not be sent again: \(error)",
+                    connectionUsable: false,
+                    underlying: error
+                )
+            )
         }
 
         /// A timer armed by ``Action/armTimer(at:)`` went off (perhaps early or late).
@@ -380,6 +470,15 @@ extension NBDClient {
             return best?.lease
         }
 
+        private mutating func giveBack(_ lease: Lease, weight: Int) {
+            admitted -= 1
+            // Nothing else is out while a lease alone (or the replay) is: this is it.
+            exclusiveHeld = false
+            if case .up(let connection, let load, lease.generation) = slots[lease.slot] {
+                slots[lease.slot] = .up(connection, load: load - weight, generation: lease.generation)
+            }
+        }
+
         private mutating func take(_ lease: Lease, weight: Int, exclusive: Bool) {
             admitted += 1
             exclusiveHeld = exclusive
@@ -424,6 +523,16 @@ extension NBDClient {
         }
 
         private mutating func resumeWaiters() -> [Action] {
+            if case .pending = replay {
+                // The log goes again once nothing is out, before anything else.
+                guard admitted == 0, !exclusiveHeld, case .running = phase, let lease = leastLoaded() else { return [] }
+                let (entries, through) = log.replay()
+                take(lease, weight: 0, exclusive: false)
+                replay = .running(requests: entries.count, bytes: entries.reduce(0) { $0 + $1.dataBytes })
+                return [.replay(lease, entries, through: through)]
+            }
+            // Nothing goes with the replay.
+            guard case .none = replay else { return [] }
             var actions: [Action] = []
             while let entry = waiters.first, entry.exclusive ? admitted == 0 && !exclusiveHeld : mayAdmitNext, let lease = leastLoaded() {
                 waiters.removeFirst()

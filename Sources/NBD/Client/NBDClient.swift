@@ -43,7 +43,7 @@ public final class NBDClient: Sendable {
     private let requestIDs = NIOLockedValueBox(0)
     /// Connections made and not yet closed, so that ``run()`` ends them all.
     private let open = NIOLockedValueBox<[ObjectIdentifier: NBDExport]>([:])
-    /// Requests sent again on another connection after theirs was lost.
+    /// Requests sent again (see ``replays``).
     private let replayCount = NIOLockedValueBox(0)
     /// Connection i runs on event loop i (wrapping around); these run tasks there.
     private let executors: [EventLoopTaskExecutor]
@@ -54,6 +54,8 @@ public final class NBDClient: Sendable {
         case timer(ContinuousClock.Instant)
         case close(NBDExport)
         case finish(NBDError?)
+        case replay(Machine.Lease, [ReplayLog.Entry], through: Int)
+        case flushLog
     }
 
     /// A client of the export `uri` names (its `tls-*` parameters apply, as in
@@ -74,7 +76,8 @@ public final class NBDClient: Sendable {
                     connections: configuration.connections,
                     reconnectDelay: configuration.reconnectDelay,
                     maximumAdmitted: admitted,
-                    loops: executorCount
+                    loops: executorCount,
+                    replayWindow: configuration.replayWindow
                 )
             )
         )
@@ -102,7 +105,8 @@ public final class NBDClient: Sendable {
         work.continuation.finish()
     }
 
-    /// Requests sent again on another connection after theirs was lost, so far.
+    /// Requests sent again so far: those whose connection was lost before their reply, and
+    /// the writes answered but not flushed that a reconnection sent again from the replay log.
     public var replays: Int { replayCount.withLockedValue { $0 } }
 
     // MARK: Running
@@ -134,6 +138,13 @@ public final class NBDClient: Sendable {
                     case .close(let export):
                         open.withLockedValue { _ = $0.removeValue(forKey: ObjectIdentifier(export)) }
                         group.addTask { await export.disconnect() }
+                    case .replay(let lease, let entries, let through):
+                        group.addTask { await self.replay(entries, on: lease, through: through) }
+                    case .flushLog:
+                        group.addTask {
+                            let covered = try? await self.flushCovering()
+                            self.machine.withLockedValue { $0.logFlushed(through: covered) }
+                        }
                     case .finish(let error):
                         failure.withLockedValue { $0 = error }
                         break loop
@@ -229,7 +240,14 @@ public final class NBDClient: Sendable {
     /// is lost before the reply, and reconnecting is on, `body` runs again on a live one.
     /// With `alone`, no other request is out while `body` runs (a resize: see
     /// ``resize(to:)``).
-    func withConnection<T>(weight: Int, alone: Bool = false, _ body: (NBDExport, _ slot: Int) async throws -> T) async throws -> T {
+    /// A write, write-zeroes or trim names itself in `logs`: once answered, it is kept in the
+    /// replay log until a flush covers it.
+    func withConnection<T>(
+        weight: Int,
+        alone: Bool = false,
+        logs answer: (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? = nil,
+        _ body: (NBDExport, _ slot: Int) async throws -> T
+    ) async throws -> T {
         var firstLoss: ContinuousClock.Instant?
         while true {
             let lease = try await self.lease(weight: weight, alone: alone)
@@ -239,7 +257,8 @@ public final class NBDClient: Sendable {
             } catch {
                 result = .failure(error)
             }
-            perform(machine.withLockedValue { $0.released(lease, weight: weight) })
+            let answered = if case .success = result { answer } else { nil as (ReplayLog.Operation, UInt64, UInt64)? }
+            perform(machine.withLockedValue { $0.released(lease, weight: weight, answered: answered) })
             guard case .failure(let error) = result, let cause = Self.lostConnection(error) else { return try result.get() }
             // The request had no reply: its connection is gone.
             let now = ContinuousClock.now
@@ -264,9 +283,56 @@ public final class NBDClient: Sendable {
         for other in others { await other.exportResizedElsewhere(to: size) }
     }
 
-    /// ``withConnection(weight:alone:_:)`` for a body that needs only the connection.
-    func withConnection<T>(weight: Int, _ body: (NBDExport) async throws -> T) async throws -> T {
-        try await withConnection(weight: weight, alone: false) { export, _ in try await body(export) }
+    /// ``withConnection(weight:alone:logs:_:)`` for a body that needs only the connection.
+    func withConnection<T>(
+        weight: Int,
+        logs answer: (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? = nil,
+        _ body: (NBDExport) async throws -> T
+    ) async throws -> T {
+        try await withConnection(weight: weight, alone: false, logs: answer) { export, _ in try await body(export) }
+    }
+
+    /// Flushes, and answers the last answer of the log the flush covers: those answered
+    /// before it was sent.
+    func flushCovering() async throws -> Int {
+        try await withConnection(weight: 0) { export in
+            let sequence = machine.withLockedValue { $0.log.lastSequence }
+            try await export.flush()
+            return sequence
+        }
+    }
+
+    /// A flush covered the log through `sequence`: the ranges a reconnection put in doubt
+    /// meanwhile, with the replay window off, once.
+    func flushed(through sequence: Int) -> ByteRanges? {
+        machine.withLockedValue { $0.flushed(through: sequence) }
+    }
+
+    /// Sends `entries` of the log again on the lease's connection, in the order they were
+    /// answered (one at a time: a later one may overwrite an earlier one), then flushes.
+    private func replay(_ entries: [ReplayLog.Entry], on lease: Machine.Lease, through sequence: Int) async {
+        let export = lease.connection
+        var failure: NBDError?
+        do {
+            for entry in entries {
+                switch entry.operation {
+                case .write(let data, let flags): try await export.write(segments: data, at: entry.offset, flags: flags)
+                case .writeZeroes(let flags): try await export.writeZeroes(at: entry.offset, length: entry.length, flags: flags)
+                case .trim: try await export.trim(at: entry.offset, length: entry.length)
+                case nil: break
+                }
+            }
+            try await export.flush()
+            replayCount.withLockedValue { $0 += entries.count }
+        } catch {
+            failure =
+                error as? NBDError ?? NBDError(.connectionClosed, "the replay was stopped", connectionUsable: false, underlying: error)
+        }
+        if let failure, let cause = Self.lostConnection(failure) {
+            let now = ContinuousClock.now
+            perform(machine.withLockedValue { $0.connectionLost(slot: lease.slot, generation: lease.generation, cause: cause, now: now) })
+        }
+        perform(machine.withLockedValue { $0.replayFinished(lease, through: sequence, error: failure) })
     }
 
     /// The error, when it means the connection is gone: closed, reset, timed out, shut down
@@ -372,10 +438,12 @@ public final class NBDClient: Sendable {
             case .fail(let waiter, let error): waiter.resume(throwing: error)
             case .close(let export): work.continuation.yield(.close(export))
             case .finish(let error): work.continuation.yield(.finish(error))
+            case .replay(let lease, let entries, let through): work.continuation.yield(.replay(lease, entries, through: through))
+            case .flushLog: work.continuation.yield(.flushLog)
             case .emit(let event):
                 switch event {
                 case .connected: logger.debug("\(event)", metadata: ["uri": "\(uri)"])
-                case .reconnected, .fewerConnections: logger.notice("\(event)", metadata: ["uri": "\(uri)"])
+                case .reconnected, .fewerConnections, .replayed: logger.notice("\(event)", metadata: ["uri": "\(uri)"])
                 case .lost: logger.warning("\(event)", metadata: ["uri": "\(uri)"])
                 case .gaveUp: logger.error("\(event)", metadata: ["uri": "\(uri)"])
                 }

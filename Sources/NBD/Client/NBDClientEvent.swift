@@ -13,6 +13,10 @@ public enum NBDClientEvent: Sendable, Equatable, CustomStringConvertible {
     /// Connection `connection` is back after `tries` dials and `after` since it was lost;
     /// requests that had no reply were sent again.
     case reconnected(connection: Int, tries: Int, after: Duration)
+    /// After a reconnection, the `requests` writes, write-zeroes and trims (`bytes` of data)
+    /// that the server had answered and not yet flushed were sent again and flushed: a server
+    /// that lost them on its restart has them now. See ``NBDClient/Configuration-swift.struct/replayWindow``.
+    case replayed(requests: Int, bytes: Int)
     /// The client stopped for good: every request fails with this error.
     case gaveUp(NBDError)
 
@@ -23,6 +27,8 @@ public enum NBDClientEvent: Sendable, Equatable, CustomStringConvertible {
         case .lost(let connection, let cause): "connection \(connection) lost: \(cause)"
         case .reconnected(let connection, let tries, let after):
             "connection \(connection) is back after \(tries) \(tries == 1 ? "try" : "tries") and \(after.secondsText)"
+        case .replayed(let requests, let bytes):
+            "sent again \(requests) \(requests == 1 ? "write" : "writes") answered but not flushed before the reconnection (\(bytes) bytes)"
         case .gaveUp(let error): "gave up: \(error)"
         }
     }
