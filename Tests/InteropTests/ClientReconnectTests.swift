@@ -157,16 +157,25 @@ struct ClientReconnectTests {
     }
 
     /// nbdkit's file plugin on `name` (a file of zeroes unless it exists), slowed to `rate`
-    /// bits per second, started on `name`.sock: the data outlives the server.
-    func slowFileServer(_ server: ServerProcess, _ name: String, rate: String) async throws -> (file: String, nbdkit: Restartable) {
+    /// bits per second, started on `name`.sock: the data outlives the server. With
+    /// `writeBack`, through nbdkit's cache filter in write-back mode: what it answered lives
+    /// in its memory until a flush, and a kill loses it.
+    func slowFileServer(
+        _ server: ServerProcess,
+        _ name: String,
+        rate: String,
+        writeBack: Bool = false
+    ) async throws -> (file: String, nbdkit: Restartable) {
         let file = server.path(name)
         if !FileManager.default.fileExists(atPath: file) { try zeroFile(file, size: Self.size) }
         let socket = server.path("\(name).sock")
+        let cache = writeBack ? ["--filter=cache"] : []
         let nbdkit = Restartable(
             server,
             "nbdkit",
             socket: socket,
-            ["--foreground", "--unix", socket, "--filter=rate", "file", file, "rate=\(rate)"]
+            ["--foreground", "--unix", socket, "--filter=rate"] + cache + ["file", file, "rate=\(rate)"]
+                + (writeBack ? ["cache=writeback"] : [])
         )
         try await nbdkit.start()
         return (file, nbdkit)

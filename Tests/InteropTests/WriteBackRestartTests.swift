@@ -10,27 +10,11 @@ import Testing
 /// started again mid-job: what it had answered and not flushed is gone with it, and the client
 /// sends it again from its replay log. The result is checked by content, on disk.
 extension ClientReconnectTests {
-    /// nbdkit serving `name` through its cache filter in write-back mode, slowed by its rate
-    /// filter so that a kill lands mid-job.
-    func writeBackServer(_ server: ServerProcess, _ name: String) async throws -> (file: String, nbdkit: Restartable) {
-        let file = server.path(name)
-        try zeroFile(file, size: Self.size)
-        let socket = server.path("\(name).sock")
-        let nbdkit = Restartable(
-            server,
-            "nbdkit",
-            socket: socket,
-            ["--foreground", "--unix", socket, "--filter=rate", "--filter=cache", "file", file, "cache=writeback", "rate=32M"]
-        )
-        try await nbdkit.start()
-        return (file, nbdkit)
-    }
-
     @Test(arguments: [1, 4])
     func writesAnsweredButNotFlushedSurviveARestart(connections: Int) async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let (file, nbdkit) = try await writeBackServer(server, "disk.raw")
+        let (file, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "32M", writeBack: true)
         let seed = testSeed()
         var generator = SeededGenerator(seed: seed)
         let data = pattern(Self.size, seed: UInt8.random(in: 1...255, using: &generator))
@@ -62,7 +46,7 @@ extension ClientReconnectTests {
     @Test func nbdCopyOntoAWriteBackServerKilledMidCopy() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let (file, nbdkit) = try await writeBackServer(server, "destination.raw")
+        let (file, nbdkit) = try await slowFileServer(server, "destination.raw", rate: "32M", writeBack: true)
         let data = pattern(Self.size, seed: 33)
         let source = server.path("source.raw")
         try Data(data.readableBytesView).write(to: URL(fileURLWithPath: source))
@@ -89,7 +73,7 @@ extension ClientReconnectTests {
     @Test func withTheWindowOffTheFlushAfterARestartFails() async throws {
         let server = try ServerProcess()
         defer { server.stop() }
-        let (_, nbdkit) = try await writeBackServer(server, "disk.raw")
+        let (_, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "32M", writeBack: true)
         var configuration = configuration(connections: 1, reconnectDelay: .seconds(20))
         configuration.replayWindow = 0
         let client = NBDClient(NBDURI(socket: nbdkit.socket), configuration: configuration)

@@ -42,6 +42,19 @@ struct ReplayLogTests {
         return machine.released(lease, weight: 0, answered: (operation, offset, length))
     }
 
+    /// One write answered, the connection lost and back: the replay that follows, or nil
+    /// (recorded as an issue).
+    func oneWriteReplayed(_ machine: inout Machine) -> (Machine.Lease, through: Int)? {
+        answer(&machine, data(4096, 1), at: 0, length: 4096)
+        _ = machine.connectionLost(slot: 0, generation: 1, cause: lost, now: t0)
+        let back = machine.dialSucceeded(slot: 0, connection: 200, identity: identity, canMultiConn: true, now: t0)
+        guard let (lease, _, through) = replays(back).first else {
+            Issue.record("no replay: \(back)")
+            return nil
+        }
+        return (lease, through)
+    }
+
     func replays(_ actions: [Machine.Action]) -> [(Machine.Lease, [ReplayLog.Entry], Int)] {
         actions.compactMap { if case .replay(let lease, let entries, let through) = $0 { (lease, entries, through) } else { nil } }
     }
@@ -93,16 +106,7 @@ struct ReplayLogTests {
     /// A replay whose connection is lost goes again on the next one; nothing is dropped.
     @Test func aReplayCutOffGoesAgain() {
         var machine = running(connections: 1)
-        answer(&machine, data(4096, 1), at: 0, length: 4096)
-        _ = machine.connectionLost(slot: 0, generation: 1, cause: lost, now: t0)
-        guard
-            let (first, _, through) = replays(
-                machine.dialSucceeded(slot: 0, connection: 200, identity: identity, canMultiConn: true, now: t0)
-            ).first
-        else {
-            Issue.record("no replay")
-            return
-        }
+        guard let (first, through) = oneWriteReplayed(&machine) else { return }
         _ = machine.connectionLost(slot: 0, generation: first.generation, cause: lost, now: t0)
         #expect(machine.replayFinished(first, through: through, error: lost).isEmpty)
         #expect(machine.log.entries.count == 1)
@@ -114,16 +118,7 @@ struct ReplayLogTests {
     /// not what was answered.
     @Test func aReplayRefusedEndsTheClient() {
         var machine = running(connections: 1)
-        answer(&machine, data(4096, 1), at: 0, length: 4096)
-        _ = machine.connectionLost(slot: 0, generation: 1, cause: lost, now: t0)
-        guard
-            let (lease, _, through) = replays(
-                machine.dialSucceeded(slot: 0, connection: 200, identity: identity, canMultiConn: true, now: t0)
-            ).first
-        else {
-            Issue.record("no replay")
-            return
-        }
+        guard let (lease, through) = oneWriteReplayed(&machine) else { return }
         let refused = NBDError(.serverError, "write failed", serverErrno: .EIO, connectionUsable: true)
         let actions = machine.replayFinished(lease, through: through, error: refused)
         let ending = actions.compactMap { if case .finish(let error) = $0 { error } else { nil } }
