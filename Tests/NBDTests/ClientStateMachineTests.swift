@@ -366,3 +366,43 @@ extension ClientStateMachineTests {
         #expect(machine.tryLease(weight: 1, onLoop: nil)?.slot == 0)
     }
 }
+
+extension ClientStateMachineTests {
+    /// A server back without `NBD_FLAG_CAN_MULTI_CONN` gets one connection: the others are
+    /// given up (their dials closed when they succeed), and an event says why.
+    @Test func aServerBackWithoutMultiConnGetsOneConnection() {
+        var machine = machine(connections: 3)
+        running(&machine, connections: 3)
+        let reset = NBDError(.connectionClosed, "reset", connectionUsable: false)
+        for slot in 0..<3 { _ = machine.connectionLost(slot: slot, generation: 1, cause: reset, now: t0) }
+        let back = machine.dialSucceeded(slot: 1, connection: 201, identity: identity, canMultiConn: false, now: t0 + .seconds(1))
+        #expect(
+            events(back).contains(
+                .fewerConnections(connected: 1, wanted: 3, reason: "the server no longer sets NBD_FLAG_CAN_MULTI_CONN")
+            ),
+            "\(back)"
+        )
+        #expect(machine.connectedCount == 1)
+        // The other dials were under way: their connections are closed, not used.
+        let late = machine.dialSucceeded(slot: 0, connection: 200, identity: identity, canMultiConn: false, now: t0 + .seconds(1))
+        #expect(late.count == 1 && { if case .close(200) = late[0] { true } else { false } }(), "\(late)")
+        #expect(machine.connectedCount == 1)
+        guard case .use(let lease) = machine.lease(id: 1, waiter: "a", weight: 1) else {
+            Issue.record("no lease")
+            return
+        }
+        #expect(lease.connection == 201)
+    }
+
+    /// A server back without the export ends the client at once with `exportChanged`, not
+    /// after the whole delay.
+    @Test func anExportGoneAfterARestartEndsTheClientAtOnce() {
+        var machine = machine(connections: 1, delay: .seconds(60))
+        running(&machine, connections: 1)
+        _ = machine.connectionLost(slot: 0, generation: 1, cause: NBDError(.connectionClosed, "reset", connectionUsable: false), now: t0)
+        let unknown = NBDError(.optionRejected, "the server has no default export", optionReply: .errUnknown, connectionUsable: true)
+        let actions = machine.dialFailed(slot: 0, error: unknown, now: t0 + .seconds(1))
+        #expect(finish(actions).ends && finish(actions).error?.code == .exportChanged, "\(actions)")
+        #expect(finish(actions).error?.message.contains("the export is gone after the restart") == true)
+    }
+}

@@ -205,6 +205,17 @@ extension NBDClient {
                     return end(NBDError(.exportChanged, "the export changed while reconnecting: \(difference)", connectionUsable: false))
                         + [.close(connection)]
                 }
+                // "In the absence of this flag, clients SHOULD NOT multiplex their commands over
+                // more than one connection": a server back without it gets one.
+                var fewer: [Action] = []
+                if !canMultiConn, slots.count > 1 {
+                    if connectedCount > 0 { return [.close(connection)] + giveUp(slot, reason: Self.multiConnWithdrawn) }
+                    for other in slots.indices where other != slot {
+                        slots[other] = .unused
+                        lostAt[other] = nil
+                    }
+                    fewer = [.emit(.fewerConnections(connected: 1, wanted: slots.count, reason: Self.multiConnWithdrawn))]
+                }
                 let since = lostAt[slot] ?? now
                 lostAt[slot] = nil
                 if outage != nil { outage = nil }
@@ -218,7 +229,7 @@ extension NBDClient {
                         rangesInDoubt.formUnion(log.takeRangesInDoubt())
                     }
                 }
-                return bringUp(slot, connection, event: event) + resumeWaiters()
+                return bringUp(slot, connection, event: event) + fewer + resumeWaiters()
             }
         }
 
@@ -234,6 +245,11 @@ extension NBDClient {
                 return end(error)
             case .running:
                 lastCause = error
+                if attempt > 0, error.optionReply == .errUnknown {
+                    // The server is back, without the export: no dial will bring it back.
+                    slots[slot] = .unused
+                    return end(NBDError(.exportChanged, "the export is gone after the restart: \(error)", connectionUsable: false))
+                }
                 if attempt == 0 {
                     // A server may advertise multi-conn and still accept fewer clients: go on
                     // with those that connected.
@@ -396,6 +412,8 @@ extension NBDClient {
 
         // MARK: Internals
 
+        static var multiConnWithdrawn: String { "the server no longer sets NBD_FLAG_CAN_MULTI_CONN" }
+
         static var shutDown: NBDError {
             NBDError(.connectionClosed, "the NBD client was shut down", connectionUsable: false)
         }
@@ -417,12 +435,12 @@ extension NBDClient {
 
         /// A lost connection could not be made again within the delay: without it if others
         /// are up, else the client gives up.
-        private mutating func giveUp(_ slot: Int) -> [Action] {
+        private mutating func giveUp(_ slot: Int, reason: String? = nil) -> [Action] {
             slots[slot] = .unused
             lostAt[slot] = nil
             let pending = slots.contains { if case .unused = $0 { false } else { true } }
             guard connectedCount == 0, !pending else {
-                let reason = "connection \(slot) could not be made again within \(configuration.reconnectDelay.secondsText)"
+                let reason = reason ?? "connection \(slot) could not be made again within \(configuration.reconnectDelay.secondsText)"
                 return [.emit(.fewerConnections(connected: connectedCount, wanted: slots.count, reason: reason))]
             }
             return end(giveUpError(failedDials: outage?.failedDials ?? 1))
