@@ -74,3 +74,56 @@ struct RequestRulesBackToBackTests {
         #expect(performed(pair).last == "NBD_CMD_BLOCK_STATUS 0+\(largest)")
     }
 }
+
+extension RequestRulesBackToBackTests {
+    /// Whether the client machine keeps no piece count for any request.
+    func noSplitsLeft(_ pair: Pair) -> Bool {
+        if case .transmission(let state) = pair.client.phase { state.splits.isEmpty } else { false }
+    }
+
+    /// A read in pieces whose later piece meets a shrink (past the new end as it would go on
+    /// the wire) is answered once every piece is: not while the first is still on the server.
+    @Test func aPieceCutOffByAShrinkAnswersOnlyAfterTheOthers() throws {
+        var pair = Pair(seed: 35)
+        try pair.open("resizable")
+        let grow = pair.submit(.resize, offset: 4 << 20, length: 0)
+        try pair.settle()
+        #expect(grow.error == nil)
+        pair.holding = true
+        let shrink = pair.submit(.resize, offset: 1 << 20, length: 0)
+        try pair.settle()
+        // Two pieces of 1 MiB: the first goes, the second (in the bytes cut) waits for the resize.
+        let read = pair.submit(.read, offset: 0, length: 2 << 20)
+        try pair.settle()
+        #expect(pair.performing.map { "\($0.0.type) \($0.0.offset)" }.sorted() == ["NBD_CMD_READ 0", "NBD_CMD_RESIZE 1048576"])
+        // The shrink is answered first: the second piece is past the end now.
+        let index = try #require(pair.performing.firstIndex { $0.0.type == .resize })
+        let (request, data, sparse) = pair.performing.remove(at: index)
+        pair.server.requestCompleted(request, pair.perform(request, data: data, sparse: sparse))
+        try pair.settle()
+        #expect(shrink.isDone && shrink.error == nil)
+        #expect(!read.isDone, "the read was answered with its first piece still on the server")
+        pair.holding = false
+        try pair.settle()
+        #expect(read.isDone && read.error?.code == .invalidArgument)
+        #expect(noSplitsLeft(pair))
+    }
+
+    /// A whole trim cancelled while on the wire, answered with `EOVERFLOW`, is not sent
+    /// again in pieces: a cancelled request never goes on the wire again.
+    @Test func aCancelledTrimAnsweredWithEOVERFLOWIsNotSentAgain() throws {
+        var pair = Pair(seed: 36)
+        try pair.connect()
+        #expect(try pair.option(.extendedHeaders) == [.ack])
+        _ = try pair.go("huge")
+        pair.holding = true
+        let trim = pair.submit(.trim, offset: 0, length: 6 << 30)
+        try pair.settle()
+        #expect(performed(pair) == ["NBD_CMD_TRIM 0+\(6 << 30)"])
+        pair.client.requestCancelled(trim)
+        pair.holding = false
+        try pair.settle()
+        #expect(performed(pair) == ["NBD_CMD_TRIM 0+\(6 << 30)"])
+        #expect(noSplitsLeft(pair))
+    }
+}

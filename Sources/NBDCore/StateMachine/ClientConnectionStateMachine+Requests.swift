@@ -198,6 +198,12 @@ extension ClientConnectionStateMachine {
             // What waited behind a resize may go now.
             sendQueued(&state)
             phase = .transmission(state)
+        } else if case .transmission(var state) = phase, state.splits[ObjectIdentifier(request)]?.whole != nil {
+            // A whole TRIM, WRITE_ZEROES or CACHE on the wire: an EOVERFLOW answer ends it
+            // instead of sending it again in pieces. A cancelled request never goes again.
+            phase = .modifying
+            state.splits[ObjectIdentifier(request)]?.whole = nil
+            phase = .transmission(state)
         }
         outbox.append(.cancel(request))
     }
@@ -218,7 +224,10 @@ extension ClientConnectionStateMachine {
             let next = Self.nextToSend(&state)
         {
             if next.command != .flush, next.command != .resize, next.offset > state.size || next.length > state.size - next.offset {
-                outbox.append(.complete(next.request, error: Self.pastTheEnd(next, size: state.size)))
+                // One piece of the request: it is answered once every other piece is.
+                if let answer = Self.pieceAnswered(next.request, Self.pastTheEnd(next, size: state.size), &state) {
+                    outbox.append(.complete(next.request, error: answer))
+                }
                 continue
             }
             if next.command == .resize {
