@@ -56,8 +56,13 @@ public final class NBDEndpoint: CopySource, CopyDestination {
         configuration.connection.maximumRequestsInFlight = requests
         if let bitmap { configuration.connection.metaContexts.append(bitmap) }
         let client = NBDClient(uri, configuration: configuration)
-        let runner = Task { try await client.run() }
-        let listener = Task { for await event in client.events { onEvent(event) } }
+        // The events end when run() returns: the listener ends with the runner, which close()
+        // awaits.
+        let runner = Task {
+            async let listening: Void = { for await event in client.events { onEvent(event) } }()
+            try await client.run()
+            await listening
+        }
         do {
             let info = try await client.info
             let contexts = try await client.metaContexts
@@ -80,7 +85,6 @@ public final class NBDEndpoint: CopySource, CopyDestination {
             )
         } catch {
             runner.cancel()
-            listener.cancel()
             _ = await runner.result
             throw error
         }

@@ -31,8 +31,9 @@ public final class NBDClient: Sendable {
 
     /// What the client was made with.
     public let configuration: Configuration
-    /// What happens to the connections, in order: connected, lost, reconnected, gave up. Read
-    /// it from one task; the newest 256 events are kept while nobody reads.
+    /// What happens to the connections, in order: connected, lost, reconnected, replayed,
+    /// gave up. Read it from one task; the newest 256 events are kept while nobody reads. It
+    /// ends when ``run()`` returns.
     public let events: AsyncStream<NBDClientEvent>
     /// Where the server is, and the export.
     public let uri: NBDURI
@@ -163,6 +164,8 @@ public final class NBDClient: Sendable {
         }) {
             await export.disconnect()
         }
+        // Nothing more happens to the connections: readers of the events see their end.
+        eventSink.finish()
         if let error = failure.withLockedValue({ $0 }) { throw error }
     }
 
