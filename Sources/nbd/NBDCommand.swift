@@ -170,6 +170,9 @@ struct ConnectionOptions: ParsableArguments {
             configuration.requestTimeout = limit
             configuration.negotiationTimeout = min(configuration.negotiationTimeout, limit)
             configuration.connectTimeout = min(configuration.connectTimeout, limit)
+        } else {
+            // --timeout 0: a request waits for ever.
+            configuration.requestTimeout = nil
         }
         if verbose {
             configuration.logger = Logger(label: "nbd") { StreamLogHandler.standardError(label: $0) }
