@@ -226,9 +226,9 @@ struct ClientReconnectTests {
     }
 
     /// The same against qemu-nbd and against our own `nbd serve`, each killed and started
-    /// again on the same socket while the client writes.
+    /// again on the same socket while the client writes, then while it reads.
     @Test(arguments: ["qemu-nbd", "nbd serve"])
-    func otherServersKilledMidWrite(which: String) async throws {
+    func otherServersKilledMidJob(which: String) async throws {
         let server = try ServerProcess()
         defer { server.stop() }
         let file = server.path("disk.raw")
@@ -252,11 +252,19 @@ struct ClientReconnectTests {
             try await restartable.restart(after: .milliseconds(500))
             try await writing
             try await client.flush()
-            #expect(try await readAll(from: client, size: Self.size) == data)
+            let writeReplays = client.replays
+            #expect(writeReplays > 0)
+            // Killed again under reads.
+            async let reading = readAll(from: client, size: Self.size, pieces: pieces)
+            try await connected(client, 4)
+            try await pieces.progressed()
+            try await restartable.restart(after: .milliseconds(500))
+            #expect(try await reading == data)
+            #expect(client.replays > writeReplays)
             group.cancelAll()
         }
         #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView))
-        #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 1, "\(events.all)")
+        #expect(events.count { if case .reconnected = $0 { true } else { false } } >= 2, "\(events.all)")
     }
 
     /// On a TCP port instead of a Unix socket: each server killed twice while the client
@@ -305,6 +313,7 @@ struct ClientReconnectTests {
             }
             try await writing
             try await client.flush()
+            #expect(client.replays > 0)
             #expect(try await readAll(from: client, size: Self.size) == data)
             group.cancelAll()
         }
@@ -419,19 +428,34 @@ struct ClientReconnectTests {
         let uri = try await server.nbdkit(["--filter=log", "memory", "16M", "logfile=\(log)"])
         var configuration = configuration(connections: 4, reconnectDelay: .zero)
         configuration.connection.maximumRequestsInFlight = 4
+        // Mixed sizes, in order: every fourth read is of 1 MiB, the others of 4 KiB, 16 at a
+        // time. Round-robin would send every large one down the same connection.
+        let sizes = (0..<64).map { $0 % 4 == 0 ? UInt64(1 << 20) : 4096 }
         try await NBDClient.withClient(uri, configuration: configuration) { (client: NBDClient) async throws in
             #expect(client.connectionCount == 4)
-            _ = try await readAll(from: client, size: Self.size)
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for (index, size) in sizes.enumerated() {
+                    if index >= 16 { try await group.next() }
+                    group.addTask { _ = try await client.read(at: UInt64(index % 16) << 20, length: size) }
+                }
+                try await group.waitForAll()
+            }
         }
         let lines = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").filter { $0.contains(" Read id=") }
-        var perConnection: [Substring: Int] = [:]
+        var bytesPerConnection: [Substring: UInt64] = [:]
         for line in lines {
-            guard let field = line.split(separator: " ").first(where: { $0.hasPrefix("connection=") }) else { continue }
-            perConnection[field, default: 0] += 1
+            let fields = line.split(separator: " ")
+            guard let connection = fields.first(where: { $0.hasPrefix("connection=") }),
+                let count = fields.first(where: { $0.hasPrefix("count=0x") }).flatMap({ UInt64($0.dropFirst(8), radix: 16) })
+            else { continue }
+            bytesPerConnection[connection, default: 0] += count
         }
-        #expect(lines.count == Self.size / (256 << 10))
-        #expect(perConnection.count == 4, "\(perConnection)")
-        #expect(perConnection.values.allSatisfy { $0 >= lines.count / 8 }, "\(perConnection)")
+        let total = sizes.reduce(0, +)
+        #expect(lines.count == sizes.count)
+        #expect(bytesPerConnection.values.reduce(0, +) == total, "\(bytesPerConnection)")
+        #expect(bytesPerConnection.count == 4, "\(bytesPerConnection)")
+        // By bytes outstanding, each carries a fair share of the bytes.
+        #expect(bytesPerConnection.values.allSatisfy { $0 >= total / 8 }, "\(bytesPerConnection)")
     }
 
     /// qemu-nbd -e 2 advertises multi-conn and accepts two clients: the other two get no
@@ -491,6 +515,8 @@ struct ClientReconnectTests {
             try await thawed
             #expect(events.count { if case .lost(_, let cause) = $0 { cause.code == .timedOut } else { false } } == 1, "\(events.all)")
             #expect(events.count { if case .reconnected = $0 { true } else { false } } == 1, "\(events.all)")
+            // The read that timed out went again.
+            #expect(client.replays > 0)
         }
     }
 
