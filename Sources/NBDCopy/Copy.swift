@@ -49,6 +49,8 @@ package func copyHoldingJournalLock(
     defer { if !finished { progress.finish() } }
     try options.validate()
     try requireFit(source, destination, options)
+    // Only now is the destination changed, if it needs to be (a short file extended).
+    try await destination.prepare()
     let journal = try options.journal.map { try CopyJournal.forCopy($0, source: source, destination: destination) }
     let resumedBytes = journal?.resumed.byteCount ?? 0
     // What an earlier run copied is not read again: the blkhash of a resumed copy is made by

@@ -57,6 +57,9 @@ public protocol CopyDestination: CopyEndpoint {
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
     /// Makes `length` bytes at `offset` read as zeroes.
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
+    /// Makes the destination ready for a copy that has accepted it, before anything is
+    /// written: a file shorter than the source is extended. Nothing, by default.
+    func prepare() async throws
     /// Makes what was written durable.
     func flush() async throws
     /// Lets go of what the destination holds (connections, descriptors).
@@ -75,6 +78,7 @@ extension CopyEndpoint {
 }
 
 extension CopyDestination {
+    public func prepare() async throws {}
     public var discards: Bool { false }
     public var currentSize: UInt64? { size }
 }

@@ -16,6 +16,8 @@ public final class FileEndpoint: CopySource, CopyDestination {
     /// This destination was created or extended when it was opened: it cannot hold what an
     /// earlier run of a resumed copy wrote.
     package let isNew: Bool
+    /// The length a destination shorter than the source gets in ``prepare()``, and its path.
+    private let pendingLength: (length: UInt64, path: String)?
     public var isSequential: Bool { file.kind == .stream }
     public var readsOffThread: Bool { true }
 
@@ -41,8 +43,9 @@ public final class FileEndpoint: CopySource, CopyDestination {
     }
 
     /// Opens the file or block device at `path` (`-`: standard output) to write `size` bytes:
-    /// a new file is created and a short regular file extended (both then read as zeroes where
-    /// nothing is written); a smaller block device is an error.
+    /// a new file is created, and a short regular file is extended once a copy accepts it
+    /// (``prepare()``; both then read as zeroes where nothing is written); a smaller block
+    /// device is an error.
     ///
     /// - Parameters:
     ///   - path: the file or block device; `-` is standard output.
@@ -68,30 +71,53 @@ public final class FileEndpoint: CopySource, CopyDestination {
             throw NBDCopyError(.fileFailed, "cannot open \(path): \(error)")
         }
         var zeroed = destinationIsZero || !existed
-        var extended = false
+        var grownTo: UInt64?
         if let size, current < size, file.kind != .stream {
             guard file.kind == .regular else {
                 throw NBDCopyError(.sizeMismatch, "the destination \(path) (\(current) bytes) is smaller than the source (\(size) bytes)")
             }
-            do {
-                try file.setLength(size)
-            } catch {
-                throw NBDCopyError(.fileFailed, "cannot extend \(path) to \(size) bytes: \(error)")
-            }
+            // Extended once a copy has accepted it (``prepare()``), not now: a copy that refuses
+            // the destination (an incremental one onto a shorter file) leaves it as it was.
             zeroed = zeroed || current == 0
-            extended = true
+            grownTo = size
         }
-        return FileEndpoint(file, size: nil, startsZeroed: zeroed && !allocates, allocates: allocates, isNew: !existed || extended)
+        return FileEndpoint(
+            file,
+            size: nil,
+            startsZeroed: zeroed && !allocates,
+            allocates: allocates,
+            isNew: !existed || grownTo != nil,
+            pendingLength: grownTo.map { ($0, path) }
+        )
+    }
+
+    /// Extends a destination shorter than the source to the source's size, once a copy has
+    /// accepted it.
+    public func prepare() async throws {
+        guard let (length, path) = pendingLength, (try? file.size()).map({ $0 < length }) ?? true else { return }
+        do {
+            try file.setLength(length)
+        } catch {
+            throw NBDCopyError(.fileFailed, "cannot extend \(path) to \(length) bytes: \(error)")
+        }
     }
 
     public var currentSize: UInt64? { try? file.size() }
 
-    private init(_ file: LocalFile, size: UInt64?, startsZeroed: Bool, allocates: Bool, isNew: Bool = false) {
+    private init(
+        _ file: LocalFile,
+        size: UInt64?,
+        startsZeroed: Bool,
+        allocates: Bool,
+        isNew: Bool = false,
+        pendingLength: (length: UInt64, path: String)? = nil
+    ) {
         self.file = file
         self.size = size
         self.startsZeroed = startsZeroed
         self.allocates = allocates
         self.isNew = isNew
+        self.pendingLength = pendingLength
     }
 
     /// The holes of a sparse file (SEEK_HOLE): not read, and zeroed at the destination only

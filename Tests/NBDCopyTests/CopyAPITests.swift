@@ -224,6 +224,27 @@ struct CopyAPITests {
         }
     }
 
+    /// An incremental copy onto an existing file shorter than the source (the disk grew since
+    /// the last backup) is refused, and the file is left as it was: not grown with zeroes for
+    /// the next run to find "the right size".
+    @Test func anIncrementalCopyOntoAShorterFileLeavesItAsItWas() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let path = folder.appendingPathComponent("backup.raw").path
+        let old = Data(image(Self.size / 2, seed: 3))
+        try old.write(to: URL(fileURLWithPath: path))
+        let source = BitmapSource(MemorySource(image(Self.size)), dirty: [0..<4096], size: UInt64(Self.size))
+        await #expect {
+            try await copy(from: source, to: try FileEndpoint.destination(path, size: UInt64(Self.size)), options: options())
+        } throws: { error in
+            (error as? NBDCopyError)?.code == .sizeMismatch
+        }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == old)
+        // A full copy accepts it, and extends it first.
+        _ = try await copy(from: MemorySource(image(Self.size)), to: try FileEndpoint.destination(path, size: UInt64(Self.size)))
+        #expect(try Data(contentsOf: URL(fileURLWithPath: path)) == Data(image(Self.size)))
+    }
+
     /// A reader of the progress is woken at most once an interval, not once a piece: a copy
     /// does thousands a second.
     @Test func progressUpdatesComeAtMostOnceAnInterval() async throws {
@@ -326,6 +347,7 @@ struct InterruptingDestination: CopyDestination {
     func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         try await inner.zero(at: offset, length: length, worker: worker)
     }
+    func prepare() async throws { try await inner.prepare() }
     func flush() async throws {
         // A flush that does not answer: time passes on purpose.
         if flushFreezes { try await Task.sleep(for: .seconds(60)) }
