@@ -30,7 +30,7 @@ extension NBDClient {
         /// When the kept data would pass the window, the client flushes by itself and drops
         /// what that flush covered; writes in flight meanwhile may take it past the window by
         /// their own size. Zero keeps no data: a flush after a reconnection that may have lost
-        /// writes then fails with ``NBDError/Code-swift.struct/writesInDoubt``. Writes with FUA
+        /// writes then fails with `NBDError.Code.writesInDoubt`. Writes with FUA
         /// are durable once answered and are not kept; nothing is kept for a server that cannot
         /// flush.
         public var replayWindow = 64 << 20

@@ -83,7 +83,7 @@ extension NBDClient {
     /// not flushed again from the replay log before anything else, so that a flush answered
     /// by it covers every write answered before the flush was made. With the replay window
     /// off, the first flush after a reconnection that may have lost such writes fails instead,
-    /// with ``NBDError/Code-swift.struct/writesInDoubt`` naming their byte ranges; the next
+    /// with `NBDError.Code.writesInDoubt` naming their byte ranges; the next
     /// one succeeds as usual.
     public func flush() async throws {
         let sequence = try await flushCovering()
