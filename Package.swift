@@ -163,17 +163,16 @@ let package = Package(
 
 // libFuzzer targets, one per parser of a peer's bytes: built only by scripts/fuzz.sh, which
 // sets NBD_FUZZ and builds them with -sanitize=fuzzer,address (they have no main of their own).
+// A parser outside NBDCore is compiled into its target from its own file (a link in the target's
+// folder), so that fuzzing builds NBDCore alone, not the TLS stack (110 s rather than 360 s).
 if Context.environment["NBD_FUZZ"] != nil {
     let nio = Target.Dependency.product(name: "NIOCore", package: "swift-nio")
     package.targets.append(.target(name: "FuzzSupport", dependencies: [nio], path: "Fuzz/Support"))
-    for (name, module) in [
-        ("ClientNegotiation", "NBDCore"), ("ClientTransmission", "NBDCore"), ("ServerNegotiation", "NBDCore"),
-        ("ServerTransmission", "NBDCore"), ("URI", "NBD"), ("ServerHello", "NBD"), ("PSKFile", "NBDTLS"),
-    ] {
+    for name in ["ClientNegotiation", "ClientTransmission", "ServerNegotiation", "ServerTransmission", "URI", "ServerHello", "PSKFile"] {
         package.targets.append(
             .executableTarget(
                 name: "Fuzz\(name)",
-                dependencies: [.target(name: module), "FuzzSupport", nio],
+                dependencies: ["NBDCore", "FuzzSupport", nio],
                 path: "Fuzz/\(name)",
                 exclude: ["seeds"]
             )

@@ -3,6 +3,11 @@
 #
 #   scripts/sanitize.sh thread  [swift test arguments]   ThreadSanitizer (data races)
 #   scripts/sanitize.sh address [swift test arguments]   AddressSanitizer (memory errors, leaks)
+#   scripts/sanitize.sh thread --in-place [...]          in .build, instrumenting the Swift code
+#                                                        only: the C of BoringSSL and of SwiftNIO's
+#                                                        shims is the plain build's, not built again
+#                                                        (what CI does; the next plain build
+#                                                        compiles the Swift code again)
 #
 # For example: scripts/sanitize.sh thread --filter "NBDCoreTests|NBDTests|NBDServerTests".
 # A report fails the run. Reports that are not ours are suppressed in scripts/tsan.supp, each
@@ -19,8 +24,13 @@ case "$kind" in
         ;;
 esac
 shift
+scratch=(--sanitize="$kind" --scratch-path ".build-$kind")
+if [ "${1:-}" = "--in-place" ]; then
+    shift
+    scratch=(-Xswiftc -sanitize="$kind")
+fi
 # The runtime's backtracer and the sanitizers trip over each other on a report.
 export SWIFT_BACKTRACE=enable=no
 # Everything runs several times slower: the tests' time bounds are scaled by this.
 export NBD_TEST_TIME_SCALE=${NBD_TEST_TIME_SCALE:-5}
-exec swift test --sanitize="$kind" --scratch-path ".build-$kind" --no-parallel "$@"
+exec swift test "${scratch[@]}" --no-parallel "$@"

@@ -1,5 +1,4 @@
 import FuzzSupport
-import NBDTLS
 
 /// Pre-shared key files in psktool's format, with any contents.
 @_cdecl("LLVMFuzzerTestOneInput")

@@ -1,5 +1,4 @@
 import FuzzSupport
-import NBD
 import NIOCore
 
 /// The first bytes a TLS server sends, read for the cipher suite.

@@ -1,5 +1,4 @@
 import FuzzSupport
-import NBD
 
 /// NBD URIs from any text: either a typed error, or a URI that prints back to an equal one.
 @_cdecl("LLVMFuzzerTestOneInput")

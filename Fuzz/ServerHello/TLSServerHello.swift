@@ -1,0 +1,1 @@
+../../Sources/NBD/Transport/TLSServerHello.swift

@@ -1,0 +1,1 @@
+../../Sources/NBD/Client/NBDURI.swift
