@@ -64,10 +64,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-# Everything is built once, with the index store off (only editors read it): 10 to 15 % of the
-# compile time. The later steps pass the same flags, so that nothing is built twice.
-build_flags=(--disable-index-store)
-
 # The newer peers that speak extended headers (qemu 10, libnbd 1.22) live in a Debian trixie
 # chroot, made once (about a minute) and reused. Each tool started there sees the host's /tmp
 # through a bind mount in a mount namespace of its own (Tests/InteropTests/ServerProcess.swift),
@@ -85,7 +81,7 @@ fi
 chroot_log=$(mktemp)
 scripts/chroot.sh >"$chroot_log" 2>&1 &
 chroot_maker=$!
-swift build --build-tests "${build_flags[@]}"
+swift build --build-tests
 if ! wait "$chroot_maker"; then
     cat "$chroot_log" >&2
     rm -f "$chroot_log"
@@ -109,7 +105,7 @@ fi
 
 # One suite at a time: dozens of real servers started at once would starve a small machine.
 step "tests"
-swift test --skip-build "${build_flags[@]}" --no-parallel "$@"
+swift test --skip-build --no-parallel "$@"
 if [ -n "$under_load" ]; then
     current=""
     echo "=== the tests passed under load"
@@ -147,7 +143,7 @@ if [ $# -eq 0 ]; then
     # more), rebuilt in place: only the Swift code is instrumented, the C of BoringSSL and of
     # SwiftNIO's shims is the plain build's (4 minutes rather than 9).
     step "TSan"
-    scripts/sanitize.sh thread --in-place "${build_flags[@]}" \
+    scripts/sanitize.sh thread --in-place \
         --filter '^(NBDCoreTests|NBDTests|NBDServerTests|NBDSystemTests|NBDCopyTests)\.'
 fi
 current=""
