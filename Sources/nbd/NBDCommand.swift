@@ -166,7 +166,7 @@ struct ConnectionOptions: ParsableArguments {
         }
         configuration.tls.verifyPeer = tlsVerifyPeer
         if timeout > 0 {
-            let limit = TimeAmount.nanoseconds(Int64(timeout * 1e9))
+            let limit = Duration.nanoseconds(Int64(timeout * 1e9))
             configuration.requestTimeout = limit
             configuration.negotiationTimeout = min(configuration.negotiationTimeout, limit)
             configuration.connectTimeout = min(configuration.connectTimeout, limit)

@@ -17,7 +17,7 @@ struct ClientStateMachineTests {
 
     /// The machine up with `count` connections (numbered 100, 101, ...).
     func running(_ machine: inout Machine, connections count: Int) {
-        _ = machine.start()
+        _ = machine.start(now: t0)
         _ = machine.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: true, now: t0)
         for slot in 1..<count {
             _ = machine.dialSucceeded(slot: slot, connection: 100 + slot, identity: identity, canMultiConn: true, now: t0)
@@ -44,8 +44,8 @@ struct ClientStateMachineTests {
 
     @Test func multiConnOpensTheRestWithTheShortDeadline() {
         var machine = machine()
-        #expect(dials(machine.start()!) == [0])
-        #expect(machine.start() == nil)
+        #expect(dials(machine.start(now: t0)!) == [0])
+        #expect(machine.start(now: t0) == nil)
         let actions = machine.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: true, now: t0)
         #expect(events(actions) == [.connected(connection: 0)])
         #expect(actions.filter { if case .dial(_, true) = $0 { true } else { false } }.count == 3)
@@ -53,7 +53,7 @@ struct ClientStateMachineTests {
 
     @Test func withoutMultiConnOneConnectionAndItSaysSo() {
         var machine = machine()
-        _ = machine.start()
+        _ = machine.start(now: t0)
         let actions = machine.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: false, now: t0)
         #expect(dials(actions).isEmpty)
         #expect(
@@ -67,7 +67,7 @@ struct ClientStateMachineTests {
     /// qemu-nbd -e 2: two of four answer; the client goes on with two, and says so once.
     @Test func extraConnectionsThatFailAreDroppedOnce() {
         var machine = machine()
-        _ = machine.start()
+        _ = machine.start(now: t0)
         _ = machine.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: true, now: t0)
         _ = machine.dialSucceeded(slot: 1, connection: 101, identity: identity, canMultiConn: true, now: t0)
         let timeout = NBDError(.timedOut, "no greeting within 2 s", connectionUsable: false)
@@ -81,7 +81,7 @@ struct ClientStateMachineTests {
 
     @Test func anExtraConnectionThatFindsAnotherExportEndsTheClient() {
         var machine = machine()
-        _ = machine.start()
+        _ = machine.start(now: t0)
         _ = machine.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: true, now: t0)
         var other = identity
         other.format = .structured
@@ -343,7 +343,7 @@ struct ClientStateMachineTests {
         #expect(actions.filter { if case .close = $0 { true } else { false } }.count == 2)
         #expect(finish(actions).ends && finish(actions).error == nil)
         var failing = self.machine()
-        _ = failing.start()
+        _ = failing.start(now: t0)
         _ = failing.lease(id: 1, waiter: "a", weight: 1)
         let refused = NBDError(.connectFailed, "refused", connectionUsable: false)
         let end = failing.dialFailed(slot: 0, error: refused, now: t0)

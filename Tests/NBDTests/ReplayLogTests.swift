@@ -23,7 +23,7 @@ struct ReplayLogTests {
         var machine = Machine(
             configuration: .init(connections: connections, reconnectDelay: .seconds(10), maximumAdmitted: 16, replayWindow: window)
         )
-        _ = machine.start()
+        _ = machine.start(now: t0)
         for slot in 0..<connections {
             _ = machine.dialSucceeded(slot: slot, connection: 100 + slot, identity: identity, canMultiConn: true, now: t0)
         }
@@ -133,7 +133,7 @@ struct ReplayLogTests {
         #expect(answer(&machine, data(6000, 2), at: 6000, length: 6000).contains { if case .flushLog = $0 { true } else { false } })
         let sent = machine.log.lastSequence
         #expect(!answer(&machine, data(6000, 3), at: 12000, length: 6000).contains { if case .flushLog = $0 { true } else { false } })
-        machine.logFlushed(through: sent)
+        _ = machine.logFlushed(through: sent)
         #expect(machine.log.bytes == 6000)
         #expect(answer(&machine, data(6000, 4), at: 18000, length: 6000).contains { if case .flushLog = $0 { true } else { false } })
     }
@@ -157,12 +157,12 @@ struct ReplayLogTests {
     /// Without a reconnect delay, or on a server that cannot flush, nothing is kept.
     @Test func nothingIsKeptWhereItCannotHelp() {
         var noDelay = Machine(configuration: .init(connections: 1, reconnectDelay: .zero, maximumAdmitted: 4))
-        _ = noDelay.start()
+        _ = noDelay.start(now: t0)
         _ = noDelay.dialSucceeded(slot: 0, connection: 100, identity: identity, canMultiConn: true, now: t0)
         answer(&noDelay, data(4096, 1), at: 0, length: 4096)
         #expect(noDelay.log.isEmpty)
         var noFlush = Machine(configuration: .init(connections: 1, reconnectDelay: .seconds(1), maximumAdmitted: 4))
-        _ = noFlush.start()
+        _ = noFlush.start(now: t0)
         var withoutFlush = identity
         withoutFlush.flags.remove(.sendFlush)
         _ = noFlush.dialSucceeded(slot: 0, connection: 100, identity: withoutFlush, canMultiConn: true, now: t0)

@@ -34,6 +34,12 @@ extension NBDClient {
         /// are durable once answered and are not kept; nothing is kept for a server that cannot
         /// flush.
         public var replayWindow = 64 << 20
+        /// How long ``NBDClient/run()`` keeps dialling the first connection while nothing
+        /// answers (refused, no socket yet, closed at once, timed out), as qemu's
+        /// `open-timeout`: a client started with its server, or before it, waits for it. Zero
+        /// (the default) dials once and fails at once. A server that answers and refuses (an
+        /// unknown export, TLS) is not dialled again.
+        public var openTimeout: Duration = .zero
 
         /// The defaults.
         public init() {}

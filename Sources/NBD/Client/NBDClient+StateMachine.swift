@@ -32,6 +32,9 @@ extension NBDClient {
             /// Bytes of write data answered and not yet flushed that are kept to send again
             /// after a reconnection (see ``ReplayLog``); zero keeps only where they went.
             var replayWindow = 64 << 20
+            /// How long the first connection is dialled again while the server is not up yet
+            /// (qemu's `open-timeout`); zero: once.
+            var openTimeout = Duration.zero
         }
 
         enum Slot {
@@ -91,6 +94,12 @@ extension NBDClient {
         private var generations: [Int]
         /// Since when no connection is up (after one was), and how many dials failed since.
         private var outage: (since: Instant, failedDials: Int)?
+        /// When run() began: the first connection is dialled until ``Configuration/openTimeout``
+        /// after it.
+        private var startedAt: Instant?
+        /// A graceful shutdown is under way: no request is taken, and once those out are done
+        /// and the log is flushed, the client ends.
+        private var draining = false
         private var lastCause: NBDError?
         /// Secondary connections of the start still dialling, and why one failed.
         private var startingSecondaries = 0
@@ -136,13 +145,16 @@ extension NBDClient {
 
         /// Connections that are up.
         var connectedCount: Int { slots.count { if case .up = $0 { true } else { false } } }
+        /// True while a lost connection is being dialled again.
+        var isReconnecting: Bool { lostAt.contains { $0 != nil } }
 
         // MARK: Events
 
         /// `run()` started: dial the first connection. Nil when it had started already.
-        mutating func start() -> [Action]? {
+        mutating func start(now: Instant) -> [Action]? {
             guard case .idle = phase else { return nil }
             phase = .starting
+            startedAt = now
             slots[0] = .dialing(attempt: 0)
             return [.dial(slot: 0, secondary: false)]
         }
@@ -241,8 +253,14 @@ extension NBDClient {
                 slots[slot] = .unused
                 return []
             case .starting:
-                slots[slot] = .unused
-                return end(error)
+                // qemu's open-timeout: the first connection may wait for a server that is not
+                // up yet. One that answered and refused (an option, TLS) is not asked again.
+                let deadline = (startedAt ?? now) + configuration.openTimeout
+                guard now < deadline, !draining, [.connectFailed, .connectionClosed, .timedOut].contains(error.code) else {
+                    slots[slot] = .unused
+                    return end(error)
+                }
+                return backOff(slot, attempt: attempt + 1, now: now, deadline: deadline)
             case .running:
                 lastCause = error
                 if attempt > 0, error.optionReply == .errUnknown {
@@ -260,13 +278,18 @@ extension NBDClient {
                 outage?.failedDials += 1
                 let deadline = (lostAt[slot] ?? now) + configuration.reconnectDelay
                 guard now < deadline else { return giveUp(slot) }
-                // From 100 ms, doubling, at most 2 s between two dials; the last at the deadline.
-                let exponent = min(attempt - 1, 20)
-                let pause = min(configuration.firstBackoff * (1 << exponent), configuration.longestBackoff)
-                let next = min(now + pause, deadline)
-                slots[slot] = .backingOff(attempt: attempt + 1, until: next)
-                return [.armTimer(at: next)]
+                return backOff(slot, attempt: attempt + 1, now: now, deadline: deadline)
             }
+        }
+
+        /// Slot `slot` waits before its dial number `attempt`: from 100 ms, doubling, at most
+        /// 2 s between two dials; the last at the deadline.
+        private mutating func backOff(_ slot: Int, attempt: Int, now: Instant, deadline: Instant) -> [Action] {
+            let exponent = min(attempt - 2, 20)
+            let pause = min(configuration.firstBackoff * (1 << max(0, exponent)), configuration.longestBackoff)
+            let next = min(now + pause, deadline)
+            slots[slot] = .backingOff(attempt: attempt, until: next)
+            return [.armTimer(at: next)]
         }
 
         /// Connection `slot` of `generation` was lost (closed, reset, timed out, shut down).
@@ -295,6 +318,7 @@ extension NBDClient {
         /// that), or a turn once one is up and the admission cap allows.
         mutating func lease(id: Int, waiter: Waiter, weight: Int, onLoop: Int? = nil, exclusive: Bool = false) -> LeaseResult {
             if case .ended(let error) = phase { return .fail(error ?? Self.shutDown) }
+            if draining { return .fail(Self.shuttingDown) }
             if mayAdmit(exclusive: exclusive, waiting: !waiters.isEmpty && exclusive), let lease = leastLoaded(onLoop: onLoop) {
                 take(lease, weight: weight, exclusive: exclusive)
                 return .use(lease)
@@ -306,7 +330,7 @@ extension NBDClient {
         /// ``lease(id:waiter:weight:onLoop:exclusive:)`` when a connection is free now and nobody waits
         /// before the caller; nil otherwise (the caller then waits with a waiter).
         mutating func tryLease(weight: Int, onLoop: Int?) -> Lease? {
-            guard case .running = phase, case .none = replay, waiters.isEmpty, mayAdmit(exclusive: false, waiting: false),
+            guard case .running = phase, !draining, case .none = replay, waiters.isEmpty, mayAdmit(exclusive: false, waiting: false),
                 let lease = leastLoaded(onLoop: onLoop)
             else { return nil }
             take(lease, weight: weight, exclusive: false)
@@ -344,7 +368,7 @@ extension NBDClient {
                 flushingLog = true
                 actions.append(.flushLog)
             }
-            return actions + resumeWaiters()
+            return actions + resumeWaiters() + drained()
         }
 
         /// A flush was answered that was sent after answer `sequence` of the log: what came
@@ -358,9 +382,10 @@ extension NBDClient {
         }
 
         /// The log's own flush is done (answered through `sequence`, or failed: nil).
-        mutating func logFlushed(through sequence: Int?) {
+        mutating func logFlushed(through sequence: Int?) -> [Action] {
             flushingLog = false
             if let sequence { log.flushed(through: sequence) }
+            return drained()
         }
 
         /// The replay of ``Action/replay(_:_:through:)`` is done: sent and flushed (error
@@ -373,7 +398,9 @@ extension NBDClient {
             replay = .none
             guard let error else {
                 log.flushed(through: sequence)
-                return [.emit(.replayed(requests: requests, bytes: bytes))] + resumeWaiters()
+                // A replay of nothing is the flush of a graceful shutdown: nothing to tell.
+                let told: [Action] = requests > 0 ? [.emit(.replayed(requests: requests, bytes: bytes))] : []
+                return told + resumeWaiters() + drained()
             }
             guard error.connectionUsable, error.serverErrno != .ESHUTDOWN else {
                 replay = .pending
@@ -391,8 +418,11 @@ extension NBDClient {
 
         /// A timer armed by ``Action/armTimer(at:)`` went off (perhaps early or late).
         mutating func timerFired(now: Instant) -> [Action] {
-            guard case .running = phase else { return [] }
-            if let outage, connectedCount == 0, now >= outage.since + configuration.reconnectDelay {
+            switch phase {
+            case .starting, .running: break
+            case .idle, .ended: return []
+            }
+            if case .running = phase, let outage, connectedCount == 0, now >= outage.since + configuration.reconnectDelay {
                 return end(giveUpError(failedDials: outage.failedDials))
             }
             var actions: [Action] = []
@@ -410,12 +440,45 @@ extension NBDClient {
             return end(nil)
         }
 
+        /// A graceful shutdown (swift-service-lifecycle's): no request is taken from now on
+        /// and those waiting for a connection fail; those on the wire are answered, what the
+        /// log holds is flushed (after a replay, if a connection is being made again), and
+        /// then the client ends, closing its connections softly.
+        mutating func drain() -> [Action] {
+            switch phase {
+            case .ended: return []
+            case .idle, .starting: return end(nil)
+            case .running: break
+            }
+            draining = true
+            var actions: [Action] = []
+            for entry in waiters { actions.append(.fail(entry.waiter, Self.shuttingDown)) }
+            waiters = []
+            return actions + drained()
+        }
+
+        /// While draining, once nothing else is out: what the log holds is flushed (a replay
+        /// of nothing but the flush), then the client ends. With no connection up, the replay
+        /// that follows the reconnection flushes it.
+        private mutating func drained() -> [Action] {
+            guard draining, case .running = phase, admitted == 0, !exclusiveHeld, !flushingLog, case .none = replay else { return [] }
+            guard !log.isEmpty else { return end(nil) }
+            guard let lease = leastLoaded() else { return [] }
+            take(lease, weight: 0, exclusive: false)
+            replay = .running(requests: 0, bytes: 0)
+            return [.replay(lease, [], through: log.lastSequence)]
+        }
+
         // MARK: Internals
 
         static var multiConnWithdrawn: String { "the server no longer sets NBD_FLAG_CAN_MULTI_CONN" }
 
         static var shutDown: NBDError {
             NBDError(.connectionClosed, "the NBD client was shut down", connectionUsable: false)
+        }
+
+        static var shuttingDown: NBDError {
+            NBDError(.connectionClosed, "the NBD client is shutting down: it takes no more requests", connectionUsable: false)
         }
 
         private mutating func bringUp(_ slot: Int, _ connection: Connection, event: NBDClientEvent) -> [Action] {

@@ -3,6 +3,7 @@ import Logging
 import NBDEventLoop
 import NIOConcurrencyHelpers
 import NIOCore
+import ServiceLifecycle
 
 /// One export over several connections, that rides out a server restart: the client to build
 /// on. `Sendable`; use it from as many tasks as you like.
@@ -78,7 +79,8 @@ public final class NBDClient: Sendable {
                     reconnectDelay: configuration.reconnectDelay,
                     maximumAdmitted: admitted,
                     loops: executorCount,
-                    replayWindow: configuration.replayWindow
+                    replayWindow: configuration.replayWindow,
+                    openTimeout: configuration.openTimeout
                 )
             )
         )
@@ -114,14 +116,37 @@ public final class NBDClient: Sendable {
 
     /// Opens the connections and keeps them: dials again what is lost, within the reconnect
     /// delay. Returns when the task running it is cancelled, once the requests in flight have
-    /// finished and every connection is disconnected softly; throws the error that ended the
-    /// client otherwise (the first connection could not be made, the server stayed away, the
-    /// export changed). Call it once.
+    /// finished and every connection is disconnected softly, or after a graceful shutdown of
+    /// its `ServiceGroup` (requests refused from then on, those on the wire answered, the
+    /// replay log flushed); throws the error that ended the client otherwise (the first
+    /// connection could not be made within ``Configuration-swift.struct/openTimeout``, the
+    /// server stayed away, the export changed). Call it once.
     public func run() async throws {
-        guard let actions = machine.withLockedValue({ $0.start() }) else {
+        guard let actions = machine.withLockedValue({ $0.start(now: .now) }) else {
             throw NBDError.invalidArgument("NBDClient.run() was called twice")
         }
         let failure = NIOLockedValueBox<NBDError?>(nil)
+        // In a ServiceGroup, a graceful shutdown drains the client (see drain()); cancelling
+        // the task ends it at once.
+        await withGracefulShutdownHandler {
+            await serve(actions, failure: failure)
+        } onGracefulShutdown: {
+            self.perform(self.machine.withLockedValue { $0.drain() })
+        }
+        perform(machine.withLockedValue { $0.shutdown() })
+        for export in open.withLockedValue({ open in
+            defer { open = [:] }
+            return Array(open.values)
+        }) {
+            await export.disconnect()
+        }
+        // Nothing more happens to the connections: readers of the events see their end.
+        eventSink.finish()
+        if let error = failure.withLockedValue({ $0 }) { throw error }
+    }
+
+    /// The work of ``run()``: dials, timers, closes, replays, flushes, until the machine ends.
+    private func serve(_ actions: [Machine.Action], failure: NIOLockedValueBox<NBDError?>) async {
         // Discarding: the many short tasks (dials, timers, disconnects) are freed as they end,
         // not kept until run() returns with what they captured (a lost connection's buffers).
         await withDiscardingTaskGroup { group in
@@ -144,7 +169,7 @@ public final class NBDClient: Sendable {
                     case .flushLog:
                         group.addTask {
                             let covered = try? await self.flushCovering()
-                            self.machine.withLockedValue { $0.logFlushed(through: covered) }
+                            self.perform(self.machine.withLockedValue { $0.logFlushed(through: covered) })
                         }
                     case .finish(let error):
                         failure.withLockedValue { $0 = error }
@@ -157,16 +182,6 @@ public final class NBDClient: Sendable {
             // Timers and dials still under way are of no use now; disconnects finish anyway.
             group.cancelAll()
         }
-        perform(machine.withLockedValue { $0.shutdown() })
-        for export in open.withLockedValue({ open in
-            defer { open = [:] }
-            return Array(open.values)
-        }) {
-            await export.disconnect()
-        }
-        // Nothing more happens to the connections: readers of the events see their end.
-        eventSink.finish()
-        if let error = failure.withLockedValue({ $0 }) { throw error }
     }
 
     /// Runs a client for the length of `body`: connects (throwing if the first connection
@@ -222,6 +237,10 @@ public final class NBDClient: Sendable {
 
     /// Connections up now.
     public var connectionCount: Int { machine.withLockedValue { $0.connectedCount } }
+
+    /// True while a lost connection is being dialled again, within the reconnect delay:
+    /// requests meanwhile wait (or go to the connections still up).
+    public var isReconnecting: Bool { machine.withLockedValue { $0.isReconnecting } }
 
     /// The TLS version of the connections (for example `tlsv13`), or nil in clear. Waits for
     /// a connection.
@@ -378,7 +397,7 @@ public final class NBDClient: Sendable {
         let loops = Array(connection.eventLoopGroup.makeIterator())
         connection.eventLoopGroup = loops[slot % loops.count]
         if secondary {
-            let limit = TimeAmount.nanoseconds(Int64(configuration.additionalConnectionTimeout / .nanoseconds(1)))
+            let limit = configuration.additionalConnectionTimeout
             connection.connectTimeout = min(connection.connectTimeout, limit)
             connection.negotiationTimeout = min(connection.negotiationTimeout, limit)
         }

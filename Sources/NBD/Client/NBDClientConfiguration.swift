@@ -26,9 +26,9 @@ public struct NBDClientConfiguration: Sendable {
     /// data it only hashes or throws away).
     public var readsDataDirectly = true
     /// How long to wait for the socket to connect.
-    public var connectTimeout: TimeAmount = .seconds(10)
+    public var connectTimeout: Duration = .seconds(10)
     /// How long each negotiation step (greeting, each option's replies) may take.
-    public var negotiationTimeout: TimeAmount = .seconds(30)
+    public var negotiationTimeout: Duration = .seconds(30)
     /// How long a request may wait for its reply once sent: 60 s by default, as the `nbd`
     /// tool, so that a server that froze never hangs a caller for good; nil waits for ever, as
     /// libnbd does. A request not answered in time fails with `NBDError.Code.timedOut`, the
@@ -36,7 +36,7 @@ public struct NBDClientConfiguration: Sendable {
     /// fails at once with the same error; an ``NBDClient`` with a reconnect delay dials again
     /// and sends them again instead. Raise it for requests a server may take long over (a
     /// large write-zeroes without fast zeroing, a flush of a large cache).
-    public var requestTimeout: TimeAmount? = .seconds(60)
+    public var requestTimeout: Duration? = .seconds(60)
     /// Largest single reply to an option accepted while negotiating (by default 8196 bytes:
     /// two strings of the spec's 4096-byte limit); a larger one ends the connection.
     public var maximumOptionReplyLength = OptionReply.defaultMaximumLength

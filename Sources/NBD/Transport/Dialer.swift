@@ -19,7 +19,7 @@ enum Dialer {
     ) async throws -> Dialed {
         configuration.logger.debug("dialing", metadata: ["address": "\(address)"])
         // Connected here, not by SwiftNIO, so that the client knows the descriptor.
-        let socket = try await SocketConnector.connect(to: address, timeout: configuration.connectTimeout)
+        let socket = try await SocketConnector.connect(to: address, timeout: TimeAmount(configuration.connectTimeout))
         var isTCP = false
         if case .tcp = address { isTCP = true }
         return try await attach(socket, named: "\(address)", isTCP: isTCP, configuration: configuration, tls: tls)
@@ -40,9 +40,9 @@ enum Dialer {
                 maximumRepliesLength: configuration.maximumOptionRepliesLength
             ),
             maximumRequestsInFlight: configuration.maximumRequestsInFlight,
-            negotiationTimeout: configuration.negotiationTimeout,
+            negotiationTimeout: TimeAmount(configuration.negotiationTimeout),
             tlsPolicy: configuration.tls.policy,
-            requestTimeout: configuration.requestTimeout
+            requestTimeout: configuration.requestTimeout.map(TimeAmount.init)
         )
         let logger = configuration.logger
         let directRead = configuration.readsDataDirectly ? DirectRead(socket: socket) : nil
