@@ -4,7 +4,7 @@
 import NBD
 import NBDCopy
 
-func incrementalBackup() async throws {
+func incrementalBackup(job: String) async throws {
     // qemu-nbd -B backup-0 (or a fleecing export of a backup job): a view that holds still.
     let uri = try NBDURI("nbd+unix:///vda?socket=/run/vda-backup.sock")
     let backup = "/backups/vda.raw"  // last night's full copy
@@ -12,7 +12,9 @@ func incrementalBackup() async throws {
     let changes = try await NBDEndpoint.open(uri, bitmap: .dirtyBitmap("backup-0"))
     var options = CopyOptions()
     options.flush = true
-    options.journal = .init(path: backup + ".journal", source: "\(uri)", destination: backup)
+    // `job` names the state being copied (the snapshot or backup job behind the export): a
+    // resume under another name, or none, is refused rather than mixing two states.
+    options.journal = .init(path: backup + ".journal", source: "\(uri)", destination: backup, sourceState: job)
     let report = try await copy(from: changes, to: try FileEndpoint.destination(backup, size: changes.size), options: options)
     await changes.close()
     // The whole export's blkhash; the backup must read back with it.

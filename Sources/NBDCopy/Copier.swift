@@ -52,8 +52,8 @@ package final class Copier: Sendable {
     /// about what nbdcopy takes for a copy between two exports.
     package static let defaultMemory: UInt64 = 24 << 20
 
-    /// The request size raised to the largest preferred block size of the NBD endpoints, and one
-    /// worker per request in flight over every connection opened (`requests` per connection),
+    /// The request size raised to the endpoints' preferred request sizes, and one worker per
+    /// request in flight over every connection of an export (`requests` per connection),
     /// as many as `memory` holds buffers of the request size (but one per connection at least)
     /// unless the destination discards what it gets.
     package convenience init(
@@ -68,15 +68,15 @@ package final class Copier: Sendable {
         length: UInt64? = nil,
         journal: CopyJournal? = nil
     ) {
-        let exports = [source as Any, destination as Any].compactMap { $0 as? NBDEndpoint }
-        let connections = exports.map(\.connections).max() ?? 1
-        let size = max(requestSize, UInt64(exports.map { $0.info.blockSizes.preferred }.max() ?? 0))
+        let remote = [source.connectionCount, destination.connectionCount].compactMap { $0 }
+        let connections = remote.max() ?? 1
+        let size = max(requestSize, source.preferredRequestSize ?? 0, destination.preferredRequestSize ?? 0)
         // Data that is only hashed or thrown away is held for no time: the memory bound is for
         // data that waits for its writes.
         var workers = destination.discards ? connections * requests : max(connections, min(connections * requests, Int(memory / size)))
         // Between local files, requests in flight only wait for the thread pool: two per
         // thread keep it busy, and fewer buffers stay warm in the processor's caches.
-        if exports.isEmpty { workers = min(workers, 2 * System.coreCount) }
+        if remote.isEmpty { workers = min(workers, 2 * System.coreCount) }
         self.init(
             source: source,
             destination: destination,

@@ -30,14 +30,14 @@ public func copy(
     // Refusals first: a journal is not even locked for a copy that cannot work.
     try options.validate()
     try requireFit(source, destination, options)
-    let lock = try options.journal.map { try CopyJournal.Lock(journal: $0.path) }
+    // Held already when the caller took it before opening anything (CopyOptions.Journal.lock()).
+    let lock = try options.journal.flatMap { try CopyJournalLock.forCopy($0.path) }
     defer { lock?.release() }
     return try await copyHoldingJournalLock(from: source, to: destination, options: options, progress: progress, stop: stop)
 }
 
-/// ``copy(from:to:options:progress:stop:)`` for a caller that holds the journal's lock already
-/// (the tool takes it before it opens anything).
-package func copyHoldingJournalLock(
+/// ``copy(from:to:options:progress:stop:)`` once the journal's lock is held.
+private func copyHoldingJournalLock(
     from source: any CopySource,
     to destination: any CopyDestination,
     options: CopyOptions,
@@ -47,8 +47,6 @@ package func copyHoldingJournalLock(
     let progress = progress ?? CopyProgress(total: source.size)
     var finished = false
     defer { if !finished { progress.finish() } }
-    try options.validate()
-    try requireFit(source, destination, options)
     // Only now is the destination changed, if it needs to be (a short file extended).
     try await destination.prepare()
     let journal = try options.journal.map { try CopyJournal.forCopy($0, source: source, destination: destination) }
@@ -70,10 +68,12 @@ package func copyHoldingJournalLock(
     var failure: (any Error)?
     var copied: UInt64 = 0
     do {
-        if let journal {
-            copied = try await journal.checkpointing(flushing: destination) { try await copier.run(stop: stop) }
-        } else {
-            copied = try await copier.run(stop: stop)
+        copied = try await progress.watchingReconnections(of: source, destination) {
+            if let journal {
+                try await journal.checkpointing(flushing: destination) { try await copier.run(stop: stop) }
+            } else {
+                try await copier.run(stop: stop)
+            }
         }
         if (options.flush || journal != nil) && !stop.isRequested { try await destination.flush() }
     } catch {
@@ -120,7 +120,7 @@ private func requireFit(_ source: any CopySource, _ destination: any CopyDestina
             let actual = (destination.size ?? destination.currentSize).map { "not \($0)" } ?? "not a stream"
             throw NBDCopyError(.sizeMismatch, "an incremental copy needs a destination of the source's size (\(needed) bytes), \(actual)")
         }
-        if let file = destination as? FileEndpoint, file.isNew {
+        if destination.isNew {
             throw NBDCopyError(
                 .invalidArgument,
                 "an incremental copy goes onto an existing copy, and the destination was created or extended"

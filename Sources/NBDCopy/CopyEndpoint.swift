@@ -17,6 +17,14 @@ public protocol CopySource: CopyEndpoint {
     /// Ranges that need no copying (clean in the dirty bitmap of an incremental copy), within
     /// `offset..<offset+length`, in order. None, by default.
     func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>]
+    /// What ``cleanRanges(from:length:)`` reads (the name of a dirty bitmap), which a journal
+    /// records: a resumed copy must read the same. Nil, by default.
+    var cleanRangesName: String? { get }
+    /// What tells the source's present state from any other, when the source can tell it
+    /// itself (a regular file: its inode, size and change time), which a journal records: a
+    /// copy resumed from a different state is refused. Nil (the default) when it cannot (an
+    /// export can change between runs with nothing to show for it).
+    var stateIdentity: String? { get }
     /// Appends up to `length` bytes at `offset` (fewer only at the end of a stream) to `buffer`:
     /// each worker reads into a buffer of its own, again and again, so that the copy's memory
     /// is its workers' buffers and no more.
@@ -53,6 +61,10 @@ public protocol CopyDestination: CopyEndpoint {
     /// True when what is written is thrown away (`null:`): no point looking for zeroes.
     /// False, by default.
     var discards: Bool { get }
+    /// True when opening the destination created or extended it: it cannot hold an earlier
+    /// copy, so an incremental copy and the resumption of a journal refuse it. False, by
+    /// default.
+    var isNew: Bool { get }
     /// Writes `data`, one buffer after another, from `offset`.
     func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
     /// Makes `length` bytes at `offset` read as zeroes.
@@ -66,20 +78,36 @@ public protocol CopyDestination: CopyEndpoint {
     func close() async
 }
 
-/// What sources and destinations share: where their I/O completes.
+/// What sources and destinations share: where their I/O completes, and what sizes the copy's
+/// requests.
 public protocol CopyEndpoint: Sendable {
     /// The executor worker `worker` runs on with the least thread hopping (an NBD connection's
     /// event loop), if any. None, by default.
     func taskExecutor(for worker: Int) -> (any TaskExecutor)?
+    /// For an export, the connections its requests spread over: the copy keeps its requests
+    /// in flight on each. Nil (the default) for local I/O, which waits only for the thread
+    /// pool.
+    var connectionCount: Int? { get }
+    /// The request size the endpoint serves best (an export's preferred block size): the
+    /// copy's requests are at least this large. Nil, by default.
+    var preferredRequestSize: UInt64? { get }
+    /// For an export that rides out restarts, whether it is waiting now for a lost connection
+    /// to be made again (``CopyProgress/Snapshot/reconnecting``); nil (the default) for what
+    /// never reconnects.
+    var isReconnecting: Bool? { get }
 }
 
 extension CopyEndpoint {
     public func taskExecutor(for worker: Int) -> (any TaskExecutor)? { nil }
+    public var connectionCount: Int? { nil }
+    public var preferredRequestSize: UInt64? { nil }
+    public var isReconnecting: Bool? { nil }
 }
 
 extension CopyDestination {
     public func prepare() async throws {}
     public var discards: Bool { false }
+    public var isNew: Bool { false }
     public var currentSize: UInt64? { size }
 }
 
@@ -96,6 +124,8 @@ extension CopySource {
 
     public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     public var hasCleanRanges: Bool { false }
+    public var cleanRangesName: String? { nil }
+    public var stateIdentity: String? { nil }
     public func cleanRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }
     public func close() async {}
 }

@@ -19,25 +19,47 @@ import Darwin
 /// whole (written beside it, synced, renamed): a crash leaves the old journal or the new one.
 package final class CopyJournal: Sendable {
     /// What a journal is for: its copy's source and destination, as given (files by their full
-    /// path), with their sizes, and the dirty bitmap of an incremental copy.
+    /// path), with their sizes, the dirty bitmap of an incremental copy, and the source's state
+    /// (the caller's name for it, and what the source tells of itself).
     package struct Subject: Codable, Equatable, Sendable, CustomStringConvertible {
         package var source: String
         package var sourceSize: UInt64
         package var destination: String
         package var destinationSize: UInt64
         package var bitmap: String?
+        /// ``CopyOptions/Journal/sourceState``.
+        package var sourceState: String?
+        /// ``CopySource/stateIdentity``.
+        package var sourceIdentity: String?
 
-        package init(source: String, sourceSize: UInt64, destination: String, destinationSize: UInt64, bitmap: String?) {
+        package init(
+            source: String,
+            sourceSize: UInt64,
+            destination: String,
+            destinationSize: UInt64,
+            bitmap: String?,
+            sourceState: String? = nil,
+            sourceIdentity: String? = nil
+        ) {
             self.source = source
             self.sourceSize = sourceSize
             self.destination = destination
             self.destinationSize = destinationSize
             self.bitmap = bitmap
+            self.sourceState = sourceState
+            self.sourceIdentity = sourceIdentity
         }
 
         package var description: String {
             "a copy of \(source) (\(sourceSize) bytes) onto \(destination) (\(destinationSize) bytes)"
                 + (bitmap.map { " with the bitmap \($0)" } ?? "")
+        }
+
+        /// The same copy, whatever the source's state.
+        func sameCopy(as other: Subject) -> Bool {
+            var mine = self
+            (mine.sourceState, mine.sourceIdentity) = (other.sourceState, other.sourceIdentity)
+            return mine == other
         }
     }
 
@@ -247,9 +269,14 @@ extension CopyJournal {
             try journal.save()
             return journal
         }
-        guard record.subject == subject else {
+        guard record.subject.sameCopy(as: subject) else {
             throw NBDCopyError(.journal, "the journal \(path) is for \(record.subject), not for \(subject): remove it to start over")
         }
+        guard !record.done.isEmpty else {
+            // Nothing to mix: begun afresh, for the source as it is now.
+            return CopyJournal(path: path, subject: subject, destinationStartedZeroed: record.destinationStartedZeroed)
+        }
+        try requireSameState(of: record.subject, as: subject, journal: path)
         return CopyJournal(
             path: path,
             subject: subject,
@@ -271,9 +298,11 @@ extension CopyJournal {
             sourceSize: source.size ?? 0,
             destination: options.destination,
             destinationSize: destination.currentSize ?? 0,
-            bitmap: (source as? NBDEndpoint)?.bitmap?.name
+            bitmap: source.cleanRangesName,
+            sourceState: options.sourceState,
+            sourceIdentity: source.stateIdentity
         )
-        if let record, !record.done.isEmpty, let file = destination as? FileEndpoint, file.isNew {
+        if let record, !record.done.isEmpty, destination.isNew {
             throw NBDCopyError(
                 .journal,
                 "the journal \(options.path) is for a copy onto \(options.destination), which was created or extended "
@@ -283,29 +312,45 @@ extension CopyJournal {
         return try startOrResume(options.path, record: record, subject: subject, destinationStartsZeroed: destination.startsZeroed)
     }
 
-    /// Holds FILE.lock, locked, while a copy uses the journal FILE: the same copy started again
-    /// while it runs (an overlapping cron job) is refused rather than let loose on the same
-    /// journal and destination. The kernel lets go of a killed run's lock.
-    package final class Lock: Sendable {
-        package let journal: String
-        private let descriptor: Int32
-
-        package init(journal: String) throws {
-            self.journal = journal
-            let path = journal + ".lock"
-            descriptor = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-            guard descriptor >= 0 else { throw NBDCopyError(.journal, "cannot create \(path): \(String(cString: strerror(errno)))") }
-            guard flock(descriptor, LOCK_EX | LOCK_NB) == 0 else {
-                _ = CLibrary.close(descriptor)
-                throw NBDCopyError(.journal, "another nbd copy is using the journal \(journal) (it holds \(path))")
+    /// A resumed copy "must never silently mix two states of its source": what the journal
+    /// records as done was read from the source in its state then, and the rest will be read
+    /// now. Throws unless the caller names the same state (``CopyOptions/Journal/sourceState``)
+    /// or the source shows it is unchanged (``CopySource/stateIdentity``), and says what to do.
+    package static func requireSameState(of recorded: Subject, as now: Subject, journal path: String) throws {
+        let startOver = "remove the journal to start over"
+        switch (recorded.sourceState, now.sourceState) {
+        case (let before?, let given?) where before != given:
+            throw NBDCopyError(
+                .journal,
+                "the journal \(path) holds what was copied of \(recorded.source) in the state \(before), not \(given): "
+                    + "the two cannot be mixed; \(startOver)"
+            )
+        case (let before?, nil):
+            throw NBDCopyError(
+                .journal,
+                "the journal \(path) holds what was copied of \(recorded.source) in the state \(before): "
+                    + "name that state again (nbd copy --source-state \(before)) to resume, or \(startOver)"
+            )
+        case (let before?, let given?) where before == given:
+            return
+        default:
+            break
+        }
+        if let before = recorded.sourceIdentity, let current = now.sourceIdentity {
+            guard before == current else {
+                throw NBDCopyError(
+                    .journal,
+                    "\(recorded.source) changed since the journal \(path) was written (it was \(before), it is \(current)): "
+                        + "what the journal records as copied may be stale; \(startOver)"
+                )
             }
+            return
         }
-
-        /// Lets go; the lock file goes too when no journal is left (the copy is complete, or
-        /// never began).
-        package func release() {
-            if access(journal, F_OK) != 0 { unlink(journal + ".lock") }
-            _ = CLibrary.close(descriptor)
-        }
+        throw NBDCopyError(
+            .journal,
+            "the journal \(path) cannot tell whether \(recorded.source) is still in the state it was copied from "
+                + "(an export can change between runs): name the state when a copy begins (nbd copy --source-state ID, "
+                + "such as a snapshot's or a backup job's id) to resume it, or \(startOver)"
+        )
     }
 }

@@ -23,8 +23,16 @@ public struct CopyOptions: Sendable {
 
     public init() {}
 
-    /// A resumable copy's journal: the file, and the names that tell whether a journal found
-    /// there is this copy's (another copy's is refused, never applied).
+    /// A resumable copy's journal: the file, the names that tell whether a journal found
+    /// there is this copy's (another copy's is refused, never applied), and the state of the
+    /// source being copied.
+    ///
+    /// What a journal records as copied was read from the source as it was then; a resumed
+    /// copy reads the rest as it is now. A resume is therefore refused unless the source is
+    /// shown to be in the same state: by ``sourceState``, the same in every run, or by the
+    /// source itself (``CopySource/stateIdentity``: a regular file's inode, size and change
+    /// time). An export cannot show it, so resuming a copy from an export needs a
+    /// ``sourceState``.
     public struct Journal: Sendable {
         /// The journal file; `PATH.lock` beside it is locked while the copy runs, so that the
         /// same copy started twice at once is refused.
@@ -33,11 +41,16 @@ public struct CopyOptions: Sendable {
         public var source: String
         /// What the destination is called.
         public var destination: String
+        /// The caller's name for the state of the source being copied, which stays the same
+        /// while it is copied: a snapshot's or a backup job's id. A resume that names another
+        /// state, or none where the first run named one, is refused.
+        public var sourceState: String?
 
-        public init(path: String, source: String, destination: String) {
+        public init(path: String, source: String, destination: String, sourceState: String? = nil) {
             self.path = path
             self.source = source
             self.destination = destination
+            self.sourceState = sourceState
         }
     }
 

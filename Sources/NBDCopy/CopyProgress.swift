@@ -16,6 +16,9 @@ public final class CopyProgress: Sendable {
         public var elapsed: Duration
         /// True in the last snapshot, when the work has ended (done, failed or stopped).
         public var finished: Bool
+        /// True while the copy waits for a lost connection of an export to be made again
+        /// (within its client's reconnect delay): nothing moves meanwhile, and the rate falls.
+        public var reconnecting = false
 
         /// ``elapsed`` in seconds (at least a millisecond, so that rates stay finite).
         public var seconds: Double {
@@ -40,7 +43,15 @@ public final class CopyProgress: Sendable {
         var skipped: UInt64 = 0
         var finished = false
         var lastUpdate: ContinuousClock.Instant?
+        /// What says whether an endpoint is reconnecting, while a copy runs.
+        var reconnecting: (@Sendable () -> Bool)?
+        /// ``Snapshot/reconnecting`` in the last update.
+        var reportedReconnecting = false
     }
+
+    /// How often a running copy looks whether an endpoint is reconnecting: a stalled copy
+    /// moves no bytes, so no update would say it otherwise.
+    static let reconnectionCheckInterval: Duration = .milliseconds(250)
 
     /// Snapshots go to ``updates`` at most this often (the last one always): a copy does
     /// thousands of pieces a second, and waking a reader for each would cost more than the
@@ -64,7 +75,50 @@ public final class CopyProgress: Sendable {
     /// Where the work is now.
     public var snapshot: Snapshot {
         let counts = counts.withLockedValue { $0 }
-        return Snapshot(done: counts.done, skipped: counts.skipped, total: total, elapsed: .now - start, finished: counts.finished)
+        return Snapshot(
+            done: counts.done,
+            skipped: counts.skipped,
+            total: total,
+            elapsed: .now - start,
+            finished: counts.finished,
+            reconnecting: !counts.finished && (counts.reconnecting?() ?? false)
+        )
+    }
+
+    /// Runs `work` with ``Snapshot/reconnecting`` telling whether `source` or `destination`
+    /// is reconnecting; an update goes out whenever that changes.
+    package func watchingReconnections<T: Sendable>(
+        of source: any CopySource,
+        _ destination: any CopyDestination,
+        _ work: @escaping @Sendable () async throws -> T
+    ) async throws -> T {
+        guard source.isReconnecting != nil || destination.isReconnecting != nil else { return try await work() }
+        counts.withLockedValue { $0.reconnecting = { source.isReconnecting == true || destination.isReconnecting == true } }
+        defer { counts.withLockedValue { $0.reconnecting = nil } }
+        return try await withThrowingTaskGroup(of: T?.self) { group in
+            group.addTask { try await work() }
+            group.addTask {
+                while true {
+                    try await Task.sleep(for: Self.reconnectionCheckInterval)
+                    self.updateIfReconnectingChanged()
+                }
+            }
+            defer { group.cancelAll() }
+            // The work ends first; the watch is then cancelled.
+            while let result = try await group.next() {
+                if let result { return result }
+            }
+            throw CancellationError()
+        }
+    }
+
+    private func updateIfReconnectingChanged() {
+        let now = snapshot
+        let changed = counts.withLockedValue { counts in
+            defer { counts.reportedReconnecting = now.reconnecting }
+            return counts.reportedReconnecting != now.reconnecting
+        }
+        if changed { continuation.yield(now) }
     }
 
     /// Counts `bytes` more as done (and as skipped, with `skipped`).

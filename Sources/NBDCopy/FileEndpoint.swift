@@ -15,7 +15,10 @@ public final class FileEndpoint: CopySource, CopyDestination {
     private let allocates: Bool
     /// This destination was created or extended when it was opened: it cannot hold what an
     /// earlier run of a resumed copy wrote.
-    package let isNew: Bool
+    public let isNew: Bool
+    /// As a source, what the file was when it was opened (device, inode, size, modification
+    /// and change times), which a journal records; nil for a block device or a stream.
+    public let stateIdentity: String?
     /// The length a destination shorter than the source gets in ``prepare()``, and its path.
     private let pendingLength: (length: UInt64, path: String)?
     public var isSequential: Bool { file.kind == .stream }
@@ -36,7 +39,7 @@ public final class FileEndpoint: CopySource, CopyDestination {
         if path == "-" { return standardInput }
         do {
             let file = try LocalFile(path: path, access: .read)
-            return FileEndpoint(file, size: try file.size(), startsZeroed: false, allocates: false)
+            return FileEndpoint(file, size: try file.size(), startsZeroed: false, allocates: false, stateIdentity: file.stateIdentity())
         } catch {
             throw NBDCopyError(.fileFailed, "cannot open \(path): \(error)")
         }
@@ -110,7 +113,8 @@ public final class FileEndpoint: CopySource, CopyDestination {
         startsZeroed: Bool,
         allocates: Bool,
         isNew: Bool = false,
-        pendingLength: (length: UInt64, path: String)? = nil
+        pendingLength: (length: UInt64, path: String)? = nil,
+        stateIdentity: String? = nil
     ) {
         self.file = file
         self.size = size
@@ -118,6 +122,7 @@ public final class FileEndpoint: CopySource, CopyDestination {
         self.allocates = allocates
         self.isNew = isNew
         self.pendingLength = pendingLength
+        self.stateIdentity = stateIdentity
     }
 
     /// The holes of a sparse file (SEEK_HOLE): not read, and zeroed at the destination only

@@ -31,6 +31,9 @@ public struct SyntheticSource: CopySource {
         self.isZero = isZero
     }
 
+    /// What it reads never changes: the same for every run.
+    public var stateIdentity: String? { isZero ? "zero" : "pattern" }
+
     public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] {
         isZero ? [offset..<(offset + length)] : []
     }

@@ -112,6 +112,22 @@ package final class LocalFile: Sendable {
         return UInt64(info.st_blocks) * 512
     }
 
+    /// What tells this state of a regular file from any later one: its device and inode, size,
+    /// and the times of its last change of data and of inode, in nanoseconds (a write changes
+    /// the change time, which no one can set back). Nil for a block device or a stream, whose
+    /// writes change nothing one can read.
+    package func stateIdentity() -> String? {
+        var info = stat()
+        guard kind == .regular, fstat(descriptor, &info) == 0 else { return nil }
+        #if canImport(Darwin)
+        let (modified, changed) = (info.st_mtimespec, info.st_ctimespec)
+        #else
+        let (modified, changed) = (info.st_mtim, info.st_ctim)
+        #endif
+        return "file \(info.st_dev):\(info.st_ino) size \(info.st_size) modified \(modified.tv_sec).\(modified.tv_nsec) "
+            + "changed \(changed.tv_sec).\(changed.tv_nsec)"
+    }
+
     /// Sets a regular file's length (`ftruncate`): what is added reads as zeroes and takes no space.
     package func setLength(_ length: UInt64) throws(FileIOError) {
         // The length may come from a peer: checked before it becomes an off_t.

@@ -123,6 +123,28 @@ struct Copy: AsyncParsableCommand {
     )
     var resume: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "With --resume: the state of the source being copied, the same in every run (a snapshot's or a backup job's "
+                + "id). A resume is refused unless the source is shown to be in the state the journal was written in: by "
+                + "this, or by a source file's inode, size and change time.",
+            valueName: "id"
+        )
+    )
+    var sourceState: String?
+
+    /// The journal `--resume` names, for this copy.
+    var journal: CopyOptions.Journal? {
+        resume.map {
+            CopyOptions.Journal(
+                path: $0,
+                source: CopyJournalNames.name(of: source),
+                destination: CopyJournalNames.name(of: destination),
+                sourceState: sourceState
+            )
+        }
+    }
+
     /// The bitmap's metadata context: a bare name is qemu's.
     var bitmapContext: NBDMetaContext? { bitmap.map { $0.contains(":") ? NBDMetaContext($0) : .dirtyBitmap($0) } }
 
@@ -152,6 +174,7 @@ struct Copy: AsyncParsableCommand {
                 throw ValidationError("--bitmap reads only what changed: --blkhash and --verify need it all (use nbd checksum)")
             }
         }
+        if sourceState != nil, resume == nil { throw ValidationError("--source-state goes with --resume") }
         if resume != nil {
             guard source != "-" else { throw ValidationError("--resume needs a source that can be read again, not stdin") }
             guard destination != "-", destination != "null:" else {
@@ -166,9 +189,9 @@ struct Copy: AsyncParsableCommand {
         // SwiftNIO's large reads do best; data to be written is read straight into buffers.
         configuration.connection.readsDataDirectly = destination != "null:"
         // Taken before anything is opened: a second run of the same copy touches nothing.
-        let lock = try resume.map(CopyJournal.Lock.init(journal:))
+        let lock = try journal?.lock()
         defer { lock?.release() }
-        let previous = try resume.flatMap { try CopyJournal.load($0) }
+        let previous = try journal?.recorded()
         let watch = ConnectionWatch()
         // Armed once both ends are open: until then Ctrl-C ends a connect that hangs at once.
         let interrupt = Interrupt(armed: false)
@@ -180,14 +203,9 @@ struct Copy: AsyncParsableCommand {
             configuration: configuration,
             watch: watch
         ) { source in
-            if let previous, let resume {
-                try CopyJournal.requireResumable(
-                    previous,
-                    source: self.source,
-                    sourceSize: source.size,
-                    destination: self.destination,
-                    journal: resume
-                )
+            if let previous, let journal {
+                try journal.requireResumable(from: source)
+                try CopyJournalNames.requireDestination(of: previous, destination: self.destination, journal: journal.path)
             }
             if bitmapContext != nil { try Self.requireExisting(self.destination, size: source.size) }
             let report = try await Endpoints.withDestination(
@@ -224,7 +242,7 @@ struct Copy: AsyncParsableCommand {
     private func copy(
         _ source: any CopySource,
         to destination: any CopyDestination,
-        resuming previous: CopyJournal.Record?,
+        resuming previous: RecordedCopy?,
         watch: ConnectionWatch,
         stop: CopyStop
     ) async throws -> CopyReport {
@@ -237,17 +255,15 @@ struct Copy: AsyncParsableCommand {
         // MUST be visible across all connections" is all the spec promises them.
         options.flush = flush || verify
         options.blockHash = blkhash ?? (verify ? .default : nil)
-        options.journal = resume.map {
-            CopyOptions.Journal(path: $0, source: CopyJournal.name(of: self.source), destination: CopyJournal.name(of: self.destination))
-        }
-        if let previous, let done = CopyJournal.done(of: previous), done.byteCount > 0 {
-            StandardStreams.error("nbd: resuming: \(done.byteCount) of \(previous.subject.sourceSize) bytes were copied already\n")
+        options.journal = journal
+        if let previous, previous.doneBytes > 0 {
+            StandardStreams.error("nbd: resuming: \(previous.doneBytes) of \(previous.sourceSize) bytes were copied already\n")
             if options.blockHash != nil { StandardStreams.error("nbd: the blkhash is made by reading the source again after the copy\n") }
         }
         let progress = CopyProgress(total: source.size)
         let renderer = try Progress(self.progress, of: progress, connections: watch)
         do {
-            let report = try await copyHoldingJournalLock(from: source, to: destination, options: options, progress: progress, stop: stop)
+            let report = try await NBDCopy.copy(from: source, to: destination, options: options, progress: progress, stop: stop)
             await renderer.finished()
             return report
         } catch {
@@ -261,8 +277,8 @@ struct Copy: AsyncParsableCommand {
 
     /// What the journal holds after a run that did not complete, and how to go on.
     private static func journalNote(_ path: String) -> String {
-        guard let record = try? CopyJournal.load(path), let done = CopyJournal.done(of: record) else { return "" }
-        return "nbd: the journal \(path) holds \(done.byteCount) of \(record.subject.sourceSize) bytes copied: "
+        guard let recorded = try? CopyOptions.Journal(path: path, source: "", destination: "").recorded() else { return "" }
+        return "nbd: the journal \(path) holds \(recorded.doneBytes) of \(recorded.sourceSize) bytes copied: "
             + "run the same command again to copy the rest\n"
     }
 

@@ -7,7 +7,9 @@ import Glibc
 import Darwin
 #endif
 
-extension CopyJournal {
+/// How `nbd copy --resume` names the ends of its copy in the journal, and what it checks of a
+/// file destination before opening it.
+enum CopyJournalNames {
     /// How the journal names a source or destination: a file by its full path, so that a copy
     /// started again from another folder is still recognised; anything else as given.
     static func name(of argument: String) -> String {
@@ -17,41 +19,20 @@ extension CopyJournal {
         return String(cString: resolved)
     }
 
-    /// Before a resumed copy opens its destination: the source (open already) must be the
-    /// journal's, and so must the destination; a file must still be there, of the size the
-    /// journal recorded (opening it could otherwise create or extend it).
-    static func requireResumable(
-        _ record: Record,
-        source: String,
-        sourceSize: UInt64?,
-        destination: String,
-        journal path: String
-    ) throws {
-        let subject = record.subject
-        guard name(of: source) == subject.source, sourceSize == subject.sourceSize else {
-            throw NBDCopyError(
-                .journal,
-                "the journal \(path) is for a copy of \(subject.source) (\(subject.sourceSize) bytes), "
-                    + "not of \(source) (\(sourceSize.map { "\($0) bytes" } ?? "a stream")): remove it to start over"
-            )
-        }
-        guard name(of: destination) == subject.destination else {
-            throw NBDCopyError(
-                .journal,
-                "the journal \(path) is for a copy onto \(subject.destination), not onto \(destination): remove it to start over"
-            )
-        }
+    /// Before a resumed copy opens its destination (opening could create or extend it): a
+    /// file must still be there, of the size the journal recorded.
+    static func requireDestination(of recorded: RecordedCopy, destination: String, journal path: String) throws {
         guard !Endpoints.isURI(destination) else { return }
         guard let file = Endpoints.onDisk(destination) else {
             throw NBDCopyError(
                 .journal,
-                "the journal \(path) is for a copy onto \(subject.destination), which is not there: remove it to start over"
+                "the journal \(path) is for a copy onto \(recorded.destination), which is not there: remove it to start over"
             )
         }
-        if let actual = file.regularSize, actual != subject.destinationSize {
+        if let actual = file.regularSize, actual != recorded.destinationSize {
             throw NBDCopyError(
                 .journal,
-                "the journal \(path) is for a copy onto \(subject.destination) of \(subject.destinationSize) bytes, "
+                "the journal \(path) is for a copy onto \(recorded.destination) of \(recorded.destinationSize) bytes, "
                     + "and \(destination) has \(actual): remove the journal to start over"
             )
         }

@@ -34,7 +34,7 @@ struct BackupRecipeTests {
         let changes = try await NBDEndpoint.open(uri, bitmap: .dirtyBitmap("b0"))
         var incremental = CopyOptions()
         incremental.flush = true
-        incremental.journal = .init(path: backup + ".journal", source: "\(uri)", destination: backup)
+        incremental.journal = .init(path: backup + ".journal", source: "\(uri)", destination: backup, sourceState: "backup-job-1")
         let report = try await copy(from: changes, to: FileEndpoint.destination(backup, size: changes.size), options: incremental)
         await changes.close()
         // The 1 MiB of new data is read; the zeroed half MiB is zero in block status.

@@ -71,7 +71,7 @@ struct ResumableCopyTests {
 
     /// A first run slow enough to be interrupted: one connection, two requests in flight.
     func slowCopy(_ source: String, _ destination: String, journal: String) -> [String] {
-        ["copy", "--resume", journal, "--connections", "1", "--requests", "2", source, destination]
+        ["copy", "--resume", journal, "--source-state", "snapshot-1", "--connections", "1", "--requests", "2", source, destination]
     }
 
     /// Runs the copy again with its journal, which holds `done` bytes: it succeeds, reads from
@@ -87,7 +87,7 @@ struct ResumableCopyTests {
         log: String
     ) throws {
         let before = nbdkitBytesRead(log)
-        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        let second = try runNBD(["copy", "--resume", journal, "--source-state", "snapshot-1", source, destination])
         #expect(second.status == 0, "\(second.error)")
         #expect(nbdkitBytesRead(log) - before == Self.size - done)
         _ = try server.run("nbdcopy", [source, server.path("expected.raw")])
@@ -127,7 +127,7 @@ struct ResumableCopyTests {
         _ = FileManager.default.createFile(atPath: journal + ".new", contents: Data("half a journal".utf8))
 
         let before = nbdkitBytesRead(log)
-        let second = try runNBD(["copy", "--resume", journal, "--verify", "--blkhash", source, destination])
+        let second = try runNBD(["copy", "--resume", journal, "--source-state", "snapshot-1", "--verify", "--blkhash", source, destination])
         #expect(second.status == 0, "\(second.error)")
         #expect(second.error.contains("resuming: \(done) of \(Self.size) bytes were copied already"), "\(second.error)")
         #expect(second.error.contains("nbd: verified"), "\(second.error)")
@@ -179,7 +179,7 @@ struct ResumableCopyTests {
         #expect(refused.error == "nbd: another nbd copy is using the journal \(journal) (it holds \(journal).lock)\n", "\(refused.error)")
         #expect(journalledBytes(journal) != nil, "the first run's journal is still there")
         // Once the first run is gone, the lock is free: the copy completes and tidies up.
-        let third = try runNBD(["copy", "--resume", journal, source, destination])
+        let third = try runNBD(["copy", "--resume", journal, "--source-state", "snapshot-1", source, destination])
         #expect(third.status == 0, "\(third.error)")
         #expect(!FileManager.default.fileExists(atPath: journal) && !FileManager.default.fileExists(atPath: journal + ".lock"))
     }
@@ -209,7 +209,7 @@ struct ResumableCopyTests {
         let done = try await copyKilling(qemu, from: source, to: destination, journal: journal)
         let trace = server.path("second.trace")
         _ = try await qemuNBD(trace: trace)
-        let second = try runNBD(["copy", "--resume", journal, source, destination])
+        let second = try runNBD(["copy", "--resume", journal, "--source-state", "snapshot-1", source, destination])
         #expect(second.status == 0, "\(second.error)")
         #expect(qemuBytesSent(trace) == Self.size - done)
         #expect(try sameContents(copy, data))
@@ -236,18 +236,21 @@ struct ResumableCopyTests {
         try expectResumeCopiesTheRest(server, from: source, to: destination, landingIn: copy, journal: journal, done: done, log: log)
     }
 
-    /// A journal written by hand: the first half of `pattern:8M` onto `copy.raw` is done.
+    /// A journal written by hand: the first half of `pattern:8M` onto `copy.raw` is done, read
+    /// from the source in the state it names (`pattern` and `zero` never change; nil: none).
     func handJournal(
         _ server: ServerProcess,
         source: String = "pattern:8M",
         done: [[Int]] = [[0, 4 << 20]],
-        zeroed: Bool = true
+        zeroed: Bool = true,
+        identity: String? = "pattern"
     ) throws -> String {
         let journal = server.path("hand.journal")
         let copy = URL(fileURLWithPath: server.path("copy.raw")).resolvingSymlinksInPath().path
+        var subject: [String: Any] = ["source": source, "sourceSize": 8 << 20, "destination": copy, "destinationSize": 8 << 20]
+        subject["sourceIdentity"] = identity
         let record: [String: Any] = [
-            "format": "nbd copy journal", "version": 1, "destinationStartedZeroed": zeroed, "done": done,
-            "subject": ["source": source, "sourceSize": 8 << 20, "destination": copy, "destinationSize": 8 << 20],
+            "format": "nbd copy journal", "version": 1, "destinationStartedZeroed": zeroed, "done": done, "subject": subject,
         ]
         try JSONSerialization.data(withJSONObject: record).write(to: URL(fileURLWithPath: journal))
         return journal
@@ -275,6 +278,11 @@ struct ResumableCopyTests {
         #expect(try FileManager.default.attributesOfItem(atPath: copy)[.size] as? Int == 8 << 20, "a refused copy extends nothing")
         try refused(["copy", "--resume", journal, "zero:8M", copy], saying: "not of zero:8M")
         try refused(["copy", "--resume", journal, "pattern:8M", "-"], saying: "--resume needs a destination that keeps")
+        // A journal that does not show the state its bytes were read in (an older nbd's, or a
+        // copy from an export started without --source-state) cannot be resumed.
+        _ = try handJournal(server, identity: nil)
+        try refused(["copy", "--resume", journal, "pattern:8M", copy], saying: "cannot tell whether pattern:8M is still in the state")
+        _ = try handJournal(server)
 
         // Its own copy goes on from the journal: the first half is skipped (and stays zero).
         let result = try runNBD(["copy", "--resume", journal, "--progress=json", "pattern:8M", copy])
@@ -319,7 +327,7 @@ struct ResumableCopyTests {
         for zeroed in [true, false] {
             // Data everywhere: what the run zeroes shows, and so does what it leaves.
             try Data(repeating: 0xAB, count: 8 << 20).write(to: URL(fileURLWithPath: copy))
-            let journal = try handJournal(server, source: "zero:8M", done: [[0, 1 << 20]], zeroed: zeroed)
+            let journal = try handJournal(server, source: "zero:8M", done: [[0, 1 << 20]], zeroed: zeroed, identity: "zero")
             let result = try runNBD(["copy", "--resume", journal, "zero:8M", copy])
             #expect(result.status == 0, "\(result.error)")
             let bytes = try Data(contentsOf: URL(fileURLWithPath: copy))

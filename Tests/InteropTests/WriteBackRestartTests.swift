@@ -1,5 +1,6 @@
 import Foundation
 import NBD
+import NBDCopy
 import NIOConcurrencyHelpers
 import NIOCore
 import TestSupport
@@ -10,11 +11,14 @@ import Testing
 /// started again mid-job: what it had answered and not flushed is gone with it, and the client
 /// sends it again from its replay log. The result is checked by content, on disk.
 extension ClientReconnectTests {
-    @Test(arguments: [1, 4])
-    func writesAnsweredButNotFlushedSurviveARestart(connections: Int) async throws {
-        let server = try ServerProcess()
-        defer { server.stop() }
-        let (file, nbdkit) = try await slowFileServer(server, "disk.raw", rate: "32M", writeBack: true)
+    /// A write-back nbdkit serving `disk.raw` at `rate`, the data to write (from a printed
+    /// seed), and a client of it with `connections` and a reconnect delay of 20 s.
+    func writeBackJob(
+        _ server: ServerProcess,
+        connections: Int,
+        rate: String = "32M"
+    ) async throws -> (file: String, nbdkit: Restartable, data: ByteBuffer, seed: UInt64, client: NBDClient) {
+        let (file, nbdkit) = try await slowFileServer(server, "disk.raw", rate: rate, writeBack: true)
         let seed = testSeed()
         var generator = SeededGenerator(seed: seed)
         let data = pattern(Self.size, seed: UInt8.random(in: 1...255, using: &generator))
@@ -22,6 +26,14 @@ extension ClientReconnectTests {
             NBDURI(socket: nbdkit.socket),
             configuration: configuration(connections: connections, reconnectDelay: .seconds(20))
         )
+        return (file, nbdkit, data, seed, client)
+    }
+
+    @Test(arguments: [1, 4])
+    func writesAnsweredButNotFlushedSurviveARestart(connections: Int) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let (file, nbdkit, data, seed, client) = try await writeBackJob(server, connections: connections)
         let events = EventLog(client)
         let pieces = Pieces()
         try await withThrowingTaskGroup(of: Void.self) { group in
@@ -39,6 +51,66 @@ extension ClientReconnectTests {
         #expect(replayed.reduce(0, +) > 0, "seed \(seed): \(events.all)")
         #expect(client.replays > 0)
         #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView), "seed \(seed): not what was written")
+    }
+
+    /// The copy engine through clients of the caller's own (``NBDEndpoint`` over any
+    /// `NBDExportAccess`), both sides on write-back servers, each killed once mid-copy: the
+    /// exact source on disk, the destination's client replayed what its server lost, and the
+    /// progress said while the copy waited for a connection.
+    @Test(arguments: [1, 4])
+    func aLibraryCopyBetweenWriteBackServersBothRestarted(connections: Int) async throws {
+        let server = try ServerProcess()
+        defer { server.stop() }
+        let seed = testSeed()
+        var generator = SeededGenerator(seed: seed)
+        let data = pattern(Self.size, seed: UInt8.random(in: 1...255, using: &generator))
+        try Data(data.readableBytesView).write(to: URL(fileURLWithPath: server.path("source.raw")))
+        let (_, sourceServer) = try await slowFileServer(server, "source.raw", rate: "32M", writeBack: true)
+        let (file, destinationServer) = try await slowFileServer(server, "destination.raw", rate: "32M", writeBack: true)
+        let reader = NBDClient(
+            NBDURI(socket: sourceServer.socket),
+            configuration: configuration(connections: connections, reconnectDelay: .seconds(20))
+        )
+        let writer = NBDClient(
+            NBDURI(socket: destinationServer.socket),
+            configuration: configuration(connections: connections, reconnectDelay: .seconds(20))
+        )
+        let progress = CopyProgress(total: UInt64(Self.size))
+        let options = {
+            var options = CopyOptions()
+            options.flush = true
+            // Reads stay close behind the writes, so that the source's restart lands mid-copy.
+            options.memory = 1 << 20
+            return options
+        }()
+        let (report, sawReconnecting) = try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await reader.run() }
+            group.addTask { try await writer.run() }
+            try await connected(reader, connections)
+            try await connected(writer, connections)
+            let source = try await NBDEndpoint(reader)
+            let destination = try await NBDEndpoint(writer)
+            async let copied = copy(from: source, to: destination, options: options, progress: progress)
+            async let sawReconnecting = progress.updates.contains { $0.reconnecting }
+            for side in [destinationServer, sourceServer] {
+                let start = progress.snapshot.done
+                try await waitUntil("the copy to do 2 MiB more", seen: "\(progress.snapshot.done - start) bytes") {
+                    progress.snapshot.done - start >= 2 << 20
+                }
+                #expect(progress.snapshot.done < UInt64(Self.size), "the copy was over before the kill")
+                try await side.restart(after: .seconds(1))
+            }
+            let result = (try await copied, await sawReconnecting)
+            // The endpoints leave the caller's clients running.
+            #expect(try await reader.read(at: 0, length: 4096) == data.getSlice(at: 0, length: 4096))
+            #expect(try await writer.read(at: 0, length: 4096) == data.getSlice(at: 0, length: 4096))
+            group.cancelAll()
+            return result
+        }
+        #expect(report.bytes == UInt64(Self.size) && !report.stopped)
+        #expect(writer.replays > 0, "seed \(seed)")
+        #expect(sawReconnecting, "no progress update said the copy was waiting for a connection")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: file)) == Data(data.readableBytesView), "seed \(seed): not the source")
     }
 
     /// `nbd copy --flush` onto the write-back server killed mid-copy: exit 0 and the exact

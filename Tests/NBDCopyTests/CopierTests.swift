@@ -111,7 +111,8 @@ struct CopierTests {
             sourceSize: UInt64(Self.size),
             destination: "memory",
             destinationSize: UInt64(Self.size),
-            bitmap: nil
+            bitmap: nil,
+            sourceState: "image"
         )
         let stop = CopyStop()
         let destination = MemoryDestination(size: Self.size, initial: 0x55, stopAfter: (stopAfter, stop))

@@ -117,7 +117,7 @@ struct CopyAPITests {
     func aCopyCutAtARandomPointResumesToTheSameBytes(seed: Int) async throws {
         let folder = try temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
-        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        let journal = memoryJournal(in: folder)
         var generator = SeededGenerator(seed: UInt64(seed))
         let bytes = image(Self.size, seed: UInt8(seed))
         let stop = CopyStop()
@@ -154,7 +154,7 @@ struct CopyAPITests {
     @Test func aCancelledCopyRecordsWhatItWrote() async throws {
         let folder = try temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
-        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        let journal = memoryJournal(in: folder)
         let bytes = image(Self.size, seed: 9)
         let memory = MemoryDestination(size: Self.size, initial: 0x55)
         let running = NIOLockedValueBox<Task<CopyReport, any Error>?>(nil)
@@ -181,7 +181,7 @@ struct CopyAPITests {
     @Test func aCancelledCopyWaitsForAFrozenFlushOnlyBriefly() async throws {
         let folder = try temporaryFolder()
         defer { try? FileManager.default.removeItem(at: folder) }
-        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: "memory", destination: "memory")
+        let journal = memoryJournal(in: folder)
         let running = NIOLockedValueBox<Task<CopyReport, any Error>?>(nil)
         let destination = InterruptingDestination(MemoryDestination(size: Self.size), afterWrites: 8, flushFreezes: true) {
             while running.withLockedValue({ $0 == nil }) { await Task.yield() }
@@ -268,6 +268,108 @@ struct CopyAPITests {
         let (count, last) = await reader.value
         #expect(last?.finished == true && last?.done == 10_000)
         #expect(count <= Int(elapsed / CopyProgress.updateInterval) + 2, "\(count) updates in \(elapsed)")
+    }
+
+    /// Stops a copy of `source` with `journal` after a few writes: the journal then holds part
+    /// of it.
+    func stoppedCopy(from source: any CopySource, journal: CopyOptions.Journal) async throws -> MemoryDestination {
+        let stop = CopyStop()
+        let destination = MemoryDestination(size: Self.size, initial: 0x55, stopAfter: (4, stop))
+        let report = try await copy(from: source, to: destination, options: options(journal: journal), stop: stop)
+        #expect(report.stopped)
+        let recorded = try #require(try journal.recorded())
+        #expect(recorded.doneBytes > 0 && recorded.doneBytes < UInt64(Self.size))
+        return destination
+    }
+
+    func expectRefused(_ journal: CopyOptions.Journal, from source: any CopySource, saying words: String) async {
+        let refusal: (any Error) -> Bool = { error in
+            guard let error = error as? NBDCopyError else { return false }
+            return error.code == .journal && error.message.contains(words)
+        }
+        #expect(performing: { try journal.requireResumable(from: source) }, throws: refusal)
+        await #expect(
+            performing: { try await copy(from: source, to: MemoryDestination(size: Self.size), options: options(journal: journal)) },
+            throws: refusal
+        )
+    }
+
+    /// "A resumed copy must never silently mix two states of its source": a source that
+    /// cannot show its state (as an export) resumes only under the state its caller named
+    /// when the copy began.
+    @Test func aResumeNeedsTheStateTheCopyBeganIn() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let bytes = image(Self.size, seed: 21)
+        var journal = CopyOptions.Journal(
+            path: folder.appendingPathComponent("copy.journal").path,
+            source: "memory",
+            destination: "memory",
+            sourceState: "snapshot-1"
+        )
+        let destination = try await stoppedCopy(from: MemorySource(bytes), journal: journal)
+        #expect(try journal.recorded()?.sourceState == "snapshot-1")
+        journal.sourceState = "snapshot-2"
+        await expectRefused(journal, from: MemorySource(bytes), saying: "in the state snapshot-1, not snapshot-2")
+        journal.sourceState = nil
+        await expectRefused(journal, from: MemorySource(bytes), saying: "name that state again (nbd copy --source-state snapshot-1")
+        journal.sourceState = "snapshot-1"
+        let report = try await copy(from: MemorySource(bytes), to: destination, options: options(journal: journal))
+        #expect(report.resumedBytes > 0 && firstDifference(destination.bytes, bytes) == nil)
+
+        // Begun with no state named: nothing can show that the source did not change.
+        journal.sourceState = nil
+        _ = try await stoppedCopy(from: MemorySource(bytes), journal: journal)
+        await expectRefused(journal, from: MemorySource(bytes), saying: "cannot tell whether memory is still in the state")
+        journal.sourceState = "snapshot-1"
+        await expectRefused(journal, from: MemorySource(bytes), saying: "cannot tell whether memory is still in the state")
+    }
+
+    /// A file source shows its own state: the same file resumes, and one written since (the
+    /// same size, one byte changed) is refused.
+    @Test func aFileSourceWrittenSinceTheJournalIsRefused() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let path = folder.appendingPathComponent("source.raw").path
+        var bytes = image(Self.size, seed: 22)
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        let journal = CopyOptions.Journal(path: folder.appendingPathComponent("copy.journal").path, source: path, destination: "m")
+        var destination = try await stoppedCopy(from: try FileEndpoint.source(path), journal: journal)
+        let report = try await copy(from: try FileEndpoint.source(path), to: destination, options: options(journal: journal))
+        #expect(report.resumedBytes > 0 && firstDifference(destination.bytes, bytes) == nil, "an unchanged file resumes")
+
+        destination = try await stoppedCopy(from: try FileEndpoint.source(path), journal: journal)
+        let handle = try #require(FileHandle(forWritingAtPath: path))
+        try handle.seek(toOffset: 0)
+        bytes[0] ^= 0xFF
+        try handle.write(contentsOf: Data(bytes.prefix(1)))
+        try handle.close()
+        await expectRefused(journal, from: try FileEndpoint.source(path), saying: "\(path) changed since the journal")
+    }
+
+    /// A caller that locked the journal before opening anything (as `nbd copy --resume` does)
+    /// runs its copy under that lock; anyone else is refused until it lets go.
+    @Test func aCopyGoesOnUnderItsCallersJournalLock() async throws {
+        let folder = try temporaryFolder()
+        defer { try? FileManager.default.removeItem(at: folder) }
+        let bytes = image(Self.size, seed: 23)
+        let journal = memoryJournal(in: folder)
+        let lock = try journal.lock()
+        #expect { try CopyJournalLock(journal: journal.path) } throws: {
+            ($0 as? NBDCopyError)?.message.contains("another nbd copy") == true
+        }
+        let destination = MemoryDestination(size: Self.size)
+        _ = try await copy(from: MemorySource(bytes), to: destination, options: options(journal: journal))
+        #expect(firstDifference(destination.bytes, bytes) == nil)
+        #expect(FileManager.default.fileExists(atPath: journal.path + ".lock"), "still the caller's")
+        lock.release()
+        #expect(!FileManager.default.fileExists(atPath: journal.path + ".lock"))
+    }
+
+    /// The journal of a copy between memory endpoints, whose source state the test names.
+    func memoryJournal(in folder: URL) -> CopyOptions.Journal {
+        let path = folder.appendingPathComponent("copy.journal").path
+        return CopyOptions.Journal(path: path, source: "memory", destination: "memory", sourceState: "image")
     }
 
     func temporaryFolder() throws -> URL {

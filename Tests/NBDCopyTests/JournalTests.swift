@@ -8,7 +8,14 @@ import Testing
 struct JournalTests {
     let folder = FileManager.default.temporaryDirectory.appendingPathComponent("journal-\(UUID().uuidString)")
     var path: String { folder.appendingPathComponent("copy.journal").path }
-    let subject = CopyJournal.Subject(source: "/a.raw", sourceSize: 1 << 20, destination: "/b.raw", destinationSize: 1 << 20, bitmap: nil)
+    let subject = CopyJournal.Subject(
+        source: "/a.raw",
+        sourceSize: 1 << 20,
+        destination: "/b.raw",
+        destinationSize: 1 << 20,
+        bitmap: nil,
+        sourceIdentity: "file 1:2"
+    )
 
     init() throws { try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true) }
 
@@ -67,10 +74,10 @@ struct JournalTests {
 
     @Test func aLockHeldIsRefused() throws {
         defer { try? FileManager.default.removeItem(at: folder) }
-        let lock = try CopyJournal.Lock(journal: path)
-        #expect { try CopyJournal.Lock(journal: path) } throws: { ($0 as? NBDCopyError)?.message.contains("another nbd copy") == true }
+        let lock = try CopyJournalLock(journal: path)
+        #expect { try CopyJournalLock(journal: path) } throws: { ($0 as? NBDCopyError)?.message.contains("another nbd copy") == true }
         lock.release()
-        try CopyJournal.Lock(journal: path).release()
+        try CopyJournalLock(journal: path).release()
     }
 
     func write(_ text: String) throws {
