@@ -79,7 +79,8 @@ if [ -n "$under_load" ]; then
     echo "under load: two CPU-bound processes (${load[*]}) run beside the build and the tests"
 fi
 chroot_log=$(mktemp)
-scripts/chroot.sh >"$chroot_log" 2>&1 &
+# At the lowest priority: its unpacking takes the processor time the build leaves.
+nice -n 19 scripts/chroot.sh >"$chroot_log" 2>&1 &
 chroot_maker=$!
 swift build --build-tests
 if ! wait "$chroot_maker"; then

@@ -123,19 +123,11 @@ struct Benchmark {
 
     static func runCopy(_ options: Options) async throws {
         let tool = try requireNBDTool()
-        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-bench-\(getpid())")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        var servers: [Process] = []
-        defer { for server in servers { kill(server.processIdentifier, SIGKILL) } }
-        func serve(_ name: String, _ plugin: [String]) async throws -> NBDURI {
-            let socket = directory.appendingPathComponent("\(name).sock").path
-            servers.append(try await startNBDKit(socket: socket, plugin))
-            return NBDURI(socket: socket)
-        }
-        let source = try await serve("source", ["memory", "\(options.size)"])
-        let destination = try await serve("destination", ["memory", "\(options.size)"])
-        let sparse = try await serve("sparse", ["sparse-random", "16G"])
+        let servers = try NBDKitServers()
+        defer { servers.stop() }
+        let source = try await servers.serve("source", ["memory", "\(options.size)"])
+        let destination = try await servers.serve("destination", ["memory", "\(options.size)"])
+        let sparse = try await servers.serve("sparse", ["sparse-random", "16G"])
         print("filling nbdkit memory \(options.size >> 20) MiB with non-zero data ...")
         try await fill(source, options)
         // Once untimed, so that nbdkit allocates the destination's pages before any timed run:

@@ -34,9 +34,12 @@ struct Throughput: AsyncParsableCommand {
         case map
         /// A sparse file copied by nbd copy and nbdcopy (SparseFileBench.swift).
         case sparse
+        /// nbd copy onto a write-back server with replay windows of 0, 16M and 64M, beside
+        /// nbdcopy (WriteBackBench.swift).
+        case writeback
     }
 
-    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map or sparse.")
+    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map, sparse or writeback.")
     var benchmark: Benchmark = .read
 
     @OptionGroup var common: CommonOptions
@@ -58,6 +61,7 @@ struct Throughput: AsyncParsableCommand {
         case .client: try await nbd_bench.Benchmark.runClient(options)
         case .map: try await nbd_bench.Benchmark.runMemoryMap(options)
         case .sparse: try await nbd_bench.Benchmark.runSparse(options)
+        case .writeback: try await nbd_bench.Benchmark.runWriteBack(options)
         }
     }
 }

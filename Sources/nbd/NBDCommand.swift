@@ -121,11 +121,24 @@ struct ConnectionOptions: ParsableArguments {
     )
     var reconnectDelay: Double = 0
 
+    @Option(
+        name: .long,
+        help: ArgumentHelp(
+            "With --reconnect-delay: write data answered and not yet flushed kept to send again to a server that restarted "
+                + "(default 64M; K, M, G suffixes). Past it the client flushes by itself. 0 keeps none: a flush after a "
+                + "restart that may have lost writes then fails, naming them.",
+            valueName: "size"
+        ),
+        transform: Sizes.parse
+    )
+    var replayWindow: UInt64 = 64 << 20
+
     func validate() throws {
         guard timeout >= 0, timeout <= 31_536_000 else { throw ValidationError("--timeout must be from 0 to 31536000 seconds") }
         guard reconnectDelay >= 0, reconnectDelay <= 86400 else {
             throw ValidationError("--reconnect-delay must be from 0 to 86400 seconds")
         }
+        guard replayWindow <= 1 << 40 else { throw ValidationError("--replay-window must be at most 1T") }
     }
 
     /// Runs `body` with a client of one connection to `uri` (for the commands that go in order:
@@ -149,6 +162,7 @@ struct ConnectionOptions: ParsableArguments {
         var configuration = NBDClient.Configuration()
         configuration.connection = self.configuration()
         configuration.reconnectDelay = .milliseconds(Int64((reconnectDelay * 1000).rounded()))
+        configuration.replayWindow = Int(replayWindow)
         return configuration
     }
 

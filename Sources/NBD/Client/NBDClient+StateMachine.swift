@@ -228,6 +228,9 @@ extension NBDClient {
                     }
                     fewer = [.emit(.fewerConnections(connected: 1, wanted: slots.count, reason: Self.multiConnWithdrawn))]
                 }
+                // Back at the smaller size of a resize under way (done, its answer lost): what
+                // was answered past that end went with it, and is not sent again.
+                if found.size < first.size { log.clip(to: found.size) }
                 let since = lostAt[slot] ?? now
                 lostAt[slot] = nil
                 if outage != nil { outage = nil }
@@ -597,6 +600,8 @@ extension NBDClient {
         /// that size from now on. Answers the other connections up, which must learn it too.
         mutating func exportResized(to size: UInt64, through slot: Int) -> [Connection] {
             identity?.size = size
+            // Writes answered past a new, smaller end are gone with those bytes.
+            log.clip(to: size)
             return slots.indices.compactMap { index in
                 guard index != slot, case .up(let connection, _, _) = slots[index] else { return nil }
                 return connection

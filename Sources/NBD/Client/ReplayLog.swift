@@ -81,6 +81,31 @@ struct ReplayLog: Sendable {
         if foldedThrough <= sequence { folded = ByteRanges() }
     }
 
+    /// The export shrank to `size`: what was answered past it is gone with the bytes, and must
+    /// not be sent again (a server refuses a write past the end, and a replay refused ends
+    /// the client). Entries are cut at the end, or dropped when wholly past it.
+    mutating func clip(to size: UInt64) {
+        var clipped: [Entry] = []
+        for var entry in entries where entry.offset < size {
+            if entry.range.upperBound > size {
+                entry.length = size - entry.offset
+                if case .write(let data, let flags) = entry.operation {
+                    var left = Int(entry.length)
+                    var kept: [ByteBuffer] = []
+                    for buffer in data where left > 0 {
+                        kept.append(buffer.getSlice(at: buffer.readerIndex, length: min(left, buffer.readableBytes))!)
+                        left -= kept.last!.readableBytes
+                    }
+                    entry.operation = .write(kept, flags: flags)
+                }
+            }
+            clipped.append(entry)
+        }
+        entries = clipped
+        bytes = entries.reduce(0) { $0 + $1.dataBytes }
+        folded = ByteRanges(ordered: folded.clamped(to: 0..<size)) ?? ByteRanges()
+    }
+
     /// What to send again, in the order it was answered, each entry wholly overwritten by a
     /// later one left out; and the sequence a flush after them covers.
     func replay() -> (entries: [Entry], through: Int) {
