@@ -61,7 +61,7 @@ enum Soak {
                     + "\(options.seconds) s, random reads, writes, zeroes and trims of 4 KiB to 64 KiB"
             )
             let started = ContinuousClock.now
-            try await work(options, clients: exports.map { .export($0) }, tally: tally)
+            try await work(options, clients: exports, tally: tally)
             elapsed = ContinuousClock.now - started
             for export in exports { await export.disconnect() }
             serverPeak = Benchmark.peakMemory(of: "\(server.processIdentifier)")
@@ -82,56 +82,15 @@ enum Soak {
         if let problem = counts.firstProblem { throw BenchError("the soak went wrong: \(problem)") }
     }
 
-    /// What the workers send their requests through.
-    enum Client: Sendable {
-        case export(NBDExport)
-        case client(NBDClient)
-
-        var executor: any TaskExecutor {
-            switch self {
-            case .export(let export): export.taskExecutor
-            case .client(let client): client.taskExecutor(for: 0)
-            }
-        }
-
-        func read(at offset: UInt64, length: UInt64) async throws -> ByteBuffer {
-            switch self {
-            case .export(let export): try await export.read(at: offset, length: length)
-            case .client(let client): try await client.read(at: offset, length: length)
-            }
-        }
-
-        func write(_ data: ByteBuffer, at offset: UInt64) async throws {
-            switch self {
-            case .export(let export): try await export.write(data, at: offset)
-            case .client(let client): try await client.write(data, at: offset)
-            }
-        }
-
-        func writeZeroes(at offset: UInt64, length: UInt64) async throws {
-            switch self {
-            case .export(let export): try await export.writeZeroes(at: offset, length: length)
-            case .client(let client): try await client.writeZeroes(at: offset, length: length)
-            }
-        }
-
-        func trim(at offset: UInt64, length: UInt64) async throws {
-            switch self {
-            case .export(let export): try await export.trim(at: offset, length: length)
-            case .client(let client): try await client.trim(at: offset, length: length)
-            }
-        }
-    }
-
     /// Every slot's worker, until the time is up.
-    static func work(_ options: Options, clients: [Client], tally: Tally) async throws {
+    static func work(_ options: Options, clients: [any NBDExportAccess], tally: Tally) async throws {
         let slots = options.clients * options.inFlight
         let slotBlocks = Int(options.size / UInt64(slots) / UInt64(block))
         let deadline = ContinuousClock.now + .seconds(options.seconds)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for slot in 0..<slots {
                 let client = clients[slot % clients.count]
-                group.addTask(executorPreference: client.executor) {
+                group.addTask(executorPreference: client.taskExecutor(for: 0)) {
                     var worker = Worker(export: client, firstBlock: slot * slotBlocks, blocks: slotBlocks, seed: UInt64(slot) + 1)
                     while ContinuousClock.now < deadline { await worker.step(tally) }
                 }
@@ -160,7 +119,7 @@ enum Soak {
         try await withThrowingTaskGroup(of: Void.self) { group in
             for client in clients { group.addTask { try await client.run() } }
             let deadline = started + .seconds(options.seconds)
-            let working = Task { try await work(options, clients: clients.map { .client($0) }, tally: tally) }
+            let working = Task { try await work(options, clients: clients, tally: tally) }
             while ContinuousClock.now + .milliseconds(Int64(every * 1000)) < deadline {
                 try await Task.sleep(for: .milliseconds(Int64(every * 1000)))
                 await server.close()
@@ -189,13 +148,13 @@ enum Soak {
             case unknown
         }
 
-        let export: Client
+        let export: any NBDExportAccess
         let firstBlock: Int
         var model: [Expected]
         var generator: UInt64
         var writes: UInt32 = 0
 
-        init(export: Client, firstBlock: Int, blocks: Int, seed: UInt64) {
+        init(export: any NBDExportAccess, firstBlock: Int, blocks: Int, seed: UInt64) {
             self.export = export
             self.firstBlock = firstBlock
             model = Array(repeating: .zero, count: blocks)
@@ -218,7 +177,7 @@ enum Soak {
             let choice = random(100)
             do {
                 if choice < 40 {
-                    let data = try await export.read(at: offset, length: length)
+                    let data = try await export.read(at: offset, length: length, flags: [])
                     var wrong = 0
                     for index in 0..<count where model[start + index] != .unknown {
                         let expected = Soak.content(of: firstBlock + start + index, model[start + index])
@@ -239,13 +198,13 @@ enum Soak {
                         var block = Soak.content(of: firstBlock + start + index, .written(writes))
                         data.writeBuffer(&block)
                     }
-                    try await export.write(data, at: offset)
+                    try await export.write(data, at: offset, flags: [])
                     for index in 0..<count { model[start + index] = .written(writes) }
                 } else if choice < 90 {
-                    try await export.writeZeroes(at: offset, length: length)
+                    try await export.writeZeroes(at: offset, length: length, flags: [])
                     for index in 0..<count { model[start + index] = .zero }
                 } else {
-                    try await export.trim(at: offset, length: length)
+                    try await export.trim(at: offset, length: length, flags: [])
                     for index in 0..<count { model[start + index] = .unknown }
                 }
                 tally.counts.withLockedValue { counts in
