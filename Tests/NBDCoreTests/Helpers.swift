@@ -41,10 +41,3 @@ func encoded(_ encode: (inout ByteBuffer) -> Void) -> [UInt8] {
     encode(&buffer)
     return Array(buffer.readableBytesView)
 }
-
-extension ServerOperation {
-    /// A write's data; nothing for any other operation.
-    var payload: [ByteBuffer] { if case .write(let data, _, _) = self { data } else { [] } }
-    /// A read that may answer holes as holes.
-    var isSparseRead: Bool { if case .read(_, _, let sparse) = self { sparse } else { false } }
-}

@@ -1,4 +1,5 @@
 import NIOCore
+@_spi(NBDMachines) import TestSupport
 import Testing
 
 @_spi(NBDMachines) @testable import NBDCore
