@@ -36,4 +36,6 @@ export NBD_TEST_TIME_SCALE=${NBD_TEST_TIME_SCALE:-5}
 # The pool simulation is one thread, where a sanitizer finds nothing new: 100 of its seeds
 # (the plain run does 2,000).
 export NBD_SIMULATION_SEEDS=${NBD_SIMULATION_SEEDS:-100}
-exec swift test "${scratch[@]}" --no-parallel "$@"
+# The test product alone: not the snippets and executables a plain build also makes.
+swift build "${scratch[@]}" --product swift-nbdPackageTests
+exec swift test "${scratch[@]}" --skip-build --no-parallel "$@"

@@ -114,6 +114,34 @@ struct ReplayLogTests {
         #expect(again.map(\.0.connection) == [300] && again.first?.1.map(\.offset) == [0])
     }
 
+    /// A flush answered once a replay has begun (its lease went back first, which let the
+    /// replay start) does not empty the log: the replay may stop after sending an older entry
+    /// over a newer one, and then every entry must go again.
+    @Test func aFlushAnsweredDuringAReplayKeepsWhatTheReplaySends() {
+        var machine = running(connections: 2)
+        answer(&machine, .trim, at: 0, length: 8192)
+        answer(&machine, data(4096, 2), at: 4096, length: 4096)  // over half of the trim
+        guard let flush = machine.tryLease(weight: 0, onLoop: nil) else {
+            Issue.record("no lease")
+            return
+        }
+        let covered = machine.log.lastSequence
+        // The other connection is lost and back: a replay is due once the flush is answered.
+        _ = machine.connectionLost(slot: 1 - flush.slot, generation: 1, cause: lost, now: t0)
+        _ = machine.dialSucceeded(slot: 1 - flush.slot, connection: 300, identity: identity, canMultiConn: true, now: t0)
+        guard let (replay, entries, through) = replays(machine.released(flush, weight: 0)).first else {
+            Issue.record("no replay once the flush was answered")
+            return
+        }
+        #expect(entries.map(\.offset) == [0, 4096])
+        #expect(machine.flushed(through: covered) == nil)
+        // The replay stops after the trim: the write over it must go again too.
+        _ = machine.connectionLost(slot: replay.slot, generation: replay.generation, cause: lost, now: t0)
+        // It goes again at once on the connection still up.
+        let again = replays(machine.replayFinished(replay, through: through, error: lost))
+        #expect(again.first?.1.map(\.offset) == [0, 4096], "\(again.map(\.1))")
+    }
+
     /// A server that refuses a write it had answered before ends the client: what it holds is
     /// not what was answered.
     @Test func aReplayRefusedEndsTheClient() {
@@ -155,6 +183,20 @@ struct ReplayLogTests {
     }
 
     /// Without a reconnect delay, or on a server that cannot flush, nothing is kept.
+    /// A FUA write is kept too, though durable: the earlier write it overwrote is sent again
+    /// after a reconnection, and the FUA write after it, or the older bytes would come back.
+    @Test func aFUAWriteIsSentAgainAfterTheWriteItOverwrote() {
+        var machine = running()
+        answer(&machine, data(8192, 1), at: 0, length: 8192)
+        let fua = NBDClient.logged(.write([ByteBuffer(repeating: 2, count: 4096)], flags: .fua), at: 4096, length: 4096, flags: .fua)
+        answer(&machine, fua.operation, at: fua.offset, length: fua.length)
+        let sent = machine.log.replay().entries.map { entry -> [UInt8] in
+            guard case .write(let buffers, _) = entry.operation else { return [] }
+            return buffers.flatMap { Array($0.readableBytesView) }
+        }
+        #expect(sent.count == 2 && sent.last == [UInt8](repeating: 2, count: 4096), "\(sent.map(\.count))")
+    }
+
     @Test func nothingIsKeptWhereItCannotHelp() {
         var noDelay = Machine(configuration: .init(connections: 1, reconnectDelay: .zero, maximumAdmitted: 4))
         _ = noDelay.start(now: t0)

@@ -49,9 +49,13 @@ import NIOCore
     @_spi(NBDMachines) public var performing: [(RequestHeader, [ByteBuffer], Bool)] = []
     /// Does the server's requests instead of its memory disk, when set.
     @_spi(NBDMachines) public var performer: ((RequestHeader, [ByteBuffer]) -> ServerReply)?
+    /// Three pieces in four are a whole buffer (a message, or a write's data) rather than a
+    /// random part of one: fewer rounds, for a user that needs many connections.
+    @_spi(NBDMachines) public var dripsWhole = false
     /// The requests the client machine completed, in the order it did.
     @_spi(NBDMachines) public var completed: [Request] = []
-    @_spi(NBDMachines) public var storage = [UInt8](repeating: 0, count: Int(Pair.size))
+    /// The memory disk's bytes (empty for a pair with exports of its own).
+    @_spi(NBDMachines) public var storage: [UInt8]
     @_spi(NBDMachines) public var mostPerformedAtOnce = 0
     @_spi(NBDMachines) public var serverClosed = false
     /// The server machine asked to stop reading (its connection holds as much as it may).
@@ -79,6 +83,7 @@ import NIOCore
         exports: [ServerNegotiationStateMachine.Export]? = nil
     ) {
         generator = seed
+        storage = exports == nil ? [UInt8](repeating: 0, count: Int(Pair.size)) : []
         self.serverSilent = serverSilent
         client = ClientConnectionStateMachine(
             configuration: .init(maximumRequestsInFlight: maximumInFlight, tlsPolicy: tlsPolicy, requestTimeout: requestTimeout),
@@ -176,10 +181,11 @@ import NIOCore
         offset: UInt64,
         length: UInt64,
         payload: ByteBuffer? = nil,
+        flags: CommandFlags = [],
         onlyContexts: [UInt32]? = nil
     ) -> Request {
         let request = Request(command: command, offset: offset, length: length, payload: payload)
-        client.requestSubmitted(request, command: command, flags: [], offset: offset, length: length, onlyContexts: onlyContexts)
+        client.requestSubmitted(request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts)
         return request
     }
 
@@ -241,7 +247,8 @@ import NIOCore
     /// A random-sized piece (1 byte to 64 KiB) of the bytes in flight one way.
     @_spi(NBDMachines) public mutating func drip(_ queue: inout [ByteBuffer]) -> ByteBuffer? {
         guard var first = queue.first else { return nil }
-        let count = Int(1 + random(UInt64(min(first.readableBytes, 1 + Int(random(4)) * 20_000))))
+        let whole = dripsWhole && random(4) != 0
+        let count = whole ? first.readableBytes : Int(1 + random(UInt64(min(first.readableBytes, 1 + Int(random(4)) * 20_000))))
         let piece = first.readSlice(length: count)!
         if first.readableBytes == 0 { queue.removeFirst() } else { queue[0] = first }
         return piece

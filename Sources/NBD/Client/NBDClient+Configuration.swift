@@ -30,9 +30,9 @@ extension NBDClient {
         /// When the kept data would pass the window, the client flushes by itself and drops
         /// what that flush covered; writes in flight meanwhile may take it past the window by
         /// their own size. Zero keeps no data: a flush after a reconnection that may have lost
-        /// writes then fails with `NBDError.Code.writesInDoubt`. Writes with FUA
-        /// are durable once answered and are not kept; nothing is kept for a server that cannot
-        /// flush.
+        /// writes then fails with `NBDError.Code.writesInDoubt`. Writes with FUA are kept too,
+        /// though durable once answered: an earlier write they overwrote is sent again, and
+        /// they must follow it. Nothing is kept for a server that cannot flush.
         public var replayWindow = 64 << 20
         /// How long ``NBDClient/run()`` keeps dialling the first connection while nothing
         /// answers (refused, no socket yet, closed at once, timed out), as qemu's

@@ -124,15 +124,17 @@ extension NBDClient {
         try await metaContexts.contains(context)
     }
 
-    /// What the replay log keeps of an answered write, write-zeroes or trim; nil for one with
-    /// FUA, which is durable once answered.
-    private static func logged(
+    /// What the replay log keeps of an answered write, write-zeroes or trim: each of them, FUA
+    /// or not. One with FUA is durable once answered, but an earlier entry it overwrote is sent
+    /// again after a reconnection, and would bring the older bytes back if it were not sent
+    /// after it (found by the pool simulation).
+    static func logged(
         _ operation: ReplayLog.Operation,
         at offset: UInt64,
         length: UInt64,
         flags: CommandFlags
-    ) -> (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? {
-        flags.contains(.fua) ? nil : (operation, offset, length)
+    ) -> (operation: ReplayLog.Operation, offset: UInt64, length: UInt64) {
+        (operation, offset, length)
     }
 
     /// A request's share of a connection's load: its data.

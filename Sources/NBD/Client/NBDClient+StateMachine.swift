@@ -378,7 +378,7 @@ extension NBDClient {
         /// before is durable. Returns the ranges a reconnection put in doubt since the last
         /// flush (the window off), for the caller to fail with once.
         mutating func flushed(through sequence: Int) -> ByteRanges? {
-            log.flushed(through: sequence)
+            dropFlushed(through: sequence)
             guard !rangesInDoubt.ranges.isEmpty else { return nil }
             defer { rangesInDoubt = ByteRanges() }
             return rangesInDoubt
@@ -387,8 +387,18 @@ extension NBDClient {
         /// The log's own flush is done (answered through `sequence`, or failed: nil).
         mutating func logFlushed(through sequence: Int?) -> [Action] {
             flushingLog = false
-            if let sequence { log.flushed(through: sequence) }
+            if let sequence { dropFlushed(through: sequence) }
             return drained()
+        }
+
+        /// What a flush covered leaves the log, unless a replay is due or under way: its flush
+        /// may be answered only once the replay has begun (its lease given back first), and a
+        /// replay that stops half-way may have sent an older entry over a newer one, so that
+        /// every entry must go again. The replay's own flush drops them (found by the pool
+        /// simulation).
+        private mutating func dropFlushed(through sequence: Int) {
+            guard case .none = replay else { return }
+            log.flushed(through: sequence)
         }
 
         /// The replay of ``Action/replay(_:_:through:)`` is done: sent and flushed (error
