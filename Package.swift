@@ -169,7 +169,7 @@ let package = Package(
 )
 
 // The unit-test targets alone, without the interop suite and the executables it starts: what
-// CI's TSan step builds (scripts/sanitize.sh --unit sets NBD_UNIT_TESTS), a minute and a half
+// CI's TSan step builds (scripts/test.sh sets NBD_UNIT_TESTS for it), a minute and a half
 // less to compile again with the sanitizer.
 if Context.environment["NBD_UNIT_TESTS"] != nil {
     let startedByTheInteropSuite: Set = ["InteropTests", "nbd", "nbd-example", "nbd-bench"]

@@ -33,8 +33,8 @@ fi
 export SWIFT_BACKTRACE=enable=no
 # Everything runs several times slower: the tests' time bounds are scaled by this.
 export NBD_TEST_TIME_SCALE=${NBD_TEST_TIME_SCALE:-5}
-# The pool simulation is one thread, where a sanitizer finds nothing new: 100 of its seeds
-# (the plain run does 2,000).
+# The pool simulation's seeds are plain computation, each on one thread, where a sanitizer
+# finds nothing new in the thousands: 100 of them (the plain run does 2,000).
 export NBD_SIMULATION_SEEDS=${NBD_SIMULATION_SEEDS:-100}
 # The test product alone: not the snippets and executables a plain build also makes.
 swift build "${scratch[@]}" --product swift-nbdPackageTests

@@ -484,12 +484,10 @@ struct PoolSimulation {
             if fua, Array(disk.durable[range]) != bytes { failure = "a FUA write was answered before it was durable" }
             model.replaceSubrange(range, with: bytes)
             // What NBDClient's write logs of it.
-            let flags: CommandFlags = fua ? .fua : []
             let logged = NBDClient.logged(
-                .write([ByteBuffer(bytes: bytes)], flags: flags),
+                .write([ByteBuffer(bytes: bytes)], flags: fua ? .fua : []),
                 at: UInt64(offset),
-                length: UInt64(bytes.count),
-                flags: flags
+                length: UInt64(bytes.count)
             )
             perform(machine.released(lease, weight: bytes.count, answered: logged))
         case .zero(let offset, let length, let trim):

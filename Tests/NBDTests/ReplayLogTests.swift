@@ -188,7 +188,7 @@ struct ReplayLogTests {
     @Test func aFUAWriteIsSentAgainAfterTheWriteItOverwrote() {
         var machine = running()
         answer(&machine, data(8192, 1), at: 0, length: 8192)
-        let fua = NBDClient.logged(.write([ByteBuffer(repeating: 2, count: 4096)], flags: .fua), at: 4096, length: 4096, flags: .fua)
+        let fua = NBDClient.logged(.write([ByteBuffer(repeating: 2, count: 4096)], flags: .fua), at: 4096, length: 4096)
         answer(&machine, fua.operation, at: fua.offset, length: fua.length)
         let sent = machine.log.replay().entries.map { entry -> [UInt8] in
             guard case .write(let buffers, _) = entry.operation else { return [] }

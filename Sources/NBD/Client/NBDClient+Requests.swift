@@ -35,19 +35,19 @@ extension NBDClient {
     /// `NBD_CMD_WRITE` of several buffers, one after another. See ``NBDExport/write(segments:at:flags:)``.
     public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
         let length = segments.reduce(0) { $0 + $1.readableBytes }
-        let answer = Self.logged(.write(segments, flags: flags), at: offset, length: UInt64(length), flags: flags)
+        let answer = Self.logged(.write(segments, flags: flags), at: offset, length: UInt64(length))
         try await withConnection(weight: length, logs: answer) { try await $0.write(segments: segments, at: offset, flags: flags) }
     }
 
     /// `NBD_CMD_WRITE_ZEROES`. See ``NBDExport/writeZeroes(at:length:flags:)``.
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        let answer = Self.logged(.writeZeroes(flags: flags), at: offset, length: length, flags: flags)
+        let answer = Self.logged(.writeZeroes(flags: flags), at: offset, length: length)
         try await withConnection(weight: 0, logs: answer) { try await $0.writeZeroes(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_TRIM`. See ``NBDExport/trim(at:length:flags:)``.
     public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
-        let answer = Self.logged(.trim, at: offset, length: length, flags: flags)
+        let answer = Self.logged(.trim, at: offset, length: length)
         try await withConnection(weight: 0, logs: answer) { try await $0.trim(at: offset, length: length, flags: flags) }
     }
 
@@ -131,8 +131,7 @@ extension NBDClient {
     static func logged(
         _ operation: ReplayLog.Operation,
         at offset: UInt64,
-        length: UInt64,
-        flags: CommandFlags
+        length: UInt64
     ) -> (operation: ReplayLog.Operation, offset: UInt64, length: UInt64) {
         (operation, offset, length)
     }
