@@ -2,6 +2,7 @@ import Foundation
 import NBDCopy
 import NIOConcurrencyHelpers
 import NIOCore
+import TestSupport
 
 /// An image in memory, read as a copy source: `zeroes` are reported as known zero ranges (as
 /// block status or SEEK_HOLE would), and a read at `failingAt` fails.
@@ -100,12 +101,7 @@ final class MemoryDestination: CopyDestination {
 
 /// Bytes that are not zero anywhere, different at every offset of a 251-byte cycle.
 func image(_ count: Int, seed: UInt8 = 1) -> [UInt8] {
-    // One cycle made byte by byte, then doubled by whole copies: made a byte at a time, the
-    // images took half of these tests' time in a debug build, and more under TSan.
-    var bytes = (0..<251).map { UInt8(($0 + Int(seed)) % 251 + 1) }
-    bytes.reserveCapacity(count + bytes.count)
-    while bytes.count < count { bytes += bytes }
-    return Array(bytes.prefix(count))
+    repeatedCycle((0..<251).map { UInt8(($0 + Int(seed)) % 251 + 1) }, count: count)
 }
 
 /// Where two images first differ (or where the shorter ends), nil when they are the same: a

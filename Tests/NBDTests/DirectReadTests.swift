@@ -2,6 +2,7 @@ import Foundation
 @_spi(NBDMachines) import NBDCore
 import NIOCore
 import NIOPosix
+import TestSupport
 import Testing
 
 @testable import NBD
@@ -14,12 +15,10 @@ import Testing
 struct DirectReadTests {
     static let length = 512 << 10
     static func pattern(_ offset: UInt64, _ count: Int) -> ByteBuffer {
-        // The bytes repeat every 7 * 256: one cycle made byte by byte, then doubled by whole
-        // copies (a debug build, and more so TSan, is slow per byte).
-        var bytes = (0..<min(count, 1792)).map { UInt8(truncatingIfNeeded: (Int(offset) + $0) * 31 / 7 + 1) }
-        bytes.reserveCapacity(2 * count)
-        while bytes.count < count { bytes += bytes }
-        return ByteBuffer(bytes: bytes.prefix(count))
+        // The bytes repeat every 7 * 256.
+        ByteBuffer(
+            bytes: repeatedCycle((0..<min(count, 1792)).map { UInt8(truncatingIfNeeded: (Int(offset) + $0) * 31 / 7 + 1) }, count: count)
+        )
     }
 
     func withServer(overTCP: Bool = false, _ body: (FakeServer) async throws -> Void) async throws {
