@@ -177,6 +177,18 @@ if Context.environment["NBD_UNIT_TESTS"] != nil {
     package.products.removeAll { startedByTheInteropSuite.contains($0.name) }
 }
 
+// The package's own code under a sanitizer, its dependencies as the plain build made them:
+// what CI's TSan step builds in .build (scripts/sanitize.sh thread --in-place sets this). Only
+// our modules are compiled again (a minute rather than four); the races looked for are in our
+// code, and what SwiftNIO's code does is seen through the locks, file descriptors and Swift
+// concurrency runtime that ThreadSanitizer follows on its own.
+if let sanitizer = Context.environment["NBD_SANITIZE_OWN_CODE"] {
+    for target in package.targets {
+        target.swiftSettings = (target.swiftSettings ?? []) + [.unsafeFlags(["-sanitize=\(sanitizer)"])]
+        target.linkerSettings = (target.linkerSettings ?? []) + [.unsafeFlags(["-sanitize=\(sanitizer)"])]
+    }
+}
+
 // libFuzzer targets, one per parser of a peer's bytes: built only by scripts/fuzz.sh, which
 // sets NBD_FUZZ and builds them with -sanitize=fuzzer,address (they have no main of their own).
 // A parser outside NBDCore is compiled into its target from its own file (a link in the target's

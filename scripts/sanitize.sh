@@ -3,11 +3,12 @@
 #
 #   scripts/sanitize.sh thread  [swift test arguments]   ThreadSanitizer (data races)
 #   scripts/sanitize.sh address [swift test arguments]   AddressSanitizer (memory errors, leaks)
-#   scripts/sanitize.sh thread --in-place [...]          in .build, instrumenting the Swift code
-#                                                        only: the C of BoringSSL and of SwiftNIO's
-#                                                        shims is the plain build's, not built again
-#                                                        (what CI does; the next plain build
-#                                                        compiles the Swift code again)
+#   scripts/sanitize.sh thread --in-place [...]          in .build, instrumenting the package's
+#                                                        own code only: its dependencies (SwiftNIO,
+#                                                        BoringSSL, swift-crypto) are the plain
+#                                                        build's, not built again (what CI does;
+#                                                        the next plain build compiles our code
+#                                                        again). See Package.swift.
 #
 # For example: scripts/sanitize.sh thread --filter "NBDCoreTests|NBDTests|NBDServerTests".
 # A report fails the run. Reports that are not ours are suppressed in scripts/tsan.supp, each
@@ -27,7 +28,8 @@ shift
 scratch=(--sanitize="$kind" --scratch-path ".build-$kind")
 if [ "${1:-}" = "--in-place" ]; then
     shift
-    scratch=(-Xswiftc -sanitize="$kind")
+    scratch=()
+    export NBD_SANITIZE_OWN_CODE=$kind
 fi
 # The runtime's backtracer and the sanitizers trip over each other on a report.
 export SWIFT_BACKTRACE=enable=no
