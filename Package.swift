@@ -144,7 +144,7 @@ let package = Package(
         ),
         .testTarget(
             name: "NBDSystemTests",
-            dependencies: ["NBDSystem", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBDSystem", "TestSupport", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .testTarget(
             name: "NBDServerTests",

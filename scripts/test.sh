@@ -40,7 +40,7 @@ step "install the test peers"
 # The peers, by the command each package gives.
 declare -A packages=(
     [nbdkit]=nbdkit [qemu-nbd]=qemu-utils [nbd-server]=nbd-server
-    [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [socat]=socat [strace]=strace
+    [nbdinfo]=libnbd-bin [nbdsh]=python3-libnbd [socat]=socat [strace]=strace [ip]=iproute2
 )
 missing=()
 for command in "${!packages[@]}"; do

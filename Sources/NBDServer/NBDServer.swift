@@ -83,6 +83,15 @@ public final class NBDServer: Service, Sendable {
     /// The address the server listens on (with the port chosen when 0 was asked for).
     public var localAddress: SocketAddress? { channel.localAddress }
 
+    /// Where a client on this host dials: ``localAddress``, but a wildcard address (every
+    /// address of the host, which no client can dial) becomes loopback of its family.
+    public var addressForLocalClients: SocketAddress? {
+        guard let address = localAddress, let ip = address.ipAddress, let port = address.port,
+            let loopback = ClearTextExposure.loopback(forWildcard: ip)
+        else { return localAddress }
+        return try? SocketAddress(ipAddress: loopback, port: port)
+    }
+
     private init(channel: Channel, connections: Connections) {
         self.channel = channel
         self.connections = connections
@@ -176,6 +185,9 @@ public final class NBDServer: Service, Sendable {
         let channel = try await bind(bootstrap.bootstrap)
         let address = channel.localAddress.map { "\($0)" } ?? "?"
         configuration.logger.info("listening", metadata: ["on": "\(description)", "address": "\(address)"])
+        if let local = channel.localAddress, let warning = ClearTextExposure.warning(listeningOn: local, tls: configuration.tls) {
+            configuration.logger.warning("\(warning)")
+        }
         return NBDServer(channel: channel, connections: bootstrap.connections)
     }
 
@@ -183,7 +195,7 @@ public final class NBDServer: Service, Sendable {
         exports: [NBDServerExport],
         configuration: Configuration
     ) throws -> (bootstrap: ServerBootstrap, connections: Connections) {
-        let tls = try configuration.tls.flatMap { $0.mode == .off ? nil : try ServerTLSCredentials($0) }
+        let tls = try ServerTLSCredentials.read(configuration.tls)
         let connections = Connections()
         // One per resizable export, shared by all its connections.
         let gates = Dictionary(

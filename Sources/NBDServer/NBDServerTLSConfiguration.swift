@@ -20,7 +20,9 @@ public struct NBDServerTLSConfiguration: Sendable {
     /// specific first (`CN=backup,O=Example,C=GB`, as qemu's `tls-authz` names them), or PSK user
     /// names. Any other client is disconnected once its TLS handshake is done, and logged.
     /// With certificates, it needs ``verifyPeer``: an unverified certificate can name anyone;
-    /// and it needs ``NBDServerTLSMode/require``: under `on`, clients in clear would pass it.
+    /// and it needs ``NBDServerTLSMode/require``: under `on` or `off`, clients in clear would
+    /// pass it. A configuration that breaks either is refused when the server starts
+    /// (an `NBDError` of code `tlsFailed`): access control fails closed, never ignored.
     public var allowedIdentities: Set<String>?
 
     /// X.509 from the `certificates` folder, under `mode`.

@@ -13,9 +13,24 @@ struct ServerTLSCredentials: Sendable {
 
     private let kind: Kind
 
+    /// The credentials `configuration` asks for, nil when TLS is off. Access control fails
+    /// closed: an allow-list or a client certificate to verify cannot be enforced with TLS off
+    /// (clients in clear have no identity), so that is refused rather than ignored.
+    static func read(_ configuration: NBDServerTLSConfiguration?) throws -> ServerTLSCredentials? {
+        guard let configuration else { return nil }
+        guard configuration.mode == .off else { return try ServerTLSCredentials(configuration) }
+        if configuration.allowedIdentities != nil {
+            throw refuse("an allow-list cannot be enforced with TLS off: clients in clear would be served; require TLS")
+        }
+        if configuration.verifyPeer { throw refuse("verifying the client's certificate needs TLS, which is off") }
+        return nil
+    }
+
+    private static func refuse(_ message: String) -> NBDError { NBDError(.tlsFailed, message, connectionUsable: false) }
+
     /// Reads and checks `configuration`'s files; throws `tlsFailed`, naming what is wrong.
     init(_ configuration: NBDServerTLSConfiguration) throws {
-        func refuse(_ message: String) -> NBDError { NBDError(.tlsFailed, message, connectionUsable: false) }
+        let refuse = Self.refuse
         guard configuration.mode != .off else { throw refuse("TLS is off: no credentials are needed") }
         if configuration.allowedIdentities != nil, configuration.mode != .require {
             throw refuse("an allow-list needs TLS required: under on, clients in clear would pass it")

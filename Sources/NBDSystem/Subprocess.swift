@@ -1,3 +1,5 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -12,6 +14,9 @@ package final class Subprocess: Sendable {
     package let pid: pid_t
     /// The command, for messages.
     package let name: String
+    /// The wait status once the process is reaped. Its pid may then be another process's, so
+    /// nothing is signalled after that; the lock keeps a reap and a signal from crossing.
+    private let reaped = Mutex<CInt?>(nil)
 
     /// Why a command could not start, in words.
     package struct Failure: Error, CustomStringConvertible {
@@ -65,24 +70,35 @@ package final class Subprocess: Sendable {
 
     /// The exit status when the process has ended (reaping it), nil while it runs.
     package func exitStatus() -> CInt? {
-        var status: CInt = 0
-        guard waitpid(pid, &status, WNOHANG) == pid else { return nil }
-        return status
+        reaped.withLock { reaped in
+            if reaped == nil {
+                var status: CInt = 0
+                if waitpid(pid, &status, WNOHANG) == pid { reaped = status }
+            }
+            return reaped
+        }
     }
 
     /// Sends SIGTERM, waits up to `grace` seconds for the process to end, then SIGKILL; reaps
-    /// it either way. Blocks: call it off an event loop.
-    package func stop(grace: Double = 5) {
-        _ = kill(pid, SIGTERM)
-        var status: CInt = 0
-        let deadline = Double(time(nil)) + grace
-        while waitpid(pid, &status, WNOHANG) == 0 {
-            guard Double(time(nil)) <= deadline else {
-                _ = kill(pid, SIGKILL)
-                _ = waitpid(pid, &status, 0)
-                return
+    /// it either way. A process already reaped is not signalled: returns whether one was sent.
+    /// Blocks: call it off an event loop.
+    @discardableResult
+    package func stop(grace: Double = 5) -> Bool {
+        reaped.withLock { reaped in
+            guard reaped == nil else { return false }
+            _ = kill(pid, SIGTERM)
+            var status: CInt = 0
+            let deadline = Double(time(nil)) + grace
+            while waitpid(pid, &status, WNOHANG) == 0 {
+                guard Double(time(nil)) <= deadline else {
+                    _ = kill(pid, SIGKILL)
+                    _ = waitpid(pid, &status, 0)
+                    break
+                }
+                usleep(10_000)
             }
-            usleep(10_000)
+            reaped = status
+            return true
         }
     }
 

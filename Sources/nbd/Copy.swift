@@ -324,9 +324,13 @@ enum Endpoints {
         return OnDisk(regularSize: (info.st_mode & S_IFMT) == S_IFREG ? UInt64(info.st_size) : nil)
     }
 
+    static func unknownScheme(_ text: String) -> String {
+        "unknown scheme in \"\(text)\" (expected \(NBDURI.schemes.joined(separator: ", ")))"
+    }
+
     static func isURI(_ text: String) -> Bool {
         guard let colon = text.firstIndex(of: ":") else { return false }
-        return ["nbd", "nbds", "nbd+unix", "nbds+unix"].contains(text[..<colon].lowercased())
+        return NBDURI.schemes.contains(text[..<colon].lowercased())
     }
 
     /// Runs `body` with the source `text` names, and closes it after, whatever happened.
@@ -410,7 +414,7 @@ enum Endpoints {
             return SyntheticSource(size: try Sizes.parse(String(text.dropFirst(prefix.count))), isZero: zero)
         }
         if text == "null:" { throw CommandError("null: can only be a destination") }
-        if text.contains("://") { throw CommandError("unknown scheme in \"\(text)\" (expected nbd, nbds, nbd+unix or nbds+unix)") }
+        if text.contains("://") { throw CommandError(Self.unknownScheme(text)) }
         return try FileEndpoint.source(text)
     }
 
@@ -437,7 +441,7 @@ enum Endpoints {
         }
         if text == "null:" { return NullDestination() }
         if text.hasPrefix("pattern:") || text.hasPrefix("zero:") { throw CommandError("\(text) can only be a source") }
-        if text.contains("://") { throw CommandError("unknown scheme in \"\(text)\" (expected nbd, nbds, nbd+unix or nbds+unix)") }
+        if text.contains("://") { throw CommandError(Self.unknownScheme(text)) }
         return try FileEndpoint.destination(text, size: size, destinationIsZero: destinationIsZero, allocates: allocated)
     }
 }

@@ -194,7 +194,14 @@ struct Serve: AsyncParsableCommand {
             configuration.tls = tls
         }
         let server = try await start(exports, configuration: configuration)
-        if printUri { StandardStreams.output(uri(of: server).description + "\n") }
+        if printUri {
+            StandardStreams.output(uri(of: server).description + "\n")
+            if let bound = server.localAddress?.ipAddress, bound != server.addressForLocalClients?.ipAddress {
+                configuration.logger.notice(
+                    "the URI names loopback: \(bound) is every address of this host, which other hosts dial by name"
+                )
+            }
+        }
         var services = [ServiceGroupConfiguration.ServiceConfiguration(service: server)]
         if exitWithParent {
             services.append(.init(service: ParentWatch(), successTerminationBehavior: .gracefullyShutdownGroup))
@@ -235,12 +242,14 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
-    /// The URI a client uses for the first export: the port the kernel chose, when 0 was asked.
+    /// The URI a client on this host uses for the first export, from the socket the server
+    /// listens on: its path (systemd's socket too), or the port the kernel chose when 0 was
+    /// asked; a wildcard address (every address of the host) becomes loopback.
     private func uri(of server: NBDServer) -> NBDURI {
         let requiresTLS = tlsMode == .require
-        if let socket { return NBDURI(socket: socket, exportName: name, requiresTLS: requiresTLS) }
-        let host = server.localAddress?.ipAddress ?? bind
-        return NBDURI(host: host, port: server.localAddress?.port ?? port ?? 10809, exportName: name, requiresTLS: requiresTLS)
+        let address = server.addressForLocalClients
+        if let path = address?.pathname ?? socket { return NBDURI(socket: path, exportName: name, requiresTLS: requiresTLS) }
+        return NBDURI(host: address?.ipAddress ?? bind, port: address?.port ?? port ?? 10809, exportName: name, requiresTLS: requiresTLS)
     }
 
     static func fileBackend(_ path: String, readOnly: Bool) throws -> FileBackend {

@@ -49,15 +49,14 @@ struct ServerReport: Sendable {
         return ServerReport(format: format, tls: tls, exports: exports)
     }
 
-    /// nbdinfo's boolean fields, in its order; and `can_resize`, which nbdinfo does not know,
-    /// only where it is true, so that the output is nbdinfo's everywhere else.
+    /// nbdinfo's boolean fields, in its order, each true or false as nbdinfo prints them; and
+    /// `can_resize`, which nbdinfo does not know, in the alphabetical place nbdinfo's would take.
     static func flags(_ info: NBDExportInfo) -> [(String, Bool)] {
         [
             ("is_rotational", info.isRotational), ("is_read_only", info.isReadOnly),
             ("can_block_status_payload", info.canBlockStatusPayload), ("can_cache", info.canCache),
             ("can_df", info.canDF), ("can_fast_zero", info.canFastZero), ("can_flush", info.canFlush),
-            ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn),
-        ] + (info.canResize ? [("can_resize", true)] : []) + [
+            ("can_fua", info.canFUA), ("can_multi_conn", info.canMultiConn), ("can_resize", info.canResize),
             ("can_trim", info.canTrim), ("can_zero", info.canZero),
         ]
     }

@@ -219,6 +219,17 @@ struct CopyCommandTests {
         #expect(result.error.hasPrefix("nbd: "))
         #expect(result.error.split(separator: "\n").count == 1, "\(result.error)")
     }
+
+    /// `nbd copy` and `nbd checksum` take every scheme `nbd info` takes: a vsock URI is dialled,
+    /// not refused as unknown. CID 1 is this machine's own vsock loopback, where nothing listens:
+    /// each command fails as `nbd info` does, on the connection.
+    @Test func vsockURIsAreDialledAsNbdInfoDialsThem() throws {
+        let uri = "nbd+vsock://1:10809/"
+        for arguments in [["info", uri], ["copy", uri, "null:"], ["copy", "pattern:1M", uri], ["checksum", uri]] {
+            let result = try runNBD(arguments)
+            #expect(result.status == 1 && result.error.hasPrefix("nbd: cannot connect to vsock:1:10809"), "\(arguments): \(result.error)")
+        }
+    }
 }
 
 extension CopyCommandTests {

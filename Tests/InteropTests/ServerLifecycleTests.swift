@@ -112,13 +112,53 @@ struct ServerLifecycleTests {
             os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES="nbd")
             os.execv(sys.argv[2], sys.argv[2:])
             """
-        try await folder.start("/usr/bin/python3", ["-c", script, socket, nbdTool, "serve", "--memory", "8M"], waitFor: socket)
+        let serve = [nbdTool, "serve", "--memory", "8M", "--print-uri"]
+        try await folder.start("/usr/bin/python3", ["-c", script, socket] + serve, waitFor: socket)
         #expect(try folder.run("nbdinfo", ["--size", NBDURI(socket: socket).description]) == Data("8388608\n".utf8))
+        // --print-uri names the socket systemd passed, not a TCP port nobody listens on (the log
+        // holds the server's standard output and its log lines).
+        try await waitUntil(file: folder.path("python3.log"), holds: "nbd+unix://")
+        let output = try String(contentsOfFile: folder.path("python3.log"), encoding: .utf8).split(separator: "\n")
+        let printed = output.filter { $0.hasPrefix("nbd") }
+        #expect(printed == [Substring(NBDURI(socket: socket).description)], "\(output)")
         let refused = try runProcess(
             "/usr/bin/python3",
             ["-c", script, folder.path("other.sock"), nbdTool, "serve", "--memory", "8M", "--port", "7"]
         )
         #expect(refused.status == 1 && refused.error.contains("--socket and --port do not apply"), "\(refused.error)")
+    }
+
+    /// Bound to every address, `nbd serve` warns that it serves in clear beyond this host, and
+    /// prints a URI a client here can dial (loopback of the family); on loopback it is quiet.
+    /// Each runs in a network namespace of its own, with only loopback: nothing is opened to a
+    /// network. The server's URI line is polled for (30 s); the client is `nbdinfo`.
+    @Test(arguments: [("0.0.0.0", "nbd://127.0.0.1:"), ("::", "nbd://[::1]:"), ("127.0.0.1", "nbd://127.0.0.1:")])
+    func aWildcardBindWarnsAndPrintsALoopbackURI(bind: String, printed: String) throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let script = """
+            ip link set lo up || exit 3
+            "$1" serve --memory 1M --bind "$2" --port 0 --print-uri >uri 2>log &
+            server=$!
+            trap 'kill -KILL $server 2>/dev/null' EXIT
+            tries=0
+            until [ -s uri ]; do tries=$((tries + 1)); [ $tries -le 300 ] || exit 4; sleep 0.1; done
+            nbdinfo --size "$(head -1 uri)" || exit 5
+            kill -TERM $server; wait $server
+            """
+        for tool in ["ip", "nbdinfo", "unshare"] { _ = try ServerProcess.executable(tool) }
+        let result = try runProcess(
+            try ServerProcess.executable("unshare"),
+            ["--net", "/bin/sh", "-c", script, "sh", nbdTool, bind],
+            in: URL(fileURLWithPath: folder.path("."))
+        )
+        let uri = try String(contentsOfFile: folder.path("uri"), encoding: .utf8)
+        let log = try String(contentsOfFile: folder.path("log"), encoding: .utf8)
+        #expect(result.status == 0 && String(decoding: result.output, as: UTF8.self) == "1048576\n", "\(result.status) \(log)")
+        #expect(uri.hasPrefix(printed), "\(uri)")
+        let warned = log.contains("warning") && log.contains("serving \(bind) port ") && log.contains("in clear")
+        #expect(warned == (bind != "127.0.0.1"), "\(log)")
+        #expect(log.contains("--tls=require") == (bind != "127.0.0.1"), "\(log)")
     }
 
     @Test func exitWithParentEndsTheServerWithItsParent() async throws {

@@ -24,6 +24,7 @@ final class ServerProcess: @unchecked Sendable {
         "nbdkit": "nbdkit", "qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils", "qemu-io": "qemu-utils",
         "nbd-server": "nbd-server", "nbdinfo": "libnbd-bin", "nbdcopy": "libnbd-bin", "nbddump": "libnbd-bin",
         "nbdsh": "python3-libnbd", "socat": "socat", "strace": "strace", "unshare": "util-linux",
+        "ip": "iproute2",
     ]
 
     /// The Debian trixie chroot of scripts/chroot.sh: qemu 10 and libnbd 1.22, which speak

@@ -48,6 +48,23 @@ struct ServerRequestRulesTests {
         return bytes.readInteger(as: UInt32.self).map { NBDErrno(rawValue: $0) }
     }
 
+    /// Each command is performed as itself; one with no backend call (CACHE, DISC, a command
+    /// code nobody knows, with a flag) is never performed as a FLUSH.
+    @Test func everyCommandIsPerformedAsItselfAndNoOtherAsAFlush() {
+        let machine = machine(resizable: true)
+        let expected: [(CommandType, String?)] = [
+            (.read, "read"), (.write, "write"), (.flush, "flush"), (.trim, "trim"), (.writeZeroes, "zero"),
+            (.blockStatus, "blockStatus"), (.resize, "resize"), (.cache, nil), (.disconnect, nil),
+            (CommandType(rawValue: 9), nil), (CommandType(rawValue: 0xffff), nil),
+        ]
+        for (type, name) in expected {
+            let request = RequestHeader(flags: .fua, type: type, cookie: 1, offset: 0, length: 4096)
+            let operation = machine.operation(for: request, data: [])
+            let performed = operation.map { "\($0)".prefix { $0 != "(" } }.map(String.init)
+            #expect(performed == name, "\(type)")
+        }
+    }
+
     @Test func fuaOnTrimAndZeroMeansAFlushAfterTheCall() {
         var machine = machine()
         for (type, fua) in [(CommandType.trim, true), (.trim, false), (.writeZeroes, true), (.writeZeroes, false)] {

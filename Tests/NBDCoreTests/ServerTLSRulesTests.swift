@@ -204,9 +204,11 @@ struct ServerTLSRulesTests {
         #expect(error.code == .timedOut)
     }
 
-    /// A client in clear has no identity: with an allow-list, TLS is required even under `on`.
-    @Test func anAllowListRequiresTLS() {
-        var machine = connection(allowing: ["alice"], mode: .on)
+    /// A client in clear has no identity: with an allow-list, TLS is required even under `on`,
+    /// and under `off` too (the machine fails closed; the server refuses that configuration).
+    @Test(arguments: [NBDServerTLSMode.on, .off])
+    func anAllowListRequiresTLS(mode: NBDServerTLSMode) {
+        var machine = connection(allowing: ["alice"], mode: mode)
         var input = clientFlags()
         input.writeImmutableBuffer(bytes(.list))
         machine.bytesReceived(input)

@@ -44,6 +44,26 @@ struct WireTests {
         #expect(try decodeBothWays(bytes) { try OptionRequest.decode(from: &$0) } == request)
     }
 
+    /// "MUST be no longer than 4096 bytes": a longer export name or query in a client's option
+    /// is the client's violation, and the error the server logs says so.
+    @Test(arguments: [OptionCode.go, .info, .listMetaContext])
+    func anOverLongStringInAnOptionIsTheClientsViolation(code: OptionCode) {
+        var data = ByteBuffer()
+        data.writeInteger(UInt32(4097))
+        data.writeRepeatingByte(0x61, count: 4097)
+        data.writeInteger(UInt32(0))
+        var bytes = ByteBuffer()
+        bytes.writeInteger(NBDMagic.haveOption)
+        bytes.writeInteger(code.rawValue)
+        bytes.writeInteger(UInt32(data.readableBytes))
+        bytes.writeImmutableBuffer(data)
+        #expect {
+            try OptionRequest.decode(from: &bytes)
+        } throws: { error in
+            (error as? NBDError)?.message == "protocol violation by the client: string of 4097 bytes exceeds 4096"
+        }
+    }
+
     @Test(arguments: [
         (OptionReply(option: .go, body: .ack), "0003e889045565a9 00000007 00000001 00000000"),
         (

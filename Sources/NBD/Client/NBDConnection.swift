@@ -107,7 +107,7 @@ public struct NBDConnection: ~Copyable, Sendable {
 
     /// Stops a server started for a connection, off the caller's thread.
     static func stop(_ server: Subprocess) async {
-        try? await NIOThreadPool.singleton.runIfActive { server.stop() }
+        _ = try? await NIOThreadPool.singleton.runIfActive { server.stop() }
     }
 
     /// TLS from `configuration` (nil when it is off): certificates and keys loaded before

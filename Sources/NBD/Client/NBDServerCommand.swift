@@ -67,7 +67,7 @@ public final class NBDServerCommand: Sendable {
     /// socket. Connections to it end.
     public func stop() async {
         let process = self.process
-        try? await NIOThreadPool.singleton.runIfActive { process.stop() }
+        _ = try? await NIOThreadPool.singleton.runIfActive { process.stop() }
         socket.remove()
     }
 

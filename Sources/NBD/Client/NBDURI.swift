@@ -43,6 +43,10 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
     /// `tls-username`: the PSK user name (overrides the userinfo).
     public var tlsUsername: String?
 
+    /// The schemes of the NBD URI specification this type reads: each with TLS (`nbds`) and
+    /// without, over TCP, a Unix socket and `AF_VSOCK`.
+    public static let schemes = ["nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock"]
+
     /// The query parameters this library understands.
     public static let knownParameters: Set<String> = [
         "socket", "tls-type", "tls-hostname", "tls-verify-peer", "tls-certificates", "tls-psk-file", "tls-username",
@@ -88,7 +92,7 @@ public struct NBDURI: Hashable, Sendable, CustomStringConvertible {
         case "nbd", "nbds": (isUnix, isVsock) = (false, false)
         case "nbd+unix", "nbds+unix": (isUnix, isVsock) = (true, false)
         case "nbd+vsock", "nbds+vsock": (isUnix, isVsock) = (false, true)
-        default: throw bad("unknown scheme \"\(scheme)\" (expected nbd, nbds, nbd+unix, nbds+unix, nbd+vsock or nbds+vsock)")
+        default: throw bad("unknown scheme \"\(scheme)\" (expected \(Self.schemes.joined(separator: ", ")))")
         }
         self.init(.tcp(host: nil, port: nil), requiresTLS: scheme.hasPrefix("nbds"))
         var rest = string[string.index(after: colon)...]

@@ -74,7 +74,8 @@ import NIOCore
         tlsMode: NBDServerTLSMode = .off,
         allowedIdentities: Set<String>? = nil
     ) {
-        let mode = allowedIdentities != nil && tlsMode == .on ? .require : tlsMode
+        // Fails closed: an allow-list under `.off` too refuses every client in clear.
+        let mode = allowedIdentities != nil ? .require : tlsMode
         phase = .negotiating(ServerNegotiationStateMachine(exports: exports, maximumOptionLength: maximumOptionLength, tlsMode: mode))
         self.limits = limits
         self.handshakeTimeout = handshakeTimeout

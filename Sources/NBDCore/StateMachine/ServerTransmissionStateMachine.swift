@@ -303,13 +303,18 @@ import NIOCore
             channelClosed()
             return .fatal(.clientViolation("more than \(limits.maximumRequestsInFlight) requests in flight"))
         }
+        guard let operation = operation(for: request, data: data) else {
+            return failed(request, .EINVAL, "\(request.type) has no backend call")
+        }
         inFlight += 1
         held += Self.payloadHeld(by: request)
-        return .perform(request, operation(for: request, data: data))
+        return .perform(request, operation)
     }
 
-    /// The backend call a request that passed its checks needs.
-    private func operation(for request: RequestHeader, data: [ByteBuffer]) -> ServerOperation {
+    /// The backend call a request that passed its checks needs; nil for a command with none,
+    /// so that a command added to the checks but not here is refused, never performed as
+    /// something else.
+    func operation(for request: RequestHeader, data: [ByteBuffer]) -> ServerOperation? {
         // "NBD_CMD_FLAG_FUA ... the server MUST NOT send its reply until the effects of the
         // command are durable": for TRIM and WRITE_ZEROES, a flush once the call is done.
         let fua = request.flags.contains(.fua)
@@ -329,9 +334,10 @@ import NIOCore
             return .blockStatus(offset: request.offset, length: max(1, request.length))
         case .resize:
             return .resize(to: request.offset, flush: fua)
-        default:
-            // FLUSH; check() refuses every command it does not know.
+        case .flush:
             return .flush
+        default:
+            return nil
         }
     }
 

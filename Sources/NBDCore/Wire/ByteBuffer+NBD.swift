@@ -16,10 +16,11 @@ extension ByteBuffer {
         writeString(string)
     }
 
-    /// Reads a 32-bit length then that many bytes of text, refusing lengths over `limit`.
-    mutating func readLengthPrefixedString(limit: Int = nbdMaximumStringLength) throws(NBDError) -> String? {
+    /// Reads a 32-bit length then that many bytes of text from a client's option, refusing
+    /// lengths over `limit`: the client broke the rule, and the error says so.
+    mutating func readClientString(limit: Int = nbdMaximumStringLength) throws(NBDError) -> String? {
         guard let length = readInteger(as: UInt32.self) else { return nil }
-        guard length <= limit else { throw .serverViolation("string of \(length) bytes exceeds \(limit)") }
+        guard length <= limit else { throw .clientViolation("string of \(length) bytes exceeds \(limit)") }
         return readNBDString(length: Int(length))
     }
 

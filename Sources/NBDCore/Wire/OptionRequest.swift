@@ -97,7 +97,7 @@ import NIOCore
         case .structuredReply: return .structuredReply
         case .extendedHeaders: return .extendedHeaders
         case .info, .go:
-            guard let export = try data.readLengthPrefixedString(), let count = data.readInteger(as: UInt16.self) else { throw truncated }
+            guard let export = try data.readClientString(), let count = data.readInteger(as: UInt16.self) else { throw truncated }
             var requests: [InfoType] = []
             for _ in 0..<count {
                 guard let raw = data.readInteger(as: UInt16.self) else { throw truncated }
@@ -105,10 +105,10 @@ import NIOCore
             }
             return code == .info ? .info(export: export, requests: requests) : .go(export: export, requests: requests)
         case .listMetaContext, .setMetaContext:
-            guard let export = try data.readLengthPrefixedString(), let count = data.readInteger(as: UInt32.self) else { throw truncated }
+            guard let export = try data.readClientString(), let count = data.readInteger(as: UInt32.self) else { throw truncated }
             var queries: [String] = []
             for _ in 0..<count {
-                guard let query = try data.readLengthPrefixedString() else { throw truncated }
+                guard let query = try data.readClientString() else { throw truncated }
                 queries.append(query)
             }
             return code == .listMetaContext
