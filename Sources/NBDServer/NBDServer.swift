@@ -10,19 +10,24 @@ public struct NBDServerExport: Sendable {
     public var name: String
     public var description: String
     public var backend: any NBDServerBackend
-    /// Whether clients may change the export's size with `NBD_CMD_RESIZE`, the experimental
+    /// The largest size clients may give the export with `NBD_CMD_RESIZE`, the experimental
     /// RESIZE extension (advertised with `NBD_FLAG_SEND_RESIZE` unless the backend is
-    /// read-only). The backend's ``NBDServerBackend/resize(to:)`` does the work; the server
-    /// keeps it apart from every other request and checks every connection's requests against
-    /// the new size. Off by default.
-    public var isResizable: Bool
+    /// read-only); nil, the default, when they may not resize it. A resize past it fails with
+    /// `ENOSPC` and changes nothing, so that no client makes the server allocate what it likes.
+    /// The backend's ``NBDServerBackend/resize(to:)`` does the work; the server keeps it apart
+    /// from every other request and checks every connection's requests against the new size.
+    public var maximumSize: UInt64?
 
-    /// An export called `name` (the empty name is the default export).
-    public init(name: String = "", description: String = "", backend: any NBDServerBackend, isResizable: Bool = false) {
+    /// Whether clients may resize the export: it has a ``maximumSize``.
+    public var isResizable: Bool { maximumSize != nil }
+
+    /// An export called `name` (the empty name is the default export), which clients may
+    /// resize up to `maximumSize` when one is given.
+    public init(name: String = "", description: String = "", backend: any NBDServerBackend, resizableUpTo maximumSize: UInt64? = nil) {
         self.name = name
         self.description = description
         self.backend = backend
-        self.isResizable = isResizable
+        self.maximumSize = maximumSize
     }
 }
 

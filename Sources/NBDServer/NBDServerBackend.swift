@@ -6,8 +6,9 @@ import NIOCore
 /// Implement it to serve anything over NBD; ``MemoryBackend`` is one. Every method may be
 /// called from many tasks at once. Ranges are already checked against ``size`` and
 /// ``isReadOnly`` when they arrive here. On an export made resizable
-/// (``NBDServerExport/isResizable``) the server never runs ``resize(to:)`` beside another
-/// call: the others wait for it, and are checked against the new size.
+/// (``NBDServerExport/maximumSize``) the server never runs ``resize(to:)`` beside another
+/// call, nor asks for more than that maximum: the others wait for it, and are checked against
+/// the new size.
 ///
 /// The methods are called on the thread of the client's connection, so that a fast backend
 /// answers without a thread hop. Do not block it: blocking I/O belongs on a thread pool, as

@@ -61,7 +61,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                     isReadOnly: export.backend.isReadOnly,
                     flushCoversAllConnections: export.backend.flushCoversAllConnections,
                     zeroIsFast: export.backend.zeroIsFast,
-                    isResizable: gates[export.name] != nil,
+                    resizableUpTo: gates[export.name] != nil ? export.maximumSize : nil,
                     maximumPayload: configuration.maximumPayload
                 )
             },

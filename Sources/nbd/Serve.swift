@@ -20,9 +20,9 @@ struct Serve: AsyncParsableCommand {
 
             More exports: --export NAME=FILE or --export NAME=memory:SIZE, as often as needed.
 
-            --resizable lets clients change the size of every export (NBD_CMD_RESIZE, an experimental extension that \
-            libnbd, qemu and nbdkit do not implement): a file grows or shrinks with ftruncate, a memory disk in memory; a \
-            block device refuses.
+            --resizable MAX lets clients change the size of every export up to MAX (NBD_CMD_RESIZE, an experimental \
+            extension that libnbd, qemu and nbdkit do not implement; a larger size fails with ENOSPC and changes \
+            nothing): a file grows or shrinks with ftruncate, a memory disk in memory; a block device refuses.
 
             TLS, in nbdkit's words: --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE \
             (psktool's username:hexkey lines) turn it on, required unless --tls=on; --tls-verify-peer requires a client \
@@ -59,8 +59,11 @@ struct Serve: AsyncParsableCommand {
     @Flag(help: "Refuse writes.")
     var readOnly = false
 
-    @Flag(help: "Let clients change the export's size (NBD_CMD_RESIZE, experimental).")
-    var resizable = false
+    @Option(
+        help: ArgumentHelp("Let clients change the export's size up to this (NBD_CMD_RESIZE, experimental).", valueName: "max"),
+        transform: Sizes.parse
+    )
+    var resizable: UInt64?
 
     @Option(help: "TCP port (default 10809); 0 lets the kernel choose one.")
     var port: Int?
@@ -135,7 +138,13 @@ struct Serve: AsyncParsableCommand {
         guard file != nil || memory != nil || !extraExports.isEmpty else {
             throw ValidationError("give a FILE, --memory SIZE or --export NAME=SOURCE")
         }
-        if resizable, readOnly { throw ValidationError("--resizable and --read-only do not go together") }
+        if resizable != nil, readOnly { throw ValidationError("--resizable and --read-only do not go together") }
+        if let resizable, let memory, resizable < memory {
+            throw ValidationError(
+                "--resizable \(resizable) is less than the --memory size \(memory): give the largest size clients may ask"
+            )
+        }
+        if let resizable, resizable > UInt64(Int64.max) { throw ValidationError("--resizable must be at most 2^63-1 bytes") }
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be from 0 to 65535") }
         if socket != nil, port != nil { throw ValidationError("--socket and --port do not go together") }
         guard handshakeTimeout > 0, handshakeTimeout <= 86400 else {
@@ -154,7 +163,7 @@ struct Serve: AsyncParsableCommand {
                     name: name,
                     description: description,
                     backend: MemoryBackend(size: memory, readOnly: readOnly),
-                    isResizable: resizable
+                    resizableUpTo: resizable
                 )
             )
         } else if let file {
@@ -163,7 +172,7 @@ struct Serve: AsyncParsableCommand {
                     name: name,
                     description: description,
                     backend: try Self.fileBackend(file, readOnly: readOnly),
-                    isResizable: resizable
+                    resizableUpTo: resizable
                 )
             )
         }
@@ -178,7 +187,7 @@ struct Serve: AsyncParsableCommand {
                 source.hasPrefix("memory:")
                 ? MemoryBackend(size: try Sizes.parse(String(source.dropFirst("memory:".count))), readOnly: readOnly)
                 : try Self.fileBackend(source, readOnly: readOnly)
-            exports.append(NBDServerExport(name: exportName, backend: backend, isResizable: resizable))
+            exports.append(NBDServerExport(name: exportName, backend: backend, resizableUpTo: resizable))
         }
         var configuration = NBDServer.Configuration()
         configuration.logger = Logger(label: "nbd-serve") { StreamLogHandler.standardError(label: $0) }

@@ -53,7 +53,7 @@ struct BuiltInServerTests {
     @Test func nbdResizeGrowsAndShrinksOnlyWithYes() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
-        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20), isResizable: true)])
+        let (server, socket) = try await serve(folder, [NBDServerExport(backend: MemoryBackend(size: 1 << 20), resizableUpTo: 4 << 20)])
         let uri = NBDURI(socket: socket).description
         let info = try runNBD(["info", "--json", uri])
         #expect(info.status == 0 && info.output.contains("\"can_resize\": true"))
@@ -69,6 +69,10 @@ struct BuiltInServerTests {
         #expect(String(decoding: try folder.run("nbdinfo", ["--size", uri]), as: UTF8.self) == "524288\n")
         let unaligned = try runNBD(["resize", uri, "9000000T"])
         #expect(unaligned.status == 1 && unaligned.error.contains("too large"))
+        // Past the export's maximum: refused, and the size is what it was.
+        let past = try runNBD(["resize", uri, "100T"])
+        #expect(past.status == 1 && past.error.contains("over the export's maximum of 4194304"), "\(past.error)")
+        #expect(String(decoding: try folder.run("nbdinfo", ["--size", uri]), as: UTF8.self) == "524288\n")
         await server.shutdown()
 
         let (fixed, fixedSocket) = try await serve(folder, [NBDServerExport(name: "fixed", backend: MemoryBackend(size: 1 << 20))])
@@ -80,8 +84,13 @@ struct BuiltInServerTests {
         let notResizable = try runNBD(["resize", fixedURI, "2M"])
         #expect(notResizable.status == 1 && notResizable.error.contains("does not set NBD_FLAG_SEND_RESIZE"))
         await fixed.shutdown()
-        let both = try runNBD(["serve", "--memory", "1M", "--resizable", "--read-only"])
+        let both = try runNBD(["serve", "--memory", "1M", "--resizable", "2M", "--read-only"])
         #expect(both.status != 0 && both.error.contains("--resizable and --read-only do not go together"))
+        // A resizable export always has a maximum, at least its size.
+        let unbounded = try runNBD(["serve", "--memory", "1M", "--resizable"])
+        #expect(unbounded.status != 0 && unbounded.error.contains("--resizable"), "\(unbounded.error)")
+        let below = try runNBD(["serve", "--memory", "1M", "--resizable", "512K"])
+        #expect(below.status != 0 && below.error.contains("is less than the --memory size"), "\(below.error)")
     }
 
     @Test func nbdcopyBothWaysByContent() async throws {

@@ -15,7 +15,7 @@ struct ServerRequestRulesTests {
             isReadOnly: false,
             flushCoversAllConnections: true,
             zeroIsFast: zeroIsFast,
-            isResizable: resizable,
+            resizableUpTo: resizable ? 8 << 20 : nil,
             maximumPayload: 65536
         )
         let agreement = ServerNegotiationStateMachine.Agreement(
@@ -176,6 +176,17 @@ struct ServerRequestRulesTests {
         resizable.requestCompleted(request, .done)
         _ = resizable.next()
         #expect(resizable.exportSize == 2 << 20)
+        // Past the export's maximum (8 MiB): ENOSPC, no backend call, the size as it was.
+        send(&resizable, .resize, offset: (8 << 20) + 512, length: 0)
+        #expect(errorValue(resizable.next()) == .ENOSPC)
+        #expect(resizable.exportSize == 2 << 20)
+        send(&resizable, .resize, offset: 8 << 20, length: 0)
+        guard case .perform(let atMaximum, .resize(8 << 20, _))? = resizable.next() else {
+            Issue.record("a resize to the maximum was not performed")
+            return
+        }
+        resizable.requestCompleted(atMaximum, .done)
+        _ = resizable.next()
         send(&resizable, .read, offset: 1 << 20, length: 512)
         guard case .perform(_, .read)? = resizable.next() else {
             Issue.record("a read within the new size was refused")
@@ -194,7 +205,7 @@ struct ServerRequestRulesTests {
             isReadOnly: true,
             flushCoversAllConnections: true,
             zeroIsFast: false,
-            isResizable: true,
+            resizableUpTo: 2 << 20,
             maximumPayload: 65536
         )
         #expect(!export.flags.contains(.sendResize))

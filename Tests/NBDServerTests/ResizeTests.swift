@@ -21,7 +21,7 @@ struct ResizeTests {
     ) async throws -> Result {
         let socket = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-resize-\(UUID().uuidString.prefix(8)).sock").path
         let server = try await NBDServer.start(
-            exports: [NBDServerExport(backend: backend, isResizable: resizable)],
+            exports: [NBDServerExport(backend: backend, resizableUpTo: resizable ? 1 << 40 : nil)],
             on: .unix(path: socket)
         )
         defer { try? FileManager.default.removeItem(atPath: socket) }

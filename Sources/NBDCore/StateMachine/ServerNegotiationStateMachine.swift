@@ -17,6 +17,9 @@ import NIOCore
         public var blockSizes: BlockSizeConstraints
         /// Zeroing is faster than writing zeroes: `NBD_CMD_FLAG_FAST_ZERO` succeeds.
         public var zeroIsFast: Bool
+        /// The largest size `NBD_CMD_RESIZE` may ask for (nil: no bound of the export's own).
+        /// A client never makes the server allocate more than this.
+        public var maximumSize: UInt64?
 
         /// An export description.
         public init(
@@ -25,7 +28,8 @@ import NIOCore
             size: UInt64,
             flags: TransmissionFlags,
             blockSizes: BlockSizeConstraints,
-            zeroIsFast: Bool = false
+            zeroIsFast: Bool = false,
+            maximumSize: UInt64? = nil
         ) {
             self.name = name
             self.description = description
@@ -33,6 +37,7 @@ import NIOCore
             self.flags = flags
             self.blockSizes = blockSizes
             self.zeroIsFast = zeroIsFast
+            self.maximumSize = maximumSize
         }
 
         /// What a server offers for storage with these properties: the one place the
@@ -40,7 +45,7 @@ import NIOCore
         /// for (FLUSH, FUA and CACHE always; TRIM, WRITE_ZEROES and FAST_ZERO unless
         /// read-only), multi-conn when a flush covers every connection, and block sizes of 1
         /// byte minimum, 4 KiB preferred and `maximumPayload` at most. `NBD_FLAG_SEND_RESIZE`
-        /// when `isResizable` and not read-only.
+        /// when resizable (up to `maximumSize`, which must then be given) and not read-only.
         public init(
             serving name: String,
             description: String = "",
@@ -48,7 +53,7 @@ import NIOCore
             isReadOnly: Bool,
             flushCoversAllConnections: Bool,
             zeroIsFast: Bool,
-            isResizable: Bool = false,
+            resizableUpTo maximumSize: UInt64? = nil,
             maximumPayload: Int
         ) {
             var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
@@ -58,13 +63,21 @@ import NIOCore
                 // FAST_ZERO is advertised whatever the storage: a slow zero is then refused with
                 // NBD_ENOTSUP at once, which is what the flag asks for.
                 flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
-                if isResizable { flags.insert(.sendResize) }
+                if maximumSize != nil { flags.insert(.sendResize) }
             }
             // "NBD_FLAG_CAN_MULTI_CONN: ... the server ... will ensure that ... a flush on one
             // connection covers every connection."
             if flushCoversAllConnections { flags.insert(.canMultiConn) }
             let blockSizes = BlockSizeConstraints(minimum: 1, preferred: 4096, maximum: UInt32(maximumPayload))
-            self.init(name: name, description: description, size: size, flags: flags, blockSizes: blockSizes, zeroIsFast: zeroIsFast)
+            self.init(
+                name: name,
+                description: description,
+                size: size,
+                flags: flags,
+                blockSizes: blockSizes,
+                zeroIsFast: zeroIsFast,
+                maximumSize: maximumSize
+            )
         }
     }
 
