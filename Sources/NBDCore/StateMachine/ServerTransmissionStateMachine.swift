@@ -413,6 +413,11 @@ import NIOCore
         guard size % minimum == 0 else {
             return (.EINVAL, "a size of \(size) bytes is not a multiple of the minimum block size \(minimum)")
         }
+        // "ENOSPC: the resize was for an increase in space, and requires more space than is
+        // available to the server": the export's maximum, checked before the backend is asked.
+        if let maximum = agreement.export.maximumSize, size > maximum {
+            return (.ENOSPC, "a size of \(size) bytes is over the export's maximum of \(maximum)")
+        }
         return nil
     }
 }
