@@ -45,7 +45,7 @@ public final class MemoryBackend: NBDServerBackend {
         buffer.reserveCapacity(length)
         pages.withLockedValue { pages in
             Self.forEachPage(offset, UInt64(length)) { page, start, count in
-                if let bytes = pages[page] {
+                if case .data(let bytes)? = pages[page] {
                     buffer.writeImmutableBuffer(bytes.getSlice(at: start, length: count)!)
                 } else {
                     buffer.writeRepeatingByte(0, count: count)
@@ -55,13 +55,13 @@ public final class MemoryBackend: NBDServerBackend {
         return buffer
     }
 
-    /// Data and holes in one pass under the lock: pages never written are holes, and data goes
-    /// out as slices of the pages themselves.
+    /// Data and holes in one pass under the lock: pages that hold no bytes (never written, or
+    /// zeroed) go out as holes, which read as zeroes, and data as slices of the pages themselves.
     public func readSparse(at offset: UInt64, length: Int) async throws -> [NBDServerReadPart] {
         var parts: [NBDServerReadPart] = []
         pages.withLockedValue { pages in
             Self.forEachPage(offset, UInt64(length)) { page, start, count in
-                if let bytes = pages[page] {
+                if case .data(let bytes)? = pages[page] {
                     parts.append(.data(bytes.getSlice(at: start, length: count)!))
                 } else if case .hole(let earlier)? = parts.last {
                     parts[parts.count - 1] = .hole(earlier + count)
@@ -94,13 +94,18 @@ public final class MemoryBackend: NBDServerBackend {
 
     public func flush() async throws {}
 
+    /// The bytes of data the disk holds in memory (its written pages).
+    var storedBytes: Int { pages.withLockedValue { $0.storedBytes } }
+
     public func trim(at offset: UInt64, length: UInt64) async throws {
         try await zero(at: offset, length: length, noHole: false)
     }
 
     /// Whole pages become holes again (visiting only the pages that hold data, so a terabyte
     /// costs what its data does); partial pages are zeroed in place. With `noHole`, every page
-    /// of the range is allocated, as the spec asks ("the area MUST be fully provisioned").
+    /// of the range is allocated, as the spec asks ("the area MUST be fully provisioned"): whole
+    /// pages as marks that read as zeroes and hold no bytes, so that no request makes the server
+    /// store zeroes.
     public func zero(at offset: UInt64, length: UInt64, noHole: Bool) async throws {
         guard length > 0 else { return }
         pages.withLockedValue { Self.zero(&$0, at: offset, length: length, noHole: noHole) }
@@ -110,7 +115,14 @@ public final class MemoryBackend: NBDServerBackend {
         let pageSize = UInt64(Self.pageSize)
         if noHole {
             Self.forEachPage(offset, length) { page, start, count in
-                pages.modify(page: page) { $0.setRepeatingByte(0, count: count, at: start) }
+                if count == Self.pageSize {
+                    pages.markZero(page: page)
+                } else if case .data? = pages[page] {
+                    pages.modify(page: page) { $0.setRepeatingByte(0, count: count, at: start) }
+                } else if pages[page] == nil {
+                    // Part of a hole: allocated, it is a page of zeroes, and so already the mark.
+                    pages.markZero(page: page)
+                }
             }
             return
         }
@@ -125,7 +137,7 @@ public final class MemoryBackend: NBDServerBackend {
             let stop = min(end, (page + 1) * pageSize)
             if stop - start == pageSize {
                 pages.remove(page: page)
-            } else {
+            } else if case .data? = pages[page] {
                 pages.modify(page: page) { $0.setRepeatingByte(0, count: Int(stop - start), at: Int(start - page * pageSize)) }
             }
         }

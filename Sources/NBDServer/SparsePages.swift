@@ -4,24 +4,44 @@ import NIOCore
 /// The written pages of a sparse in-memory disk, in a two-level directory as nbdkit's sparse
 /// array keeps them: pages grouped in chunks, and the chunks' numbers kept sorted. A hole of
 /// any size between two chunks is one step, so block status and trimming cost what the data
-/// costs, never what the size does.
+/// costs, never what the size does. A page zeroed and kept allocated (`NBD_CMD_FLAG_NO_HOLE`)
+/// is a mark, not 64 KiB of zeroes: a client's 16-byte request never costs the server memory.
 struct SparsePages {
+    /// A page that is not a hole.
+    enum Page {
+        /// Written bytes.
+        case data(ByteBuffer)
+        /// Allocated, and reads as zeroes.
+        case zero
+    }
+
     /// The granularity of allocation and of block status.
     static let pageSize = 64 * 1024
     /// Pages in a chunk (16 MiB): a chunk's table is small beside one page of data.
     static let pagesPerChunk = 256
 
     private struct Chunk {
-        var pages = [ByteBuffer?](repeating: nil, count: SparsePages.pagesPerChunk)
+        var pages = [Page?](repeating: nil, count: SparsePages.pagesPerChunk)
         /// Pages that are not nil: a chunk that has none leaves the directory.
         var count = 0
 
         mutating func modify(slot: Int, _ body: (inout ByteBuffer) -> Void) {
-            if pages[slot] == nil {
-                pages[slot] = ByteBuffer(repeating: 0, count: SparsePages.pageSize)
-                count += 1
+            if pages[slot] == nil { count += 1 }
+            var bytes: ByteBuffer
+            if case .data(let written)? = pages[slot] {
+                bytes = written
+                // The page's one reference, so that the change is made in place, not in a copy.
+                pages[slot] = nil
+            } else {
+                bytes = ByteBuffer(repeating: 0, count: SparsePages.pageSize)
             }
-            body(&pages[slot]!)
+            body(&bytes)
+            pages[slot] = .data(bytes)
+        }
+
+        mutating func markZero(slot: Int) {
+            if pages[slot] == nil { count += 1 }
+            pages[slot] = .zero
         }
     }
 
@@ -37,19 +57,36 @@ struct SparsePages {
         self.size = size
     }
 
-    /// The page's bytes, or nil when it was never written (or was trimmed).
-    subscript(page: UInt64) -> ByteBuffer? {
+    /// The page, or nil when it is a hole: never written, or trimmed.
+    subscript(page: UInt64) -> Page? {
         chunks[page / UInt64(Self.pagesPerChunk)]?.pages[Int(page % UInt64(Self.pagesPerChunk))]
     }
 
-    /// Changes a page in place, making it (all zeroes) first if it was a hole.
+    /// Changes a page in place, making its bytes (all zeroes) first if it had none.
     mutating func modify(page: UInt64, _ body: (inout ByteBuffer) -> Void) {
         let (number, slot) = (page / UInt64(Self.pagesPerChunk), Int(page % UInt64(Self.pagesPerChunk)))
-        if chunks[number] == nil {
-            chunks[number] = Chunk()
-            order.insert(number, at: firstChunk(atOrAfter: number))
-        }
+        makeChunk(number)
         chunks[number]!.modify(slot: slot, body)
+    }
+
+    /// Makes the whole page allocated zeroes, dropping its bytes.
+    mutating func markZero(page: UInt64) {
+        let (number, slot) = (page / UInt64(Self.pagesPerChunk), Int(page % UInt64(Self.pagesPerChunk)))
+        makeChunk(number)
+        chunks[number]!.markZero(slot: slot)
+    }
+
+    private mutating func makeChunk(_ number: UInt64) {
+        guard chunks[number] == nil else { return }
+        chunks[number] = Chunk()
+        order.insert(number, at: firstChunk(atOrAfter: number))
+    }
+
+    /// The bytes the pages hold: what the disk costs in memory, beside its directory.
+    var storedBytes: Int {
+        chunks.values.reduce(0) { total, chunk in
+            total + chunk.pages.reduce(0) { if case .data = $1 { $0 + Self.pageSize } else { $0 } }
+        }
     }
 
     /// Makes the page a hole again.
@@ -82,7 +119,8 @@ struct SparsePages {
     }
 
     /// `base:allocation` extents from `offset` to `end`, in at most `maximumCount` descriptors:
-    /// pages never written are holes that read as zeroes (`NBD_STATE_HOLE | NBD_STATE_ZERO`).
+    /// pages never written are holes that read as zeroes (`NBD_STATE_HOLE | NBD_STATE_ZERO`),
+    /// pages zeroed and kept allocated are `NBD_STATE_ZERO` alone, written pages 0.
     func extents(from offset: UInt64, to end: UInt64, maximumCount: Int) -> [BlockDescriptor] {
         guard offset < end else { return [] }
         let pageSize = UInt64(Self.pageSize)
@@ -104,7 +142,8 @@ struct SparsePages {
         // Cut short by the cap, the answer ends where it stopped; the client asks again from there.
         var complete = true
         forEachWrittenPage(from: offset / pageSize, through: (end - 1) / pageSize) { page in
-            complete = append(upTo: max(position, page * pageSize), flags: 3) && append(upTo: min(end, (page + 1) * pageSize), flags: 0)
+            let flags: UInt64 = if case .zero? = self[page] { 2 } else { 0 }
+            complete = append(upTo: max(position, page * pageSize), flags: 3) && append(upTo: min(end, (page + 1) * pageSize), flags: flags)
             return complete
         }
         if complete { _ = append(upTo: end, flags: 3) }

@@ -225,6 +225,34 @@ extension FaultInjectionTests {
         kill(serve.processIdentifier, SIGTERM)
     }
 
+    /// Four WRITE_ZEROES of 1 GiB with NO_HOLE, 16 bytes on the wire each, from nbdsh: the server
+    /// stores marks, not 4 GiB of zeroes (it grew by 4.1 GiB before), and nbdinfo's map shows
+    /// the range allocated and zero.
+    @Test func zeroesWithNoHoleCostTheServerNoMemory() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("zero.sock")
+        let serve = try await folder.start(nbdTool, ["serve", "--memory", "64G", "--socket", socket], waitFor: socket)
+        let baseline = try residentMiB(serve.processIdentifier)
+        let uri = NBDURI(socket: socket).description
+        let script = """
+            for i in range(4):
+                h.zero(1 << 30, i << 30, flags=nbd.CMD_FLAG_NO_HOLE)
+            assert h.pread(65536, (1 << 30) + 4096) == bytes(65536)
+            print("ok")
+            """
+        // nbdsh imports Debian's python3 module: Debian's python3 goes first on PATH.
+        let answer = try folder.run("env", ["PATH=/usr/bin:/bin", try ServerProcess.executable("nbdsh"), "-u", uri, "-c", script])
+        #expect(answer == Data("ok\n".utf8))
+        let grown = try residentMiB(serve.processIdentifier) - baseline
+        #expect(grown < 32, "serve grew by \(grown) MiB for 4 GiB of zeroes")
+        let map = String(decoding: try folder.run("nbdinfo", ["--map", uri]), as: UTF8.self)
+        let lines = map.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).map(String.init) }
+        #expect(lines.first == ["0", "4294967296", "2", "zero"], "\(map)")
+        #expect(lines.dropFirst().first?.suffix(2) == ["3", "hole,zero"], "\(map)")
+        kill(serve.processIdentifier, SIGTERM)
+    }
+
     /// nbdkit 1.32's error filter cannot fail a flush: an nbdkit sh plugin whose flush fails
     /// with EIO does, and so does the built-in server with a backend whose flush throws.
     @Test(arguments: ["nbdkit", "built-in"])

@@ -20,6 +20,43 @@ struct MemoryBackendTests {
         }
     }
 
+    /// Zeroes kept allocated (`NBD_CMD_FLAG_NO_HOLE`) are marks: a gibibyte of them stores no
+    /// byte, reads as zeroes, and is `NBD_STATE_ZERO` without `NBD_STATE_HOLE` in block status;
+    /// data written into it afterwards is data, and the rest stays a mark.
+    @Test func zeroesWithNoHoleStoreNothing() async throws {
+        let backend = MemoryBackend(size: 64 << 30)
+        try await written(backend, pages: [16_384, 16_385])  // 1 GiB in: data the zeroing replaces
+        #expect(backend.storedBytes == 2 * Int(Self.page))
+        for index: UInt64 in 0..<4 { try await backend.zero(at: index << 30, length: 1 << 30, noHole: true) }
+        #expect(backend.storedBytes == 0)
+        #expect(
+            try await backend.extents(at: 0, length: 64 << 30) == [
+                BlockDescriptor(length: 4 << 30, flags: 2), BlockDescriptor(length: 60 << 30, flags: 3),
+            ]
+        )
+        #expect(try await backend.read(at: (1 << 30) + 100, length: 70_000) == ByteBuffer(repeating: 0, count: 70_000))
+        // Written into, a page is data (zeroes around the write); its neighbours stay marks.
+        try await backend.write(ByteBuffer(repeating: 0xab, count: 4096), at: Self.page + 8192, fua: false)
+        #expect(backend.storedBytes == Int(Self.page))
+        #expect(
+            try await backend.extents(at: 0, length: 3 * Self.page) == [
+                BlockDescriptor(length: Self.page, flags: 2), BlockDescriptor(length: Self.page, flags: 0),
+                BlockDescriptor(length: Self.page, flags: 2),
+            ]
+        )
+        var expected = ByteBuffer(repeating: 0, count: Int(Self.page))
+        expected.setRepeatingByte(0xab, count: 4096, at: 8192)
+        #expect(try await backend.read(at: Self.page, length: Int(Self.page)) == expected)
+        // A partial zeroing of a mark, with or without NO_HOLE, stores nothing either.
+        try await backend.zero(at: 3 * Self.page + 5, length: 10, noHole: false)
+        try await backend.zero(at: 4 * Self.page + 5, length: 10, noHole: true)
+        #expect(backend.storedBytes == Int(Self.page))
+        // A trim makes the marks holes again.
+        try await backend.trim(at: 0, length: 4 << 30)
+        #expect(try await backend.extents(at: 0, length: 64 << 30) == [BlockDescriptor(length: 64 << 30, flags: 3)])
+        #expect(backend.storedBytes == 0)
+    }
+
     /// A fresh terabyte is one hole, in one answer.
     @Test func aFreshTerabyteIsOneExtent() async throws {
         let backend = MemoryBackend(size: 1 << 40)
@@ -77,7 +114,7 @@ struct MemoryBackendTests {
     }
 
     /// Trimming whole pages frees them, partial ones read back zero in the trimmed part only;
-    /// NO_HOLE keeps the range allocated.
+    /// NO_HOLE keeps the range allocated (as marks that read as zeroes).
     @Test func trimAndZero() async throws {
         let backend = MemoryBackend(size: 1 << 40)
         try await written(backend, pages: [0, 1, 2, 1 << 20])
@@ -91,7 +128,8 @@ struct MemoryBackendTests {
         expected.writeRepeatingByte(0, count: Int(Self.page) - 100)
         #expect(try await backend.read(at: 0, length: Int(Self.page)) == expected)
         try await backend.zero(at: 4 * Self.page, length: 2 * Self.page, noHole: true)
-        #expect(try await backend.extents(at: 4 * Self.page, length: 2 * Self.page) == [BlockDescriptor(length: 2 * Self.page, flags: 0)])
+        // Allocated, and known to read as zeroes: NBD_STATE_ZERO without NBD_STATE_HOLE.
+        #expect(try await backend.extents(at: 4 * Self.page, length: 2 * Self.page) == [BlockDescriptor(length: 2 * Self.page, flags: 2)])
         #expect(
             try await backend.read(at: 4 * Self.page, length: 2 * Int(Self.page)) == ByteBuffer(repeating: 0, count: 2 * Int(Self.page))
         )
