@@ -224,6 +224,12 @@ func pattern(_ count: Int, seed: UInt8) -> ByteBuffer {
     return buffer
 }
 
+/// `nbd info`'s output without the one line nbdinfo does not print (`can_resize`, of the
+/// RESIZE extension), to compare the two.
+func asNbdinfoPrintsIt(_ output: String) -> String {
+    output.split(separator: "\n", omittingEmptySubsequences: false).filter { !$0.contains("can_resize") }.joined(separator: "\n")
+}
+
 /// One line of `nbdinfo --map --json`.
 struct MapEntry: Decodable, Hashable {
     var offset: UInt64
