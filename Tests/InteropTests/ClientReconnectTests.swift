@@ -505,7 +505,14 @@ struct ClientReconnectTests {
         configuration.connection.negotiationTimeout = .seconds(1)
         try await NBDClient.withClient(NBDURI(socket: socket), configuration: configuration) { (client: NBDClient) async throws in
             let events = EventLog(client)
+            // Frozen once the connection is up (frozen before, the first dial would time out
+            // instead, and the read would go to a thawed server with nothing lost), and stopped
+            // for sure before the read is sent.
+            try await connected(client, 1)
             kill(process.processIdentifier, SIGSTOP)
+            try await waitUntil("nbdkit to be stopped", seen: "state \(Self.state(of: process.processIdentifier))") {
+                Self.state(of: process.processIdentifier) == "T"
+            }
             // Frozen for 3 s on purpose: past the request timeout and a few dials.
             async let thawed: Void = {
                 try await Task.sleep(for: .seconds(3))
@@ -518,6 +525,14 @@ struct ClientReconnectTests {
             // The read that timed out went again.
             #expect(client.replays > 0)
         }
+    }
+
+    /// The state letter of /proc/PID/stat (R, S, T for stopped, ...).
+    static func state(of pid: Int32) -> String {
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        // "PID (COMMAND) STATE ...": the command may hold spaces, the state follows its ")".
+        guard let close = stat.lastIndex(of: ")") else { return "?" }
+        return stat[stat.index(after: close)...].split(separator: " ").first.map(String.init) ?? "?"
     }
 
     // MARK: The tool on top
