@@ -115,12 +115,11 @@ public final class MemoryBackend: NBDServerBackend {
         let pageSize = UInt64(Self.pageSize)
         if noHole {
             Self.forEachPage(offset, length) { page, start, count in
-                if count == Self.pageSize {
-                    pages.markZero(page: page)
-                } else if case .data? = pages[page] {
+                // Only part of a page of data is zeroed in place; anything else (a whole page, or
+                // part of a hole or of a mark: a page of zeroes once allocated) becomes the mark.
+                if case .data? = pages[page], count < Self.pageSize {
                     pages.modify(page: page) { $0.setRepeatingByte(0, count: count, at: start) }
-                } else if pages[page] == nil {
-                    // Part of a hole: allocated, it is a page of zeroes, and so already the mark.
+                } else {
                     pages.markZero(page: page)
                 }
             }
