@@ -82,6 +82,8 @@ public final class NBDServer: Service, Sendable {
 
     private let channel: Channel
     let connections: Connections
+    /// Every connection's requests, which may run on after their client has gone.
+    private let requestGroups: RequestGroups
     /// The clean stop, once begun: every caller of ``shutdown()`` waits for the same one.
     private let stopping = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
@@ -97,9 +99,10 @@ public final class NBDServer: Service, Sendable {
         return try? SocketAddress(ipAddress: loopback, port: port)
     }
 
-    private init(channel: Channel, connections: Connections) {
+    private init(channel: Channel, connections: Connections, requestGroups: RequestGroups) {
         self.channel = channel
         self.connections = connections
+        self.requestGroups = requestGroups
     }
 
     /// The client connections open now, and which of them are still negotiating.
@@ -193,15 +196,16 @@ public final class NBDServer: Service, Sendable {
         if let local = channel.localAddress, let warning = ClearTextExposure.warning(listeningOn: local, tls: configuration.tls) {
             configuration.logger.warning("\(warning)")
         }
-        return NBDServer(channel: channel, connections: bootstrap.connections)
+        return NBDServer(channel: channel, connections: bootstrap.connections, requestGroups: bootstrap.requestGroups)
     }
 
     private static func bootstrap(
         exports: [NBDServerExport],
         configuration: Configuration
-    ) throws -> (bootstrap: ServerBootstrap, connections: Connections) {
+    ) throws -> (bootstrap: ServerBootstrap, connections: Connections, requestGroups: RequestGroups) {
         let tls = try ServerTLSCredentials.read(configuration.tls)
         let connections = Connections()
+        let requestGroups = RequestGroups()
         // One per resizable export, shared by all its connections.
         let gates = Dictionary(
             exports.filter(\.isResizable).map { ($0.name, ResizeGate(size: $0.backend.size)) },
@@ -243,6 +247,7 @@ public final class NBDServer: Service, Sendable {
                             gates: gates,
                             configuration: configuration,
                             tls: tls,
+                            requestGroups: requestGroups,
                             logger: configuration.logger
                         ) {
                             connections.negotiated(channel)
@@ -250,12 +255,12 @@ public final class NBDServer: Service, Sendable {
                     )
                 }
             }
-        return (bootstrap, connections)
+        return (bootstrap, connections, requestGroups)
     }
 
     /// Serves until the task is cancelled or the `ServiceGroup` it runs in shuts down
     /// gracefully; then stops as ``shutdown()`` does, and returns once every connection is
-    /// closed.
+    /// closed and every backend call has returned.
     public func run() async throws {
         await withGracefulShutdownHandler {
             await withTaskCancellationHandler {
@@ -271,7 +276,8 @@ public final class NBDServer: Service, Sendable {
 
     /// Stops listening, then ends every connection cleanly: requests in flight finish and are
     /// answered, new ones get `NBD_ESHUTDOWN` (as the spec asks of a server shutting down),
-    /// clients still negotiating are closed. Returns when every connection is closed.
+    /// clients still negotiating are closed. Returns when every connection is closed and every
+    /// backend call has returned, those of clients that left before included.
     public func shutdown() async {
         await beginShutdown().value
     }
@@ -300,17 +306,20 @@ public final class NBDServer: Service, Sendable {
             try? await drained.get()
             try? await connection.closeFuture.get()
         }
+        await requestGroups.allEnded()
     }
 
     /// Stops at once, as a crash would: the listening socket and every connection are closed
     /// with no goodbye, and requests in flight get no reply. For tests of what clients do when
-    /// a server dies; ``shutdown()`` is the clean way. The backends are untouched, so a new
-    /// server can serve them again.
+    /// a server dies; ``shutdown()`` is the clean way. Returns once the backend calls begun
+    /// have returned, and leaves the backends untouched otherwise, so a new server can serve
+    /// them again.
     public func close() async {
         try? await channel.close()
         for connection in connections.all {
             try? await connection.close()
         }
+        await requestGroups.allEnded()
     }
 
     /// Waits until the listening socket closes.

@@ -25,8 +25,9 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     private let logger: Logger
     /// Requests run on the connection's own thread: a memory backend answers without a hop.
     private var executor: EventLoopTaskExecutor?
-    /// The connection's requests, in a task group of its own.
+    /// The connection's requests, in a task group of its own, counted in the server's.
     private var requests: ConnectionRequests?
+    private let requestGroups: RequestGroups
     private var timer: Scheduled<Void>?
     private var readingPaused = false
     /// A read the channel asked for while reading was paused, made on resuming.
@@ -47,11 +48,13 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         gates: [String: ResizeGate] = [:],
         configuration: NBDServer.Configuration,
         tls: ServerTLSCredentials? = nil,
+        requestGroups: RequestGroups = RequestGroups(),
         logger: Logger,
         transmissionStarted: @escaping @Sendable () -> Void = {}
     ) {
         self.transmissionStarted = transmissionStarted
         self.tls = tls
+        self.requestGroups = requestGroups
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 .init(
@@ -84,7 +87,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         executor = EventLoopTaskExecutor(context.eventLoop)
-        requests = ConnectionRequests(executor: executor)
+        requests = ConnectionRequests(executor: executor, countedIn: requestGroups)
     }
 
     /// The pipeline is torn down (the channel closed): let go of the context, which holds this
