@@ -52,6 +52,23 @@ struct ServerTLSTests {
         (try? String(contentsOfFile: folder.path("nbd.log"), encoding: .utf8)) ?? ""
     }
 
+    /// Over a Unix socket, with no `tls-hostname`: our client and `nbd info` check the chain
+    /// only and connect, as nbdinfo does; a client trusting another CA is refused.
+    @Test func x509OverAUnixSocketWithoutAHostName() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let credentials = try certificates(folder)
+        let socket = try await serve(folder, "nameless", ["--tls=require", "--tls-certificates", credentials.server])
+        let uri = "nbds+unix:///?socket=\(socket)&tls-certificates=\(credentials.client)"
+        #expect(try runNBD(["info", "--size", uri]).output == "67108864\n")
+        #expect(try attempt(folder, "nbdinfo", ["--size", uri]).output == "67108864\n")
+        let export = try await NBDExport.connect(to: NBDURI(uri), configuration: .filesFromURIs)
+        #expect(export.tlsVersion != nil)
+        await export.disconnect()
+        let foreign = try runNBD(["info", "--size", "nbds+unix:///?socket=\(socket)&tls-certificates=\(credentials.other)"])
+        #expect(foreign.status != 0 && foreign.error.contains("could not be verified"), "\(foreign.error)")
+    }
+
     @Test func realClientsReadAndWriteOverX509() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }

@@ -293,6 +293,39 @@ extension TLSTests {
 }
 
 extension TLSTests {
+    /// A Unix socket has no host name: without `tls-hostname` the certificate's chain is
+    /// checked against the CA and any name is taken (nbdinfo connects too); a foreign CA is
+    /// still refused, and a `tls-hostname` is still checked.
+    @Test func x509OverAUnixSocketChecksTheChainAndTheNameOnlyWhenGiven() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let certificates = try makeCertificates(folder)
+        let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
+        let socket = try plain.socketPath
+        func uri(_ directory: String) throws -> NBDURI { try NBDURI("nbds+unix:///?socket=\(socket)&tls-certificates=\(directory)") }
+        let export = try await NBDExport.connect(to: uri(certificates.client), configuration: .filesFromURIs)
+        let data = pattern(65536, seed: 73)
+        try await export.write(data, at: 4096)
+        #expect(try await export.read(at: 4096, length: 65536) == data)
+        await export.disconnect()
+        let info = try runNBD(["info", "--size", uri(certificates.client).description])
+        #expect(info.status == 0 && info.output == "16777216\n", "\(info.error)")
+        #expect(try folder.run("nbdinfo", ["--size", uri(certificates.client).description]) == Data("16777216\n".utf8))
+        await #expect {
+            _ = try await NBDExport.connect(to: uri(certificates.other), configuration: .filesFromURIs)
+        } throws: {
+            "\($0)".hasPrefix("the TLS handshake failed: the server's certificate could not be verified")
+        }
+        await #expect {
+            _ = try await NBDExport.connect(
+                to: tlsURI(socket, certificates: certificates.client, hostname: "example.com"),
+                configuration: .filesFromURIs
+            )
+        } throws: { "\($0)" == "the TLS handshake failed: the server's certificate is not for example.com" }
+    }
+}
+
+extension TLSTests {
     @Test func nbdToolFlagsForTLS() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }

@@ -47,7 +47,8 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// Completes the handshake on `socket`, a connected stream socket you opened (or were
     /// handed, by a parent process, say), as ``connect(to:configuration:)-(NBDAddress,_)`` does
     /// after dialing. The connection owns the descriptor from now on: it closes it at the end,
-    /// and on failure. TLS certificates are checked against `configuration.tls.hostname`.
+    /// and on failure. TLS certificates are checked against `configuration.tls.hostname`, or
+    /// only for their chain without one.
     public static func connect(
         socket descriptor: CInt,
         configuration: NBDClientConfiguration = NBDClientConfiguration()
@@ -114,11 +115,9 @@ public struct NBDConnection: ~Copyable, Sendable {
     /// anything is sent, so that a bad file fails with nothing sent.
     private static func tlsSetup(_ configuration: NBDClientConfiguration, hostname: String?) throws -> NBDClientChannelHandler.TLSSetup? {
         guard configuration.tls.policy != .disable else { return nil }
+        let name = configuration.tls.hostname ?? hostname
         do {
-            return NBDClientChannelHandler.TLSSetup(
-                context: try configuration.tls.makeContext(),
-                hostname: configuration.tls.hostname ?? hostname
-            )
+            return NBDClientChannelHandler.TLSSetup(context: try configuration.tls.makeContext(checkingName: name != nil), hostname: name)
         } catch let error as NBDError {
             throw error
         } catch {

@@ -7,8 +7,11 @@ import NIOSSL
 ///
 /// X.509: the server certificate is verified by default (against the system trust store, or
 /// the CA you give) for the host name of the URI or ``hostname``; a client certificate can be
-/// presented. TLS-PSK: a key file in psktool's format (`username:hexkey` lines), as nbdkit and
-/// qemu use; with swift-nio-ssl (BoringSSL) PSK runs over TLS 1.2.
+/// presented. Where there is no name to check (a Unix or vsock socket, or a socket you pass,
+/// without ``hostname``), the chain is still verified, and any name is taken.
+///
+/// TLS-PSK: a key file in psktool's format (`username:hexkey` lines), as nbdkit and qemu use;
+/// with swift-nio-ssl (BoringSSL) PSK runs over TLS 1.2.
 public struct NBDTLSConfiguration: Sendable {
     /// Whether TLS is used.
     public typealias Policy = NBDTLSPolicy
@@ -20,7 +23,8 @@ public struct NBDTLSConfiguration: Sendable {
     public var clientCertificateFile: String?
     /// The PEM private key of ``clientCertificateFile``.
     public var clientKeyFile: String?
-    /// The name the server certificate must carry; nil uses the URI's host.
+    /// The name the server certificate must carry; nil uses the URI's host, and on a socket
+    /// with no host (Unix, vsock) checks the chain only.
     public var hostname: String?
     /// Verify the server's certificate and name (on by default).
     public var verifyPeer = true
@@ -63,7 +67,8 @@ public struct NBDTLSConfiguration: Sendable {
         }
     }
 
-    func makeContext() throws -> NIOSSLContext {
+    /// The client's TLS context; `checkingName` when there is a name for the certificate to carry.
+    func makeContext(checkingName: Bool) throws -> NIOSSLContext {
         var tls = TLSConfiguration.makeClientConfiguration()
         tls.minimumTLSVersion = .tlsv12
         if let pskFile {
@@ -74,7 +79,12 @@ public struct NBDTLSConfiguration: Sendable {
             tls.certificateVerification = .none
             return try NIOSSLContext(configuration: tls)
         }
-        tls.certificateVerification = verifyPeer ? .fullVerification : .none
+        switch (verifyPeer, checkingName) {
+        case (false, _): tls.certificateVerification = .none
+        case (true, true): tls.certificateVerification = .fullVerification
+        // A Unix socket has no host name: the chain is checked against the CA, not the name.
+        case (true, false): tls.certificateVerification = .noHostnameVerification
+        }
         // A missing file named in words, not as the TLS library's "noSuchFilesystemObject".
         for (what, path) in [
             ("CA certificate", caCertificateFile), ("client certificate", clientCertificateFile), ("client key", clientKeyFile),
