@@ -331,7 +331,7 @@ extension TLSTests {
         defer { folder.stop() }
         let certificates = try makeCertificates(folder)
         let plain = try await folder.nbdkit(["--tls=require", "--tls-certificates", certificates.server, "memory", "16M"])
-        // nbd:// with --tls-certificates: TLS required; the Unix socket needs tls-hostname.
+        // nbd:// with --tls-certificates: TLS required; tls-hostname makes the name checked too.
         let uri = "nbd+unix:///?socket=\(try plain.socketPath)&tls-hostname=localhost"
         let result = try runNBD(["info", "--is", "tls", "--tls-certificates", certificates.client, uri])
         #expect(result.status == 0, "\(result.error)")
