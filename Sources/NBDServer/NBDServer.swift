@@ -64,9 +64,17 @@ public final class NBDServer: Service, Sendable {
         public var handshakeTimeout: TimeAmount = .seconds(10)
         /// Bytes one connection may hold (WRITE data not yet stored, READ replies being made,
         /// replies not yet written) before its requests are no longer read; reading resumes
-        /// at half. A connection holds at most this plus one ``maximumPayload``, so the server
-        /// at most ``maximumConnections`` times that.
+        /// at half. A connection holds at most this plus one ``maximumPayload``.
         public var maximumBufferedBytes = 64 * 1024 * 1024
+        /// Bytes all connections together may hold for requests and replies, as
+        /// ``maximumBufferedBytes`` counts them. A connection asks before it takes memory a
+        /// client dictates (a WRITE's data before it is read, a READ's reply before it is
+        /// made). Half the budget is guaranteed: each connection may always hold the budget
+        /// over twice ``maximumConnections`` (2 MiB by default), so small requests always go
+        /// on. The other half is shared, each connection within its share of it; past that,
+        /// its requests wait unread until memory is freed: back-pressure, never a disconnect.
+        /// At least twice ``maximumPayload``.
+        public var memoryBudget = 1024 * 1024 * 1024
         /// A connection whose client reads none of its replies for this long, while its
         /// requests are not being read, is closed. Idle connections are kept.
         public var replyStallTimeout: TimeAmount = .seconds(60)
@@ -84,6 +92,8 @@ public final class NBDServer: Service, Sendable {
     let connections: Connections
     /// Every connection's requests, which may run on after their client has gone.
     private let requestGroups: RequestGroups
+    /// What all connections hold, within ``Configuration/memoryBudget``.
+    let memoryBudget: MemoryBudget
     /// The clean stop, once begun: every caller of ``shutdown()`` waits for the same one.
     private let stopping = NIOLockedValueBox<Task<Void, Never>?>(nil)
 
@@ -99,10 +109,18 @@ public final class NBDServer: Service, Sendable {
         return try? SocketAddress(ipAddress: loopback, port: port)
     }
 
-    private init(channel: Channel, connections: Connections, requestGroups: RequestGroups) {
+    private init(channel: Channel, parts: Parts) {
         self.channel = channel
-        self.connections = connections
-        self.requestGroups = requestGroups
+        self.connections = parts.connections
+        self.requestGroups = parts.requestGroups
+        self.memoryBudget = parts.memoryBudget
+    }
+
+    /// What the server's connections share.
+    private struct Parts {
+        let connections = Connections()
+        let requestGroups = RequestGroups()
+        let memoryBudget: MemoryBudget
     }
 
     /// The client connections open now, and which of them are still negotiating.
@@ -189,23 +207,28 @@ public final class NBDServer: Service, Sendable {
         listening description: String,
         _ bind: (ServerBootstrap) async throws -> Channel
     ) async throws -> NBDServer {
-        let bootstrap = try bootstrap(exports: exports, configuration: configuration)
-        let channel = try await bind(bootstrap.bootstrap)
+        // Half the budget is shared, and one request of the maximum payload must fit in it.
+        guard configuration.memoryBudget >= 2 * configuration.maximumPayload else {
+            throw NBDError.invalidArgument(
+                "the memory budget of \(configuration.memoryBudget) bytes is less than twice the maximum payload, "
+                    + "\(configuration.maximumPayload)"
+            )
+        }
+        let budget = MemoryBudget(capacity: configuration.memoryBudget, holders: configuration.maximumConnections)
+        let parts = Parts(memoryBudget: budget)
+        let bootstrap = try bootstrap(exports: exports, configuration: configuration, parts: parts)
+        let channel = try await bind(bootstrap)
         let address = channel.localAddress.map { "\($0)" } ?? "?"
         configuration.logger.info("listening", metadata: ["on": "\(description)", "address": "\(address)"])
         if let local = channel.localAddress, let warning = ClearTextExposure.warning(listeningOn: local, tls: configuration.tls) {
             configuration.logger.warning("\(warning)")
         }
-        return NBDServer(channel: channel, connections: bootstrap.connections, requestGroups: bootstrap.requestGroups)
+        return NBDServer(channel: channel, parts: parts)
     }
 
-    private static func bootstrap(
-        exports: [NBDServerExport],
-        configuration: Configuration
-    ) throws -> (bootstrap: ServerBootstrap, connections: Connections, requestGroups: RequestGroups) {
+    private static func bootstrap(exports: [NBDServerExport], configuration: Configuration, parts: Parts) throws -> ServerBootstrap {
         let tls = try ServerTLSCredentials.read(configuration.tls)
-        let connections = Connections()
-        let requestGroups = RequestGroups()
+        let connections = parts.connections
         // One per resizable export, shared by all its connections.
         let gates = Dictionary(
             exports.filter(\.isResizable).map { ($0.name, ResizeGate(size: $0.backend.size)) },
@@ -247,7 +270,8 @@ public final class NBDServer: Service, Sendable {
                             gates: gates,
                             configuration: configuration,
                             tls: tls,
-                            requestGroups: requestGroups,
+                            requestGroups: parts.requestGroups,
+                            memoryBudget: parts.memoryBudget,
                             logger: configuration.logger
                         ) {
                             connections.negotiated(channel)
@@ -255,7 +279,7 @@ public final class NBDServer: Service, Sendable {
                     )
                 }
             }
-        return (bootstrap, connections, requestGroups)
+        return bootstrap
     }
 
     /// Serves until the task is cancelled or the `ServiceGroup` it runs in shuts down

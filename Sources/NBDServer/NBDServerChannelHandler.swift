@@ -28,6 +28,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     /// The connection's requests, in a task group of its own, counted in the server's.
     private var requests: ConnectionRequests?
     private let requestGroups: RequestGroups
+    /// The server-wide memory budget, which the machine asks before it takes memory.
+    private let memoryBudget: MemoryBudget
     private var timer: Scheduled<Void>?
     private var readingPaused = false
     /// A read the channel asked for while reading was paused, made on resuming.
@@ -49,12 +51,14 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         configuration: NBDServer.Configuration,
         tls: ServerTLSCredentials? = nil,
         requestGroups: RequestGroups = RequestGroups(),
+        memoryBudget: MemoryBudget,
         logger: Logger,
         transmissionStarted: @escaping @Sendable () -> Void = {}
     ) {
         self.transmissionStarted = transmissionStarted
         self.tls = tls
         self.requestGroups = requestGroups
+        self.memoryBudget = memoryBudget
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 .init(
@@ -73,7 +77,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 maximumPayload: configuration.maximumPayload,
                 maximumRequestsInFlight: configuration.maximumRequestsInFlight,
                 maximumBufferedBytes: configuration.maximumBufferedBytes,
-                replyStallTimeout: configuration.replyStallTimeout
+                replyStallTimeout: configuration.replyStallTimeout,
+                usesMemoryBudget: true
             ),
             handshakeTimeout: configuration.handshakeTimeout,
             tlsMode: tls == nil ? .off : configuration.tls?.mode ?? .off,
@@ -137,6 +142,8 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         machine.channelClosed()
         timer?.cancel()
         timer = nil
+        // What was queued goes back to the memory budget now.
+        run()
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -169,10 +176,13 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     }
 
     /// Performs every action the machine has for now; with the channel gone (the pipeline let
-    /// go of this handler), only drops them: replies to a client that left go nowhere.
+    /// go of this handler), only settles memory with the budget and drops the rest: replies
+    /// to a client that left go nowhere.
     private func run() {
         guard let context else {
-            while machine.next() != nil {}
+            while let action = machine.next() {
+                if case .adjustMemory(let delta) = action { memoryBudget.adjust(ObjectIdentifier(self), by: delta) }
+            }
             return
         }
         var flush = false
@@ -190,6 +200,10 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                     readHeldBack = false
                     context.read()
                 }
+            case .reserveMemory(let amount):
+                reserveMemory(amount, context: context)
+            case .adjustMemory(let delta):
+                memoryBudget.adjust(ObjectIdentifier(self), by: delta)
             case .armTimer(let delay):
                 timer?.cancel()
                 let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -249,6 +263,19 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Asks the budget for memory: granted now, the machine goes on in this run; otherwise
+    /// it goes on when the budget wakes it, on this connection's thread.
+    private func reserveMemory(_ amount: Int, context: ChannelHandlerContext) {
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let granted = memoryBudget.reserve(ObjectIdentifier(self), amount) {
+            handler.eventLoop.execute {
+                handler.value.machine.memoryGranted()
+                handler.value.run()
+            }
+        }
+        if granted { machine.memoryGranted() }
+    }
+
     /// Writes a reply's buffers and tells the machine once they are all written.
     private func write(_ buffers: [ByteBuffer], context: ChannelHandlerContext) {
         guard let last = buffers.last else { return }
@@ -268,9 +295,12 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         let gate = self.gate
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         requests?.submit {
-            // Requests of a client that has gone are dropped, not performed.
-            if handler.eventLoop.inEventLoop, handler.value.closed { return }
-            let reply = await RequestPerformer.run(operation, on: backend, within: gate)
+            // Requests of a client that has gone are dropped, not performed; the machine still
+            // hears of their end, to give their memory back.
+            let gone = handler.eventLoop.inEventLoop && handler.value.closed
+            let reply =
+                gone
+                ? .failed(.ESHUTDOWN, message: "the client has gone") : await RequestPerformer.run(operation, on: backend, within: gate)
             handler.eventLoop.runOnLoop {
                 if case .failed(let errno, _) = reply {
                     handler.value.logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(errno)"])

@@ -24,6 +24,11 @@ struct Serve: AsyncParsableCommand {
             extension that libnbd, qemu and nbdkit do not implement; a larger size fails with ENOSPC and changes \
             nothing): a file grows or shrinks with ftruncate, a memory disk in memory; a block device refuses.
 
+            Memory: each connection holds at most --connection-buffer (64M) plus one request, and all together at most \
+            --memory-budget (1G). Half the budget is each connection's own (the budget over 512, for the 256 connections \
+            served at once), so small requests always go on; the other half is shared, each within its share. A \
+            connection past either waits: its requests are read once memory is freed.
+
             TLS, in nbdkit's words: --tls-certificates DIR (ca-cert.pem, server-cert.pem, server-key.pem) or --tls-psk FILE \
             (psktool's username:hexkey lines) turn it on, required unless --tls=on; --tls-verify-peer requires a client \
             certificate signed by the folder's CA; --tls-allow IDENTITY (an X.509 subject such as CN=backup,O=Example, or a \
@@ -91,6 +96,15 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Memory all connections together may hold for requests and replies (K, M, G, T suffixes); past it, requests wait.",
+            valueName: "size"
+        ),
+        transform: Sizes.parse
+    )
+    var memoryBudget: UInt64 = 1 << 30
+
+    @Option(
+        help: ArgumentHelp(
             "off, on (TLS for clients that ask) or require (TLS or nothing; the default with credentials).",
             valueName: "mode"
         )
@@ -153,6 +167,11 @@ struct Serve: AsyncParsableCommand {
         guard connectionBuffer >= 1 << 20, connectionBuffer <= 1 << 40 else {
             throw ValidationError("--connection-buffer must be from 1M to 1T")
         }
+        // Half the budget is shared, and one request of the maximum payload must fit in it.
+        let payload = UInt64(NBDServer.Configuration().maximumPayload)
+        guard memoryBudget >= 2 * payload, memoryBudget <= 1 << 50 else {
+            throw ValidationError("--memory-budget must be from \(2 * payload >> 20)M (twice the largest request) to 1P")
+        }
     }
 
     func run() async throws {
@@ -193,6 +212,7 @@ struct Serve: AsyncParsableCommand {
         configuration.logger = Logger(label: "nbd-serve") { StreamLogHandler.standardError(label: $0) }
         configuration.handshakeTimeout = .nanoseconds(Int64(handshakeTimeout * 1e9))
         configuration.maximumBufferedBytes = Int(connectionBuffer)
+        configuration.memoryBudget = Int(memoryBudget)
         if tlsMode != .off {
             var tls =
                 if let tlsPsk { NBDServerTLSConfiguration(mode: tlsMode, pskFile: tlsPsk) } else {

@@ -77,6 +77,52 @@ struct ServerUnderAbuseTests {
         await server.shutdown()
     }
 
+    /// Clients that send READs and read no reply hold, all together, no more than the server's
+    /// memory budget (without it, each would hold its own bound: 12 of 16 MiB here), and a
+    /// client with small requests is served beside them from its guaranteed part.
+    @Test func readFloodsTogetherStayWithinTheMemoryBudget() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let backend = TestBackend(size: 64 << 20)
+        // 32 MiB for 16 connections: 1 MiB each of their own, 16 MiB shared.
+        let (server, socket) = try await start(folder, backend) {
+            $0.maximumPayload = 1 << 20
+            $0.maximumBufferedBytes = 16 << 20
+            $0.maximumConnections = 16
+            $0.memoryBudget = 32 << 20
+        }
+        var floods: [RawClient] = []
+        for _ in 0..<12 {
+            let rude = try await RawClient(socket: socket)
+            try await rude.enterTransmission()
+            try await rude.stopReading()
+            // 100 READs of 1 MiB, never read.
+            try await rude.send { buffer in
+                for index in 0..<100 {
+                    RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 64) << 20, length: 1 << 20)
+                        .encode(into: &buffer)
+                }
+            }
+            floods.append(rude)
+        }
+        // The floods fill what they may: their own parts, and the shared half.
+        try await waitUntil("the floods to fill the budget", seen: "\(server.memoryBudget.total) bytes held") {
+            server.memoryBudget.total >= 24 << 20
+        }
+        // A pause on purpose: what is checked is that no more is taken however long they wait.
+        try await Task.sleep(for: .seconds(1))
+        let performed = backend.reads.withLockedValue { $0 }
+        // What the budget holds, plus the replies the kernel's socket buffers took; without the
+        // budget, 12 × 17.
+        #expect(performed <= 60, "\(performed) reads performed")
+        #expect(server.memoryBudget.peak <= (32 << 20) + (64 << 10), "\(server.memoryBudget.peak) bytes held at the peak")
+        try await expectServed(socket)
+        for rude in floods { await rude.close() }
+        // Everything they held goes back to the budget as their requests end.
+        try await waitUntil("the budget to be empty", seen: "\(server.memoryBudget.total) bytes held") { server.memoryBudget.total == 0 }
+        await server.shutdown()
+    }
+
     @Test func aClientThatReadsNothingForTheDeadlineIsClosed() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
@@ -160,7 +206,9 @@ extension ServerUnderAbuseTests {
         #expect(process.terminationStatus == 0)
     }
 
-    @Test(arguments: [["--handshake-timeout", "0"], ["--handshake-timeout", "soon"], ["--connection-buffer", "4K"]])
+    @Test(arguments: [
+        ["--handshake-timeout", "0"], ["--handshake-timeout", "soon"], ["--connection-buffer", "4K"], ["--memory-budget", "63M"],
+    ])
     func badServeLimitsGiveOneLineAndExitOne(arguments: [String]) throws {
         let result = try runNBD(["serve", "--memory", "1M", "--socket", "/nonexistent/x.sock"] + arguments)
         #expect(result.status != 0)

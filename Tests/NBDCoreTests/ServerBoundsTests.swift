@@ -59,6 +59,8 @@ struct ServerBoundsTests {
             case .write: "write"
             case .pauseReading: "pause"
             case .resumeReading: "resume"
+            case .reserveMemory: "reserve"
+            case .adjustMemory: "adjust"
             case .armTimer: "arm"
             case .cancelTimer: "cancel"
             case .close: "close"
@@ -178,5 +180,123 @@ struct ServerBoundsTests {
         // A late timer (already on its way) does nothing in transmission with nothing paused.
         prompt.timerFired()
         #expect(prompt.next() == nil)
+    }
+}
+
+/// A connection under a server-wide memory budget: it asks before it takes what a client
+/// dictates, reads nothing while it waits, and gives everything back, even once closed.
+@Suite("Server state machines: the memory budget")
+struct ServerMemoryBudgetTests {
+    let bounds = ServerBoundsTests()
+
+    func transmission() -> ServerTransmissionStateMachine {
+        let agreement = ServerNegotiationStateMachine.Agreement(
+            export: ServerBoundsTests.export,
+            flags: ServerBoundsTests.export.flags,
+            format: .simple,
+            metaContexts: []
+        )
+        let limits = ServerTransmissionStateMachine.Limits(
+            maximumPayload: 65536,
+            maximumRequestsInFlight: 1024,
+            maximumBufferedBytes: 8 << 20,
+            usesMemoryBudget: true
+        )
+        return ServerTransmissionStateMachine(agreement: agreement, limits: limits)
+    }
+
+    /// Every action until the machine waits, with the budget's answers given as a server would.
+    func drain(
+        _ machine: inout ServerTransmissionStateMachine,
+        _ ledger: inout MemoryBudgetLedger<Int>
+    ) -> [ServerTransmissionStateMachine.Action] {
+        var actions: [ServerTransmissionStateMachine.Action] = []
+        while let action = machine.next() {
+            actions.append(action)
+            switch action {
+            case .reserveMemory(let amount): if ledger.reserve(0, amount) { machine.memoryGranted() }
+            case .adjustMemory(let delta):
+                if ledger.adjust(0, by: delta).contains(0) { machine.memoryGranted() }
+            default: break
+            }
+        }
+        return actions
+    }
+
+    /// `reads` READs of 64 KiB on a connection of a 256 KiB budget for 2 (a floor of 64 KiB
+    /// each, 128 KiB shared), while the other connection holds its floor and `shared` bytes:
+    /// the first READ fits the floor, the second needs more of the shared half than is left.
+    func secondReadWaiting(
+        otherHoldsShared shared: Int,
+        reads: Int
+    ) -> (ServerTransmissionStateMachine, MemoryBudgetLedger<Int>, [ServerTransmissionStateMachine.Action]) {
+        var machine = transmission()
+        var ledger = MemoryBudgetLedger<Int>(capacity: 256 << 10, holders: 2)
+        let otherGranted = ledger.reserve(1, 64 << 10 + shared)
+        #expect(otherGranted)
+        machine.bytesReceived(bounds.requests(.read, count: reads))
+        let actions = drain(&machine, &ledger)
+        #expect(bounds.names(actions) == ["reserve", "perform", "reserve", "pause", "arm"])
+        #expect(ledger.total == 128 << 10 + shared)
+        return (machine, ledger, actions)
+    }
+
+    @Test func readsWaitUnreadUntilTheBudgetGrantsTheirReplies() {
+        var (machine, ledger, actions) = secondReadWaiting(otherHoldsShared: 100 << 10, reads: 4)
+        // The other connection lets go: the budget grants the wait, and the READ goes on.
+        let granted = ledger.adjust(1, by: -(100 << 10))
+        #expect(granted == [0])
+        machine.memoryGranted()
+        actions = drain(&machine, &ledger)
+        // The third fits the share of the shared half; the fourth would pass it, and waits for
+        // this connection's own requests to end.
+        #expect(bounds.names(actions) == ["resume", "cancel", "perform", "reserve", "perform", "reserve", "pause", "arm"])
+        #expect(bounds.performed(actions).map(\.cookie) == [1, 2])
+    }
+
+    /// A connection that waits gives back what its requests free meanwhile: were it to keep
+    /// its credit, connections waiting for room could wait for each other for ever.
+    @Test func aWaitingConnectionGivesBackWhatItFrees() {
+        var (machine, ledger, actions) = secondReadWaiting(otherHoldsShared: 128 << 10, reads: 2)
+        // The first READ ends and its reply is written: the 64 KiB go back at once, and the
+        // waiting READ takes them.
+        machine.requestCompleted(bounds.performed(actions)[0], .data([.data(ByteBuffer(repeating: 1, count: 65536))]))
+        let reply = bounds.written(drain(&machine, &ledger))
+        machine.bytesWritten(reply[0])
+        let after = drain(&machine, &ledger)
+        #expect(bounds.names(after) == ["adjust", "resume", "cancel", "perform"], "\(bounds.names(after))")
+        #expect(ledger.holding(0) == 64 << 10)
+    }
+
+    @Test func aClosedConnectionGivesBackAllItHeldAsItsRequestsEnd() {
+        var machine = transmission()
+        var ledger = MemoryBudgetLedger<Int>(capacity: 64 << 20, holders: 4)
+        // Reads, and writes whose data is half here when the connection closes.
+        var bytes = bounds.requests(.read, count: 6)
+        for index in 0..<3 {
+            RequestHeader(type: .write, cookie: NBDCookie(UInt64(100 + index)), offset: UInt64(index) << 16, length: 65536).encode(
+                into: &bytes
+            )
+            bytes.writeRepeatingByte(7, count: 65536)
+        }
+        bytes.moveWriterIndex(to: bytes.writerIndex - 40000)
+        machine.bytesReceived(bytes)
+        let actions = drain(&machine, &ledger)
+        let performed = bounds.performed(actions)
+        #expect(performed.count == 8)
+        // Two requests complete and their replies go out, one of them written before the end.
+        machine.requestCompleted(performed[0], .data([.data(ByteBuffer(repeating: 1, count: 65536))]))
+        machine.requestCompleted(performed[6], .done)
+        let replies = bounds.written(drain(&machine, &ledger))
+        machine.bytesWritten(replies[0])
+        #expect(ledger.total > 0)
+        machine.channelClosed()
+        _ = drain(&machine, &ledger)
+        // The rest end after the close; the reply handed out fails with the connection.
+        for index in performed.indices where index != 0 && index != 6 { machine.requestCompleted(performed[index], .done) }
+        machine.bytesWritten(replies[1])
+        _ = drain(&machine, &ledger)
+        #expect(ledger.total == 0, "\(ledger.total) bytes still counted")
+        #expect(machine.heldBytes == 0)
     }
 }

@@ -309,6 +309,11 @@ import NIOCore
             serverPaused = false
         case .armTimer, .cancelTimer:
             break
+        case .reserveMemory:
+            // No budget here: everything asked is granted at once.
+            server.memoryGranted()
+        case .adjustMemory:
+            break
         case .writeAndClose(let bytes):
             toClient.append(bytes)
             serverClosed = true

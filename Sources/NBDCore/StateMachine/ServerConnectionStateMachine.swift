@@ -28,6 +28,12 @@ import NIOCore
         case pauseReading
         /// Read from the client again.
         case resumeReading
+        /// Ask the server's memory budget for this many bytes more; report with
+        /// ``memoryGranted()`` (see ``ServerTransmissionStateMachine``).
+        case reserveMemory(Int)
+        /// Tell the server's memory budget the connection holds this many bytes more (fewer,
+        /// when negative). Comes after the connection ended too, as its memory is freed.
+        case adjustMemory(by: Int)
         /// Call ``timerFired()`` after this long, replacing any timer armed before.
         case armTimer(after: TimeAmount)
         /// The timer armed last is not needed any more.
@@ -40,6 +46,8 @@ import NIOCore
 
     private enum Phase: Sendable {
         case negotiating(ServerNegotiationStateMachine)
+        /// Kept after the connection ends, which the child knows: requests still in flight
+        /// return their memory to the budget as they end.
         case transmission(ServerTransmissionStateMachine)
         case ended
         /// A child is being changed in place (so that its storage is not shared, and not
@@ -167,6 +175,14 @@ import NIOCore
         phase = .transmission(transmission)
     }
 
+    /// The memory of the last ``Action/reserveMemory(_:)`` is the connection's.
+    public mutating func memoryGranted() {
+        guard case .transmission(var transmission) = phase else { return }
+        phase = .modifying
+        transmission.memoryGranted()
+        phase = .transmission(transmission)
+    }
+
     /// A request handed out by ``Action/perform(_:_:)`` finished with `reply`.
     public mutating func requestCompleted(_ request: RequestHeader, _ reply: ServerReply) {
         guard case .transmission(var transmission) = phase else { return }
@@ -194,9 +210,12 @@ import NIOCore
     /// The connection is gone: nothing more is sent.
     public mutating func channelClosed() {
         if case .transmission(var transmission) = phase {
+            phase = .modifying
             transmission.channelClosed()
+            phase = .transmission(transmission)
+        } else {
+            phase = .ended
         }
-        phase = .ended
         outbox.removeAll()
         input = ByteBuffer()
     }
@@ -250,14 +269,13 @@ import NIOCore
             case .write(let buffers): return .write(buffers)
             case .pauseReading: return .pauseReading
             case .resumeReading: return .resumeReading
+            case .reserveMemory(let amount): return .reserveMemory(amount)
+            case .adjustMemory(let delta): return .adjustMemory(by: delta)
             case .armTimer(let after): return .armTimer(after: after)
             case .cancelTimer: return .cancelTimer
-            case .close:
-                phase = .ended
-                return .close
-            case .fatal(let error):
-                phase = .ended
-                return .fatal(error)
+            // The child has ended itself, and stays for what its requests still hold.
+            case .close: return .close
+            case .fatal(let error): return .fatal(error)
             case nil: return nil
             }
         case .ended, .modifying:

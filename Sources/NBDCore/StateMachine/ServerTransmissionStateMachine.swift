@@ -14,7 +14,10 @@ import NIOCore
 /// and asks to stop reading the client (``Action/pauseReading``) while that reaches
 /// ``Limits/maximumBufferedBytes`` or the channel is not writable, and to read again once it is
 /// down to half. A client that reads none of its replies for ``Limits/replyStallTimeout`` while
-/// reading is paused is closed.
+/// reading is paused is closed. With ``Limits/usesMemoryBudget``, the connection also asks a
+/// server-wide budget (``MemoryBudgetLedger``) before it takes memory a client dictates: a
+/// WRITE's data before it is read, a READ's reply before it is made; reading pauses until the
+/// budget grants it (back-pressure, never a disconnect), and what is freed goes back.
 ///
 /// A client that breaks the protocol gets ``Action/fatal(_:)``: a hard disconnect, and the
 /// machine accepts nothing more.
@@ -32,18 +35,23 @@ import NIOCore
         /// How long reading may stay paused with replies waiting and none of them read by the
         /// client before the connection is closed.
         public var replyStallTimeout: TimeAmount
+        /// Whether memory is asked of a server-wide budget (``Action/reserveMemory(_:)``) and
+        /// reported to it (``Action/adjustMemory(by:)``).
+        public var usesMemoryBudget: Bool
 
         /// Limits with the given bounds.
         public init(
             maximumPayload: Int,
             maximumRequestsInFlight: Int,
             maximumBufferedBytes: Int = 64 << 20,
-            replyStallTimeout: TimeAmount = .seconds(60)
+            replyStallTimeout: TimeAmount = .seconds(60),
+            usesMemoryBudget: Bool = false
         ) {
             self.maximumPayload = maximumPayload
             self.maximumRequestsInFlight = maximumRequestsInFlight
             self.maximumBufferedBytes = maximumBufferedBytes
             self.replyStallTimeout = replyStallTimeout
+            self.usesMemoryBudget = usesMemoryBudget
         }
     }
 
@@ -58,6 +66,12 @@ import NIOCore
         case pauseReading
         /// Read from the client again.
         case resumeReading
+        /// Ask the server's memory budget for this many bytes more and call ``memoryGranted()``
+        /// once it gives them, now or later; until then the machine reads nothing more.
+        case reserveMemory(Int)
+        /// Tell the server's memory budget that the connection holds this many bytes more
+        /// (fewer, when negative).
+        case adjustMemory(by: Int)
         /// Call ``timerFired()`` after this long, unless cancelled first.
         case armTimer(after: TimeAmount)
         /// The timer armed last is not needed any more.
@@ -82,6 +96,16 @@ import NIOCore
     private var ended = false
     /// What the connection holds, in bytes: see ``Limits/maximumBufferedBytes``.
     private var held = 0
+    /// What the memory budget counts for the connection: ``held`` as last reported, plus
+    /// credit granted and not used yet.
+    private var reported = 0
+    /// Bytes asked of the budget and not granted yet; nothing is read meanwhile.
+    private var memoryAsked = 0
+    /// The request whose memory is asked for: it goes on once granted.
+    private var awaitingMemory: RequestHeader?
+    /// Credit kept rather than given back while requests are in flight, so that a busy
+    /// connection does not go to the budget for every request.
+    private static let memorySlack = 1 << 20
     /// Reply bytes handed out to be written and not reported written yet.
     private var unwritten = 0
     private var writable = true
@@ -134,6 +158,13 @@ import NIOCore
         closeIfDone()
     }
 
+    /// The memory of the last ``Action/reserveMemory(_:)`` is the connection's: the request
+    /// that waited for it goes on.
+    public mutating func memoryGranted() {
+        reported += memoryAsked
+        memoryAsked = 0
+    }
+
     /// The buffers of a ``Action/write(_:)`` of `count` bytes in all were written (or failed
     /// with the connection).
     public mutating func bytesWritten(_ count: Int) {
@@ -153,7 +184,7 @@ import NIOCore
         if unwritten > 0 && !wroteSinceArmed {
             channelClosed()
             let message = "the client read none of its replies for \(limits.replyStallTimeout.secondsText)"
-            outbox.replaceAll(with: .fatal(NBDError(.timedOut, message, connectionUsable: false)))
+            outbox.append(.fatal(NBDError(.timedOut, message, connectionUsable: false)))
             return
         }
         wroteSinceArmed = false
@@ -167,43 +198,73 @@ import NIOCore
         closeIfDone()
     }
 
-    /// The connection is gone: nothing more is sent.
+    /// The connection is gone: nothing more is sent. What it held goes back to the memory
+    /// budget as it is freed: at once for what was queued, as each call returns for requests
+    /// in flight.
     public mutating func channelClosed() {
         ended = true
         input = ByteBuffer()
+        if let pendingWrite { held -= memoryNeed(of: pendingWrite.header) }
         pendingWrite = nil
-        outbox.removeAll()
+        awaitingMemory = nil
+        var kept = Outbox<Action>()
+        while let action = outbox.next() {
+            switch action {
+            case .write(let buffers):
+                let count = buffers.reduce(0) { $0 + $1.readableBytes }
+                unwritten -= count
+                held -= count
+            case .adjustMemory: kept.append(action)
+            // Not asked yet: the budget never hears of it.
+            case .reserveMemory: memoryAsked = 0
+            default: break
+            }
+        }
+        outbox = kept
     }
 
     /// The next thing to do, or nil when more bytes (or results) are needed.
     public mutating func next() -> Action? {
         if let action = outbox.next() { return action }
-        guard !ended else { return nil }
+        guard !ended else { return settleMemory() }
         if let change = readingChange() { return change }
         // Paused: the bytes already read wait, and the kernel holds the rest.
-        guard !paused else { return nil }
+        guard !paused else { return settleMemory() }
         do {
             while let action = try parse() {
                 if let action { return action }
             }
             input.releaseIfRead()
-            return nil
+            return settleMemory()
         } catch {
             channelClosed()
             return .fatal(error)
         }
     }
 
-    /// Pausing at the bound, resuming at half of it (with hysteresis, as write watermarks do).
+    /// What the memory budget should learn now: bytes held beyond what it counts, or credit
+    /// beyond the slack (all of it once nothing is held, or while a reservation waits). Nil
+    /// when it is up to date enough.
+    private mutating func settleMemory() -> Action? {
+        guard limits.usesMemoryBudget else { return nil }
+        let delta = held - reported
+        // While a reservation waits, the budget is told exactly what is held, credit included.
+        guard delta > 0 || (delta < 0 && (memoryAsked > 0 || held == 0 || delta < -Self.memorySlack)) else { return nil }
+        reported = held
+        return .adjustMemory(by: delta)
+    }
+
+    /// Pausing at the bound, resuming at half of it (with hysteresis, as write watermarks do);
+    /// paused too while the memory budget has not granted what was asked.
     private mutating func readingChange() -> Action? {
         let bound = limits.maximumBufferedBytes
-        if !paused, held >= bound || !writable {
+        if !paused, held >= bound || !writable || memoryAsked > 0 {
             paused = true
             wroteSinceArmed = false
             outbox.append(.armTimer(after: limits.replyStallTimeout))
             return .pauseReading
         }
-        if paused, held <= bound / 2, writable {
+        if paused, held <= bound / 2, writable, memoryAsked == 0 {
             paused = false
             outbox.append(.cancelTimer)
             return .resumeReading
@@ -216,6 +277,15 @@ import NIOCore
         request.type == .read || request.type == .write ? Int(request.length) : 0
     }
 
+    /// Memory a request's header commits the connection to, taken before its payload is read:
+    /// the payload, and a READ's reply unless it is refused for its size (or carries a payload,
+    /// which a READ may not). At most ``Limits/maximumPayload``.
+    private func memoryNeed(of header: RequestHeader) -> Int {
+        let payload = header.payloadLength(in: agreement.format)
+        if header.type == .read, payload == 0, header.length <= UInt64(limits.maximumPayload) { return Int(header.length) }
+        return Int(payload)
+    }
+
     /// A write of `buffers`, counted until reported written.
     private mutating func write(_ buffers: [ByteBuffer]) -> Action {
         let count = buffers.reduce(0) { $0 + $1.readableBytes }
@@ -226,6 +296,12 @@ import NIOCore
 
     /// One request framed: its action (nil when it needs none yet), or nil when more bytes are needed.
     private mutating func parse() throws(NBDError) -> Action?? {
+        if let header = awaitingMemory {
+            // Nothing more is read until the budget grants the memory asked for.
+            guard memoryAsked == 0 else { return nil }
+            awaitingMemory = nil
+            return .some(receive(header))
+        }
         if var pending = pendingWrite {
             pendingWrite = nil
             pending.append(input.readSlice(length: min(input.readableBytes, pending.missing))!)
@@ -240,16 +316,41 @@ import NIOCore
         // "The client ... MUST NOT send any further requests" after NBD_CMD_DISC.
         if disconnectReceived { throw .clientViolation("request after NBD_CMD_DISC") }
         let payload = header.payloadLength(in: format)
-        guard payload > 0 else { return .some(admit(header, data: [])) }
         // Beyond the maximum payload the data cannot be waited for: hard disconnect ("A server
         // SHOULD initiate hard disconnect if a client sets the NBD_CMD_FLAG_PAYLOAD_LEN flag
         // and uses a length larger than a server's advertised or default maximum payload").
         guard payload <= UInt64(limits.maximumPayload) else {
             throw .clientViolation("\(header.type) payload of \(payload) bytes exceeds the maximum payload of \(limits.maximumPayload)")
         }
-        if let data = input.readSlice(length: Int(payload)) {
+        return .some(take(header))
+    }
+
+    /// A request whose header is in: its memory taken (asked of the budget first, when the
+    /// connection's credit does not cover it), then its payload read.
+    private mutating func take(_ header: RequestHeader) -> Action? {
+        let need = memoryNeed(of: header)
+        if limits.usesMemoryBudget, need > 0, held + need > reported {
+            // The budget learns what is held first (credit given back, what was held without
+            // asking counted), so that it is asked for the request alone, and the connection
+            // holds no credit while it waits: waiters holding credit could wait for each other.
+            if held != reported { outbox.append(.adjustMemory(by: held - reported)) }
+            reported = held
+            memoryAsked = need
+            awaitingMemory = header
+            outbox.append(.reserveMemory(memoryAsked))
+            return outbox.next()
+        }
+        return receive(header)
+    }
+
+    /// A request whose memory is the connection's: counted as held, then its payload read.
+    private mutating func receive(_ header: RequestHeader) -> Action? {
+        held += memoryNeed(of: header)
+        let payload = Int(header.payloadLength(in: agreement.format))
+        guard payload > 0 else { return admit(header, data: []) }
+        if let data = input.readSlice(length: payload) {
             // All here: handed on as a slice of what was read, without a copy.
-            return .some(admit(header, data: [data]))
+            return admit(header, data: [data])
         }
         pendingWrite = PendingWrite(header)
         return nil
@@ -257,6 +358,9 @@ import NIOCore
 
     /// What a whole request leads to.
     private mutating func admit(_ request: RequestHeader, data: [ByteBuffer]) -> Action? {
+        // The memory taken for the header is given back here; a request performed holds its
+        // payload again below.
+        held -= memoryNeed(of: request)
         var request = request
         var data = data
         if agreement.format == .extended, request.flags.contains(.payloadLength) {
