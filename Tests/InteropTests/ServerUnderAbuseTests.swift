@@ -123,6 +123,47 @@ struct ServerUnderAbuseTests {
         await server.shutdown()
     }
 
+    /// The flood of the issue, against `nbd serve`: 32 clients each send 100 READs of 32 MiB
+    /// and read no reply. With `--memory-budget 256M` the server's peak resident memory stays
+    /// near the budget (each client alone may hold 96 MiB: 3 GiB without it), and `nbd info`
+    /// is served beside them.
+    @Test func serveHoldsReadFloodsWithinItsMemoryBudget() async throws {
+        let folder = try ServerProcess()
+        defer { folder.stop() }
+        let socket = folder.path("budget.sock")
+        let server = try await folder.start(
+            nbdTool,
+            ["serve", "--memory", "1G", "--memory-budget", "256M", "--socket", socket],
+            waitFor: socket
+        )
+        var floods: [RawClient] = []
+        for _ in 0..<32 {
+            let rude = try await RawClient(socket: socket)
+            try await rude.enterTransmission()
+            try await rude.stopReading()
+            try await rude.send { buffer in
+                for index in 0..<100 {
+                    RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 32) << 25, length: 32 << 20)
+                        .encode(into: &buffer)
+                }
+            }
+            floods.append(rude)
+        }
+        let peak = { () -> Int in
+            let status = (try? String(contentsOfFile: "/proc/\(server.processIdentifier)/status", encoding: .utf8)) ?? ""
+            let line = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") } ?? ""
+            return Int(line.split(separator: " ").dropFirst().first ?? "0").map { $0 << 10 } ?? 0
+        }
+        // The budget fills (its shared half holds four such replies, the rest wait).
+        try await waitUntil("the server to hold the shared half", seen: "a peak of \(peak() >> 20) MiB") { peak() >= 128 << 20 }
+        // A pause on purpose: what is checked is that no more is taken however long they wait.
+        try await Task.sleep(for: .seconds(2))
+        let info = try runNBD(["info", "--size", NBDURI(socket: socket).description])
+        #expect(info.output == "1073741824\n", "\(info.error)")
+        #expect(peak() <= 400 << 20, "the server's resident memory peaked at \(peak() >> 20) MiB")
+        for rude in floods { await rude.close() }
+    }
+
     @Test func aClientThatReadsNothingForTheDeadlineIsClosed() async throws {
         let folder = try ServerProcess()
         defer { folder.stop() }
