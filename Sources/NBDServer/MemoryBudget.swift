@@ -5,16 +5,30 @@ import NIOConcurrencyHelpers
 /// connection: the ``MemoryBudgetLedger`` behind a lock, and the wake-up of each connection
 /// whose reservation waits.
 final class MemoryBudget: Sendable {
-    typealias Holder = ObjectIdentifier
+    typealias Holder = MemoryBudgetLedger.Holder
     private struct State {
-        var ledger: MemoryBudgetLedger<Holder>
+        var ledger: MemoryBudgetLedger
         var wakes: [Holder: @Sendable () -> Void] = [:]
+        var lastHolder = 0
     }
     private let state: NIOLockedValueBox<State>
+    /// What a connection asks for at a time and may keep unused: at most 256 KiB, and within
+    /// its guaranteed part, so that keeping it takes nothing from the others.
+    let credit: Int
 
     /// A budget of `capacity` bytes for at most `holders` connections at once.
     init(capacity: Int, holders: Int) {
-        state = NIOLockedValueBox(State(ledger: MemoryBudgetLedger(capacity: capacity, holders: holders)))
+        let ledger = MemoryBudgetLedger(capacity: capacity, holders: holders)
+        credit = min(256 << 10, ledger.floor)
+        state = NIOLockedValueBox(State(ledger: ledger))
+    }
+
+    /// A number for a new connection.
+    func newHolder() -> Holder {
+        state.withLockedValue { state in
+            state.lastHolder += 1
+            return state.lastHolder
+        }
     }
 
     /// The most held at once so far.

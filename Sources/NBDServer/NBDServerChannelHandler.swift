@@ -28,10 +28,19 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     /// The connection's requests, in a task group of its own, counted in the server's.
     private var requests: ConnectionRequests?
     private let requestGroups: RequestGroups
-    /// The server-wide memory budget, which the machine asks before it takes memory.
+    /// The server-wide memory budget, which the machine asks before it takes memory, and
+    /// this connection's number in it.
     private let memoryBudget: MemoryBudget
+    private let budgetHolder: MemoryBudget.Holder
     private var timer: Scheduled<Void>?
     private var readingPaused = false
+    /// A flush is queued on the event loop: replies written before it runs go out together.
+    private var flushQueued = false
+    /// The last buffer written since the last flush, held back so that one promise, on it,
+    /// reports every byte before it written too (the channel completes writes in order).
+    private var lastWrite: ByteBuffer?
+    /// The bytes written since the last flush, the held-back buffer's included.
+    private var unflushedBytes = 0
     /// A read the channel asked for while reading was paused, made on resuming.
     private var readHeldBack = false
     /// Requests handed out after this are dropped unperformed: nobody would read their replies.
@@ -59,6 +68,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         self.tls = tls
         self.requestGroups = requestGroups
         self.memoryBudget = memoryBudget
+        budgetHolder = memoryBudget.newHolder()
         machine = ServerConnectionStateMachine(
             exports: exports.map { export in
                 .init(
@@ -78,7 +88,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 maximumRequestsInFlight: configuration.maximumRequestsInFlight,
                 maximumBufferedBytes: configuration.maximumBufferedBytes,
                 replyStallTimeout: configuration.replyStallTimeout,
-                usesMemoryBudget: true
+                memoryBudgetCredit: memoryBudget.credit
             ),
             handshakeTimeout: configuration.handshakeTimeout,
             tlsMode: tls == nil ? .off : configuration.tls?.mode ?? .off,
@@ -138,6 +148,12 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
 
     private func connectionEnded() {
         closed = true
+        // Never to be written: what the machine counts for them goes.
+        if lastWrite != nil {
+            lastWrite = nil
+            machine.bytesWritten(unflushedBytes)
+            unflushedBytes = 0
+        }
         requests?.finish()
         machine.channelClosed()
         timer?.cancel()
@@ -181,16 +197,16 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     private func run() {
         guard let context else {
             while let action = machine.next() {
-                if case .adjustMemory(let delta) = action { memoryBudget.adjust(ObjectIdentifier(self), by: delta) }
+                if case .adjustMemory(let delta) = action { memoryBudget.adjust(budgetHolder, by: delta) }
             }
             return
         }
-        var flush = false
+        var wrote = false
         while let action = machine.next() {
             switch action {
             case .write(let buffers):
                 write(buffers, context: context)
-                flush = true
+                wrote = true
             case .pauseReading:
                 readingPaused = true
                 logger.debug("reading paused: the connection holds as much as it may")
@@ -203,7 +219,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             case .reserveMemory(let amount):
                 reserveMemory(amount, context: context)
             case .adjustMemory(let delta):
-                memoryBudget.adjust(ObjectIdentifier(self), by: delta)
+                memoryBudget.adjust(budgetHolder, by: delta)
             case .armTimer(let delay):
                 timer?.cancel()
                 let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
@@ -217,6 +233,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 timer = nil
             case .writeAndClose(let bytes):
                 let channel = context.channel
+                flushReplies(context: context)
                 context.writeAndFlush(wrapOutboundOut(bytes)).whenComplete { _ in channel.close(promise: nil) }
             case .startTLS(let bytes):
                 startTLS(after: bytes, context: context)
@@ -232,9 +249,9 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 perform(request, operation, context: context)
             case .close:
                 // The last replies are written first: a close drops what is not flushed.
-                if flush {
-                    context.flush()
-                    flush = false
+                if wrote {
+                    flushReplies(context: context)
+                    wrote = false
                 }
                 context.close(promise: nil)
             case .fatal(let error):
@@ -243,14 +260,45 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
                 context.close(promise: nil)
             }
         }
-        if flush { context.flush() }
+        if wrote { queueFlush(context: context) }
+    }
+
+    /// Flushes once the event loop has run what is queued on it, so that the replies of
+    /// requests completing together (a batch read in one go, answered one task after another)
+    /// leave in one system call rather than one each.
+    private func queueFlush(context: ChannelHandlerContext) {
+        guard !flushQueued else { return }
+        flushQueued = true
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            handler.value.flushQueued = false
+            if let context = handler.value.context { handler.value.flushReplies(context: context) }
+        }
+    }
+
+    /// Writes the held-back buffer with the promise that reports what was written since the
+    /// last flush, and flushes.
+    private func flushReplies(context: ChannelHandlerContext) {
+        if let last = lastWrite {
+            let count = unflushedBytes
+            lastWrite = nil
+            unflushedBytes = 0
+            let written = context.eventLoop.makePromise(of: Void.self)
+            context.write(wrapOutboundOut(last), promise: written)
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            written.futureResult.whenComplete { _ in
+                handler.value.machine.bytesWritten(count)
+                handler.value.run()
+            }
+        }
+        context.flush()
     }
 
     /// Sends STARTTLS's acknowledgement in clear, then puts TLS in front of everything: the
     /// acknowledgement is in the channel's buffer, flushed, before the TLS handler is added.
     private func startTLS(after acknowledgement: ByteBuffer, context: ChannelHandlerContext) {
         write([acknowledgement], context: context)
-        context.flush()
+        flushReplies(context: context)
         do {
             guard let tls else { throw NBDError(.tlsFailed, "TLS is not configured", connectionUsable: false) }
             let handler = try tls.makeHandler(recording: pskIdentity)
@@ -267,7 +315,7 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
     /// it goes on when the budget wakes it, on this connection's thread.
     private func reserveMemory(_ amount: Int, context: ChannelHandlerContext) {
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        let granted = memoryBudget.reserve(ObjectIdentifier(self), amount) {
+        let granted = memoryBudget.reserve(budgetHolder, amount) {
             handler.eventLoop.execute {
                 handler.value.machine.memoryGranted()
                 handler.value.run()
@@ -276,17 +324,13 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
         if granted { machine.memoryGranted() }
     }
 
-    /// Writes a reply's buffers and tells the machine once they are all written.
+    /// Writes a reply's buffers, all but the last buffer of those since the last flush at once:
+    /// ``flushReplies(context:)`` writes that one, and tells the machine when all are written.
     private func write(_ buffers: [ByteBuffer], context: ChannelHandlerContext) {
-        guard let last = buffers.last else { return }
-        let count = buffers.reduce(0) { $0 + $1.readableBytes }
-        for buffer in buffers.dropLast() { context.write(wrapOutboundOut(buffer), promise: nil) }
-        let written = context.eventLoop.makePromise(of: Void.self)
-        context.write(wrapOutboundOut(last), promise: written)
-        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-        written.futureResult.whenComplete { _ in
-            handler.value.machine.bytesWritten(count)
-            handler.value.run()
+        for buffer in buffers {
+            if let previous = lastWrite { context.write(wrapOutboundOut(previous), promise: nil) }
+            lastWrite = buffer
+            unflushedBytes += buffer.readableBytes
         }
     }
 

@@ -37,9 +37,12 @@ struct Throughput: AsyncParsableCommand {
         /// nbd copy onto a write-back server with replay windows of 0, 16M and 64M, beside
         /// nbdcopy (WriteBackBench.swift).
         case writeback
+        /// fio's libnbd engine, small random requests, against nbd serve and nbdkit memory
+        /// (FioBench.swift).
+        case fio
     }
 
-    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map, sparse or writeback.")
+    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map, sparse, writeback or fio.")
     var benchmark: Benchmark = .read
 
     @OptionGroup var common: CommonOptions
@@ -51,7 +54,10 @@ struct Throughput: AsyncParsableCommand {
     }
 
     func run() async throws {
-        let options = common.options(defaultSize: benchmark == .sparse ? 100 << 30 : 4 << 30)
+        let options = common.options(
+            defaultSize: benchmark == .sparse ? 100 << 30 : benchmark == .fio ? 1 << 30 : 4 << 30,
+            defaultRequestSize: benchmark == .fio ? 4096 : 256 << 10
+        )
         switch benchmark {
         case .read: try await nbd_bench.Benchmark.run(options)
         case .copy: try await nbd_bench.Benchmark.runCopy(options)
@@ -62,6 +68,7 @@ struct Throughput: AsyncParsableCommand {
         case .map: try await nbd_bench.Benchmark.runMemoryMap(options)
         case .sparse: try await nbd_bench.Benchmark.runSparse(options)
         case .writeback: try await nbd_bench.Benchmark.runWriteBack(options)
+        case .fio: try await nbd_bench.Benchmark.runFio(options, seconds: common.seconds)
         }
     }
 }
@@ -79,8 +86,8 @@ struct CommonOptions: ParsableArguments {
     @Option(help: "Bytes to move (K, M, G, T suffixes; default: the benchmark's own).", transform: parseSize)
     var size: UInt64?
 
-    @Option(help: "Bytes per request.", transform: parseSize)
-    var requestSize: UInt64 = 256 << 10
+    @Option(help: "Bytes per request (default: 4K for fio, 256K for the others).", transform: parseSize)
+    var requestSize: UInt64?
 
     @Option(help: "Requests in flight per connection.")
     var inFlight = 64
@@ -91,16 +98,26 @@ struct CommonOptions: ParsableArguments {
     @Flag(help: "Over TLS (the read and server benchmarks).")
     var tls = false
 
+    @Option(help: "Seconds per fio run (the fio benchmark).")
+    var seconds = 5
+
     func validate() throws {
-        guard requestSize > 0, requestSize <= 32 << 20 else { throw ValidationError("--request-size must be from 1 to 32M") }
+        if let requestSize, requestSize == 0 || requestSize > 32 << 20 { throw ValidationError("--request-size must be from 1 to 32M") }
+        guard seconds > 0, seconds <= 3600 else { throw ValidationError("--seconds must be from 1 to 3600") }
         guard inFlight > 0, inFlight <= 1024 else { throw ValidationError("--in-flight must be from 1 to 1024") }
         guard rounds > 0, rounds <= 100 else { throw ValidationError("--rounds must be from 1 to 100") }
-        if let size, size < requestSize { throw ValidationError("--size must be at least --request-size") }
+        if let size, size < requestSize ?? 256 << 10 { throw ValidationError("--size must be at least --request-size") }
     }
 
-    /// The options, with `defaultSize` when no --size was given.
-    func options(defaultSize: UInt64) -> nbd_bench.Benchmark.Options {
-        nbd_bench.Benchmark.Options(size: size ?? defaultSize, requestSize: Int(requestSize), inFlight: inFlight, rounds: rounds, tls: tls)
+    /// The options, with the benchmark's defaults for what was not given.
+    func options(defaultSize: UInt64, defaultRequestSize: UInt64) -> nbd_bench.Benchmark.Options {
+        nbd_bench.Benchmark.Options(
+            size: size ?? defaultSize,
+            requestSize: Int(requestSize ?? defaultRequestSize),
+            inFlight: inFlight,
+            rounds: rounds,
+            tls: tls
+        )
     }
 }
 

@@ -176,6 +176,13 @@ extension Benchmark {
 
     /// Runs a tool to the end; its time and the number of lines it printed.
     static func timedLines(_ tool: String, _ arguments: [String]) throws -> (seconds: Double, lines: Int) {
+        let (status, output, seconds) = try runCollecting(tool, arguments)
+        guard status == 0 else { throw BenchError("\(tool) \(arguments.joined(separator: " ")) failed") }
+        return (seconds, output.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) })
+    }
+
+    /// Runs a tool to the end: its exit status, what it printed and the seconds it took.
+    static func runCollecting(_ tool: String, _ arguments: [String]) throws -> (status: Int32, output: Data, seconds: Double) {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: tool)
         process.arguments = arguments
@@ -186,9 +193,7 @@ extension Benchmark {
         try process.run()
         let output = pipe.fileHandleForReading.readDataToEndOfFile()
         process.waitUntilExit()
-        let seconds = Date().timeIntervalSince(start)
-        guard process.terminationStatus == 0 else { throw BenchError("\(tool) \(arguments.joined(separator: " ")) failed") }
-        return (seconds, output.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) })
+        return (process.terminationStatus, output, Date().timeIntervalSince(start))
     }
 
     /// A file of `size` bytes of a non-zero pattern.

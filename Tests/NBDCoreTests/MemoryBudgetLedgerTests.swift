@@ -12,8 +12,8 @@ struct MemoryBudgetLedgerTests {
 
     /// The ledger in a box, so that a check can make a call that changes it.
     final class Books {
-        var ledger: MemoryBudgetLedger<Int>
-        init(_ ledger: MemoryBudgetLedger<Int>) { self.ledger = ledger }
+        var ledger: MemoryBudgetLedger
+        init(_ ledger: MemoryBudgetLedger) { self.ledger = ledger }
         func reserve(_ holder: Int, _ amount: Int) -> Bool { ledger.reserve(holder, amount) }
         func adjust(_ holder: Int, by delta: Int) -> [Int] { ledger.adjust(holder, by: delta) }
         func holding(_ holder: Int) -> Int { ledger.holding(holder) }

@@ -200,7 +200,7 @@ struct ServerMemoryBudgetTests {
             maximumPayload: 65536,
             maximumRequestsInFlight: 1024,
             maximumBufferedBytes: 8 << 20,
-            usesMemoryBudget: true
+            memoryBudgetCredit: 0
         )
         return ServerTransmissionStateMachine(agreement: agreement, limits: limits)
     }
@@ -208,7 +208,7 @@ struct ServerMemoryBudgetTests {
     /// Every action until the machine waits, with the budget's answers given as a server would.
     func drain(
         _ machine: inout ServerTransmissionStateMachine,
-        _ ledger: inout MemoryBudgetLedger<Int>
+        _ ledger: inout MemoryBudgetLedger
     ) -> [ServerTransmissionStateMachine.Action] {
         var actions: [ServerTransmissionStateMachine.Action] = []
         while let action = machine.next() {
@@ -229,9 +229,9 @@ struct ServerMemoryBudgetTests {
     func secondReadWaiting(
         otherHoldsShared shared: Int,
         reads: Int
-    ) -> (ServerTransmissionStateMachine, MemoryBudgetLedger<Int>, [ServerTransmissionStateMachine.Action]) {
+    ) -> (ServerTransmissionStateMachine, MemoryBudgetLedger, [ServerTransmissionStateMachine.Action]) {
         var machine = transmission()
-        var ledger = MemoryBudgetLedger<Int>(capacity: 256 << 10, holders: 2)
+        var ledger = MemoryBudgetLedger(capacity: 256 << 10, holders: 2)
         let otherGranted = ledger.reserve(1, 64 << 10 + shared)
         #expect(otherGranted)
         machine.bytesReceived(bounds.requests(.read, count: reads))
@@ -270,7 +270,7 @@ struct ServerMemoryBudgetTests {
 
     @Test func aClosedConnectionGivesBackAllItHeldAsItsRequestsEnd() {
         var machine = transmission()
-        var ledger = MemoryBudgetLedger<Int>(capacity: 64 << 20, holders: 4)
+        var ledger = MemoryBudgetLedger(capacity: 64 << 20, holders: 4)
         // Reads, and writes whose data is half here when the connection closes.
         var bytes = bounds.requests(.read, count: 6)
         for index in 0..<3 {

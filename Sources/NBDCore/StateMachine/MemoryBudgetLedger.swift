@@ -15,7 +15,10 @@
 /// and a later ``adjust(_:by:)`` that frees memory names it among those granted. Waiters for
 /// room are served in order, so that small requests do not starve a large one; a waiter over
 /// its share waits for its own requests to end, and holds up nobody.
-@_spi(NBDMachines) public struct MemoryBudgetLedger<Holder: Hashable & Sendable>: Sendable {
+@_spi(NBDMachines) public struct MemoryBudgetLedger: Sendable {
+    /// A connection, by a number the server gives it.
+    public typealias Holder = Int
+
     /// The bytes all connections together may hold.
     public let capacity: Int
     /// What each connection may always hold.
@@ -54,6 +57,12 @@
     /// `holder` asks for `amount` bytes more: true when they are its now; false when it waits,
     /// and a later ``adjust(_:by:)`` names it among those granted.
     public mutating func reserve(_ holder: Holder, _ amount: Int) -> Bool {
+        let held = holding(holder)
+        // With nobody waiting, what fits is granted without joining the queue.
+        if waiting.isEmpty, fits(amount, heldBy: held) == nil {
+            hold(holder, held + amount)
+            return true
+        }
         waiting.append((holder, amount))
         return grantWaiting().contains(holder)
     }

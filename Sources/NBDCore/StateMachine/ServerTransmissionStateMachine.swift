@@ -14,7 +14,7 @@ import NIOCore
 /// and asks to stop reading the client (``Action/pauseReading``) while that reaches
 /// ``Limits/maximumBufferedBytes`` or the channel is not writable, and to read again once it is
 /// down to half. A client that reads none of its replies for ``Limits/replyStallTimeout`` while
-/// reading is paused is closed. With ``Limits/usesMemoryBudget``, the connection also asks a
+/// reading is paused is closed. With ``Limits/memoryBudgetCredit``, the connection also asks a
 /// server-wide budget (``MemoryBudgetLedger``) before it takes memory a client dictates: a
 /// WRITE's data before it is read, a READ's reply before it is made; reading pauses until the
 /// budget grants it (back-pressure, never a disconnect), and what is freed goes back.
@@ -35,9 +35,11 @@ import NIOCore
         /// How long reading may stay paused with replies waiting and none of them read by the
         /// client before the connection is closed.
         public var replyStallTimeout: TimeAmount
-        /// Whether memory is asked of a server-wide budget (``Action/reserveMemory(_:)``) and
-        /// reported to it (``Action/adjustMemory(by:)``).
-        public var usesMemoryBudget: Bool
+        /// With a server-wide memory budget (``Action/reserveMemory(_:)``,
+        /// ``Action/adjustMemory(by:)``), how much the connection asks of it at a time and may
+        /// keep unused, so that a busy connection does not go to the budget for every request;
+        /// nil without a budget.
+        public var memoryBudgetCredit: Int?
 
         /// Limits with the given bounds.
         public init(
@@ -45,13 +47,13 @@ import NIOCore
             maximumRequestsInFlight: Int,
             maximumBufferedBytes: Int = 64 << 20,
             replyStallTimeout: TimeAmount = .seconds(60),
-            usesMemoryBudget: Bool = false
+            memoryBudgetCredit: Int? = nil
         ) {
             self.maximumPayload = maximumPayload
             self.maximumRequestsInFlight = maximumRequestsInFlight
             self.maximumBufferedBytes = maximumBufferedBytes
             self.replyStallTimeout = replyStallTimeout
-            self.usesMemoryBudget = usesMemoryBudget
+            self.memoryBudgetCredit = memoryBudgetCredit
         }
     }
 
@@ -103,9 +105,6 @@ import NIOCore
     private var memoryAsked = 0
     /// The request whose memory is asked for: it goes on once granted.
     private var awaitingMemory: RequestHeader?
-    /// Credit kept rather than given back while requests are in flight, so that a busy
-    /// connection does not go to the budget for every request.
-    private static let memorySlack = 1 << 20
     /// Reply bytes handed out to be written and not reported written yet.
     private var unwritten = 0
     private var writable = true
@@ -243,15 +242,16 @@ import NIOCore
     }
 
     /// What the memory budget should learn now: bytes held beyond what it counts, or credit
-    /// beyond the slack (all of it once nothing is held, or while a reservation waits). Nil
-    /// when it is up to date enough.
+    /// beyond ``Limits/memoryBudgetCredit`` (all of it while a reservation waits, and once
+    /// the connection has ended). Nil when it is up to date enough.
     private mutating func settleMemory() -> Action? {
-        guard limits.usesMemoryBudget else { return nil }
-        let delta = held - reported
-        // While a reservation waits, the budget is told exactly what is held, credit included.
-        guard delta > 0 || (delta < 0 && (memoryAsked > 0 || held == 0 || delta < -Self.memorySlack)) else { return nil }
-        reported = held
-        return .adjustMemory(by: delta)
+        guard let credit = limits.memoryBudgetCredit else { return nil }
+        // Waiters keep no credit: waiters that kept it could wait for each other for ever.
+        let kept = memoryAsked > 0 || ended ? 0 : credit
+        guard held > reported || reported - held > kept else { return nil }
+        let target = held > reported ? held : held + kept
+        defer { reported = target }
+        return .adjustMemory(by: target - reported)
     }
 
     /// Pausing at the bound, resuming at half of it (with hysteresis, as write watermarks do);
@@ -329,13 +329,13 @@ import NIOCore
     /// connection's credit does not cover it), then its payload read.
     private mutating func take(_ header: RequestHeader) -> Action? {
         let need = memoryNeed(of: header)
-        if limits.usesMemoryBudget, need > 0, held + need > reported {
+        if let credit = limits.memoryBudgetCredit, need > 0, held + need > reported {
             // The budget learns what is held first (credit given back, what was held without
             // asking counted), so that it is asked for the request alone, and the connection
             // holds no credit while it waits: waiters holding credit could wait for each other.
             if held != reported { outbox.append(.adjustMemory(by: held - reported)) }
             reported = held
-            memoryAsked = need
+            memoryAsked = max(need, credit)
             awaitingMemory = header
             outbox.append(.reserveMemory(memoryAsked))
             return outbox.next()
