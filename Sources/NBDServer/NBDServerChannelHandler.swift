@@ -345,13 +345,20 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             let reply =
                 gone
                 ? .failed(.ESHUTDOWN, message: "the client has gone") : await RequestPerformer.run(operation, on: backend, within: gate)
-            handler.eventLoop.runOnLoop {
-                if case .failed(let errno, _) = reply {
-                    handler.value.logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(errno)"])
-                }
-                handler.value.machine.requestCompleted(request, reply)
-                handler.value.run()
+            // Usually on the loop already (the task's executor): no closure to make then.
+            if handler.eventLoop.inEventLoop {
+                handler.value.completed(request, reply)
+            } else {
+                handler.eventLoop.execute { handler.value.completed(request, reply) }
             }
         }
+    }
+
+    private func completed(_ request: RequestHeader, _ reply: ServerReply) {
+        if case .failed(let errno, _) = reply {
+            logger.debug("request failed", metadata: ["command": "\(request.type)", "error": "\(errno)"])
+        }
+        machine.requestCompleted(request, reply)
+        run()
     }
 }
