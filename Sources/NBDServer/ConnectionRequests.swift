@@ -28,7 +28,8 @@ final class ConnectionRequests: Sendable {
         runner = Task(executorPreference: executor) {
             await withDiscardingTaskGroup { group in
                 while let works = await Self.next(from: queue) {
-                    for work in works { group.addTask(executorPreference: executor) { await work() } }
+                    // Children inherit the group's executor preference: none to record each.
+                    for work in works { group.addTask { await work() } }
                 }
             }
             groups.ended()

@@ -31,12 +31,7 @@ import NIOCore
                 ReplyHeader.simple(SimpleReplyHeader(error: errno, cookie: request.cookie)).encode(into: &header)
             }
         case .done:
-            if format == .extended {
-                // "the server MUST NOT use simple replies even when there is no payload"
-                framing.chunk(.none, type: .none, done: true, into: &header)
-            } else {
-                ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &header)
-            }
+            Self.frameDone(for: request, format: format, into: &header)
         case .extents(let extents):
             if format == .extended {
                 framing.chunk(
@@ -68,6 +63,16 @@ import NIOCore
             return Self.chunkedRead(framing, parts: parts)
         }
         return [header]
+    }
+
+    /// The reply of a request done with nothing to return, written at the end of `buffer`.
+    static func frameDone(for request: RequestHeader, format: TransmissionFormat, into buffer: inout ByteBuffer) {
+        if format == .extended {
+            // "the server MUST NOT use simple replies even when there is no payload"
+            ChunkFraming(request: request, format: format).chunk(.none, type: .none, done: true, into: &buffer)
+        } else {
+            ReplyHeader.simple(SimpleReplyHeader(cookie: request.cookie)).encode(into: &buffer)
+        }
     }
 
     /// Extents as 32-bit descriptors: the list ends at the first one too long for 32 bits,

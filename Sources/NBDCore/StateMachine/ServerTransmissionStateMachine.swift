@@ -107,6 +107,9 @@ import NIOCore
     private var awaitingMemory: RequestHeader?
     /// Reply bytes handed out to be written and not reported written yet.
     private var unwritten = 0
+    /// Replies of a header alone (a WRITE's, a FLUSH's...) made since the last write action:
+    /// they go out together, one buffer for many requests.
+    private var shortReplies = ByteBuffer()
     private var writable = true
     private var paused = false
     /// Whether a reply was written since the stall timer was armed.
@@ -152,8 +155,15 @@ import NIOCore
             // "MUST NOT exceed the length of the original request".
             reply = .extents([BlockDescriptor(length: min(first.length, max(1, request.length)), flags: first.flags)])
         }
-        let framed = reply.framed(for: request, format: agreement.format, contextID: ServerNegotiationStateMachine.baseAllocationID)
-        outbox.append(write(framed))
+        if case .done = reply {
+            let before = shortReplies.readableBytes
+            ServerReply.frameDone(for: request, format: agreement.format, into: &shortReplies)
+            unwritten += shortReplies.readableBytes - before
+            held += shortReplies.readableBytes - before
+        } else {
+            let framed = reply.framed(for: request, format: agreement.format, contextID: ServerNegotiationStateMachine.baseAllocationID)
+            outbox.append(write(framed))
+        }
         closeIfDone()
     }
 
@@ -206,6 +216,9 @@ import NIOCore
         if let pendingWrite { held -= memoryNeed(of: pendingWrite.header) }
         pendingWrite = nil
         awaitingMemory = nil
+        unwritten -= shortReplies.readableBytes
+        held -= shortReplies.readableBytes
+        shortReplies = ByteBuffer()
         var kept = Outbox<Action>()
         while let action = outbox.next() {
             switch action {
@@ -228,17 +241,30 @@ import NIOCore
         guard !ended else { return settleMemory() }
         if let change = readingChange() { return change }
         // Paused: the bytes already read wait, and the kernel holds the rest.
-        guard !paused else { return settleMemory() }
+        guard !paused else { return shortRepliesOrSettle() }
         do {
             while let action = try parse() {
                 if let action { return action }
             }
             input.releaseIfRead()
-            return settleMemory()
+            return shortRepliesOrSettle()
         } catch {
             channelClosed()
             return .fatal(error)
         }
+    }
+
+    /// The short replies made so far, as one write, before the machine waits; then what the
+    /// memory budget should learn.
+    private mutating func shortRepliesOrSettle() -> Action? {
+        guard shortReplies.readableBytes == 0 else { return .write([takeShortReplies()]) }
+        return settleMemory()
+    }
+
+    /// The short replies made so far (already counted as held and unwritten).
+    private mutating func takeShortReplies() -> ByteBuffer {
+        defer { shortReplies = ByteBuffer() }
+        return shortReplies
     }
 
     /// What the memory budget should learn now: bytes held beyond what it counts, or credit
@@ -469,6 +495,8 @@ import NIOCore
 
     private mutating func closeIfDone() {
         if (disconnectReceived || shuttingDown) && inFlight == 0 && !ended {
+            // The last replies go before the close.
+            if shortReplies.readableBytes > 0 { outbox.append(.write([takeShortReplies()])) }
             outbox.append(.close)
             ended = true
         }
