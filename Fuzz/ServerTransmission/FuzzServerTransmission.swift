@@ -21,28 +21,55 @@ public func fuzzServerTransmission(_ start: UnsafePointer<UInt8>, _ count: Int) 
         format: format,
         metaContexts: format.hasChunks ? [NBDMetaContext(id: 1, name: "base:allocation")] : []
     )
-    let limits = ServerTransmissionStateMachine.Limits(maximumPayload: 65536, maximumRequestsInFlight: 8, maximumBufferedBytes: 256 << 10)
+    // Under a memory budget of 512 KiB for two connections (a floor of 128 KiB each, 256 KiB
+    // shared), of which the other connection holds what the input says, asking for exact
+    // amounts or 4 KiB at a time.
+    let limits = ServerTransmissionStateMachine.Limits(
+        maximumPayload: 65536,
+        maximumRequestsInFlight: 8,
+        maximumBufferedBytes: 256 << 10,
+        memoryBudgetCredit: input.bool() ? 4096 : 0
+    )
     var machine = ServerTransmissionStateMachine(agreement: agreement, limits: limits)
+    var ledger = MemoryBudgetLedger(capacity: 512 << 10, holders: 2)
+    _ = ledger.reserve(1, Int(input.byte()) << 10)
     var performing: [RequestHeader] = []
-    while let piece = input.piece() {
-        machine.bytesReceived(piece)
+    var ended = false
+    /// Performs what the machine says until it waits; false once it closed.
+    func drain() {
         while let action = machine.next() {
             switch action {
             case .perform(let request, _): performing.append(request)
             case .write(let buffers): machine.bytesWritten(buffers.reduce(0) { $0 + $1.readableBytes })
-            case .close, .fatal: return 0
+            case .close, .fatal: ended = true
             case .pauseReading, .resumeReading, .armTimer, .cancelTimer: break
+            case .reserveMemory(let amount): if ledger.reserve(0, amount) { machine.memoryGranted() }
+            case .adjustMemory(let delta): if ledger.adjust(0, by: delta).contains(0) { machine.memoryGranted() }
             }
-            // Answer the oldest now and then, as a backend would, each kind of reply.
+            // Answer the oldest now and then, as a backend would, each kind of reply; and now
+            // and then the other connection frees what it holds.
             if performing.count > Int(input.byte() % 4) {
                 let request = performing.removeFirst()
                 machine.requestCompleted(request, reply(to: request, choice: input.byte()))
             }
+            if input.byte() % 8 == 0, ledger.adjust(1, by: -ledger.holding(1)).contains(0) { machine.memoryGranted() }
         }
     }
+    while !ended, let piece = input.piece() {
+        machine.bytesReceived(piece)
+        drain()
+    }
     for request in performing { machine.requestCompleted(request, reply(to: request, choice: 0)) }
-    while machine.next() != nil {}
+    performing = []
+    drain()
     machine.timerFired()
+    // The connection ends: whatever it held, and any wait, goes back to the budget.
+    machine.channelClosed()
+    drain()
+    if ledger.adjust(1, by: -ledger.holding(1)).contains(0) { machine.memoryGranted() }
+    for request in performing { machine.requestCompleted(request, reply(to: request, choice: 0)) }
+    drain()
+    precondition(ledger.holding(0) == 0, "the connection kept \(ledger.holding(0)) bytes of the budget after it ended")
     return 0
 }
 
