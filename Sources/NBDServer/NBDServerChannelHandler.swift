@@ -248,11 +248,10 @@ final class NBDServerChannelHandler: ChannelDuplexHandler {
             case .perform(let request, let operation):
                 perform(request, operation, context: context)
             case .close:
-                // The last replies are written first: a close drops what is not flushed.
-                if wrote {
-                    flushReplies(context: context)
-                    wrote = false
-                }
+                // The last replies are written first, this turn's and those whose flush is
+                // still queued: a close drops what is not flushed.
+                flushReplies(context: context)
+                wrote = false
                 context.close(promise: nil)
             case .fatal(let error):
                 // A client that breaks the protocol gets a hard disconnect, and nothing else.
