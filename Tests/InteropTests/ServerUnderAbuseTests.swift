@@ -28,6 +28,25 @@ struct ServerUnderAbuseTests {
         )
     }
 
+    /// `clients` clients that each send 100 READs of `length` bytes, spread over an export of
+    /// `exportSize`, and read no reply.
+    func readFloods(_ socket: String, clients: Int, length: UInt64, exportSize: UInt64) async throws -> [RawClient] {
+        var floods: [RawClient] = []
+        for _ in 0..<clients {
+            let rude = try await RawClient(socket: socket)
+            try await rude.enterTransmission()
+            try await rude.stopReading()
+            try await rude.send { buffer in
+                for index in 0..<UInt64(100) {
+                    RequestHeader(type: .read, cookie: NBDCookie(index), offset: index % (exportSize / length) * length, length: length)
+                        .encode(into: &buffer)
+                }
+            }
+            floods.append(rude)
+        }
+        return floods
+    }
+
     /// A good client still gets exact data.
     func expectServed(_ socket: String) async throws {
         let export = try await NBDExport.connect(to: NBDURI(socket: socket))
@@ -91,20 +110,8 @@ struct ServerUnderAbuseTests {
             $0.maximumConnections = 16
             $0.memoryBudget = 32 << 20
         }
-        var floods: [RawClient] = []
-        for _ in 0..<12 {
-            let rude = try await RawClient(socket: socket)
-            try await rude.enterTransmission()
-            try await rude.stopReading()
-            // 100 READs of 1 MiB, never read.
-            try await rude.send { buffer in
-                for index in 0..<100 {
-                    RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 64) << 20, length: 1 << 20)
-                        .encode(into: &buffer)
-                }
-            }
-            floods.append(rude)
-        }
+        // 12 clients, each 100 READs of 1 MiB, never read.
+        let floods = try await readFloods(socket, clients: 12, length: 1 << 20, exportSize: 64 << 20)
         // The floods fill what they may: their own parts, and the shared half.
         try await waitUntil("the floods to fill the budget", seen: "\(backend.reads.withLockedValue { $0 }) reads") {
             backend.reads.withLockedValue { $0 } >= 24
@@ -136,19 +143,7 @@ struct ServerUnderAbuseTests {
             ["serve", "--memory", "1G", "--memory-budget", "256M", "--socket", socket],
             waitFor: socket
         )
-        var floods: [RawClient] = []
-        for _ in 0..<32 {
-            let rude = try await RawClient(socket: socket)
-            try await rude.enterTransmission()
-            try await rude.stopReading()
-            try await rude.send { buffer in
-                for index in 0..<100 {
-                    RequestHeader(type: .read, cookie: NBDCookie(UInt64(index)), offset: UInt64(index % 32) << 25, length: 32 << 20)
-                        .encode(into: &buffer)
-                }
-            }
-            floods.append(rude)
-        }
+        let floods = try await readFloods(socket, clients: 32, length: 32 << 20, exportSize: 1 << 30)
         let peak = { () -> Int in
             let status = (try? String(contentsOfFile: "/proc/\(server.processIdentifier)/status", encoding: .utf8)) ?? ""
             let line = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") } ?? ""
