@@ -17,6 +17,16 @@ final class ConnectionRequests: Sendable {
         var finished = false
         /// The group's wait for work, when it has none.
         var waiter: UnsafeContinuation<[Work]?, Never>?
+
+        /// What the group gets now: the works queued, all of them, or nil (`.some(nil)`) once
+        /// finished and empty; nil when it must wait.
+        mutating func take() -> [Work]?? {
+            if !works.isEmpty {
+                defer { works.removeAll(keepingCapacity: true) }
+                return .some(works)
+            }
+            return finished ? .some(nil) : nil
+        }
     }
     private let queue = NIOLockedValueBox(Queue())
     /// The group's task: done once the connection ended and its requests did.
@@ -38,23 +48,15 @@ final class ConnectionRequests: Sendable {
 
     /// The works queued, all of them; nil once finished and empty.
     private static func next(from queue: NIOLockedValueBox<Queue>) async -> [Work]? {
-        let taken = queue.withLockedValue { queue -> [Work]?? in
-            if !queue.works.isEmpty {
-                defer { queue.works.removeAll(keepingCapacity: true) }
-                return .some(queue.works)
-            }
-            return queue.finished ? .some(nil) : nil
-        }
-        if let taken { return taken }
+        if let taken = queue.withLockedValue({ $0.take() }) { return taken }
         return await withUnsafeContinuation { continuation in
             let ready = queue.withLockedValue { queue -> [Work]?? in
-                if !queue.works.isEmpty {
-                    defer { queue.works.removeAll(keepingCapacity: true) }
-                    return .some(queue.works)
+                // Looked at again under the lock: a submit may have come in between.
+                guard let taken = queue.take() else {
+                    queue.waiter = continuation
+                    return nil
                 }
-                if queue.finished { return .some(nil) }
-                queue.waiter = continuation
-                return nil
+                return taken
             }
             if let ready { continuation.resume(returning: ready) }
         }
