@@ -206,7 +206,12 @@ struct ClientReconnectTests {
             try await client.flush()
             let writeReplays = client.replays
             #expect(writeReplays > 0)
-            // The source side: reads across two more restarts.
+            // The source side: reads across two more restarts, each read held 50 ms in the
+            // server, so that reads are on the wire when it is killed (a kill between the
+            // replies of a fast read would leave nothing to send again).
+            nbdkit.arguments.insert("--filter=delay", at: nbdkit.arguments.firstIndex(of: "--filter=rate")! + 1)
+            nbdkit.arguments.append("rdelay=50ms")
+            try await nbdkit.restart(after: .zero)
             async let reading = readAll(from: client, size: Self.size, pieces: pieces)
             for _ in 0..<2 {
                 try await connected(client, connections)

@@ -207,17 +207,16 @@ struct DirectReadTests {
     // MARK: Dialing, now done by the client itself
 
     @Test func aRefusedConnectionSaysWhereAndWhy() async throws {
-        // A port that was just free: nothing listens there.
-        let listener = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-        let port = listener.localAddress!.port!
-        try await listener.close()
-        await #expect(
-            performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port)) },
-            throws: { error in
-                let error = error as? NBDError
-                return error?.code == .connectFailed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
-            }
-        )
+        // A port bound and not listening: connections are refused.
+        try await withRefusingLoopbackPort { port in
+            await #expect(
+                performing: { _ = try await NBDConnection.connect(to: .tcp(host: "127.0.0.1", port: port)) },
+                throws: { error in
+                    let error = error as? NBDError
+                    return error?.code == .connectFailed && error?.message == "cannot connect to 127.0.0.1:\(port): Connection refused"
+                }
+            )
+        }
         let missing = FileManager.default.temporaryDirectory.appendingPathComponent("nbd-missing-\(UUID().uuidString.prefix(8)).sock").path
         await #expect(
             performing: { _ = try await NBDConnection.connect(to: .unix(path: missing)) },

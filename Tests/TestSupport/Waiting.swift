@@ -68,9 +68,24 @@ public func bytesMoved(by pid: pid_t) -> (read: Int, written: Int) {
 /// take it before the server binds it: starting a server retries on a new port then
 /// (`ServerProcess.startOnFreePort`).
 public func freeLoopbackPort() throws -> Int {
+    let (descriptor, port) = try boundLoopbackSocket()
+    close(descriptor)
+    return port
+}
+
+/// Runs `body` with a TCP port on loopback that refuses connections: bound, and held for the
+/// length of `body`, but not listening, so that no other test can take it meanwhile (as a
+/// port closed just before could be).
+public func withRefusingLoopbackPort<Result>(_ body: (Int) async throws -> Result) async throws -> Result {
+    let (descriptor, port) = try boundLoopbackSocket()
+    defer { close(descriptor) }
+    return try await body(port)
+}
+
+/// A TCP socket bound to a port of the kernel's choosing on 127.0.0.1, and that port.
+private func boundLoopbackSocket() throws -> (descriptor: Int32, port: Int) {
     let descriptor = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
     guard descriptor >= 0 else { throw TestFailure(description: "socket() failed: \(String(cString: strerror(errno)))") }
-    defer { close(descriptor) }
     var address = sockaddr_in()
     address.sin_family = sa_family_t(AF_INET)
     address.sin_addr.s_addr = inet_addr("127.0.0.1")
@@ -81,8 +96,12 @@ public func freeLoopbackPort() throws -> Int {
             bind(descriptor, address, length) == 0 && getsockname(descriptor, address, &length) == 0
         }
     }
-    guard bound else { throw TestFailure(description: "no free port on loopback: \(String(cString: strerror(errno)))") }
-    return Int(UInt16(bigEndian: address.sin_port))
+    guard bound else {
+        let reason = String(cString: strerror(errno))
+        close(descriptor)
+        throw TestFailure(description: "no free port on loopback: \(reason)")
+    }
+    return (descriptor, Int(UInt16(bigEndian: address.sin_port)))
 }
 
 /// Waits until the file at `path` (a server's log) holds `text`.
