@@ -206,6 +206,9 @@ import NIOCore
             moved = true
             clientPerform(action)
         }
+        // What the client's handler writes once it has nothing else to do.
+        let output = client.takeOutput()
+        if output.readableBytes > 0 { toServer.append(output) }
         while let action = server.next() {
             moved = true
             serverPerform(action)
@@ -258,6 +261,8 @@ import NIOCore
         switch action {
         case .write(let bytes):
             toServer.append(bytes)
+        case .requestBuffered:
+            break
         case .sendRequest(_, let bytes, let request, let range):
             toServer.append(bytes)
             if let payload = request.payload {

@@ -39,6 +39,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
         capacity: 16,
         recvAllocator: FixedSizeRecvByteBufferAllocator(capacity: DirectRead.batchSize)
     )
+    /// Whether a flush is queued on the event loop (see ``queueFlush(context:)``).
+    private var flushQueued = false
     /// READ data read straight into destinations so far.
     private(set) var bytesReadDirectly = 0
     /// Why the connection ended, once the machine ended it (a timeout, a violation, the server
@@ -169,7 +171,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     // MARK: Actions
 
-    /// Performs every action the machine has for now; one flush for what was written.
+    /// Performs every action the machine has for now; what was written is flushed once the
+    /// event loop has run what is queued on it (see ``queueFlush(context:)``).
     private func run() {
         guard let context else { return runDetached() }
         var flush = false
@@ -178,14 +181,11 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             case .write(let bytes):
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 flush = true
+            case .requestBuffered(let header, _):
+                trace(header)
+                flush = true
             case .sendRequest(let header, let bytes, let request, let payload):
-                logger.trace(
-                    "request",
-                    metadata: [
-                        "command": "\(header.type)", "cookie": "\(header.cookie)", "offset": "\(header.offset)",
-                        "length": "\(header.length)",
-                    ]
-                )
+                trace(header)
                 context.write(wrapOutboundOut(bytes), promise: nil)
                 for buffer in request.takePayload(payload) {
                     context.write(wrapOutboundOut(buffer), promise: nil)
@@ -223,6 +223,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             case .cancel(let request):
                 request.fail(CancellationError())
             case .close:
+                // A close drops what is not flushed.
+                context.flush()
                 context.close(promise: nil)
             case .closeAndFail(let error, let requests, let waiters):
                 logger.debug("connection ended", metadata: ["reason": "\(error)"])
@@ -232,7 +234,32 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
                 context.close(promise: nil)
             }
         }
-        if flush { context.flush() }
+        if flush { queueFlush(context: context) }
+    }
+
+    private func trace(_ header: RequestHeader) {
+        logger.trace(
+            "request",
+            metadata: [
+                "command": "\(header.type)", "cookie": "\(header.cookie)", "offset": "\(header.offset)", "length": "\(header.length)",
+            ]
+        )
+    }
+
+    /// Writes the machine's output and flushes once the event loop has run what is queued on
+    /// it: the requests that tasks resumed by one batch of replies make one after another
+    /// leave in one buffer and one system call, not one each (as nbdcopy's requests do).
+    private func queueFlush(context: ChannelHandlerContext) {
+        guard !flushQueued else { return }
+        flushQueued = true
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        context.eventLoop.execute {
+            handler.value.flushQueued = false
+            guard let context = handler.value.context else { return }
+            let output = handler.value.machine.takeOutput()
+            if output.readableBytes > 0 { context.write(handler.value.wrapOutboundOut(output), promise: nil) }
+            context.flush()
+        }
     }
 
     /// After the pipeline let go of this handler the channel is gone: what is left to do is to
@@ -248,7 +275,7 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
             case .closeAndFail(let error, let requests, let waiters):
                 for request in requests { request.fail(error) }
                 for waiter in waiters { waiter.fail(error) }
-            case .write, .sendRequest, .sendDisconnect, .startTLS, .armTimer, .cancelTimer, .deliverData, .deliverHole,
+            case .write, .requestBuffered, .sendRequest, .sendDisconnect, .startTLS, .armTimer, .cancelTimer, .deliverData, .deliverHole,
                 .deliverExtents, .close:
                 break
             }
@@ -257,6 +284,8 @@ final class NBDClientChannelHandler: ChannelDuplexHandler {
 
     /// STARTTLS was acknowledged: TLS on the same connection, then negotiation goes on encrypted.
     private func startTLS(context: ChannelHandlerContext) {
+        // What was written so far goes in clear, before the TLS handler is in place.
+        context.flush()
         // From here the socket carries TLS records, not the NBD stream: SwiftNIO reads them all.
         if directRead != nil {
             directRead = nil

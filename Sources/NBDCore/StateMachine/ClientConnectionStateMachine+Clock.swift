@@ -4,11 +4,10 @@ extension ClientConnectionStateMachine {
     /// The armed deadline passed: a tick of the request clock in transmission, a negotiation
     /// step's deadline before.
     public mutating func timerFired() {
-        guard case .transmission(var state) = phase, state.clockRunning else {
+        guard case .transmission(let running) = phase, running.clockRunning, var state = takeTransmission() else {
             negotiationTimerFired()
             return
         }
-        phase = .modifying
         let timeout = tickRequestClock(&state)
         phase = .transmission(state)
         if let timeout { fail(timeout) }

@@ -17,8 +17,7 @@ extension ClientConnectionStateMachine {
 
     /// `count` bytes of the ``expectedData`` were read by the caller, not fed.
     @inlinable public mutating func dataReadDirectly(_ count: Int) {
-        guard case .transmission(var state) = phase else { return }
-        phase = .modifying
+        guard var state = takeTransmission() else { return }
         state.machine.dataReadDirectly(count)
         phase = .transmission(state)
     }
@@ -32,8 +31,7 @@ extension ClientConnectionStateMachine {
     /// Removes the transmission bytes fed and not parsed yet; see
     /// ``ClientTransmissionStateMachine/takeUnparsed()``.
     @inlinable public mutating func takeUnparsed() -> ByteBuffer {
-        guard case .transmission(var state) = phase else { return ByteBuffer() }
-        phase = .modifying
+        guard var state = takeTransmission() else { return ByteBuffer() }
         let unparsed = state.machine.takeUnparsed()
         phase = .transmission(state)
         return unparsed

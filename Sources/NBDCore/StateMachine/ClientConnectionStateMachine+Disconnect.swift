@@ -55,8 +55,11 @@ extension ClientConnectionStateMachine {
 
     /// Sends `NBD_CMD_DISC` once a disconnect is asked for and no request is left.
     @inlinable mutating func disconnectIfIdle() {
-        guard disconnecting, case .transmission(let state) = phase, state.machine.inFlightCount == 0, state.queue.isEmpty else { return }
-        var bytes = ByteBuffer()
+        guard disconnecting, case .transmission(let current) = phase, current.machine.inFlightCount == 0, current.queue.isEmpty,
+            let state = takeTransmission()
+        else { return }
+        // Nothing is in flight: the output is empty, but would go first all the same.
+        var bytes = state.output
         state.machine.encode(RequestHeader(type: .disconnect, cookie: 0, offset: 0, length: 0), into: &bytes)
         // "A client MUST NOT send anything to the server after sending an NBD_CMD_DISC command."
         phase = .closed(NBDError(.connectionClosed, "the export was disconnected", connectionUsable: false))

@@ -36,31 +36,30 @@ extension ClientConnectionStateMachine {
         length: UInt64,
         onlyContexts: [UInt32]? = nil
     ) {
-        switch phase {
-        case .closed(let error):
-            outbox.append(.complete(request, error: error))
-        case .negotiating, .modifying:
-            outbox.append(.complete(request, error: .invalidArgument("\(command) before transmission")))
-        case .transmission(var state):
-            guard !disconnecting else {
+        guard !disconnecting, var state = takeTransmission() else {
+            switch phase {
+            case .closed(let error):
+                outbox.append(.complete(request, error: error))
+            case .negotiating, .modifying:
+                outbox.append(.complete(request, error: .invalidArgument("\(command) before transmission")))
+            case .transmission:
                 outbox.append(
                     .complete(request, error: NBDError(.connectionClosed, "the export is disconnecting", connectionUsable: false))
                 )
-                return
             }
-            phase = .modifying
-            do {
-                try Self.strictMode(command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts, state)
-                Self.enqueue(
-                    Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts),
-                    &state
-                )
-                sendQueued(&state)
-            } catch {
-                outbox.append(.complete(request, error: error))
-            }
-            phase = .transmission(state)
+            return
         }
+        do {
+            try Self.strictMode(command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts, state)
+            Self.enqueue(
+                Queued(request: request, command: command, flags: flags, offset: offset, length: length, onlyContexts: onlyContexts),
+                &state
+            )
+            sendQueued(&state)
+        } catch {
+            outbox.append(.complete(request, error: error))
+        }
+        phase = .transmission(state)
     }
 
     /// Largest length of one request that carries no payload, without extended headers: 2^32
@@ -185,8 +184,9 @@ extension ClientConnectionStateMachine {
 
     /// The caller of `request` stopped waiting: its pieces not yet sent are dropped.
     public mutating func requestCancelled(_ request: Request) {
-        if case .transmission(var state) = phase, state.queue.contains(where: { $0.request === request }) {
-            phase = .modifying
+        if case .transmission(let current) = phase, current.queue.contains(where: { $0.request === request }),
+            var state = takeTransmission()
+        {
             let dropped = state.queue.filter { $0.request === request }
             state.queue.removeAll { $0.request === request }
             state.queuedResizes -= dropped.count { $0.command == .resize }
@@ -198,10 +198,11 @@ extension ClientConnectionStateMachine {
             // What waited behind a resize may go now.
             sendQueued(&state)
             phase = .transmission(state)
-        } else if case .transmission(var state) = phase, state.splits[ObjectIdentifier(request)]?.whole != nil {
+        } else if case .transmission(let current) = phase, current.splits[ObjectIdentifier(request)]?.whole != nil,
+            var state = takeTransmission()
+        {
             // A whole TRIM, WRITE_ZEROES or CACHE on the wire: an EOVERFLOW answer ends it
             // instead of sending it again in pieces. A cancelled request never goes again.
-            phase = .modifying
             state.splits[ObjectIdentifier(request)]?.whole = nil
             phase = .transmission(state)
         }
@@ -211,8 +212,7 @@ extension ClientConnectionStateMachine {
     /// Another connection to the export resized it (its client made sure nothing was on the
     /// wire here meanwhile): requests are bounded by `newSize` from now on.
     public mutating func exportResizedElsewhere(to newSize: UInt64) {
-        guard case .transmission(var state) = phase else { return }
-        phase = .modifying
+        guard var state = takeTransmission() else { return }
         state.size = newSize
         sendQueued(&state)
         phase = .transmission(state)
@@ -243,16 +243,28 @@ extension ClientConnectionStateMachine {
                 context: next.request,
                 stamp: state.ticks
             )
-            var bytes = ByteBuffer()
-            bytes.reserveCapacity(RequestHeader.extendedSize + 8 + 4 * (next.onlyContexts?.count ?? 0))
-            state.machine.encode(header, into: &bytes)
-            outbox.append(.sendRequest(header, bytes: bytes, next.request, payload: next.payload))
+            if state.output.writableBytes < RequestHeader.extendedSize + 8 + 4 * (next.onlyContexts?.count ?? 0) {
+                // Room for a turn's worth of headers, so that they take one allocation.
+                state.output.reserveCapacity(minimumWritableBytes: Self.outputCapacity)
+            }
+            state.machine.encode(header, into: &state.output)
+            if next.command == .write {
+                var bytes = ByteBuffer()
+                swap(&bytes, &state.output)
+                outbox.append(.sendRequest(header, bytes: bytes, next.request, payload: next.payload))
+            } else {
+                outbox.append(.requestBuffered(header, next.request))
+            }
             if configuration.requestTimeout != nil, !state.clockRunning {
                 state.clockRunning = true
                 outbox.append(.armTimer(after: configuration.tick))
             }
         }
     }
+
+    /// The room ``takeOutput()``'s buffer starts with: the headers of 64 requests with
+    /// extended headers, or of 128 without.
+    @usableFromInline static var outputCapacity: Int { 64 * RequestHeader.extendedSize }
 
     /// The queued request that may go on the wire now, taken out of the queue; nil when none
     /// may. In order, except around a resize: see

@@ -95,9 +95,13 @@ import NIOCore
     public enum Action {
         /// Write these bytes (a negotiation message) and flush.
         case write(ByteBuffer)
-        /// Write `bytes` (the request's header, as the negotiated format frames it, with any
-        /// payload of its own), then, for a WRITE, the request's data: the bytes `payload` of
-        /// it for a piece, all of it when nil.
+        /// A request without data went into the output (its header, as the negotiated format
+        /// frames it, with any payload of its own): ``takeOutput()`` gives it, with those of
+        /// the requests before it, to write and flush once the caller has nothing else to
+        /// do, so that requests made together leave together.
+        case requestBuffered(RequestHeader, Request)
+        /// Write `bytes` (the output so far, ending with this WRITE's header), then the
+        /// request's data: the bytes `payload` of it for a piece, all of it when nil.
         case sendRequest(RequestHeader, bytes: ByteBuffer, Request, payload: Range<Int>?)
         /// Write these bytes (`NBD_CMD_DISC`), flush, then close the connection.
         case sendDisconnect(ByteBuffer)
@@ -231,6 +235,8 @@ import NIOCore
         /// which it does only while requests are on the wire.
         @usableFromInline var ticks: UInt64 = 0
         @usableFromInline var clockRunning = false
+        /// Headers of requests sent and not yet taken by ``takeOutput()``.
+        @usableFromInline var output = ByteBuffer()
 
         @usableFromInline init(machine: ClientTransmissionStateMachine<Request>, validator: RequestValidator) {
             self.machine = machine
@@ -273,6 +279,27 @@ import NIOCore
 
     // MARK: State
 
+    /// The transmission phase's state, moved out (the phase is `.modifying` until it is put
+    /// back), or nil outside that phase. A pattern match on `phase` would copy it, every
+    /// buffer and table in it retained and released, on every event.
+    @inlinable mutating func takeTransmission() -> Transmitting? {
+        guard case .transmission = phase else { return nil }
+        var taken = Phase.modifying
+        swap(&taken, &phase)
+        guard case .transmission(let state) = consume taken else { preconditionFailure("the phase changed") }
+        return state
+    }
+
+    /// The requests sent since the last call (see ``Action/requestBuffered(_:_:)``), as
+    /// bytes to write; empty when there are none.
+    @inlinable public mutating func takeOutput() -> ByteBuffer {
+        guard var state = takeTransmission() else { return ByteBuffer() }
+        var output = ByteBuffer()
+        swap(&output, &state.output)
+        phase = .transmission(state)
+        return output
+    }
+
     /// Whether the connection is in the transmission phase.
     @inlinable public var isInTransmission: Bool { if case .transmission = phase { true } else { false } }
 
@@ -292,11 +319,14 @@ import NIOCore
 
     /// Bytes from the server.
     @inlinable public mutating func bytesReceived(_ bytes: ByteBuffer) {
-        switch phase {
-        case .transmission(var state):
-            phase = .modifying
+        if var state = takeTransmission() {
             state.machine.feed(bytes)
             phase = .transmission(state)
+            return
+        }
+        switch phase {
+        case .transmission:
+            break
         case .negotiating(var state):
             state.input.appendReceived(bytes)
             phase = .negotiating(state)
@@ -321,8 +351,7 @@ import NIOCore
     @inlinable public mutating func next() -> Action? {
         while true {
             if let action = outbox.next() { return action }
-            guard case .transmission(var state) = phase else { return nil }
-            phase = .modifying
+            guard var state = takeTransmission() else { return nil }
             guard let action = state.machine.next() else {
                 phase = .transmission(state)
                 return nil
