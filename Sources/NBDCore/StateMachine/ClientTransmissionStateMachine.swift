@@ -105,6 +105,11 @@ import NIOCore
     @usableFromInline var nextCookie: NBDCookie = 1
     @usableFromInline var parseState = ParseState.header
     @usableFromInline var input = ByteBuffer()
+    /// Bytes fed behind `input` and not moved into it yet (see ``refill()``): appended to
+    /// the few bytes of a header that `input` ends with, every read would be copied whole.
+    @usableFromInline var queued = CircularBuffer<ByteBuffer>()
+    /// How much ``refill()`` copies next; it doubles while one reply is being completed.
+    @usableFromInline var refillSize = Self.firstRefillSize
     @usableFromInline var outbox = Outbox<Action>()
 
     /// A machine with no request in flight.
@@ -182,8 +187,39 @@ import NIOCore
 
     /// Appends bytes from the server. Bytes after a fatal error are ignored.
     @inlinable public mutating func feed(_ bytes: ByteBuffer) {
-        guard !hasFailed else { return }
-        input.appendReceived(bytes)
+        guard !hasFailed, bytes.readableBytes > 0 else { return }
+        if input.readableBytes == 0, queued.isEmpty {
+            input = bytes
+        } else {
+            queued.append(bytes)
+        }
+    }
+
+    /// Enough to finish any header: ``refill()`` copies this much first.
+    @usableFromInline static var firstRefillSize: Int { 256 }
+
+    /// Moves queued bytes into `input` when the parser needs more: the next buffer as it is
+    /// once `input` is empty, else a piece of it copied behind what `input` ends with (the
+    /// start of a header, or of a chunk it must see whole), in pieces that double so that no
+    /// byte is copied more than about twice. False when nothing is queued.
+    @inlinable mutating func refill() -> Bool {
+        guard var next = queued.first else { return false }
+        if input.readableBytes == 0 {
+            input = queued.removeFirst()
+            refillSize = Self.firstRefillSize
+            return true
+        }
+        var piece = next.readSlice(length: min(refillSize, next.readableBytes))!
+        // In a buffer of their own: `input` is most often the end of a large read, which
+        // appending to would copy with all the room behind it.
+        var joined = ByteBuffer()
+        joined.reserveCapacity(input.readableBytes + piece.readableBytes)
+        joined.writeBuffer(&input)
+        joined.writeBuffer(&piece)
+        input = joined
+        if next.readableBytes == 0 { queued.removeFirst() } else { queued[queued.startIndex] = next }
+        refillSize = min(refillSize * 2, Int.max / 2)
+        return true
     }
 
     /// When the next bytes from the server are READ data and none are buffered: the request,
@@ -192,7 +228,8 @@ import NIOCore
     /// them straight where they belong and report them with ``dataReadDirectly(_:)`` instead
     /// of feeding them.
     @inlinable public var expectedData: (context: Context, offset: UInt64, count: Int, chunkLength: Int)? {
-        guard input.readableBytes == 0, case .data(let cookie, let offset, let remaining, let length, _) = parseState else { return nil }
+        guard input.readableBytes == 0, queued.isEmpty, case .data(let cookie, let offset, let remaining, let length, _) = parseState
+        else { return nil }
         return (inFlight[cookie]!.context, offset, remaining, length)
     }
 
@@ -223,12 +260,13 @@ import NIOCore
     }
 
     /// How many bytes were fed and are not parsed yet (part of a header, say).
-    @inlinable public var unparsedByteCount: Int { input.readableBytes }
+    @inlinable public var unparsedByteCount: Int { queued.reduce(input.readableBytes) { $0 + $1.readableBytes } }
 
     /// Removes the bytes fed and not parsed yet, for a caller that reads the socket itself:
     /// it puts them in front of the bytes it reads next and feeds them all, so that a header
     /// split between two reads is whole without copying the second read.
     @inlinable public mutating func takeUnparsed() -> ByteBuffer {
+        while var next = queued.popFirst() { input.writeBuffer(&next) }
         defer { input = ByteBuffer() }
         return input
     }
@@ -243,7 +281,9 @@ import NIOCore
     @inlinable public mutating func next() -> Action? {
         if let action = outbox.next() { return action }
         do {
-            if let action = try parse() { return action }
+            repeat {
+                if let action = try parse() { return action }
+            } while refill()
             input.releaseIfRead()
             return nil
         } catch {
@@ -254,6 +294,7 @@ import NIOCore
     @inlinable mutating func fail(_ error: NBDError) -> Action {
         parseState = .failed
         input = ByteBuffer()
+        queued = CircularBuffer()
         outbox.removeAll()
         let contexts = inFlight.values.map(\.context)
         inFlight = [:]
