@@ -113,9 +113,7 @@ package final class Copier: Sendable {
                     // Cancelled once another worker failed: no more pieces are read for nothing.
                     while !stop.isRequested, !Task.isCancelled, let piece = try await cursor.next() {
                         try await self.copy(piece, worker: worker, buffer: &buffer)
-                        if let first = piece.parts.first, let last = piece.parts.last {
-                            self.journal?.completed(first.range.lowerBound..<last.range.upperBound)
-                        }
+                        self.journal?.completed(piece.range)
                     }
                 }
             }
@@ -152,36 +150,35 @@ package final class Copier: Sendable {
     }
 
     private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
-        for part in piece.parts {
-            switch part.kind {
-            case .clean:
-                // Not dirty since the destination's copy was made, or copied by an earlier run
-                // of a resumed copy: nothing to do.
-                break
-            case .zero:
-                hasher?.addZeroes(at: part.range.lowerBound, length: UInt64(part.range.count))
-                if !destination.startsZeroed {
-                    try await destination.zero(at: part.range.lowerBound, length: UInt64(part.range.count), worker: worker)
-                }
-            case .data:
-                let data: CopyData
-                if destination.discards,
-                    let segments = try await source.readSegments(at: part.range.lowerBound, length: part.range.count, worker: worker)
-                {
-                    data = CopyData(segments)
-                } else {
-                    buffer.clear()
-                    try await source.read(into: &buffer, at: part.range.lowerBound, length: part.range.count, worker: worker)
-                    data = CopyData([buffer])
-                }
-                guard data.count == part.range.count else {
-                    throw NBDCopyError(.incomplete, "short read from the source at offset \(part.range.lowerBound)")
-                }
-                hasher?.add(data, at: part.range.lowerBound)
-                try await writeSparsely(data, at: part.range.lowerBound, worker: worker)
+        let range = piece.range
+        switch piece.kind {
+        case .clean:
+            // Not dirty since the destination's copy was made, or copied by an earlier run
+            // of a resumed copy: nothing to do.
+            break
+        case .zero:
+            hasher?.addZeroes(at: range.lowerBound, length: UInt64(range.count))
+            if !destination.startsZeroed {
+                try await destination.zero(at: range.lowerBound, length: UInt64(range.count), worker: worker)
             }
-            progress.add(UInt64(part.range.count), skipped: part.kind == .clean)
+        case .data:
+            let data: CopyData
+            if destination.discards,
+                let segments = try await source.readSegments(at: range.lowerBound, length: range.count, worker: worker)
+            {
+                data = CopyData(segments)
+            } else {
+                buffer.clear()
+                try await source.read(into: &buffer, at: range.lowerBound, length: range.count, worker: worker)
+                data = CopyData([buffer])
+            }
+            guard data.count == range.count else {
+                throw NBDCopyError(.incomplete, "short read from the source at offset \(range.lowerBound)")
+            }
+            hasher?.add(data, at: range.lowerBound)
+            try await writeSparsely(data, at: range.lowerBound, worker: worker)
         }
+        progress.add(UInt64(range.count), skipped: piece.kind == .clean)
     }
 
     /// Writes `data`, but zeroes (or, on a zeroed destination, skips) runs of all-zero blocks.
@@ -223,8 +220,10 @@ package final class Cursor: Sendable {
     /// What a part of the source needs: reading, zeroing, or nothing (clean in the bitmap).
     package enum Kind: Sendable { case data, zero, clean }
 
+    /// One area to copy: data, or a whole zero or clean area, however large.
     package struct Piece: Sendable {
-        package var parts: [(range: Range<UInt64>, kind: Kind)]
+        package var range: Range<UInt64>
+        package var kind: Kind
     }
 
     /// The zero and clean areas of a window, in order, not overlapping.
@@ -300,13 +299,13 @@ package final class Cursor: Sendable {
         let nextArea = state.areaIndex < state.areas.count ? state.areas[state.areaIndex] : nil
         // A whole zero or clean area is one piece, however large: nothing is read for it.
         if let area = nextArea, area.range.contains(state.position) {
-            let piece = Piece(parts: [(state.position..<area.range.upperBound, area.kind)])
+            let piece = Piece(range: state.position..<area.range.upperBound, kind: area.kind)
             state.position = area.range.upperBound
             return .piece(piece)
         }
         var end = min(state.window.upperBound, state.position + pieceSize)
         if let area = nextArea, area.range.lowerBound < end { end = area.range.lowerBound }
-        let piece = Piece(parts: [(state.position..<end, .data)])
+        let piece = Piece(range: state.position..<end, kind: .data)
         state.position = end
         return .piece(piece)
     }

@@ -10,16 +10,17 @@ import Darwin
 /// receive buffers, or one buffer of a file): they are passed on as they are, never gathered.
 package struct CopyData {
     package let buffers: [ByteBuffer]
-    /// Where each buffer starts, from the first byte of the read.
+    /// Where each buffer starts, from the first byte of the read (none for one buffer).
     private let starts: [Int]
     package let count: Int
 
     package init(_ buffers: [ByteBuffer]) {
         self.buffers = buffers
+        // None for one buffer (nearly every piece), which then costs no allocation.
         var starts: [Int] = []
         var count = 0
         for buffer in buffers {
-            starts.append(count)
+            if buffers.count > 1 { starts.append(count) }
             count += buffer.readableBytes
         }
         self.starts = starts
@@ -58,7 +59,7 @@ package struct CopyData {
     /// while it returns true.
     private func forEachPart(of range: Range<Int>, _ body: (ByteBuffer, Range<Int>) -> Bool) {
         for (index, buffer) in buffers.enumerated() {
-            let start = starts[index]
+            let start = index == 0 ? 0 : starts[index]
             let end = start + buffer.readableBytes
             guard end > range.lowerBound else { continue }
             guard start < range.upperBound else { return }

@@ -18,7 +18,7 @@ struct CursorTests {
         let source = ZeroReportingSource(size: Self.size, zeroes: [Self.zeroes])
         let cursor = Cursor(source: source, size: Self.size, pieceSize: Self.pieceSize)
         var pieces: [(range: Range<UInt64>, kind: Cursor.Kind)] = []
-        while let piece = try await cursor.next() { pieces += piece.parts }
+        while let piece = try await cursor.next() { pieces.append((piece.range, piece.kind)) }
         try check(pieces)
         #expect(pieces.filter { $0.kind == .zero }.map(\.range) == [Self.zeroes])
         // Windows at 0, after the zero area, and one more before the end: 3 lookups, not 4.
@@ -34,7 +34,7 @@ struct CursorTests {
                 group.addTask {
                     var mine: [(range: Range<UInt64>, kind: Cursor.Kind)] = []
                     while let piece = try await cursor.next() {
-                        mine += piece.parts
+                        mine.append((piece.range, piece.kind))
                         await Task.yield()
                     }
                     return mine

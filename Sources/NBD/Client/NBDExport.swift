@@ -300,27 +300,27 @@ public final class NBDExport: Sendable {
             length: length,
             onlyContexts: onlyContexts,
             payload: payload,
-            destination: destination,
-            promise: loop.makePromise()
+            destination: destination
         )
+        request.whenAnswered = whenAnswered
         let handler = self.handler
-        guard !Task.isCancelled else {
-            // The request was made with a promise of the event loop's: failed, not dropped,
-            // or NIO reports it leaked (and a debug build stops there).
-            loop.runOnLoop { request.fail(CancellationError()) }
-            throw CancellationError()
-        }
-        if let whenAnswered {
-            // Registered before the request goes, so that it runs in the order replies come.
-            loop.runOnLoop { request.future.whenSuccess { _ in whenAnswered() } }
-        }
+        // The caller's continuation is the request's on the event loop, as the rest of it.
         guard cancellable else {
-            loop.runOnLoop { handler.value.submit(request) }
-            return try await request.future.get()
+            return try await withUnsafeThrowingContinuation { caller in
+                loop.runOnLoop {
+                    request.caller = caller
+                    handler.value.submit(request)
+                }
+            }
         }
+        guard !Task.isCancelled else { throw CancellationError() }
         return try await withTaskCancellationHandler {
-            loop.runOnLoop { handler.value.submit(request) }
-            return try await request.future.get()
+            try await withUnsafeThrowingContinuation { caller in
+                loop.runOnLoop {
+                    request.caller = caller
+                    handler.value.submit(request)
+                }
+            }
         } onCancel: {
             loop.execute { handler.value.cancel(request) }
         }

@@ -2,9 +2,11 @@
 import NIOCore
 
 /// One request on its way: what to send, where a READ's bytes go, what a BLOCK_STATUS
-/// collects, and the promise of its caller. Made by the caller; from then on its mutable state
-/// is touched only on the channel's event loop (hence `@unchecked Sendable`).
+/// collects, and the continuation of its caller. Made by the caller; from then on its mutable
+/// state is touched only on the channel's event loop (hence `@unchecked Sendable`).
 final class PendingRequest: @unchecked Sendable {
+    typealias Answer = [UInt32: [BlockDescriptor]]
+
     let type: CommandType
     let flags: CommandFlags
     let offset: UInt64
@@ -19,10 +21,13 @@ final class PendingRequest: @unchecked Sendable {
     private(set) var destination: ReadDestination?
     /// A BLOCK_STATUS's extents, by context id.
     var extents: [UInt32: [BlockDescriptor]] = [:]
-    /// The caller's answer: the extents of a BLOCK_STATUS by context id, empty for the rest.
-    let future: EventLoopFuture<[UInt32: [BlockDescriptor]]>
-    /// Nil once the caller was answered (completed, failed or cancelled).
-    private(set) var promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>?
+    /// The waiting caller, answered with the extents of a BLOCK_STATUS by context id (empty
+    /// for the rest); nil before the caller waits and once it was answered (completed, failed
+    /// or cancelled). Unsafe, as a promise was before it: the checked kind costs an object a
+    /// request, and every path below answers once, and ``deinit`` the one that forgot.
+    var caller: UnsafeContinuation<Answer, any Error>?
+    /// Run on the event loop as a success is answered, in the order replies come.
+    var whenAnswered: (@Sendable () -> Void)?
 
     init(
         _ type: CommandType,
@@ -31,8 +36,7 @@ final class PendingRequest: @unchecked Sendable {
         length: UInt64,
         onlyContexts: [UInt32]? = nil,
         payload: [ByteBuffer] = [],
-        destination: ReadDestination? = nil,
-        promise: EventLoopPromise<[UInt32: [BlockDescriptor]]>
+        destination: ReadDestination? = nil
     ) {
         self.type = type
         self.flags = flags
@@ -41,8 +45,10 @@ final class PendingRequest: @unchecked Sendable {
         self.onlyContexts = onlyContexts
         self.payload = payload
         self.destination = destination
-        self.promise = promise
-        self.future = promise.futureResult
+    }
+
+    deinit {
+        caller?.resume(throwing: NBDError(.connectionClosed, "the request was dropped unanswered", connectionUsable: false))
     }
 
     /// The WRITE's data, for sending: all of it (`range` nil), or the bytes `range` of it for
@@ -69,14 +75,17 @@ final class PendingRequest: @unchecked Sendable {
 
     func succeed() {
         destination = nil
-        promise?.succeed(extents)
-        promise = nil
+        guard let caller else { return }
+        self.caller = nil
+        whenAnswered?()
+        caller.resume(returning: extents)
     }
 
     func fail(_ error: any Error) {
         destination = nil
-        promise?.fail(error)
-        promise = nil
+        guard let caller else { return }
+        self.caller = nil
+        caller.resume(throwing: error)
     }
 }
 
@@ -92,8 +101,13 @@ final class ReadDestination: @unchecked Sendable {
     /// For a read into a new buffer, before any byte arrived: the room is not made yet, because
     /// data that arrives whole can be kept as it came, without a copy.
     private var isPending: Bool
-    /// For a read that keeps its data as it arrives: each piece by export offset.
-    private var segments: [(offset: UInt64, bytes: ByteBuffer)]?
+    /// For a read that keeps its data as it arrives: the pieces, in export order while they
+    /// come in it (as they nearly always do); `nextOffset` is where the next one would go.
+    private var segments: [ByteBuffer]?
+    private var nextOffset: UInt64
+    /// The pieces by export offset, once one came out of order (a structured reply may send
+    /// its chunks in any order).
+    private var unordered: [(offset: UInt64, bytes: ByteBuffer)] = []
 
     /// Appends `length` bytes of room to `buffer`, to be filled by the read at `exportOffset`.
     init(appendingTo buffer: consuming ByteBuffer, exportOffset: UInt64, length: Int) {
@@ -102,6 +116,7 @@ final class ReadDestination: @unchecked Sendable {
         self.length = length
         start = self.buffer.writerIndex
         isPending = false
+        nextOffset = exportOffset
         makeRoom()
     }
 
@@ -112,6 +127,7 @@ final class ReadDestination: @unchecked Sendable {
         self.length = length
         start = 0
         isPending = true
+        nextOffset = exportOffset
     }
 
     /// A read of `length` bytes at `exportOffset` whose data is kept in the pieces it arrives in.
@@ -121,6 +137,7 @@ final class ReadDestination: @unchecked Sendable {
         self.length = length
         start = 0
         isPending = false
+        nextOffset = exportOffset
         segments = []
     }
 
@@ -138,7 +155,7 @@ final class ReadDestination: @unchecked Sendable {
 
     func write(_ bytes: ByteBuffer, at offset: UInt64) {
         if segments != nil {
-            segments!.append((offset, bytes))
+            keep(bytes, at: offset)
             return
         }
         if isPending {
@@ -171,11 +188,28 @@ final class ReadDestination: @unchecked Sendable {
 
     func zero(at offset: UInt64, length: Int) {
         if segments != nil {
-            segments!.append((offset, ByteBuffer(repeating: 0, count: length)))
+            keep(ByteBuffer(repeating: 0, count: length), at: offset)
             return
         }
         if isPending { makeRoom() }
         buffer.setRepeatingByte(0, count: length, at: index(of: offset))
+    }
+
+    /// Keeps a piece of a read whose data is kept as it arrives.
+    private func keep(_ bytes: ByteBuffer, at offset: UInt64) {
+        if unordered.isEmpty, offset == nextOffset {
+            segments!.append(bytes)
+            nextOffset += UInt64(bytes.readableBytes)
+            return
+        }
+        if unordered.isEmpty {
+            var position = exportOffset
+            for piece in segments! {
+                unordered.append((position, piece))
+                position += UInt64(piece.readableBytes)
+            }
+        }
+        unordered.append((offset, bytes))
     }
 
     /// Where the byte at export `offset` goes in `buffer`.
@@ -193,8 +227,11 @@ final class ReadDestination: @unchecked Sendable {
     /// Moves the pieces out in export order (a structured reply may send its chunks in any
     /// order), leaving this object empty.
     func takeSegments() -> [ByteBuffer] {
-        let taken = (segments ?? []).sorted { $0.offset < $1.offset }.map(\.bytes)
-        segments = []
-        return taken
+        defer {
+            segments = []
+            unordered = []
+        }
+        guard !unordered.isEmpty else { return segments ?? [] }
+        return unordered.sorted { $0.offset < $1.offset }.map(\.bytes)
     }
 }

@@ -2,6 +2,10 @@
 /// chunks are caught ("MUST NOT send content chunks that overlap") and exact coverage checked.
 @usableFromInline
 struct RangeCoverage: Sendable {
+    /// What is covered while it is one range (as the chunks of nearly every reply make it),
+    /// kept without an array, whose allocation would cost every request.
+    @usableFromInline var single: Range<UInt64>?
+    /// What is covered, once it is more than one range; empty before.
     @usableFromInline var ranges: [Range<UInt64>] = []
     /// Total bytes covered.
     @usableFromInline var total: UInt64 = 0
@@ -10,6 +14,21 @@ struct RangeCoverage: Sendable {
 
     /// Adds `range`; false (and nothing added) when it overlaps what is covered.
     @inlinable mutating func insert(_ range: Range<UInt64>) -> Bool {
+        if ranges.isEmpty {
+            guard let covered = single else {
+                single = range
+                total += UInt64(range.count)
+                return true
+            }
+            if covered.overlaps(range) { return false }
+            if covered.upperBound == range.lowerBound || range.upperBound == covered.lowerBound {
+                single = min(covered.lowerBound, range.lowerBound)..<max(covered.upperBound, range.upperBound)
+                total += UInt64(range.count)
+                return true
+            }
+            ranges = [covered]
+            single = nil
+        }
         // First stored range that ends after the new one starts.
         var low = 0
         var high = ranges.count
