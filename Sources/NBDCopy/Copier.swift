@@ -149,7 +149,7 @@ package final class Copier: Sendable {
         return offset
     }
 
-    private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
+    nonisolated(nonsending) private func copy(_ piece: Cursor.Piece, worker: Int, buffer: inout ByteBuffer) async throws {
         let range = piece.range
         switch piece.kind {
         case .clean:
@@ -182,7 +182,7 @@ package final class Copier: Sendable {
     }
 
     /// Writes `data`, but zeroes (or, on a zeroed destination, skips) runs of all-zero blocks.
-    private func writeSparsely(_ data: CopyData, at offset: UInt64, worker: Int) async throws {
+    nonisolated(nonsending) private func writeSparsely(_ data: CopyData, at offset: UInt64, worker: Int) async throws {
         guard sparse > 0, !destination.discards else {
             try await destination.write(data.buffers, at: offset, worker: worker)
             return
@@ -259,7 +259,7 @@ package final class Cursor: Sendable {
         self.skipping = skipping
     }
 
-    package func next() async throws -> Piece? {
+    nonisolated(nonsending) package func next() async throws -> Piece? {
         while true {
             switch state.withLockedValue({ step(&$0) }) {
             case .piece(let piece):

@@ -28,12 +28,12 @@ public protocol CopySource: CopyEndpoint {
     /// Appends up to `length` bytes at `offset` (fewer only at the end of a stream) to `buffer`:
     /// each worker reads into a buffer of its own, again and again, so that the copy's memory
     /// is its workers' buffers and no more.
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
+    nonisolated(nonsending) func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws
     /// The same bytes in the pieces they arrived in, for data that is hashed or thrown away
     /// at once: an export's receive buffers, free again as soon as the pieces are dropped.
     /// Nil (the default): the source has no such pieces, and the data is read into the
     /// worker's own buffer instead.
-    func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]?
+    nonisolated(nonsending) func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]?
     /// True when reading waits for other threads and never holds up the caller's (an export,
     /// a file read on the thread pool); false (the default) when reading is work on the
     /// caller's thread.
@@ -66,9 +66,9 @@ public protocol CopyDestination: CopyEndpoint {
     /// default.
     var isNew: Bool { get }
     /// Writes `data`, one buffer after another, from `offset`.
-    func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
+    nonisolated(nonsending) func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws
     /// Makes `length` bytes at `offset` read as zeroes.
-    func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
+    nonisolated(nonsending) func zero(at offset: UInt64, length: UInt64, worker: Int) async throws
     /// Makes the destination ready for a copy that has accepted it, before anything is
     /// written: a file shorter than the source is extended. Nothing, by default.
     func prepare() async throws
@@ -113,13 +113,13 @@ extension CopyDestination {
 
 extension CopySource {
     /// Up to `length` bytes at `offset`, in a new buffer: for reads off the copy's path.
-    public func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
+    nonisolated(nonsending) public func read(at offset: UInt64, length: Int, worker: Int) async throws -> ByteBuffer {
         var buffer = ByteBuffer()
         try await read(into: &buffer, at: offset, length: length, worker: worker)
         return buffer
     }
 
-    public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? { nil }
+    nonisolated(nonsending) public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? { nil }
     public var readsOffThread: Bool { false }
 
     public func zeroRanges(from offset: UInt64, length: UInt64) async throws -> [Range<UInt64>] { [] }

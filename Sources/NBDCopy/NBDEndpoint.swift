@@ -150,24 +150,24 @@ public final class NBDEndpoint: CopySource, CopyDestination {
         return ranges
     }
 
-    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
+    nonisolated(nonsending) public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: Int, worker: Int) async throws {
         // In clear, the data goes from the socket straight into `buffer` (as libnbd reads):
         // nothing else holds it, not even SwiftNIO's receive buffers.
         try await export.read(into: &buffer, at: offset, length: UInt64(length), flags: [])
     }
 
-    public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
+    nonisolated(nonsending) public func readSegments(at offset: UInt64, length: Int, worker: Int) async throws -> [ByteBuffer]? {
         // Over TLS the data comes out of the decryption in records of 16 KiB: gathering them
         // costs less than passing on so many small pieces.
         guard !isTLS else { return [try await export.read(at: offset, length: UInt64(length), flags: [])] }
         return try await export.readSegments(at: offset, length: UInt64(length), flags: [])
     }
 
-    public func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
+    nonisolated(nonsending) public func write(_ data: [ByteBuffer], at offset: UInt64, worker: Int) async throws {
         try await export.write(segments: data, at: offset, flags: [])
     }
 
-    public func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
+    nonisolated(nonsending) public func zero(at offset: UInt64, length: UInt64, worker: Int) async throws {
         if info.canZero {
             // NO_HOLE "SHOULD be set to 1 if the client wants to ensure that the server does not
             // create a hole": what --allocated asks for.

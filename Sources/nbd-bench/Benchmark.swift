@@ -9,13 +9,14 @@
 //     swift build -c release && .build/release/nbd-bench map [--rounds 5] (see MemoryMap.swift)
 //     swift build -c release && .build/release/nbd-bench soak [--clients 64] [--seconds 60] (see Soak.swift)
 //     swift build -c release && .build/release/nbd-bench sparse [--size 100G] [--rounds 3] (see SparseFileBench.swift)
+//     swift build -c release && .build/release/nbd-bench requests [--size 512M] [--rounds 5] (see RequestsBench.swift)
 //
 // The first (the library):
 // Starts `nbdkit memory SIZE` on a temporary Unix socket, fills it with non-zero data (so no
 // hole is skipped), then reads it all over one connection with 64 requests of 256 KiB in
-// flight into reused buffers, and runs `nbdcopy --connections=1 --no-extents URI null:` on the
-// same export, alternating the two for a few rounds. Prints the median MiB/s and the peak
-// memory of both, and the ratio.
+// flight into reused buffers, and runs `nbdcopy --connections=1 --no-extents URI null:` with the
+// same request size and requests in flight on the same export, alternating the two for a few
+// rounds. Prints the median MiB/s and the peak memory of both, and the ratio.
 //
 // `copy` (the `nbd` tool, built beside this executable): `nbd copy` and `nbdcopy`, both with
 // their defaults, from a filled `nbdkit memory SIZE` to null:, from it to a second nbdkit memory
@@ -70,7 +71,13 @@ struct Benchmark {
             ours.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: false) })
             segments.append(try await measureSelf { try await readAll(uri, options, configuration: configuration, segments: true) })
             let cpu = cpuSeconds(.children)
-            let nbdcopy = try measure("nbdcopy", ["--connections=1", "--no-extents", uri.description, "null:"])
+            let nbdcopy = try measure(
+                "nbdcopy",
+                [
+                    "--connections=1", "--request-size=\(options.requestSize)", "--requests=\(options.inFlight)", "--no-extents",
+                    uri.description, "null:",
+                ]
+            )
             theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(.children) - cpu, peakKiB: nbdcopy.peakKiB))
             print("round \(round): read(into:) \(ours.last!), readSegments \(segments.last!), nbdcopy \(theirs.last!)")
         }
@@ -325,6 +332,12 @@ struct Benchmark {
 
     /// User and system CPU time of this process, or of its children that were waited for.
     static func cpuSeconds(_ who: CPUOf) -> Double {
+        let time = cpuTimes(who)
+        return time.user + time.system
+    }
+
+    /// User and system CPU time apart, of this process or of its children that were waited for.
+    static func cpuTimes(_ who: CPUOf) -> (user: Double, system: Double) {
         var usage = rusage()
         #if os(Linux)
         getrusage(__rusage_who_t((who == .children ? RUSAGE_CHILDREN : RUSAGE_SELF).rawValue), &usage)
@@ -332,7 +345,7 @@ struct Benchmark {
         getrusage(who == .children ? RUSAGE_CHILDREN : RUSAGE_SELF, &usage)
         #endif
         func seconds(_ time: timeval) -> Double { Double(time.tv_sec) + Double(time.tv_usec) / 1e6 }
-        return seconds(usage.ru_utime) + seconds(usage.ru_stime)
+        return (seconds(usage.ru_utime), seconds(usage.ru_stime))
     }
 
     /// VmHWM (peak resident set) in KiB from /proc.

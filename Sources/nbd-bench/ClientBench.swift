@@ -40,7 +40,10 @@ extension Benchmark {
                 oursServer.append(cpuSeconds(of: server.processIdentifier) - serverCPU)
                 let cpu = cpuSeconds(.children)
                 serverCPU = cpuSeconds(of: server.processIdentifier)
-                let nbdcopy = try measure("nbdcopy", ["--connections=\(connections)", "--no-extents", uri.description, "null:"])
+                let nbdcopy = try measure(
+                    "nbdcopy",
+                    ["--connections=\(connections)", "--request-size=262144", "--requests=64", "--no-extents", uri.description, "null:"]
+                )
                 theirsServer.append(cpuSeconds(of: server.processIdentifier) - serverCPU)
                 theirs.append(Run(seconds: nbdcopy.seconds, cpuSeconds: cpuSeconds(.children) - cpu, peakKiB: nbdcopy.peakKiB))
                 print("\(connections) connections: NBDClient \(ours.last!), nbdcopy \(theirs.last!)")

@@ -40,9 +40,14 @@ struct Throughput: AsyncParsableCommand {
         /// fio's libnbd engine, small random requests, against nbd serve and nbdkit memory
         /// (FioBench.swift).
         case fio
+        /// CPU per request of nbd copy and nbdcopy, 4 KiB and 256 KiB, reads and writes, 1 and
+        /// 4 connections (RequestsBench.swift).
+        case requests
     }
 
-    @Argument(help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map, sparse, writeback or fio.")
+    @Argument(
+        help: "Which benchmark: read (the default), copy, server, checksum, extended, client, map, sparse, writeback, fio or requests."
+    )
     var benchmark: Benchmark = .read
 
     @OptionGroup var common: CommonOptions
@@ -55,7 +60,7 @@ struct Throughput: AsyncParsableCommand {
 
     func run() async throws {
         let options = common.options(
-            defaultSize: benchmark == .sparse ? 100 << 30 : benchmark == .fio ? 1 << 30 : 4 << 30,
+            defaultSize: benchmark == .sparse ? 100 << 30 : benchmark == .fio ? 1 << 30 : benchmark == .requests ? 512 << 20 : 4 << 30,
             defaultRequestSize: benchmark == .fio ? 4096 : 256 << 10
         )
         switch benchmark {
@@ -69,6 +74,7 @@ struct Throughput: AsyncParsableCommand {
         case .sparse: try await nbd_bench.Benchmark.runSparse(options)
         case .writeback: try await nbd_bench.Benchmark.runWriteBack(options)
         case .fio: try await nbd_bench.Benchmark.runFio(options, seconds: common.seconds)
+        case .requests: try await nbd_bench.Benchmark.runRequests(options)
         }
     }
 }

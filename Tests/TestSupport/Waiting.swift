@@ -76,6 +76,7 @@ public func freeLoopbackPort() throws -> Int {
 /// Runs `body` with a TCP port on loopback that refuses connections: bound, and held for the
 /// length of `body`, but not listening, so that no other test can take it meanwhile (as a
 /// port closed just before could be).
+@discardableResult
 public func withRefusingLoopbackPort<Result>(_ body: (Int) async throws -> Result) async throws -> Result {
     let (descriptor, port) = try boundLoopbackSocket()
     defer { close(descriptor) }

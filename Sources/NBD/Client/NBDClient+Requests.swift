@@ -6,13 +6,18 @@ import NIOCore
 extension NBDClient {
     /// `NBD_CMD_READ`: `length` bytes from `offset` in a new buffer. See
     /// ``NBDExport/read(at:length:flags:)``.
-    public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
+    nonisolated(nonsending) public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
         try await withConnection(weight: Self.weight(length)) { try await $0.read(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_READ` appended to a buffer you own. See ``NBDExport/read(into:at:length:flags:)``:
     /// on failure `buffer` is left as it was, so a request sent again starts clean.
-    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func read(
+        into buffer: inout ByteBuffer,
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws {
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
         swap(&taken, &buffer)
@@ -21,38 +26,42 @@ extension NBDClient {
     }
 
     /// `NBD_CMD_READ` as the pieces the data arrived in. See ``NBDExport/readSegments(at:length:flags:)``.
-    public func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> [ByteBuffer] {
+    nonisolated(nonsending) public func readSegments(
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws -> [ByteBuffer] {
         try await withConnection(weight: Self.weight(length)) { try await $0.readSegments(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_WRITE` of `data` at `offset`. A write sent again after a lost connection
     /// goes from the same buffer: nothing is copied to make that possible. Once answered, it is
     /// kept in the replay log until a flush covers it (see ``Configuration-swift.struct/replayWindow``).
-    public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
         try await write(segments: [data], at: offset, flags: flags)
     }
 
     /// `NBD_CMD_WRITE` of several buffers, one after another. See ``NBDExport/write(segments:at:flags:)``.
-    public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
         let length = segments.reduce(0) { $0 + $1.readableBytes }
         let answer = Self.logged(.write(segments, flags: flags), at: offset, length: UInt64(length))
         try await withConnection(weight: length, logs: answer) { try await $0.write(segments: segments, at: offset, flags: flags) }
     }
 
     /// `NBD_CMD_WRITE_ZEROES`. See ``NBDExport/writeZeroes(at:length:flags:)``.
-    public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         let answer = Self.logged(.writeZeroes(flags: flags), at: offset, length: length)
         try await withConnection(weight: 0, logs: answer) { try await $0.writeZeroes(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_TRIM`. See ``NBDExport/trim(at:length:flags:)``.
-    public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         let answer = Self.logged(.trim, at: offset, length: length)
         try await withConnection(weight: 0, logs: answer) { try await $0.trim(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_CACHE`. See ``NBDExport/cache(at:length:)``.
-    public func cache(at offset: UInt64, length: UInt64) async throws {
+    nonisolated(nonsending) public func cache(at offset: UInt64, length: UInt64) async throws {
         try await withConnection(weight: 0) { try await $0.cache(at: offset, length: length) }
     }
 
@@ -85,7 +94,7 @@ extension NBDClient {
     /// off, the first flush after a reconnection that may have lost such writes fails instead,
     /// with `NBDError.Code.writesInDoubt` naming their byte ranges; the next
     /// one succeeds as usual.
-    public func flush() async throws {
+    nonisolated(nonsending) public func flush() async throws {
         let sequence = try await flushCovering()
         guard let doubt = flushed(through: sequence) else { return }
         let ranges = doubt.ranges.prefix(8).map { "\($0.lowerBound)-\($0.upperBound - 1)" }.joined(separator: ", ")
@@ -99,12 +108,16 @@ extension NBDClient {
     }
 
     /// `NBD_CMD_BLOCK_STATUS`. See ``NBDExport/blockStatus(at:length:flags:)``.
-    public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
+    nonisolated(nonsending) public func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws -> NBDBlockStatus {
         try await withConnection(weight: 0) { try await $0.blockStatus(at: offset, length: length, flags: flags) }
     }
 
     /// `NBD_CMD_BLOCK_STATUS` for some contexts only. See ``NBDExport/blockStatus(at:length:contexts:flags:)``.
-    public func blockStatus(
+    nonisolated(nonsending) public func blockStatus(
         at offset: UInt64,
         length: UInt64,
         contexts: [NBDMetaContext],

@@ -264,11 +264,11 @@ public final class NBDClient: Sendable {
     /// ``resize(to:)``).
     /// A write, write-zeroes or trim names itself in `logs`: once answered, it is kept in the
     /// replay log until a flush covers it.
-    func withConnection<T>(
+    nonisolated(nonsending) func withConnection<T>(
         weight: Int,
         alone: Bool = false,
         logs answer: (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? = nil,
-        _ body: (NBDExport, _ slot: Int) async throws -> T
+        _ body: nonisolated(nonsending) (NBDExport, _ slot: Int) async throws -> T
     ) async throws -> T {
         var firstLoss: ContinuousClock.Instant?
         while true {
@@ -306,17 +306,17 @@ public final class NBDClient: Sendable {
     }
 
     /// ``withConnection(weight:alone:logs:_:)`` for a body that needs only the connection.
-    func withConnection<T>(
+    nonisolated(nonsending) func withConnection<T>(
         weight: Int,
         logs answer: (operation: ReplayLog.Operation, offset: UInt64, length: UInt64)? = nil,
-        _ body: (NBDExport) async throws -> T
+        _ body: nonisolated(nonsending) (NBDExport) async throws -> T
     ) async throws -> T {
         try await withConnection(weight: weight, alone: false, logs: answer) { export, _ in try await body(export) }
     }
 
     /// Flushes, and answers the last answer of the log the flush covers: those answered
     /// before it was sent.
-    func flushCovering() async throws -> Int {
+    nonisolated(nonsending) func flushCovering() async throws -> Int {
         try await withConnection(weight: 0) { export in
             let sequence = machine.withLockedValue { $0.log.lastSequence }
             try await export.flush()
@@ -364,7 +364,7 @@ public final class NBDClient: Sendable {
         return !error.connectionUsable || error.serverErrno == .ESHUTDOWN ? error : nil
     }
 
-    private func lease(weight: Int, alone: Bool) async throws -> Machine.Lease {
+    nonisolated(nonsending) private func lease(weight: Int, alone: Bool) async throws -> Machine.Lease {
         // The caller's thread, when it is a connection's: its requests stay there if the load allows.
         let onLoop = executors.firstIndex { $0.eventLoop.inEventLoop }
         // Most requests find a connection free: no continuation, no cancellation handler.

@@ -108,7 +108,7 @@ public final class NBDExport: Sendable {
     /// without a copy: a read of 128 KiB or more may then share storage with a receive buffer
     /// of up to 1 MiB. Holding many such buffers for long holds that memory too;
     /// ``read(into:at:length:flags:)`` fills a buffer you own instead.
-    public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
+    nonisolated(nonsending) public func read(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> ByteBuffer {
         let length = try bufferSize(of: length)
         let destination = ReadDestination(exportOffset: offset, length: length, allocator: channel.allocator)
         _ = try await perform(.read, flags: flags, offset: offset, length: UInt64(length), destination: destination)
@@ -121,7 +121,12 @@ public final class NBDExport: Sendable {
     ///
     /// In clear, the data of a reply of 64 KiB or more is read from the socket straight into
     /// `buffer`, as libnbd does; smaller replies, and data over TLS, are copied into it once.
-    public func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func read(
+        into buffer: inout ByteBuffer,
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws {
         let length = try bufferSize(of: length)
         // Moved, not copied, so that the storage stays uniquely owned and is filled in place.
         var taken = ByteBuffer()
@@ -143,7 +148,11 @@ public final class NBDExport: Sendable {
     /// ``write(segments:at:flags:)`` of another export, a file or a socket: each piece keeps
     /// its receive buffer (256 KiB in clear, up to 1 MiB over TLS) alive, so hand them on and
     /// let them go; the connection reuses a receive buffer once nothing holds a piece of it.
-    public func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> [ByteBuffer] {
+    nonisolated(nonsending) public func readSegments(
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws -> [ByteBuffer] {
         let length = try bufferSize(of: length)
         let destination = ReadDestination(segmentsOf: length, exportOffset: offset)
         _ = try await perform(.read, flags: flags, offset: offset, length: UInt64(length), destination: destination)
@@ -157,39 +166,39 @@ public final class NBDExport: Sendable {
     }
 
     /// `NBD_CMD_WRITE`: writes the readable bytes of `data` at `offset`. `flags` may hold `.fua`.
-    public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags = []) async throws {
         try await write(segments: [data], at: offset, flags: flags)
     }
 
     /// `NBD_CMD_WRITE` of the readable bytes of several buffers, one after another, at `offset`:
     /// they are sent as they are, not gathered into one (what ``readSegments(at:length:flags:)``
     /// returns can be passed on this way). `flags` may hold `.fua`.
-    public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags = []) async throws {
         let length = segments.reduce(UInt64(0)) { $0 + UInt64($1.readableBytes) }
         _ = try await perform(.write, flags: flags, offset: offset, length: length, payload: segments)
     }
 
     /// `NBD_CMD_FLUSH`: every write already answered reaches permanent storage.
-    public func flush() async throws {
+    nonisolated(nonsending) public func flush() async throws {
         _ = try await perform(.flush, flags: [], offset: 0, length: 0)
     }
 
     /// `NBD_CMD_TRIM`: the range is no longer needed; the server may discard it. With extended
     /// headers the whole range goes in one request (a server that finds it too large with
     /// `EOVERFLOW` gets it again in pieces of under 4 GiB, as without them).
-    public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func trim(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         _ = try await perform(.trim, flags: flags, offset: offset, length: length)
     }
 
     /// `NBD_CMD_CACHE`: the range will be read soon.
-    public func cache(at offset: UInt64, length: UInt64) async throws {
+    nonisolated(nonsending) public func cache(at offset: UInt64, length: UInt64) async throws {
         _ = try await perform(.cache, flags: [], offset: offset, length: length)
     }
 
     /// `NBD_CMD_WRITE_ZEROES`: the range reads as zeroes afterwards. `flags` may hold `.fua`,
     /// `.noHole` (keep it allocated) and `.fastZero` (fail with `ENOTSUP` unless it is fast).
     /// One request with extended headers, as ``trim(at:length:flags:)``.
-    public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
+    nonisolated(nonsending) public func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws {
         _ = try await perform(.writeZeroes, flags: flags, offset: offset, length: length)
     }
 
@@ -197,7 +206,11 @@ public final class NBDExport: Sendable {
     /// The server may describe less than asked (or, for the last extent, more); ask again from
     /// the end of what came back. `flags` may hold `.requestOne`. With extended headers the
     /// whole range is asked for in one request, however long; without, at most 4 GiB of it.
-    public func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags = []) async throws -> NBDBlockStatus {
+    nonisolated(nonsending) public func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags = []
+    ) async throws -> NBDBlockStatus {
         try await blockStatus(at: offset, length: length, flags: flags, only: nil)
     }
 
@@ -206,7 +219,7 @@ public final class NBDExport: Sendable {
     /// extended headers and a server that advertises `NBD_FLAG_BLOCK_STATUS_PAYLOAD`
     /// (`info.canBlockStatusPayload`); otherwise, or for a context that was not
     /// negotiated, it fails with nothing sent.
-    public func blockStatus(
+    nonisolated(nonsending) public func blockStatus(
         at offset: UInt64,
         length: UInt64,
         contexts: [NBDMetaContext],
@@ -222,7 +235,12 @@ public final class NBDExport: Sendable {
         return try await blockStatus(at: offset, length: length, flags: flags, only: ids)
     }
 
-    private func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags, only: [UInt32]?) async throws -> NBDBlockStatus {
+    nonisolated(nonsending) private func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        flags: CommandFlags,
+        only: [UInt32]?
+    ) async throws -> NBDBlockStatus {
         let descriptors = try await perform(.blockStatus, flags: flags, offset: offset, length: length, onlyContexts: only)
         return NBDBlockStatus(offset: offset, descriptors: descriptors, metaContexts: metaContexts)
     }

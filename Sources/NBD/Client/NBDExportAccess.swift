@@ -41,28 +41,33 @@ public protocol NBDExportAccess: AnyObject, Sendable {
     func taskExecutor(for index: Int) -> any TaskExecutor
 
     /// `NBD_CMD_READ`: `length` bytes at `offset`, in a new buffer.
-    func read(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> ByteBuffer
+    nonisolated(nonsending) func read(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> ByteBuffer
     /// `NBD_CMD_READ` into `buffer`, appended: a caller that reads again and again reuses one
     /// buffer.
-    func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
+    nonisolated(nonsending) func read(into buffer: inout ByteBuffer, at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
     /// `NBD_CMD_READ`, the data in the pieces it arrived in (no copy).
-    func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> [ByteBuffer]
+    nonisolated(nonsending) func readSegments(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> [ByteBuffer]
     /// `NBD_CMD_WRITE` of `data` at `offset`.
-    func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags) async throws
+    nonisolated(nonsending) func write(_ data: ByteBuffer, at offset: UInt64, flags: CommandFlags) async throws
     /// `NBD_CMD_WRITE` of `segments`, one after another, from `offset`.
-    func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags) async throws
+    nonisolated(nonsending) func write(segments: [ByteBuffer], at offset: UInt64, flags: CommandFlags) async throws
     /// `NBD_CMD_WRITE_ZEROES`: `flags` may hold `.noHole`, `.fastZero` and `.fua`.
-    func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
+    nonisolated(nonsending) func writeZeroes(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
     /// `NBD_CMD_TRIM`.
-    func trim(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
+    nonisolated(nonsending) func trim(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws
     /// `NBD_CMD_CACHE`.
-    func cache(at offset: UInt64, length: UInt64) async throws
+    nonisolated(nonsending) func cache(at offset: UInt64, length: UInt64) async throws
     /// `NBD_CMD_FLUSH`: returns when every write answered before it is durable.
-    func flush() async throws
+    nonisolated(nonsending) func flush() async throws
     /// `NBD_CMD_BLOCK_STATUS` in every negotiated metadata context.
-    func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> NBDBlockStatus
+    nonisolated(nonsending) func blockStatus(at offset: UInt64, length: UInt64, flags: CommandFlags) async throws -> NBDBlockStatus
     /// `NBD_CMD_BLOCK_STATUS` for the metadata contexts in `contexts` only.
-    func blockStatus(at offset: UInt64, length: UInt64, contexts: [NBDMetaContext], flags: CommandFlags) async throws -> NBDBlockStatus
+    nonisolated(nonsending) func blockStatus(
+        at offset: UInt64,
+        length: UInt64,
+        contexts: [NBDMetaContext],
+        flags: CommandFlags
+    ) async throws -> NBDBlockStatus
     /// `NBD_CMD_RESIZE` to `size` bytes.
     func resize(to size: UInt64) async throws
     /// The extents of `context` over `range` (nil: the whole export), in order.
