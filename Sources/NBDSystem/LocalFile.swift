@@ -1,5 +1,6 @@
 import NIOCore
 import NIOPosix
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -10,7 +11,8 @@ import Darwin
 /// A local file, block device or standard stream: the one file layer of the server's
 /// `FileBackend` and the `nbd` tool's copies. Every call that can block (reads, writes,
 /// syncing, finding holes, zeroing) runs on a thread pool, never on an event loop or in
-/// Swift's cooperative pool.
+/// Swift's cooperative pool; a read of a regular file whose bytes are all in the page cache,
+/// which cannot block, is done where it is asked for.
 package final class LocalFile: Sendable {
     /// What the descriptor is: it decides how the size is found and how zeroes are made.
     package enum Kind: Sendable, Equatable {
@@ -34,6 +36,9 @@ package final class LocalFile: Sendable {
     /// Standard input and output are not closed with the value.
     private let ownsDescriptor: Bool
     private let pool: NIOThreadPool
+    /// Whether reads try the page cache first (see ``FileIO/readCached(_:into:at:)``): false
+    /// once the file system said it cannot tell.
+    private let readsCached = Atomic(true)
 
     /// Opens `path`; fails with the C library's error.
     package init(path: String, access: Access, pool: NIOThreadPool = .singleton) throws(FileIOError) {
@@ -148,6 +153,16 @@ package final class LocalFile: Sendable {
         // Allocated here, by the caller's thread, which frees it too: memory that one thread
         // allocates and another frees is returned to the system and faulted in again each time.
         buffer.reserveCapacity(minimumWritableBytes: length)
+        if kind == .regular, readsCached.load(ordering: .relaxed) {
+            let fd = descriptor
+            var outcome = FileIO.CachedRead.notCached
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { room in
+                outcome = FileIO.readCached(fd, into: UnsafeMutableRawBufferPointer(rebasing: room.prefix(length)), at: offset)
+                return outcome == .read ? length : 0
+            }
+            if outcome == .read { return length }
+            if outcome == .unsupported { readsCached.store(false, ordering: .relaxed) }
+        }
         let box = BufferBox(buffer)
         buffer = ByteBuffer()
         defer { buffer = box.buffer }

@@ -3,8 +3,9 @@
 //
 //     swift build -c release && .build/release/nbd-bench requests [--size 512M] [--rounds 5] [--in-flight 64]
 //
-// Reads copy a filled `nbdkit memory SIZE` to null:; writes copy a file of SIZE in /dev/shm
-// (memory, so that the source costs both tools alike) to a second `nbdkit memory SIZE`. For
+// Reads copy a filled `nbdkit memory SIZE` to null:; writes copy a file of SIZE in the
+// temporary directory (in the page cache once written, so that no disk sets the pace) to a
+// second `nbdkit memory SIZE`. For
 // 4 KiB and 256 KiB requests, 1 and 4 connections, the tools alternate round by round; each
 // row prints the medians of user and system CPU per request, requests per second and the
 // peak RSS, ours over theirs. nbdcopy is given --no-extents: the block status our copy asks
@@ -25,8 +26,7 @@ extension Benchmark {
         let destination = try await servers.serve("destination", ["memory", "\(options.size)"])
         print("filling nbdkit memory \(options.size >> 20) MiB and a file of as much with non-zero data ...")
         try await fill(source, options)
-        let file = "/dev/shm/nbd-bench-\(getpid()).raw"
-        defer { unlink(file) }
+        let file = servers.directory.appendingPathComponent("source.raw").path
         _ = try measure("nbdcopy", [source.description, file])
         // Once untimed, so that nbdkit allocates the destination's pages before any timed run.
         _ = try measure("nbdcopy", [file, destination.description])
