@@ -11,8 +11,8 @@ import Darwin
 /// A local file, block device or standard stream: the one file layer of the server's
 /// `FileBackend` and the `nbd` tool's copies. Every call that can block (reads, writes,
 /// syncing, finding holes, zeroing) runs on a thread pool, never on an event loop or in
-/// Swift's cooperative pool; a read of a regular file whose bytes are all in the page cache,
-/// which cannot block, is done where it is asked for.
+/// Swift's cooperative pool; a small read of a regular file whose bytes are all in the page
+/// cache, which cannot block, is done where it is asked for.
 package final class LocalFile: Sendable {
     /// What the descriptor is: it decides how the size is found and how zeroes are made.
     package enum Kind: Sendable, Equatable {
@@ -39,6 +39,10 @@ package final class LocalFile: Sendable {
     /// Whether reads try the page cache first (see ``FileIO/readCached(_:into:at:)``): false
     /// once the file system said it cannot tell.
     private let readsCached = Atomic(true)
+    /// Largest read tried in place: past it the copy out of the page cache costs more than
+    /// the hops, and on the pool it runs beside the caller's thread, not in its way (a copy
+    /// from a file with 256 KiB requests went 16 % slower with them in place).
+    private static let largestReadInPlace = 64 << 10
 
     /// Opens `path`; fails with the C library's error.
     package init(path: String, access: Access, pool: NIOThreadPool = .singleton) throws(FileIOError) {
@@ -153,7 +157,7 @@ package final class LocalFile: Sendable {
         // Allocated here, by the caller's thread, which frees it too: memory that one thread
         // allocates and another frees is returned to the system and faulted in again each time.
         buffer.reserveCapacity(minimumWritableBytes: length)
-        if kind == .regular, readsCached.load(ordering: .relaxed) {
+        if kind == .regular, length <= Self.largestReadInPlace, readsCached.load(ordering: .relaxed) {
             let fd = descriptor
             var outcome = FileIO.CachedRead.notCached
             buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { room in
