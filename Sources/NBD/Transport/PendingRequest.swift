@@ -23,8 +23,9 @@ final class PendingRequest: @unchecked Sendable {
     var extents: [UInt32: [BlockDescriptor]] = [:]
     /// The waiting caller, answered with the extents of a BLOCK_STATUS by context id (empty
     /// for the rest); nil before the caller waits and once it was answered (completed, failed
-    /// or cancelled). Unsafe, as a promise was before it: the checked kind costs an object a
-    /// request, and every path below answers once, and ``deinit`` the one that forgot.
+    /// or cancelled). Unsafe: the checked kind costs an object a request, and ``succeed()``
+    /// and ``fail(_:)`` answer it once; the connection's machine answers every request it is
+    /// given, as it fulfilled the promise that was here before.
     var caller: UnsafeContinuation<Answer, any Error>?
     /// Run on the event loop as a success is answered, in the order replies come.
     var whenAnswered: (@Sendable () -> Void)?
@@ -45,10 +46,6 @@ final class PendingRequest: @unchecked Sendable {
         self.onlyContexts = onlyContexts
         self.payload = payload
         self.destination = destination
-    }
-
-    deinit {
-        caller?.resume(throwing: NBDError(.connectionClosed, "the request was dropped unanswered", connectionUsable: false))
     }
 
     /// The WRITE's data, for sending: all of it (`range` nil), or the bytes `range` of it for
