@@ -180,7 +180,8 @@ import NIOCore
     /// A WRITE's data is the caller's to send after it.
     @inlinable public func encode(_ header: RequestHeader, into buffer: inout ByteBuffer) {
         header.encode(into: &buffer, format: configuration.format)
-        guard let request = inFlight[header.cookie], let ids = request.filter else { return }
+        // Only a BLOCK_STATUS has one: no other request pays for a look in the table.
+        guard header.type == .blockStatus, let request = inFlight[header.cookie], let ids = request.filter else { return }
         buffer.writeInteger(request.effectLength)
         for id in ids { buffer.writeInteger(id) }
     }
