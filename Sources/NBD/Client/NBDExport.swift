@@ -322,6 +322,7 @@ public final class NBDExport: Sendable {
         )
         request.whenAnswered = whenAnswered
         let handler = self.handler
+        guard !Task.isCancelled else { throw CancellationError() }
         // The caller's continuation is the request's on the event loop, as the rest of it.
         guard cancellable else {
             return try await withUnsafeThrowingContinuation { caller in
@@ -331,7 +332,6 @@ public final class NBDExport: Sendable {
                 }
             }
         }
-        guard !Task.isCancelled else { throw CancellationError() }
         return try await withTaskCancellationHandler {
             try await withUnsafeThrowingContinuation { caller in
                 loop.runOnLoop {
