@@ -39,9 +39,9 @@ package final class LocalFile: Sendable {
     /// Whether reads try the page cache first (see ``FileIO/readCached(_:into:at:)``): false
     /// once the file system said it cannot tell.
     private let readsCached = Atomic(true)
-    /// Largest read tried in place: past it the copy out of the page cache costs more than
-    /// the hops, and on the pool it runs beside the caller's thread, not in its way (a copy
-    /// from a file with 256 KiB requests went 16 % slower with them in place).
+    /// Largest read tried in place: a larger one is mostly the copy out of the page cache,
+    /// which on the pool runs beside the caller's thread rather than in its way (a copy from
+    /// a file with 256 KiB requests went 16 % slower with them in place).
     private static let largestReadInPlace = 64 << 10
 
     /// Opens `path`; fails with the C library's error.
